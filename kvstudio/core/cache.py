@@ -1,0 +1,247 @@
+"""PolicyCache: a transformers Cache whose layers keep only what a policy selects.
+
+Each layer stores keys and values as (1, kv_heads, n, head_dim) like DynamicLayer, plus each
+entry's token position (kv_heads, n). Different KV heads may hold different tokens, but always the
+same number of them, so tensors stay rectangular.
+
+One forward step goes:
+  engine: cache.begin_step(...)        positions of the new tokens, phase, step number
+  model:  layer.update(k, v)           append (transformers calls this before attention)
+  attention function: cache.after_attention(layer, rows)
+                                       the policy selects, the layer evicts, right away, so the
+                                       next layer runs with this one already back within budget
+  engine: cache.end_step()             what happened: occupancy, evictions, bytes
+
+`get_seq_length()` is the number of *stored* entries. transformers builds the attention mask from
+it, which is exactly right: every stored entry is older than the new chunk. The token positions the
+model needs for RoPE come from the engine (`position_ids`), never from the cache length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .errors import PolicyError
+from .policies.base import LayerState, LayerView, Phase, Policy
+from .rotary import Rerotator
+
+
+@dataclass
+class StepContext:
+    step: int
+    phase: Phase
+    positions: torch.Tensor  # (n_new,) long: token index of each new entry in the sequence
+    rope_positions: torch.Tensor  # (n_new,) long: the position_ids the model rotated them with
+    is_last_prefill_chunk: bool = False
+    watched_layers: frozenset[int] = frozenset()
+
+
+@dataclass
+class Eviction:
+    layer: int
+    positions: torch.Tensor  # (kv_heads, m) long, on the CPU: original positions evicted per head
+
+
+@dataclass
+class AttentionRows:
+    layer: int
+    weights: torch.Tensor  # (query_heads, n) float32, CPU: the newest query over all entries
+    positions: torch.Tensor  # (kv_heads, n) long, CPU: the position of each of those entries
+
+
+@dataclass
+class StepReport:
+    """What one forward step did to the cache."""
+
+    kept_per_layer: list[int]
+    evictions: list[Eviction] = field(default_factory=list)
+    attention: list[AttentionRows] = field(default_factory=list)
+    cache_bytes: int = 0
+
+    @property
+    def evicted_count(self) -> int:
+        return sum(e.positions.numel() for e in self.evictions)
+
+
+class PolicyLayer(DynamicLayer):
+    """One layer's storage. The policy decides what stays; this class does the bookkeeping."""
+
+    def __init__(self, cache: PolicyCache, layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.positions: torch.Tensor | None = None  # token positions, (kv_heads, n)
+        self.rope_positions: torch.Tensor | None = None  # where each key's rotation stands, (kv_heads, n)
+        self.state: LayerState = cache.policy.new_layer_state(layer_idx)
+        self.n_new = 0
+        self.attended_this_step = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise ValueError("PolicyCache holds one sequence (batch size 1)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.positions = torch.empty(key_states.shape[1], 0, dtype=torch.long, device=key_states.device)
+            self.rope_positions = self.positions
+        context = self.cache.context
+        kv_heads, n_new = key_states.shape[1], key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, context.positions.unsqueeze(0).expand(kv_heads, n_new)], dim=-1)
+        if self.cache.policy.config.rerotate:
+            new_rope = context.rope_positions.unsqueeze(0).expand(kv_heads, n_new)
+            self.rope_positions = torch.cat([self.rope_positions, new_rope], dim=-1)
+        else:
+            self.rope_positions = self.positions
+        self.n_new = n_new
+        self.cache.note_bytes(key_states.nbytes + value_states.nbytes)
+        self.cache.peak_kept_per_layer[self.layer_idx] = max(self.cache.peak_kept_per_layer[self.layer_idx],
+                                                             self.keys.shape[-2])
+        return self.keys, self.values
+
+    def entry_count(self) -> int:
+        return self.get_seq_length()
+
+    def byte_count(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    def apply_policy(self, attention: torch.Tensor | None) -> None:
+        cache, context = self.cache, self.cache.context
+        policy = cache.policy
+        view = LayerView(
+            layer_idx=self.layer_idx, n_layers=cache.n_layers, step=context.step, phase=context.phase,
+            keys=self.keys[0], values=self.values[0], positions=self.positions, n_new=self.n_new,
+            budget=cache.budgets[self.layer_idx], attention=attention,
+            is_last_prefill_chunk=context.is_last_prefill_chunk,
+        )
+        try:
+            keep = policy.select(view, self.state)
+        except Exception as error:  # a policy (maybe a plugin) raised: stop the run with its name on it
+            raise PolicyError(f"policy '{policy.name}' raised in layer {self.layer_idx}: "
+                              f"{type(error).__name__}: {error}") from error
+        if keep is None:
+            if view.budget is not None and view.n_entries > view.budget:
+                raise PolicyError(f"policy '{policy.name}' kept all {view.n_entries} entries of layer "
+                                  f"{self.layer_idx}, above its budget of {view.budget}")
+            return
+        self._check_selection(keep, view)
+        if keep.shape[1] == view.n_entries:
+            return
+        self._evict(keep.to(self.keys.device))
+
+    def _check_selection(self, keep: torch.Tensor, view: LayerView) -> None:
+        name, layer = self.cache.policy.name, self.layer_idx
+        if keep.dim() != 2 or keep.shape[0] != view.kv_heads or keep.dtype not in (torch.long, torch.int32, torch.int64):
+            raise PolicyError(f"policy '{name}' returned indices of shape {tuple(keep.shape)} and dtype {keep.dtype} "
+                              f"in layer {layer}; expected integer indices of shape ({view.kv_heads}, k)")
+        if view.budget is not None and keep.shape[1] > view.budget:
+            raise PolicyError(f"policy '{name}' kept {keep.shape[1]} entries in layer {layer}, above its budget "
+                              f"of {view.budget}")
+        if keep.numel() and (keep.min() < 0 or keep.max() >= view.n_entries):
+            raise PolicyError(f"policy '{name}' returned an index outside 0..{view.n_entries - 1} in layer {layer}")
+        if keep.shape[1] > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()):
+            raise PolicyError(f"policy '{name}' returned indices that are not strictly increasing in layer {layer}")
+
+    def _evict(self, keep: torch.Tensor) -> None:
+        kv_heads, n = self.positions.shape
+        dropped = torch.ones(kv_heads, n, dtype=torch.bool, device=keep.device)
+        dropped.scatter_(1, keep, False)
+        evicted_positions = self.positions[dropped].view(kv_heads, -1)
+
+        before = self.byte_count()
+        gather = keep[None, :, :, None].expand(1, kv_heads, keep.shape[1], self.keys.shape[-1])
+        self.keys = self.keys.gather(2, gather)
+        self.values = self.values.gather(2, keep[None, :, :, None].expand(1, kv_heads, keep.shape[1],
+                                                                            self.values.shape[-1]))
+        self.positions = self.positions.gather(1, keep)
+        self.state.keep(keep)
+        self.cache.note_bytes(self.byte_count() - before)
+        self.cache.record_eviction(self.layer_idx, evicted_positions)
+
+        if self.cache.policy.config.rerotate:
+            # The StreamingLLM scheme: kept keys move to positions 0..k-1 in the cache. RoPE is a
+            # rotation, so rotating a key by (new - old) equals having rotated it at `new`.
+            contiguous = torch.arange(keep.shape[1], device=keep.device).unsqueeze(0).expand(kv_heads, -1)
+            old = self.rope_positions.gather(1, keep)
+            self.keys = self.cache.rerotator.rotate(self.keys, contiguous - old)
+            self.rope_positions = contiguous
+        else:
+            self.rope_positions = self.positions
+
+
+class PolicyCache(Cache):
+    """A Cache that applies a policy after every forward step. Batch size 1."""
+
+    def __init__(self, policy: Policy, n_layers: int, rerotator: Rerotator | None = None):
+        self.policy = policy
+        self.n_layers = n_layers
+        self.budgets = [policy.budget_for(i, n_layers) for i in range(n_layers)]
+        if policy.config.rerotate and rerotator is None:
+            raise PolicyError("--rerotate needs a rotary (RoPE) model")
+        self.rerotator = rerotator
+        self.context: StepContext | None = None
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.peak_kept_per_layer = [0] * n_layers
+        self._report: StepReport | None = None
+        super().__init__(layers=[PolicyLayer(self, i) for i in range(n_layers)])
+
+    # -- the step protocol ------------------------------------------------------------------------
+
+    def begin_step(self, context: StepContext) -> None:
+        self.context = context
+        self._report = StepReport(kept_per_layer=[])
+        for layer in self.layers:
+            layer.attended_this_step = False
+
+    def attention_queries_for(self, layer_idx: int, n_new: int) -> tuple[int, bool]:
+        """(queries the policy needs, whether the newest row is recorded for a viewer)."""
+        wanted = self.policy.attention_queries(n_new, self.context.phase) if self.policy.needs_attention else 0
+        return min(wanted, n_new), layer_idx in self.context.watched_layers
+
+    def after_attention(self, layer_idx: int, policy_rows: torch.Tensor | None, watched_row: torch.Tensor | None):
+        layer = self.layers[layer_idx]
+        if watched_row is not None:
+            self._report.attention.append(AttentionRows(layer_idx, watched_row.detach().float().cpu(),
+                                                        layer.positions.detach().cpu()))
+        layer.attended_this_step = True
+        layer.apply_policy(policy_rows)
+
+    def end_step(self) -> StepReport:
+        missing = [layer.layer_idx for layer in self.layers if not layer.attended_this_step]
+        if missing:
+            raise PolicyError(
+                f"layers {missing} did not route attention through KV Studio's attention function, so the "
+                "policy could not run there; this model architecture is not supported yet"
+            )
+        report = self._report
+        report.kept_per_layer = [layer.entry_count() for layer in self.layers]
+        report.cache_bytes = self.current_bytes
+        self._report = None
+        self.context = None
+        return report
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def note_bytes(self, delta: int) -> None:
+        self.current_bytes += delta
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+
+    def record_eviction(self, layer_idx: int, positions: torch.Tensor) -> None:
+        self._report.evictions.append(Eviction(layer_idx, positions.detach().cpu()))
+
+    def kept_per_layer(self) -> list[int]:
+        return [layer.entry_count() for layer in self.layers]
+
+    def positions(self, layer_idx: int) -> torch.Tensor:
+        """Token positions held by a layer, (kv_heads, n)."""
+        return self.layers[layer_idx].positions
+
+    def entries_held(self) -> int:
+        """Entries of the first layer; the same in every layer under uniform budgets."""
+        return self.layers[0].entry_count()

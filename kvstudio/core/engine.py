@@ -1,0 +1,323 @@
+"""The generation loop: chunked prefill, decode, sampling, stopping and cancellation.
+
+KV Studio runs its own loop instead of `model.generate` because a policy must act between prefill
+chunks and at every decode step, and because positions must be passed explicitly: once entries are
+evicted, the cache length no longer says how many tokens were seen.
+
+Positions: by default the n-th token of the sequence gets RoPE position n, whatever was evicted
+(what kvpress and KVCache-Factory do). With a policy's `rerotate` on, kept keys are re-rotated to
+0..k-1 after each eviction and the next token gets position k, as in the StreamingLLM paper.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from . import attention
+from .cache import PolicyCache, StepContext, StepReport
+from .errors import KVStudioError, PromptError
+from .events import AttentionEvent, EvictionEvent, PrefillProgressEvent, Recorder, StepEvent, TokenEvent
+from .models import LoadedModel
+from .policies.base import Policy
+from .rotary import Rerotator
+
+
+class CancelToken:
+    """Set from any thread; the engine checks it before every forward step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filter
+    seed: int | None = None
+    chunk_size: int = 512
+    stop_strings: tuple[str, ...] = ()
+    chat_template: bool = False
+    watch_layers: tuple[int, ...] = ()  # layers whose newest attention row is recorded
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 0, f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"--temperature must be 0 (greedy) or more, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"--top-k must be 0 (off) or more, got {self.top_k}"),
+            (self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise KVStudioError(message)
+
+
+@dataclass
+class StepRecord:
+    """One forward step of a run, as written to --json."""
+
+    step: int
+    phase: str
+    input_tokens: int
+    seconds: float
+    kept_per_layer: list[int]
+    cache_bytes: int
+    evicted: int
+    token_id: int | None = None
+    text: str | None = None
+    logprob: float | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    policy: str
+    model: str
+    stop_reason: str  # max_new_tokens | eos | stop_string | cancelled
+    prefill_seconds: float
+    decode_seconds: float
+    peak_cache_bytes: int
+    kept_per_layer: list[int]
+    peak_kept_per_layer: list[int]
+    evictions: int
+    steps: list[StepRecord] = field(default_factory=list)
+    cache: PolicyCache | None = field(default=None, repr=False)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first over the time spent producing them."""
+        decoded = max(len(self.token_ids) - 1, 0)
+        return decoded / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k != "cache"}
+        data["tokens_per_second"] = self.tokens_per_second
+        data["prefill_tokens_per_second"] = self.prefill_tokens_per_second
+        return data
+
+
+class Sampler:
+    """Greedy when temperature is 0; otherwise temperature, top-k, then top-p (nucleus) sampling."""
+
+    def __init__(self, settings: GenerationSettings, device: torch.device):
+        self.settings = settings
+        self.generator = None
+        if settings.temperature > 0:
+            self.generator = torch.Generator(device="cpu")
+            self.generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor) -> tuple[int, float]:
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        s = self.settings
+        if s.temperature == 0:
+            token = int(torch.argmax(logits))
+            return token, float(logprobs[token])
+        scaled = logits / s.temperature
+        if s.top_k:
+            kth = torch.topk(scaled, min(s.top_k, scaled.shape[-1])).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if s.top_p < 1:
+            sorted_logits, order = torch.sort(scaled, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            # Drop a token when the tokens before it already cover top_p; the first always stays.
+            drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= s.top_p
+            scaled = scaled.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+        probs = torch.softmax(scaled, dim=-1).cpu()
+        token = int(torch.multinomial(probs, 1, generator=self.generator))
+        return token, float(logprobs[token])
+
+
+class _TextStream:
+    """Incremental detokenization: the text each new token adds, holding back partial UTF-8."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[len(self.emitted):]
+        self.emitted = text
+        return new
+
+
+class Engine:
+    """Runs generation for one loaded model under any policy. Not thread-safe: one run at a time."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model.set_attn_implementation(attention.register())
+        self.rerotator = Rerotator.for_model(self.model)
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+
+    # -- prompts ----------------------------------------------------------------------------------
+
+    def encode(self, prompt: str, chat_template: bool = False) -> list[int]:
+        if chat_template:
+            if not self.loaded.has_chat_template:
+                raise PromptError(f"{self.loaded.name} has no chat template; run without --chat")
+            encoded = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, tokenize=True)
+            ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+            return list(ids)
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def new_cache(self, policy: Policy) -> PolicyCache:
+        return PolicyCache(policy, self.loaded.n_layers, self.rerotator)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        policy: Policy,
+        settings: GenerationSettings | None = None,
+        recorder: Recorder | None = None,
+        cancel: CancelToken | None = None,
+        on_text: Callable[[str], None] | None = None,
+        keep_cache: bool = False,
+    ) -> GenerationResult:
+        settings = settings or GenerationSettings()
+        settings.validate()
+        ids = self.encode(prompt, settings.chat_template) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise PromptError("the prompt is empty: give some text")
+        cancel = cancel or CancelToken()
+        recorder = recorder or Recorder()
+        watch = tuple(recorder.watch_layers) or settings.watch_layers
+        cache = self.new_cache(policy)
+        sampler = Sampler(settings, self.loaded.device)
+        stream = _TextStream(self.tokenizer)
+        run = _Run(self, cache, recorder, frozenset(watch))
+
+        stop_reason = "max_new_tokens"
+        prefill_started = time.perf_counter()
+        logits = None
+        for start in range(0, len(ids), settings.chunk_size):
+            if cancel.cancelled:
+                stop_reason = "cancelled"
+                break
+            chunk = ids[start:start + settings.chunk_size]
+            logits = run.forward(chunk, "prefill", is_last_prefill_chunk=start + len(chunk) >= len(ids))
+            recorder.record(PrefillProgressEvent(start + len(chunk), len(ids)))
+        prefill_seconds = time.perf_counter() - prefill_started
+
+        generated: list[int] = []
+        decode_started = time.perf_counter()
+        while stop_reason != "cancelled" and logits is not None and settings.max_new_tokens > 0:
+            token, logprob = sampler(logits)
+            generated.append(token)
+            piece = stream.push(token)
+            record = run.records[-1]
+            record.token_id, record.text, record.logprob = token, piece, logprob
+            recorder.record(TokenEvent(record.step, len(generated) - 1, token, piece, logprob, record.seconds))
+            if on_text and piece:
+                on_text(piece)
+            if token in self.eos_ids:
+                stop_reason = "eos"
+                break
+            if any(stop in stream.emitted for stop in settings.stop_strings):
+                stop_reason = "stop_string"
+                break
+            if len(generated) >= settings.max_new_tokens:
+                break
+            if cancel.cancelled:
+                stop_reason = "cancelled"
+                break
+            logits = run.forward([token], "decode")
+        # The first token comes from the prefill's logits; decode time covers the tokens after it.
+        decode_seconds = time.perf_counter() - decode_started if len(generated) > 1 else 0.0
+
+        text = stream.emitted
+        if stop_reason == "stop_string":
+            cut = min(text.index(stop) for stop in settings.stop_strings if stop in text)
+            text = text[:cut]
+        return GenerationResult(
+            text=text, token_ids=generated, prompt_tokens=len(ids), policy=policy.describe(),
+            model=self.loaded.name, stop_reason=stop_reason, prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds, peak_cache_bytes=cache.peak_bytes,
+            kept_per_layer=cache.kept_per_layer(), peak_kept_per_layer=list(cache.peak_kept_per_layer),
+            evictions=sum(r.evicted for r in run.records), steps=run.records,
+            cache=cache if keep_cache else None,
+        )
+
+
+class _Run:
+    """One sequence's forward steps: positions, the step protocol, and what gets recorded."""
+
+    def __init__(self, engine: Engine, cache: PolicyCache, recorder: Recorder, watch: frozenset[int]):
+        self.engine = engine
+        self.cache = cache
+        self.recorder = recorder
+        self.watch = watch
+        self.seen = 0  # tokens fed so far; the next token's position without re-rotation
+        self.records: list[StepRecord] = []
+
+    def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False) -> torch.Tensor:
+        """Feed tokens, let the policy evict, record the step; returns the last position's logits."""
+        device = self.engine.loaded.device
+        n = len(token_ids)
+        positions = torch.arange(self.seen, self.seen + n, device=device)
+        if self.cache.policy.config.rerotate:
+            held = self.cache.entries_held()
+            rope_positions = torch.arange(held, held + n, device=device)
+        else:
+            rope_positions = positions
+        step = len(self.records)
+        self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk, self.watch))
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = self.engine.model(
+                input_ids=torch.tensor([token_ids], device=device),
+                position_ids=rope_positions.unsqueeze(0),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+                kvstudio_cache=self.cache,
+            )
+        logits = output.logits[0, -1]
+        report = self.cache.end_step()
+        seconds = time.perf_counter() - started
+        self.seen += n
+        self._record(step, phase, n, seconds, report)
+        return logits
+
+    def _record(self, step: int, phase: str, n: int, seconds: float, report: StepReport) -> None:
+        record = StepRecord(step, phase, n, seconds, report.kept_per_layer, report.cache_bytes, report.evicted_count)
+        self.records.append(record)
+        self.recorder.record(StepEvent(step, phase, n, seconds, tuple(report.kept_per_layer), report.cache_bytes,
+                                       self.cache.peak_bytes, report.evicted_count))
+        for eviction in report.evictions:
+            for head, positions in enumerate(eviction.positions.numpy()):
+                self.recorder.record(EvictionEvent(step, eviction.layer, head, positions))
+        for rows in report.attention:
+            self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))

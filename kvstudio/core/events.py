@@ -1,0 +1,101 @@
+"""Events a run emits, and the Recorder that the GUI and the CLI read them from.
+
+The engine records into bounded ring buffers under a lock; readers ask for what is new since the
+sequence number they last saw (`since`), at their own pace (the GUI at 20-30 Hz). Running
+aggregates (peaks, totals) survive the ring buffers dropping old events.
+
+Costs: token, step and eviction events are a few small objects per step. Attention rows, the only
+large events, exist only for the layers in `watch_layers`; with nothing watched none are computed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    step: int
+    index: int  # 0 for the first generated token
+    token_id: int
+    text: str  # the new text this token completed (may be empty mid UTF-8 sequence)
+    logprob: float  # log-probability under the model's unmodified distribution
+    seconds: float  # wall time of the forward step that produced it
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    step: int
+    phase: Phase
+    input_tokens: int  # tokens fed in this forward step (chunk size at prefill, 1 at decode)
+    seconds: float
+    kept_per_layer: tuple[int, ...]
+    cache_bytes: int  # after this step's evictions
+    peak_cache_bytes: int  # the most the cache has held so far, including mid-step before eviction
+    evicted: int  # entries evicted in this step, over layers and KV heads
+
+
+@dataclass(frozen=True)
+class EvictionEvent:
+    step: int
+    layer: int
+    kv_head: int
+    positions: np.ndarray  # token positions evicted, int64
+
+
+@dataclass(frozen=True)
+class AttentionEvent:
+    step: int
+    layer: int
+    weights: np.ndarray  # (query_heads, n) float32: the step's newest query over the held entries
+    positions: np.ndarray  # (kv_heads, n) int64: token position of each held entry
+
+
+@dataclass(frozen=True)
+class PrefillProgressEvent:
+    tokens_done: int
+    tokens_total: int
+
+
+EVENT_KINDS = {TokenEvent: "tokens", StepEvent: "steps", EvictionEvent: "evictions",
+               AttentionEvent: "attention", PrefillProgressEvent: "prefill"}
+
+
+class Recorder:
+    """Thread-safe store of a run's events. One Recorder per run."""
+
+    def __init__(self, capacity: int = 20_000, watch_layers: tuple[int, ...] | frozenset[int] = ()):
+        self.watch_layers = frozenset(watch_layers)
+        self._lock = threading.Lock()
+        self._buffers = {kind: deque(maxlen=capacity) for kind in EVENT_KINDS.values()}
+        self._sequence = 0
+        self.peak_cache_bytes = 0
+        self.evicted_total = 0
+        self.tokens_total = 0
+
+    def record(self, event) -> None:
+        kind = EVENT_KINDS[type(event)]
+        with self._lock:
+            self._sequence += 1
+            self._buffers[kind].append((self._sequence, event))
+            if kind == "steps":
+                self.peak_cache_bytes = max(self.peak_cache_bytes, event.peak_cache_bytes)
+                self.evicted_total += event.evicted
+            elif kind == "tokens":
+                self.tokens_total += 1
+
+    def since(self, kind: str, sequence: int = 0) -> tuple[list, int]:
+        """Events of `kind` recorded after `sequence`, and the sequence number to ask with next."""
+        with self._lock:
+            items = [event for seq, event in self._buffers[kind] if seq > sequence]
+            return items, self._sequence
+
+    def all(self, kind: str) -> list:
+        return self.since(kind, 0)[0]

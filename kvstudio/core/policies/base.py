@@ -1,0 +1,280 @@
+"""The public contract of a KV-cache policy. Built-in policies and plugins use exactly this.
+
+A policy decides, per layer and per KV head, which cached entries to keep. The engine owns the
+storage (`kvstudio.core.cache`); after every forward step it shows the policy each layer through a
+`LayerView` and asks `select()` which entries stay. Write a policy in four parts:
+
+1. **Configuration**: a dataclass subclass of `PolicyConfig`. Declare every parameter with
+   `parameter(default, help=..., minimum=...)`; the CLI options and the studio's forms are
+   generated from these declarations. Check combinations in `validate()` and raise
+   `PolicyConfigError` with a message that says what to change.
+
+2. **Budgets**: `budget_for(layer, n_layers)` gives the entries each KV head of a layer may keep
+   after a step (default: `config.budget` everywhere; `None` means unbounded). A pyramid-style
+   policy overrides it to give layers different budgets.
+
+3. **Attention**: set `needs_attention = True` if scoring needs attention weights. The engine
+   then computes softmax weights only for the newest `attention_queries(n_new, phase)` queries of
+   the step (default: all new queries), from the query and key already in hand, and hands them to
+   `select()` as `view.attention` with shape (query_heads, n_queries, n_entries), float32. SDPA is
+   never switched to eager for this.
+
+4. **Selection**: `select(view, state)` returns the indices of the entries to keep, shape
+   (kv_heads, k) with the same k for every head (tensors stay rectangular), each row strictly
+   increasing, k <= the layer budget; or `None` to keep everything. The engine checks this and
+   stops the run with a `PolicyError` naming the policy if it is violated. Shared helpers below
+   (`keep_top_scores`, `keep_sinks_and_recent`) turn scores into indices.
+
+State that must survive across steps (running attention sums, step counters) lives in the
+`LayerState` the engine keeps for each layer, never in globals or on the policy object (one policy
+object may serve several runs). Tensors in `state.per_entry` are aligned with the layer's cached
+entries: the engine gathers them with the kept indices after every eviction, so a policy only
+extends them for new entries (`state.grow(...)`).
+
+GQA: attention comes per query head. `view.attention_per_kv_head()` averages the query heads of
+each group onto their KV head (mean, the convention kvpress and SnapKV use); policies choose.
+
+Positions: `view.positions` are the entries' token positions in the sequence, shape (kv_heads, n).
+By default kept keys stay rotated at those positions; with `rerotate=True` the engine re-rotates
+kept keys to contiguous positions 0..k-1 after each eviction (the StreamingLLM paper's scheme).
+`view.positions` still reports the token positions either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from ..errors import PolicyConfigError
+
+Phase = Literal["prefill", "decode"]
+
+
+# --- declared parameters ------------------------------------------------------------------------
+
+
+def parameter(default: Any, *, help: str, minimum: float | None = None, maximum: float | None = None,
+              choices: tuple | None = None):
+    """Declare a policy parameter: a dataclass field that carries what forms and the CLI need."""
+    return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """What a user interface needs to know about one parameter."""
+
+    name: str
+    type: type  # int, float, bool or str
+    default: Any
+    help: str
+    optional: bool  # None is an accepted value
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple | None = None
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _base_type(annotation) -> tuple[type, bool]:
+    """int | None -> (int, True); float -> (float, False)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {}, {})  # annotations are plain builtins: int, float, bool, str
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        inner = [arg for arg in args if arg is not type(None)]
+        return inner[0], True
+    return annotation, False
+
+
+@dataclass
+class PolicyConfig:
+    """Parameters every policy has. Subclasses add theirs with `parameter(...)`."""
+
+    budget: int | None = parameter(None, help="cache entries each KV head of a layer keeps (none: keep all)", minimum=1)
+    rerotate: bool = parameter(False, help="re-rotate kept keys to contiguous positions after evictions "
+                                           "(StreamingLLM paper); off keeps original positions")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise PolicyConfigError naming the parameter and what would be accepted."""
+        for spec in self.parameters():
+            value = getattr(self, spec.name)
+            if value is None:
+                if not spec.optional:
+                    raise PolicyConfigError(f"{spec.option} needs a value")
+                continue
+            if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, spec.name, value)
+            if not isinstance(value, spec.type) or (spec.type is int and isinstance(value, bool)):
+                raise PolicyConfigError(f"{spec.option} must be {spec.type.__name__}, got {value!r}")
+            if spec.minimum is not None and value < spec.minimum:
+                raise PolicyConfigError(f"{spec.option} must be at least {spec.minimum:g}, got {value}")
+            if spec.maximum is not None and value > spec.maximum:
+                raise PolicyConfigError(f"{spec.option} must be at most {spec.maximum:g}, got {value}")
+            if spec.choices is not None and value not in spec.choices:
+                raise PolicyConfigError(f"{spec.option} must be one of {', '.join(map(str, spec.choices))}, got {value!r}")
+
+    @classmethod
+    def parameters(cls) -> list[ParameterSpec]:
+        hints = typing.get_type_hints(cls)
+        specs = []
+        for f in dataclasses.fields(cls):
+            base, optional = _base_type(hints[f.name])
+            meta = f.metadata
+            specs.append(ParameterSpec(f.name, base, f.default, meta.get("help", ""), optional,
+                                       meta.get("minimum"), meta.get("maximum"), meta.get("choices")))
+        return specs
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- what a policy sees -------------------------------------------------------------------------
+
+
+@dataclass
+class LayerView:
+    """One layer of the cache right after a forward step, before eviction. Batch size is 1."""
+
+    layer_idx: int
+    n_layers: int
+    step: int
+    phase: Phase
+    keys: torch.Tensor  # (kv_heads, n, head_dim), RoPE already applied
+    values: torch.Tensor  # (kv_heads, n, head_dim)
+    positions: torch.Tensor  # (kv_heads, n) long: each entry's token position
+    n_new: int  # the last n_new entries were appended in this step
+    budget: int | None  # what this layer may keep after the step
+    attention: torch.Tensor | None  # (query_heads, n_queries, n) softmax weights of the newest queries
+    is_last_prefill_chunk: bool = False
+
+    @property
+    def n_entries(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.keys.shape[0]
+
+    def attention_per_kv_head(self) -> torch.Tensor:
+        """Attention averaged over the query heads of each GQA group: (kv_heads, n_queries, n)."""
+        if self.attention is None:
+            raise RuntimeError("this policy did not declare needs_attention = True")
+        heads, queries, n = self.attention.shape
+        return self.attention.view(self.kv_heads, heads // self.kv_heads, queries, n).mean(dim=1)
+
+
+class LayerState:
+    """A policy's memory for one layer, kept by the engine between steps.
+
+    `per_entry` tensors have the entry axis at dim 1 (shape (kv_heads, n, ...)) and are gathered
+    with the kept indices on every eviction. `extra` holds anything else (counters, flags).
+    """
+
+    def __init__(self):
+        self.per_entry: dict[str, torch.Tensor] = {}
+        self.extra: dict[str, Any] = {}
+
+    def grow(self, name: str, kv_heads: int, n: int, fill: float = 0.0, *, dtype=torch.float32,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+        """The per-entry tensor `name`, extended with `fill` to cover n entries; returns it."""
+        current = self.per_entry.get(name)
+        have = 0 if current is None else current.shape[1]
+        if have < n:
+            extension = torch.full((kv_heads, n - have), fill, dtype=dtype, device=device)
+            current = extension if current is None else torch.cat([current, extension], dim=1)
+            self.per_entry[name] = current
+        return current
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Called by the engine after an eviction: keep only the entries at `indices` (kv_heads, k)."""
+        for name, tensor in self.per_entry.items():
+            index = indices.to(tensor.device)
+            while index.dim() < tensor.dim():
+                index = index.unsqueeze(-1)
+            self.per_entry[name] = tensor.gather(1, index.expand(-1, -1, *tensor.shape[2:]))
+
+
+# --- the policy ---------------------------------------------------------------------------------
+
+
+class Policy(ABC):
+    """Base class of every KV-cache policy. See the module docstring for the contract."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `kvstudio policies` and the studio
+    Config: ClassVar[type[PolicyConfig]] = PolicyConfig
+    needs_attention: ClassVar[bool] = False
+    uniform_budgets: ClassVar[bool] = True  # False when budget_for differs by layer
+
+    def __init__(self, config: PolicyConfig | None = None, **params):
+        if config is not None and params:
+            raise TypeError("pass either a config or parameters, not both")
+        try:
+            self.config = config if config is not None else self.Config(**params)
+        except TypeError as error:  # an unknown keyword
+            known = ", ".join(spec.name for spec in self.Config.parameters())
+            raise PolicyConfigError(f"policy '{self.name}': {error}; its parameters are {known}") from error
+        if self.config.rerotate and not self.uniform_budgets:
+            raise PolicyConfigError(
+                f"policy '{self.name}' gives layers different budgets, so there is no single contiguous "
+                "position for the next token; run it without --rerotate"
+            )
+
+    def budget_for(self, layer_idx: int, n_layers: int) -> int | None:
+        return self.config.budget
+
+    def attention_queries(self, n_new: int, phase: Phase) -> int:
+        """How many of the newest queries' attention rows `select` needs (only if needs_attention)."""
+        return n_new if self.needs_attention else 0
+
+    def new_layer_state(self, layer_idx: int) -> LayerState:
+        return LayerState()
+
+    @abstractmethod
+    def select(self, view: LayerView, state: LayerState) -> torch.Tensor | None:
+        """Indices to keep, (kv_heads, k) increasing per row; or None to keep all entries."""
+
+    def describe(self) -> str:
+        shown = ", ".join(f"{k}={v}" for k, v in self.config.as_dict().items() if v not in (None, False))
+        return f"{self.name}({shown})"
+
+
+# --- shared selection code ----------------------------------------------------------------------
+
+
+def keep_all_if_within(view: LayerView) -> bool:
+    return view.budget is None or view.n_entries <= view.budget
+
+
+def keep_top_scores(scores: torch.Tensor, budget: int, always_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the `budget` highest scores per row, returned in increasing order.
+
+    scores: (kv_heads, n). always_keep: bool (n,) or (kv_heads, n), entries kept whatever their
+    score (sinks, an observation window); they count against the budget. Ties go to the earlier
+    entry (topk on a stable sort), so results do not depend on the kernel.
+    """
+    scores = scores.float()
+    if always_keep is not None:
+        scores = scores.masked_fill(always_keep.expand_as(scores), float("inf"))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[:, :budget].sort(dim=-1).values
+
+
+def keep_sinks_and_recent(view: LayerView, sink: int) -> torch.Tensor:
+    """The first `sink` entries and the most recent (budget - sink), same for every KV head."""
+    n, budget = view.n_entries, view.budget
+    recent = budget - sink
+    index = torch.cat([torch.arange(min(sink, n)), torch.arange(n - recent, n)])
+    return index.to(view.keys.device).unsqueeze(0).expand(view.kv_heads, -1)
