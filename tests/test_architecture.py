@@ -1,0 +1,38 @@
+"""Rules of the codebase that are checked, not just written down."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parents[1] / "kvstudio" / "core"
+QT_MODULES = ("PySide6", "pyqtgraph", "shiboken6", "PyQt5", "PyQt6")
+
+
+def test_core_source_never_imports_qt():
+    offenders = []
+    for path in CORE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in QT_MODULES]
+    assert not offenders
+
+
+def test_running_the_core_loads_no_qt():
+    code = (
+        "import sys\n"
+        "from kvstudio.core.engine import Engine, GenerationSettings\n"
+        "from kvstudio.core.models import load_model\n"
+        "from kvstudio.core.policies import create_policy\n"
+        "Engine(load_model('tiny-llama')).generate([1, 2, 3], create_policy('window', budget=2),"
+        " GenerationSettings(max_new_tokens=3))\n"
+        f"print([m for m in sys.modules if m.split('.')[0] in {QT_MODULES!r}])\n"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
