@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.evaluate import passkey_prompt
 from kvstudio.core.policies import create_policy
 
-from .helpers import passkey_prompt
 
 pytestmark = pytest.mark.slow
 

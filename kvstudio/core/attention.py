@@ -46,13 +46,13 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None
     kv_heads, k_len = key.shape[1], key.shape[2]
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
     group = heads // kv_heads
-    q = query[0, :, q_len - n_queries:].float().reshape(kv_heads, group, n_queries, head_dim)
-    k = key[0].float()
-    scores = torch.einsum("kgqd,knd->kgqn", q, k) * scaling
+    # Grouping the query heads of each KV head into one batched matmul avoids repeating the keys.
+    q = query[0, :, q_len - n_queries:].float().reshape(kv_heads, group * n_queries, head_dim)
+    scores = torch.bmm(q, key[0].float().transpose(1, 2)).mul_(scaling).view(kv_heads, group, n_queries, k_len)
     # Query i of the last n_queries sits at storage index k_len - n_queries + i.
     query_index = torch.arange(k_len - n_queries, k_len, device=key.device)
     future = torch.arange(k_len, device=key.device)[None, :] > query_index[:, None]
-    scores = scores.masked_fill(future, float("-inf"))
+    scores.masked_fill_(future, float("-inf"))
     return torch.softmax(scores, dim=-1).reshape(heads, n_queries, k_len)
 
 

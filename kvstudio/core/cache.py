@@ -124,24 +124,25 @@ class PolicyLayer(DynamicLayer):
         except Exception as error:  # a policy (maybe a plugin) raised: stop the run with its name on it
             raise PolicyError(f"policy '{policy.name}' raised in layer {self.layer_idx}: "
                               f"{type(error).__name__}: {error}") from error
+        limit = policy.limit_for(self.layer_idx, cache.n_layers, context.phase)
         if keep is None:
-            if view.budget is not None and view.n_entries > view.budget:
+            if limit is not None and view.n_entries > limit:
                 raise PolicyError(f"policy '{policy.name}' kept all {view.n_entries} entries of layer "
-                                  f"{self.layer_idx}, above its budget of {view.budget}")
+                                  f"{self.layer_idx}, above its budget of {limit}")
             return
-        self._check_selection(keep, view)
+        self._check_selection(keep, view, limit)
         if keep.shape[1] == view.n_entries:
             return
         self._evict(keep.to(self.keys.device))
 
-    def _check_selection(self, keep: torch.Tensor, view: LayerView) -> None:
+    def _check_selection(self, keep: torch.Tensor, view: LayerView, limit: int | None) -> None:
         name, layer = self.cache.policy.name, self.layer_idx
         if keep.dim() != 2 or keep.shape[0] != view.kv_heads or keep.dtype not in (torch.long, torch.int32, torch.int64):
             raise PolicyError(f"policy '{name}' returned indices of shape {tuple(keep.shape)} and dtype {keep.dtype} "
                               f"in layer {layer}; expected integer indices of shape ({view.kv_heads}, k)")
-        if view.budget is not None and keep.shape[1] > view.budget:
+        if limit is not None and keep.shape[1] > limit:
             raise PolicyError(f"policy '{name}' kept {keep.shape[1]} entries in layer {layer}, above its budget "
-                              f"of {view.budget}")
+                              f"of {limit}")
         if keep.numel() and (keep.min() < 0 or keep.max() >= view.n_entries):
             raise PolicyError(f"policy '{name}' returned an index outside 0..{view.n_entries - 1} in layer {layer}")
         if keep.shape[1] > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()):

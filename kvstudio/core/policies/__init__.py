@@ -8,7 +8,13 @@ from __future__ import annotations
 from ..errors import PolicyConfigError
 from .base import Policy, PolicyConfig
 from .full import FullPolicy
+from .h2o import H2OPolicy
+from .knorm import KeyNormPolicy
+from .pyramidkv import PyramidKVPolicy
+from .random_policy import RandomPolicy
+from .snapkv import SnapKVPolicy
 from .streaming_llm import StreamingLLMPolicy
+from .tova import TOVAPolicy
 from .window import WindowPolicy
 
 _REGISTRY: dict[str, type[Policy]] = {}
@@ -22,7 +28,8 @@ def register(policy_class: type[Policy]) -> type[Policy]:
     return policy_class
 
 
-for _builtin in (FullPolicy, WindowPolicy, StreamingLLMPolicy):
+for _builtin in (FullPolicy, WindowPolicy, StreamingLLMPolicy, H2OPolicy, TOVAPolicy, SnapKVPolicy,
+                 PyramidKVPolicy, KeyNormPolicy, RandomPolicy):
     register(_builtin)
 
 

@@ -9,9 +9,11 @@ storage (`kvstudio.core.cache`); after every forward step it shows the policy ea
    generated from these declarations. Check combinations in `validate()` and raise
    `PolicyConfigError` with a message that says what to change.
 
-2. **Budgets**: `budget_for(layer, n_layers)` gives the entries each KV head of a layer may keep
-   after a step (default: `config.budget` everywhere; `None` means unbounded). A pyramid-style
-   policy overrides it to give layers different budgets.
+2. **Budgets**: `budget_for(layer, n_layers)` gives the entries each KV head of a layer keeps
+   when the policy compresses (default: `config.budget` everywhere; `None` means unbounded). A
+   pyramid-style policy overrides it to give layers different budgets. `limit_for(layer, n_layers,
+   phase)` is what the engine enforces after every step: the budget, unless a policy compresses
+   less often by design (SnapKV compresses the prompt once and lets decoding grow the cache).
 
 3. **Attention**: set `needs_attention = True` if scoring needs attention weights. The engine
    then computes softmax weights only for the newest `attention_queries(n_new, phase)` queries of
@@ -216,6 +218,7 @@ class Policy(ABC):
     summary: ClassVar[str]  # one line for `kvstudio policies` and the studio
     Config: ClassVar[type[PolicyConfig]] = PolicyConfig
     needs_attention: ClassVar[bool] = False
+    requires_budget: ClassVar[bool] = True  # False only for policies that keep everything
     uniform_budgets: ClassVar[bool] = True  # False when budget_for differs by layer
 
     def __init__(self, config: PolicyConfig | None = None, **params):
@@ -226,6 +229,8 @@ class Policy(ABC):
         except TypeError as error:  # an unknown keyword
             known = ", ".join(spec.name for spec in self.Config.parameters())
             raise PolicyConfigError(f"policy '{self.name}': {error}; its parameters are {known}") from error
+        if self.requires_budget and self.config.budget is None:
+            raise PolicyConfigError(f"the {self.name} policy needs --budget N")
         if self.config.rerotate and not self.uniform_budgets:
             raise PolicyConfigError(
                 f"policy '{self.name}' gives layers different budgets, so there is no single contiguous "
@@ -234,6 +239,10 @@ class Policy(ABC):
 
     def budget_for(self, layer_idx: int, n_layers: int) -> int | None:
         return self.config.budget
+
+    def limit_for(self, layer_idx: int, n_layers: int, phase: Phase) -> int | None:
+        """The most entries a layer may hold after a step of `phase`; None for no limit."""
+        return self.budget_for(layer_idx, n_layers)
 
     def attention_queries(self, n_new: int, phase: Phase) -> int:
         """How many of the newest queries' attention rows `select` needs (only if needs_attention)."""
@@ -270,6 +279,14 @@ def keep_top_scores(scores: torch.Tensor, budget: int, always_keep: torch.Tensor
         scores = scores.masked_fill(always_keep.expand_as(scores), float("inf"))
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return order[:, :budget].sort(dim=-1).values
+
+
+def recent_mask(n: int, recent: int, device) -> torch.Tensor:
+    """bool (n,): True for the `recent` newest entries."""
+    mask = torch.zeros(n, dtype=torch.bool, device=device)
+    if recent:
+        mask[-recent:] = True
+    return mask
 
 
 def keep_sinks_and_recent(view: LayerView, sink: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ class FullPolicy(Policy):
     name = "full"
     summary = "keep every entry (no eviction): the reference"
     Config = FullConfig
+    requires_budget = False
 
     def select(self, view: LayerView, state: LayerState):
         return None

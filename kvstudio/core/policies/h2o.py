@@ -1,0 +1,49 @@
+"""H2O: Heavy-Hitter Oracle.
+
+Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
+Models" (NeurIPS 2023, arXiv:2306.14048). A few tokens ("heavy hitters") collect most of the
+attention. The rule: each cached entry accumulates the attention it receives from every query, over
+all steps so far; the cache keeps the `recent` newest entries plus the entries with the highest
+accumulated attention, up to the budget. It is the paper's greedy online algorithm: scores add up
+step by step and eviction happens between prefill chunks and at every decode step, so an evicted
+entry never comes back and stops collecting score.
+
+GQA: the attention of a group's query heads is averaged onto their KV head before accumulating;
+each KV head selects on its own scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import PolicyConfigError
+from .base import (LayerState, LayerView, Policy, PolicyConfig, keep_all_if_within, keep_top_scores, parameter,
+                   recent_mask)
+
+
+@dataclass
+class H2OConfig(PolicyConfig):
+    recent: int | None = parameter(None, help="newest entries always kept (default: half the budget)", minimum=0)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.budget is not None:
+            if self.recent is None:
+                self.recent = self.budget // 2
+            if self.recent > self.budget:
+                raise PolicyConfigError(f"--recent {self.recent} is larger than --budget {self.budget}")
+
+
+class H2OPolicy(Policy):
+    name = "h2o"
+    summary = "heavy hitters (most attention accumulated over all steps) + recent entries"
+    Config = H2OConfig
+    needs_attention = True  # every new query's row, at prefill and decode
+
+    def select(self, view: LayerView, state: LayerState):
+        accumulated = state.grow("accumulated", view.kv_heads, view.n_entries, device=view.keys.device)
+        accumulated += view.attention_per_kv_head().sum(dim=1)
+        if keep_all_if_within(view):
+            return None
+        return keep_top_scores(accumulated, view.budget, recent_mask(view.n_entries, self.config.recent,
+                                                                     view.keys.device))

@@ -1,0 +1,28 @@
+"""TOVA: Token Omission Via Attention.
+
+Oren et al., "Transformers are Multi-State RNNs" (EMNLP 2024, arXiv:2401.06104). A training-free
+policy that treats the cache as a bounded multi-state RNN. The rule: whenever the cache exceeds the
+budget, keep the entries with the highest attention from the *current* query only, averaged over
+all heads of the layer (one decision per layer, shared by every KV head), and drop the rest. Scores
+are not accumulated across steps. On the prompt the current query is the last token of each
+prefill chunk (the last prompt token when one chunk covers the prompt).
+"""
+
+from __future__ import annotations
+
+from .base import LayerState, LayerView, Phase, Policy, keep_all_if_within, keep_top_scores
+
+
+class TOVAPolicy(Policy):
+    name = "tova"
+    summary = "keep the entries the current query attends to most (mean over heads); no accumulation"
+    needs_attention = True
+
+    def attention_queries(self, n_new: int, phase: Phase) -> int:
+        return 1
+
+    def select(self, view: LayerView, state: LayerState):
+        if keep_all_if_within(view):
+            return None
+        layer_scores = view.attention[:, -1].mean(dim=0)  # (n,): the current query, mean over all heads
+        return keep_top_scores(layer_scores.expand(view.kv_heads, -1), view.budget)
