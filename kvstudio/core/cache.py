@@ -124,7 +124,7 @@ class PolicyLayer(DynamicLayer):
         except Exception as error:  # a policy (maybe a plugin) raised: stop the run with its name on it
             raise PolicyError(f"policy '{policy.name}' raised in layer {self.layer_idx}: "
                               f"{type(error).__name__}: {error}") from error
-        limit = policy.limit_for(self.layer_idx, cache.n_layers, context.phase)
+        limit = cache.limits[context.phase][self.layer_idx]
         if keep is None:
             if limit is not None and view.n_entries > limit:
                 raise PolicyError(f"policy '{policy.name}' kept all {view.n_entries} entries of layer "
@@ -155,10 +155,11 @@ class PolicyLayer(DynamicLayer):
         evicted_positions = self.positions[dropped].view(kv_heads, -1)
 
         before = self.byte_count()
-        gather = keep[None, :, :, None].expand(1, kv_heads, keep.shape[1], self.keys.shape[-1])
-        self.keys = self.keys.gather(2, gather)
-        self.values = self.values.gather(2, keep[None, :, :, None].expand(1, kv_heads, keep.shape[1],
-                                                                            self.values.shape[-1]))
+        # One flat index into (kv_heads * n) rows, shared by keys and values: a contiguous
+        # index_select is ~3x faster than gather with an expanded index, and this runs every step.
+        rows = (keep + torch.arange(kv_heads, device=keep.device)[:, None] * n).reshape(-1)
+        self.keys = _take_rows(self.keys, rows, kv_heads)
+        self.values = _take_rows(self.values, rows, kv_heads)
         self.positions = self.positions.gather(1, keep)
         self.state.keep(keep)
         self.cache.note_bytes(self.byte_count() - before)
@@ -175,6 +176,11 @@ class PolicyLayer(DynamicLayer):
             self.rope_positions = self.positions
 
 
+def _take_rows(tensor: torch.Tensor, rows: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(1, kv_heads, n, d) -> (1, kv_heads, k, d), keeping the flat rows head * n + index."""
+    return tensor[0].reshape(-1, tensor.shape[-1]).index_select(0, rows).view(1, kv_heads, -1, tensor.shape[-1])
+
+
 class PolicyCache(Cache):
     """A Cache that applies a policy after every forward step. Batch size 1."""
 
@@ -182,6 +188,9 @@ class PolicyCache(Cache):
         self.policy = policy
         self.n_layers = n_layers
         self.budgets = [policy.budget_for(i, n_layers) for i in range(n_layers)]
+        # What the engine enforces after each step; fixed for a run, so computed once.
+        self.limits = {phase: [policy.limit_for(i, n_layers, phase) for i in range(n_layers)]
+                       for phase in ("prefill", "decode")}
         if policy.config.rerotate and rerotator is None:
             raise PolicyError("--rerotate needs a rotary (RoPE) model")
         self.rerotator = rerotator

@@ -21,7 +21,9 @@ import torch
 from . import attention
 from .cache import PolicyCache, StepContext, StepReport
 from .errors import KVStudioError, PromptError
-from .events import AttentionEvent, EvictionEvent, PrefillProgressEvent, Recorder, StepEvent, TokenEvent
+from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, Recorder, RunStartedEvent,
+                     StepEvent, TokenEvent)
+from .memory import cuda_bytes, process_resident_bytes
 from .models import LoadedModel
 from .policies.base import Policy
 from .rotary import Rerotator
@@ -51,7 +53,7 @@ class GenerationSettings:
     chunk_size: int = 512
     stop_strings: tuple[str, ...] = ()
     chat_template: bool = False
-    watch_layers: tuple[int, ...] = ()  # layers whose newest attention row is recorded
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
 
     def validate(self) -> None:
         checks = [
@@ -198,7 +200,7 @@ class Engine:
 
     def prompt_logits(self, ids: list[int], policy: Policy, chunk_size: int) -> torch.Tensor:
         """Logits at the last prompt position after a chunked prefill under `policy`."""
-        run = _Run(self, self.new_cache(policy), Recorder(), frozenset())
+        run = _Run(self, self.new_cache(policy), Recorder())
         logits = None
         for start in range(0, len(ids), chunk_size):
             chunk = ids[start:start + chunk_size]
@@ -221,12 +223,16 @@ class Engine:
         if not ids:
             raise PromptError("the prompt is empty: give some text")
         cancel = cancel or CancelToken()
+        # The recorder says which layers' attention rows are watched (it may change mid-run).
         recorder = recorder or Recorder()
-        watch = tuple(recorder.watch_layers) or settings.watch_layers
         cache = self.new_cache(policy)
         sampler = Sampler(settings, self.loaded.device)
         stream = TextStream(self.tokenizer)
-        run = _Run(self, cache, recorder, frozenset(watch))
+        run = _Run(self, cache, recorder)
+        recorder.record(RunStartedEvent(
+            self.loaded.name, policy.describe(), self.loaded.n_layers, self.loaded.n_kv_heads, tuple(cache.budgets),
+            tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
+        ))
 
         stop_reason = "max_new_tokens"
         prefill_started = time.perf_counter()
@@ -251,7 +257,7 @@ class Engine:
             recorder.record(TokenEvent(record.step, len(generated) - 1, token, piece, logprob, record.seconds))
             if on_text and piece:
                 on_text(piece)
-            if token in self.eos_ids:
+            if token in self.eos_ids and not settings.ignore_eos:
                 stop_reason = "eos"
                 break
             if any(stop in stream.emitted for stop in settings.stop_strings):
@@ -283,13 +289,13 @@ class Engine:
 class _Run:
     """One sequence's forward steps: positions, the step protocol, and what gets recorded."""
 
-    def __init__(self, engine: Engine, cache: PolicyCache, recorder: Recorder, watch: frozenset[int]):
+    def __init__(self, engine: Engine, cache: PolicyCache, recorder: Recorder):
         self.engine = engine
         self.cache = cache
         self.recorder = recorder
-        self.watch = watch
         self.seen = 0  # tokens fed so far; the next token's position without re-rotation
         self.records: list[StepRecord] = []
+        self.started = time.perf_counter()
 
     def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False) -> torch.Tensor:
         """Feed tokens, let the policy evict, record the step; returns the last position's logits."""
@@ -302,7 +308,8 @@ class _Run:
         else:
             rope_positions = positions
         step = len(self.records)
-        self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk, self.watch))
+        self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk,
+                                          self.recorder.watch_layers))
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.engine.model(
@@ -330,3 +337,6 @@ class _Run:
                 self.recorder.record(EvictionEvent(step, eviction.layer, head, positions))
         for rows in report.attention:
             self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))
+        device = self.engine.loaded.device
+        self.recorder.record(MemoryEvent(step, time.perf_counter() - self.started, phase, report.cache_bytes,
+                                         process_resident_bytes(), *cuda_bytes(device)))

@@ -59,19 +59,45 @@ class AttentionEvent:
 
 
 @dataclass(frozen=True)
+class RunStartedEvent:
+    """What a viewer needs before the first step: the prompt as the model sees it."""
+
+    model: str
+    policy: str
+    n_layers: int
+    n_kv_heads: int
+    budgets: tuple[int | None, ...]  # per layer
+    prompt_tokens: tuple[str, ...]  # the text of each prompt token, in order
+
+
+@dataclass(frozen=True)
+class MemoryEvent:
+    step: int
+    seconds: float  # since the run started
+    phase: Phase
+    cache_bytes: int
+    process_bytes: int  # resident set size of this process
+    cuda_allocated: int  # 0 without CUDA
+    cuda_reserved: int
+
+
+@dataclass(frozen=True)
 class PrefillProgressEvent:
     tokens_done: int
     tokens_total: int
 
 
 EVENT_KINDS = {TokenEvent: "tokens", StepEvent: "steps", EvictionEvent: "evictions",
-               AttentionEvent: "attention", PrefillProgressEvent: "prefill"}
+               AttentionEvent: "attention", PrefillProgressEvent: "prefill", RunStartedEvent: "runs",
+               MemoryEvent: "memory"}
 
 
 class Recorder:
     """Thread-safe store of a run's events. One Recorder per run."""
 
     def __init__(self, capacity: int = 20_000, watch_layers: tuple[int, ...] | frozenset[int] = ()):
+        # Read by the engine at every step, so a viewer may change it mid-run (one assignment of
+        # an immutable frozenset: safe across threads).
         self.watch_layers = frozenset(watch_layers)
         self._lock = threading.Lock()
         self._buffers = {kind: deque(maxlen=capacity) for kind in EVENT_KINDS.values()}

@@ -68,6 +68,10 @@ class LoadedModel:
         return getattr(self.config, "num_key_value_heads", None) or self.n_heads
 
     @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_heads
+
+    @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
