@@ -1,8 +1,9 @@
-"""`kvstudio`: the studio (a demo until the window exists) and the headless commands.
+"""`kvstudio`: the studio window and the headless commands.
 
-  kvstudio                 short streamed demo on the default model
+  kvstudio [--model SPEC]  the studio window, loading the default model (or SPEC; "none": nothing)
   kvstudio run ...         generate under a policy; text to stdout, then a summary; --json PATH
   kvstudio policies        the policies, their parameters and defaults
+  kvstudio demo            a short streamed demo on the default model, in the terminal
 
 Every error a user can cause ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -54,6 +55,8 @@ def _policy_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kvstudio", description="See and shape what a language model keeps in its KV cache.")
+    parser.add_argument("--model", dest="studio_model", default="default",
+                        help="model the studio loads at start (default: the embedded model; none: nothing)")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     run = commands.add_parser("run", help="generate under a KV-cache policy, headless")
@@ -78,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _policy_options(run)
 
     commands.add_parser("policies", help="list the policies with their parameters and defaults")
+    commands.add_parser("demo", help="a short streamed demo on the default model, in the terminal")
     return parser
 
 
@@ -88,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             return command_run(args)
         if args.command == "policies":
             return command_policies()
-        return command_demo()
+        if args.command == "demo":
+            return command_demo()
+        from .gui.app import run_studio
+
+        return run_studio(None if args.studio_model == "none" else args.studio_model)
     except KVStudioError as error:
         print(f"kvstudio: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -225,12 +233,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def command_policies() -> int:
     from .core.policies import available_policies
 
-    for policy in available_policies().values():
+    policies = available_policies().values()
+    width = max(len(spec.option) for policy in policies for spec in policy.Config.parameters())
+    for policy in policies:
         print(f"{policy.name}: {policy.summary}")
         for spec in policy.Config.parameters():
             default = "none" if spec.default is None else spec.default
             kind = "flag" if spec.type is bool else spec.type.__name__
-            print(f"    {spec.option:<16} {kind:<6} default {str(default):<6} {spec.help}")
+            choices = f" ({'|'.join(spec.choices)})" if spec.choices else ""
+            print(f"    {spec.option:<{width}}  {kind:<4}  default {str(default):<7}  {spec.help}{choices}")
     return 0
 
 

@@ -1,0 +1,83 @@
+"""Compare: one prompt under several policies in turn; outputs, speed, memory, token maps side by side."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QPushButton, QScrollArea,
+                               QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+from ..core.policies import available_policies
+from .views.token_map import TokenMapView
+
+COLUMNS = ("policy", "tokens/s", "prefill s", "peak cache MiB", "evictions", "output")
+
+
+class CompareView(QWidget):
+    compare_requested = Signal(list)  # policy names, in order
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.choices = QListWidget()
+        for name in available_policies():
+            item = QListWidgetItem(name)
+            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+            item.setCheckState(Qt.Checked if name in ("full", "streaming_llm", "h2o") else Qt.Unchecked)
+            self.choices.addItem(item)
+        self.start = QPushButton("Compare")
+        self.start.setToolTip("Run the prompt under each checked policy in turn, with the budget and "
+                              "generation settings from the left panel")
+        left = QVBoxLayout()
+        left.addWidget(QLabel("policies"))
+        left.addWidget(self.choices)
+        left.addWidget(self.start)
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.maps = QHBoxLayout()
+        maps_holder = QWidget()
+        maps_holder.setLayout(self.maps)
+        scroll = QScrollArea(widgetResizable=True)
+        scroll.setWidget(maps_holder)
+        right = QSplitter(Qt.Vertical)
+        right.addWidget(self.table)
+        right.addWidget(scroll)
+        layout = QHBoxLayout(self)
+        side = QWidget()
+        side.setLayout(left)
+        side.setMaximumWidth(180)
+        layout.addWidget(side)
+        layout.addWidget(right, 1)
+        self.map_views: list[TokenMapView] = []
+        self.start.clicked.connect(lambda: self.compare_requested.emit(self.checked()))
+
+    def checked(self) -> list[str]:
+        return [self.choices.item(i).text() for i in range(self.choices.count())
+                if self.choices.item(i).checkState() == Qt.Checked]
+
+    def clear(self) -> None:
+        self.table.setRowCount(0)
+        for view in self.map_views:
+            self.maps.removeWidget(view)
+            view.deleteLater()
+        self.map_views = []
+
+    def add_result(self, policy: str, result, recorder) -> None:
+        row = self.table.rowCount()
+        self.table.insertRow(row)
+        cells = (policy, f"{result.tokens_per_second:.1f}", f"{result.prefill_seconds:.2f}",
+                 f"{result.peak_cache_bytes / 2**20:.2f}", str(result.evictions), result.text.strip())
+        for column, value in enumerate(cells):
+            self.table.setItem(row, column, QTableWidgetItem(value))
+        view = TokenMapView(compact=True)
+        view.setMinimumWidth(260)
+        view.follow(recorder)
+        view.refresh()
+        view.summary.setText(f"{policy}: " + view.summary.text())
+        self.maps.addWidget(view)
+        self.map_views.append(view)
+
+    def add_failure(self, policy: str, message: str) -> None:
+        row = self.table.rowCount()
+        self.table.insertRow(row)
+        self.table.setItem(row, 0, QTableWidgetItem(policy))
+        self.table.setItem(row, len(COLUMNS) - 1, QTableWidgetItem(f"failed: {message}"))

@@ -1,0 +1,444 @@
+"""The studio window: set-up panels on the left, the prompt in the middle, live views in docks.
+
+All model work goes to the worker thread through queued signals. A 25 Hz timer asks every view
+to read what is new in the current run's Recorder; no signal is sent per token or per layer.
+"""
+
+from __future__ import annotations
+
+import json
+
+from PySide6.QtCore import QSettings, Qt, QThread, QTimer, Signal, Slot
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout, QGroupBox,
+                               QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit, QPushButton, QSpinBox, QSplitter,
+                               QToolButton, QVBoxLayout, QWidget)
+
+from ..core.engine import GenerationSettings
+from ..core.events import Recorder
+from ..core.policies import available_policies
+from .compare import CompareView
+from .panels import DocumentList, ModelPanel
+from .policy_form import PolicyForm
+from .views.attention_map import AttentionMapView
+from .views.evictions import EvictionsView
+from .views.memory import MemoryView
+from .views.occupancy import OccupancyView
+from .views.output import OutputView
+from .views.token_map import TokenMapView
+from .worker import RunOutcome, RunRequest, StudioWorker
+
+REFRESH_HZ = 25
+RECENT_MODELS = 8
+
+
+class MainWindow(QMainWindow):
+    # Commands to the worker thread (queued: the worker lives there).
+    load_model = Signal(str, str, str)
+    start_run = Signal(object)
+    count_tokens = Signal(object, str)
+
+    def __init__(self, settings: QSettings | None = None):
+        super().__init__()
+        self.setWindowTitle("KV Studio")
+        self.settings = settings or QSettings("KVStudio", "kvstudio")
+        self.model_info = None
+        self.recorder: Recorder | None = None
+        self.running = False
+        self.compare_queue: list[str] = []
+        self.last_outcome: RunOutcome | None = None
+
+        self._build_worker()
+        self._build_panels()
+        self._build_views()
+        self._restore_settings()
+
+        self.timer = QTimer(self, interval=1000 // REFRESH_HZ)
+        self.timer.timeout.connect(self.refresh_views)
+        self.timer.start()
+        self.setAcceptDrops(True)
+        self._update_buttons()
+
+    # -- construction -------------------------------------------------------------------------------
+
+    def _build_worker(self) -> None:
+        self.thread_ = QThread()
+        self.thread_.setObjectName("kvstudio-model")
+        self.worker = StudioWorker()  # no parent: it is moved to its thread
+        self.worker.moveToThread(self.thread_)
+        self.load_model.connect(self.worker.load)
+        self.start_run.connect(self.worker.run)
+        self.count_tokens.connect(self.worker.count_tokens)
+        self.worker.load_progress.connect(self.on_load_progress)
+        self.worker.loaded.connect(self.on_loaded)
+        self.worker.load_failed.connect(self.on_load_failed)
+        self.worker.run_finished.connect(self.on_run_finished)
+        self.worker.tokens_counted.connect(self.on_tokens_counted)
+        self.thread_.start()
+
+    def _build_panels(self) -> None:
+        self.model_panel = ModelPanel()
+        self.model_panel.load_requested.connect(self.request_load)
+        self.model_panel.cancel_requested.connect(self.worker.cancel_load)
+
+        policy_box = QGroupBox("Policy")
+        self.policy = QComboBox()
+        self.policy.addItems(list(available_policies()))
+        self.policy_help = QLabel("")
+        self.policy_help.setWordWrap(True)
+        self.policy_help.setStyleSheet("color: #888;")
+        self.policy_form = PolicyForm()
+        self.chunk_size = QSpinBox(minimum=1, maximum=65536, value=512)
+        self.chunk_size.setToolTip("prefill chunk size: the policy evicts between chunks")
+        policy_layout = QFormLayout(policy_box)
+        policy_layout.addRow("policy", self.policy)
+        policy_layout.addRow(self.policy_help)
+        policy_layout.addRow(self.policy_form)
+        policy_layout.addRow("chunk size", self.chunk_size)
+        self.policy.currentTextChanged.connect(self._policy_chosen)
+
+        generation_box = QGroupBox("Generation")
+        self.max_new_tokens = QSpinBox(minimum=1, maximum=100_000, value=64)
+        self.temperature = QDoubleSpinBox(minimum=0.0, maximum=5.0, singleStep=0.1, decimals=2, value=0.0)
+        self.temperature.setToolTip("0 is greedy")
+        self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
+        self.chat = QCheckBox("use the chat template")
+        self.run_button = QPushButton("Run")
+        self.run_button.setStyleSheet("font-weight: bold;")
+        self.stop_button = QPushButton("Stop")
+        generation = QFormLayout(generation_box)
+        generation.addRow("max new tokens", self.max_new_tokens)
+        generation.addRow("temperature", self.temperature)
+        generation.addRow("seed", self.seed)
+        generation.addRow(self.chat)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.stop_button)
+        generation.addRow(buttons)
+        self.run_button.clicked.connect(self.request_run)
+        self.stop_button.clicked.connect(self.stop)
+
+        side = QWidget()
+        side_layout = QVBoxLayout(side)
+        side_layout.addWidget(self.model_panel)
+        side_layout.addWidget(policy_box)
+        side_layout.addWidget(generation_box)
+        side_layout.addStretch(1)
+        setup = QDockWidget("Set-up", self, objectName="setup")
+        setup.setWidget(side)
+        setup.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable)
+        self.addDockWidget(Qt.LeftDockWidgetArea, setup)
+
+        self.documents = DocumentList()
+        self.documents.added.connect(self._document_added)
+        self.documents.refused.connect(self.show_error)
+        self.prompt = QPlainTextEdit()
+        self.prompt.setPlaceholderText("Type a prompt (it follows the checked documents), or drop files here.")
+        prompt_box = QGroupBox("Prompt")
+        QVBoxLayout(prompt_box).addWidget(self.prompt)
+        splitter = QSplitter(Qt.Vertical)
+        splitter.addWidget(self.documents)
+        splitter.addWidget(prompt_box)
+
+        self.error_text = QLabel("")
+        self.error_text.setWordWrap(True)
+        self.error_text.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        close = QToolButton(text="✕")
+        close.clicked.connect(lambda: self.error_banner.hide())
+        self.error_banner = QWidget()
+        self.error_banner.setStyleSheet("background: #5a1d1d; color: #ffdede; border-radius: 3px;")
+        banner = QHBoxLayout(self.error_banner)
+        banner.addWidget(self.error_text, 1)
+        banner.addWidget(close)
+        self.error_banner.hide()
+        central = QWidget()
+        central_layout = QVBoxLayout(central)
+        central_layout.addWidget(self.error_banner)
+        central_layout.addWidget(splitter)
+        self.setCentralWidget(central)
+
+    def _build_views(self) -> None:
+        self.output_view = OutputView()
+        self.attention_view = AttentionMapView()
+        self.token_view = TokenMapView()
+        self.occupancy_view = OccupancyView()
+        self.evictions_view = EvictionsView()
+        self.memory_view = MemoryView()
+        self.compare_view = CompareView()
+        self.compare_view.compare_requested.connect(self.request_compare)
+        self.live_views = [self.output_view, self.attention_view, self.token_view, self.occupancy_view,
+                           self.evictions_view, self.memory_view]
+        docks = []
+        for title, widget in (("Output", self.output_view), ("Token map", self.token_view),
+                              ("Attention map", self.attention_view), ("Occupancy", self.occupancy_view),
+                              ("Evictions", self.evictions_view), ("Memory", self.memory_view),
+                              ("Compare", self.compare_view)):
+            dock = QDockWidget(title, self, objectName=title.lower().replace(" ", "_"))
+            dock.setWidget(widget)
+            docks.append(dock)
+        self.addDockWidget(Qt.RightDockWidgetArea, docks[0])
+        self.addDockWidget(Qt.RightDockWidgetArea, docks[1])
+        self.splitDockWidget(docks[0], docks[1], Qt.Vertical)
+        for dock in docks[2:]:
+            self.tabifyDockWidget(docks[1], dock)
+        docks[1].raise_()
+        self.docks = {dock.windowTitle(): dock for dock in docks}
+        self.resize(1560, 960)
+
+    # -- model ------------------------------------------------------------------------------------
+
+    @Slot(str, str, str)
+    def request_load(self, spec: str, device: str, dtype: str) -> None:
+        if not spec:
+            self.show_error("give a model: default, a tiny model, a folder or a hub id")
+            return
+        self.hide_error()
+        self.model_panel.set_loading(True)
+        self.model_panel.status.setText(f"loading {spec}…")
+        self.load_model.emit(spec, device, dtype)
+
+    @Slot(str, float)
+    def on_load_progress(self, message: str, fraction: float) -> None:
+        self.model_panel.show_progress(message, fraction)
+
+    @Slot(object)
+    def on_loaded(self, info) -> None:
+        self.model_info = info
+        self.model_panel.set_loading(False)
+        self.model_panel.status.setText(info.description)
+        self.chat.setEnabled(info.has_chat_template)
+        if not info.has_chat_template:
+            self.chat.setChecked(False)
+        for view in (self.attention_view, self.token_view, self.evictions_view):
+            view.set_model(info.n_layers, info.n_heads)
+        self._remember_model(info.spec)
+        for key, document in self.documents.documents.items():
+            self.count_tokens.emit(key, document.text)
+        self._update_buttons()
+
+    @Slot(str)
+    def on_load_failed(self, message: str) -> None:
+        self.model_panel.set_loading(False)
+        self.model_panel.status.setText("no model loaded" if self.model_info is None else self.model_info.description)
+        self.show_error(message)
+
+    # -- runs -------------------------------------------------------------------------------------
+
+    def _generation_settings(self) -> GenerationSettings:
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens.value(), temperature=self.temperature.value(),
+            seed=self.seed.value(), chunk_size=self.chunk_size.value(),
+            chat_template=self.chat.isChecked() and self.chat.isEnabled(),
+        )
+
+    def full_prompt(self) -> str:
+        parts = [self.documents.checked_text(), self.prompt.toPlainText()]
+        return "\n\n".join(part for part in parts if part.strip())
+
+    @Slot()
+    def request_run(self) -> None:
+        self.compare_queue = []
+        self._start(self.policy.currentText(), self._policy_parameters(), label="")
+
+    def _policy_parameters(self) -> dict:
+        return {k: v for k, v in self.policy_form.values().items() if v is not None}
+
+    def _start(self, policy: str, parameters: dict, label: str) -> bool:
+        problem = None
+        if self.model_info is None:
+            problem = "load a model first"
+        elif self.running:
+            problem = "a run is in progress: stop it first"
+        elif not self.full_prompt().strip():
+            problem = "the prompt is empty: type one or drop a document"
+        elif policy == self.policy.currentText() and self.policy_form.validate():
+            problem = f"policy parameters: {self.policy_form.validate()}"
+        if problem:
+            self.show_error(problem)
+            return False
+        self.hide_error()
+        self.recorder = Recorder()
+        for view in self.live_views:
+            view.follow(self.recorder)
+        self.running = True
+        self._update_buttons()
+        self.worker.reset_cancel()
+        self.start_run.emit(RunRequest(self.full_prompt(), policy, parameters, self._generation_settings(),
+                                       self.recorder, label))
+        self.statusBar().showMessage(f"running {policy}…")
+        self._save_settings()
+        return True
+
+    @Slot()
+    def stop(self) -> None:
+        self.compare_queue = []
+        self.worker.cancel_run()
+
+    @Slot(object)
+    def on_run_finished(self, outcome: RunOutcome) -> None:
+        self.running = False
+        self.last_outcome = outcome
+        self.refresh_views()
+        request = outcome.request
+        if outcome.error:
+            self.show_error(f"{request.policy}: {outcome.error}")
+            self.statusBar().showMessage("run failed")
+            if request.label == "compare":
+                self.compare_view.add_failure(request.policy, outcome.error)
+        else:
+            result = outcome.result
+            self.statusBar().showMessage(
+                f"{request.policy}: {result.stop_reason} · {len(result.token_ids)} tokens · "
+                f"{result.tokens_per_second:.1f} tokens/s · peak cache {result.peak_cache_bytes / 2**20:.2f} MiB · "
+                f"{result.evictions} evictions")
+            if request.label == "compare":
+                self.compare_view.add_result(request.policy, result, request.recorder)
+        self._update_buttons()
+        self._next_comparison()
+
+    @Slot(list)
+    def request_compare(self, policies: list[str]) -> None:
+        if not policies:
+            self.show_error("check at least one policy to compare")
+            return
+        if self.model_info is None or self.running:
+            self.show_error("load a model first" if self.model_info is None else "a run is in progress: stop it first")
+            return
+        self.compare_view.clear()
+        self.compare_queue = list(policies)
+        self._next_comparison()
+
+    def comparison_parameters(self, policy: str) -> dict:
+        """The policy's defaults, with the budget and shared parameters from the form where they apply."""
+        from ..core.policies import policy_class
+
+        accepted = {spec.name for spec in policy_class(policy).Config.parameters()}
+        shared = {k: v for k, v in self._policy_parameters().items() if k in accepted and k != "rerotate"}
+        if policy == "full":
+            shared.pop("budget", None)
+        return shared
+
+    def _next_comparison(self) -> None:
+        if not self.compare_queue:
+            return
+        policy = self.compare_queue.pop(0)
+        try:
+            from ..core.policies import policy_class
+
+            policy_class(policy)(**self.comparison_parameters(policy))
+        except Exception as error:  # a bad combination for this policy: report it, go on
+            self.compare_view.add_failure(policy, str(error))
+            self._next_comparison()
+            return
+        if not self._start(policy, self.comparison_parameters(policy), label="compare"):
+            self.compare_queue = []
+
+    @Slot()
+    def refresh_views(self) -> None:
+        for view in self.live_views:
+            view.refresh()
+
+    def _update_buttons(self) -> None:
+        self.run_button.setEnabled(not self.running and self.model_info is not None)
+        self.stop_button.setEnabled(self.running)
+        self.compare_view.start.setEnabled(not self.running and self.model_info is not None)
+
+    # -- policies ---------------------------------------------------------------------------------
+
+    def _policy_chosen(self, name: str) -> None:
+        saved = self.settings.value(f"policy_parameters/{name}")
+        values = json.loads(saved) if isinstance(saved, str) else None
+        self.policy_form.set_policy(name, values)
+        policy = available_policies()[name]
+        self.policy_help.setText(policy.summary)
+
+    # -- documents and drops ----------------------------------------------------------------------
+
+    def _document_added(self, key, document) -> None:
+        if self.model_info is not None:
+            self.count_tokens.emit(key, document.text)
+
+    @Slot(object, int)
+    def on_tokens_counted(self, key, count: int) -> None:
+        self.documents.set_token_count(key, count)
+
+    def dragEnterEvent(self, event) -> None:
+        if event.mimeData().hasUrls() or event.mimeData().hasText():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        self.handle_drop(event.mimeData())
+        event.acceptProposedAction()
+
+    def handle_drop(self, mime) -> None:
+        """Files become documents (or are refused with a reason); plain text becomes a document."""
+        if mime.hasUrls():
+            for url in mime.urls():
+                if url.isLocalFile():
+                    self.documents.add_path(url.toLocalFile())
+                else:
+                    self.show_error(f"not added: {url.toString()} is not a local file")
+        elif mime.hasText():
+            self.documents.add_text(mime.text())
+
+    # -- messages ---------------------------------------------------------------------------------
+
+    def show_error(self, message: str) -> None:
+        self.error_text.setText(message)
+        self.error_banner.show()
+
+    def hide_error(self) -> None:
+        self.error_banner.hide()
+
+    # -- settings ---------------------------------------------------------------------------------
+
+    def _remember_model(self, spec: str) -> None:
+        recent = [spec] + [m for m in self._recent_models() if m != spec]
+        self.settings.setValue("recent_models", json.dumps(recent[:RECENT_MODELS]))
+        self.model_panel.set_recent(recent[:RECENT_MODELS])
+
+    def _recent_models(self) -> list[str]:
+        saved = self.settings.value("recent_models")
+        return json.loads(saved) if isinstance(saved, str) else []
+
+    def _restore_settings(self) -> None:
+        self.model_panel.set_recent(self._recent_models())
+        if self._recent_models():
+            self.model_panel.spec.setCurrentText(self._recent_models()[0])
+        policy = self.settings.value("policy", "streaming_llm")
+        self.policy.setCurrentText(policy if policy in available_policies() else "streaming_llm")
+        self._policy_chosen(self.policy.currentText())
+        for key, widget in (("chunk_size", self.chunk_size), ("max_new_tokens", self.max_new_tokens),
+                            ("seed", self.seed)):
+            value = self.settings.value(key)
+            if value is not None:
+                widget.setValue(int(value))
+        if self.settings.value("temperature") is not None:
+            self.temperature.setValue(float(self.settings.value("temperature")))
+        if self.settings.value("geometry") is not None:
+            self.restoreGeometry(self.settings.value("geometry"))
+        if self.settings.value("window_state") is not None:
+            self.restoreState(self.settings.value("window_state"))
+
+    def _save_settings(self) -> None:
+        name = self.policy.currentText()
+        self.settings.setValue("policy", name)
+        self.settings.setValue(f"policy_parameters/{name}", json.dumps(self.policy_form.values()))
+        self.settings.setValue("chunk_size", self.chunk_size.value())
+        self.settings.setValue("max_new_tokens", self.max_new_tokens.value())
+        self.settings.setValue("temperature", self.temperature.value())
+        self.settings.setValue("seed", self.seed.value())
+        self.settings.setValue("geometry", self.saveGeometry())
+        self.settings.setValue("window_state", self.saveState())
+
+    # -- shutdown ---------------------------------------------------------------------------------
+
+    def closeEvent(self, event) -> None:
+        """Cancel whatever runs, let the worker finish its step, and stop its thread cleanly."""
+        self._save_settings()
+        self.timer.stop()
+        self.compare_queue = []
+        self.worker.cancel_run()
+        self.worker.cancel_load()
+        self.thread_.quit()
+        self.thread_.wait()
+        super().closeEvent(event)

@@ -1,0 +1,175 @@
+"""The set-up panels: model, documents. Each owns its widgets and says what the user chose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QListWidget,
+                               QListWidgetItem, QProgressBar, QPushButton, QVBoxLayout)
+
+from ..core.documents import Document, read_document
+from ..core.models import TINY_FAMILIES
+
+BUILTIN_MODELS = ["default"] + [f"tiny-{family}" for family in TINY_FAMILIES]
+
+
+class ModelPanel(QGroupBox):
+    load_requested = Signal(str, str, str)  # spec, device, dtype
+    cancel_requested = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__("Model", parent)
+        self.spec = QComboBox(editable=True)
+        self.spec.setToolTip("default (SmolLM2-135M-Instruct), a tiny test model, a model folder, "
+                             "or a hub id already in the local Hugging Face cache")
+        self.browse = QPushButton("Folder…")
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cpu", "cuda"])
+        self.dtype = QComboBox()
+        self.dtype.addItems(["auto", "float32", "bfloat16", "float16"])
+        self.load = QPushButton("Load")
+        self.cancel = QPushButton("Cancel")
+        self.cancel.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setTextVisible(True)
+        self.progress.hide()
+        self.status = QLabel("no model loaded")
+        self.status.setWordWrap(True)
+        spec_row = QHBoxLayout()
+        spec_row.addWidget(self.spec, 1)
+        spec_row.addWidget(self.browse)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.load)
+        buttons.addWidget(self.cancel)
+        form = QFormLayout(self)
+        form.addRow("model", spec_row)
+        form.addRow("device", self.device)
+        form.addRow("dtype", self.dtype)
+        form.addRow(buttons)
+        form.addRow(self.progress)
+        form.addRow(self.status)
+        self.browse.clicked.connect(self._pick_folder)
+        self.load.clicked.connect(lambda: self.load_requested.emit(self.spec.currentText().strip(),
+                                                                   self.device.currentText(),
+                                                                   self.dtype.currentText()))
+        self.cancel.clicked.connect(self.cancel_requested.emit)
+        self.set_recent([])
+
+    def set_recent(self, recent: list[str]) -> None:
+        current = self.spec.currentText() or "default"
+        self.spec.clear()
+        self.spec.addItems(list(dict.fromkeys(recent + BUILTIN_MODELS)))
+        self.spec.setCurrentText(current)
+
+    def _pick_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Choose a Hugging Face model folder")
+        if folder:
+            self.spec.setCurrentText(folder)
+
+    def set_loading(self, loading: bool) -> None:
+        self.load.setEnabled(not loading)
+        self.cancel.setEnabled(loading)
+        self.progress.setVisible(loading)
+        if loading:
+            self.progress.setRange(0, 0)  # busy until the first fraction arrives
+
+    def show_progress(self, message: str, fraction: float) -> None:
+        self.status.setText(message)
+        if fraction >= 0:
+            self.progress.setRange(0, 100)
+            self.progress.setValue(int(fraction * 100))
+
+
+class DocumentList(QGroupBox):
+    """Documents that go before the prompt. Checked documents are part of the next run."""
+
+    added = Signal(object, object)  # key, Document
+    refused = Signal(str)
+
+    def __init__(self, parent=None):
+        super().__init__("Documents (drop files or text here; checked ones precede the prompt)", parent)
+        self.list = QListWidget()
+        self.open = QPushButton("Open…")
+        self.remove = QPushButton("Remove")
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.open)
+        buttons.addWidget(self.remove)
+        buttons.addStretch(1)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.list)
+        layout.addLayout(buttons)
+        self.documents: dict[int, Document] = {}
+        self.token_counts: dict[int, int] = {}
+        self._next_key = 0
+        self.open.clicked.connect(self._open_files)
+        self.remove.clicked.connect(self._remove_selected)
+
+    def add_path(self, path: str | Path) -> bool:
+        """Read and add a file; on any problem say why and add nothing."""
+        from ..core.errors import KVStudioError
+
+        try:
+            document = read_document(path)
+        except KVStudioError as error:
+            self.refused.emit(f"not added: {error}")
+            return False
+        self._add(document)
+        return True
+
+    def add_text(self, text: str, name: str = "dropped text") -> bool:
+        if not text.strip():
+            self.refused.emit("not added: the dropped text is empty")
+            return False
+        self._add(Document(name, None, text))
+        return True
+
+    def _add(self, document: Document) -> None:
+        key = self._next_key
+        self._next_key += 1
+        self.documents[key] = document
+        item = QListWidgetItem()
+        item.setData(Qt.UserRole, key)
+        item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+        item.setCheckState(Qt.Checked)
+        self.list.addItem(item)
+        self._label(key)
+        self.added.emit(key, document)
+
+    def set_token_count(self, key: int, count: int) -> None:
+        self.token_counts[key] = count
+        self._label(key)
+
+    def _label(self, key: int) -> None:
+        item = self._item(key)
+        if item is not None:
+            count = self.token_counts.get(key)
+            tokens = f"{count:,} tokens" if count is not None else "load a model to count tokens"
+            item.setText(f"{self.documents[key].name} — {tokens}")
+
+    def _item(self, key: int):
+        for row in range(self.list.count()):
+            if self.list.item(row).data(Qt.UserRole) == key:
+                return self.list.item(row)
+        return None
+
+    def checked_text(self) -> str:
+        parts = []
+        for row in range(self.list.count()):
+            item = self.list.item(row)
+            if item.checkState() == Qt.Checked:
+                parts.append(self.documents[item.data(Qt.UserRole)].text)
+        return "\n\n".join(parts)
+
+    def _open_files(self) -> None:
+        paths, _ = QFileDialog.getOpenFileNames(self, "Add documents", "",
+                                                "Documents (*.txt *.md *.py *.json *.jsonl *.pdf)")
+        for path in paths:
+            self.add_path(path)
+
+    def _remove_selected(self) -> None:
+        for item in self.list.selectedItems():
+            key = item.data(Qt.UserRole)
+            self.documents.pop(key, None)
+            self.token_counts.pop(key, None)
+            self.list.takeItem(self.list.row(item))

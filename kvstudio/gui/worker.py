@@ -1,0 +1,140 @@
+"""The model's thread. All model work (loading, tokenizing, generating) happens here.
+
+`StudioWorker` is a QObject moved to its own QThread; the window sends it commands through queued
+signals and hears back through its signals. Cancelling does not go through the event queue (the
+worker is busy running): the window sets the worker's CancelToken directly, which the engine checks
+before every step.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+from PySide6.QtCore import QObject, Signal, Slot
+
+from ..core.engine import CancelToken, Engine, GenerationSettings
+from ..core.errors import KVStudioError
+from ..core.events import Recorder
+from ..core.models import load_model
+from ..core.policies import policy_class
+
+
+class LoadCancelled(Exception):
+    pass
+
+
+@dataclass
+class RunRequest:
+    prompt: str
+    policy: str
+    parameters: dict
+    settings: GenerationSettings
+    recorder: Recorder
+    label: str = ""  # e.g. which run of a comparison
+
+
+@dataclass
+class ModelInfo:
+    spec: str
+    description: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    has_chat_template: bool
+    device: str
+
+
+@dataclass
+class RunOutcome:
+    request: RunRequest
+    result: object = None  # GenerationResult
+    error: str | None = None
+    thread_ids: set = field(default_factory=set)
+
+
+class StudioWorker(QObject):
+    load_progress = Signal(str, float)  # message, fraction (-1: unknown)
+    loaded = Signal(object)  # ModelInfo
+    load_failed = Signal(str)
+    run_finished = Signal(object)  # RunOutcome (error set when it failed)
+    tokens_counted = Signal(object, int)  # document key, token count
+
+    def __init__(self):
+        super().__init__()
+        self.engine: Engine | None = None
+        self.run_cancel = CancelToken()
+        self._load_cancel = threading.Event()
+        self.model_thread_ids: set[int] = set()  # threads that ran model code (the tests check)
+
+    # -- commands (queued from the GUI thread) ----------------------------------------------------
+
+    @Slot(str, str, str)
+    def load(self, spec: str, device: str, dtype: str) -> None:
+        self._load_cancel.clear()
+
+        def progress(message, fraction):
+            if self._load_cancel.is_set():
+                raise LoadCancelled()
+            self.load_progress.emit(message, -1.0 if fraction is None else float(fraction))
+
+        try:
+            self.model_thread_ids.add(threading.get_ident())
+            loaded = load_model(spec, device=device, dtype=dtype, progress=progress)
+            if self._load_cancel.is_set():
+                raise LoadCancelled()
+            self.engine = None  # free the previous model before holding the new one
+            self.engine = Engine(loaded)
+        except LoadCancelled:
+            self.load_failed.emit("loading cancelled")
+            return
+        except KVStudioError as error:
+            self.load_failed.emit(str(error))
+            return
+        except Exception as error:  # a model that fails to load must not take the studio down
+            traceback.print_exc()
+            self.load_failed.emit(f"could not load '{spec}': {type(error).__name__}: {error}")
+            return
+        self.loaded.emit(ModelInfo(spec, loaded.describe(), loaded.n_layers, loaded.n_heads, loaded.n_kv_heads,
+                                   loaded.has_chat_template, str(loaded.device)))
+
+    @Slot(object)
+    def run(self, request: RunRequest) -> None:
+        outcome = RunOutcome(request)
+        try:
+            if self.engine is None:
+                raise KVStudioError("no model loaded: load one first")
+            self.model_thread_ids.add(threading.get_ident())
+            policy = policy_class(request.policy)(**request.parameters)
+            outcome.result = self.engine.generate(request.prompt, policy, request.settings,
+                                                  recorder=request.recorder, cancel=self.run_cancel)
+        except KVStudioError as error:
+            outcome.error = str(error)
+        except torch.OutOfMemoryError:
+            outcome.error = "out of memory: lower the budget, the chunk size or the prompt length"
+        except MemoryError:
+            outcome.error = "out of memory: lower the budget, the chunk size or the prompt length"
+        except Exception as error:  # the studio stays usable whatever a run does
+            traceback.print_exc()
+            outcome.error = f"the run failed: {type(error).__name__}: {error}"
+        self.run_finished.emit(outcome)
+
+    @Slot(object, str)
+    def count_tokens(self, key, text: str) -> None:
+        if self.engine is None:
+            return
+        self.tokens_counted.emit(key, len(self.engine.tokenizer(text)["input_ids"]))
+
+    # -- called directly from the GUI thread (thread-safe) -----------------------------------------
+
+    def cancel_run(self) -> None:
+        self.run_cancel.cancel()
+
+    def cancel_load(self) -> None:
+        self._load_cancel.set()
+
+    def reset_cancel(self) -> None:
+        """A fresh token for the next run; a run in progress keeps the one it started with."""
+        self.run_cancel = CancelToken()
