@@ -194,6 +194,7 @@ class MainWindow(QMainWindow):
         self.hide_error()
         self.model_panel.set_loading(True)
         self.model_panel.status.setText(f"loading {spec}…")
+        self.worker.reset_load_cancel()
         self.load_model.emit(spec, device, dtype)
 
     @Slot(str, float)
@@ -277,7 +278,7 @@ class MainWindow(QMainWindow):
     def on_run_finished(self, outcome: RunOutcome) -> None:
         self.running = False
         self.last_outcome = outcome
-        self.refresh_views()
+        self.refresh_views(include_hidden=True)
         request = outcome.request
         if outcome.error:
             self.show_error(f"{request.policy}: {outcome.error}")
@@ -333,9 +334,12 @@ class MainWindow(QMainWindow):
             self.compare_queue = []
 
     @Slot()
-    def refresh_views(self) -> None:
+    def refresh_views(self, include_hidden: bool = False) -> None:
+        """Views read what is new. Hidden ones (a tab behind another) wait: their cursors keep
+        their place, so they catch up, losing nothing, when shown."""
         for view in self.live_views:
-            view.refresh()
+            if include_hidden or view.isVisible():
+                view.refresh()
 
     def _update_buttons(self) -> None:
         self.run_button.setEnabled(not self.running and self.model_info is not None)

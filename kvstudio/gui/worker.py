@@ -73,8 +73,6 @@ class StudioWorker(QObject):
 
     @Slot(str, str, str)
     def load(self, spec: str, device: str, dtype: str) -> None:
-        self._load_cancel.clear()
-
         def progress(message, fraction):
             if self._load_cancel.is_set():
                 raise LoadCancelled()
@@ -134,6 +132,10 @@ class StudioWorker(QObject):
 
     def cancel_load(self) -> None:
         self._load_cancel.set()
+
+    def reset_load_cancel(self) -> None:
+        """Called by the window before it queues a load, so a quick Cancel is never lost."""
+        self._load_cancel.clear()
 
     def reset_cancel(self) -> None:
         """A fresh token for the next run; a run in progress keeps the one it started with."""

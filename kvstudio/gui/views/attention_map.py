@@ -75,9 +75,10 @@ class AttentionMapView(LiveView):
         layout.addLayout(controls)
         layout.addWidget(self.plot)
         self.events: list = []
+        self.rows: list[np.ndarray] = []  # one image row per event, for the current head choice
         self.image_values = np.zeros((0, 0), dtype=np.float32)  # what is drawn, before colouring
         self.layer.valueChanged.connect(self._watch_layer)
-        self.head.currentIndexChanged.connect(lambda _: self._redraw())
+        self.head.currentIndexChanged.connect(lambda _: self._recompute_rows())
 
     def set_model(self, n_layers: int, n_heads: int) -> None:
         self.layer.setMaximum(n_layers - 1)
@@ -90,31 +91,42 @@ class AttentionMapView(LiveView):
 
     def follow(self, recorder):
         super().follow(recorder)
-        self.events = []
+        self.events, self.rows = [], []
         recorder.watch_layers = frozenset({self.layer.value()})
 
     def _watch_layer(self, layer: int) -> None:
         if self.recorder is not None:
             self.recorder.watch_layers = frozenset({layer})  # the engine reads it at its next step
-        self.events = []
+        self.events, self.rows = [], []
         self._redraw()
 
     def start(self, run):
-        self.events = []
+        self.events, self.rows = [], []
+
+    def _head(self) -> int | None:
+        return None if self.head.currentIndex() <= 0 else self.head.currentIndex() - 1
 
     def consume(self, events):
-        self.events.extend(e for e in events["attention"] if e.layer == self.layer.value())
-        self.events = self.events[-MAX_ROWS:]
+        new = [e for e in events["attention"] if e.layer == self.layer.value()]
+        self.events = (self.events + new)[-MAX_ROWS:]
+        # Each row is computed once, at its own width; rows are padded when drawn.
+        self.rows = (self.rows + [attention_by_position(e, self._head(), int(e.positions.max()) + 1) for e in new])
+        self.rows = self.rows[-MAX_ROWS:]
+        self._redraw()
+
+    def _recompute_rows(self) -> None:
+        self.rows = [attention_by_position(e, self._head(), int(e.positions.max()) + 1) for e in self.events]
         self._redraw()
 
     def _redraw(self) -> None:
-        if not self.events:
+        if not self.rows:
             self.image.clear()
             self.image_values = np.zeros((0, 0), dtype=np.float32)
             return
-        head = None if self.head.currentIndex() <= 0 else self.head.currentIndex() - 1
-        width = max(int(e.positions.max()) + 1 for e in self.events)
-        rows = np.stack([attention_by_position(e, head, width) for e in self.events])
+        width = max(len(row) for row in self.rows)
+        rows = np.full((len(self.rows), width), UNSEEN, dtype=np.float32)
+        for index, row in enumerate(self.rows):
+            rows[index, : len(row)] = row
         self.image_values = rows
         if width > MAX_COLUMNS:  # max-pool columns: a strong weight stays visible
             bins = -(-width // MAX_COLUMNS)

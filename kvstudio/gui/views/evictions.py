@@ -47,13 +47,17 @@ class EvictionsView(LiveView):
         self.count_curve.setData([], [])
 
     def consume(self, events):
+        chosen, new_steps, new_positions = self.layer.value(), [], []
         for eviction in events["evictions"]:
             steps = np.full(eviction.positions.shape, eviction.step)
             self.by_layer.setdefault(eviction.layer, []).append((steps, eviction.positions))
+            if eviction.layer == chosen:
+                new_steps.append(steps)
+                new_positions.append(eviction.positions)
         for step in events["steps"]:
             self.per_step.append(step.evicted)
-        if events["evictions"]:
-            self._draw_raster()
+        if new_steps:  # append: re-sending every point each frame costs more as the run grows
+            self.points.addPoints(np.concatenate(new_steps), np.concatenate(new_positions))
         if self.per_step:
             self.count_curve.setData(np.arange(len(self.per_step) + 1), self.per_step)
 

@@ -8,16 +8,16 @@ This is the view that shows what a policy threw away.
 
 from __future__ import annotations
 
-import html
 import time
 
 import numpy as np
+from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QTextEdit, QVBoxLayout
 
 from .base import LiveView
 from .colors import held_colour
 
-RENDER_INTERVAL_S = 0.25  # rebuilding the text for thousands of tokens is not free
+RENDER_INTERVAL_S = 0.1
 
 
 class TokenMapView(LiveView):
@@ -43,6 +43,9 @@ class TokenMapView(LiveView):
         self.kv_heads = 1
         self._dirty = False
         self._rendered_at = 0.0
+        self._offsets: list[int] = [0]  # character offset where each shown token starts (+ the end)
+        self._colours: list[str] = []  # colour each shown token has now
+        self._formats: dict[str, QTextCharFormat] = {}
         self.layer.currentIndexChanged.connect(lambda _: self._render(force=True))
 
     def set_model(self, n_layers: int, n_heads: int) -> None:
@@ -60,15 +63,19 @@ class TokenMapView(LiveView):
 
     def consume(self, events):
         self.tokens.extend(token.text for token in events["tokens"])
+        self._ensure_capacity(len(self.tokens))
         for eviction in events["evictions"]:
-            needed = int(eviction.positions.max()) + 1 if eviction.positions.size else 0
-            if needed > self.evicted_heads.shape[1]:
-                grown = np.zeros((self.evicted_heads.shape[0], needed * 2), dtype=np.int16)
-                grown[:, : self.evicted_heads.shape[1]] = self.evicted_heads
-                self.evicted_heads = grown
+            if eviction.positions.size:
+                self._ensure_capacity(int(eviction.positions.max()) + 1)
             self.evicted_heads[eviction.layer, eviction.positions] += 1
         self._dirty = True
         self._render()
+
+    def _ensure_capacity(self, positions: int) -> None:
+        if positions > self.evicted_heads.shape[1]:
+            grown = np.zeros((self.evicted_heads.shape[0], positions * 2), dtype=np.int16)
+            grown[:, : self.evicted_heads.shape[1]] = self.evicted_heads
+            self.evicted_heads = grown
 
     # -- what is drawn (also read by tests) --------------------------------------------------------
 
@@ -88,6 +95,11 @@ class TokenMapView(LiveView):
         return self.heads_holding(self.layer.currentIndex() - 1) / self.kv_heads
 
     def _render(self, force: bool = False) -> None:
+        """Bring the text up to date: append new tokens, re-colour only tokens whose colour changed.
+
+        The document is built once per run; later frames touch a handful of character ranges,
+        so the GUI thread stays responsive however long the prompt is.
+        """
         now = time.monotonic()
         if not force and (not self._dirty or now - self._rendered_at < RENDER_INTERVAL_S):
             return
@@ -95,14 +107,39 @@ class TokenMapView(LiveView):
         if self.run is None:
             self.text.clear()
             return
+        if force:
+            self.text.clear()
+            self._offsets, self._colours = [0], []
+        cursor = QTextCursor(self.text.document())
+        cursor.beginEditBlock()
+        colours = [held_colour(float(f)) for f in self.held_fractions()]
+        for index in range(len(self._colours), len(self.tokens)):  # tokens not shown yet
+            cursor.movePosition(QTextCursor.End)
+            cursor.insertText(self.tokens[index].replace("\n", "↵\n") or "·", self._format(colours[index]))
+            self._offsets.append(cursor.position())
+            self._colours.append(colours[index])
+        index = 0
+        while index < len(colours):  # re-colour runs of changed tokens that share a colour
+            if colours[index] == self._colours[index]:
+                index += 1
+                continue
+            end = index
+            while end + 1 < len(colours) and colours[end + 1] == colours[index] != self._colours[end + 1]:
+                end += 1
+            cursor.setPosition(self._offsets[index])
+            cursor.setPosition(self._offsets[end + 1], QTextCursor.KeepAnchor)
+            cursor.setCharFormat(self._format(colours[index]))
+            self._colours[index:end + 1] = [colours[index]] * (end + 1 - index)
+            index = end + 1
+        cursor.endEditBlock()
         fractions = self.held_fractions()
-        spans = []
-        for token, fraction in zip(self.tokens, fractions):
-            shown = html.escape(token).replace("\n", "↵<br>") or "·"
-            spans.append(f'<span style="background-color:{held_colour(float(fraction))}">{shown}</span>')
-        scroll = self.text.verticalScrollBar().value()
-        self.text.setHtml('<div style="white-space:pre-wrap; color:#111">' + "".join(spans) + "</div>")
-        self.text.verticalScrollBar().setValue(scroll)
-        evicted_everywhere = int((fractions == 0).sum())
-        self.summary.setText(f"{len(self.tokens)} tokens · {evicted_everywhere} gone from "
+        self.summary.setText(f"{len(self.tokens)} tokens · {int((fractions == 0).sum())} gone from "
                              f"{'every layer' if self.layer.currentIndex() <= 0 else 'this layer'}")
+
+    def _format(self, colour: str) -> QTextCharFormat:
+        if colour not in self._formats:
+            text_format = QTextCharFormat()
+            text_format.setBackground(QColor(colour))
+            text_format.setForeground(QColor("#111111"))
+            self._formats[colour] = text_format
+        return self._formats[colour]

@@ -1,0 +1,275 @@
+"""The studio window, driven as a user drives it (pytest-qt, offscreen), on real tiny models."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QMimeData, QSettings, QUrl
+
+from kvstudio.core.policies import register
+from kvstudio.core.policies import _REGISTRY as POLICY_REGISTRY
+from kvstudio.core.policies.base import Policy
+from kvstudio.gui.main_window import MainWindow
+
+pytest.importorskip("pytestqt")
+
+
+@pytest.fixture
+def window(qtbot, tmp_path):
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
+    win = MainWindow(settings)
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    win.close()
+
+
+def load(qtbot, win, spec="tiny-llama"):
+    win.request_load(spec, "cpu", "auto")
+    qtbot.waitUntil(lambda: win.model_info is not None and win.model_info.spec == spec, timeout=20_000)
+
+
+def run(qtbot, win, policy="streaming_llm", timeout=30_000, **parameters):
+    win.policy.setCurrentText(policy)
+    win.policy_form.set_values(parameters)
+    win.request_run()
+    assert win.running, win.error_text.text()
+    qtbot.waitUntil(lambda: not win.running, timeout=timeout)
+    win.refresh_views()
+    return win.last_outcome
+
+
+def test_a_run_reaches_every_view(qtbot, window):
+    load(qtbot, window)
+    window.prompt.setPlainText("the quick brown fox " * 5)  # 100 byte tokens
+    window.max_new_tokens.setValue(12)
+    window.chunk_size.setValue(16)
+    outcome = run(qtbot, window, budget=24, sink=4)
+    assert outcome.error is None
+    result = outcome.result
+    assert window.output_view.text.toPlainText() == result.text
+    assert window.occupancy_view.kept_per_layer == result.kept_per_layer == [24] * 4
+    assert len(window.occupancy_view.totals) == len(result.steps)
+    # Token map: 100 prompt + 12 generated tokens; StreamingLLM kept sinks 0-3 and the newest 20
+    # of the 111 fed, in every layer, so exactly those are still held by all 4 layers.
+    holding = window.token_view.layers_holding()
+    assert len(holding) == 112
+    held = set(np.flatnonzero(holding == 4))
+    assert held == set(range(4)) | set(range(91, 112))
+    assert set(np.flatnonzero(holding == 0)) == set(range(4, 91))
+    # Evictions raster: every eviction of the chosen layer, over its 2 KV heads.
+    steps, positions = window.evictions_view.raster_points()
+    assert len(positions) == result.evictions // 4
+    assert set(positions.tolist()) == set(range(4, 91))
+    # Attention map: one row per step for the watched layer. A row shows what the query attended
+    # to, before that step's eviction: in the last step, positions 0-3 and 90-110 (token 111 was
+    # sampled, never fed), and 4-89 already evicted.
+    image = window.attention_view.image_values
+    assert image.shape == (len(result.steps), 111)
+    assert (image[-1, 4:90] == -1).all() and (image[-1, 90:] >= 0).all() and (image[-1, :4] >= 0).all()
+    # Memory: one sample per step, the cache's bytes as the engine counted them.
+    assert [s.cache_bytes for s in window.memory_view.samples] == [s.cache_bytes for s in result.steps]
+
+
+def test_model_code_never_runs_on_the_gui_thread(qtbot, window):
+    load(qtbot, window)
+    forward_threads = set()
+    handle = window.worker.engine.model.register_forward_pre_hook(
+        lambda *_: forward_threads.add(threading.get_ident()))
+    try:
+        window.prompt.setPlainText("hello")
+        run(qtbot, window, "full")
+    finally:
+        handle.remove()
+    gui_thread = threading.get_ident()
+    assert forward_threads and gui_thread not in forward_threads
+    assert gui_thread not in window.worker.model_thread_ids
+
+
+def test_dropping_a_text_file_adds_it_with_its_token_count(qtbot, window, tmp_path):
+    load(qtbot, window)
+    notes = tmp_path / "notes.md"
+    notes.write_text("twelve bytes", encoding="utf-8")
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(notes))])
+    window.handle_drop(mime)
+    assert [d.name for d in window.documents.documents.values()] == ["notes.md"]
+    qtbot.waitUntil(lambda: window.documents.token_counts.get(0) == 12, timeout=5000)
+    assert "notes.md — 12 tokens" == window.documents.list.item(0).text()
+    assert window.full_prompt().startswith("twelve bytes")
+
+
+def test_dropping_a_binary_file_is_refused_and_adds_nothing(qtbot, window, tmp_path):
+    blob = tmp_path / "weights.txt"
+    blob.write_bytes(b"\x00\x01\x02" * 100)
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(blob))])
+    window.handle_drop(mime)
+    assert window.documents.documents == {}
+    assert window.error_banner.isVisible()
+    assert "looks binary" in window.error_text.text()
+    unsupported = tmp_path / "image.png"
+    unsupported.write_bytes(b"\x89PNG")
+    mime.setUrls([QUrl.fromLocalFile(str(unsupported))])
+    window.handle_drop(mime)
+    assert "unsupported file type '.png'" in window.error_text.text() and window.documents.documents == {}
+
+
+def test_dropped_plain_text_becomes_a_document(qtbot, window):
+    mime = QMimeData()
+    mime.setText("a pasted paragraph")
+    window.handle_drop(mime)
+    assert [d.text for d in window.documents.documents.values()] == ["a pasted paragraph"]
+
+
+def test_stop_cancels_within_a_step(qtbot, window):
+    load(qtbot, window)
+    window.prompt.setPlainText("x" * 50)
+    window.max_new_tokens.setValue(100_000)
+    window.policy.setCurrentText("window")
+    window.policy_form.set_values({"budget": 16})
+    window.request_run()
+    qtbot.waitUntil(lambda: len(window.recorder.all("tokens")) >= 5, timeout=10_000)
+    window.stop()
+    qtbot.waitUntil(lambda: not window.running, timeout=5000)
+    result = window.last_outcome.result
+    assert result.stop_reason == "cancelled"
+    assert len(result.token_ids) < 100_000
+    assert window.run_button.isEnabled() and not window.stop_button.isEnabled()
+
+
+class _Exploding(Policy):
+    name = "exploding_for_test"
+    summary = "raises in select"
+
+    def select(self, view, state):
+        raise RuntimeError("boom at step %d" % view.step)
+
+
+def test_a_policy_that_raises_shows_a_message_and_leaves_the_window_usable(qtbot, window):
+    load(qtbot, window)
+    register(_Exploding)
+    try:
+        window.policy.addItem(_Exploding.name)
+        window.prompt.setPlainText("hello there")
+        outcome = run(qtbot, window, _Exploding.name, budget=4)
+    finally:
+        POLICY_REGISTRY.pop(_Exploding.name, None)
+    assert "policy 'exploding_for_test' raised in layer 0: RuntimeError: boom at step 0" in outcome.error
+    assert window.error_banner.isVisible() and "boom" in window.error_text.text()
+    ok = run(qtbot, window, "window", budget=4)
+    assert ok.error is None and ok.result.token_ids
+
+
+def test_a_model_that_fails_to_load_shows_why(qtbot, window):
+    window.request_load("nobody/no-such-model", "cpu", "auto")
+    qtbot.waitUntil(lambda: window.error_banner.isVisible(), timeout=10_000)
+    assert "unknown model 'nobody/no-such-model'" in window.error_text.text()
+    assert window.model_panel.load.isEnabled()
+    load(qtbot, window)  # still usable
+
+
+def test_loading_can_be_cancelled(qtbot, window):
+    window.request_load("tiny-qwen2", "cpu", "auto")
+    window.worker.cancel_load()
+    qtbot.waitUntil(lambda: window.error_banner.isVisible(), timeout=10_000)
+    assert "loading cancelled" in window.error_text.text()
+    assert window.model_info is None and window.worker.engine is None
+
+
+def test_policy_form_is_generated_from_declared_parameters(qtbot, window):
+    window.policy.setCurrentText("snapkv")
+    editors = window.policy_form.editors
+    assert {"budget", "rerotate", "observation_window", "kernel_size", "pooling", "compress_every"} == set(editors)
+    assert type(editors["pooling"][1]).__name__ == "QComboBox"
+    window.policy_form.set_values({"budget": 64, "kernel_size": 4})
+    assert "--kernel-size must be odd" in window.policy_form.error.text()
+    window.policy_form.set_values({"kernel_size": 5})
+    assert window.policy_form.error.text() == ""
+    assert window.policy_form.values()["budget"] == 64
+    window.policy.setCurrentText("h2o")
+    assert window.policy_form.values()["recent"] is None  # "auto": half the budget
+
+
+def test_invalid_parameters_block_the_run_with_the_reason(qtbot, window):
+    load(qtbot, window)
+    window.prompt.setPlainText("hello")
+    window.policy.setCurrentText("streaming_llm")
+    window.policy_form.set_values({"budget": 2, "sink": 4})
+    window.request_run()
+    assert not window.running
+    assert "larger than the sink" in window.error_text.text()
+
+
+def test_closing_during_a_run_ends_the_worker_cleanly(qtbot, tmp_path, capfd):
+    win = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.IniFormat))
+    win.show()
+    load(qtbot, win)
+    win.prompt.setPlainText("y" * 40)
+    win.max_new_tokens.setValue(100_000)
+    win.policy.setCurrentText("full")
+    win.request_run()
+    qtbot.waitUntil(lambda: len(win.recorder.all("tokens")) >= 3, timeout=10_000)
+    win.close()
+    assert win.thread_.isFinished()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_settings_persist_across_windows(qtbot, tmp_path):
+    path = str(tmp_path / "persist.ini")
+    first = MainWindow(QSettings(path, QSettings.IniFormat))
+    qtbot.addWidget(first)
+    load(qtbot, first, "tiny-gemma")
+    first.policy.setCurrentText("h2o")
+    first.policy_form.set_values({"budget": 77, "recent": 11})
+    first.chunk_size.setValue(99)
+    first.close()
+    second = MainWindow(QSettings(path, QSettings.IniFormat))
+    qtbot.addWidget(second)
+    try:
+        assert second.policy.currentText() == "h2o"
+        assert second.policy_form.values()["budget"] == 77 and second.policy_form.values()["recent"] == 11
+        assert second.chunk_size.value() == 99
+        assert second.model_panel.spec.itemText(0) == "tiny-gemma"
+    finally:
+        second.close()
+
+
+def test_compare_runs_each_policy_and_shows_them_side_by_side(qtbot, window):
+    load(qtbot, window)
+    window.prompt.setPlainText("compare me " * 6)
+    window.max_new_tokens.setValue(5)
+    window.policy.setCurrentText("window")
+    window.policy_form.set_values({"budget": 16})
+    window.request_compare(["full", "window", "h2o"])
+    qtbot.waitUntil(lambda: window.compare_view.table.rowCount() == 3 and not window.running, timeout=30_000)
+    table = window.compare_view.table
+    assert [table.item(r, 0).text() for r in range(3)] == ["full", "window", "h2o"]
+    assert int(table.item(0, 4).text()) == 0 and int(table.item(1, 4).text()) > 0
+    assert len(window.compare_view.map_views) == 3
+    assert window.compare_view.map_views[0].layers_holding().min() == 4  # full keeps every token
+    assert window.compare_view.map_views[1].layers_holding().min() == 0
+
+
+def test_changing_the_watched_layer_mid_run_follows_it(qtbot, window):
+    load(qtbot, window)
+    window.attention_view.layer.setValue(1)
+    window.prompt.setPlainText("z" * 30)
+    outcome = run(qtbot, window, "full")
+    assert {e.layer for e in window.recorder.all("attention")} == {1}
+    window.attention_view.layer.setValue(3)
+    assert window.recorder.watch_layers == frozenset({3})
+    assert outcome.error is None
+
+
+def test_error_banner_for_a_run_without_a_model(qtbot, window):
+    window.prompt.setPlainText("hello")
+    window.request_run()
+    assert not window.running and "load a model first" in window.error_text.text()
+
+
+def test_closing_an_idle_window_stops_its_thread(qtbot, window):
+    window.close()
+    assert window.thread_.isFinished()
