@@ -101,6 +101,23 @@ def test_dropping_a_text_file_adds_it_with_its_token_count(qtbot, window, tmp_pa
     assert window.full_prompt().startswith("twelve bytes")
 
 
+def test_a_real_drop_event_on_the_window_adds_the_file(qtbot, window, tmp_path):
+    from PySide6.QtCore import QPointF, Qt
+    from PySide6.QtGui import QDropEvent
+
+    from .test_documents import minimal_pdf
+
+    paper = tmp_path / "paper.pdf"
+    paper.write_bytes(minimal_pdf("Heavy hitters collect attention"))
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(paper))])
+    event = QDropEvent(QPointF(50, 50), Qt.CopyAction, mime, Qt.LeftButton, Qt.NoModifier)
+    # QApplication.sendEvent discards a drop when no drag is in progress (offscreen has none);
+    # the window's own event() dispatches the real event to dropEvent as a drag would.
+    assert window.event(event)
+    assert [d.text for d in window.documents.documents.values()] == ["Heavy hitters collect attention"]
+
+
 def test_dropping_a_binary_file_is_refused_and_adds_nothing(qtbot, window, tmp_path):
     blob = tmp_path / "weights.txt"
     blob.write_bytes(b"\x00\x01\x02" * 100)

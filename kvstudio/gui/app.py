@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import ctypes.util
+import os
 import sys
+
+from ..core.errors import KVStudioError
+
+
+def check_display() -> None:
+    """Say plainly what is missing, instead of letting Qt abort the process."""
+    platform = os.environ.get("QT_QPA_PLATFORM", "")
+    if platform in ("offscreen", "minimal", "vnc") or sys.platform != "linux":
+        return
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise KVStudioError("no display to open the studio on (DISPLAY is not set); "
+                            "use `kvstudio run ...` for headless work")
+    if platform in ("", "xcb") and ctypes.util.find_library("xcb-cursor") is None:
+        raise KVStudioError("Qt needs the xcb-cursor library to open windows on X11: "
+                            "sudo apt install libxcb-cursor0 (Debian/Ubuntu)")
 
 
 def run_studio(model: str | None = "default") -> int:
+    check_display()
     import pyqtgraph as pg
     from PySide6.QtWidgets import QApplication
 
