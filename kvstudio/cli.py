@@ -45,12 +45,36 @@ def _policy_options(parser: argparse.ArgumentParser) -> None:
             users.append(policy.name)
     for name, (spec, users) in seen.items():
         help_text = f"{spec.help} [{', '.join(users)}]"
-        if spec.type is bool:
-            group.add_argument(spec.option, dest=f"policy_{name}", action="store_true", default=None, help=help_text)
-        else:
-            group.add_argument(spec.option, dest=f"policy_{name}", type=spec.type, default=None,
-                               metavar=spec.type.__name__.upper().replace("STR", "TEXT"),
-                               choices=spec.choices, help=help_text)
+        try:
+            if spec.type is bool:
+                group.add_argument(spec.option, dest=f"policy_{name}", action="store_true", default=None,
+                                   help=help_text)
+            else:
+                group.add_argument(spec.option, dest=f"policy_{name}", type=spec.type, default=None,
+                                   metavar=spec.type.__name__.upper().replace("STR", "TEXT"),
+                                   choices=spec.choices, help=help_text)
+        except argparse.ArgumentError:  # a plugin parameter named like a run option (--model, --seed)
+            print(f"kvstudio: warning: parameter {spec.option} of {', '.join(users)} clashes with a "
+                  "`kvstudio run` option and cannot be set from the command line", file=sys.stderr)
+
+
+def _plugin_folders(argv: list[str]) -> list[str]:
+    """The --plugins DIR values, wherever they stand, read before the full parser exists."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plugins", action="append", default=[])
+    return pre.parse_known_args(argv)[0].plugins
+
+
+def load_plugins(folders: list[str]):
+    """Load every plugin; report the broken ones in one line each and carry on without them."""
+    from .core.plugins import PluginManager
+
+    manager = PluginManager(folders)
+    for folder in folders:
+        if not Path(folder).expanduser().is_dir():
+            raise KVStudioError(f"--plugins {folder}: no such folder")
+    manager.load()
+    return manager
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,20 +102,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for sampling")
     run.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     run.add_argument("--json", metavar="PATH", help="write the run (text, figures, per-step records) as JSON")
+    run.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load policy plugins "
+                     "from DIR (repeatable; plugins/, the user plugin folder and KVSTUDIO_PLUGIN_PATH always are)")
     _policy_options(run)
 
-    commands.add_parser("policies", help="list the policies with their parameters and defaults")
+    policies = commands.add_parser("policies", help="list the policies with their parameters and defaults")
+    policies.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load plugins from DIR")
     commands.add_parser("demo", help="a short streamed demo on the default model, in the terminal")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        # Plugins first: their policies and parameters become choices and options of the parser.
+        plugins = load_plugins(_plugin_folders(argv))
+    except KVStudioError as error:
+        print(f"kvstudio: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _dispatch(build_parser().parse_args(argv), plugins)
+    finally:
+        plugins.unload()  # main() may be called in-process (scripts, tests): leave no policies behind
+
+
+def _dispatch(args, plugins) -> int:
     try:
         if args.command == "run":
+            for record in plugins.errors:
+                print(f"kvstudio: warning: plugin not loaded: {record.error}", file=sys.stderr)
             return command_run(args)
         if args.command == "policies":
-            return command_policies()
+            return command_policies(plugins)
         if args.command == "demo":
             return command_demo()
         from .gui.app import run_studio
@@ -230,18 +272,22 @@ def write_json_atomic(path: Path, data: dict) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def command_policies() -> int:
-    from .core.policies import available_policies
+def command_policies(plugins) -> int:
+    from .core.policies import BUILT_IN, available_policies, source_of
 
     policies = available_policies().values()
     width = max(len(spec.option) for policy in policies for spec in policy.Config.parameters())
     for policy in policies:
-        print(f"{policy.name}: {policy.summary}")
+        source = source_of(policy.name)
+        print(f"{policy.name}: {policy.summary}" + ("" if source == BUILT_IN else f"  [plugin {source}]"))
         for spec in policy.Config.parameters():
             default = "none" if spec.default is None else spec.default
             kind = "flag" if spec.type is bool else spec.type.__name__
             choices = f" ({'|'.join(spec.choices)})" if spec.choices else ""
             print(f"    {spec.option:<{width}}  {kind:<4}  default {str(default):<7}  {spec.help}{choices}")
+    print("\nplugin folders searched: " + ", ".join(str(folder) for folder in plugins.folders))
+    for record in plugins.errors:
+        print(f"plugin not loaded: {record.error}  [{record.source}]")
     return 0
 
 

@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QMimeData, QSettings, QUrl
+from PySide6.QtCore import QMimeData, QSettings, Qt, QUrl
 
 from kvstudio.core.policies import register
 from kvstudio.core.policies import _REGISTRY as POLICY_REGISTRY
@@ -14,6 +14,13 @@ from kvstudio.core.policies.base import Policy
 from kvstudio.gui.main_window import MainWindow
 
 pytest.importorskip("pytestqt")
+
+
+@pytest.fixture(autouse=True)
+def isolated_user_folders(tmp_path, monkeypatch):
+    """Never read or write the real user plugin folder from a test."""
+    monkeypatch.setenv("KVSTUDIO_DATA_DIR", str(tmp_path / "user_data"))
+    monkeypatch.delenv("KVSTUDIO_PLUGIN_PATH", raising=False)
 
 
 @pytest.fixture
@@ -24,6 +31,7 @@ def window(qtbot, tmp_path):
     win.show()
     yield win
     win.close()
+    win.plugins.unload()  # the policy registry is process-wide: leave it as the test found it
 
 
 def load(qtbot, win, spec="tiny-llama"):
@@ -290,3 +298,106 @@ def test_error_banner_for_a_run_without_a_model(qtbot, window):
 def test_closing_an_idle_window_stops_its_thread(qtbot, window):
     window.close()
     assert window.thread_.isFinished()
+
+
+PLUGIN = """
+from kvstudio.core.policies.base import Policy, PolicyConfig, keep_all_if_within, parameter
+from dataclasses import dataclass
+import torch
+
+@dataclass
+class NewestConfig(PolicyConfig):
+    keep_first: bool = parameter(False, help="keep the first entry too")
+
+class Newest(Policy):
+    name = "gui_newest"
+    summary = "SUMMARY"
+    Config = NewestConfig
+
+    def select(self, view, state):
+        if keep_all_if_within(view):
+            return None
+        return torch.arange(view.n_entries - view.budget, view.n_entries).expand(view.kv_heads, -1)
+"""
+
+
+def test_dropping_a_plugin_installs_it_and_it_runs_without_a_restart(qtbot, window, tmp_path):
+    from kvstudio.core.plugins import user_plugin_dir
+
+    load(qtbot, window)
+    source = tmp_path / "gui_newest.py"
+    source.write_text(PLUGIN.replace("SUMMARY", "the newest entries"))
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(source))])
+    window.handle_drop(mime)
+    assert window.offer_bar.isVisible() and "gui_newest.py" in window.offer_text.text()
+    assert window.documents.documents == {}  # nothing added until the user chooses
+    qtbot.mouseClick(window.offer_install, Qt.LeftButton)
+    installed = user_plugin_dir() / "gui_newest.py"
+    assert installed.read_text() == source.read_text()
+    assert window.policy.currentText() == "gui_newest"
+    assert set(window.policy_form.editors) == {"budget", "rerotate", "keep_first"}  # a generated form
+    assert "gui_newest" in window.compare_view.checked() or window.compare_view.choices.findItems(
+        "gui_newest", Qt.MatchExactly)
+    window.prompt.setPlainText("p" * 30)
+    outcome = run(qtbot, window, "gui_newest", budget=8)
+    assert outcome.error is None and outcome.result.kept_per_layer == [8] * 4
+    assert window.token_view.layers_holding()[:22].max() == 0  # the token map shows what it dropped
+
+
+def test_a_dropped_python_file_can_be_a_document_instead(qtbot, window, tmp_path):
+    source = tmp_path / "script.py"
+    source.write_text("print('hello')\n")
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(source))])
+    window.handle_drop(mime)
+    qtbot.mouseClick(window.offer_document, Qt.LeftButton)
+    assert [d.text for d in window.documents.documents.values()] == ["print('hello')\n"]
+    assert not window.offer_bar.isVisible()
+
+
+def test_plugin_manager_lists_sources_errors_and_reloads_edits(qtbot, window, tmp_path):
+    from kvstudio.core.plugins import user_plugin_dir
+    from kvstudio.core.policies import policy_class
+
+    folder = user_plugin_dir()
+    folder.mkdir(parents=True)
+    (folder / "gui_newest.py").write_text(PLUGIN.replace("SUMMARY", "version one"))
+    (folder / "broken.py").write_text("import nothing_called_this\n")
+    view = window.plugins_view
+    view.reload_plugins()
+    rows = {view.table.item(r, 0).text(): (view.table.item(r, 1).text(), view.table.item(r, 3).text())
+            for r in range(view.table.rowCount())}
+    assert rows[str(folder / "gui_newest.py")] == ("loaded", "")
+    status, error = rows[str(folder / "broken.py")]
+    assert status == "error" and "ModuleNotFoundError" in error
+    assert any(r.endswith("decayed_h2o.py") for r in rows)  # the repository's examples
+    assert "never runs a policy named inside a run file" in view.note.text()
+    (folder / "gui_newest.py").write_text(PLUGIN.replace("SUMMARY", "version two"))
+    qtbot.mouseClick(view.reload, Qt.LeftButton)
+    assert policy_class("gui_newest").summary == "version two"
+    window.policy.setCurrentText("gui_newest")
+    assert window.policy_help.text() == "version two"
+    (folder / "gui_newest.py").unlink()
+    view.reload_plugins()
+    assert window.policy.findText("gui_newest") == -1
+
+
+def test_extra_plugin_folders_are_remembered(qtbot, tmp_path):
+    folder = tmp_path / "my_plugins"
+    folder.mkdir()
+    (folder / "gui_newest.py").write_text(PLUGIN.replace("SUMMARY", "from my folder"))
+    path = str(tmp_path / "folders.ini")
+    first = MainWindow(QSettings(path, QSettings.IniFormat))
+    qtbot.addWidget(first)
+    first.add_plugin_folder(str(folder))
+    assert first.policy.findText("gui_newest") >= 0
+    first.close()
+    first.plugins.unload()
+    second = MainWindow(QSettings(path, QSettings.IniFormat))
+    qtbot.addWidget(second)
+    try:
+        assert second.policy.findText("gui_newest") >= 0
+    finally:
+        second.close()
+        second.plugins.unload()

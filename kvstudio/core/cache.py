@@ -37,6 +37,7 @@ class StepContext:
     rope_positions: torch.Tensor  # (n_new,) long: the position_ids the model rotated them with
     is_last_prefill_chunk: bool = False
     watched_layers: frozenset[int] = frozenset()
+    token_ids: torch.Tensor | None = None  # (seen,) every token fed so far, this step's included
 
 
 @dataclass
@@ -117,17 +118,18 @@ class PolicyLayer(DynamicLayer):
             layer_idx=self.layer_idx, n_layers=cache.n_layers, step=context.step, phase=context.phase,
             keys=self.keys[0], values=self.values[0], positions=self.positions, n_new=self.n_new,
             budget=cache.budgets[self.layer_idx], attention=attention,
-            is_last_prefill_chunk=context.is_last_prefill_chunk,
+            is_last_prefill_chunk=context.is_last_prefill_chunk, token_ids=context.token_ids,
+            tokenizer=cache.tokenizer,
         )
         try:
             keep = policy.select(view, self.state)
         except Exception as error:  # a policy (maybe a plugin) raised: stop the run with its name on it
-            raise PolicyError(f"policy '{policy.name}' raised in layer {self.layer_idx}: "
+            raise PolicyError(f"policy {_label(policy)} raised in layer {self.layer_idx}: "
                               f"{type(error).__name__}: {error}") from error
         limit = cache.limits[context.phase][self.layer_idx]
         if keep is None:
             if limit is not None and view.n_entries > limit:
-                raise PolicyError(f"policy '{policy.name}' kept all {view.n_entries} entries of layer "
+                raise PolicyError(f"policy {_label(policy)} kept all {view.n_entries} entries of layer "
                                   f"{self.layer_idx}, above its budget of {limit}")
             return
         self._check_selection(keep, view, limit)
@@ -136,17 +138,17 @@ class PolicyLayer(DynamicLayer):
         self._evict(keep.to(self.keys.device))
 
     def _check_selection(self, keep: torch.Tensor, view: LayerView, limit: int | None) -> None:
-        name, layer = self.cache.policy.name, self.layer_idx
+        name, layer = _label(self.cache.policy), self.layer_idx
         if keep.dim() != 2 or keep.shape[0] != view.kv_heads or keep.dtype not in (torch.long, torch.int32, torch.int64):
-            raise PolicyError(f"policy '{name}' returned indices of shape {tuple(keep.shape)} and dtype {keep.dtype} "
+            raise PolicyError(f"policy {name} returned indices of shape {tuple(keep.shape)} and dtype {keep.dtype} "
                               f"in layer {layer}; expected integer indices of shape ({view.kv_heads}, k)")
         if limit is not None and keep.shape[1] > limit:
-            raise PolicyError(f"policy '{name}' kept {keep.shape[1]} entries in layer {layer}, above its budget "
+            raise PolicyError(f"policy {name} kept {keep.shape[1]} entries in layer {layer}, above its budget "
                               f"of {limit}")
         if keep.numel() and (keep.min() < 0 or keep.max() >= view.n_entries):
-            raise PolicyError(f"policy '{name}' returned an index outside 0..{view.n_entries - 1} in layer {layer}")
+            raise PolicyError(f"policy {name} returned an index outside 0..{view.n_entries - 1} in layer {layer}")
         if keep.shape[1] > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()):
-            raise PolicyError(f"policy '{name}' returned indices that are not strictly increasing in layer {layer}")
+            raise PolicyError(f"policy {name} returned indices that are not strictly increasing in layer {layer}")
 
     def _evict(self, keep: torch.Tensor) -> None:
         kv_heads, n = self.positions.shape
@@ -176,6 +178,14 @@ class PolicyLayer(DynamicLayer):
             self.rope_positions = self.positions
 
 
+def _label(policy: Policy) -> str:
+    """'name', or 'name' (plugin FILE) for a plugin's policy: errors say where to look."""
+    from .policies import BUILT_IN, source_of
+
+    source = source_of(policy.name)
+    return f"'{policy.name}'" + ("" if source in (None, BUILT_IN) else f" (plugin {source})")
+
+
 def _take_rows(tensor: torch.Tensor, rows: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """(1, kv_heads, n, d) -> (1, kv_heads, k, d), keeping the flat rows head * n + index."""
     return tensor[0].reshape(-1, tensor.shape[-1]).index_select(0, rows).view(1, kv_heads, -1, tensor.shape[-1])
@@ -184,8 +194,9 @@ def _take_rows(tensor: torch.Tensor, rows: torch.Tensor, kv_heads: int) -> torch
 class PolicyCache(Cache):
     """A Cache that applies a policy after every forward step. Batch size 1."""
 
-    def __init__(self, policy: Policy, n_layers: int, rerotator: Rerotator | None = None):
+    def __init__(self, policy: Policy, n_layers: int, rerotator: Rerotator | None = None, tokenizer=None):
         self.policy = policy
+        self.tokenizer = tokenizer
         self.n_layers = n_layers
         self.budgets = [policy.budget_for(i, n_layers) for i in range(n_layers)]
         # What the engine enforces after each step; fixed for a run, so computed once.

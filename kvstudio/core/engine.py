@@ -196,7 +196,7 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------------
 
     def new_cache(self, policy: Policy) -> PolicyCache:
-        return PolicyCache(policy, self.loaded.n_layers, self.rerotator)
+        return PolicyCache(policy, self.loaded.n_layers, self.rerotator, self.tokenizer)
 
     def prompt_logits(self, ids: list[int], policy: Policy, chunk_size: int) -> torch.Tensor:
         """Logits at the last prompt position after a chunked prefill under `policy`."""
@@ -296,6 +296,7 @@ class _Run:
         self.seen = 0  # tokens fed so far; the next token's position without re-rotation
         self.records: list[StepRecord] = []
         self.started = time.perf_counter()
+        self.token_ids = torch.empty(0, dtype=torch.long, device=engine.loaded.device)
 
     def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False) -> torch.Tensor:
         """Feed tokens, let the policy evict, record the step; returns the last position's logits."""
@@ -308,12 +309,14 @@ class _Run:
         else:
             rope_positions = positions
         step = len(self.records)
+        new_ids = torch.tensor(token_ids, device=device)
+        self.token_ids = torch.cat([self.token_ids, new_ids])
         self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk,
-                                          self.recorder.watch_layers))
+                                          self.recorder.watch_layers, self.token_ids))
         started = time.perf_counter()
         with torch.inference_mode():
             output = self.engine.model(
-                input_ids=torch.tensor([token_ids], device=device),
+                input_ids=new_ids.unsqueeze(0),
                 position_ids=rope_positions.unsqueeze(0),
                 past_key_values=self.cache,
                 use_cache=True,

@@ -18,11 +18,7 @@ class CompareView(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.choices = QListWidget()
-        for name in available_policies():
-            item = QListWidgetItem(name)
-            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-            item.setCheckState(Qt.Checked if name in ("full", "streaming_llm", "h2o") else Qt.Unchecked)
-            self.choices.addItem(item)
+        self.set_policies(list(available_policies()))
         self.start = QPushButton("Compare")
         self.start.setToolTip("Run the prompt under each checked policy in turn, with the budget and "
                               "generation settings from the left panel")
@@ -49,6 +45,16 @@ class CompareView(QWidget):
         layout.addWidget(right, 1)
         self.map_views: list[TokenMapView] = []
         self.start.clicked.connect(lambda: self.compare_requested.emit(self.checked()))
+
+    def set_policies(self, names: list[str]) -> None:
+        """The policies offered (after a plugin reload), keeping what was checked."""
+        checked = set(self.checked()) if self.choices.count() else {"full", "streaming_llm", "h2o"}
+        self.choices.clear()
+        for name in names:
+            item = QListWidgetItem(name)
+            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+            item.setCheckState(Qt.Checked if name in checked else Qt.Unchecked)
+            self.choices.addItem(item)
 
     def checked(self) -> list[str]:
         return [self.choices.item(i).text() for i in range(self.choices.count())

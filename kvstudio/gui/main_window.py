@@ -7,6 +7,9 @@ to read what is new in the current run's Recorder; no signal is sent per token o
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QThread, QTimer, Signal, Slot
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout, QGroupBox,
@@ -15,9 +18,11 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox
 
 from ..core.engine import GenerationSettings
 from ..core.events import Recorder
+from ..core.plugins import PluginManager, user_plugin_dir
 from ..core.policies import available_policies
 from .compare import CompareView
 from .panels import DocumentList, ModelPanel
+from .plugins_view import PluginsView
 from .policy_form import PolicyForm
 from .views.attention_map import AttentionMapView
 from .views.evictions import EvictionsView
@@ -37,10 +42,13 @@ class MainWindow(QMainWindow):
     start_run = Signal(object)
     count_tokens = Signal(object, str)
 
-    def __init__(self, settings: QSettings | None = None):
+    def __init__(self, settings: QSettings | None = None, plugins: PluginManager | None = None):
         super().__init__()
         self.setWindowTitle("KV Studio")
         self.settings = settings or QSettings("KVStudio", "kvstudio")
+        # Plugins load before the panels exist: their policies fill the choosers and forms.
+        self.plugins = plugins or PluginManager(self._plugin_folders())
+        self.plugins.load()
         self.model_info = None
         self.recorder: Recorder | None = None
         self.running = False
@@ -57,6 +65,8 @@ class MainWindow(QMainWindow):
         self.timer.start()
         self.setAcceptDrops(True)
         self._update_buttons()
+        if self.plugins.errors:
+            self.statusBar().showMessage(f"{len(self.plugins.errors)} plugin(s) failed to load: see the Plugins view")
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -150,9 +160,27 @@ class MainWindow(QMainWindow):
         banner.addWidget(self.error_text, 1)
         banner.addWidget(close)
         self.error_banner.hide()
+        self.offer_text = QLabel("")
+        self.offer_text.setWordWrap(True)
+        self.offer_install = QPushButton("Install as plugin")
+        self.offer_document = QPushButton("Add as a document")
+        self.offer_dismiss = QPushButton("Not now")
+        self.offer_bar = QWidget()
+        self.offer_bar.setStyleSheet("background: #1d3a5a; color: #e6f0ff; border-radius: 3px;")
+        offer = QHBoxLayout(self.offer_bar)
+        offer.addWidget(self.offer_text, 1)
+        offer.addWidget(self.offer_install)
+        offer.addWidget(self.offer_document)
+        offer.addWidget(self.offer_dismiss)
+        self.offer_bar.hide()
+        self.offered_plugin: Path | None = None
+        self.offer_install.clicked.connect(self.install_offered_plugin)
+        self.offer_document.clicked.connect(self._offered_file_as_document)
+        self.offer_dismiss.clicked.connect(self.offer_bar.hide)
         central = QWidget()
         central_layout = QVBoxLayout(central)
         central_layout.addWidget(self.error_banner)
+        central_layout.addWidget(self.offer_bar)
         central_layout.addWidget(splitter)
         self.setCentralWidget(central)
 
@@ -165,13 +193,16 @@ class MainWindow(QMainWindow):
         self.memory_view = MemoryView()
         self.compare_view = CompareView()
         self.compare_view.compare_requested.connect(self.request_compare)
+        self.plugins_view = PluginsView(self.plugins)
+        self.plugins_view.reloaded.connect(self._policies_changed)
+        self.plugins_view.folder_added.connect(self.add_plugin_folder)
         self.live_views = [self.output_view, self.attention_view, self.token_view, self.occupancy_view,
                            self.evictions_view, self.memory_view]
         docks = []
         for title, widget in (("Output", self.output_view), ("Token map", self.token_view),
                               ("Attention map", self.attention_view), ("Occupancy", self.occupancy_view),
                               ("Evictions", self.evictions_view), ("Memory", self.memory_view),
-                              ("Compare", self.compare_view)):
+                              ("Compare", self.compare_view), ("Plugins", self.plugins_view)):
             dock = QDockWidget(title, self, objectName=title.lower().replace(" ", "_"))
             dock.setWidget(widget)
             docks.append(dock)
@@ -355,6 +386,72 @@ class MainWindow(QMainWindow):
         policy = available_policies()[name]
         self.policy_help.setText(policy.summary)
 
+    def _policies_changed(self) -> None:
+        """After a plugin reload: offer what is registered now, keeping the choice if it survived."""
+        current = self.policy.currentText()
+        names = list(available_policies())
+        self.policy.blockSignals(True)
+        self.policy.clear()
+        self.policy.addItems(names)
+        self.policy.blockSignals(False)
+        self.policy.setCurrentText(current if current in names else "streaming_llm")
+        self._policy_chosen(self.policy.currentText())
+        self.compare_view.set_policies(names)
+        failed = len(self.plugins.errors)
+        self.statusBar().showMessage(f"plugins reloaded: {len(names)} policies"
+                                     + (f"; {failed} plugin(s) failed, see the Plugins view" if failed else ""))
+
+    def _plugin_folders(self) -> list[str]:
+        saved = self.settings.value("plugin_folders")
+        return json.loads(saved) if isinstance(saved, str) else []
+
+    def add_plugin_folder(self, folder: str) -> None:
+        if folder not in self.plugins.extra_folders:
+            self.plugins.extra_folders.append(folder)
+            self.settings.setValue("plugin_folders", json.dumps(self.plugins.extra_folders))
+        self.plugins_view.reload_plugins()
+
+    def offer_plugin(self, path: Path) -> None:
+        """A dropped .py file: ask (without blocking) whether to install it as a plugin."""
+        self.offered_plugin = path
+        target = user_plugin_dir() / path.name
+        replace = " (replacing the file of that name)" if target.exists() else ""
+        self.offer_text.setText(f"{path.name}: install it as a policy plugin in {target.parent}{replace}, or add "
+                                "it as a document? Plugins are Python code and run with your rights: install "
+                                "only code you trust.")
+        self.offer_bar.show()
+
+    @Slot()
+    def _offered_file_as_document(self) -> None:
+        path, self.offered_plugin = self.offered_plugin, None
+        self.offer_bar.hide()
+        if path is not None:
+            self.documents.add_path(path)
+
+    @Slot()
+    def install_offered_plugin(self) -> None:
+        path, self.offered_plugin = self.offered_plugin, None
+        self.offer_bar.hide()
+        if path is None:
+            return
+        folder = user_plugin_dir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            staging = folder / f".{path.name}.installing"
+            shutil.copyfile(path, staging)
+            os.replace(staging, folder / path.name)  # never a half-copied plugin in the folder
+        except OSError as error:
+            self.show_error(f"could not install {path.name} into {folder}: {error.strerror or error}")
+            return
+        self.plugins_view.reload_plugins()
+        record = next((r for r in self.plugins.records if Path(r.source) == folder / path.name), None)
+        if record is None or record.error:
+            self.show_error(f"installed {path.name}, but it did not load: "
+                            f"{record.error if record else 'not found after reload'}")
+        elif record.policies:
+            self.policy.setCurrentText(record.policies[0])
+            self.statusBar().showMessage(f"installed {path.name}: {', '.join(record.policies)}")
+
     # -- documents and drops ----------------------------------------------------------------------
 
     def _document_added(self, key, document) -> None:
@@ -377,7 +474,9 @@ class MainWindow(QMainWindow):
         """Files become documents (or are refused with a reason); plain text becomes a document."""
         if mime.hasUrls():
             for url in mime.urls():
-                if url.isLocalFile():
+                if url.isLocalFile() and url.toLocalFile().endswith(".py") and Path(url.toLocalFile()).is_file():
+                    self.offer_plugin(Path(url.toLocalFile()))
+                elif url.isLocalFile():
                     self.documents.add_path(url.toLocalFile())
                 else:
                     self.show_error(f"not added: {url.toString()} is not a local file")

@@ -33,6 +33,10 @@ object may serve several runs). Tensors in `state.per_entry` are aligned with th
 entries: the engine gathers them with the kept indices after every eviction, so a policy only
 extends them for new entries (`state.grow(...)`).
 
+What a token is: `view.token_ids[view.positions]` gives the token id of every entry, and
+`view.tokenizer` turns ids into text, for policies that care what they keep (punctuation, special
+tokens).
+
 GQA: attention comes per query head. `view.attention_per_kv_head()` averages the query heads of
 each group onto their KV head (mean, the convention kvpress and SnapKV use); policies choose.
 
@@ -160,6 +164,8 @@ class LayerView:
     budget: int | None  # what this layer may keep after the step
     attention: torch.Tensor | None  # (query_heads, n_queries, n) softmax weights of the newest queries
     is_last_prefill_chunk: bool = False
+    token_ids: torch.Tensor | None = None  # (seen,) long: every token fed so far; token_ids[positions]
+    tokenizer: object | None = None  # the model's tokenizer, to read what a token is (read-only)
 
     @property
     def n_entries(self) -> int:
