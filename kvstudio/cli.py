@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for sampling")
     run.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     run.add_argument("--json", metavar="PATH", help="write the run (text, figures, per-step records) as JSON")
+    run.add_argument("--no-history", action="store_true", help="do not store this run in the run history")
     run.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load policy plugins "
                      "from DIR (repeatable; plugins/, the user plugin folder and KVSTUDIO_PLUGIN_PATH always are)")
     _policy_options(run)
@@ -109,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     policies = commands.add_parser("policies", help="list the policies with their parameters and defaults")
     policies.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load plugins from DIR")
     commands.add_parser("demo", help="a short streamed demo on the default model, in the terminal")
+
+    runs = commands.add_parser("runs", help="the run history: list, show, export")
+    runs_commands = runs.add_subparsers(dest="runs_command", parser_class=_Parser, required=True)
+    listing = runs_commands.add_parser("list", help="stored runs, newest first")
+    listing.add_argument("--policy")
+    listing.add_argument("--model")
+    listing.add_argument("--search", help="text in the prompt or the output")
+    listing.add_argument("--limit", type=int, default=20)
+    show = runs_commands.add_parser("show", help="one run in full")
+    show.add_argument("id", type=int)
+    export = runs_commands.add_parser("export", help="one run as .json (everything) or .csv (per step)")
+    export.add_argument("id", type=int)
+    export.add_argument("path")
     return parser
 
 
@@ -136,6 +150,8 @@ def _dispatch(args, plugins) -> int:
             return command_policies(plugins)
         if args.command == "demo":
             return command_demo()
+        if args.command == "runs":
+            return command_runs(args)
         from .gui.app import run_studio
 
         return run_studio(None if args.studio_model == "none" else args.studio_model)
@@ -204,9 +220,19 @@ def command_run(args) -> int:
                         progress=_progress)
     print(f"[kvstudio] {loaded.describe()}; policy {policy.describe()}", file=sys.stderr, flush=True)
     engine = Engine(loaded)
-    result = _generate_reporting_oom(engine, prompt, policy, settings)
+    history, run_id = _history_start(args, loaded, policy, prompt, settings)
+    try:
+        result = _generate_reporting_oom(engine, prompt, policy, settings)
+    except BaseException as error:
+        if history is not None:
+            _history_call(history.finish, run_id, status="failed", error=str(error) or type(error).__name__)
+        raise
+    if history is not None:
+        _history_call(history.finish, run_id, result)
     print()
     print(format_summary(result))
+    if history is not None:
+        print(f"[kvstudio] stored as run {run_id} (kvstudio runs show {run_id})", file=sys.stderr)
     if args.json:
         data = result.to_dict()
         data["policy"] = policy.name
@@ -214,6 +240,56 @@ def command_run(args) -> int:
         data["settings"] = vars(settings) | {"stop_strings": list(settings.stop_strings)}
         write_json_atomic(Path(args.json), data)
         print(f"[kvstudio] wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _history_start(args, loaded, policy, prompt, settings):
+    """Open the history and record the run's start; (None, None) when history is off or unusable."""
+    if args.no_history:
+        return None, None
+    from .core.history import HistoryError, RunHistory
+
+    try:
+        history = RunHistory()
+        run_id = history.start(loaded.name, policy.name, policy.config.as_dict(), prompt,
+                               vars(settings) | {"stop_strings": list(settings.stop_strings)})
+        return history, run_id
+    except HistoryError as error:
+        print(f"kvstudio: warning: {error}", file=sys.stderr)
+        return None, None
+
+
+def _history_call(method, *args, **kwargs) -> None:
+    from .core.history import HistoryError
+
+    try:
+        method(*args, **kwargs)
+    except HistoryError as error:
+        print(f"kvstudio: warning: {error}", file=sys.stderr)
+
+
+def command_runs(args) -> int:
+    from .core.exports import export_run
+    from .core.history import RunHistory
+
+    history = RunHistory()
+    if args.runs_command == "list":
+        records = history.list(policy=args.policy, model=args.model, text=args.search, limit=args.limit)
+        if not records:
+            print("no runs stored yet" if not (args.policy or args.model or args.search) else "no run matches")
+        for r in records:
+            figures = r.figures
+            speed = f"{figures['tokens_per_second']:.1f} tok/s" if "tokens_per_second" in figures else ""
+            peak = f"peak {_bytes(figures['peak_cache_bytes'])}" if "peak_cache_bytes" in figures else ""
+            preview = r.prompt_preview[:40].replace("\n", " ")
+            print(f"{r.id:>5}  {r.created}  {r.shown_status:<11} {r.model:<24} {r.policy:<14} {speed:>13}  "
+                  f"{peak:<16} {preview!r}")
+        return 0
+    if args.runs_command == "show":
+        print(json.dumps({k: v for k, v in history.get(args.id).to_dict().items() if k != "steps"}, indent=1))
+        return 0
+    path = export_run(history.get(args.id), args.path)
+    print(f"wrote run {args.id} to {path}")
     return 0
 
 
@@ -259,17 +335,9 @@ def _check_writable(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file beside the target, then rename: never half a file."""
-    path = path.expanduser()
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    from .core.atomic import atomic_write
+
+    atomic_write(path, lambda stream: json.dump(data, stream, indent=1))
 
 
 def command_policies(plugins) -> int:

@@ -15,6 +15,19 @@ from kvstudio.core.models import TINY_FAMILIES, load_model  # noqa: E402
 _engines: dict[str, Engine] = {}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def isolated_user_data(tmp_path_factory):
+    """Run history and user plugins of the test session live in a temporary folder, never the user's."""
+    folder = tmp_path_factory.mktemp("user_data")
+    previous = os.environ.get("KVSTUDIO_DATA_DIR")
+    os.environ["KVSTUDIO_DATA_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("KVSTUDIO_DATA_DIR", None)
+    else:
+        os.environ["KVSTUDIO_DATA_DIR"] = previous
+
+
 def engine_for(spec: str) -> Engine:
     """One Engine per model spec for the whole session: loading is the slow part."""
     if spec not in _engines:

@@ -401,3 +401,32 @@ def test_extra_plugin_folders_are_remembered(qtbot, tmp_path):
     finally:
         second.close()
         second.plugins.unload()
+
+
+def test_studio_runs_are_stored_in_the_history(qtbot, window):
+    load(qtbot, window)
+    window.prompt.setPlainText("remember this run")
+    outcome = run(qtbot, window, "window", budget=6)
+    record = window.history.get(outcome.request.history_id)
+    assert (record.policy, record.status, record.output) == ("window", "finished", outcome.result.text)
+    assert record.prompt_preview == "remember this run" and record.steps
+
+
+def test_a_corrupt_history_turns_history_off_and_says_why(qtbot, tmp_path):
+    from kvstudio.core.history import default_path
+
+    default_path().parent.mkdir(parents=True, exist_ok=True)
+    default_path().write_bytes(b"garbage" * 200)
+    win = MainWindow(QSettings(str(tmp_path / "c.ini"), QSettings.IniFormat))
+    qtbot.addWidget(win)
+    try:
+        assert win.history is None
+        assert "unreadable" in win.error_text.text()
+        load(qtbot, win)
+        win.prompt.setPlainText("still runs")
+        assert run(qtbot, win, "full").error is None
+    finally:
+        win.close()
+        win.plugins.unload()
+        for suffix in ("", "-wal", "-shm"):  # leave a fresh history for the tests after this one
+            default_path().with_name(default_path().name + suffix).unlink(missing_ok=True)

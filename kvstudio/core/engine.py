@@ -82,6 +82,9 @@ class StepRecord:
     token_id: int | None = None
     text: str | None = None
     logprob: float | None = None
+    process_bytes: int = 0  # resident memory of the process after the step
+    cuda_allocated: int = 0
+    cuda_reserved: int = 0
 
 
 @dataclass
@@ -331,7 +334,10 @@ class _Run:
         return logits
 
     def _record(self, step: int, phase: str, n: int, seconds: float, report: StepReport) -> None:
-        record = StepRecord(step, phase, n, seconds, report.kept_per_layer, report.cache_bytes, report.evicted_count)
+        process = process_resident_bytes()
+        cuda_allocated, cuda_reserved = cuda_bytes(self.engine.loaded.device)
+        record = StepRecord(step, phase, n, seconds, report.kept_per_layer, report.cache_bytes, report.evicted_count,
+                            process_bytes=process, cuda_allocated=cuda_allocated, cuda_reserved=cuda_reserved)
         self.records.append(record)
         self.recorder.record(StepEvent(step, phase, n, seconds, tuple(report.kept_per_layer), report.cache_bytes,
                                        self.cache.peak_bytes, report.evicted_count))
@@ -340,6 +346,5 @@ class _Run:
                 self.recorder.record(EvictionEvent(step, eviction.layer, head, positions))
         for rows in report.attention:
             self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))
-        device = self.engine.loaded.device
         self.recorder.record(MemoryEvent(step, time.perf_counter() - self.started, phase, report.cache_bytes,
-                                         process_resident_bytes(), *cuda_bytes(device)))
+                                         process, cuda_allocated, cuda_reserved))

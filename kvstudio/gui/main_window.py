@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox
 
 from ..core.engine import GenerationSettings
 from ..core.events import Recorder
+from ..core.history import HistoryError, RunHistory
 from ..core.plugins import PluginManager, user_plugin_dir
 from ..core.policies import available_policies
 from .compare import CompareView
@@ -49,6 +50,7 @@ class MainWindow(QMainWindow):
         # Plugins load before the panels exist: their policies fill the choosers and forms.
         self.plugins = plugins or PluginManager(self._plugin_folders())
         self.plugins.load()
+        self.history, history_problem = self._open_history()
         self.model_info = None
         self.recorder: Recorder | None = None
         self.running = False
@@ -67,6 +69,8 @@ class MainWindow(QMainWindow):
         self._update_buttons()
         if self.plugins.errors:
             self.statusBar().showMessage(f"{len(self.plugins.errors)} plugin(s) failed to load: see the Plugins view")
+        if history_problem:
+            self.show_error(history_problem)
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -215,6 +219,34 @@ class MainWindow(QMainWindow):
         self.docks = {dock.windowTitle(): dock for dock in docks}
         self.resize(1560, 960)
 
+    @staticmethod
+    def _open_history():
+        """The run history, or (None, why) when it cannot be used: the studio runs on without it."""
+        try:
+            return RunHistory(), None
+        except HistoryError as error:
+            return None, str(error)
+
+    def _history_start(self, request: RunRequest) -> None:
+        if self.history is None:
+            return
+        try:
+            request.history_id = self.history.start(self.model_info.spec, request.policy, request.parameters,
+                                                    request.prompt, vars(request.settings) | {
+                                                        "stop_strings": list(request.settings.stop_strings)})
+        except HistoryError as error:
+            self.history = None
+            self.show_error(str(error))
+
+    def _history_finish(self, outcome: RunOutcome) -> None:
+        if self.history is None or outcome.request.history_id is None:
+            return
+        try:
+            self.history.finish(outcome.request.history_id, outcome.result, error=outcome.error)
+        except HistoryError as error:
+            self.history = None
+            self.show_error(str(error))
+
     # -- model ------------------------------------------------------------------------------------
 
     @Slot(str, str, str)
@@ -294,8 +326,9 @@ class MainWindow(QMainWindow):
         self.running = True
         self._update_buttons()
         self.worker.reset_cancel()
-        self.start_run.emit(RunRequest(self.full_prompt(), policy, parameters, self._generation_settings(),
-                                       self.recorder, label))
+        request = RunRequest(self.full_prompt(), policy, parameters, self._generation_settings(), self.recorder, label)
+        self._history_start(request)
+        self.start_run.emit(request)
         self.statusBar().showMessage(f"running {policy}…")
         self._save_settings()
         return True
@@ -309,6 +342,7 @@ class MainWindow(QMainWindow):
     def on_run_finished(self, outcome: RunOutcome) -> None:
         self.running = False
         self.last_outcome = outcome
+        self._history_finish(outcome)
         self.refresh_views(include_hidden=True)
         request = outcome.request
         if outcome.error:

@@ -34,6 +34,7 @@ class RunRequest:
     settings: GenerationSettings
     recorder: Recorder
     label: str = ""  # e.g. which run of a comparison
+    history_id: int | None = None  # its row in the run history, when history is on
 
 
 @dataclass

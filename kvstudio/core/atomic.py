@@ -1,0 +1,30 @@
+"""Writing files so that a reader never sees half of one.
+
+Everything KV Studio saves (run exports, JSON, CSV, arrays) is written to a temporary file beside
+the target, flushed to disk, then renamed over the target in one step. An interruption at any
+point leaves the previous file as it was and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, write: Callable, binary: bool = False) -> Path:
+    """Call write(handle) on a temporary file, then replace `path` with it."""
+    path = Path(path).expanduser()
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8",
+                                                                               "newline": ""})) as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

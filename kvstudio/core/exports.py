@@ -1,0 +1,60 @@
+"""Taking a run away: JSON (everything), CSV (one row per step), attention maps as .npy.
+
+Every export is written atomically (kvstudio.core.atomic): an interrupted export leaves the
+previous file intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write
+from .errors import KVStudioError
+
+CSV_COLUMNS = ("step", "phase", "input_tokens", "seconds", "token_id", "text", "logprob", "cache_bytes",
+               "evicted", "kept_total", "kept_per_layer", "process_bytes", "cuda_allocated", "cuda_reserved")
+
+
+def step_rows(steps: list[dict]) -> list[dict]:
+    """Per-step records flattened for a table: kept_per_layer as "a;b;c" plus its total."""
+    rows = []
+    for step in steps:
+        row = {column: step.get(column) for column in CSV_COLUMNS}
+        row["kept_total"] = sum(step["kept_per_layer"])
+        row["kept_per_layer"] = ";".join(map(str, step["kept_per_layer"]))
+        rows.append(row)
+    return rows
+
+
+def export_run(record, path: str | Path) -> Path:
+    """A stored run (history.RunRecord) as .json or .csv, chosen by the file's suffix."""
+    path = Path(path)
+    _check_folder(path)
+    if path.suffix == ".json":
+        return atomic_write(path, lambda stream: json.dump(record.to_dict(), stream, indent=1))
+    if path.suffix == ".csv":
+        def write(stream):
+            writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(step_rows(record.steps))
+        return atomic_write(path, write)
+    raise KVStudioError(f"cannot export to '{path.suffix or path.name}': use a .json or .csv file name")
+
+
+def export_array(array: np.ndarray, path: str | Path) -> Path:
+    """An array (e.g. the attention map) as .npy."""
+    path = Path(path)
+    _check_folder(path)
+    if path.suffix != ".npy":
+        raise KVStudioError(f"an array is exported as .npy, not '{path.suffix or path.name}'")
+    return atomic_write(path, lambda stream: np.save(stream, np.asarray(array)), binary=True)
+
+
+def _check_folder(path: Path) -> None:
+    folder = path.expanduser().resolve().parent
+    if not folder.is_dir():
+        raise KVStudioError(f"cannot write {path}: folder {folder} does not exist")

@@ -1,0 +1,208 @@
+"""The run history: every run, kept in a SQLite database in the user data folder.
+
+A run is written when it starts (status "running") and completed when it ends, each in its own
+committed transaction, in WAL mode: a crash mid-run loses nothing already stored, and leaves that
+run marked "running" (shown as interrupted). The schema is versioned with `PRAGMA user_version`;
+opening an older database migrates it in one transaction. A corrupt or locked database raises
+HistoryError with a message saying what to do; callers turn history off and carry on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import KVStudioError
+
+SCHEMA_VERSION = 2
+PREVIEW_CHARS = 200
+LOCK_TIMEOUT_S = 2.0
+
+# MIGRATIONS[n] takes a database at version n - 1 to version n.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE runs (
+               id INTEGER PRIMARY KEY AUTOINCREMENT,
+               created TEXT NOT NULL,
+               model TEXT NOT NULL,
+               policy TEXT NOT NULL,
+               parameters TEXT NOT NULL,
+               prompt_sha256 TEXT NOT NULL,
+               prompt_preview TEXT NOT NULL,
+               output TEXT NOT NULL DEFAULT '',
+               status TEXT NOT NULL,
+               figures TEXT NOT NULL DEFAULT '{}'
+           )""",
+    ],
+    2: [  # per-step records, the generation settings, the failure message, and a faster list
+        "ALTER TABLE runs ADD COLUMN steps TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE runs ADD COLUMN settings TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE runs ADD COLUMN error TEXT",
+        "CREATE INDEX runs_created ON runs(created)",
+    ],
+}
+
+
+class HistoryError(KVStudioError):
+    """The run history cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class RunRecord:
+    id: int | None
+    created: str
+    model: str
+    policy: str
+    parameters: dict
+    prompt_sha256: str
+    prompt_preview: str
+    status: str  # running | finished | cancelled | failed
+    output: str = ""
+    figures: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def shown_status(self) -> str:
+        return "interrupted" if self.status == "running" else self.status
+
+    def to_dict(self) -> dict:
+        return {**vars(self), "status": self.shown_status}
+
+
+def default_path() -> Path:
+    from .plugins import user_data_dir
+
+    return user_data_dir() / "history.sqlite3"
+
+
+class RunHistory:
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.connection = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S)
+            self.connection.row_factory = sqlite3.Row
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.connection.execute("PRAGMA synchronous=NORMAL")
+            if self.connection.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("integrity check failed")
+            self._migrate()
+        except sqlite3.OperationalError as error:
+            if "locked" in str(error) or "busy" in str(error):
+                raise HistoryError(f"the run history {self.path} is locked by another process; "
+                                   "history is off until it is free") from error
+            raise self._corrupt(error) from error
+        except sqlite3.DatabaseError as error:
+            raise self._corrupt(error) from error
+
+    def _corrupt(self, error) -> HistoryError:
+        return HistoryError(f"the run history {self.path} is unreadable ({error}); history is off. Move the "
+                            "file away to start a new history; your runs in it are not deleted")
+
+    def _migrate(self) -> None:
+        version = self.connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise HistoryError(f"the run history {self.path} was written by a newer KV Studio "
+                               f"(schema {version}, this one knows {SCHEMA_VERSION}); history is off")
+        if version == SCHEMA_VERSION:
+            return
+        with self.connection:  # all migrations in one transaction: never half a schema
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    self.connection.execute(statement)
+            self.connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.connection.close()
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def start(self, model: str, policy: str, parameters: dict, prompt: str, settings: dict | None = None) -> int:
+        """Record a run as it starts; returns its id."""
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+        with self._writing():
+            cursor = self.connection.execute(
+                "INSERT INTO runs (created, model, policy, parameters, prompt_sha256, prompt_preview, status, "
+                "settings) VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
+                (created, model, policy, json.dumps(parameters), digest, prompt[:PREVIEW_CHARS],
+                 json.dumps(settings or {})))
+        return cursor.lastrowid
+
+    def finish(self, run_id: int, result=None, status: str | None = None, error: str | None = None) -> None:
+        """Complete a run with its GenerationResult, or mark it failed with the error."""
+        if result is None:
+            values = (status or "failed", "", "{}", "[]", error, run_id)
+        else:
+            data = result.to_dict()
+            figures = {key: data[key] for key in ("prompt_tokens", "tokens_per_second", "prefill_seconds",
+                                                  "decode_seconds", "peak_cache_bytes", "evictions",
+                                                  "kept_per_layer", "peak_kept_per_layer", "stop_reason")}
+            figures["generated_tokens"] = len(result.token_ids)
+            run_status = "cancelled" if result.stop_reason == "cancelled" else "finished"
+            values = (run_status, result.text, json.dumps(figures), json.dumps(data["steps"]), error, run_id)
+        with self._writing():
+            self.connection.execute(
+                "UPDATE runs SET status = ?, output = ?, figures = ?, steps = ?, error = ? WHERE id = ?", values)
+
+    def delete(self, run_id: int) -> bool:
+        with self._writing():
+            return self.connection.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
+
+    def _writing(self):
+        return _Writing(self)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def list(self, policy: str | None = None, model: str | None = None, text: str | None = None,
+             limit: int = 50) -> list[RunRecord]:
+        """Newest first, without per-step records."""
+        clauses, values = [], []
+        for column, value in (("policy", policy), ("model", model)):
+            if value:
+                clauses.append(f"{column} = ?")
+                values.append(value)
+        if text:
+            clauses.append("(prompt_preview LIKE ? OR output LIKE ?)")
+            values += [f"%{text}%"] * 2
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self.connection.execute(f"SELECT * FROM runs {where} ORDER BY id DESC LIMIT ?", (*values, limit))
+        return [self._record(row, with_steps=False) for row in rows]
+
+    def get(self, run_id: int) -> RunRecord:
+        row = self.connection.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise HistoryError(f"no run {run_id} in the history (`kvstudio runs list` shows the ids)")
+        return self._record(row, with_steps=True)
+
+    @staticmethod
+    def _record(row, with_steps: bool) -> RunRecord:
+        return RunRecord(
+            id=row["id"], created=row["created"], model=row["model"], policy=row["policy"],
+            parameters=json.loads(row["parameters"]), prompt_sha256=row["prompt_sha256"],
+            prompt_preview=row["prompt_preview"], status=row["status"], output=row["output"],
+            figures=json.loads(row["figures"]), steps=json.loads(row["steps"]) if with_steps else [],
+            settings=json.loads(row["settings"]), error=row["error"],
+        )
+
+
+class _Writing:
+    """A committed write transaction that turns SQLite's failures into HistoryError."""
+
+    def __init__(self, history: RunHistory):
+        self.history = history
+
+    def __enter__(self):
+        self.history.connection.__enter__()
+
+    def __exit__(self, kind, error, trace):
+        self.history.connection.__exit__(kind, error, trace)
+        if isinstance(error, sqlite3.OperationalError):
+            raise HistoryError(f"could not write the run history {self.history.path}: {error}") from error
+        return False

@@ -1,0 +1,217 @@
+"""Run history (SQLite, migrations, corruption, locks, crashes) and exports (atomic JSON/CSV/npy)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kvstudio.cli import main
+from kvstudio.core.atomic import atomic_write
+from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.exports import export_array, export_run
+from kvstudio.core.history import MIGRATIONS, SCHEMA_VERSION, HistoryError, RunHistory
+from kvstudio.core.policies import create_policy
+
+from .helpers import random_ids
+
+
+@pytest.fixture
+def history(tmp_path):
+    store = RunHistory(tmp_path / "history.sqlite3")
+    yield store
+    store.close()
+
+
+def stored_run(history, engine, policy="window", prompt="the prompt text", **params):
+    params = params or {"budget": 8}
+    run_id = history.start(engine.loaded.name, policy, params, prompt, {"max_new_tokens": 6})
+    result = engine.generate(prompt, create_policy(policy, **params), GenerationSettings(max_new_tokens=6))
+    history.finish(run_id, result)
+    return run_id, result
+
+
+def test_a_run_round_trips_with_its_steps(history, llama_engine):
+    run_id, result = stored_run(history, llama_engine)
+    record = history.get(run_id)
+    assert (record.model, record.policy, record.parameters, record.status) == ("tiny-llama", "window",
+                                                                               {"budget": 8}, "finished")
+    assert record.output == result.text and record.prompt_preview == "the prompt text"
+    assert record.figures["evictions"] == result.evictions and record.figures["generated_tokens"] == 6
+    assert [s["step"] for s in record.steps] == [s.step for s in result.steps]
+    assert record.steps[-1]["kept_per_layer"] == result.kept_per_layer
+    assert history.connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_list_filters_and_delete(history, llama_engine):
+    first, _ = stored_run(history, llama_engine, "window", "alpha prompt", budget=8)
+    second, _ = stored_run(history, llama_engine, "h2o", "beta prompt", budget=8)
+    assert [r.id for r in history.list()] == [second, first]
+    assert [r.id for r in history.list(policy="h2o")] == [second]
+    assert [r.id for r in history.list(text="alpha")] == [first]
+    assert history.list()[0].steps == []  # listing stays light
+    assert history.delete(first) and not history.delete(first)
+    with pytest.raises(HistoryError, match=f"no run {first}"):
+        history.get(first)
+
+
+def test_a_database_from_an_older_schema_is_migrated(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    for statement in MIGRATIONS[1]:
+        old.execute(statement)
+    old.execute("INSERT INTO runs (created, model, policy, parameters, prompt_sha256, prompt_preview, output, "
+                "status, figures) VALUES ('2026-01-01T00:00:00+00:00', 'default', 'h2o', '{\"budget\": 64}', "
+                "'abc', 'an old prompt', 'an old answer', 'finished', '{\"evictions\": 5}')")
+    old.execute("PRAGMA user_version = 1")
+    old.commit()
+    old.close()
+    history = RunHistory(path)
+    try:
+        assert history.connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        record = history.list()[0]
+        assert (record.output, record.figures, record.parameters) == ("an old answer", {"evictions": 5},
+                                                                      {"budget": 64})
+        assert history.get(record.id).steps == [] and record.error is None
+    finally:
+        history.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "new.sqlite3"
+    newer = sqlite3.connect(path)
+    newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    newer.close()
+    with pytest.raises(HistoryError, match="written by a newer KV Studio"):
+        RunHistory(path)
+
+
+def test_a_corrupt_database_gives_a_clear_message_and_runs_still_work(capsys):
+    from kvstudio.core.history import default_path
+
+    path = default_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = path.read_bytes() if path.exists() else None
+    path.write_bytes(b"this is not a database" * 100)
+    try:
+        with pytest.raises(HistoryError, match="unreadable.*Move the file away"):
+            RunHistory(path)
+        assert main(["run", "--model", "tiny-llama", "--prompt", "still works", "--max-new-tokens", "3"]) == 0
+        out, err = capsys.readouterr()
+        assert "warning: the run history" in err and "--- summary" in out
+        assert main(["runs", "list"]) == 2
+        assert "unreadable" in capsys.readouterr().err
+    finally:
+        path.unlink()
+        for suffix in ("-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        if saved is not None:
+            path.write_bytes(saved)
+
+
+def test_a_locked_database_gives_a_clear_message(history):
+    blocker = sqlite3.connect(history.path, timeout=0.1)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(HistoryError, match="locked"):
+            history.start("m", "p", {}, "prompt")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert history.start("m", "p", {}, "prompt")  # usable again once free
+
+
+def test_a_crash_mid_run_loses_nothing_stored(tmp_path):
+    """A real process, killed with SIGKILL while generating: earlier runs stay, the killed one shows."""
+    env = {**os.environ, "KVSTUDIO_DATA_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "kvstudio.cli", "run", "--model", "tiny-llama", "--prompt", "crash test"]
+    subprocess.run(command + ["--max-new-tokens", "3"], env=env, check=True, capture_output=True)
+    process = subprocess.Popen(command + ["--max-new-tokens", "1000000"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        process.stdout.read(20)  # it is generating
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    history = RunHistory(tmp_path / "history.sqlite3")
+    try:
+        records = history.list()
+        assert [r.shown_status for r in records] == ["interrupted", "finished"]
+        assert records[1].figures["generated_tokens"] == 3
+    finally:
+        history.close()
+
+
+# --- exports ---------------------------------------------------------------------------------------
+
+def test_exports_as_json_and_csv(history, llama_engine, tmp_path):
+    run_id, result = stored_run(history, llama_engine)
+    record = history.get(run_id)
+    data = json.loads(export_run(record, tmp_path / "run.json").read_text())
+    assert data["output"] == result.text and len(data["steps"]) == len(result.steps)
+    with export_run(record, tmp_path / "run.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [int(r["step"]) for r in rows] == [s.step for s in result.steps]
+    assert [int(r["evicted"]) for r in rows] == [s.evicted for s in result.steps]
+    assert rows[-1]["kept_per_layer"] == ";".join(map(str, result.kept_per_layer))
+    assert int(rows[-1]["kept_total"]) == sum(result.kept_per_layer)
+    assert int(rows[0]["process_bytes"]) > 0
+    assert rows[0]["phase"] == "prefill" and rows[-1]["phase"] == "decode"
+
+
+def test_an_interrupted_export_leaves_the_previous_file_intact(history, llama_engine, tmp_path):
+    run_id, _ = stored_run(history, llama_engine)
+    target = tmp_path / "run.json"
+    export_run(history.get(run_id), target)
+    before = target.read_bytes()
+
+    def half_then_fail(stream):
+        stream.write('{"half": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, half_then_fail)
+    broken = history.get(run_id)
+    broken.figures["unserialisable"] = object()  # json.dump fails midway through the export
+    with pytest.raises(TypeError):
+        export_run(broken, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_arrays_export_as_npy(tmp_path):
+    attention = np.random.default_rng(0).random((5, 7)).astype(np.float32)
+    assert np.array_equal(np.load(export_array(attention, tmp_path / "attention.npy")), attention)
+    from kvstudio.core.errors import KVStudioError
+
+    with pytest.raises(KVStudioError, match=r"\.npy"):
+        export_array(attention, tmp_path / "attention.txt")
+    with pytest.raises(KVStudioError, match="does not exist"):
+        export_array(attention, tmp_path / "missing" / "a.npy")
+
+
+def test_cli_runs_list_show_export(capsys, tmp_path):
+    assert main(["run", "--model", "tiny-llama", "--policy", "window", "--budget", "4", "--prompt",
+                 "listed prompt", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    run_id = int(err.split("stored as run ")[1].split()[0])
+    assert main(["runs", "list", "--policy", "window"]) == 0
+    assert f"{run_id:>5}" in capsys.readouterr().out
+    assert main(["runs", "show", str(run_id)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["policy"] == "window" and shown["parameters"]["budget"] == 4
+    assert main(["runs", "export", str(run_id), str(tmp_path / "r.csv")]) == 0
+    assert (tmp_path / "r.csv").read_text().startswith("step,phase")
+    assert main(["runs", "export", str(run_id), str(tmp_path / "r.xlsx")]) == 2
+    assert "use a .json or .csv" in capsys.readouterr().err
+    assert main(["run", "--model", "tiny-llama", "--prompt", "unrecorded", "--max-new-tokens", "2",
+                 "--no-history"]) == 0
+    assert "stored as run" not in capsys.readouterr().err
