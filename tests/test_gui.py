@@ -430,3 +430,26 @@ def test_a_corrupt_history_turns_history_off_and_says_why(qtbot, tmp_path):
         win.plugins.unload()
         for suffix in ("", "-wal", "-shm"):  # leave a fresh history for the tests after this one
             default_path().with_name(default_path().name + suffix).unlink(missing_ok=True)
+
+
+def test_exports_from_the_studio(qtbot, window, tmp_path):
+    import csv as csv_module
+    import json
+
+    assert window.export_run(tmp_path / "nothing.json") is None and "run something first" in window.error_text.text()
+    load(qtbot, window)
+    window.prompt.setPlainText("export me " * 5)
+    outcome = run(qtbot, window, "streaming_llm", budget=12, sink=2)
+    data = json.loads(window.export_run(tmp_path / "run.json").read_text())
+    assert data["output"] == outcome.result.text and data["policy"] == "streaming_llm"
+    with window.export_run(tmp_path / "run.csv").open(newline="") as stream:
+        assert len(list(csv_module.DictReader(stream))) == len(outcome.result.steps)
+    saved = np.load(window.export_attention(tmp_path / "attention.npy"))
+    assert np.array_equal(saved, window.attention_view.image_values)
+    for title in window.plot_views():
+        png = window.export_plot(title, tmp_path / f"{title}.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        svg = window.export_plot(title, tmp_path / f"{title}.svg")
+        assert "<svg" in svg.read_text()
+    assert window.export_plot("Memory", tmp_path / "memory.jpg") is None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left

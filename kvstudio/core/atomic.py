@@ -28,3 +28,19 @@ def atomic_write(path: str | Path, write: Callable, binary: bool = False) -> Pat
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_produce(path: str | Path, produce: Callable[[Path], None]) -> Path:
+    """For writers that want a file name (image exporters): produce(temporary path), then rename."""
+    path = Path(path).expanduser()
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        produce(Path(temporary))
+        if Path(temporary).stat().st_size == 0:
+            raise OSError(f"nothing was written for {path.name}")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

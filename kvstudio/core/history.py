@@ -75,6 +75,15 @@ class RunRecord:
         return {**vars(self), "status": self.shown_status}
 
 
+def record_from_result(model: str, policy: str, parameters: dict, prompt: str, result) -> RunRecord:
+    """A RunRecord for a run that is not in the history (history off), e.g. to export it."""
+    data = result.to_dict()
+    return RunRecord(None, datetime.now(timezone.utc).isoformat(timespec="seconds"), model, policy, parameters,
+                     hashlib.sha256(prompt.encode("utf-8")).hexdigest(), prompt[:PREVIEW_CHARS],
+                     "cancelled" if result.stop_reason == "cancelled" else "finished", result.text,
+                     {k: v for k, v in data.items() if k not in ("steps", "text", "token_ids")}, data["steps"])
+
+
 def default_path() -> Path:
     from .plugins import user_data_dir
 

@@ -12,13 +12,17 @@ import shutil
 from pathlib import Path
 
 from PySide6.QtCore import QSettings, Qt, QThread, QTimer, Signal, Slot
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFormLayout, QGroupBox,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QFormLayout,
+                               QGroupBox,
                                QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit, QPushButton, QSpinBox, QSplitter,
                                QToolButton, QVBoxLayout, QWidget)
 
 from ..core.engine import GenerationSettings
 from ..core.events import Recorder
-from ..core.history import HistoryError, RunHistory
+from ..core.atomic import atomic_produce
+from ..core.errors import KVStudioError
+from ..core.exports import export_array, export_run
+from ..core.history import HistoryError, RunHistory, record_from_result
 from ..core.plugins import PluginManager, user_plugin_dir
 from ..core.policies import available_policies
 from .compare import CompareView
@@ -60,6 +64,7 @@ class MainWindow(QMainWindow):
         self._build_worker()
         self._build_panels()
         self._build_views()
+        self._build_menus()
         self._restore_settings()
 
         self.timer = QTimer(self, interval=1000 // REFRESH_HZ)
@@ -246,6 +251,76 @@ class MainWindow(QMainWindow):
         except HistoryError as error:
             self.history = None
             self.show_error(str(error))
+
+    def _build_menus(self) -> None:
+        menu = self.menuBar().addMenu("&File")
+        menu.addAction("Open documents…", self.documents._open_files)
+        menu.addSeparator()
+        menu.addAction("Export last run as JSON…", lambda: self._ask_path_then(self.export_run, "run.json",
+                                                                                "JSON (*.json)"))
+        menu.addAction("Export last run as CSV (per step)…", lambda: self._ask_path_then(self.export_run, "run.csv",
+                                                                                          "CSV (*.csv)"))
+        menu.addAction("Export attention map (.npy)…", lambda: self._ask_path_then(self.export_attention,
+                                                                                    "attention.npy", "NumPy (*.npy)"))
+        plots = menu.addMenu("Export plot")
+        for title in self.plot_views():
+            plots.addAction(f"{title} as PNG or SVG…", lambda t=title: self._ask_path_then(
+                lambda path: self.export_plot(t, path), f"{t.lower().replace(' ', '_')}.png",
+                "Images (*.png *.svg)"))
+        menu.addSeparator()
+        menu.addAction("Quit", self.close)
+
+    def plot_views(self) -> dict:
+        """Views that draw plots, by title: their pyqtgraph PlotWidgets can be exported."""
+        return {"Attention map": self.attention_view.plot, "Occupancy": self.occupancy_view.per_layer,
+                "Evictions": self.evictions_view.raster, "Memory": self.memory_view.cache_plot}
+
+    def _ask_path_then(self, action, suggested: str, file_filter: str) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export", suggested, file_filter)
+        if path:
+            action(Path(path))
+
+    def _reporting(self, action, *args) -> Path | None:
+        """Run an export; say where it went, or why it failed (the previous file stays intact)."""
+        try:
+            path = action(*args)
+        except (KVStudioError, OSError) as error:
+            self.show_error(f"export failed: {error}")
+            return None
+        self.statusBar().showMessage(f"exported {path}")
+        return path
+
+    def export_run(self, path: Path) -> Path | None:
+        outcome = self.last_outcome
+        if outcome is None or outcome.result is None:
+            self.show_error("nothing to export yet: run something first")
+            return None
+        request = outcome.request
+        if self.history is not None and request.history_id is not None:
+            record = self.history.get(request.history_id)
+        else:
+            record = record_from_result(self.model_info.spec, request.policy, request.parameters, request.prompt,
+                                        outcome.result)
+        return self._reporting(export_run, record, path)
+
+    def export_attention(self, path: Path) -> Path | None:
+        if self.attention_view.image_values.size == 0:
+            self.show_error("the attention map is empty: run something first")
+            return None
+        return self._reporting(export_array, self.attention_view.image_values, path)
+
+    def export_plot(self, title: str, path: Path) -> Path | None:
+        import pyqtgraph.exporters as exporters
+
+        if path.suffix not in (".png", ".svg"):
+            self.show_error(f"a plot is exported as .png or .svg, not '{path.suffix or path.name}'")
+            return None
+        widget = self.plot_views()[title]
+        if path.suffix == ".png":
+            produce = lambda temporary: exporters.ImageExporter(widget.getPlotItem()).export(str(temporary))  # noqa: E731
+        else:
+            produce = lambda temporary: _render_svg(widget, temporary)  # noqa: E731
+        return self._reporting(atomic_produce, path, produce)
 
     # -- model ------------------------------------------------------------------------------------
 
@@ -579,3 +654,21 @@ class MainWindow(QMainWindow):
         self.thread_.quit()
         self.thread_.wait()
         super().closeEvent(event)
+
+
+def _render_svg(widget, path: Path) -> None:
+    """A plot as SVG through Qt's own generator (pyqtgraph's SVG exporter fails on Qt 6 paths)."""
+    from PySide6.QtCore import QRect, QSize
+    from PySide6.QtGui import QPainter
+    from PySide6.QtSvg import QSvgGenerator
+
+    generator = QSvgGenerator()
+    generator.setFileName(str(path))
+    generator.setSize(QSize(widget.width(), widget.height()))
+    generator.setViewBox(QRect(0, 0, widget.width(), widget.height()))
+    generator.setTitle("KV Studio plot")
+    painter = QPainter(generator)
+    try:
+        widget.render(painter)
+    finally:
+        painter.end()
