@@ -453,3 +453,40 @@ def test_exports_from_the_studio(qtbot, window, tmp_path):
         assert "<svg" in svg.read_text()
     assert window.export_plot("Memory", tmp_path / "memory.jpg") is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_runs_view_browses_filters_compares_and_deletes(qtbot, window, tmp_path):
+    load(qtbot, window)
+    window.prompt.setPlainText("first prompt about sinks")
+    first = run(qtbot, window, "streaming_llm", budget=8, sink=2).request.history_id
+    window.prompt.setPlainText("second prompt about heavy hitters")
+    second = run(qtbot, window, "h2o", budget=8).request.history_id
+    view = window.runs_view
+    assert [int(view.table.item(r, 0).text()) for r in range(view.table.rowCount())][:2] == [second, first]
+    view.search.setText("heavy hitters")
+    view.refresh()
+    assert view.table.rowCount() == 1 and view.table.item(0, 4).text() == "h2o"
+    view.search.setText("policy=streaming_llm")
+    view.refresh()
+    assert [view.table.item(r, 4).text() for r in range(view.table.rowCount())] == ["streaming_llm"]
+    view.search.setText("")
+    view.refresh()
+    from PySide6.QtCore import QItemSelectionModel
+
+    view.table.selectRow(0)
+    view.table.selectionModel().select(view.table.model().index(1, 0),
+                                       QItemSelectionModel.Select | QItemSelectionModel.Rows)
+    view.compare_selected()
+    assert f"run {second}: h2o" in view.comparison.text() and f"run {first}: streaming_llm" in view.comparison.text()
+    view.table.clearSelection()
+    view.table.selectRow(1)
+    view.delete_selected()
+    assert [int(view.table.item(r, 0).text()) for r in range(view.table.rowCount())][:1] == [second]
+    # A restart finds the runs again.
+    again = MainWindow(QSettings(str(tmp_path / "restart.ini"), QSettings.IniFormat))
+    qtbot.addWidget(again)
+    try:
+        assert again.runs_view.table.item(0, 0).text() == str(second)
+    finally:
+        again.close()
+        again.plugins.unload()

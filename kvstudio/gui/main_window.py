@@ -29,6 +29,7 @@ from .compare import CompareView
 from .panels import DocumentList, ModelPanel
 from .plugins_view import PluginsView
 from .policy_form import PolicyForm
+from .runs_view import RunsView
 from .views.attention_map import AttentionMapView
 from .views.evictions import EvictionsView
 from .views.memory import MemoryView
@@ -202,6 +203,9 @@ class MainWindow(QMainWindow):
         self.memory_view = MemoryView()
         self.compare_view = CompareView()
         self.compare_view.compare_requested.connect(self.request_compare)
+        self.runs_view = RunsView()
+        self.runs_view.set_history(self.history)
+        self.runs_view.export_requested.connect(self._export_stored_run)
         self.plugins_view = PluginsView(self.plugins)
         self.plugins_view.reloaded.connect(self._policies_changed)
         self.plugins_view.folder_added.connect(self.add_plugin_folder)
@@ -211,7 +215,8 @@ class MainWindow(QMainWindow):
         for title, widget in (("Output", self.output_view), ("Token map", self.token_view),
                               ("Attention map", self.attention_view), ("Occupancy", self.occupancy_view),
                               ("Evictions", self.evictions_view), ("Memory", self.memory_view),
-                              ("Compare", self.compare_view), ("Plugins", self.plugins_view)):
+                              ("Compare", self.compare_view), ("Runs", self.runs_view),
+                              ("Plugins", self.plugins_view)):
             dock = QDockWidget(title, self, objectName=title.lower().replace(" ", "_"))
             dock.setWidget(widget)
             docks.append(dock)
@@ -251,6 +256,7 @@ class MainWindow(QMainWindow):
         except HistoryError as error:
             self.history = None
             self.show_error(str(error))
+        self.runs_view.set_history(self.history)
 
     def _build_menus(self) -> None:
         menu = self.menuBar().addMenu("&File")
@@ -302,6 +308,11 @@ class MainWindow(QMainWindow):
             record = record_from_result(self.model_info.spec, request.policy, request.parameters, request.prompt,
                                         outcome.result)
         return self._reporting(export_run, record, path)
+
+    def _export_stored_run(self, run_id: int) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export run", f"run-{run_id}.json", "JSON or CSV (*.json *.csv)")
+        if path:
+            self._reporting(export_run, self.history.get(run_id), Path(path))
 
     def export_attention(self, path: Path) -> Path | None:
         if self.attention_view.image_values.size == 0:

@@ -1,0 +1,101 @@
+"""The Runs view: the run history, to browse, filter, compare two runs, export and delete."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QLineEdit, QPushButton, QTableWidget,
+                               QTableWidgetItem, QVBoxLayout, QWidget)
+
+COLUMNS = ("id", "when (UTC)", "status", "model", "policy", "tokens/s", "peak MiB", "evictions", "prompt",
+           "output")
+FIGURES = (("tokens/s", "tokens_per_second", "{:.1f}"), ("peak cache MiB", "peak_cache_bytes", None),
+           ("evictions", "evictions", "{}"), ("prompt tokens", "prompt_tokens", "{}"),
+           ("prefill s", "prefill_seconds", "{:.2f}"), ("stop", "stop_reason", "{}"))
+
+
+class RunsView(QWidget):
+    export_requested = Signal(int)  # run id
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.history = None
+        self.search = QLineEdit(placeholderText="filter: text in the prompt or output, or policy=NAME")
+        self.refresh_button = QPushButton("Refresh")
+        self.compare_button = QPushButton("Compare two")
+        self.export_button = QPushButton("Export…")
+        self.delete_button = QPushButton("Delete")
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.comparison = QLabel("")
+        self.comparison.setTextFormat(Qt.RichText)
+        self.status = QLabel("")
+        controls = QHBoxLayout()
+        controls.addWidget(self.search, 1)
+        for button in (self.refresh_button, self.compare_button, self.export_button, self.delete_button):
+            controls.addWidget(button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(controls)
+        layout.addWidget(self.table, 3)
+        layout.addWidget(self.comparison, 1)
+        layout.addWidget(self.status)
+        self.search.returnPressed.connect(self.refresh)
+        self.refresh_button.clicked.connect(self.refresh)
+        self.compare_button.clicked.connect(self.compare_selected)
+        self.delete_button.clicked.connect(self.delete_selected)
+        self.export_button.clicked.connect(lambda: [self.export_requested.emit(i) for i in self.selected_ids()[:1]])
+
+    def set_history(self, history) -> None:
+        self.history = history
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.history is None:
+            self.table.setRowCount(0)
+            self.status.setText("run history is off (see the message above)")
+            return
+        query = self.search.text().strip()
+        policy = query.removeprefix("policy=") if query.startswith("policy=") else None
+        records = self.history.list(policy=policy, text=None if policy else (query or None), limit=500)
+        self.table.setRowCount(len(records))
+        for row, record in enumerate(records):
+            figures = record.figures
+            cells = (str(record.id), record.created.replace("T", " ")[:19], record.shown_status, record.model,
+                     record.policy, _figure(figures, "tokens_per_second", "{:.1f}"),
+                     _figure(figures, "peak_cache_bytes", None), _figure(figures, "evictions", "{}"),
+                     record.prompt_preview.replace("\n", " "), record.output.replace("\n", " "))
+            for column, value in enumerate(cells):
+                self.table.setItem(row, column, QTableWidgetItem(value))
+        self.status.setText(f"{len(records)} run(s) in {self.history.path}")
+
+    def selected_ids(self) -> list[int]:
+        rows = sorted({index.row() for index in self.table.selectionModel().selectedRows()})
+        return [int(self.table.item(row, 0).text()) for row in rows]
+
+    def compare_selected(self) -> None:
+        ids = self.selected_ids()
+        if len(ids) != 2:
+            self.status.setText("select exactly two runs to compare")
+            return
+        first, second = (self.history.get(i) for i in ids)
+        lines = [f"<tr><th></th><th>run {first.id}: {first.policy}</th><th>run {second.id}: {second.policy}</th></tr>"]
+        for label, key, pattern in FIGURES:
+            lines.append(f"<tr><td>{label}</td><td>{_figure(first.figures, key, pattern)}</td>"
+                         f"<td>{_figure(second.figures, key, pattern)}</td></tr>")
+        same = "same prompt" if first.prompt_sha256 == second.prompt_sha256 else "different prompts"
+        self.comparison.setText(f"<table cellspacing=6>{''.join(lines)}</table><i>{same}</i>")
+
+    def delete_selected(self) -> None:
+        for run_id in self.selected_ids():
+            self.history.delete(run_id)
+        self.refresh()
+
+
+def _figure(figures: dict, key: str, pattern: str | None) -> str:
+    if key not in figures or figures[key] is None:
+        return ""
+    if pattern is None:  # bytes
+        return f"{figures[key] / 2**20:.2f}"
+    return pattern.format(figures[key])
