@@ -319,11 +319,12 @@ def format_summary(result) -> str:
 
 
 def _bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+    if count < 1024:
+        return f"{count} B"
+    for unit in ("KiB", "MiB", "GiB"):
         count /= 1024
-    return f"{count} B"
+        if count < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}"
 
 
 def _check_writable(path: Path) -> None:

@@ -400,8 +400,8 @@ class MainWindow(QMainWindow):
             problem = "a run is in progress: stop it first"
         elif not self.full_prompt().strip():
             problem = "the prompt is empty: type one or drop a document"
-        elif policy == self.policy.currentText() and self.policy_form.validate():
-            problem = f"policy parameters: {self.policy_form.validate()}"
+        elif policy == self.policy.currentText() and (invalid := self.policy_form.validate()):
+            problem = f"policy parameters: {invalid}"
         if problem:
             self.show_error(problem)
             return False

@@ -9,6 +9,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, Q
                                QListWidgetItem, QProgressBar, QPushButton, QVBoxLayout)
 
 from ..core.documents import Document, read_document
+from ..core.errors import KVStudioError
 from ..core.models import TINY_FAMILIES
 
 BUILTIN_MODELS = ["default"] + [f"tiny-{family}" for family in TINY_FAMILIES]
@@ -107,8 +108,6 @@ class DocumentList(QGroupBox):
 
     def add_path(self, path: str | Path) -> bool:
         """Read and add a file; on any problem say why and add nothing."""
-        from ..core.errors import KVStudioError
-
         try:
             document = read_document(path)
         except KVStudioError as error:

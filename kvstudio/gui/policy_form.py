@@ -25,19 +25,15 @@ class PolicyForm(QWidget):
         super().__init__(parent)
         self.layout_ = QFormLayout(self)
         self.layout_.setContentsMargins(0, 0, 0, 0)
-        self.error = QLabel("")
-        self.error.setWordWrap(True)
-        self.error.setStyleSheet("color: #d33;")
+        self.error = self._error_label()
         self.policy_name = ""
         self.editors: dict[str, tuple[ParameterSpec, QWidget]] = {}
 
     def set_policy(self, name: str, values: dict | None = None) -> None:
         """Rebuild the form for `name`, filled with `values` where given, else the defaults."""
         while self.layout_.rowCount():
-            self.layout_.removeRow(0)
-        self.error = QLabel("")
-        self.error.setWordWrap(True)
-        self.error.setStyleSheet("color: #d33;")
+            self.layout_.removeRow(0)  # deletes the row widgets, the error label among them
+        self.error = self._error_label()
         self.policy_name, self.editors = name, {}
         values = values or {}
         for spec in policy_class(name).Config.parameters():
@@ -48,6 +44,13 @@ class PolicyForm(QWidget):
             self.layout_.addRow(spec.name.replace("_", " "), editor)
         self.layout_.addRow(self.error)
         self.validate()
+
+    @staticmethod
+    def _error_label() -> QLabel:
+        label = QLabel("")
+        label.setWordWrap(True)
+        label.setStyleSheet("color: #d33;")
+        return label
 
     def _editor(self, spec: ParameterSpec) -> QWidget:
         if spec.type is bool:
