@@ -490,3 +490,11 @@ def test_runs_view_browses_filters_compares_and_deletes(qtbot, window, tmp_path)
     finally:
         again.close()
         again.plugins.unload()
+
+
+def test_every_policy_form_starts_valid_on_first_use(qtbot, window):
+    for index in range(window.policy.count()):
+        window.policy.setCurrentIndex(index)
+        name = window.policy.currentText()
+        assert window.policy_form.validate() is None, name
+        assert window.policy_form.error.text() == "", name

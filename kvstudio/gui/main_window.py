@@ -39,6 +39,7 @@ from .views.token_map import TokenMapView
 from .worker import RunOutcome, RunRequest, StudioWorker
 
 REFRESH_HZ = 25
+DEFAULT_BUDGET = 256  # what a policy's form starts with before the user sets one
 RECENT_MODELS = 8
 
 
@@ -500,10 +501,13 @@ class MainWindow(QMainWindow):
     # -- policies ---------------------------------------------------------------------------------
 
     def _policy_chosen(self, name: str) -> None:
-        saved = self.settings.value(f"policy_parameters/{name}")
-        values = json.loads(saved) if isinstance(saved, str) else None
-        self.policy_form.set_policy(name, values)
         policy = available_policies()[name]
+        saved = self.settings.value(f"policy_parameters/{name}")
+        if isinstance(saved, str):
+            values = json.loads(saved)
+        else:  # first use: a policy that needs a budget starts with one, so the form starts valid
+            values = {"budget": DEFAULT_BUDGET} if policy.requires_budget else None
+        self.policy_form.set_policy(name, values)
         self.policy_help.setText(policy.summary)
 
     def _policies_changed(self) -> None:
