@@ -19,6 +19,7 @@ class OutputView(LiveView):
         self.prefill = QProgressBar()
         self.prefill.setFormat("prefill %v / %m tokens")
         self.prefill.setMaximum(1)
+        self.prefill.hide()  # shown once a run starts: an empty bar before that says nothing
         row = QHBoxLayout()
         row.addWidget(self.prefill, 2)
         row.addWidget(self.speed, 1)
@@ -30,6 +31,7 @@ class OutputView(LiveView):
         self.decode_tokens = 0
 
     def start(self, run):
+        self.prefill.show()
         self.text.clear()
         self.speed.setText("")
         self.prefill.setMaximum(max(len(run.prompt_tokens), 1))
