@@ -203,12 +203,7 @@ class Engine:
 
     def prompt_logits(self, ids: list[int], policy: Policy, chunk_size: int) -> torch.Tensor:
         """Logits at the last prompt position after a chunked prefill under `policy`."""
-        run = _Run(self, self.new_cache(policy), Recorder())
-        logits = None
-        for start in range(0, len(ids), chunk_size):
-            chunk = ids[start:start + chunk_size]
-            logits = run.forward(chunk, "prefill", is_last_prefill_chunk=start + len(chunk) >= len(ids))
-        return logits
+        return _Run(self, self.new_cache(policy), Recorder()).prefill(ids, chunk_size)
 
     def generate(
         self,
@@ -237,21 +232,14 @@ class Engine:
             tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
         ))
 
-        stop_reason = "max_new_tokens"
         prefill_started = time.perf_counter()
-        logits = None
-        for start in range(0, len(ids), settings.chunk_size):
-            if cancel.cancelled:
-                stop_reason = "cancelled"
-                break
-            chunk = ids[start:start + settings.chunk_size]
-            logits = run.forward(chunk, "prefill", is_last_prefill_chunk=start + len(chunk) >= len(ids))
-            recorder.record(PrefillProgressEvent(start + len(chunk), len(ids)))
+        logits = run.prefill(ids, settings.chunk_size, cancel)
         prefill_seconds = time.perf_counter() - prefill_started
+        stop_reason = "max_new_tokens" if logits is not None else "cancelled"
 
         generated: list[int] = []
         decode_started = time.perf_counter()
-        while stop_reason != "cancelled" and logits is not None and settings.max_new_tokens > 0:
+        while logits is not None and settings.max_new_tokens > 0:
             token, logprob = sampler(logits)
             generated.append(token)
             piece = stream.push(token)
@@ -300,6 +288,18 @@ class _Run:
         self.records: list[StepRecord] = []
         self.started = time.perf_counter()
         self.token_ids = torch.empty(0, dtype=torch.long, device=engine.loaded.device)
+
+    def prefill(self, ids: list[int], chunk_size: int, cancel: CancelToken | None = None) -> torch.Tensor | None:
+        """Feed the prompt chunk by chunk (the policy evicts between chunks); the last position's
+        logits, or None when cancelled before the prompt was in."""
+        logits = None
+        for start in range(0, len(ids), chunk_size):
+            if cancel is not None and cancel.cancelled:
+                return None
+            chunk = ids[start:start + chunk_size]
+            logits = self.forward(chunk, "prefill", is_last_prefill_chunk=start + len(chunk) >= len(ids))
+            self.recorder.record(PrefillProgressEvent(start + len(chunk), len(ids)))
+        return logits
 
     def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False) -> torch.Tensor:
         """Feed tokens, let the policy evict, record the step; returns the last position's logits."""
