@@ -11,6 +11,7 @@ Every error a user can cause ends in one line on stderr and exit status 2, never
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     run.add_argument("--json", metavar="PATH", help="write the run (text, figures, per-step records) as JSON")
     run.add_argument("--no-history", action="store_true", help="do not store this run in the run history")
+    run.add_argument("--memory-snapshot", metavar="PATH", help="record every allocation of the run with the frames "
+                     "that made it, as a PyTorch memory snapshot (.pickle); on CPU through the profiler (slower)")
+    run.add_argument("--memory-sample-hz", type=float, default=20.0,
+                     help="memory readings per second between steps (default 20; 0: only after each step)")
     run.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load policy plugins "
                      "from DIR (repeatable; plugins/, the user plugin folder and KVSTUDIO_PLUGIN_PATH always are)")
     _policy_options(run)
@@ -204,6 +209,7 @@ def _prompt_from_args(args) -> str:
 def command_run(args) -> int:
     from .core.engine import Engine, GenerationSettings
     from .core.models import load_model
+    from .core.snapshots import MemorySnapshotRecording
 
     # Check everything the user typed before spending seconds on loading a model.
     policy = _policy_from_args(args)
@@ -211,22 +217,31 @@ def command_run(args) -> int:
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, chunk_size=args.chunk_size, stop_strings=tuple(args.stop), chat_template=args.chat,
+        memory_sample_hz=args.memory_sample_hz,
     )
     settings.validate()
-    if args.json:
-        _check_writable(Path(args.json))
+    for path in (args.json, args.memory_snapshot):
+        if path:
+            _check_writable(Path(path))
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantize,
                         progress=_progress)
     print(f"[kvstudio] {loaded.describe()}; policy {policy.describe()}", file=sys.stderr, flush=True)
     engine = Engine(loaded)
     history, run_id = _history_start(args, loaded, policy, prompt, settings)
+    recording = MemorySnapshotRecording(loaded.device) if args.memory_snapshot else contextlib.nullcontext()
     try:
-        result = _generate_reporting_oom(engine, prompt, policy, settings)
+        with recording:
+            result = _generate_reporting_oom(engine, prompt, policy, settings)
     except BaseException as error:
         if history is not None:
             _history_call(history.finish, run_id, status="failed", error=str(error) or type(error).__name__)
+        if args.memory_snapshot and recording.snapshot is not None:  # what led to the failure
+            _write_snapshot(recording, args.memory_snapshot)
         raise
+    if args.memory_snapshot:
+        recording.mark_run(result)
+        _write_snapshot(recording, args.memory_snapshot)
     if history is not None:
         _history_call(history.finish, run_id, result)
     print()
@@ -241,6 +256,17 @@ def command_run(args) -> int:
         write_json_atomic(Path(args.json), data)
         print(f"[kvstudio] wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _write_snapshot(recording, path: str) -> None:
+    from .core.snapshots import save_snapshot, timelines
+
+    save_snapshot(recording.snapshot, path)
+    found = timelines(recording.snapshot)
+    events = sum(len(t.allocations) for t in found)
+    peak = max((t.peak_bytes for t in found), default=0)
+    print(f"[kvstudio] wrote memory snapshot {path}: {events} allocations, peak {_bytes(peak)} during the run "
+          "(open it in the studio: Memory > Open memory snapshot, or at pytorch.org/memory_viz)", file=sys.stderr)
 
 
 def _history_start(args, loaded, policy, prompt, settings):

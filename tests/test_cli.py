@@ -103,3 +103,23 @@ def test_the_installed_command_fails_without_a_traceback(argv, message):
     process = subprocess.run([sys.executable, "-m", "kvstudio.cli", *argv], capture_output=True, text=True)
     assert process.returncode == 2
     assert message in process.stderr and "Traceback" not in process.stderr
+
+
+def test_run_records_a_memory_snapshot_on_cpu(capsys, tmp_path):
+    from kvstudio.core.snapshots import load_snapshot, timelines
+
+    path = tmp_path / "run.pickle"
+    code, out, err = run_cli(capsys, *TINY, "--policy", "window", "--budget", "16", "--chunk-size", "8",
+                             "--prompt", "y" * 30, "--max-new-tokens", "4", "--memory-snapshot", str(path),
+                             "--no-history")
+    assert code == 0, err
+    assert f"wrote memory snapshot {path}" in err
+    [timeline] = timelines(load_snapshot(path))
+    assert len(timeline.allocations) > 50
+    assert [label for _, label in timeline.marks][:4] == [f"prefill chunk {i} done" for i in range(1, 5)]
+
+
+def test_memory_snapshot_to_a_missing_folder_fails_before_loading(capsys, tmp_path):
+    code, _, err = run_cli(capsys, *TINY, "--prompt", "hi", "--memory-snapshot", str(tmp_path / "no" / "s.pickle"))
+    assert code != 0
+    assert "folder" in err and "does not exist" in err and "loaded" not in err

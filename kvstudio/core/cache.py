@@ -259,6 +259,11 @@ class PolicyCache(Cache):
     def kept_per_layer(self) -> list[int]:
         return [layer.entry_count() for layer in self.layers]
 
+    def bytes_per_layer(self) -> list[int]:
+        """Keys plus values held by each layer, from the tensors themselves. Safe to call from the
+        memory sampler's thread mid-step: each layer's read sees one consistent pair of tensors."""
+        return [layer.byte_count() for layer in self.layers]
+
     def positions(self, layer_idx: int) -> torch.Tensor:
         """Token positions held by a layer, (kv_heads, n)."""
         return self.layers[layer_idx].positions

@@ -23,7 +23,7 @@ from .cache import PolicyCache, StepContext, StepReport
 from .errors import KVStudioError, PromptError
 from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, Recorder, RunStartedEvent,
                      StepEvent, TokenEvent)
-from .memory import cuda_bytes, process_resident_bytes
+from .memory import MemorySampler, read_system_memory, reset_peak
 from .models import LoadedModel
 from .policies.base import Policy
 from .rotary import Rerotator
@@ -54,6 +54,7 @@ class GenerationSettings:
     stop_strings: tuple[str, ...] = ()
     chat_template: bool = False
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
+    memory_sample_hz: float = 20.0  # memory readings between steps, besides the one after each step; 0: off
 
     def validate(self) -> None:
         checks = [
@@ -62,6 +63,8 @@ class GenerationSettings:
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"--top-k must be 0 (off) or more, got {self.top_k}"),
             (self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}"),
+            (0 <= self.memory_sample_hz <= 1000,
+             f"--memory-sample-hz must be between 0 (off) and 1000, got {self.memory_sample_hz}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -82,9 +85,13 @@ class StepRecord:
     token_id: int | None = None
     text: str | None = None
     logprob: float | None = None
+    cache_bytes_per_layer: list[int] = field(default_factory=list)
     process_bytes: int = 0  # resident memory of the process after the step
     cuda_allocated: int = 0
     cuda_reserved: int = 0
+    cuda_peak: int = 0
+    device_used: int = 0
+    device_total: int = 0
 
 
 @dataclass
@@ -102,6 +109,8 @@ class GenerationResult:
     peak_kept_per_layer: list[int]
     evictions: int
     steps: list[StepRecord] = field(default_factory=list)
+    memory: list[dict] = field(default_factory=list)  # every memory reading, timer ones included
+    started_unix: float = 0.0  # when the run started (seconds since 1970): places it among other records
     cache: PolicyCache | None = field(default=None, repr=False)
 
     @property
@@ -232,6 +241,17 @@ class Engine:
             tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
         ))
 
+        interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0
+        with MemorySampler(interval, lambda: run.record_memory("timer")):
+            result = self._generate(run, ids, policy, settings, sampler, stream, cancel, on_text)
+        result.memory = [asdict(reading) for reading in recorder.all("memory")]
+        result.started_unix = run.started_unix
+        if keep_cache:
+            result.cache = cache
+        return result
+
+    def _generate(self, run, ids, policy, settings, sampler, stream, cancel, on_text) -> GenerationResult:
+        recorder = run.recorder
         prefill_started = time.perf_counter()
         logits = run.prefill(ids, settings.chunk_size, cancel)
         prefill_seconds = time.perf_counter() - prefill_started
@@ -239,6 +259,7 @@ class Engine:
 
         generated: list[int] = []
         decode_started = time.perf_counter()
+        run.phase = "decode"
         while logits is not None and settings.max_new_tokens > 0:
             token, logprob = sampler(logits)
             generated.append(token)
@@ -270,10 +291,9 @@ class Engine:
         return GenerationResult(
             text=text, token_ids=generated, prompt_tokens=len(ids), policy=policy.describe(),
             model=self.loaded.name, stop_reason=stop_reason, prefill_seconds=prefill_seconds,
-            decode_seconds=decode_seconds, peak_cache_bytes=cache.peak_bytes,
-            kept_per_layer=cache.kept_per_layer(), peak_kept_per_layer=list(cache.peak_kept_per_layer),
+            decode_seconds=decode_seconds, peak_cache_bytes=run.cache.peak_bytes,
+            kept_per_layer=run.cache.kept_per_layer(), peak_kept_per_layer=list(run.cache.peak_kept_per_layer),
             evictions=sum(r.evicted for r in run.records), steps=run.records,
-            cache=cache if keep_cache else None,
         )
 
 
@@ -286,7 +306,10 @@ class _Run:
         self.recorder = recorder
         self.seen = 0  # tokens fed so far; the next token's position without re-rotation
         self.records: list[StepRecord] = []
+        self.phase = "prefill"
         self.started = time.perf_counter()
+        self.started_unix = time.time()
+        reset_peak(engine.loaded.device)
         self.token_ids = torch.empty(0, dtype=torch.long, device=engine.loaded.device)
 
     def prefill(self, ids: list[int], chunk_size: int, cancel: CancelToken | None = None) -> torch.Tensor | None:
@@ -334,10 +357,12 @@ class _Run:
         return logits
 
     def _record(self, step: int, phase: str, n: int, seconds: float, report: StepReport) -> None:
-        process = process_resident_bytes()
-        cuda_allocated, cuda_reserved = cuda_bytes(self.engine.loaded.device)
+        memory = self.record_memory("step", step)
         record = StepRecord(step, phase, n, seconds, report.kept_per_layer, report.cache_bytes, report.evicted_count,
-                            process_bytes=process, cuda_allocated=cuda_allocated, cuda_reserved=cuda_reserved)
+                            cache_bytes_per_layer=list(memory.cache_bytes_per_layer),
+                            process_bytes=memory.process_bytes, cuda_allocated=memory.cuda_allocated,
+                            cuda_reserved=memory.cuda_reserved, cuda_peak=memory.cuda_peak,
+                            device_used=memory.device_used, device_total=memory.device_total)
         self.records.append(record)
         self.recorder.record(StepEvent(step, phase, n, seconds, tuple(report.kept_per_layer), report.cache_bytes,
                                        self.cache.peak_bytes, report.evicted_count))
@@ -346,5 +371,14 @@ class _Run:
                 self.recorder.record(EvictionEvent(step, eviction.layer, head, positions))
         for rows in report.attention:
             self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))
-        self.recorder.record(MemoryEvent(step, time.perf_counter() - self.started, phase, report.cache_bytes,
-                                         process, cuda_allocated, cuda_reserved))
+
+    def record_memory(self, source: str, step: int | None = None) -> MemoryEvent:
+        """Read memory now and record it. Runs on the engine's thread ("step") or the sampler's
+        ("timer"); the cache's bytes are read from its tensors either way."""
+        per_layer = tuple(self.cache.bytes_per_layer())
+        system = read_system_memory(self.engine.loaded.device)
+        clock = time.perf_counter()
+        event = MemoryEvent(len(self.records) if step is None else step, clock - self.started, clock, self.phase,
+                            source, sum(per_layer), per_layer, **vars(system))
+        self.recorder.record(event)
+        return event

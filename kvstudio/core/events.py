@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-Phase = Literal["prefill", "decode"]
+Phase = Literal["load", "prefill", "decode"]
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,19 @@ class RunStartedEvent:
 
 @dataclass(frozen=True)
 class MemoryEvent:
-    step: int
+    step: int  # the step just finished ("step" readings) or in progress ("timer" readings)
     seconds: float  # since the run started
-    phase: Phase
-    cache_bytes: int
+    clock: float  # time.perf_counter() at the reading: puts loads and runs on one timeline
+    phase: str  # load | prefill | decode
+    source: str  # "step": right after the step's evictions; "timer": the sampler, mid-step
+    cache_bytes: int  # exact, from the cache's tensors
+    cache_bytes_per_layer: tuple[int, ...]
     process_bytes: int  # resident set size of this process
-    cuda_allocated: int  # 0 without CUDA
-    cuda_reserved: int
+    cuda_allocated: int = 0  # torch's allocator; 0 without CUDA
+    cuda_reserved: int = 0
+    cuda_peak: int = 0  # the most allocated since the run started
+    device_used: int = 0  # the whole GPU, all processes (NVML or the CUDA driver)
+    device_total: int = 0
 
 
 @dataclass(frozen=True)
