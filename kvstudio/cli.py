@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .core.errors import KVStudioError  # noqa: E402
+from .core.units import format_bytes  # noqa: E402
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -265,7 +266,7 @@ def _write_snapshot(recording, path: str) -> None:
     found = timelines(recording.snapshot)
     events = sum(len(t.allocations) for t in found)
     peak = max((t.peak_bytes for t in found), default=0)
-    print(f"[kvstudio] wrote memory snapshot {path}: {events} allocations, peak {_bytes(peak)} during the run "
+    print(f"[kvstudio] wrote memory snapshot {path}: {events} allocations, peak {format_bytes(peak)} during the run "
           "(open it in the studio: Memory > Open memory snapshot, or at pytorch.org/memory_viz)", file=sys.stderr)
 
 
@@ -306,7 +307,7 @@ def command_runs(args) -> int:
         for r in records:
             figures = r.figures
             speed = f"{figures['tokens_per_second']:.1f} tok/s" if "tokens_per_second" in figures else ""
-            peak = f"peak {_bytes(figures['peak_cache_bytes'])}" if "peak_cache_bytes" in figures else ""
+            peak = f"peak {format_bytes(figures['peak_cache_bytes'])}" if "peak_cache_bytes" in figures else ""
             preview = r.prompt_preview[:40].replace("\n", " ")
             print(f"{r.id:>5}  {r.created}  {r.shown_status:<11} {r.model:<24} {r.policy:<14} {speed:>13}  "
                   f"{peak:<16} {preview!r}")
@@ -338,19 +339,10 @@ def format_summary(result) -> str:
         f"prompt {result.prompt_tokens} tokens, prefill {result.prefill_seconds:.2f} s "
         f"({result.prefill_tokens_per_second:.0f} tokens/s)",
         f"generated {len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s",
-        f"peak cache {_bytes(result.peak_cache_bytes)}, entries kept per layer: {kept_text}",
+        f"peak cache {format_bytes(result.peak_cache_bytes)}, entries kept per layer: {kept_text}",
         f"evictions: {result.evictions}",
     ]
     return "\n".join(lines)
-
-
-def _bytes(count: int) -> str:
-    if count < 1024:
-        return f"{count} B"
-    for unit in ("KiB", "MiB", "GiB"):
-        count /= 1024
-        if count < 1024 or unit == "GiB":
-            return f"{count:.1f} {unit}"
 
 
 def _check_writable(path: Path) -> None:

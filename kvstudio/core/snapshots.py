@@ -56,7 +56,7 @@ class MemorySnapshotRecording:
         self.marks.append({"time_us": int(moment * 1e6), "label": label})
 
     def mark_run(self, result) -> None:
-        """Mark where each prefill chunk of a run ended and decoding started (from its memory
+        """Mark where each prefill chunk of a run ended and the first decode step ended (from its memory
         readings after each step), so the viewer can place allocations in the run's phases."""
         chunk, decoding = 0, False
         for reading in result.memory:
@@ -64,10 +64,10 @@ class MemorySnapshotRecording:
                 continue
             if reading["phase"] == "prefill":
                 chunk += 1
-                self.mark(f"prefill chunk {chunk} done", result.started_unix + reading["seconds"])
+                self.mark(f"chunk {chunk} end", result.started_unix + reading["seconds"])
             elif not decoding:
                 decoding = True
-                self.mark("first decode step done", result.started_unix + reading["seconds"])
+                self.mark("decode", result.started_unix + reading["seconds"])
 
     def __enter__(self) -> "MemorySnapshotRecording":
         if self.device.type == "cuda":
@@ -238,7 +238,13 @@ class Timeline:
         return self.times[-1] if self.times else 0.0
 
     def largest(self, count: int) -> list[Allocation]:
-        return sorted(self.allocations, key=lambda a: a.size, reverse=True)[:count]
+        """By size; among equal sizes (a model makes many), the longest held first."""
+        end = self.duration
+
+        def held(a: Allocation) -> float:
+            return (a.end if a.end is not None else end) - a.start
+
+        return sorted(self.allocations, key=lambda a: (a.size, held(a)), reverse=True)[:count]
 
 
 def timelines(snapshot: dict) -> list[Timeline]:

@@ -25,11 +25,13 @@ from ..core.exports import export_array, export_run
 from ..core.history import HistoryError, RunHistory, record_from_result
 from ..core.plugins import PluginManager, user_plugin_dir
 from ..core.policies import available_policies
+from .bars import message_bar
 from .compare import CompareView
 from .panels import DocumentList, ModelPanel
 from .plugins_view import PluginsView
 from .policy_form import PolicyForm
 from .runs_view import RunsView
+from .snapshot_view import SnapshotView
 from .views.attention_map import AttentionMapView
 from .views.evictions import EvictionsView
 from .views.memory import MemoryView
@@ -62,6 +64,7 @@ class MainWindow(QMainWindow):
         self.running = False
         self.compare_queue: list[str] = []
         self.last_outcome: RunOutcome | None = None
+        self.snapshot_path: str | None = None  # where the next run's memory snapshot goes, when armed
 
         self._build_worker()
         self._build_panels()
@@ -161,29 +164,16 @@ class MainWindow(QMainWindow):
         splitter.addWidget(prompt_box)
 
         self.error_text = QLabel("")
-        self.error_text.setWordWrap(True)
         self.error_text.setTextInteractionFlags(Qt.TextSelectableByMouse)
         close = QToolButton(text="✕")
         close.clicked.connect(lambda: self.error_banner.hide())
-        self.error_banner = QWidget()
-        self.error_banner.setStyleSheet("background: #5a1d1d; color: #ffdede; border-radius: 3px;")
-        banner = QHBoxLayout(self.error_banner)
-        banner.addWidget(self.error_text, 1)
-        banner.addWidget(close)
-        self.error_banner.hide()
+        self.error_banner = message_bar("error", self.error_text, close)
         self.offer_text = QLabel("")
-        self.offer_text.setWordWrap(True)
         self.offer_install = QPushButton("Install as plugin")
         self.offer_document = QPushButton("Add as a document")
         self.offer_dismiss = QPushButton("Not now")
-        self.offer_bar = QWidget()
-        self.offer_bar.setStyleSheet("background: #1d3a5a; color: #e6f0ff; border-radius: 3px;")
-        offer = QHBoxLayout(self.offer_bar)
-        offer.addWidget(self.offer_text, 1)
-        offer.addWidget(self.offer_install)
-        offer.addWidget(self.offer_document)
-        offer.addWidget(self.offer_dismiss)
-        self.offer_bar.hide()
+        self.offer_bar = message_bar("question", self.offer_text, self.offer_install, self.offer_document,
+                                     self.offer_dismiss)
         self.offered_plugin: Path | None = None
         self.offer_install.clicked.connect(self.install_offered_plugin)
         self.offer_document.clicked.connect(self._offered_file_as_document)
@@ -202,6 +192,8 @@ class MainWindow(QMainWindow):
         self.occupancy_view = OccupancyView()
         self.evictions_view = EvictionsView()
         self.memory_view = MemoryView()
+        self.snapshot_view = SnapshotView()
+        self.snapshot_view.record_requested.connect(lambda: self.arm_snapshot())
         self.compare_view = CompareView()
         self.compare_view.compare_requested.connect(self.request_compare)
         self.runs_view = RunsView()
@@ -216,7 +208,7 @@ class MainWindow(QMainWindow):
         for title, widget in (("Output", self.output_view), ("Token map", self.token_view),
                               ("Attention map", self.attention_view), ("Occupancy", self.occupancy_view),
                               ("Evictions", self.evictions_view), ("Memory", self.memory_view),
-                              ("Compare", self.compare_view), ("Runs", self.runs_view),
+                              ("Memory snapshot", self.snapshot_view), ("Compare", self.compare_view), ("Runs", self.runs_view),
                               ("Plugins", self.plugins_view)):
             dock = QDockWidget(title, self, objectName=title.lower().replace(" ", "_"))
             dock.setWidget(widget)
@@ -276,11 +268,16 @@ class MainWindow(QMainWindow):
                 "Images (*.png *.svg)"))
         menu.addSeparator()
         menu.addAction("Quit", self.close)
+        memory = self.menuBar().addMenu("&Memory")
+        memory.addAction("Record a memory snapshot of the next run…", lambda: self.arm_snapshot())
+        memory.addAction("Open memory snapshot…", self.offer_snapshot_file)
 
     def plot_views(self) -> dict:
         """Views that draw plots, by title: their pyqtgraph PlotWidgets can be exported."""
         return {"Attention map": self.attention_view.plot, "Occupancy": self.occupancy_view.per_layer,
-                "Evictions": self.evictions_view.raster, "Memory": self.memory_view.cache_plot}
+                "Evictions": self.evictions_view.raster, "Memory (cache)": self.memory_view.cache_plot,
+                "Memory (system)": self.memory_view.system_plot, "Memory snapshot": self.snapshot_view.total_plot,
+                "Memory snapshot allocations": self.snapshot_view.bars_plot}
 
     def _ask_path_then(self, action, suggested: str, file_filter: str) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export", suggested, file_filter)
@@ -345,6 +342,8 @@ class MainWindow(QMainWindow):
         self.model_panel.set_loading(True)
         self.model_panel.status.setText(f"loading {spec}…")
         self.worker.reset_load_cancel()
+        self.worker.load_recorder = Recorder()  # the memory timeline shows the load
+        self.memory_view.follow(self.worker.load_recorder)
         self.load_model.emit(spec, device, dtype)
 
     @Slot(str, float)
@@ -413,7 +412,9 @@ class MainWindow(QMainWindow):
         self.running = True
         self._update_buttons()
         self.worker.reset_cancel()
-        request = RunRequest(self.full_prompt(), policy, parameters, self._generation_settings(), self.recorder, label)
+        request = RunRequest(self.full_prompt(), policy, parameters, self._generation_settings(), self.recorder, label,
+                             snapshot_path=self.snapshot_path)
+        self.snapshot_path = None  # a snapshot is of one run
         self._history_start(request)
         self.start_run.emit(request)
         self.statusBar().showMessage(f"running {policy}…")
@@ -445,8 +446,45 @@ class MainWindow(QMainWindow):
                 f"{result.evictions} evictions")
             if request.label == "compare":
                 self.compare_view.add_result(request.policy, result, request.recorder)
+        self._show_snapshot(outcome)
         self._update_buttons()
         self._next_comparison()
+
+    # -- memory snapshots ---------------------------------------------------------------------------
+
+    def arm_snapshot(self, path: str | None = None) -> None:
+        """Record the next run's allocations into `path` (asked for when not given)."""
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Record a memory snapshot of the next run",
+                                                  "memory-snapshot.pickle", "Memory snapshots (*.pickle)")
+            if not path:
+                return
+        folder = Path(path).expanduser().resolve().parent
+        if not folder.is_dir():
+            self.show_error(f"cannot record a memory snapshot into {path}: folder {folder} does not exist")
+            return
+        self.snapshot_path = path
+        slower = " (on CPU the profiler makes the run about 3x slower)" if "cpu" in self._device_text() else ""
+        self.statusBar().showMessage(f"the next run will be recorded into {path}{slower}")
+        self.snapshot_view.summary.setText(f"The next run will be recorded into {path}{slower}.")
+
+    def _device_text(self) -> str:
+        return self.model_info.device if self.model_info is not None else ""
+
+    def offer_snapshot_file(self) -> None:
+        """Opening a snapshot starts with the view's warning bar: the file is a pickle."""
+        self.docks["Memory snapshot"].show()
+        self.docks["Memory snapshot"].raise_()
+        self.snapshot_view.warning_bar.show()
+
+    def _show_snapshot(self, outcome: RunOutcome) -> None:
+        if outcome.snapshot_error:
+            self.show_error(outcome.snapshot_error)
+        if outcome.snapshot is not None:
+            path = outcome.request.snapshot_path
+            self.snapshot_view.show_snapshot(outcome.snapshot, Path(path).name)
+            self.docks["Memory snapshot"].raise_()
+            self.statusBar().showMessage(f"{self.statusBar().currentMessage()} · memory snapshot saved to {path}")
 
     @Slot(list)
     def request_compare(self, policies: list[str]) -> None:

@@ -8,6 +8,7 @@ before every step.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ..core.errors import KVStudioError
 from ..core.events import Recorder
 from ..core.models import load_model
 from ..core.policies import policy_class
+from ..core.snapshots import MemorySnapshotRecording, SnapshotError, save_snapshot
 
 
 class LoadCancelled(Exception):
@@ -35,6 +37,7 @@ class RunRequest:
     recorder: Recorder
     label: str = ""  # e.g. which run of a comparison
     history_id: int | None = None  # its row in the run history, when history is on
+    snapshot_path: str | None = None  # record a memory snapshot of the run into this file
 
 
 @dataclass
@@ -54,6 +57,8 @@ class RunOutcome:
     result: object = None  # GenerationResult
     error: str | None = None
     thread_ids: set = field(default_factory=set)
+    snapshot: dict | None = None  # the memory snapshot, when one was asked for and written
+    snapshot_error: str | None = None
 
 
 class StudioWorker(QObject):
@@ -69,6 +74,7 @@ class StudioWorker(QObject):
         self.run_cancel = CancelToken()
         self._load_cancel = threading.Event()
         self.model_thread_ids: set[int] = set()  # threads that ran model code (the tests check)
+        self.load_recorder: Recorder | None = None  # set by the window before it queues a load
 
     # -- commands (queued from the GUI thread) ----------------------------------------------------
 
@@ -81,7 +87,7 @@ class StudioWorker(QObject):
 
         try:
             self.model_thread_ids.add(threading.get_ident())
-            loaded = load_model(spec, device=device, dtype=dtype, progress=progress)
+            loaded = load_model(spec, device=device, dtype=dtype, progress=progress, recorder=self.load_recorder)
             if self._load_cancel.is_set():
                 raise LoadCancelled()
             self.engine = None  # free the previous model before holding the new one
@@ -107,8 +113,15 @@ class StudioWorker(QObject):
                 raise KVStudioError("no model loaded: load one first")
             self.model_thread_ids.add(threading.get_ident())
             policy = policy_class(request.policy)(**request.parameters)
-            outcome.result = self.engine.generate(request.prompt, policy, request.settings,
-                                                  recorder=request.recorder, cancel=self.run_cancel)
+            recording = (MemorySnapshotRecording(self.engine.loaded.device) if request.snapshot_path
+                         else contextlib.nullcontext())
+            try:
+                with recording:
+                    outcome.result = self.engine.generate(request.prompt, policy, request.settings,
+                                                          recorder=request.recorder, cancel=self.run_cancel)
+            finally:  # a failed run's snapshot is the one that shows why
+                if request.snapshot_path:
+                    self._save_snapshot(recording, outcome, request.snapshot_path)
         except KVStudioError as error:
             outcome.error = str(error)
         except torch.OutOfMemoryError:
@@ -119,6 +132,19 @@ class StudioWorker(QObject):
             traceback.print_exc()
             outcome.error = f"the run failed: {type(error).__name__}: {error}"
         self.run_finished.emit(outcome)
+
+    @staticmethod
+    def _save_snapshot(recording, outcome: RunOutcome, path: str) -> None:
+        if recording.snapshot is None:
+            outcome.snapshot_error = "no memory snapshot: recording did not start"
+            return
+        if outcome.result is not None:
+            recording.mark_run(outcome.result)
+        try:
+            save_snapshot(recording.snapshot, path)
+            outcome.snapshot = recording.snapshot
+        except (SnapshotError, OSError) as error:
+            outcome.snapshot_error = f"the memory snapshot was not saved: {error}"
 
     @Slot(object, str)
     def count_tokens(self, key, text: str) -> None:

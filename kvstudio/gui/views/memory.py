@@ -1,75 +1,226 @@
-"""Memory over time: the cache's exact bytes on top; the process (CPU) or CUDA (GPU) below.
+"""Memory over the session: the cache's exact bytes on top; the process, CUDA and the GPU below.
+
+Unlike the other views this one does not start afresh with each run: it keeps one timeline for
+the session (model loads and runs, in order) so a user sees what a load took and how runs
+compare. Readings come after every step and from the engine's sampler between steps. Shaded
+bands mark the phases: a model load, each prefill chunk (alternating shades), decoding; red
+triangles mark eviction bursts (a step that evicted more than two tokens' worth, e.g. a prefill
+chunk or a SnapKV compression). "Follow the latest" keeps the newest load or run in view.
 
 The cache gets its own plot: next to a process of a gigabyte, a few MiB of cache would be a flat
-line at zero. A dotted line marks where prefill ends and decoding starts.
+line at zero.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtWidgets import QVBoxLayout
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 
+from ...core.units import format_bytes
 from .base import LiveView
 
 MIB = 2**20
+PHASE_BRUSHES = {"load": (150, 90, 200, 60), "prefill": ((70, 120, 200, 80), (70, 120, 200, 35)),
+                 "decode": (80, 180, 90, 40)}
+LEGEND = ("<span style='color:#a070d0'>■</span> load  <span style='color:#5080d0'>■</span> prefill chunks  "
+          "<span style='color:#60b070'>■</span> decode  <span style='color:#e64646'>▼</span> eviction burst")
+SERIES = (  # (field, legend, colour, width, style): the system plot's curves, CUDA ones only once seen
+    ("process_bytes", "process (resident)", (170, 170, 170), 2, None),
+    ("cuda_allocated", "CUDA allocated", (90, 190, 90), 2, None),
+    ("cuda_reserved", "CUDA reserved", (90, 190, 90), 1, pg.QtCore.Qt.DashLine),
+    ("cuda_peak", "CUDA peak (this run)", (220, 160, 60), 1, pg.QtCore.Qt.DotLine),
+    ("device_used", "GPU used (all processes)", (200, 90, 90), 1, None),
+)
 
 
 def _curve(plot, name, colour, width=2, style=None):
     pen = pg.mkPen(colour, width=width) if style is None else pg.mkPen(colour, width=width, style=style)
-    curve = plot.plot(name=name, pen=pen)
+    curve = plot.plot(name=name, pen=pen, connect="finite")  # NaN breaks the line between runs
     curve.setDownsampling(auto=True, method="peak")
     curve.setClipToView(True)
     return curve
 
 
+class _Segment:
+    """One load or one run on the timeline: its readings' phases become shaded bands."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.end = start
+        self.bands: list = []  # (phase, start, end, item)
+        self.chunks = 0
+        self.max_cache_bytes = 0
+
+
 class MemoryView(LiveView):
-    kinds = ("memory",)
+    kinds = ("memory", "steps")
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.cache_plot = pg.PlotWidget(title="KV cache (MiB), exact, from the cache's tensors")
-        self.system_plot = pg.PlotWidget(title="process resident memory (MiB)")
+        self.system_plot = pg.PlotWidget(title="process memory (MiB)")
         self.system_plot.addLegend()
         self.system_plot.setXLink(self.cache_plot)
-        self.system_plot.setLabel("bottom", "seconds since the run started")
+        self.system_plot.getViewBox().setAutoVisible(y=True)  # fit what is in view, not the whole session
+        self.system_plot.setLabel("bottom", "seconds since the session's first reading")
         self.cache_curve = _curve(self.cache_plot, "KV cache", (80, 140, 220))
-        self.process_curve = _curve(self.system_plot, "process (resident)", (170, 170, 170))
-        self.cuda_curves = None  # created at the first CUDA sample
-        self.decode_markers = []
-        for plot in (self.cache_plot, self.system_plot):
-            marker = pg.InfiniteLine(angle=90, pen=pg.mkPen((200, 200, 60), style=pg.QtCore.Qt.DotLine),
-                                     label="decode", labelOpts={"position": 0.9})
-            plot.addItem(marker)
-            self.decode_markers.append(marker)
+        self.bursts = pg.ScatterPlotItem(symbol="t", size=11, brush=pg.mkBrush(230, 70, 70), pen=None)
+        self.cache_plot.addItem(self.bursts)
+        self.curves = {"process_bytes": _curve(self.system_plot, *SERIES[0][1:])}
+        self.follow_latest = QCheckBox("follow the latest load or run")
+        self.follow_latest.setChecked(True)
+        self.clear_button = QPushButton("Clear")
+        self.readout = QLabel("")
+        controls = QHBoxLayout()
+        controls.addWidget(self.follow_latest)
+        controls.addWidget(self.clear_button)
+        controls.addWidget(self.readout, 1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(controls)
+        layout.addWidget(QLabel(LEGEND))
         layout.addWidget(self.cache_plot, 1)
         layout.addWidget(self.system_plot, 1)
-        self.samples: list = []
+        self.clear_button.clicked.connect(self.clear)
+        self.follow_latest.toggled.connect(lambda _: self._place_view())
+        self.origin: float | None = None  # perf_counter of the session's first reading
+        self.clear()
 
-    def start(self, run):
-        self.samples = []
-        for marker in self.decode_markers:
-            marker.hide()
-        self.cache_curve.setData([], [])
-        self.process_curve.setData([], [])
+    # -- following recorders: a run's, or a model load's ---------------------------------------------
 
-    def consume(self, events):
-        self.samples.extend(events["memory"])
-        times = np.array([s.seconds for s in self.samples])
-        self.cache_curve.setData(times, np.array([s.cache_bytes for s in self.samples]) / MIB)
-        self.cache_plot.setYRange(0, max(s.cache_bytes for s in self.samples) / MIB * 1.15 or 1)
-        self.process_curve.setData(times, np.array([s.process_bytes for s in self.samples]) / MIB)
-        if any(s.cuda_reserved for s in self.samples):
-            if self.cuda_curves is None:
-                self.system_plot.setTitle("process and CUDA memory (MiB)")
-                self.cuda_curves = (_curve(self.system_plot, "CUDA allocated", (90, 190, 90)),
-                                    _curve(self.system_plot, "CUDA reserved", (90, 190, 90), 1, pg.QtCore.Qt.DashLine))
-            self.cuda_curves[0].setData(times, np.array([s.cuda_allocated for s in self.samples]) / MIB)
-            self.cuda_curves[1].setData(times, np.array([s.cuda_reserved for s in self.samples]) / MIB)
-        first_decode = next((s.seconds for s in self.samples if s.phase == "decode"), None)
-        if first_decode is not None:
-            for marker in self.decode_markers:
-                marker.setPos(first_decode)
-                marker.show()
+    def follow(self, recorder) -> None:
+        """A new run or load: keep what is drawn, start a new segment at its first reading."""
+        super().follow(recorder)
+        self.segment = None
+        self.steps_evicted: dict[int, int] = {}
+        self.burst_threshold = math.inf
+
+    def refresh(self) -> None:
+        # Loads have no RunStartedEvent; this view only needs readings and steps.
+        if self.recorder is None:
+            return
+        runs, self._cursors["runs"] = self.recorder.since("runs", self._cursors["runs"])
+        if runs:  # eviction bursts: more than two tokens' worth of entries (every layer and KV head)
+            self.burst_threshold = 2 * runs[-1].n_layers * runs[-1].n_kv_heads
+        new = {}
+        for kind in self.kinds:
+            new[kind], self._cursors[kind] = self.recorder.since(kind, self._cursors[kind])
+        if new["memory"] or new["steps"]:
+            self.consume(new)
+
+    def clear(self) -> None:
+        for item in getattr(self, "band_items", []):
+            self.cache_plot.removeItem(item)
+        self.band_items: list = []
+        self.columns = {name: [] for name in ("x", "cache_bytes") + tuple(field for field, *_ in SERIES)}
+        self.samples: list = []  # every reading shown, in order
+        self.burst_points: list[dict] = []
+        self.segment = None
+        self.steps_evicted = {}
+        self.origin = None
+        self.bursts.setData([])
+        self._redraw()
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def consume(self, events) -> None:
+        for step in events["steps"]:
+            self.steps_evicted[step.step] = step.evicted
+        for reading in events["memory"]:
+            if self.origin is None:
+                self.origin = reading.clock
+            x = reading.clock - self.origin
+            if self.segment is None:
+                self._break_line()
+                self.segment = _Segment(x)
+            self._add(reading, x)
+            self.segment.max_cache_bytes = max(self.segment.max_cache_bytes, reading.cache_bytes)
+            self._mark_phase(reading, x)
+            evicted = self.steps_evicted.get(reading.step, 0) if reading.source == "step" else 0
+            if evicted > self.burst_threshold:
+                self.burst_points.append({"pos": (x, reading.cache_bytes / MIB),
+                                          "data": f"step {reading.step}: {evicted:,} entries evicted"})
+        self._redraw()
+
+    def _add(self, reading, x: float) -> None:
+        self.samples.append(reading)
+        self.columns["x"].append(x)
+        self.columns["cache_bytes"].append(reading.cache_bytes)
+        for field, *_ in SERIES:
+            self.columns[field].append(getattr(reading, field))
+
+    def _break_line(self) -> None:
+        if self.columns["x"]:
+            for values in self.columns.values():
+                values.append(math.nan)
+
+    def _mark_phase(self, reading, x: float) -> None:
+        """Grow the current band, or start the next: a load, a prefill chunk, decoding."""
+        segment = self.segment
+        segment.end = x
+        bands = segment.bands
+        if reading.phase == "prefill":
+            if not bands or bands[-1][0] != "prefill" or bands[-1][3]:
+                segment.chunks += 1
+                self._new_band(segment, "prefill", bands[-1][2] if bands else segment.start)
+            bands[-1][2] = x
+            if reading.source == "step":  # this chunk is done: the next reading starts the next one
+                bands[-1][3] = True
+        else:
+            if not bands or bands[-1][0] != reading.phase:
+                self._new_band(segment, reading.phase, bands[-1][2] if bands else segment.start)
+            bands[-1][2] = x
+        band = bands[-1]
+        band[4].setRegion((band[1], band[2]))
+
+    def _new_band(self, segment: _Segment, phase: str, start: float) -> None:
+        brush = PHASE_BRUSHES[phase]
+        if phase == "prefill":
+            brush = brush[(segment.chunks - 1) % 2]
+        item = pg.LinearRegionItem((start, start), movable=False, brush=pg.mkBrush(brush), pen=pg.mkPen(None))
+        item.setZValue(-10)
+        item.setToolTip(f"prefill chunk {segment.chunks}" if phase == "prefill" else phase)
+        self.cache_plot.addItem(item)
+        self.band_items.append(item)
+        segment.bands.append([phase, start, start, False, item])
+
+    # -- drawing -----------------------------------------------------------------------------------
+
+    def _redraw(self) -> None:
+        x = np.asarray(self.columns["x"], dtype=float)
+        self.cache_curve.setData(x, np.asarray(self.columns["cache_bytes"], dtype=float) / MIB)
+        for field, name, colour, width, style in SERIES:
+            values = np.asarray(self.columns[field], dtype=float)
+            if field not in self.curves:
+                if not np.nansum(values):
+                    continue  # no CUDA: no CUDA curves
+                self.curves[field] = _curve(self.system_plot, name, colour, width, style)
+                self.system_plot.setTitle("process, CUDA and GPU memory (MiB)")
+            self.curves[field].setData(x, values / MIB)
+        self.bursts.setData(self.burst_points)
+        self._place_view()
+        self._show_readout()
+
+    def _place_view(self) -> None:
+        if self.follow_latest.isChecked() and self.segment is not None:
+            segment = self.segment
+            self.cache_plot.setXRange(segment.start, max(segment.end, segment.start + 1e-3), padding=0.02)
+            self.cache_plot.setYRange(0, segment.max_cache_bytes / MIB * 1.15 or 1, padding=0)
+
+    def _show_readout(self) -> None:
+        if not self.samples:
+            self.readout.setText("")
+            return
+        last = self.samples[-1]
+        parts = [f"cache {format_bytes(last.cache_bytes)}", f"process {format_bytes(last.process_bytes)}"]
+        if last.device_total:
+            parts += [f"CUDA {format_bytes(last.cuda_allocated)} (peak {format_bytes(last.cuda_peak)})",
+                      f"GPU {format_bytes(last.device_used)} of {format_bytes(last.device_total)}"]
+        self.readout.setText(" · ".join(parts))
+
+    def step_readings(self) -> list:
+        """The readings taken right after each run step (the tests compare them with the run's steps)."""
+        return [s for s in self.samples if s.source == "step" and s.phase != "load"]
