@@ -210,6 +210,8 @@ def _prompt_from_args(args) -> str:
 def command_run(args) -> int:
     from .core.engine import Engine, GenerationSettings
     from .core.models import load_model
+    from .core.events import Recorder
+    from .core.recordings import pack_events
     from .core.snapshots import MemorySnapshotRecording
 
     # Check everything the user typed before spending seconds on loading a model.
@@ -231,9 +233,10 @@ def command_run(args) -> int:
     engine = Engine(loaded)
     history, run_id = _history_start(args, loaded, policy, prompt, settings)
     recording = MemorySnapshotRecording(loaded.device) if args.memory_snapshot else contextlib.nullcontext()
+    recorder = Recorder()  # what the history keeps to reopen the run's views in the studio
     try:
         with recording:
-            result = _generate_reporting_oom(engine, prompt, policy, settings)
+            result = _generate_reporting_oom(engine, prompt, policy, settings, recorder)
     except BaseException as error:
         if history is not None:
             _history_call(history.finish, run_id, status="failed", error=str(error) or type(error).__name__)
@@ -244,7 +247,7 @@ def command_run(args) -> int:
         recording.mark_run(result)
         _write_snapshot(recording, args.memory_snapshot)
     if history is not None:
-        _history_call(history.finish, run_id, result)
+        _history_call(history.finish, run_id, result, events=pack_events(recorder))
     print()
     print(format_summary(result))
     if history is not None:
@@ -320,11 +323,12 @@ def command_runs(args) -> int:
     return 0
 
 
-def _generate_reporting_oom(engine, prompt, policy, settings):
+def _generate_reporting_oom(engine, prompt, policy, settings, recorder=None):
     import torch
 
     try:
-        return engine.generate(prompt, policy, settings, on_text=lambda piece: print(piece, end="", flush=True))
+        return engine.generate(prompt, policy, settings, recorder=recorder,
+                               on_text=lambda piece: print(piece, end="", flush=True))
     except torch.OutOfMemoryError as error:
         raise KVStudioError("out of GPU memory during the run: lower --budget or --chunk-size, "
                             f"or use a smaller model ({str(error).splitlines()[0]})") from error

@@ -569,3 +569,53 @@ def test_opening_a_snapshot_warns_first_and_refuses_what_is_not_one(qtbot, windo
     assert "notes.txt is not a memory snapshot" in view.summary.text() and view.timeline is None
     qtbot.mouseClick(view.dismiss_button, Qt.LeftButton)
     assert not view.warning_bar.isVisible()
+
+
+def _views_state(window):
+    steps, positions = window.evictions_view.raster_points()
+    return (window.output_view.text.toPlainText(), window.token_view.layers_holding().tolist(),
+            steps.tolist(), positions.tolist(), list(window.occupancy_view.kept_per_layer),
+            window.attention_view.image_values.copy(), [s.cache_bytes for s in window.memory_view.step_readings()])
+
+
+def test_a_stored_run_reopens_its_views_after_a_restart(qtbot, window, tmp_path):
+    load(qtbot, window)
+    window.prompt.setPlainText("reopen this run " * 6)
+    window.max_new_tokens.setValue(8)
+    window.chunk_size.setValue(16)
+    outcome = run(qtbot, window, "h2o", budget=20)
+    window.refresh_views(include_hidden=True)
+    live = _views_state(window)
+    assert live[0] and live[3] and live[4] and live[5].size and len(live[6]) == len(outcome.result.steps)
+    run_id = outcome.request.history_id
+    window.prompt.setPlainText("something else entirely")
+    run(qtbot, window, "window", budget=8)
+
+    # A new window, as after a restart, with no model loaded: the stored run's views come back.
+    settings = QSettings(str(tmp_path / "settings2.ini"), QSettings.IniFormat)
+    again = MainWindow(settings)
+    qtbot.addWidget(again)
+    again.show()
+    try:
+        again.runs_view.refresh()
+        row = [int(again.runs_view.table.item(r, 0).text()) for r in range(again.runs_view.table.rowCount())].index(
+            run_id)
+        again.runs_view.table.selectRow(row)
+        qtbot.mouseClick(again.runs_view.open_button, Qt.LeftButton)
+        again.refresh_views(include_hidden=True)
+        reopened = _views_state(again)
+        for index, (before, after) in enumerate(zip(live, reopened)):
+            if isinstance(before, np.ndarray):
+                assert np.array_equal(before, after), index
+            else:
+                assert before == after, index
+        assert f"showing run {run_id}" in again.statusBar().currentMessage()
+    finally:
+        again.close()
+        again.plugins.unload()
+
+
+def test_a_run_without_stored_views_says_so(qtbot, window):
+    run_id = window.history.start("tiny-llama", "full", {}, "never finished")  # as a crash leaves it
+    window.reopen_run(run_id)
+    assert window.error_banner.isVisible() and f"run {run_id} has no stored views" in window.error_text.text()

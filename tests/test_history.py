@@ -81,8 +81,64 @@ def test_a_database_from_an_older_schema_is_migrated(tmp_path):
         assert (record.output, record.figures, record.parameters) == ("an old answer", {"evictions": 5},
                                                                       {"budget": 64})
         assert history.get(record.id).steps == [] and record.error is None
+        assert history.get(record.id).memory == [] and history.events(record.id) is None
     finally:
         history.close()
+
+
+def test_a_version_2_database_gains_memory_and_events(tmp_path, llama_engine):
+    path = tmp_path / "v2.sqlite3"
+    old = sqlite3.connect(path)
+    for version in (1, 2):
+        for statement in MIGRATIONS[version]:
+            old.execute(statement)
+    old.execute("INSERT INTO runs (created, model, policy, parameters, prompt_sha256, prompt_preview, status, "
+                "steps) VALUES ('2026-05-01T00:00:00+00:00', 'tiny-llama', 'window', '{}', 'x', 'p', 'finished', "
+                "'[{\"step\": 0}]')")
+    old.execute("PRAGMA user_version = 2")
+    old.commit()
+    old.close()
+    history = RunHistory(path)
+    try:
+        [kept] = history.list()
+        assert history.get(kept.id).steps == [{"step": 0}]  # nothing stored before is lost
+        run_id, result = stored_run(history, llama_engine)  # and the new columns work
+        assert history.get(run_id).memory == json.loads(json.dumps(result.memory))
+    finally:
+        history.close()
+
+
+def test_a_runs_events_are_stored_and_reopen_into_a_recorder(history, llama_engine):
+    from kvstudio.core.events import Recorder
+    from kvstudio.core.recordings import pack_events, unpack_events
+
+    recorder = Recorder(watch_layers={1})
+    prompt = "reopen me " * 8
+    run_id = history.start("tiny-llama", "h2o", {"budget": 16}, prompt)
+    result = llama_engine.generate(prompt, create_policy("h2o", budget=16), GenerationSettings(max_new_tokens=5),
+                                   recorder=recorder)
+    history.finish(run_id, result, events=pack_events(recorder))
+    reopened = unpack_events(history.events(run_id))
+    for kind in ("runs", "tokens", "steps", "memory"):
+        assert reopened.all(kind) == recorder.all(kind), kind
+    for before, after in zip(recorder.all("evictions"), reopened.all("evictions"), strict=True):
+        assert (before.step, before.layer, before.kv_head) == (after.step, after.layer, after.kv_head)
+        assert np.array_equal(before.positions, after.positions)
+    for before, after in zip(recorder.all("attention"), reopened.all("attention"), strict=True):
+        assert before.layer == after.layer == 1
+        assert np.array_equal(before.weights, after.weights) and np.array_equal(before.positions, after.positions)
+    assert reopened.watch_layers == {1} and reopened.peak_cache_bytes == result.peak_cache_bytes
+    assert reopened.evicted_total == result.evictions
+    history.delete(run_id)
+    assert history.events(run_id) is None
+
+
+def test_unreadable_stored_events_say_so():
+    from kvstudio.core.errors import KVStudioError
+    from kvstudio.core.recordings import unpack_events
+
+    with pytest.raises(KVStudioError, match="stored views of this run are unreadable"):
+        unpack_events(b"not an npz")
 
 
 def test_a_newer_schema_is_refused(tmp_path):

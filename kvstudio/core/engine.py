@@ -239,6 +239,7 @@ class Engine:
         recorder.record(RunStartedEvent(
             self.loaded.name, policy.describe(), self.loaded.n_layers, self.loaded.n_kv_heads, tuple(cache.budgets),
             tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
+            self.loaded.n_heads,
         ))
 
         interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0

@@ -68,6 +68,7 @@ class RunStartedEvent:
     n_kv_heads: int
     budgets: tuple[int | None, ...]  # per layer
     prompt_tokens: tuple[str, ...]  # the text of each prompt token, in order
+    n_heads: int = 0  # query heads
 
 
 @dataclass(frozen=True)

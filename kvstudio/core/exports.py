@@ -1,4 +1,5 @@
-"""Taking a run away: JSON (everything), CSV (one row per step), attention maps as .npy.
+"""Taking a run away: JSON (everything, every memory reading included), CSV (one row per step, with
+the memory read after it), attention maps as .npy.
 
 Every export is written atomically (kvstudio.core.atomic): an interrupted export leaves the
 previous file intact.
@@ -16,16 +17,18 @@ from .atomic import atomic_write
 from .errors import KVStudioError
 
 CSV_COLUMNS = ("step", "phase", "input_tokens", "seconds", "token_id", "text", "logprob", "cache_bytes",
-               "evicted", "kept_total", "kept_per_layer", "process_bytes", "cuda_allocated", "cuda_reserved")
+               "evicted", "kept_total", "kept_per_layer", "cache_bytes_per_layer", "process_bytes", "cuda_allocated",
+               "cuda_reserved", "cuda_peak", "device_used", "device_total")
 
 
 def step_rows(steps: list[dict]) -> list[dict]:
-    """Per-step records flattened for a table: kept_per_layer as "a;b;c" plus its total."""
+    """Per-step records flattened for a table: per-layer lists as "a;b;c", plus the kept total."""
     rows = []
     for step in steps:
         row = {column: step.get(column) for column in CSV_COLUMNS}
         row["kept_total"] = sum(step["kept_per_layer"])
-        row["kept_per_layer"] = ";".join(map(str, step["kept_per_layer"]))
+        for column in ("kept_per_layer", "cache_bytes_per_layer"):
+            row[column] = ";".join(map(str, step.get(column) or []))
         rows.append(row)
     return rows
 

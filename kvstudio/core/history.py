@@ -18,9 +18,11 @@ from pathlib import Path
 
 from .errors import KVStudioError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PREVIEW_CHARS = 200
 LOCK_TIMEOUT_S = 2.0
+LIST_COLUMNS = ("id, created, model, policy, parameters, prompt_sha256, prompt_preview, output, status, figures, "
+                "settings, error")
 
 # MIGRATIONS[n] takes a database at version n - 1 to version n.
 MIGRATIONS: dict[int, list[str]] = {
@@ -44,6 +46,13 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE runs ADD COLUMN error TEXT",
         "CREATE INDEX runs_created ON runs(created)",
     ],
+    3: [  # every memory reading (timer ones too), and the run's events to reopen its views
+        "ALTER TABLE runs ADD COLUMN memory TEXT NOT NULL DEFAULT '[]'",
+        """CREATE TABLE run_events (
+               run_id INTEGER PRIMARY KEY REFERENCES runs(id) ON DELETE CASCADE,
+               data BLOB NOT NULL
+           )""",
+    ],
 }
 
 
@@ -66,6 +75,7 @@ class RunRecord:
     steps: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     error: str | None = None
+    memory: list = field(default_factory=list)  # every memory reading of the run
 
     @property
     def shown_status(self) -> str:
@@ -81,7 +91,8 @@ def record_from_result(model: str, policy: str, parameters: dict, prompt: str, r
     return RunRecord(None, datetime.now(timezone.utc).isoformat(timespec="seconds"), model, policy, parameters,
                      hashlib.sha256(prompt.encode("utf-8")).hexdigest(), prompt[:PREVIEW_CHARS],
                      "cancelled" if result.stop_reason == "cancelled" else "finished", result.text,
-                     {k: v for k, v in data.items() if k not in ("steps", "text", "token_ids")}, data["steps"])
+                     {k: v for k, v in data.items() if k not in ("steps", "text", "token_ids", "memory")}, data["steps"],
+                     memory=data["memory"])
 
 
 def default_path() -> Path:
@@ -144,10 +155,12 @@ class RunHistory:
                  json.dumps(settings or {})))
         return cursor.lastrowid
 
-    def finish(self, run_id: int, result=None, status: str | None = None, error: str | None = None) -> None:
-        """Complete a run with its GenerationResult, or mark it failed with the error."""
+    def finish(self, run_id: int, result=None, status: str | None = None, error: str | None = None,
+               events: bytes | None = None) -> None:
+        """Complete a run with its GenerationResult, or mark it failed with the error. `events`
+        (recordings.pack_events) lets the studio reopen the run's views later."""
         if result is None:
-            values = (status or "failed", "", "{}", "[]", error, run_id)
+            values = (status or "failed", "", "{}", "[]", "[]", error, run_id)
         else:
             data = result.to_dict()
             figures = {key: data[key] for key in ("prompt_tokens", "tokens_per_second", "prefill_seconds",
@@ -155,13 +168,19 @@ class RunHistory:
                                                   "kept_per_layer", "peak_kept_per_layer", "stop_reason")}
             figures["generated_tokens"] = len(result.token_ids)
             run_status = "cancelled" if result.stop_reason == "cancelled" else "finished"
-            values = (run_status, result.text, json.dumps(figures), json.dumps(data["steps"]), error, run_id)
-        with self._writing():
+            values = (run_status, result.text, json.dumps(figures), json.dumps(data["steps"]),
+                      json.dumps(data["memory"]), error, run_id)
+        with self._writing():  # the run and its events in one transaction
             self.connection.execute(
-                "UPDATE runs SET status = ?, output = ?, figures = ?, steps = ?, error = ? WHERE id = ?", values)
+                "UPDATE runs SET status = ?, output = ?, figures = ?, steps = ?, memory = ?, error = ? WHERE id = ?",
+                values)
+            if events is not None:
+                self.connection.execute("INSERT OR REPLACE INTO run_events (run_id, data) VALUES (?, ?)",
+                                        (run_id, events))
 
     def delete(self, run_id: int) -> bool:
         with self._writing():
+            self.connection.execute("DELETE FROM run_events WHERE run_id = ?", (run_id,))
             return self.connection.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
 
     def _writing(self):
@@ -181,7 +200,9 @@ class RunHistory:
             clauses.append("(prompt_preview LIKE ? OR output LIKE ?)")
             values += [f"%{text}%"] * 2
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self.connection.execute(f"SELECT * FROM runs {where} ORDER BY id DESC LIMIT ?", (*values, limit))
+        # Not the per-step records and memory readings: they are the bulk of a row.
+        rows = self.connection.execute(f"SELECT {LIST_COLUMNS} FROM runs {where} ORDER BY id DESC LIMIT ?",
+                                       (*values, limit))
         return [self._record(row, with_steps=False) for row in rows]
 
     def get(self, run_id: int) -> RunRecord:
@@ -189,6 +210,11 @@ class RunHistory:
         if row is None:
             raise HistoryError(f"no run {run_id} in the history (`kvstudio runs list` shows the ids)")
         return self._record(row, with_steps=True)
+
+    def events(self, run_id: int) -> bytes | None:
+        """The run's packed events (recordings.unpack_events), or None when none were stored."""
+        row = self.connection.execute("SELECT data FROM run_events WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else bytes(row["data"])
 
     @staticmethod
     def _record(row, with_steps: bool) -> RunRecord:
@@ -198,6 +224,7 @@ class RunHistory:
             prompt_preview=row["prompt_preview"], status=row["status"], output=row["output"],
             figures=json.loads(row["figures"]), steps=json.loads(row["steps"]) if with_steps else [],
             settings=json.loads(row["settings"]), error=row["error"],
+            memory=json.loads(row["memory"]) if with_steps else [],
         )
 
 

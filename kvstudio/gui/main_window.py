@@ -23,6 +23,7 @@ from ..core.atomic import atomic_produce
 from ..core.errors import KVStudioError
 from ..core.exports import export_array, export_run
 from ..core.history import HistoryError, RunHistory, record_from_result
+from ..core.recordings import unpack_events
 from ..core.plugins import PluginManager, user_plugin_dir
 from ..core.policies import available_policies
 from .bars import message_bar
@@ -65,6 +66,7 @@ class MainWindow(QMainWindow):
         self.compare_queue: list[str] = []
         self.last_outcome: RunOutcome | None = None
         self.snapshot_path: str | None = None  # where the next run's memory snapshot goes, when armed
+        self.showing_stored_run = False  # the views show a run from the history, shaped as its model
 
         self._build_worker()
         self._build_panels()
@@ -199,6 +201,7 @@ class MainWindow(QMainWindow):
         self.runs_view = RunsView()
         self.runs_view.set_history(self.history)
         self.runs_view.export_requested.connect(self._export_stored_run)
+        self.runs_view.open_requested.connect(self.reopen_run)
         self.plugins_view = PluginsView(self.plugins)
         self.plugins_view.reloaded.connect(self._policies_changed)
         self.plugins_view.folder_added.connect(self.add_plugin_folder)
@@ -245,7 +248,8 @@ class MainWindow(QMainWindow):
         if self.history is None or outcome.request.history_id is None:
             return
         try:
-            self.history.finish(outcome.request.history_id, outcome.result, error=outcome.error)
+            self.history.finish(outcome.request.history_id, outcome.result, error=outcome.error,
+                                events=outcome.events)
         except HistoryError as error:
             self.history = None
             self.show_error(str(error))
@@ -307,6 +311,42 @@ class MainWindow(QMainWindow):
                                         outcome.result)
         return self._reporting(export_run, record, path)
 
+    def _shape_views(self, n_layers: int, n_heads: int) -> None:
+        for view in (self.attention_view, self.token_view, self.evictions_view):
+            view.set_model(n_layers, n_heads)
+
+    def reopen_run(self, run_id: int) -> None:
+        """Show a stored run in the live views, as its events were recorded."""
+        if self.running:
+            self.show_error("a run is in progress: stop it first, then open the stored run")
+            return
+        blob = self.history.events(run_id) if self.history is not None else None
+        if blob is None:
+            self.show_error(f"run {run_id} has no stored views: it ran before KV Studio kept them, or failed "
+                            "before its first step")
+            return
+        try:
+            recorder = unpack_events(blob)
+        except KVStudioError as error:
+            self.show_error(f"run {run_id}: {error}")
+            return
+        started = recorder.all("runs")
+        if not started:
+            self.show_error(f"run {run_id} has no stored views: it stopped before its first step")
+            return
+        run = started[-1]
+        self.hide_error()
+        self._shape_views(run.n_layers, run.n_heads or run.n_kv_heads)
+        if recorder.watch_layers:  # attention rows exist only for the layers watched during the run
+            self.attention_view.layer.setValue(min(recorder.watch_layers))
+        self.showing_stored_run = True
+        self.recorder = recorder
+        self.memory_view.clear()  # its clock is another session's: no common timeline
+        for view in self.live_views:
+            view.follow(recorder)
+        self.refresh_views(include_hidden=True)
+        self.statusBar().showMessage(f"showing run {run_id} from the history: {run.model}, {run.policy}")
+
     def _export_stored_run(self, run_id: int) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export run", f"run-{run_id}.json", "JSON or CSV (*.json *.csv)")
         if path:
@@ -358,8 +398,8 @@ class MainWindow(QMainWindow):
         self.chat.setEnabled(info.has_chat_template)
         if not info.has_chat_template:
             self.chat.setChecked(False)
-        for view in (self.attention_view, self.token_view, self.evictions_view):
-            view.set_model(info.n_layers, info.n_heads)
+        self._shape_views(info.n_layers, info.n_heads)
+        self.showing_stored_run = False
         self._remember_model(info.spec)
         for key, document in self.documents.documents.items():
             self.count_tokens.emit(key, document.text)
@@ -406,6 +446,9 @@ class MainWindow(QMainWindow):
             self.show_error(problem)
             return False
         self.hide_error()
+        if self.showing_stored_run:  # back to the loaded model's layers and heads
+            self._shape_views(self.model_info.n_layers, self.model_info.n_heads)
+            self.showing_stored_run = False
         self.recorder = Recorder()
         for view in self.live_views:
             view.follow(self.recorder)

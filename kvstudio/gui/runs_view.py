@@ -1,4 +1,5 @@
-"""The Runs view: the run history, to browse, filter, compare two runs, export and delete."""
+"""The Runs view: the run history, to browse, filter, reopen a run's views, compare two runs, export
+and delete."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ FIGURES = (("tokens/s", "tokens_per_second", "{:.1f}"), ("peak cache MiB", "peak
 
 class RunsView(QWidget):
     export_requested = Signal(int)  # run id
+    open_requested = Signal(int)  # run id: show its stored events in the live views
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.history = None
         self.search = QLineEdit(placeholderText="filter: text in the prompt or output, or policy=NAME")
         self.refresh_button = QPushButton("Refresh")
+        self.open_button = QPushButton("Open views")
+        self.open_button.setToolTip("show the run in the token map, evictions, occupancy, memory and attention "
+                                    "views, as it was recorded (double-click a row does the same)")
         self.compare_button = QPushButton("Compare two")
         self.export_button = QPushButton("Export…")
         self.delete_button = QPushButton("Delete")
@@ -34,7 +39,8 @@ class RunsView(QWidget):
         self.status = QLabel("")
         controls = QHBoxLayout()
         controls.addWidget(self.search, 1)
-        for button in (self.refresh_button, self.compare_button, self.export_button, self.delete_button):
+        for button in (self.refresh_button, self.open_button, self.compare_button, self.export_button,
+                       self.delete_button):
             controls.addWidget(button)
         layout = QVBoxLayout(self)
         layout.addLayout(controls)
@@ -46,6 +52,8 @@ class RunsView(QWidget):
         self.compare_button.clicked.connect(self.compare_selected)
         self.delete_button.clicked.connect(self.delete_selected)
         self.export_button.clicked.connect(lambda: [self.export_requested.emit(i) for i in self.selected_ids()[:1]])
+        self.open_button.clicked.connect(lambda: [self.open_requested.emit(i) for i in self.selected_ids()[:1]])
+        self.table.cellDoubleClicked.connect(lambda row, _: self.open_requested.emit(int(self.table.item(row, 0).text())))
 
     def set_history(self, history) -> None:
         self.history = history

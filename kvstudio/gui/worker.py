@@ -21,6 +21,7 @@ from ..core.errors import KVStudioError
 from ..core.events import Recorder
 from ..core.models import load_model
 from ..core.policies import policy_class
+from ..core.recordings import pack_events
 from ..core.snapshots import MemorySnapshotRecording, SnapshotError, save_snapshot
 
 
@@ -58,6 +59,7 @@ class RunOutcome:
     error: str | None = None
     thread_ids: set = field(default_factory=set)
     snapshot: dict | None = None  # the memory snapshot, when one was asked for and written
+    events: bytes | None = None  # the run's events packed for the history (to reopen its views)
     snapshot_error: str | None = None
 
 
@@ -131,6 +133,7 @@ class StudioWorker(QObject):
         except Exception as error:  # the studio stays usable whatever a run does
             traceback.print_exc()
             outcome.error = f"the run failed: {type(error).__name__}: {error}"
+        outcome.events = pack_events(request.recorder)  # here, not on the GUI thread: it compresses
         self.run_finished.emit(outcome)
 
     @staticmethod

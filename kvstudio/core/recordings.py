@@ -1,0 +1,85 @@
+"""A run's events packed into bytes, and back into a Recorder: how the history reopens a run's views.
+
+The format is a compressed NumPy .npz (no pickle; loaded with allow_pickle=False): a JSON header
+with the small events (run start, tokens, steps, memory readings) and flat arrays for the large
+ones (evicted positions, attention rows), which would be slow and big as JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict
+
+import numpy as np
+
+from .errors import KVStudioError
+from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, Recorder, RunStartedEvent,
+                     StepEvent, TokenEvent)
+
+FORMAT_VERSION = 1
+_SMALL = {"runs": RunStartedEvent, "tokens": TokenEvent, "steps": StepEvent, "memory": MemoryEvent,
+          "prefill": PrefillProgressEvent}
+_TUPLES = {"runs": ("budgets", "prompt_tokens"), "steps": ("kept_per_layer",), "memory": ("cache_bytes_per_layer",)}
+
+
+def pack_events(recorder: Recorder) -> bytes:
+    header = {"version": FORMAT_VERSION}
+    for kind in _SMALL:
+        header[kind] = [asdict(event) for event in recorder.all(kind)]
+    header["prefill"] = header["prefill"][-1:]  # only where it got to
+
+    evictions = recorder.all("evictions")
+    attention = recorder.all("attention")
+    arrays = {
+        "eviction_ids": np.array([(e.step, e.layer, e.kv_head, len(e.positions)) for e in evictions],
+                                 dtype=np.int64).reshape(-1, 4),
+        "eviction_positions": _concat([e.positions.astype(np.int64) for e in evictions], np.int64),
+        "attention_ids": np.array([(a.step, a.layer, *a.weights.shape, *a.positions.shape) for a in attention],
+                                  dtype=np.int64).reshape(-1, 6),
+        "attention_weights": _concat([a.weights.astype(np.float32).ravel() for a in attention], np.float32),
+        "attention_positions": _concat([a.positions.astype(np.int64).ravel() for a in attention], np.int64),
+    }
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, header=np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8), **arrays)
+    return buffer.getvalue()
+
+
+def unpack_events(blob: bytes) -> Recorder:
+    """A Recorder holding the stored events, in their recorded order within each kind."""
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+            header = json.loads(bytes(data["header"]).decode("utf-8"))
+            arrays = {name: data[name] for name in data.files if name != "header"}
+    except Exception as error:
+        raise KVStudioError(f"the stored views of this run are unreadable ({error})") from None
+    if header.get("version") != FORMAT_VERSION:
+        raise KVStudioError(f"the stored views use format {header.get('version')}; this KV Studio reads "
+                            f"{FORMAT_VERSION}")
+    events = []
+    for kind, cls in _SMALL.items():
+        for fields in header[kind]:
+            for name in _TUPLES.get(kind, ()):
+                fields[name] = tuple(fields[name])
+            events.append(cls(**fields))
+    offset = 0
+    for step, layer, head, count in arrays["eviction_ids"]:
+        events.append(EvictionEvent(int(step), int(layer), int(head),
+                                    arrays["eviction_positions"][offset:offset + count]))
+        offset += count
+    weights_at = positions_at = 0
+    for step, layer, q_heads, n, kv_heads, held in arrays["attention_ids"]:
+        weights = arrays["attention_weights"][weights_at:weights_at + q_heads * n].reshape(q_heads, n)
+        positions = arrays["attention_positions"][positions_at:positions_at + kv_heads * held].reshape(kv_heads, held)
+        weights_at, positions_at = weights_at + q_heads * n, positions_at + kv_heads * held
+        events.append(AttentionEvent(int(step), int(layer), weights, positions))
+    recorder = Recorder(capacity=max(20_000, len(events)),
+                        watch_layers={int(layer) for layer in arrays["attention_ids"][:, 1]})
+    # The run's start first: viewers begin a run with it; the rest by kind, each in its own order.
+    for event in sorted(events, key=lambda e: not isinstance(e, RunStartedEvent)):
+        recorder.record(event)
+    return recorder
+
+
+def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
