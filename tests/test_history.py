@@ -63,17 +63,25 @@ def test_list_filters_and_delete(history, llama_engine):
         history.get(first)
 
 
-def test_a_database_from_an_older_schema_is_migrated(tmp_path):
-    path = tmp_path / "old.sqlite3"
+def old_database(path, version: int, insert: str):
+    """A database as an older KV Studio left it: its schema up to `version`, one row inserted."""
     old = sqlite3.connect(path)
-    for statement in MIGRATIONS[1]:
-        old.execute(statement)
-    old.execute("INSERT INTO runs (created, model, policy, parameters, prompt_sha256, prompt_preview, output, "
-                "status, figures) VALUES ('2026-01-01T00:00:00+00:00', 'default', 'h2o', '{\"budget\": 64}', "
-                "'abc', 'an old prompt', 'an old answer', 'finished', '{\"evictions\": 5}')")
-    old.execute("PRAGMA user_version = 1")
+    for each in range(1, version + 1):
+        for statement in MIGRATIONS[each]:
+            old.execute(statement)
+    old.execute(insert)
+    old.execute(f"PRAGMA user_version = {version}")
     old.commit()
     old.close()
+    return path
+
+
+def test_a_database_from_an_older_schema_is_migrated(tmp_path):
+    path = old_database(
+        tmp_path / "old.sqlite3", 1,
+        "INSERT INTO runs (created, model, policy, parameters, prompt_sha256, prompt_preview, output, status, "
+        "figures) VALUES ('2026-01-01T00:00:00+00:00', 'default', 'h2o', '{\"budget\": 64}', 'abc', "
+        "'an old prompt', 'an old answer', 'finished', '{\"evictions\": 5}')")
     history = RunHistory(path)
     try:
         assert history.connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
@@ -87,17 +95,11 @@ def test_a_database_from_an_older_schema_is_migrated(tmp_path):
 
 
 def test_a_version_2_database_gains_memory_and_events(tmp_path, llama_engine):
-    path = tmp_path / "v2.sqlite3"
-    old = sqlite3.connect(path)
-    for version in (1, 2):
-        for statement in MIGRATIONS[version]:
-            old.execute(statement)
-    old.execute("INSERT INTO runs (created, model, policy, parameters, prompt_sha256, prompt_preview, status, "
-                "steps) VALUES ('2026-05-01T00:00:00+00:00', 'tiny-llama', 'window', '{}', 'x', 'p', 'finished', "
-                "'[{\"step\": 0}]')")
-    old.execute("PRAGMA user_version = 2")
-    old.commit()
-    old.close()
+    path = old_database(
+        tmp_path / "v2.sqlite3", 2,
+        "INSERT INTO runs (created, model, policy, parameters, prompt_sha256, prompt_preview, status, steps) "
+        "VALUES ('2026-05-01T00:00:00+00:00', 'tiny-llama', 'window', '{}', 'x', 'p', 'finished', "
+        "'[{\"step\": 0}]')")
     history = RunHistory(path)
     try:
         [kept] = history.list()
