@@ -2,8 +2,9 @@
 
 Same model, same prompt, greedy, same number of new tokens:
   hf        model.generate with transformers' own DynamicCache
-  engine    KV Studio's engine under the `full` policy, nothing watched
+  engine    KV Studio's engine under the `full` policy, nothing watched (memory read at 20 Hz, the default)
   recording the engine recording attention rows of one watched layer
+  no_sampler the engine with memory read only after each step (--memory-sample-hz 0)
 Runs are interleaved (hf, engine, recording, hf, ...) so machine noise hits all three alike, and
 medians are compared. The last two lines are the ratios.
 
@@ -67,7 +68,11 @@ def main() -> int:
         assert len(recorder.all("attention")) == len(tokens)
         return tokens
 
-    runs = {"hf": run_hf, "engine": run_engine, "recording": run_recording}
+    def run_no_sampler():
+        quiet = GenerationSettings(**{**vars(settings), "memory_sample_hz": 0})
+        return engine.generate(prompt, create_policy("full"), quiet).token_ids
+
+    runs = {"hf": run_hf, "engine": run_engine, "recording": run_recording, "no_sampler": run_no_sampler}
     for fn in runs.values():  # warm-up: first calls pay for allocations and lazy imports
         fn()
     reference = run_hf()
@@ -86,11 +91,12 @@ def main() -> int:
     print(f"model {loaded.describe()}")
     print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, {args.repeats} interleaved repeats")
     for name, values in times.items():
-        print(f"{name:<10} median {statistics.median(values) * 1000:8.1f} ms   "
+        print(f"{name:<11} median {statistics.median(values) * 1000:8.1f} ms   "
               f"min {min(values) * 1000:8.1f} ms   max {max(values) * 1000:8.1f} ms")
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"ratio_engine_full_vs_hf_generate={medians['engine'] / medians['hf']:.3f}")
     print(f"ratio_recording_on_vs_off={medians['recording'] / medians['engine']:.3f}")
+    print(f"ratio_memory_sampler_20hz_vs_off={medians['engine'] / medians['no_sampler']:.3f}")
     return 0
 
 

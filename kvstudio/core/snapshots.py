@@ -9,7 +9,8 @@ events in order: action alloc / free_requested / free_completed, addr, size, fra
   (`profile_memory=True`, `with_stack=True`), and `snapshot_from_profile` turns those events into
   the same shape. (torch.cuda._memory_viz._profile_to_snapshot does this too, through the memory
   profiler's data-flow analysis: 10 s for a 16-token run of a 4-layer model; reading the raw
-  allocation events takes a fraction of that.)
+  allocation events takes a fraction of that.) The profiler itself makes a CPU run slower and
+  spends seconds after it assembling its events: see benchmarks/snapshot_cost.py.
 
 Reading a snapshot back uses an unpickler that refuses every Python class or function, so a
 malicious file cannot run code through it: a snapshot is made only of dicts, lists, strings and
@@ -71,7 +72,8 @@ class MemorySnapshotRecording:
 
     def __enter__(self) -> "MemorySnapshotRecording":
         if self.device.type == "cuda":
-            torch.cuda.memory._record_memory_history(max_entries=CUDA_MAX_ENTRIES, device=self.device)
+            torch.cuda.memory._record_memory_history(max_entries=CUDA_MAX_ENTRIES, device=self.device,
+                                                     clear_history=True)  # this run only
         else:
             from torch.profiler import ProfilerActivity, profile
 
@@ -98,29 +100,21 @@ class MemorySnapshotRecording:
 
 def snapshot_from_profile(profile) -> dict:
     """A CPU profile's allocation events as a memory snapshot (one device trace: the CPU)."""
-    from torch._C._profiler import _EventType
-
-    allocations = []
-    pending = list(profile.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        event = pending.pop()
-        pending.extend(event.children)
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            allocations.append(event)
-    allocations.sort(key=lambda event: event.start_time_ns)
-
+    allocations = sorted(_allocations_with_frames(profile), key=lambda pair: pair[0].start_time_ns)
     trace, live = [], {}
-    for event in allocations:
+    for event, frames in allocations:
         fields = event.extra_fields
+        if fields.device.type != "cpu":
+            continue
         address, size, time_us = int(fields.ptr), int(fields.alloc_size), event.start_time_ns // 1000
         if size > 0:
             entry = {"action": "alloc", "addr": address, "size": size, "stream": 0, "time_us": time_us,
-                     "frames": _frames_of(event)}
+                     "frames": frames}
             live[address] = entry
             trace.append(entry)
         elif size < 0:
             made = live.pop(address, None)
-            frames = made["frames"] if made else _frames_of(event)
+            frames = made["frames"] if made else frames
             for action in ("free_requested", "free_completed"):
                 trace.append({"action": action, "addr": address, "size": -size, "stream": 0, "time_us": time_us,
                               "frames": frames})
@@ -130,23 +124,43 @@ def snapshot_from_profile(profile) -> dict:
 _PYTHON_FRAME = re.compile(r"^(?P<file>.+)\((?P<line>\d+)\): (?P<name>.+)$")
 
 
-def _frames_of(event) -> list[dict]:
-    """The Python frames (innermost first) and the operator around an allocation."""
+def _allocations_with_frames(profile) -> list[tuple]:
+    """(allocation event, frames innermost first) for every CPU allocation and free.
+
+    One walk down the event tree carries the Python stack along, so each frame is built once and
+    allocations under the same call share one frames list: walking up from each allocation instead
+    took 17 s for a 512-token run, and pickling shared lists once keeps the file small.
+    """
     from torch._C._profiler import _EventType
 
-    frames = []
-    parent = event.parent
-    while parent is not None:
-        if parent.tag == _EventType.PyCall:
-            match = _PYTHON_FRAME.match(parent.name)
-            if match:
-                frames.append({"filename": match["file"], "line": int(match["line"]), "name": match["name"]})
-            else:
-                frames.append({"filename": "??", "line": 0, "name": parent.name})
-        elif parent.tag in (_EventType.PyCCall, _EventType.TorchOp) and not frames:
-            frames.append({"filename": "??", "line": 0, "name": parent.name})
-        parent = parent.parent
-    return frames
+    found = []
+    # Frames lists by (Python stack, operator); the operator event is kept in the value so its id
+    # cannot be reused by another event while the walk goes on.
+    shared: dict[tuple[int, int], tuple] = {}
+    # Tags compared as ints: comparing the enum objects costs a pybind call each, seconds in all.
+    allocation, python_call = int(_EventType.Allocation), int(_EventType.PyCall)
+    operators = (int(_EventType.PyCCall), int(_EventType.TorchOp))
+    # (event, Python frames around it, the innermost operator event since the last Python frame)
+    pending = [(root, [], None) for root in profile.profiler.kineto_results.experimental_event_tree()]
+    while pending:
+        event, python, operator = pending.pop()
+        tag = int(event.tag)
+        if tag == allocation:
+            key = (id(python), id(operator))
+            if key not in shared:
+                op_frame = [{"filename": "??", "line": 0, "name": operator.name}] if operator is not None else []
+                shared[key] = (operator, op_frame + python)
+            found.append((event, shared[key][1]))
+            continue
+        if tag == python_call:
+            match = _PYTHON_FRAME.match(event.name)
+            frame = ({"filename": match["file"], "line": int(match["line"]), "name": match["name"]} if match
+                     else {"filename": "??", "line": 0, "name": event.name})
+            python, operator = [frame] + python, None
+        elif tag in operators:
+            operator = event
+        pending.extend([(child, python, operator) for child in event.children])
+    return found
 
 
 def _segments_at_end(live) -> list[dict]:
