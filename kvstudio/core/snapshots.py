@@ -148,19 +148,30 @@ def _allocations_with_frames(profile) -> list[tuple]:
         if tag == allocation:
             key = (id(python), id(operator))
             if key not in shared:
-                op_frame = [{"filename": "??", "line": 0, "name": operator.name}] if operator is not None else []
+                op_frame = [{"filename": "??", "line": 0, "name": _name(operator)}] if operator is not None else []
                 shared[key] = (operator, op_frame + python)
             found.append((event, shared[key][1]))
             continue
         if tag == python_call:
-            match = _PYTHON_FRAME.match(event.name)
+            name = _name(event)
+            match = _PYTHON_FRAME.match(name)
             frame = ({"filename": match["file"], "line": int(match["line"]), "name": match["name"]} if match
-                     else {"filename": "??", "line": 0, "name": event.name})
+                     else {"filename": "??", "line": 0, "name": name})
             python, operator = [frame] + python, None
         elif tag in operators:
             operator = event
         pending.extend([(child, python, operator) for child in event.children])
     return found
+
+
+def _name(event) -> str:
+    """An event's name. With the studio's GUI thread running Python while the worker is profiled,
+    torch 2.13 now and then hands back a name that is not UTF-8 (seen on frames of other threads);
+    one bad frame must not lose the snapshot."""
+    try:
+        return event.name
+    except UnicodeDecodeError:
+        return "(unreadable frame name)"
 
 
 def _segments_at_end(live) -> list[dict]:

@@ -98,6 +98,7 @@ class MainWindow(QMainWindow):
         self.worker.loaded.connect(self.on_loaded)
         self.worker.load_failed.connect(self.on_load_failed)
         self.worker.run_finished.connect(self.on_run_finished)
+        self.worker.run_status.connect(self.statusBar().showMessage)
         self.worker.tokens_counted.connect(self.on_tokens_counted)
         self.thread_.start()
 
@@ -507,7 +508,7 @@ class MainWindow(QMainWindow):
             self.show_error(f"cannot record a memory snapshot into {path}: folder {folder} does not exist")
             return
         self.snapshot_path = path
-        slower = " (on CPU the profiler makes the run about 3x slower)" if "cpu" in self._device_text() else ""
+        slower = " (on CPU the profiler makes the run several times slower)" if "cpu" in self._device_text() else ""
         self.statusBar().showMessage(f"the next run will be recorded into {path}{slower}")
         self.snapshot_view.summary.setText(f"The next run will be recorded into {path}{slower}.")
 

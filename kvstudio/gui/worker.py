@@ -68,6 +68,7 @@ class StudioWorker(QObject):
     loaded = Signal(object)  # ModelInfo
     load_failed = Signal(str)
     run_finished = Signal(object)  # RunOutcome (error set when it failed)
+    run_status = Signal(str)  # what a finished run is still doing (building its memory snapshot)
     tokens_counted = Signal(object, int)  # document key, token count
 
     def __init__(self):
@@ -121,6 +122,8 @@ class StudioWorker(QObject):
                 with recording:
                     outcome.result = self.engine.generate(request.prompt, policy, request.settings,
                                                           recorder=request.recorder, cancel=self.run_cancel)
+                    if request.snapshot_path:  # leaving the block takes seconds on CPU: say so
+                        self.run_status.emit("building the memory snapshot from the recorded allocations…")
             finally:  # a failed run's snapshot is the one that shows why
                 if request.snapshot_path:
                     self._save_snapshot(recording, outcome, request.snapshot_path)
