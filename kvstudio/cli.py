@@ -316,7 +316,8 @@ def command_runs(args) -> int:
                   f"{peak:<16} {preview!r}")
         return 0
     if args.runs_command == "show":
-        print(json.dumps({k: v for k, v in history.get(args.id).to_dict().items() if k != "steps"}, indent=1))
+        print(json.dumps({k: v for k, v in history.get(args.id).to_dict().items()
+                          if k not in ("steps", "memory")}, indent=1))
         return 0
     path = export_run(history.get(args.id), args.path)
     print(f"wrote run {args.id} to {path}")

@@ -516,7 +516,7 @@ def test_memory_view_marks_load_prefill_chunks_decode_and_eviction_bursts(qtbot,
     # Chunks follow each other without gaps, each ending at its step's reading.
     bands = view.segment.bands
     assert all(bands[i][2] == bands[i + 1][1] for i in range(len(bands) - 1))
-    step_x = [x for x, s in zip([x for x in view.columns["x"] if x == x], view.samples) if s.source == "step"]
+    step_x = [x for x, s in zip([x for x in view.columns["x"].tolist() if x == x], view.samples) if s.source == "step"]
     assert [band[2] for band in bands[:5]] == step_x[len(step_x) - len(outcome.result.steps):][:5]
     # Bursts, in entries over 4 layers x 2 KV heads: chunk 2 takes 32 held down to 20 (12 tokens, 96),
     # chunks 3-5 evict 16 tokens each (128); decode steps evict 1 token (8), not a burst.

@@ -223,6 +223,13 @@ def test_exports_as_json_and_csv(history, llama_engine, tmp_path):
     assert int(rows[-1]["kept_total"]) == sum(result.kept_per_layer)
     assert int(rows[0]["process_bytes"]) > 0
     assert rows[0]["phase"] == "prefill" and rows[-1]["phase"] == "decode"
+    # Memory: per-layer cache bytes in each row; every reading (timer ones too) in the JSON.
+    assert [r["cache_bytes_per_layer"] for r in rows] == [";".join(map(str, s.cache_bytes_per_layer))
+                                                         for s in result.steps]
+    assert sum(int(b) for b in rows[-1]["cache_bytes_per_layer"].split(";")) == int(rows[-1]["cache_bytes"])
+    assert len(data["memory"]) == len(result.memory) >= len(result.steps)
+    assert {"cache_bytes", "cache_bytes_per_layer", "process_bytes", "cuda_peak", "device_used", "phase",
+            "source"} <= data["memory"][0].keys()
 
 
 def test_an_interrupted_export_leaves_the_previous_file_intact(history, llama_engine, tmp_path):

@@ -44,6 +44,25 @@ def _curve(plot, name, colour, width=2, style=None):
     return curve
 
 
+class _Columns:
+    """Growable float64 columns (amortised doubling): a session's readings are drawn at 25 Hz, and
+    converting ever longer Python lists each frame would cost more as the session goes on."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+        self.length = 0
+        self._data = np.empty((len(names), 1024))
+
+    def append(self, values) -> None:
+        if self.length == self._data.shape[1]:
+            self._data = np.concatenate([self._data, np.empty_like(self._data)], axis=1)
+        self._data[:, self.length] = values
+        self.length += 1
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._data[self.names.index(name), :self.length]
+
+
 class _Segment:
     """One load or one run on the timeline: its readings' phases become shaded bands."""
 
@@ -115,7 +134,7 @@ class MemoryView(LiveView):
         for item in getattr(self, "band_items", []):
             self.cache_plot.removeItem(item)
         self.band_items: list = []
-        self.columns = {name: [] for name in ("x", "cache_bytes") + tuple(field for field, *_ in SERIES)}
+        self.columns = _Columns(("x", "cache_bytes") + tuple(field for field, *_ in SERIES))
         self.samples: list = []  # every reading shown, in order
         self.burst_points: list[dict] = []
         self.segment = None
@@ -147,15 +166,11 @@ class MemoryView(LiveView):
 
     def _add(self, reading, x: float) -> None:
         self.samples.append(reading)
-        self.columns["x"].append(x)
-        self.columns["cache_bytes"].append(reading.cache_bytes)
-        for field, *_ in SERIES:
-            self.columns[field].append(getattr(reading, field))
+        self.columns.append([x, reading.cache_bytes] + [getattr(reading, field) for field, *_ in SERIES])
 
     def _break_line(self) -> None:
-        if self.columns["x"]:
-            for values in self.columns.values():
-                values.append(math.nan)
+        if self.columns.length:
+            self.columns.append([math.nan] * len(self.columns.names))
 
     def _mark_phase(self, reading, x: float) -> None:
         """Grow the current band, or start the next: a load, a prefill chunk, decoding."""
@@ -190,10 +205,10 @@ class MemoryView(LiveView):
     # -- drawing -----------------------------------------------------------------------------------
 
     def _redraw(self) -> None:
-        x = np.asarray(self.columns["x"], dtype=float)
-        self.cache_curve.setData(x, np.asarray(self.columns["cache_bytes"], dtype=float) / MIB)
+        x = self.columns["x"]
+        self.cache_curve.setData(x, self.columns["cache_bytes"] / MIB)
         for field, name, colour, width, style in SERIES:
-            values = np.asarray(self.columns[field], dtype=float)
+            values = self.columns[field]
             if field not in self.curves:
                 if not np.nansum(values):
                     continue  # no CUDA: no CUDA curves
