@@ -610,6 +610,14 @@ def test_a_stored_run_reopens_its_views_after_a_restart(qtbot, window, tmp_path)
             else:
                 assert before == after, index
         assert f"showing run {run_id}" in again.statusBar().currentMessage()
+        # Looking at another layer and back brings the stored rows back.
+        stored_layer = again.attention_view.layer.value()
+        again.attention_view.layer.setValue((stored_layer + 1) % 4)
+        again.refresh_views(include_hidden=True)
+        assert again.attention_view.image_values.size == 0  # that layer was not watched
+        again.attention_view.layer.setValue(stored_layer)
+        again.refresh_views(include_hidden=True)
+        assert np.array_equal(again.attention_view.image_values, live[5])
     finally:
         again.close()
         again.plugins.unload()

@@ -97,6 +97,9 @@ class AttentionMapView(LiveView):
     def _watch_layer(self, layer: int) -> None:
         if self.recorder is not None:
             self.recorder.watch_layers = frozenset({layer})  # the engine reads it at its next step
+            # Read the recorder again from the start: rows this layer already has (it was watched
+            # before, or the run is a stored one) come back; the consume filters by layer.
+            self._cursors["attention"] = 0
         self.events, self.rows = [], []
         self._redraw()
 
