@@ -169,6 +169,18 @@ def test_recorder_is_readable_while_a_run_writes(llama_engine):
     assert [s.step for s in reads] == list(range(len(result.steps)))
 
 
+def test_recorder_reads_what_is_new_in_order_after_the_ring_dropped_old_events():
+    from kvstudio.core.events import PrefillProgressEvent
+
+    recorder = Recorder(capacity=5)
+    for done in range(1, 13):
+        recorder.record(PrefillProgressEvent(done, 12))
+    new, cursor = recorder.since("prefill", 3)  # events 4-7 were dropped by the ring
+    assert [e.tokens_done for e in new] == [8, 9, 10, 11, 12] and cursor == 12
+    assert [e.tokens_done for e in recorder.since("prefill", 10)[0]] == [11, 12]
+    assert recorder.since("prefill", 12)[0] == []
+
+
 def test_bad_settings_and_prompts_are_reported(llama_engine):
     with pytest.raises(KVStudioError, match="--chunk-size"):
         llama_engine.generate([1, 2], create_policy("full"), GenerationSettings(chunk_size=0))

@@ -170,3 +170,14 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
 def test_snapshot_save_refuses_a_missing_folder(tmp_path):
     with pytest.raises(SnapshotError, match="folder does not exist"):
         save_snapshot({"segments": [], "device_traces": []}, tmp_path / "nope" / "s.pickle")
+
+
+def test_an_interrupted_snapshot_write_leaves_the_previous_file_intact(tmp_path, cpu_snapshot):
+    _, snapshot, _ = cpu_snapshot
+    path = save_snapshot(snapshot, tmp_path / "keep.pickle")
+    before = path.read_bytes()
+    broken = {**snapshot, "device_traces": snapshot["device_traces"] + [[{"unpicklable": lambda: None}]]}
+    with pytest.raises(Exception):
+        save_snapshot(broken, path)  # fails part-way through pickling
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.pickle"]  # no temporary file left behind

@@ -127,7 +127,14 @@ class Recorder:
     def since(self, kind: str, sequence: int = 0) -> tuple[list, int]:
         """Events of `kind` recorded after `sequence`, and the sequence number to ask with next."""
         with self._lock:
-            items = [event for seq, event in self._buffers[kind] if seq > sequence]
+            # Newest first until the reader's mark: the cost is what is new, not the buffer's size
+            # (the engine waits on this lock, and viewers ask at 25 Hz for every kind).
+            items = []
+            for seq, event in reversed(self._buffers[kind]):
+                if seq <= sequence:
+                    break
+                items.append(event)
+            items.reverse()
             return items, self._sequence
 
     def all(self, kind: str) -> list:
