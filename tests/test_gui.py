@@ -149,13 +149,18 @@ def test_dropped_plain_text_becomes_a_document(qtbot, window):
     assert [d.text for d in window.documents.documents.values()] == ["a pasted paragraph"]
 
 
-def test_stop_cancels_within_a_step(qtbot, window):
+def start_long_run(qtbot, window):
+    """A run that goes on until stopped (100,000 tokens asked for)."""
     load(qtbot, window)
     window.prompt.setPlainText("x" * 50)
     window.max_new_tokens.setValue(100_000)
     window.policy.setCurrentText("window")
     window.policy_form.set_values({"budget": 16})
     window.request_run()
+
+
+def test_stop_cancels_within_a_step(qtbot, window):
+    start_long_run(qtbot, window)
     qtbot.waitUntil(lambda: len(window.recorder.all("tokens")) >= 5, timeout=10_000)
     window.stop()
     qtbot.waitUntil(lambda: not window.running, timeout=5000)
@@ -163,6 +168,16 @@ def test_stop_cancels_within_a_step(qtbot, window):
     assert result.stop_reason == "cancelled"
     assert len(result.token_ids) < 100_000
     assert window.run_button.isEnabled() and not window.stop_button.isEnabled()
+
+
+def test_loading_during_a_run_is_refused_with_a_reason(qtbot, window):
+    start_long_run(qtbot, window)
+    assert not window.model_panel.load.isEnabled()
+    window.request_load("tiny-qwen2", "cpu", "auto")
+    assert "a run is in progress" in window.error_text.text()
+    window.stop()
+    qtbot.waitUntil(lambda: not window.running, timeout=5000)
+    assert window.model_panel.load.isEnabled() and window.model_info.spec == "tiny-llama"
 
 
 class _Exploding(Policy):

@@ -379,6 +379,9 @@ class MainWindow(QMainWindow):
         if not spec:
             self.show_error("give a model: default, a tiny model, a folder or a hub id")
             return
+        if self.running:  # the load would wait for the run anyway; say so instead of queueing it
+            self.show_error("a run is in progress: stop it or let it finish, then load another model")
+            return
         self.hide_error()
         self.model_panel.set_loading(True)
         self.model_panel.status.setText(f"loading {spec}…")
@@ -576,6 +579,7 @@ class MainWindow(QMainWindow):
                 view.refresh()
 
     def _update_buttons(self) -> None:
+        self.model_panel.load.setEnabled(not self.running and not self.model_panel.cancel.isEnabled())
         self.run_button.setEnabled(not self.running and self.model_info is not None)
         self.stop_button.setEnabled(self.running)
         self.compare_view.start.setEnabled(not self.running and self.model_info is not None)
