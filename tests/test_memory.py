@@ -49,6 +49,22 @@ def test_timer_readings_arrive_between_steps(llama_engine):
     assert not any(t.name == "kvstudio-memory" for t in threading.enumerate()), "the sampler thread outlived the run"
 
 
+def test_a_long_run_keeps_its_whole_memory_curve_at_bounded_size(llama_engine, monkeypatch):
+    import kvstudio.core.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_TIMER_READINGS", 8)
+    result = llama_engine.generate(PROMPT * 4, create_policy("window", budget=64), GenerationSettings(
+        max_new_tokens=200, chunk_size=16, memory_sample_hz=1000, ignore_eos=True))
+    timer = [r for r in result.memory if r["source"] == "timer"]
+    steps = [r for r in result.memory if r["source"] == "step"]
+    assert 0 < len(timer) <= 8  # thinned, many times over at 1000 Hz
+    assert [r["step"] for r in steps] == [s.step for s in result.steps]  # every step reading kept
+    seconds = [r["seconds"] for r in result.memory]
+    assert seconds == sorted(seconds)
+    # Thinning keeps every other reading over the whole run: the curve still reaches its end.
+    assert timer[-1]["seconds"] > steps[-1]["seconds"] / 2
+
+
 def test_bad_sample_rate_is_refused_with_the_option_named(llama_engine):
     with pytest.raises(KVStudioError, match="--memory-sample-hz"):
         llama_engine.generate("hi", create_policy("full"), GenerationSettings(memory_sample_hz=-1))

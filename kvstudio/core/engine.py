@@ -29,6 +29,9 @@ from .policies.base import Policy
 from .rotary import Rerotator
 
 
+MAX_TIMER_READINGS = 10_000  # per run, kept in its result and history (20 Hz: the first 8 minutes in full)
+
+
 class CancelToken:
     """Set from any thread; the engine checks it before every forward step."""
 
@@ -243,9 +246,9 @@ class Engine:
         ))
 
         interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0
-        with MemorySampler(interval, lambda: run.record_memory("timer")):
+        with MemorySampler(interval, lambda: run.record_memory("timer")) as run.memory_sampler:
             result = self._generate(run, ids, policy, settings, sampler, stream, cancel, on_text)
-        result.memory = [asdict(reading) for reading in recorder.all("memory")]
+        result.memory = [asdict(reading) for reading in run.memory_readings]
         result.started_unix = run.started_unix
         if keep_cache:
             result.cache = cache
@@ -310,6 +313,11 @@ class _Run:
         self.phase = "prefill"
         self.started = time.perf_counter()
         self.started_unix = time.time()
+        # Every reading after a step, and timer readings thinned to at most MAX_TIMER_READINGS.
+        self.memory_readings: list[MemoryEvent] = []
+        self.memory_sampler: MemorySampler | None = None
+        self._timer_readings = 0
+        self._memory_lock = threading.Lock()  # the sampler's thread and the engine's both append
         reset_peak(engine.loaded.device)
         self.token_ids = torch.empty(0, dtype=torch.long, device=engine.loaded.device)
 
@@ -376,10 +384,33 @@ class _Run:
     def record_memory(self, source: str, step: int | None = None) -> MemoryEvent:
         """Read memory now and record it. Runs on the engine's thread ("step") or the sampler's
         ("timer"); the cache's bytes are read from its tensors either way."""
-        per_layer = tuple(self.cache.bytes_per_layer())
-        system = read_system_memory(self.engine.loaded.device)
-        clock = time.perf_counter()
-        event = MemoryEvent(len(self.records) if step is None else step, clock - self.started, clock, self.phase,
-                            source, sum(per_layer), per_layer, **vars(system))
-        self.recorder.record(event)
+        with self._memory_lock:  # one reading at a time: readings stay in time order
+            per_layer = tuple(self.cache.bytes_per_layer())
+            system = read_system_memory(self.engine.loaded.device)
+            clock = time.perf_counter()
+            step = len(self.records) if step is None else step
+            event = MemoryEvent(step, clock - self.started, clock, self.phase, source, sum(per_layer), per_layer,
+                                **vars(system))
+            self.recorder.record(event)
+            self.memory_readings.append(event)
+            if source == "timer":
+                self._timer_readings += 1
+                if self._timer_readings > MAX_TIMER_READINGS:
+                    self._thin_timer_readings()
         return event
+
+    def _thin_timer_readings(self) -> None:
+        """A long run keeps its whole memory curve at half the resolution: drop every other timer
+        reading and sample half as often from now on, so the readings stay evenly spread in time
+        and bounded in number however long the run goes."""
+        kept, timer_index = [], 0
+        for reading in self.memory_readings:
+            if reading.source == "timer":
+                timer_index += 1
+                if timer_index % 2:
+                    continue
+            kept.append(reading)
+        self.memory_readings = kept
+        self._timer_readings = timer_index // 2
+        if self.memory_sampler is not None:
+            self.memory_sampler.interval_s *= 2
