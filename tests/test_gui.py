@@ -531,7 +531,7 @@ def test_memory_view_marks_load_prefill_chunks_decode_and_eviction_bursts(qtbot,
     # Chunks follow each other without gaps, each ending at its step's reading.
     bands = view.segment.bands
     assert all(bands[i][2] == bands[i + 1][1] for i in range(len(bands) - 1))
-    step_x = [x for x, s in zip([x for x in view.columns["x"].tolist() if x == x], view.samples) if s.source == "step"]
+    step_x = view.columns["x"][view.columns["run_step"] == 1].tolist()
     assert [band[2] for band in bands[:5]] == step_x[len(step_x) - len(outcome.result.steps):][:5]
     # Bursts, in entries over 4 layers x 2 KV heads: chunk 2 takes 32 held down to 20 (12 tokens, 96),
     # chunks 3-5 evict 16 tokens each (128); decode steps evict 1 token (8), not a burst.
@@ -539,10 +539,10 @@ def test_memory_view_marks_load_prefill_chunks_decode_and_eviction_bursts(qtbot,
     assert [point["data"] for point in view.burst_points] == ["step 1: 96 entries evicted"] + [
         f"step {i}: 128 entries evicted" for i in (2, 3, 4)]
     # The session keeps the load before the run; Clear empties it.
-    assert view.samples[0].phase == "load" and view.samples[-1].phase == "decode"
+    assert view.columns["x"][0] < view.segment.start and view.last_reading.phase == "decode"
     assert "cache " in view.readout.text() and "process " in view.readout.text()
     view.clear()
-    assert view.samples == [] and view.band_items == []
+    assert view.columns.length == 0 and view.step_readings() == [] and view.band_items == []
 
 
 def test_record_and_view_a_memory_snapshot_in_the_studio(qtbot, window, tmp_path):

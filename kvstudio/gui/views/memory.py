@@ -114,6 +114,7 @@ class MemoryView(LiveView):
         """A new run or load: keep what is drawn, start a new segment at its first reading."""
         super().follow(recorder)
         self.segment = None
+        self.run_step_readings = []
         self.steps_evicted: dict[int, int] = {}
         self.burst_threshold = math.inf
 
@@ -134,8 +135,12 @@ class MemoryView(LiveView):
         for item in getattr(self, "band_items", []):
             self.cache_plot.removeItem(item)
         self.band_items: list = []
-        self.columns = _Columns(("x", "cache_bytes") + tuple(field for field, *_ in SERIES))
-        self.samples: list = []  # every reading shown, in order
+        self.columns = _Columns(("x", "cache_bytes", "run_step") + tuple(field for field, *_ in SERIES))
+        # Readings themselves are not kept (a session has tens of thousands): only the columns
+        # drawn, the readings after each step of the current run (the tests compare them with its
+        # steps), and the latest.
+        self.run_step_readings: list = []
+        self.last_reading = None
         self.burst_points: list[dict] = []
         self.segment = None
         self.steps_evicted = {}
@@ -165,8 +170,11 @@ class MemoryView(LiveView):
         self._redraw()
 
     def _add(self, reading, x: float) -> None:
-        self.samples.append(reading)
-        self.columns.append([x, reading.cache_bytes] + [getattr(reading, field) for field, *_ in SERIES])
+        self.last_reading = reading
+        if reading.source == "step" and reading.phase != "load":
+            self.run_step_readings.append(reading)
+        run_step = float(reading.source == "step" and reading.phase != "load")
+        self.columns.append([x, reading.cache_bytes, run_step] + [getattr(reading, field) for field, *_ in SERIES])
 
     def _break_line(self) -> None:
         if self.columns.length:
@@ -226,10 +234,10 @@ class MemoryView(LiveView):
             self.cache_plot.setYRange(0, segment.max_cache_bytes / MIB * 1.15 or 1, padding=0)
 
     def _show_readout(self) -> None:
-        if not self.samples:
+        last = self.last_reading
+        if last is None:
             self.readout.setText("")
             return
-        last = self.samples[-1]
         parts = [f"cache {format_bytes(last.cache_bytes)}", f"process {format_bytes(last.process_bytes)}"]
         if last.device_total:
             parts += [f"CUDA {format_bytes(last.cuda_allocated)} (peak {format_bytes(last.cuda_peak)})",
@@ -237,5 +245,5 @@ class MemoryView(LiveView):
         self.readout.setText(" · ".join(parts))
 
     def step_readings(self) -> list:
-        """The readings taken right after each run step (the tests compare them with the run's steps)."""
-        return [s for s in self.samples if s.source == "step" and s.phase != "load"]
+        """The readings right after each step of the run followed (the tests compare them with its steps)."""
+        return self.run_step_readings
