@@ -642,3 +642,17 @@ def test_a_run_without_stored_views_says_so(qtbot, window):
     run_id = window.history.start("tiny-llama", "full", {}, "never finished")  # as a crash leaves it
     window.reopen_run(run_id)
     assert window.error_banner.isVisible() and f"run {run_id} has no stored views" in window.error_text.text()
+
+
+def test_an_eviction_burst_tells_its_count_on_hover(qtbot, window):
+    load(qtbot, window)
+    window.prompt.setPlainText("abcdefgh" * 10)
+    window.chunk_size.setValue(16)
+    window.max_new_tokens.setValue(2)
+    run(qtbot, window, "window", budget=20)
+    window.refresh_views(include_hidden=True)
+    bursts = window.memory_view.bursts
+    assert bursts.opts["hoverable"]
+    point = bursts.points()[0]
+    assert bursts.opts["tip"](x=point.pos().x(), y=point.pos().y(), data=point.data()) == \
+        "step 1: 96 entries evicted"

@@ -212,8 +212,8 @@ class MainWindow(QMainWindow):
         for title, widget in (("Output", self.output_view), ("Token map", self.token_view),
                               ("Attention map", self.attention_view), ("Occupancy", self.occupancy_view),
                               ("Evictions", self.evictions_view), ("Memory", self.memory_view),
-                              ("Memory snapshot", self.snapshot_view), ("Compare", self.compare_view), ("Runs", self.runs_view),
-                              ("Plugins", self.plugins_view)):
+                              ("Memory snapshot", self.snapshot_view), ("Compare", self.compare_view),
+                              ("Runs", self.runs_view), ("Plugins", self.plugins_view)):
             dock = QDockWidget(title, self, objectName=title.lower().replace(" ", "_"))
             dock.setWidget(widget)
             docks.append(dock)

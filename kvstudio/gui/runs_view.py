@@ -53,7 +53,7 @@ class RunsView(QWidget):
         self.delete_button.clicked.connect(self.delete_selected)
         self.export_button.clicked.connect(lambda: [self.export_requested.emit(i) for i in self.selected_ids()[:1]])
         self.open_button.clicked.connect(lambda: [self.open_requested.emit(i) for i in self.selected_ids()[:1]])
-        self.table.cellDoubleClicked.connect(lambda row, _: self.open_requested.emit(int(self.table.item(row, 0).text())))
+        self.table.cellDoubleClicked.connect(lambda row, _: self.open_requested.emit(self._run_id(row)))
 
     def set_history(self, history) -> None:
         self.history = history
@@ -80,7 +80,10 @@ class RunsView(QWidget):
 
     def selected_ids(self) -> list[int]:
         rows = sorted({index.row() for index in self.table.selectionModel().selectedRows()})
-        return [int(self.table.item(row, 0).text()) for row in rows]
+        return [self._run_id(row) for row in rows]
+
+    def _run_id(self, row: int) -> int:
+        return int(self.table.item(row, 0).text())
 
     def compare_selected(self) -> None:
         ids = self.selected_ids()

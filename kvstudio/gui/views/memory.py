@@ -86,7 +86,8 @@ class MemoryView(LiveView):
         self.system_plot.getViewBox().setAutoVisible(y=True)  # fit what is in view, not the whole session
         self.system_plot.setLabel("bottom", "seconds since the session's first reading")
         self.cache_curve = _curve(self.cache_plot, "KV cache", (80, 140, 220))
-        self.bursts = pg.ScatterPlotItem(symbol="t", size=11, brush=pg.mkBrush(230, 70, 70), pen=None)
+        self.bursts = pg.ScatterPlotItem(symbol="t", size=11, brush=pg.mkBrush(230, 70, 70), pen=None,
+                                         hoverable=True, tip="{data}".format)  # "step 12: 4,096 entries evicted"
         self.cache_plot.addItem(self.bursts)
         self.curves = {"process_bytes": _curve(self.system_plot, *SERIES[0][1:])}
         self.follow_latest = QCheckBox("follow the latest load or run")
