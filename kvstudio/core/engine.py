@@ -263,7 +263,6 @@ class Engine:
 
         generated: list[int] = []
         decode_started = time.perf_counter()
-        run.phase = "decode"
         while logits is not None and settings.max_new_tokens > 0:
             token, logprob = sampler(logits)
             generated.append(token)
@@ -362,11 +361,12 @@ class _Run:
         report = self.cache.end_step()
         seconds = time.perf_counter() - started
         self.seen += n
-        self._record(step, phase, n, seconds, report)
+        self._record(step, phase, n, seconds, report, prefill_done=is_last_prefill_chunk)
         return logits
 
-    def _record(self, step: int, phase: str, n: int, seconds: float, report: StepReport) -> None:
-        memory = self.record_memory("step", step)
+    def _record(self, step: int, phase: str, n: int, seconds: float, report: StepReport,
+                prefill_done: bool = False) -> None:
+        memory = self.record_memory("step", step, next_phase="decode" if prefill_done else None)
         record = StepRecord(step, phase, n, seconds, report.kept_per_layer, report.cache_bytes, report.evicted_count,
                             cache_bytes_per_layer=list(memory.cache_bytes_per_layer),
                             process_bytes=memory.process_bytes, cuda_allocated=memory.cuda_allocated,
@@ -381,9 +381,11 @@ class _Run:
         for rows in report.attention:
             self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))
 
-    def record_memory(self, source: str, step: int | None = None) -> MemoryEvent:
+    def record_memory(self, source: str, step: int | None = None, next_phase: str | None = None) -> MemoryEvent:
         """Read memory now and record it. Runs on the engine's thread ("step") or the sampler's
-        ("timer"); the cache's bytes are read from its tensors either way."""
+        ("timer"); the cache's bytes are read from its tensors either way. `next_phase` switches
+        the phase under the same lock, so no timer reading falls between the prompt's last step
+        and decoding with the wrong phase."""
         with self._memory_lock:  # one reading at a time: readings stay in time order
             per_layer = tuple(self.cache.bytes_per_layer())
             system = read_system_memory(self.engine.loaded.device)
@@ -397,6 +399,8 @@ class _Run:
                 self._timer_readings += 1
                 if self._timer_readings > MAX_TIMER_READINGS:
                     self._thin_timer_readings()
+            if next_phase is not None:
+                self.phase = next_phase
         return event
 
     def _thin_timer_readings(self) -> None:
