@@ -65,7 +65,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         path = save_snapshot(snapshots[-1], Path(folder) / "run.pickle")
         size = path.stat().st_size
-    [timeline] = timelines(snapshots[-1])[:1]
+    timeline = timelines(snapshots[-1])[0]  # the CPU, or the busiest CUDA device
     print(f"model {loaded.describe()}; prompt {args.prompt_tokens} tokens, {args.new_tokens} new, h2o budget 128, "
           f"chunk 256, {args.repeats} interleaved repeats")
     for name, values in times.items():

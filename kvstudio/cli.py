@@ -208,6 +208,7 @@ def _prompt_from_args(args) -> str:
 
 
 def command_run(args) -> int:
+    from .core.atomic import check_writable_folder
     from .core.engine import Engine, GenerationSettings
     from .core.models import load_model
     from .core.events import Recorder
@@ -225,7 +226,7 @@ def command_run(args) -> int:
     settings.validate()
     for path in (args.json, args.memory_snapshot):
         if path:
-            _check_writable(Path(path))
+            check_writable_folder(path)
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantize,
                         progress=_progress)
@@ -244,8 +245,7 @@ def command_run(args) -> int:
             _write_snapshot(recording, args.memory_snapshot)
         raise
     if args.memory_snapshot:
-        recording.mark_run(result)
-        _write_snapshot(recording, args.memory_snapshot)
+        _write_snapshot(recording, args.memory_snapshot, result)
     if history is not None:
         _history_call(history.finish, run_id, result, events=pack_events(recorder))
     print()
@@ -262,10 +262,10 @@ def command_run(args) -> int:
     return 0
 
 
-def _write_snapshot(recording, path: str) -> None:
-    from .core.snapshots import save_snapshot, timelines
+def _write_snapshot(recording, path: str, result=None) -> None:
+    from .core.snapshots import timelines
 
-    save_snapshot(recording.snapshot, path)
+    recording.save(path, result)
     found = timelines(recording.snapshot)
     events = sum(len(t.allocations) for t in found)
     peak = max((t.peak_bytes for t in found), default=0)
@@ -350,14 +350,6 @@ def format_summary(result) -> str:
     return "\n".join(lines)
 
 
-def _check_writable(path: Path) -> None:
-    folder = path.expanduser().resolve().parent
-    if not folder.is_dir():
-        raise KVStudioError(f"cannot write {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise KVStudioError(f"cannot write {path}: folder {folder} is not writable")
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
     from .core.atomic import atomic_write
 
@@ -387,6 +379,7 @@ DEMO_QUESTION = "In two sentences, what does a KV cache do in a transformer?"
 
 
 def command_demo() -> int:
+    from .core.atomic import check_writable_folder
     from .core.engine import Engine, GenerationSettings
     from .core.models import load_model
     from .core.policies import create_policy

@@ -98,8 +98,7 @@ def cpu_snapshot(tmp_path_factory):
     with MemorySnapshotRecording("cpu") as recording:
         result = engine.generate(PROMPT, create_policy("h2o", budget=24), GenerationSettings(
             max_new_tokens=6, chunk_size=32, ignore_eos=True))
-    recording.mark_run(result)
-    path = save_snapshot(recording.snapshot, tmp_path_factory.mktemp("snap") / "run.pickle")
+    path = recording.save(tmp_path_factory.mktemp("snap") / "run.pickle", result)
     return result, recording.snapshot, path
 
 

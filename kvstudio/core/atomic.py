@@ -12,6 +12,18 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import KVStudioError
+
+
+def check_writable_folder(path: str | Path, error: type[KVStudioError] = KVStudioError) -> None:
+    """Refuse, before any work, a file whose folder is missing or read-only (raises `error`)."""
+    path = Path(path)
+    folder = path.expanduser().resolve().parent
+    if not folder.is_dir():
+        raise error(f"cannot write {path}: the folder does not exist ({folder})")
+    if not os.access(folder, os.W_OK):
+        raise error(f"cannot write {path}: the folder is not writable ({folder})")
+
 
 def atomic_write(path: str | Path, write: Callable, binary: bool = False) -> Path:
     """Call write(handle) on a temporary file, then replace `path` with it."""

@@ -76,7 +76,7 @@ class MemoryEvent:
     step: int  # the step just finished ("step" readings) or in progress ("timer" readings)
     seconds: float  # since the run started
     clock: float  # time.perf_counter() at the reading: puts loads and runs on one timeline
-    phase: str  # load | prefill | decode
+    phase: Phase
     source: str  # "step": right after the step's evictions; "timer": the sampler, mid-step
     cache_bytes: int  # exact, from the cache's tensors
     cache_bytes_per_layer: tuple[int, ...]

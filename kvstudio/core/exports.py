@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write
+from .atomic import atomic_write, check_writable_folder
 from .errors import KVStudioError
 
 CSV_COLUMNS = ("step", "phase", "input_tokens", "seconds", "token_id", "text", "logprob", "cache_bytes",
@@ -36,7 +36,7 @@ def step_rows(steps: list[dict]) -> list[dict]:
 def export_run(record, path: str | Path) -> Path:
     """A stored run (history.RunRecord) as .json or .csv, chosen by the file's suffix."""
     path = Path(path)
-    _check_folder(path)
+    check_writable_folder(path)
     if path.suffix == ".json":
         return atomic_write(path, lambda stream: json.dump(record.to_dict(), stream, indent=1))
     if path.suffix == ".csv":
@@ -51,13 +51,7 @@ def export_run(record, path: str | Path) -> Path:
 def export_array(array: np.ndarray, path: str | Path) -> Path:
     """An array (e.g. the attention map) as .npy."""
     path = Path(path)
-    _check_folder(path)
+    check_writable_folder(path)
     if path.suffix != ".npy":
         raise KVStudioError(f"an array is exported as .npy, not '{path.suffix or path.name}'")
     return atomic_write(path, lambda stream: np.save(stream, np.asarray(array)), binary=True)
-
-
-def _check_folder(path: Path) -> None:
-    folder = path.expanduser().resolve().parent
-    if not folder.is_dir():
-        raise KVStudioError(f"cannot write {path}: folder {folder} does not exist")

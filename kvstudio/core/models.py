@@ -168,7 +168,6 @@ def load_model(
 
 
 def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress) -> LoadedModel:
-
     if spec.startswith("tiny-"):
         if quant_config is not None:
             raise ModelLoadError("tiny models are built in memory and cannot be loaded with quantized weights")

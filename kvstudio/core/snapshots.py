@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, check_writable_folder
 from .errors import KVStudioError
 
 CUDA_MAX_ENTRIES = 200_000  # allocation events torch keeps on CUDA (a ring: the newest survive)
@@ -42,8 +42,8 @@ class MemorySnapshotRecording:
     """Records allocations while the `with` block runs; `.snapshot` is the result.
 
     The snapshot is built even when the block raises (an out-of-memory is when it is most
-    wanted); the exception goes on. `mark(label)` notes a moment (a step starting) that the viewer
-    draws on the timeline.
+    wanted); the exception goes on. `mark(label)` notes a moment (a prefill chunk's end) that the
+    viewer draws on the timeline; `save(path, result)` marks the run's phases and writes the file.
     """
 
     def __init__(self, device: torch.device | str):
@@ -69,6 +69,14 @@ class MemorySnapshotRecording:
             elif not decoding:
                 decoding = True
                 self.mark("decode", result.started_unix + reading["seconds"])
+
+    def save(self, path: str | Path, result=None) -> Path:
+        """Write the snapshot (after the block), with the run's phases marked when it finished."""
+        if self.snapshot is None:
+            raise SnapshotError("no memory snapshot: recording did not start")
+        if result is not None:
+            self.mark_run(result)
+        return save_snapshot(self.snapshot, path)
 
     def __enter__(self) -> "MemorySnapshotRecording":
         if self.device.type == "cuda":
@@ -194,9 +202,7 @@ def _segments_at_end(live) -> list[dict]:
 # -- files ---------------------------------------------------------------------------------------
 
 def save_snapshot(snapshot: dict, path: str | Path) -> Path:
-    path = Path(path)
-    if not path.expanduser().resolve().parent.is_dir():
-        raise SnapshotError(f"cannot write the memory snapshot {path}: its folder does not exist")
+    check_writable_folder(path, SnapshotError)
     return atomic_write(path, lambda stream: pickle.dump(snapshot, stream, protocol=4), binary=True)
 
 

@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox
 
 from ..core.engine import GenerationSettings
 from ..core.events import Recorder
-from ..core.atomic import atomic_produce
+from ..core.atomic import atomic_produce, check_writable_folder
 from ..core.errors import KVStudioError
 from ..core.exports import export_array, export_run
 from ..core.history import HistoryError, RunHistory, record_from_result
@@ -506,9 +506,10 @@ class MainWindow(QMainWindow):
                                                   "memory-snapshot.pickle", "Memory snapshots (*.pickle)")
             if not path:
                 return
-        folder = Path(path).expanduser().resolve().parent
-        if not folder.is_dir():
-            self.show_error(f"cannot record a memory snapshot into {path}: folder {folder} does not exist")
+        try:
+            check_writable_folder(path)
+        except KVStudioError as error:
+            self.show_error(f"no memory snapshot: {error}")
             return
         self.snapshot_path = path
         slower = " (on CPU the profiler makes the run several times slower)" if "cpu" in self._device_text() else ""

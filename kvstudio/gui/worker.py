@@ -22,7 +22,7 @@ from ..core.events import Recorder
 from ..core.models import load_model
 from ..core.policies import policy_class
 from ..core.recordings import pack_events
-from ..core.snapshots import MemorySnapshotRecording, SnapshotError, save_snapshot
+from ..core.snapshots import MemorySnapshotRecording, SnapshotError
 
 
 class LoadCancelled(Exception):
@@ -141,13 +141,8 @@ class StudioWorker(QObject):
 
     @staticmethod
     def _save_snapshot(recording, outcome: RunOutcome, path: str) -> None:
-        if recording.snapshot is None:
-            outcome.snapshot_error = "no memory snapshot: recording did not start"
-            return
-        if outcome.result is not None:
-            recording.mark_run(outcome.result)
         try:
-            save_snapshot(recording.snapshot, path)
+            recording.save(path, outcome.result)
             outcome.snapshot = recording.snapshot
         except (SnapshotError, OSError) as error:
             outcome.snapshot_error = f"the memory snapshot was not saved: {error}"
