@@ -34,6 +34,10 @@ class LiveView(QWidget):
                 return
             self.run = runs[-1]
             self.start(self.run)
+        self.consume_new()
+
+    def consume_new(self) -> None:
+        """Hand `consume` what each kind has that this view has not seen, if anything."""
         new = {}
         for kind in self.kinds:
             new[kind], self._cursors[kind] = self.recorder.since(kind, self._cursors[kind])

@@ -126,11 +126,7 @@ class MemoryView(LiveView):
         runs, self._cursors["runs"] = self.recorder.since("runs", self._cursors["runs"])
         if runs:  # eviction bursts: more than two tokens' worth of entries (every layer and KV head)
             self.burst_threshold = 2 * runs[-1].n_layers * runs[-1].n_kv_heads
-        new = {}
-        for kind in self.kinds:
-            new[kind], self._cursors[kind] = self.recorder.since(kind, self._cursors[kind])
-        if new["memory"] or new["steps"]:
-            self.consume(new)
+        self.consume_new()
 
     def clear(self) -> None:
         for item in getattr(self, "band_items", []):
