@@ -35,10 +35,11 @@ class DecayedH2OPolicy(Policy):
     summary = "H2O whose accumulated attention decays each step (recency-weighted heavy hitters)"
     Config = DecayedH2OConfig
     needs_attention = True
+    attention_form = "sums"  # each entry's attention summed over this step's queries is all it uses
 
     def select(self, view, state):
         score = state.grow("score", view.kv_heads, view.n_entries, device=view.keys.device)
-        score.mul_(self.config.decay).add_(view.attention_per_kv_head().sum(dim=1))
+        score.mul_(self.config.decay).add_(view.attention_sums_per_kv_head())
         if keep_all_if_within(view):
             return None
         return keep_top_scores(score, view.budget, recent_mask(view.n_entries, self.config.recent, view.keys.device))

@@ -200,3 +200,48 @@ def test_text_stream_never_splits_a_character(llama_engine):
     assert "".join(pieces) == text
     assert "\ufffd" not in "".join(pieces)
     assert pieces.count("") == 1 + 2  # held back: 1 byte of "é", 2 bytes of "✓"
+
+
+class _CountingTokenizer:
+    """The real tokenizer, counting how many token ids `decode` is handed in all."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoded = 0
+
+    def decode(self, ids, **kwargs):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def test_text_stream_decodes_each_token_a_bounded_number_of_times(llama_engine):
+    """Streaming n tokens decodes O(n) ids in all, not O(n^2): no re-decoding the whole text per token."""
+    text = "Streaming text: héllo ✓ wörld, " * 40
+    ids = llama_engine.tokenizer(text)["input_ids"]
+    counting = _CountingTokenizer(llama_engine.tokenizer)
+    stream = TextStream(counting)
+    pieces = [stream.push(token) for token in ids]
+    assert "".join(pieces) == stream.emitted == llama_engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert counting.decoded <= 8 * len(ids)  # re-decoding everything would be len(ids)^2 / 2 = 350k here
+
+
+@pytest.mark.slow
+def test_text_stream_pieces_join_to_the_one_shot_decode_on_the_default_model(default_engine):
+    from pydoc_data.topics import topics
+
+    tokenizer = default_engine.tokenizer
+    text = topics["if"][:1500] + " naïve café ✓ 日本語 🙂"
+    ids = tokenizer(text)["input_ids"]
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(token) for token in ids]
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_stop_string_spread_over_several_tokens_is_found(llama_engine):
+    stream = TextStream(llama_engine.tokenizer)
+    found = []
+    for token in llama_engine.tokenizer("one two END three")["input_ids"]:
+        piece = stream.push(token)
+        found.append(stream.found_stop(("END",), piece))
+    # The byte tokenizer gives one token a byte: found exactly at the "D", and only there.
+    assert found.index(True) == len("one two END") - 1 and sum(found) == 1

@@ -4,7 +4,10 @@ Output always comes from transformers' own SDPA path, so under the `full` policy
 computation as `model.generate`. Attention *weights* are computed separately and only for the rows
 somebody asked for: the newest queries a policy needs, and the newest query of a watched layer.
 SDPA kernels never return weights, and switching the model to eager to get them would cost a full
-(q x n) matrix per head per layer on every step.
+(q x n) matrix per head per layer on every step. Most policies need only an aggregate of those
+rows (H2O: each entry's attention summed over the new queries); that is computed in query tiles of
+bounded scratch (`attention_sums`), so the (heads x queries x keys) matrix of a long chunk never
+exists.
 
 Outside a KV Studio run (no `kvstudio_cache` keyword) the function is exactly SDPA, so a model with
 it registered still works with `model.generate`.
@@ -35,25 +38,71 @@ def chunk_mask(q_len: int, k_len: int, device) -> torch.Tensor | None:
     return visible[None, None]
 
 
-def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None, n_queries: int) -> torch.Tensor:
-    """Softmax attention of the newest `n_queries` queries over all keys, float32.
+# The most float32 scratch one tile of scores may take: heads x tile queries x keys x 4 bytes. At 2k
+# keys and 9 heads that is a tile of ~450 queries; the whole matrix of a 2k-token chunk is 151 MiB.
+SCRATCH_BYTES = 16 * 2**20
 
-    query (1, heads, q_len, d), key (1, kv_heads, k_len, d), not GQA-repeated.
-    Returns (heads, n_queries, k_len). The last q_len keys belong to the queries' own chunk and
-    are masked causally, as in the model's forward.
+
+def _scores_softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | None, start: int, stop: int) -> torch.Tensor:
+    """Softmax weights of queries start..stop-1 (of the chunk's q_len) over every key: (heads, stop-start, k_len).
+
+    query (1, heads, q_len, d), key (1, kv_heads, k_len, d), not GQA-repeated. The last q_len keys
+    belong to the queries' own chunk and are masked causally, as in the model's forward.
     """
     _, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
+    n = stop - start
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
     group = heads // kv_heads
     # Grouping the query heads of each KV head into one batched matmul avoids repeating the keys.
-    q = query[0, :, q_len - n_queries:].float().reshape(kv_heads, group * n_queries, head_dim)
-    scores = torch.bmm(q, key[0].float().transpose(1, 2)).mul_(scaling).view(kv_heads, group, n_queries, k_len)
-    # Query i of the last n_queries sits at storage index k_len - n_queries + i.
-    query_index = torch.arange(k_len - n_queries, k_len, device=key.device)
-    future = torch.arange(k_len, device=key.device)[None, :] > query_index[:, None]
-    scores.masked_fill_(future, float("-inf"))
-    return torch.softmax(scores, dim=-1).reshape(heads, n_queries, k_len)
+    q = query[0, :, start:stop].float().reshape(kv_heads, group * n, head_dim)
+    scores = torch.bmm(q, key[0].float().transpose(1, 2)).mul_(scaling).view(kv_heads, group, n, k_len)
+    # Query i of the chunk sits at storage index k_len - q_len + i; the newest query alone sees
+    # every key and needs no mask.
+    first_index = k_len - q_len + start
+    if first_index < k_len - 1:
+        query_index = torch.arange(first_index, first_index + n, device=key.device)
+        future = torch.arange(k_len, device=key.device)[None, :] > query_index[:, None]
+        scores.masked_fill_(future, float("-inf"))
+    return torch.softmax(scores, dim=-1).view(heads, n, k_len)
+
+
+def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None, n_queries: int) -> torch.Tensor:
+    """Softmax attention of the newest `n_queries` queries over all keys, float32: (heads, n_queries, k_len).
+
+    The whole rows: for policies that really want them (`attention_form = "rows"`) and the viewer's
+    newest row. Scratch is the result itself, heads x n_queries x k_len x 4 bytes.
+    """
+    q_len = query.shape[2]
+    return _scores_softmax(query, key, scaling, q_len - n_queries, q_len)
+
+
+def query_tile(heads: int, k_len: int, scratch_bytes: int = SCRATCH_BYTES) -> int:
+    """How many queries' scores fit in `scratch_bytes` of float32 scratch (at least one)."""
+    return max(1, scratch_bytes // (heads * k_len * 4))
+
+
+def attention_sums(query: torch.Tensor, key: torch.Tensor, scaling: float | None, n_queries: int,
+                   scratch_bytes: int = SCRATCH_BYTES) -> torch.Tensor:
+    """Sum over the newest `n_queries` queries of their softmax weights, float32: (heads, k_len).
+
+    What H2O, SnapKV and most scorers consume. Computed in query tiles that each fit in
+    `scratch_bytes` of float32 scores (the bound holds whatever the chunk size, except that one
+    query's row always fits), accumulated in float32; the heads x queries x keys matrix never exists.
+    """
+    heads, q_len, k_len = query.shape[1], query.shape[2], key.shape[2]
+    tile = query_tile(heads, k_len, scratch_bytes)
+    total = torch.zeros(heads, k_len, dtype=torch.float32, device=query.device)
+    for start in range(q_len - n_queries, q_len, tile):
+        total += _scores_softmax(query, key, scaling, start, min(start + tile, q_len)).sum(dim=1)
+    return total
+
+
+def scoring_scratch_bytes(heads: int, k_len: int, n_queries: int, form: str,
+                          scratch_bytes: int = SCRATCH_BYTES) -> int:
+    """Float32 bytes the scores of one layer's scoring pass occupy at once (rows: all of them)."""
+    rows = n_queries if form == "rows" else min(n_queries, query_tile(heads, k_len, scratch_bytes))
+    return heads * rows * k_len * 4
 
 
 def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -69,14 +118,19 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
 
     layer_idx = module.layer_idx
     policy_queries, watched = kvstudio_cache.attention_queries_for(layer_idx, q_len)
-    n_rows = max(policy_queries, 1 if watched else 0)
-    policy_rows = watched_row = None
-    if n_rows:
-        with torch.no_grad():
-            rows = attention_rows(query, key, scaling, n_rows)
-        policy_rows = rows[:, n_rows - policy_queries:] if policy_queries else None
-        watched_row = rows[:, -1] if watched else None
-    kvstudio_cache.after_attention(layer_idx, policy_rows, watched_row)
+    form = kvstudio_cache.policy.attention_form
+    rows = sums = watched_row = None
+    with torch.no_grad():
+        if policy_queries and form == "rows":
+            rows = attention_rows(query, key, scaling, policy_queries)
+        elif policy_queries:
+            sums = attention_sums(query, key, scaling, policy_queries, kvstudio_cache.scoring_scratch_bytes)
+        if watched:
+            watched_row = rows[:, -1] if rows is not None else attention_rows(query, key, scaling, 1)[:, 0]
+    if policy_queries:
+        kvstudio_cache.note_scoring_scratch(scoring_scratch_bytes(query.shape[1], k_len, policy_queries, form,
+                                                                  kvstudio_cache.scoring_scratch_bytes))
+    kvstudio_cache.after_attention(layer_idx, rows, sums, watched_row)
     return output, None
 
 

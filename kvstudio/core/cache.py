@@ -7,7 +7,7 @@ same number of them, so tensors stay rectangular.
 One forward step goes:
   engine: cache.begin_step(...)        positions of the new tokens, phase, step number
   model:  layer.update(k, v)           append (transformers calls this before attention)
-  attention function: cache.after_attention(layer, rows)
+  attention function: cache.after_attention(layer, rows, sums, watched row)
                                        the policy selects, the layer evicts, right away, so the
                                        next layer runs with this one already back within budget
   engine: cache.end_step()             what happened: occupancy, evictions, bytes
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .attention import SCRATCH_BYTES
 from .errors import PolicyError
 from .policies.base import LayerState, LayerView, Phase, Policy
 from .rotary import Rerotator
@@ -111,7 +112,7 @@ class PolicyLayer(DynamicLayer):
             return 0
         return self.keys.nbytes + self.values.nbytes
 
-    def apply_policy(self, attention: torch.Tensor | None) -> None:
+    def apply_policy(self, attention: torch.Tensor | None, attention_sums: torch.Tensor | None = None) -> None:
         cache, context = self.cache, self.cache.context
         policy = cache.policy
         view = LayerView(
@@ -119,7 +120,7 @@ class PolicyLayer(DynamicLayer):
             keys=self.keys[0], values=self.values[0], positions=self.positions, n_new=self.n_new,
             budget=cache.budgets[self.layer_idx], attention=attention,
             is_last_prefill_chunk=context.is_last_prefill_chunk, token_ids=context.token_ids,
-            tokenizer=cache.tokenizer,
+            tokenizer=cache.tokenizer, attention_sums=attention_sums,
         )
         try:
             keep = policy.select(view, self.state)
@@ -202,6 +203,9 @@ class PolicyCache(Cache):
         # What the engine enforces after each step; fixed for a run, so computed once.
         self.limits = {phase: [policy.limit_for(i, n_layers, phase) for i in range(n_layers)]
                        for phase in ("prefill", "decode")}
+        if policy.needs_attention and policy.attention_form not in ("rows", "sums"):
+            raise PolicyError(f"policy {_label(policy)} declares attention_form = {policy.attention_form!r}; "
+                              "it must be 'rows' or 'sums'")
         if policy.config.rerotate and rerotator is None:
             raise PolicyError("--rerotate needs a rotary (RoPE) model")
         self.rerotator = rerotator
@@ -209,6 +213,8 @@ class PolicyCache(Cache):
         self.current_bytes = 0
         self.peak_bytes = 0
         self.peak_kept_per_layer = [0] * n_layers
+        self.peak_scoring_bytes = 0  # float32 scratch of the largest attention-scoring pass
+        self.scoring_scratch_bytes = SCRATCH_BYTES  # the bound on one tile of scores ("sums" policies)
         self._report: StepReport | None = None
         super().__init__(layers=[PolicyLayer(self, i) for i in range(n_layers)])
 
@@ -225,13 +231,14 @@ class PolicyCache(Cache):
         wanted = self.policy.attention_queries(n_new, self.context.phase) if self.policy.needs_attention else 0
         return min(wanted, n_new), layer_idx in self.context.watched_layers
 
-    def after_attention(self, layer_idx: int, policy_rows: torch.Tensor | None, watched_row: torch.Tensor | None):
+    def after_attention(self, layer_idx: int, policy_rows: torch.Tensor | None, policy_sums: torch.Tensor | None,
+                        watched_row: torch.Tensor | None):
         layer = self.layers[layer_idx]
         if watched_row is not None:
             self._report.attention.append(AttentionRows(layer_idx, watched_row.detach().float().cpu(),
                                                         layer.positions.detach().cpu()))
         layer.attended_this_step = True
-        layer.apply_policy(policy_rows)
+        layer.apply_policy(policy_rows, policy_sums)
 
     def end_step(self) -> StepReport:
         missing = [layer.layer_idx for layer in self.layers if not layer.attended_this_step]
@@ -248,6 +255,9 @@ class PolicyCache(Cache):
         return report
 
     # -- bookkeeping ------------------------------------------------------------------------------
+
+    def note_scoring_scratch(self, nbytes: int) -> None:
+        self.peak_scoring_bytes = max(self.peak_scoring_bytes, nbytes)
 
     def note_bytes(self, delta: int) -> None:
         self.current_bytes += delta

@@ -166,21 +166,45 @@ class Sampler:
 
 
 class TextStream:
-    """Incremental detokenization: the text each new token adds, holding back partial UTF-8."""
+    """Incremental detokenization: the text each new token adds, holding back partial UTF-8.
+
+    Each push decodes only the tokens since the last piece that came out whole, plus those of that
+    piece for context (byte-level and SentencePiece tokenizers decide spaces and multi-byte
+    characters from the neighbours), so a generation costs O(tokens) decoding, not O(tokens^2)
+    from re-decoding everything generated so far at every step. The pieces join to the text a
+    one-shot decode gives.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self._pieces: list[str] = []
+        self._prefix_offset = 0  # start of the context window
+        self._read_offset = 0  # tokens before this have been emitted
+        self._tail = ""  # the newest text, enough to find a stop string that ends in the newest piece
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        new = text[len(self.emitted):]
-        self.emitted = text
-        return new
+        decode = self.tokenizer.decode
+        context = decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        text = decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
+        if len(text) <= len(context) or text.endswith("\ufffd"):
+            return ""  # nothing new yet, or half a character: wait for the rest of its bytes
+        piece = text[len(context):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        self._pieces.append(piece)
+        self._tail = (self._tail + piece)[-4096:]
+        return piece
+
+    @property
+    def emitted(self) -> str:
+        """All text emitted so far."""
+        return "".join(self._pieces)
+
+    def found_stop(self, stops: tuple[str, ...], piece: str) -> bool:
+        """Whether a stop string now appears. One that does must end inside the newest piece (or it
+        would have been found before), so only the tail is searched: O(piece + stop) per token."""
+        return bool(piece) and any(stop in self._tail[-(len(piece) + len(stop) - 1):] for stop in stops)
 
 
 class Engine:
@@ -275,7 +299,7 @@ class Engine:
             if token in self.eos_ids and not settings.ignore_eos:
                 stop_reason = "eos"
                 break
-            if any(stop in stream.emitted for stop in settings.stop_strings):
+            if stream.found_stop(settings.stop_strings, piece):
                 stop_reason = "stop_string"
                 break
             if len(generated) >= settings.max_new_tokens:
@@ -318,7 +342,10 @@ class _Run:
         self._timer_readings = 0
         self._memory_lock = threading.Lock()  # the sampler's thread and the engine's both append
         reset_peak(engine.loaded.device)
-        self.token_ids = torch.empty(0, dtype=torch.long, device=engine.loaded.device)
+        # Every token fed so far, in a buffer that doubles when full: appending a decode step's
+        # token copies one id, not the whole sequence.
+        self._token_buffer = torch.empty(1024, dtype=torch.long, device=engine.loaded.device)
+        self.token_ids = self._token_buffer[:0]
 
     def prefill(self, ids: list[int], chunk_size: int, cancel: CancelToken | None = None) -> torch.Tensor | None:
         """Feed the prompt chunk by chunk (the policy evicts between chunks); the last position's
@@ -344,7 +371,7 @@ class _Run:
             rope_positions = positions
         step = len(self.records)
         new_ids = torch.tensor(token_ids, device=device)
-        self.token_ids = torch.cat([self.token_ids, new_ids])
+        self._append_tokens(new_ids)
         self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk,
                                           self.recorder.watch_layers, self.token_ids))
         started = time.perf_counter()
@@ -363,6 +390,16 @@ class _Run:
         self.seen += n
         self._record(step, phase, n, seconds, report, prefill_done=is_last_prefill_chunk)
         return logits
+
+    def _append_tokens(self, new_ids: torch.Tensor) -> None:
+        have, n = self.token_ids.shape[0], new_ids.shape[0]
+        if have + n > self._token_buffer.shape[0]:
+            grown = torch.empty(max(2 * self._token_buffer.shape[0], have + n), dtype=torch.long,
+                                device=self._token_buffer.device)
+            grown[:have] = self.token_ids
+            self._token_buffer = grown
+        self._token_buffer[have:have + n] = new_ids
+        self.token_ids = self._token_buffer[:have + n]
 
     def _record(self, step: int, phase: str, n: int, seconds: float, report: StepReport,
                 prefill_done: bool = False) -> None:

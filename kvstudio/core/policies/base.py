@@ -17,9 +17,16 @@ storage (`kvstudio.core.cache`); after every forward step it shows the policy ea
 
 3. **Attention**: set `needs_attention = True` if scoring needs attention weights. The engine
    then computes softmax weights only for the newest `attention_queries(n_new, phase)` queries of
-   the step (default: all new queries), from the query and key already in hand, and hands them to
-   `select()` as `view.attention` with shape (query_heads, n_queries, n_entries), float32. SDPA is
-   never switched to eager for this.
+   the step (default: all new queries), from the query and key already in hand. SDPA is never
+   switched to eager for this. Say which form `select()` reads with `attention_form`:
+   - `"rows"` (the default, what every plugin written before got): `view.attention`, the rows
+     themselves, (query_heads, n_queries, n_entries) float32. Their memory grows with queries x
+     entries: a 2k-token chunk is 151 MiB per layer on a 9-head model.
+   - `"sums"`: `view.attention_sums`, each entry's weight summed over those queries,
+     (query_heads, n_entries) float32, computed in query tiles of bounded scratch (16 MiB of
+     scores; see `core.attention.attention_sums`) without the rows ever existing. Column sums are
+     what H2O, SnapKV, PyramidKV and TOVA (one query) consume; prefer this form when it is enough.
+   `view.attention_sums_per_kv_head()` works with either form.
 
 4. **Selection**: `select(view, state)` returns the indices of the entries to keep, shape
    (kv_heads, k) with the same k for every head (tensors stay rectangular), each row strictly
@@ -166,6 +173,7 @@ class LayerView:
     is_last_prefill_chunk: bool = False
     token_ids: torch.Tensor | None = None  # (seen,) long: every token fed so far; token_ids[positions]
     tokenizer: object | None = None  # the model's tokenizer, to read what a token is (read-only)
+    attention_sums: torch.Tensor | None = None  # (query_heads, n): `attention` summed over its queries
 
     @property
     def n_entries(self) -> int:
@@ -181,6 +189,17 @@ class LayerView:
             raise RuntimeError("this policy did not declare needs_attention = True")
         heads, queries, n = self.attention.shape
         return self.attention.view(self.kv_heads, heads // self.kv_heads, queries, n).mean(dim=1)
+
+    def attention_sums_per_kv_head(self) -> torch.Tensor:
+        """Each entry's attention summed over the queries, averaged over the query heads of each GQA
+        group: (kv_heads, n). From `attention_sums`, or from the rows when a policy received those."""
+        sums = self.attention_sums
+        if sums is None:
+            if self.attention is None:
+                raise RuntimeError("this policy did not declare needs_attention = True")
+            sums = self.attention.sum(dim=1)
+        heads, n = sums.shape
+        return sums.view(self.kv_heads, heads // self.kv_heads, n).mean(dim=1)
 
 
 class LayerState:
@@ -224,6 +243,7 @@ class Policy(ABC):
     summary: ClassVar[str]  # one line for `kvstudio policies` and the studio
     Config: ClassVar[type[PolicyConfig]] = PolicyConfig
     needs_attention: ClassVar[bool] = False
+    attention_form: ClassVar[Literal["rows", "sums"]] = "rows"  # what select() reads; see the module docstring
     requires_budget: ClassVar[bool] = True  # False only for policies that keep everything
     uniform_budgets: ClassVar[bool] = True  # False when budget_for differs by layer
 

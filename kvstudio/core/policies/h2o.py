@@ -39,10 +39,11 @@ class H2OPolicy(Policy):
     summary = "heavy hitters (most attention accumulated over all steps) + recent entries"
     Config = H2OConfig
     needs_attention = True  # every new query's row, at prefill and decode
+    attention_form = "sums"  # only each entry's total over those rows is used
 
     def select(self, view: LayerView, state: LayerState):
         accumulated = state.grow("accumulated", view.kv_heads, view.n_entries, device=view.keys.device)
-        accumulated += view.attention_per_kv_head().sum(dim=1)
+        accumulated += view.attention_sums_per_kv_head()
         if keep_all_if_within(view):
             return None
         return keep_top_scores(accumulated, view.budget, recent_mask(view.n_entries, self.config.recent,

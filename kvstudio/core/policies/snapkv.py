@@ -57,6 +57,7 @@ class SnapKVPolicy(Policy):
     summary = "the last prompt queries vote (pooled attention) for the entries to keep, plus the window"
     Config = SnapKVConfig
     needs_attention = True
+    attention_form = "sums"  # the window's votes are its rows summed
 
     def attention_queries(self, n_new: int, phase: Phase) -> int:
         if phase == "prefill":
@@ -73,12 +74,12 @@ class SnapKVPolicy(Policy):
         if view.phase == "prefill":
             if keep_all_if_within(view):
                 return None
-            return self._compress(view, view.attention_per_kv_head())
+            return self._compress(view, view.attention_sums_per_kv_head())
         if not self.config.compress_every:
             return None
         # Decoding: gather the votes of the queries since the last compression.
         observed = state.grow("observed", view.kv_heads, view.n_entries, device=view.keys.device)
-        observed += view.attention_per_kv_head()[:, -1]
+        observed += view.attention_sums_per_kv_head()  # one query at decode: its row
         state.extra["steps"] = state.extra.get("steps", 0) + 1
         if state.extra["steps"] < self.config.compress_every or keep_all_if_within(view):
             return None
@@ -88,9 +89,10 @@ class SnapKVPolicy(Policy):
         state.extra["steps"] = 0
         return self._keep(view, self._pool(votes), window)
 
-    def _compress(self, view: LayerView, attention: torch.Tensor) -> torch.Tensor:
-        window = attention.shape[1]
-        votes = attention[:, :, : view.n_entries - window].sum(dim=1)
+    def _compress(self, view: LayerView, window_sums: torch.Tensor) -> torch.Tensor:
+        """window_sums (kv_heads, n): what the last `window` queries gave each entry, summed."""
+        window = min(self.config.observation_window, view.n_new)
+        votes = window_sums[:, : view.n_entries - window]
         return self._keep(view, self._pool(votes), window)
 
     def _pool(self, votes: torch.Tensor) -> torch.Tensor:

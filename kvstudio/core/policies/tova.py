@@ -17,6 +17,7 @@ class TOVAPolicy(Policy):
     name = "tova"
     summary = "keep the entries the current query attends to most (mean over heads); no accumulation"
     needs_attention = True
+    attention_form = "sums"  # one query: its sums are its row
 
     def attention_queries(self, n_new: int, phase: Phase) -> int:
         return 1
@@ -24,5 +25,5 @@ class TOVAPolicy(Policy):
     def select(self, view: LayerView, state: LayerState):
         if keep_all_if_within(view):
             return None
-        layer_scores = view.attention[:, -1].mean(dim=0)  # (n,): the current query, mean over all heads
+        layer_scores = view.attention_sums_per_kv_head().mean(dim=0)  # (n,): the current query, mean over all heads
         return keep_top_scores(layer_scores.expand(view.kv_heads, -1), view.budget)
