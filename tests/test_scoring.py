@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstudio.core.attention import attention_rows, attention_sums, query_tile, scoring_scratch_bytes
+from kvstudio.core.attention import (attention_and_sums, attention_rows, attention_sums, chunk_mask, query_tile,
+                                     scoring_scratch_bytes)
 from kvstudio.core.engine import GenerationSettings
 from kvstudio.core.events import Recorder
 from kvstudio.core.policies import create_policy
@@ -76,13 +77,7 @@ def test_sums_keep_the_same_entries_as_rows(tiny_engine, name, chunk_size):
 
 
 def _generate_with(engine, prompt, policy, settings, cache):
-    """engine.generate with a given cache (to set its scratch bound)."""
-    original = engine.new_cache
-    engine.new_cache = lambda _policy: cache
-    try:
-        return engine.generate(prompt, policy, settings, keep_cache=True)
-    finally:
-        engine.new_cache = original
+    return engine.generate(prompt, policy, settings, keep_cache=True, cache=cache)
 
 
 def test_scoring_scratch_is_reported_and_bounded(llama_engine):
@@ -108,3 +103,35 @@ def test_the_watched_row_is_recorded_under_a_sums_policy(llama_engine):
     for event in events:
         assert event.layer == 1
         assert abs(float(event.weights.sum(axis=-1).mean()) - 1.0) < 1e-5  # a softmax row per head
+
+
+@pytest.mark.parametrize("q_len, k_len", [(8, 8), (37, 90), (64, 64)])
+@pytest.mark.parametrize("tile", [1, 5, 1000])
+def test_one_pass_gives_sdpas_output_and_the_same_sums(q_len, k_len, tile):
+    """attention_and_sums: the output SDPA gives for every query, and the sums of the separate pass."""
+    generator = torch.Generator().manual_seed(q_len + k_len)
+    query = torch.randn(1, 6, q_len, 16, generator=generator)
+    key = torch.randn(1, 2, k_len, 16, generator=generator)
+    value = torch.randn(1, 2, k_len, 16, generator=generator)
+    scratch = tile * 6 * k_len * 4
+    output, sums = attention_and_sums(query, key, value, 0.25, q_len, scratch)
+    mask = chunk_mask(q_len, k_len, "cpu")
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(3, dim=1), value.repeat_interleave(3, dim=1), attn_mask=mask,
+        is_causal=mask is None and q_len > 1, scale=0.25)
+    torch.testing.assert_close(output, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums, attention_sums(query, key, 0.25, q_len, scratch), **TOLERANCE)
+
+
+def test_fused_and_separate_scoring_keep_the_same_entries(tiny_engine):
+    prompt = random_ids(40, seed=5)
+    settings = GenerationSettings(max_new_tokens=5, chunk_size=16)
+    kept = {}
+    for fused in (True, False):
+        policy = create_policy("h2o", budget=12)
+        cache = tiny_engine.new_cache(policy)
+        cache.fused_scoring = fused
+        result = _generate_with(tiny_engine, prompt, policy, settings, cache)
+        kept[fused] = (result.token_ids, [result.cache.positions(layer).tolist()
+                                          for layer in range(tiny_engine.loaded.n_layers)])
+    assert kept[True] == kept[False]

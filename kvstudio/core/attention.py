@@ -39,12 +39,17 @@ def chunk_mask(q_len: int, k_len: int, device) -> torch.Tensor | None:
 
 
 # The most float32 scratch one tile of scores may take: heads x tile queries x keys x 4 bytes. At 2k
-# keys and 9 heads that is a tile of ~450 queries; the whole matrix of a 2k-token chunk is 151 MiB.
-SCRATCH_BYTES = 16 * 2**20
+# keys and 9 heads that is a tile of ~56 queries; the whole matrix of a 2k-token chunk is 151 MiB.
+# Measured on 2 CPU cores (benchmarks/policy_cost.py, h2o one 2k chunk vs full): 16 MiB tiles 1.31x,
+# 4 MiB 1.15x: a tile that stays in cache between its matmul, softmax and sum is faster.
+SCRATCH_BYTES = 4 * 2**20
 
 
 def _scores_softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | None, start: int, stop: int) -> torch.Tensor:
-    """Softmax weights of queries start..stop-1 (of the chunk's q_len) over every key: (heads, stop-start, k_len).
+    """Softmax weights of queries start..stop-1 (of the chunk's q_len) over the keys they can see:
+    (heads, stop-start, visible), where visible = k_len - q_len + stop. Keys after that are in the
+    future of every query of the tile, so their weights are zero and are not computed at all (on a
+    one-chunk prompt that halves the work).
 
     query (1, heads, q_len, d), key (1, kv_heads, k_len, d), not GQA-repeated. The last q_len keys
     belong to the queries' own chunk and are masked causally, as in the model's forward.
@@ -52,19 +57,18 @@ def _scores_softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | Non
     _, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     n = stop - start
+    visible = k_len - q_len + stop
     scaling = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
     group = heads // kv_heads
     # Grouping the query heads of each KV head into one batched matmul avoids repeating the keys.
     q = query[0, :, start:stop].float().reshape(kv_heads, group * n, head_dim)
-    scores = torch.bmm(q, key[0].float().transpose(1, 2)).mul_(scaling).view(kv_heads, group, n, k_len)
-    # Query i of the chunk sits at storage index k_len - q_len + i; the newest query alone sees
-    # every key and needs no mask.
-    first_index = k_len - q_len + start
-    if first_index < k_len - 1:
-        query_index = torch.arange(first_index, first_index + n, device=key.device)
-        future = torch.arange(k_len, device=key.device)[None, :] > query_index[:, None]
+    keys = key[0, :, :visible].float()
+    scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scaling).view(kv_heads, group, n, visible)
+    if n > 1:  # query i of the tile sits at storage index visible - n + i; the last one sees every key
+        query_index = torch.arange(visible - n, visible, device=key.device)
+        future = torch.arange(visible, device=key.device)[None, :] > query_index[:, None]
         scores.masked_fill_(future, float("-inf"))
-    return torch.softmax(scores, dim=-1).view(heads, n, k_len)
+    return torch.softmax(scores, dim=-1).view(heads, n, visible)
 
 
 def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None, n_queries: int) -> torch.Tensor:
@@ -74,7 +78,7 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None
     newest row. Scratch is the result itself, heads x n_queries x k_len x 4 bytes.
     """
     q_len = query.shape[2]
-    return _scores_softmax(query, key, scaling, q_len - n_queries, q_len)
+    return _scores_softmax(query, key, scaling, q_len - n_queries, q_len)  # the last query sees every key
 
 
 def query_tile(heads: int, k_len: int, scratch_bytes: int = SCRATCH_BYTES) -> int:
@@ -94,8 +98,47 @@ def attention_sums(query: torch.Tensor, key: torch.Tensor, scaling: float | None
     tile = query_tile(heads, k_len, scratch_bytes)
     total = torch.zeros(heads, k_len, dtype=torch.float32, device=query.device)
     for start in range(q_len - n_queries, q_len, tile):
-        total += _scores_softmax(query, key, scaling, start, min(start + tile, q_len)).sum(dim=1)
+        weights = _scores_softmax(query, key, scaling, start, min(start + tile, q_len))
+        total[:, :weights.shape[-1]] += weights.sum(dim=1)
     return total
+
+
+def attention_and_sums(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+                       n_queries: int, scratch_bytes: int = SCRATCH_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output of every query and `attention_sums` of the newest `n_queries`, from one
+    pass of scores: each tile's softmax weights are multiplied by the values and summed for the
+    policy, so nothing is computed twice. Output (1, q_len, heads, d_v) in the query's dtype, as
+    transformers' SDPA path returns it; sums (heads, k_len) float32.
+
+    Worth it when the policy wants (nearly) every query, as H2O does: SDPA plus a separate scoring
+    pass computes the scores of those queries twice. Scratch: one tile of float32 scores.
+    """
+    _, heads, q_len, _ = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    group, d_v = heads // kv_heads, value.shape[-1]
+    tile = query_tile(heads, k_len, scratch_bytes)
+    values = value[0].float()
+    output = torch.empty(kv_heads, group, q_len, d_v, dtype=torch.float32, device=query.device)
+    sums = torch.zeros(heads, k_len, dtype=torch.float32, device=query.device)
+    first_scored = q_len - n_queries
+    for start in range(0, q_len, tile):
+        stop = min(start + tile, q_len)
+        weights = _scores_softmax(query, key, scaling, start, stop)  # (heads, t, visible)
+        visible = weights.shape[-1]
+        tile_output = torch.bmm(weights.view(kv_heads, group * (stop - start), visible), values[:, :visible])
+        output[:, :, start:stop] = tile_output.view(kv_heads, group, stop - start, d_v)
+        if stop > first_scored:
+            sums[:, :visible] += weights[:, max(first_scored - start, 0):].sum(dim=1)
+    output = output.view(heads, q_len, d_v).to(query.dtype).transpose(0, 1).unsqueeze(0).contiguous()
+    return output, sums
+
+
+def _fusable(kvstudio_cache, query: torch.Tensor, form: str, policy_queries: int, kwargs: dict) -> bool:
+    """Whether one pass should give both the output and the policy's sums (see attention_and_sums)."""
+    q_len = query.shape[2]
+    plain = all(kwargs.get(name) is None for name in ("softcap", "sliding_window", "s_aux"))
+    return (plain and form == "sums" and q_len > 1 and policy_queries == q_len
+            and kvstudio_cache.fuses_scoring_on(query.device))
 
 
 def scoring_scratch_bytes(heads: int, k_len: int, n_queries: int, form: str,
@@ -113,17 +156,21 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
     q_len, k_len = query.shape[2], key.shape[2]
     # The mask transformers built is sized for layer 0; layers with other budgets hold a different
     # number of entries, so each layer's mask is made from its own shapes.
-    mask = chunk_mask(q_len, k_len, query.device)
-    output, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-
     layer_idx = module.layer_idx
     policy_queries, watched = kvstudio_cache.attention_queries_for(layer_idx, q_len)
     form = kvstudio_cache.policy.attention_form
     rows = sums = watched_row = None
+    if policy_queries and _fusable(kvstudio_cache, query, form, policy_queries, kwargs) and not torch.is_grad_enabled():
+        output, sums = attention_and_sums(query, key, value, scaling, policy_queries,
+                                          kvstudio_cache.scoring_scratch_bytes)
+    else:
+        mask = chunk_mask(q_len, k_len, query.device)
+        output, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout,
+                                           **kwargs)
     with torch.no_grad():
         if policy_queries and form == "rows":
             rows = attention_rows(query, key, scaling, policy_queries)
-        elif policy_queries:
+        elif policy_queries and sums is None:
             sums = attention_sums(query, key, scaling, policy_queries, kvstudio_cache.scoring_scratch_bytes)
         if watched:
             watched_row = rows[:, -1] if rows is not None else attention_rows(query, key, scaling, 1)[:, 0]

@@ -146,16 +146,27 @@ class PolicyLayer(DynamicLayer):
         if limit is not None and keep.shape[1] > limit:
             raise PolicyError(f"policy {name} kept {keep.shape[1]} entries in layer {layer}, above its budget "
                               f"of {limit}")
-        if keep.numel() and (keep.min() < 0 or keep.max() >= view.n_entries):
+        if not keep.numel() or not self.cache.checks_index_values:
+            return
+        # Reading a value back waits for the device to finish: one read for both checks, and only for
+        # plugins (built-in policies are checked by the test suite instead, and run on a GPU unstalled).
+        outside, unordered = torch.stack([
+            (keep.min() < 0) | (keep.max() >= view.n_entries),
+            (keep[:, 1:] <= keep[:, :-1]).any(),
+        ]).tolist()
+        if outside:
             raise PolicyError(f"policy {name} returned an index outside 0..{view.n_entries - 1} in layer {layer}")
-        if keep.shape[1] > 1 and not bool((keep[:, 1:] > keep[:, :-1]).all()):
+        if unordered:
             raise PolicyError(f"policy {name} returned indices that are not strictly increasing in layer {layer}")
 
     def _evict(self, keep: torch.Tensor) -> None:
         kv_heads, n = self.positions.shape
-        dropped = torch.ones(kv_heads, n, dtype=torch.bool, device=keep.device)
-        dropped.scatter_(1, keep, False)
-        evicted_positions = self.positions[dropped].view(kv_heads, -1)
+        dropped = torch.ones(kv_heads, n, dtype=torch.uint8, device=keep.device)
+        dropped.scatter_(1, keep, 0)
+        # The dropped indices of each row in increasing order: a stable sort puts them first. (A
+        # boolean index would do it too, but it waits for the device to count them.)
+        dropped_index = dropped.argsort(dim=1, descending=True, stable=True)[:, :n - keep.shape[1]]
+        evicted_positions = self.positions.gather(1, dropped_index)
 
         before = self.byte_count()
         # One flat index into (kv_heads * n) rows, shared by keys and values: a contiguous
@@ -215,6 +226,14 @@ class PolicyCache(Cache):
         self.peak_kept_per_layer = [0] * n_layers
         self.peak_scoring_bytes = 0  # float32 scratch of the largest attention-scoring pass
         self.scoring_scratch_bytes = SCRATCH_BYTES  # the bound on one tile of scores ("sums" policies)
+        # Index values a plugin returns are checked (one device read per layer and step); built-in
+        # policies' are not, so a GPU run under them never stalls on a check.
+        from .policies import BUILT_IN, source_of
+
+        self.checks_index_values = source_of(policy.name) != BUILT_IN
+        # One pass for attention output and H2O-style sums (core.attention.attention_and_sums):
+        # None = where it is faster, on the CPU; on a GPU SDPA's fused kernels win.
+        self.fused_scoring: bool | None = None
         self._report: StepReport | None = None
         super().__init__(layers=[PolicyLayer(self, i) for i in range(n_layers)])
 
@@ -234,9 +253,9 @@ class PolicyCache(Cache):
     def after_attention(self, layer_idx: int, policy_rows: torch.Tensor | None, policy_sums: torch.Tensor | None,
                         watched_row: torch.Tensor | None):
         layer = self.layers[layer_idx]
-        if watched_row is not None:
-            self._report.attention.append(AttentionRows(layer_idx, watched_row.detach().float().cpu(),
-                                                        layer.positions.detach().cpu()))
+        if watched_row is not None:  # moved to the CPU at the end of the step, in one wait
+            self._report.attention.append(AttentionRows(layer_idx, watched_row.detach().float(),
+                                                        layer.positions.detach().clone()))
         layer.attended_this_step = True
         layer.apply_policy(policy_rows, policy_sums)
 
@@ -248,6 +267,12 @@ class PolicyCache(Cache):
                 "policy could not run there; this model architecture is not supported yet"
             )
         report = self._report
+        # Evictions and watched rows stayed on the device during the step, so the step never
+        # waited for it; now they come to the CPU (the first copy waits, the rest find it idle).
+        for eviction in report.evictions:
+            eviction.positions = eviction.positions.cpu()
+        for rows in report.attention:
+            rows.weights, rows.positions = rows.weights.cpu(), rows.positions.cpu()
         report.kept_per_layer = [layer.entry_count() for layer in self.layers]
         report.cache_bytes = self.current_bytes
         self._report = None
@@ -255,6 +280,9 @@ class PolicyCache(Cache):
         return report
 
     # -- bookkeeping ------------------------------------------------------------------------------
+
+    def fuses_scoring_on(self, device: torch.device) -> bool:
+        return self.fused_scoring if self.fused_scoring is not None else device.type == "cpu"
 
     def note_scoring_scratch(self, nbytes: int) -> None:
         self.peak_scoring_bytes = max(self.peak_scoring_bytes, nbytes)
@@ -264,7 +292,7 @@ class PolicyCache(Cache):
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
 
     def record_eviction(self, layer_idx: int, positions: torch.Tensor) -> None:
-        self._report.evictions.append(Eviction(layer_idx, positions.detach().cpu()))
+        self._report.evictions.append(Eviction(layer_idx, positions.detach()))
 
     def kept_per_layer(self) -> list[int]:
         return [layer.entry_count() for layer in self.layers]

@@ -250,7 +250,10 @@ class Engine:
         cancel: CancelToken | None = None,
         on_text: Callable[[str], None] | None = None,
         keep_cache: bool = False,
+        cache: PolicyCache | None = None,
     ) -> GenerationResult:
+        """Generate under `policy`. `cache`: one made by `new_cache(policy)` whose options (scoring
+        scratch bound, fused scoring) the caller set; by default a new one."""
         settings = settings or GenerationSettings()
         settings.validate()
         ids = self.encode(prompt, settings.chat_template) if isinstance(prompt, str) else list(prompt)
@@ -259,7 +262,7 @@ class Engine:
         cancel = cancel or CancelToken()
         # The recorder says which layers' attention rows are watched (it may change mid-run).
         recorder = recorder or Recorder()
-        cache = self.new_cache(policy)
+        cache = cache if cache is not None else self.new_cache(policy)
         sampler = Sampler(settings, self.loaded.device)
         stream = TextStream(self.tokenizer)
         run = _Run(self, cache, recorder)

@@ -23,7 +23,7 @@ storage (`kvstudio.core.cache`); after every forward step it shows the policy ea
      themselves, (query_heads, n_queries, n_entries) float32. Their memory grows with queries x
      entries: a 2k-token chunk is 151 MiB per layer on a 9-head model.
    - `"sums"`: `view.attention_sums`, each entry's weight summed over those queries,
-     (query_heads, n_entries) float32, computed in query tiles of bounded scratch (16 MiB of
+     (query_heads, n_entries) float32, computed in query tiles of bounded scratch (4 MiB of
      scores; see `core.attention.attention_sums`) without the rows ever existing. Column sums are
      what H2O, SnapKV, PyramidKV and TOVA (one query) consume; prefer this form when it is enough.
    `view.attention_sums_per_kv_head()` works with either form.
