@@ -3,7 +3,8 @@
 Opens the real window (offscreen unless a display is set), loads the model on the worker thread,
 runs a generation with every view live, and probes the GUI event loop with a 10 ms QTimer: each
 tick records how late it fired. Prints p50 / p99 / max lateness during load, prefill and decode.
-Target: p99 < 50 ms. Ends with gui_event_loop_p99_ms=<x>.
+Target: p99 < 50 ms. Ends with load_p99_ms=<x> (the model load, after what `kvstudio` prepares
+before its window opens: see core.models.prepare_load) and gui_event_loop_p99_ms=<x> (the run).
 
 usage: python benchmarks/gui_latency.py [--model SPEC] [--policy h2o] [--prompt-tokens 1000]
 """
@@ -25,6 +26,7 @@ from PySide6.QtCore import QSettings, QTimer  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from kvstudio.core.evaluate import passkey_prompt  # noqa: E402
+from kvstudio.core.models import prepare_load  # noqa: E402
 from kvstudio.gui.main_window import MainWindow  # noqa: E402
 
 PROBE_MS = 10
@@ -40,6 +42,7 @@ def main() -> int:
     args = parser.parse_args()
 
     pg.setConfigOptions(imageAxisOrder="row-major", antialias=False)
+    prepare_load(args.model)  # what `kvstudio` does before its window opens
     app = QApplication([])
     settings = QSettings(os.path.join(os.environ.get("TMPDIR", "/tmp"), "kvstudio-latency.ini"), QSettings.IniFormat)
     window = MainWindow(settings)
@@ -89,6 +92,7 @@ def main() -> int:
             values = np.array(values)
             print(f"{name:<5} {len(values):5d} probes: lateness p50 {np.percentile(values, 50):6.1f} ms, "
                   f"p99 {np.percentile(values, 99):6.1f} ms, max {values.max():6.1f} ms")
+    print(f"load_p99_ms={np.percentile(lateness['load'], 99):.1f}")
     print(f"gui_event_loop_p99_ms={np.percentile(lateness['run'], 99):.1f}")
     return 0
 

@@ -189,6 +189,74 @@ def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
     return LoadedModel(model, tokenizer, spec, name, torch_device, torch_dtype, quantization)
 
 
+# --- imports ahead of a load -------------------------------------------------------------------
+
+
+def import_model_code(spec: str = "default") -> None:
+    """Import the code a load of `spec` will run: transformers' auto classes, the tokenizer backends,
+    and the modeling module of the spec's architecture.
+
+    A first import compiles or unmarshals modules and runs their bodies, holding the GIL for tens
+    to hundreds of milliseconds at a time. Done on the model's worker thread while the studio is
+    up, that froze its event loop; done once before the window opens (or on a thread while
+    nothing is drawn), a load then runs only code that is already imported. Never raises: a spec
+    that cannot load says so when it is loaded.
+    """
+    import importlib
+    import json
+
+    try:
+        import safetensors.torch  # noqa: F401
+        import tokenizers  # noqa: F401
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        from transformers import PreTrainedTokenizerFast  # noqa: F401
+
+        model_type = "llama"
+        if spec.startswith("tiny-"):
+            model_type = spec.removeprefix("tiny-")
+        elif spec != "default":
+            config = Path(spec).expanduser() / "config.json"
+            if config.is_file():
+                model_type = json.loads(config.read_text()).get("model_type", model_type)
+        importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except Exception:  # noqa: BLE001 - only a warm-up: the load itself reports what is wrong
+        pass
+
+
+def prepare_load(spec: str = "default") -> None:
+    """Everything of a coming load of `spec` that holds the GIL for long, done now: the imports, and
+    the tokenizer (its JSON is parsed twice, once by Python and once by the tokenizers library, each
+    holding the GIL for the whole file; the parsed tokenizer is kept for the load to reuse). The
+    studio calls this before its window opens, so loading the model it starts with never stalls
+    the window. Only folders already on disk are touched: nothing is converted here. Never raises."""
+    import_model_code(spec)
+    try:
+        if spec == "default":
+            folder = models_cache_dir() / f"{DEFAULT_MODEL_NAME}-{DEFAULT_MODEL_REVISION}"
+        elif spec.startswith("tiny-"):
+            return
+        else:
+            folder = Path(spec).expanduser()
+        if (folder / "config.json").is_file():
+            _tokenizer_for(folder)
+    except Exception:  # noqa: BLE001 - only a warm-up: the load itself reports what is wrong
+        pass
+
+
+_tokenizers: dict[tuple[str, float], object] = {}
+
+
+def _tokenizer_for(folder: Path):
+    """The folder's tokenizer, parsed once per process (and again when its files change)."""
+    from transformers import AutoTokenizer
+
+    marker = folder / "tokenizer.json"
+    key = (str(folder.resolve()), marker.stat().st_mtime if marker.is_file() else 0.0)
+    if key not in _tokenizers:
+        _tokenizers[key] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return _tokenizers[key]
+
+
 # --- the embedded default model ---------------------------------------------------------------
 
 
@@ -283,11 +351,11 @@ def _local_folder_for(spec: str) -> Path:
 
 
 def _load_pretrained(folder: Path, dtype, device, quant_config, progress):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     _say(progress, f"loading {folder}", 0.9)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = _tokenizer_for(folder)
         extra = {"quantization_config": quant_config, "device_map": str(device)} if quant_config else {}
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError) as error:

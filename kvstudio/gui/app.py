@@ -29,6 +29,10 @@ def run_studio(model: str | None = "default") -> int:
 
     from .main_window import MainWindow
 
+    from ..core.models import prepare_load
+
+    if model:  # imports and tokenizer now, before the window: loading them later froze it
+        prepare_load(model)
     pg.setConfigOptions(imageAxisOrder="row-major", antialias=False)
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("KV Studio")
