@@ -135,3 +135,20 @@ def test_fused_and_separate_scoring_keep_the_same_entries(tiny_engine):
         kept[fused] = (result.token_ids, [result.cache.positions(layer).tolist()
                                           for layer in range(tiny_engine.loaded.n_layers)])
     assert kept[True] == kept[False]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv", "pyramidkv"])
+def test_sums_keep_the_same_entries_as_rows_on_the_default_models_pass_key_prompt(default_engine, name):
+    """The default model, a ~1k-token pass-key prompt in 256-token chunks, budget 128: the entries kept
+    in every layer (and the answer) are those the same policy keeps reading whole rows."""
+    from kvstudio.core.evaluate import passkey_prompt
+
+    prompt = default_engine.encode(passkey_prompt("57314", 40))
+    settings = GenerationSettings(max_new_tokens=4, chunk_size=256)
+    params = dict(budget=128)
+    rows = default_engine.generate(prompt, _rows_twin(name)(**params), settings, keep_cache=True)
+    sums = default_engine.generate(prompt, create_policy(name, **params), settings, keep_cache=True)
+    assert sums.token_ids == rows.token_ids
+    for layer in range(default_engine.loaded.n_layers):
+        assert torch.equal(sums.cache.positions(layer), rows.cache.positions(layer)), layer
