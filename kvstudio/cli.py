@@ -150,7 +150,7 @@ def _dispatch(args, plugins) -> int:
     try:
         if args.command == "run":
             for record in plugins.errors:
-                print(f"kvstudio: warning: plugin not loaded: {record.error}", file=sys.stderr)
+                print(f"kvstudio: warning: {_plugin_problem(record)}: {record.error}", file=sys.stderr)
             return command_run(args)
         if args.command == "policies":
             return command_policies(plugins)
@@ -172,6 +172,10 @@ def _dispatch(args, plugins) -> int:
         return EXIT_USAGE
 
 
+def _plugin_problem(record) -> str:
+    return "plugin broken" if record.status == "broken" else "plugin not loaded"
+
+
 # --- commands -----------------------------------------------------------------------------------
 
 
@@ -191,7 +195,9 @@ def _policy_from_args(args):
         options = ", ".join("--" + name.replace("_", "-") for name in foreign)
         known = ", ".join("--" + name.replace("_", "-") for name in sorted(accepted))
         raise PolicyConfigError(f"{options} does not apply to policy '{cls.name}' (its options: {known})")
-    return cls(**given)
+    from .core.plugin_guard import build_policy
+
+    return build_policy(cls, given)
 
 
 def _prompt_from_args(args) -> str:
@@ -371,7 +377,7 @@ def command_policies(plugins) -> int:
             print(f"    {spec.option:<{width}}  {kind:<4}  default {str(default):<7}  {spec.help}{choices}")
     print("\nplugin folders searched: " + ", ".join(str(folder) for folder in plugins.folders))
     for record in plugins.errors:
-        print(f"plugin not loaded: {record.error}  [{record.source}]")
+        print(f"{_plugin_problem(record)}: {record.error}  [{record.source}]")
     return 0
 
 
