@@ -51,12 +51,15 @@ def _allocation(error: BaseException) -> str:
 
 def culprit(error: BaseException) -> str:
     """What was allocating when memory ran out, from the innermost frame KV Studio knows:
-    "policy", "cache", "attention", "model" (a forward step's activations) or "unknown"."""
+    "policy", "tokenize", "cache", "attention", "model" (a forward step's activations) or
+    "unknown"."""
     plugin_files = _plugin_files()
     for frame in reversed(traceback.extract_tb(error.__traceback__)):
         path = Path(frame.filename)
         if any(frame.filename.startswith(f) for f in plugin_files) or _CORE / "policies" in path.parents:
             return "policy"
+        if path == _CORE / "engine.py" and frame.name == "encode":
+            return "tokenize"
         if path == _CORE / "cache.py":
             return "cache"
         if path == _CORE / "attention.py":
@@ -84,9 +87,9 @@ def explain(error: BaseException, stage: str, *, chunk_size: int | None = None, 
     if stage == "load":
         return (f"out of memory loading the model {model or ''}{amount}: its weights do not fit; try a smaller "
                 "model, --dtype bfloat16/float16, or --quantize 4bit on CUDA").replace("model  ", "model ")
-    if stage == "tokenize":
-        return f"out of memory tokenizing the prompt{amount}: give a shorter prompt or document"
     found = culprit(error)
+    if stage == "tokenize" or found == "tokenize":
+        return f"out of memory tokenizing the prompt{amount}: give a shorter prompt or document"
     if found == "policy":
         return (f"out of memory inside the policy {policy or ''} while it chose what to keep{amount}: the "
                 "policy's own tensors do not fit; check its code or lower --budget").replace("policy  ", "policy ")

@@ -8,7 +8,8 @@ the policy, its file and the line that raised. The CLI prints it as one line wit
 the studio shows it in its banner and keeps the window.
 
 What passes through unchanged:
-  - KeyboardInterrupt (the user stopping the run) and out-of-memory errors, which say what ran
+  - KeyboardInterrupt and other non-Exception stops (interruptions.Terminated for SIGTERM), and
+    out-of-memory errors, which say what ran
     out (core/oom.py names the policy when its code was the one allocating);
   - a PolicyConfigError raised while the policy is being configured: that is the contract's way
     to refuse parameters, and its message already says what to change;
@@ -116,7 +117,9 @@ def fault(policy, method: str, layer: int | None, error: BaseException) -> Polic
 
 
 def _passes_through(error: BaseException, configuring: bool) -> bool:
-    if isinstance(error, (KeyboardInterrupt, GeneratorExit, PolicyFault)) or is_out_of_memory(error):
+    # Exceptions and SystemExit are the policy's faults; other BaseExceptions (KeyboardInterrupt,
+    # the Terminated of a SIGTERM) are the user or the system stopping the run.
+    if not isinstance(error, (Exception, SystemExit)) or isinstance(error, PolicyFault) or is_out_of_memory(error):
         return True
     return configuring and isinstance(error, PolicyConfigError)
 
