@@ -79,10 +79,23 @@ def _plugin_files() -> list[str]:
             and not source.startswith("entry point")]
 
 
+# The CLI's option names, and what the studio calls the same settings.
+_STUDIO_WORDS = {"--budget": "the budget", "--chunk-size": "the chunk size", "--dtype bfloat16/float16":
+                 "dtype bfloat16 or float16", "--quantize 4bit on CUDA": "4-bit quantization on CUDA"}
+
+
 def explain(error: BaseException, stage: str, *, chunk_size: int | None = None, model: str | None = None,
-            policy: str | None = None) -> str:
+            policy: str | None = None, studio: bool = False) -> str:
     """One line naming what ran out. `stage` is what KV Studio was doing: "load" (the model),
-    "tokenize" (the prompt) or "run" (generation)."""
+    "tokenize" (the prompt) or "run" (generation). `studio`: name settings as the studio does."""
+    text = _explain(error, stage, chunk_size, model, policy)
+    if studio:
+        for option, words in _STUDIO_WORDS.items():
+            text = text.replace(option, words)
+    return text
+
+
+def _explain(error, stage, chunk_size, model, policy) -> str:
     amount = _allocation(error)
     if stage == "load":
         return (f"out of memory loading the model {model or ''}{amount}: its weights do not fit; try a smaller "
