@@ -9,17 +9,21 @@ from __future__ import annotations
 import gc
 import os
 import re
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvstudio.cli import main
 from kvstudio.core.engine import GenerationSettings
 from kvstudio.core.errors import PolicyConfigError, PolicyError
 from kvstudio.core.plugins import PluginManager
-from kvstudio.core.policies import available_policies, create_policy
+from kvstudio.core.policies import available_policies, create_policy, policy_class
 
+from .conftest import engine_for
 from .helpers import random_ids
 
 HEADER = '''
@@ -297,3 +301,140 @@ def test_built_in_parameter_errors_are_unchanged():
         create_policy("window", budget=0)
     with pytest.raises(PolicyConfigError, match="policy 'full' has no parameter 'sink'"):
         create_policy("full", sink=2)
+
+
+# --- the property: a hostile generated plugin always ends in a PolicyError naming its file ----------
+
+TEMPLATE = '''
+import sys
+import weakref
+from dataclasses import dataclass
+import numpy
+import torch
+from kvstudio.core.errors import KVStudioError, PolicyError
+from kvstudio.core.policies.base import LayerState, Policy, PolicyConfig
+
+CALLS = {{}}
+STATES = []  # weak references to every LayerState the engine asked for: all dead once the cache is freed
+
+
+def hostile(hook):
+    """True exactly once: at the chosen call of the chosen hook."""
+    CALLS[hook] = CALLS.get(hook, 0) + 1
+    return hook == {hook!r} and CALLS[hook] == {call} + 1
+
+
+class Error(Exception):
+    pass
+
+
+@dataclass
+class Config(PolicyConfig):
+    def validate(self):
+        super().validate()
+        if hostile("validate"):
+            {fault}
+
+
+class Hostile(Policy):
+    name = "hostile"
+    summary = "misbehaves once, somewhere"
+    Config = Config
+    needs_attention = True
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        if hostile("__init__"):
+            {fault}
+
+    def budget_for(self, layer_idx, n_layers):
+        if hostile("budget_for"):
+            {fault}
+        return self.config.budget
+
+    def limit_for(self, layer_idx, n_layers, phase):
+        if hostile("limit_for"):
+            {fault}
+        return self.config.budget
+
+    def attention_queries(self, n_new, phase):
+        if hostile("attention_queries"):
+            {fault}
+        return n_new
+
+    def new_layer_state(self, layer_idx):
+        if hostile("new_layer_state"):
+            {fault}
+        state = LayerState()
+        STATES.append(weakref.ref(state))
+        return state
+
+    def select(self, view, state):
+        if hostile("select"):
+            {fault}
+        if view.n_entries <= view.budget:
+            return None
+        return torch.arange(view.n_entries - view.budget, view.n_entries).expand(view.kv_heads, -1)
+'''
+
+# How often each hook is called in the run below (12-token prompt in chunks of 4, 3 new tokens,
+# 4 layers): a hostile call is always reached.
+CALLS = {"validate": 1, "__init__": 1, "budget_for": 4, "limit_for": 8, "new_layer_state": 4,
+         "attention_queries": 20, "select": 20}
+RAISES = ["raise ValueError('bad value')", "raise RuntimeError('bad state')", "raise KeyError('missing')",
+          "raise ZeroDivisionError('divided')", "raise TypeError('wrong type')", "raise IndexError('too far')",
+          "raise AttributeError('no such thing')", "raise Error('its own exception')", "assert False, 'assertion'",
+          "raise NotImplementedError", "raise RecursionError('deep')", "raise StopIteration",
+          "raise PolicyError('a policy error of its own')", "raise KVStudioError('borrowed error class')",
+          "sys.exit(0)", "sys.exit(1)", "sys.exit('a message')", "raise SystemExit"]
+# Values no hook may return: wrong types everywhere, and for select() wrong shapes, dtypes, ranges.
+RETURNS = {
+    "budget_for": ["'ten'", "-1", "0", "2.5", "[]", "True", "torch.tensor(6)"],
+    "limit_for": ["'ten'", "-3", "0", "6.0", "{}", "False"],
+    "attention_queries": ["-1", "'all'", "1.5", "None", "[n_new]"],
+    "new_layer_state": ["None", "{}", "3", "LayerState"],
+    "select": ["list(range(view.n_entries))", "7", "'all'", "(0, 1)", "{}", "numpy.arange(view.n_entries)",
+               "torch.zeros(view.kv_heads, 1)", "torch.ones(view.kv_heads, 1, dtype=torch.bool)",
+               "torch.arange(view.n_entries)", "torch.zeros(view.kv_heads, 1, 1, dtype=torch.long)",
+               "torch.zeros(view.kv_heads + 1, 1, dtype=torch.long)",
+               "torch.full((view.kv_heads, 1), view.n_entries)", "torch.full((view.kv_heads, 1), -1)",
+               "torch.tensor([[1, 0]] * view.kv_heads)", "torch.zeros(view.kv_heads, 0, dtype=torch.long)",
+               "torch.arange(view.n_entries + 1).expand(view.kv_heads, -1)",
+               "torch.full((view.kv_heads, 1), 2**40)", "torch.arange(view.n_entries, dtype=torch.int32)[None]"
+               ".expand(view.kv_heads, -1) * 9",
+               "torch.arange(view.n_entries, dtype=torch.float64).expand(view.kv_heads, -1)"],
+}
+
+
+@st.composite
+def hostile_plugins(draw):
+    hook = draw(st.sampled_from(sorted(CALLS)))
+    call = draw(st.integers(0, CALLS[hook] - 1))
+    faults = RAISES + [f"return {value}" for value in RETURNS.get(hook, [])]
+    return hook, call, draw(st.sampled_from(faults))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_plugins())
+def test_a_hostile_generated_plugin_always_ends_in_a_policy_error_naming_its_file(plugin):
+    import tempfile
+
+    hook, call, fault = plugin
+    engine = engine_for("tiny-llama")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "hostile.py"
+        path.write_text(TEMPLATE.format(hook=hook, call=call, fault=fault))
+        manager = PluginManager([folder], entry_points_enabled=False)
+        manager.load()
+        try:
+            assert manager.records[-1].policies == ["hostile"], manager.records[-1].error
+            with pytest.raises(PolicyError) as caught:
+                engine.generate(random_ids(12, seed=call), create_policy("hostile", budget=6),
+                                GenerationSettings(max_new_tokens=3, chunk_size=4, memory_sample_hz=0))
+            assert f"policy 'hostile' (plugin {path})" in str(caught.value), (plugin, str(caught.value))
+            del caught
+            gc.collect()  # the cache and its layers form a cycle: only the collector frees them
+            states = sys.modules[policy_class("hostile").__module__].STATES
+            assert all(state() is None for state in states), plugin  # the cache (which held them) is gone
+        finally:
+            manager.unload()
