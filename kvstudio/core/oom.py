@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 _CORE = Path(__file__).resolve().parent
-_ALLOCATION = re.compile(r"(?:tried to allocate|allocate) ([0-9.]+ ?[KMGT]?i?B|\d+ bytes)", re.I)
+_ALLOCATION = re.compile(r"tried to allocate (\d+ bytes|[0-9.]+ ?[KMGT]i?B)", re.I)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
