@@ -191,7 +191,7 @@ def _known_fault(error: Exception, plugins) -> str | None:
 
     if is_out_of_memory(error):
         return explain(error, "run")
-    fault = fault_from_traceback(error, [record.source for record in plugins.records])
+    fault = fault_from_traceback(error, [record.source for record in plugins.records])  # loaded or broken
     return None if fault is None else str(fault)
 
 
@@ -418,7 +418,7 @@ def command_policies(plugins) -> int:
         for spec in policy.Config.parameters():
             default = "none" if spec.default is None else spec.default
             kind = "flag" if spec.type is bool else spec.type.__name__
-            choices = f" ({'|'.join(spec.choices)})" if spec.choices else ""
+            choices = f" ({'|'.join(map(str, spec.choices))})" if spec.choices else ""
             print(f"    {spec.option:<{width}}  {kind:<4}  default {str(default):<7}  {spec.help}{choices}")
     print("\nplugin folders searched: " + ", ".join(str(folder) for folder in plugins.folders))
     for record in plugins.errors:

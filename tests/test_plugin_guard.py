@@ -438,3 +438,39 @@ def test_a_hostile_generated_plugin_always_ends_in_a_policy_error_naming_its_fil
             assert all(state() is None for state in states), plugin  # the cache (which held them) is gone
         finally:
             manager.unload()
+
+
+def test_plugin_code_outside_the_guarded_calls_is_still_named(tmp_path, data_dir, capsys):
+    """describe() is not part of the contract's hooks, but a plugin may override it: the last net
+    (its frames in the traceback) names the file and line all the same."""
+    path, line = write_plugin(tmp_path / "plugins", "describe_raises", '''
+        class P(Policy):
+            name = "describe_raises"
+            summary = "s"
+            def describe(self):
+                raise RuntimeError("cannot describe myself")  # FAULT
+            def select(self, view, state):
+                return None
+        ''')
+    code, out, err = run_cli(capsys, "run", "--plugins", str(path.parent), "--model", "tiny-llama", "--policy",
+                             "describe_raises", "--budget", "4", "--prompt", "hi", "--max-new-tokens", "2")
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"kvstudio: error: plugin {path} raised at line {line}: RuntimeError: "
+                                            "cannot describe myself")
+
+
+def test_integer_choices_are_listed(tmp_path, data_dir, capsys):
+    write_plugin(tmp_path / "plugins", "int_choices", '''
+        @dataclass
+        class Config(PolicyConfig):
+            group: int = parameter(2, help="group size", choices=(2, 4, 8))
+
+        class P(Policy):
+            name = "int_choices"
+            summary = "s"
+            Config = Config
+            def select(self, view, state):
+                return None
+        ''')
+    code, out, err = run_cli(capsys, "policies", "--plugins", str(tmp_path / "plugins"))
+    assert code == 0 and "group size (2|4|8)" in out, err

@@ -228,11 +228,20 @@ def _fits(value, kind: type) -> bool:
 # --- the last net ----------------------------------------------------------------------------------
 
 
-def fault_from_traceback(error: BaseException, plugin_sources: list[str]) -> PolicyFault | None:
+def fault_from_traceback(error: BaseException, plugin_sources: list[str] | None = None) -> PolicyFault | None:
     """For an error that escaped every guard (a policy method nobody expected to fail, such as an
-    overridden describe()): a PolicyFault when a plugin's frame is in its traceback, else None."""
-    files = [s for s in plugin_sources if not s.startswith("entry point")]
-    where = fault_line(error, files)
-    if where is None:
+    overridden describe()): a PolicyFault naming the innermost plugin frame in its traceback, or
+    None when no plugin code was involved. `plugin_sources` defaults to every registered plugin."""
+    if plugin_sources is None:
+        from .policies import BUILT_IN, available_policies, source_of
+
+        plugin_sources = [source for name in available_policies() if (source := source_of(name)) != BUILT_IN]
+    files = [str(Path(s)) for s in plugin_sources if s and not s.startswith("entry point")]
+    innermost = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        for source in files:
+            if frame.filename == source or frame.filename.startswith(source.rstrip("/") + "/"):
+                innermost = (source, frame.lineno)
+    if innermost is None:
         return None
-    return PolicyFault(f"plugin {where[0]} raised at line {where[1]}: {_described(error)}")
+    return PolicyFault(f"plugin {innermost[0]} raised at line {innermost[1]}: {_described(error)}")

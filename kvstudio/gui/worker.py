@@ -20,6 +20,7 @@ from ..core.errors import KVStudioError
 from ..core.events import Recorder
 from ..core.models import load_model
 from ..core.oom import explain, is_out_of_memory
+from ..core.plugin_guard import fault_from_traceback
 from ..core.policies import create_policy
 from ..core.recordings import pack_events
 from ..core.snapshots import MemorySnapshotRecording, SnapshotError
@@ -136,6 +137,8 @@ class StudioWorker(QObject):
             if is_out_of_memory(error):  # say what ran out: the cache, a chunk's activations, the policy
                 outcome.error = explain(error, "run", chunk_size=request.settings.chunk_size, studio=True,
                                         policy=f"'{request.policy}'")
+            elif (fault := fault_from_traceback(error)) is not None:  # plugin code the guard does not wrap
+                outcome.error = str(fault)
             else:
                 traceback.print_exc()
                 outcome.error = f"the run failed: {type(error).__name__}: {error}"
