@@ -176,15 +176,15 @@ def _dispatch(args, plugins) -> int:
     except BrokenPipeError:  # the reader of stdout went away (`kvstudio policies | head -1`): stop quietly
         silence_stdout()
         return EXIT_BROKEN_PIPE
-    except Exception as error:
+    except (Exception, SystemExit) as error:  # SystemExit: a plugin's sys.exit() outside the guarded calls
         message = _known_fault(error, plugins)
         if message is None:
-            raise  # a bug in KV Studio itself: its traceback is what a report needs
+            raise  # a bug in KV Studio itself (its traceback is what a report needs), or a real exit
         print(f"kvstudio: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
 
-def _known_fault(error: Exception, plugins) -> str | None:
+def _known_fault(error: BaseException, plugins) -> str | None:
     """Out of memory, or a plugin's fault that escaped the guard, as one line; None otherwise."""
     from .core.oom import explain, is_out_of_memory
     from .core.plugin_guard import fault_from_traceback

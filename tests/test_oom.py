@@ -4,8 +4,10 @@ raised in the real code path it is attributed to."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 
+import pytest
 import torch
 
 from kvstudio.cli import main
@@ -14,6 +16,7 @@ from kvstudio.core.cache import PolicyCache, StepContext
 from kvstudio.core.oom import culprit, explain, is_out_of_memory
 from kvstudio.core.policies import create_policy
 
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 HUGE = 2**40  # entries: with 2 heads of 16 float32 dims, far beyond any machine's memory
 
 
@@ -25,13 +28,14 @@ def failure(function, *args, **kwargs) -> BaseException:
     raise AssertionError("the allocation did not fail")
 
 
-def test_the_kv_cache_running_out_says_lower_the_budget():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_the_kv_cache_running_out_says_lower_the_budget(device):
     cache = PolicyCache(create_policy("full"), n_layers=1)
-    cache.begin_step(StepContext(0, "prefill", torch.arange(4), torch.arange(4)))
+    cache.begin_step(StepContext(0, "prefill", torch.arange(4, device=device), torch.arange(4, device=device)))
     layer = cache.layers[0]
-    layer.update(torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 4, 16))
-    huge = torch.zeros(1, 2, 1, 16).expand(1, 2, HUGE, 16)  # what a runaway prompt would append
-    cache.context = StepContext(1, "prefill", torch.arange(4, 5), torch.arange(4, 5))
+    layer.update(torch.zeros(1, 2, 4, 16, device=device), torch.zeros(1, 2, 4, 16, device=device))
+    huge = torch.zeros(1, 2, 1, 16, device=device).expand(1, 2, HUGE, 16)  # what a runaway prompt would append
+    cache.context = StepContext(1, "prefill", torch.arange(4, 5, device=device), torch.arange(4, 5, device=device))
     error = failure(layer.update, huge, huge)
     assert is_out_of_memory(error) and culprit(error) == "cache"
     message = explain(error, "run", chunk_size=512)
@@ -58,7 +62,8 @@ def test_loading_and_tokenizing_name_themselves():
     assert not is_out_of_memory(ValueError("out of range")) and is_out_of_memory(MemoryError())
 
 
-def test_a_policy_that_runs_memory_out_is_named_in_one_line(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_a_policy_that_runs_memory_out_is_named_in_one_line(tmp_path, capsys, monkeypatch, device):
     monkeypatch.setenv("KVSTUDIO_DATA_DIR", str(tmp_path / "data"))
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "greedy.py").write_text(textwrap.dedent('''
@@ -70,14 +75,19 @@ def test_a_policy_that_runs_memory_out_is_named_in_one_line(tmp_path, capsys, mo
             summary = "asks for a petabyte of scores"
 
             def select(self, view, state):
-                scores = torch.empty(2**50, dtype=torch.uint8)
+                scores = torch.empty(2**50, dtype=torch.uint8, device=view.keys.device)
                 return None
         '''))
-    code = main(["run", "--plugins", str(tmp_path / "plugins"), "--model", "tiny-llama", "--policy", "greedy_memory",
+    code = main(["run", "--plugins", str(tmp_path / "plugins"), "--model", "tiny-llama", "--device", device,
+                 "--policy", "greedy_memory",
                  "--budget", "8", "--prompt", "hello", "--max-new-tokens", "2"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     [line] = [text for text in err.splitlines() if text.startswith("kvstudio: error:")]
-    assert line == (f"kvstudio: error: out of memory inside the policy 'greedy_memory' (plugin "
-                    f"{tmp_path / 'plugins' / 'greedy.py'}) while it chose what to keep (it tried to allocate "
-                    "1024.0 TiB): the policy's own tensors do not fit; check its code or lower --budget")
+    assert re.fullmatch(
+        re.escape(f"kvstudio: error: out of memory inside the policy 'greedy_memory' (plugin "
+                  f"{tmp_path / 'plugins' / 'greedy.py'}) while it chose what to keep (it tried to allocate ")
+        + r"[0-9.]+ [KMGT]iB" + re.escape("): the policy's own tensors do not fit; check its code or lower --budget"),
+        line), line
+    if device == "cpu":
+        assert "(it tried to allocate 1024.0 TiB)" in line

@@ -133,7 +133,7 @@ class StudioWorker(QObject):
                     self._save_snapshot(recording, outcome, request.snapshot_path)
         except KVStudioError as error:  # plugin faults too: the guard makes them PolicyErrors
             outcome.error = str(error)
-        except Exception as error:  # the studio stays usable whatever a run does
+        except (Exception, SystemExit) as error:  # the studio stays usable whatever a run does
             if is_out_of_memory(error):  # say what ran out: the cache, a chunk's activations, the policy
                 outcome.error = explain(error, "run", chunk_size=request.settings.chunk_size, studio=True,
                                         policy=f"'{request.policy}'")
