@@ -22,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from .core.errors import KVStudioError  # noqa: E402
+from .core.interruptions import (EXIT_BROKEN_PIPE, EXIT_TERMINATED, Terminated, TextOutput,  # noqa: E402
+                                 silence_stdout, sigterm_raises)
 from .core.units import format_bytes  # noqa: E402
 
 EXIT_USAGE = 2
@@ -150,8 +152,9 @@ def _dispatch(args, plugins) -> int:
     try:
         if args.command == "run":
             for record in plugins.errors:
-                print(f"kvstudio: warning: plugin not loaded: {record.error}", file=sys.stderr)
-            return command_run(args)
+                print(f"kvstudio: warning: {_plugin_problem(record)}: {record.error}", file=sys.stderr)
+            with sigterm_raises():  # SIGTERM ends the run recorded as interrupted, not killed mid-write
+                return command_run(args)
         if args.command == "policies":
             return command_policies(plugins)
         if args.command == "demo":
@@ -167,9 +170,33 @@ def _dispatch(args, plugins) -> int:
     except KeyboardInterrupt:
         print("\nkvstudio: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except MemoryError:
-        print("kvstudio: error: out of memory: try a smaller --budget, --chunk-size or model", file=sys.stderr)
+    except Terminated:
+        print("\nkvstudio: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
+    except BrokenPipeError:  # the reader of stdout went away (`kvstudio policies | head -1`): stop quietly
+        silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except (Exception, SystemExit) as error:  # SystemExit: a plugin's sys.exit() outside the guarded calls
+        message = _known_fault(error, plugins)
+        if message is None:
+            raise  # a bug in KV Studio itself (its traceback is what a report needs), or a real exit
+        print(f"kvstudio: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _known_fault(error: BaseException, plugins) -> str | None:
+    """Out of memory, or a plugin's fault that escaped the guard, as one line; None otherwise."""
+    from .core.oom import explain, is_out_of_memory
+    from .core.plugin_guard import fault_from_traceback
+
+    if is_out_of_memory(error):
+        return explain(error, "run")
+    fault = fault_from_traceback(error, [record.source for record in plugins.records])  # loaded or broken
+    return None if fault is None else str(fault)
+
+
+def _plugin_problem(record) -> str:
+    return "plugin broken" if record.status == "broken" else "plugin not loaded"
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -191,7 +218,9 @@ def _policy_from_args(args):
         options = ", ".join("--" + name.replace("_", "-") for name in foreign)
         known = ", ".join("--" + name.replace("_", "-") for name in sorted(accepted))
         raise PolicyConfigError(f"{options} does not apply to policy '{cls.name}' (its options: {known})")
-    return cls(**given)
+    from .core.plugin_guard import build_policy
+
+    return build_policy(cls, given)
 
 
 def _prompt_from_args(args) -> str:
@@ -209,9 +238,9 @@ def _prompt_from_args(args) -> str:
 
 def command_run(args) -> int:
     from .core.atomic import check_writable_folder
-    from .core.engine import Engine, GenerationSettings
-    from .core.models import load_model
+    from .core.engine import CancelToken, Engine, GenerationSettings
     from .core.events import Recorder
+    from .core.interruptions import OUTPUT_CLOSED, end_status, partial_output
     from .core.recordings import pack_events
     from .core.snapshots import MemorySnapshotRecording
 
@@ -228,26 +257,29 @@ def command_run(args) -> int:
         if path:
             check_writable_folder(path)
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantize,
-                        progress=_progress)
+    loaded = _load_reporting_oom(args)
     print(f"[kvstudio] {loaded.describe()}; policy {policy.describe()}", file=sys.stderr, flush=True)
     engine = Engine(loaded)
     history, run_id = _history_start(args, loaded, policy, prompt, settings)
     recording = MemorySnapshotRecording(loaded.device) if args.memory_snapshot else contextlib.nullcontext()
     recorder = Recorder()  # what the history keeps to reopen the run's views in the studio
+    output = TextOutput(CancelToken())  # a closed stdout cancels the run
     try:
         with recording:
-            result = _generate_reporting_oom(engine, prompt, policy, settings, recorder)
+            result = _generate_reporting_oom(engine, prompt, policy, settings, recorder, output)
     except BaseException as error:
-        if history is not None:
-            _history_call(history.finish, run_id, status="failed", error=str(error) or type(error).__name__)
+        if history is not None:  # cancelled (Ctrl-C), interrupted (SIGTERM) or failed, keeping what it made
+            status, message = end_status(error)
+            _history_call(history.finish, run_id, status=status, error=message, events=pack_events(recorder),
+                          partial=partial_output(recorder))
         if args.memory_snapshot and recording.snapshot is not None:  # what led to the failure
             _write_snapshot(recording, args.memory_snapshot)
         raise
     if args.memory_snapshot:
         _write_snapshot(recording, args.memory_snapshot, result)
     if history is not None:
-        _history_call(history.finish, run_id, result, events=pack_events(recorder))
+        _history_call(history.finish, run_id, result, events=pack_events(recorder),
+                      error=OUTPUT_CLOSED if output.closed else None)
     print()
     print(format_summary(result))
     if history is not None:
@@ -259,7 +291,7 @@ def command_run(args) -> int:
         data["settings"] = vars(settings) | {"stop_strings": list(settings.stop_strings)}
         write_json_atomic(Path(args.json), data)
         print(f"[kvstudio] wrote {args.json}", file=sys.stderr)
-    return 0
+    return EXIT_BROKEN_PIPE if output.closed else 0
 
 
 def _write_snapshot(recording, path: str, result=None) -> None:
@@ -324,15 +356,34 @@ def command_runs(args) -> int:
     return 0
 
 
-def _generate_reporting_oom(engine, prompt, policy, settings, recorder=None):
-    import torch
+def _load_reporting_oom(args):
+    from .core.models import load_model
+    from .core.oom import explain, is_out_of_memory
 
     try:
-        return engine.generate(prompt, policy, settings, recorder=recorder,
-                               on_text=lambda piece: print(piece, end="", flush=True))
-    except torch.OutOfMemoryError as error:
-        raise KVStudioError("out of GPU memory during the run: lower --budget or --chunk-size, "
-                            f"or use a smaller model ({str(error).splitlines()[0]})") from error
+        return load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantize,
+                          progress=_progress)
+    except Exception as error:
+        if is_out_of_memory(error):
+            raise KVStudioError(explain(error, "load", model=args.model)) from error
+        raise
+
+
+def _generate_reporting_oom(engine, prompt, policy, settings, recorder=None, output=None):
+    """Generate, streaming the text to stdout; out of memory becomes one line naming what ran out."""
+    from .core.engine import CancelToken
+    from .core.oom import explain, is_out_of_memory
+    from .core.plugin_guard import policy_label
+
+    output = output or TextOutput(CancelToken())
+    try:
+        return engine.generate(prompt, policy, settings, recorder=recorder, cancel=output.cancel,
+                               on_text=output.write)
+    except Exception as error:
+        if is_out_of_memory(error):
+            raise KVStudioError(explain(error, "run", chunk_size=settings.chunk_size,
+                                        policy=policy_label(policy))) from error
+        raise
 
 
 def format_summary(result) -> str:
@@ -367,11 +418,11 @@ def command_policies(plugins) -> int:
         for spec in policy.Config.parameters():
             default = "none" if spec.default is None else spec.default
             kind = "flag" if spec.type is bool else spec.type.__name__
-            choices = f" ({'|'.join(spec.choices)})" if spec.choices else ""
+            choices = f" ({'|'.join(map(str, spec.choices))})" if spec.choices else ""
             print(f"    {spec.option:<{width}}  {kind:<4}  default {str(default):<7}  {spec.help}{choices}")
     print("\nplugin folders searched: " + ", ".join(str(folder) for folder in plugins.folders))
     for record in plugins.errors:
-        print(f"plugin not loaded: {record.error}  [{record.source}]")
+        print(f"{_plugin_problem(record)}: {record.error}  [{record.source}]")
     return 0
 
 

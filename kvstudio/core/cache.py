@@ -26,6 +26,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .attention import SCRATCH_BYTES
 from .errors import PolicyError
+from .plugin_guard import call_policy, checked_count, returned_wrong_type
 from .policies.base import LayerState, LayerView, Phase, Policy
 from .rotary import Rerotator
 
@@ -77,7 +78,7 @@ class PolicyLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.positions: torch.Tensor | None = None  # token positions, (kv_heads, n)
         self.rope_positions: torch.Tensor | None = None  # where each key's rotation stands, (kv_heads, n)
-        self.state: LayerState = cache.policy.new_layer_state(layer_idx)
+        self.state: LayerState = _new_layer_state(cache.policy, layer_idx)
         self.n_new = 0
         self.attended_this_step = False
 
@@ -122,11 +123,7 @@ class PolicyLayer(DynamicLayer):
             is_last_prefill_chunk=context.is_last_prefill_chunk, token_ids=context.token_ids,
             tokenizer=cache.tokenizer, attention_sums=attention_sums,
         )
-        try:
-            keep = policy.select(view, self.state)
-        except Exception as error:  # a policy (maybe a plugin) raised: stop the run with its name on it
-            raise PolicyError(f"policy {_label(policy)} raised in layer {self.layer_idx}: "
-                              f"{type(error).__name__}: {error}") from error
+        keep = call_policy(policy, "select()", self.layer_idx, policy.select, view, self.state)
         limit = cache.limits[context.phase][self.layer_idx]
         if keep is None:
             if limit is not None and view.n_entries > limit:
@@ -136,13 +133,17 @@ class PolicyLayer(DynamicLayer):
         self._check_selection(keep, view, limit)
         if keep.shape[1] == view.n_entries:
             return
-        self._evict(keep.to(self.keys.device))
+        self._evict(keep.to(self.keys.device, torch.long))  # int32 indices are accepted; scatter wants long
 
     def _check_selection(self, keep: torch.Tensor, view: LayerView, limit: int | None) -> None:
         name, layer = _label(self.cache.policy), self.layer_idx
+        if not isinstance(keep, torch.Tensor):
+            raise returned_wrong_type(self.cache.policy, "select", keep, "None or a tensor of indices", layer)
         if keep.dim() != 2 or keep.shape[0] != view.kv_heads or keep.dtype not in (torch.long, torch.int32, torch.int64):
             raise PolicyError(f"policy {name} returned indices of shape {tuple(keep.shape)} and dtype {keep.dtype} "
                               f"in layer {layer}; expected integer indices of shape ({view.kv_heads}, k)")
+        if keep.shape[1] == 0:
+            raise PolicyError(f"policy {name} kept no entries in layer {layer}; keep at least one")
         if limit is not None and keep.shape[1] > limit:
             raise PolicyError(f"policy {name} kept {keep.shape[1]} entries in layer {layer}, above its budget "
                               f"of {limit}")
@@ -192,10 +193,23 @@ class PolicyLayer(DynamicLayer):
 
 def _label(policy: Policy) -> str:
     """'name', or 'name' (plugin FILE) for a plugin's policy: errors say where to look."""
-    from .policies import BUILT_IN, source_of
+    from .plugin_guard import policy_label
 
-    source = source_of(policy.name)
-    return f"'{policy.name}'" + ("" if source in (None, BUILT_IN) else f" (plugin {source})")
+    return policy_label(policy)
+
+
+def _new_layer_state(policy: Policy, layer_idx: int) -> LayerState:
+    state = call_policy(policy, "new_layer_state()", layer_idx, policy.new_layer_state, layer_idx)
+    if not isinstance(state, LayerState):
+        raise returned_wrong_type(policy, "new_layer_state", state, "a LayerState", layer_idx)
+    return state
+
+
+def _budgets(policy: Policy, method: str, n_layers: int, *phase) -> list[int | None]:
+    """budget_for / limit_for of every layer, each checked: an int >= 1 or None."""
+    function = getattr(policy, method)
+    return [checked_count(policy, method, call_policy(policy, f"{method}()", i, function, i, n_layers, *phase),
+                          minimum=1, allow_none=True, layer=i) for i in range(n_layers)]
 
 
 def _take_rows(tensor: torch.Tensor, rows: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -210,10 +224,9 @@ class PolicyCache(Cache):
         self.policy = policy
         self.tokenizer = tokenizer
         self.n_layers = n_layers
-        self.budgets = [policy.budget_for(i, n_layers) for i in range(n_layers)]
+        self.budgets = _budgets(policy, "budget_for", n_layers)
         # What the engine enforces after each step; fixed for a run, so computed once.
-        self.limits = {phase: [policy.limit_for(i, n_layers, phase) for i in range(n_layers)]
-                       for phase in ("prefill", "decode")}
+        self.limits = {phase: _budgets(policy, "limit_for", n_layers, phase) for phase in ("prefill", "decode")}
         if policy.needs_attention and policy.attention_form not in ("rows", "sums"):
             raise PolicyError(f"policy {_label(policy)} declares attention_form = {policy.attention_form!r}; "
                               "it must be 'rows' or 'sums'")
@@ -247,7 +260,11 @@ class PolicyCache(Cache):
 
     def attention_queries_for(self, layer_idx: int, n_new: int) -> tuple[int, bool]:
         """(queries the policy needs, whether the newest row is recorded for a viewer)."""
-        wanted = self.policy.attention_queries(n_new, self.context.phase) if self.policy.needs_attention else 0
+        wanted = 0
+        if self.policy.needs_attention:
+            wanted = checked_count(self.policy, "attention_queries", call_policy(
+                self.policy, "attention_queries()", layer_idx, self.policy.attention_queries, n_new, self.context.phase),
+                minimum=0, allow_none=False)
         return min(wanted, n_new), layer_idx in self.context.watched_layers
 
     def after_attention(self, layer_idx: int, policy_rows: torch.Tensor | None, policy_sums: torch.Tensor | None,

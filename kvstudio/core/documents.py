@@ -7,11 +7,13 @@ says which and why; nothing is half-added.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PromptError
 from .prompts import MAX_PROMPT_BYTES, read_text_file
+from .regular_files import read_regular_file
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".json", ".jsonl")
 DOCUMENT_SUFFIXES = TEXT_SUFFIXES + (".pdf",)
@@ -25,32 +27,33 @@ class Document:
 
 
 def read_document(path: str | Path, max_bytes: int = MAX_PROMPT_BYTES) -> Document:
+    """The document, or PromptError saying why not. Never anything else: a hostile file (a device,
+    a FIFO, a PDF that makes the parser fail in any way, one that runs memory out) is a refusal."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in DOCUMENT_SUFFIXES:
         raise PromptError(f"{path.name}: unsupported file type '{suffix or 'none'}'; "
                           f"use {', '.join(DOCUMENT_SUFFIXES)}")
-    text = _read_pdf(path, max_bytes) if suffix == ".pdf" else read_text_file(path, max_bytes)
+    try:
+        text = _read_pdf(path, max_bytes) if suffix == ".pdf" else read_text_file(path, max_bytes, "document")
+    except MemoryError:
+        raise PromptError(f"{path.name} does not fit in memory once read: give a smaller document") from None
     return Document(path.name, str(path), text)
 
 
 def _read_pdf(path: Path, max_bytes: int) -> str:
-    if not path.is_file():
-        raise PromptError(f"file not found: {path}")
-    if path.stat().st_size > max_bytes:
-        raise PromptError(f"{path.name} is larger than the {max_bytes / 2**20:.0f} MiB limit")
+    data = read_regular_file(path, max_bytes, "document")  # a regular file, under the limit, read once
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
 
     try:
-        reader = PdfReader(str(path))
+        reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             raise PromptError(f"{path.name} is an encrypted PDF: save an unencrypted copy first")
         text = "\n\n".join(page.extract_text() or "" for page in reader.pages)
-    except PromptError:
+    except (PromptError, MemoryError):
         raise
-    except (PdfReadError, OSError, ValueError, KeyError) as error:
-        raise PromptError(f"{path.name} is not a readable PDF: {error}") from error
+    except Exception as error:  # pypdf raises many kinds on malformed files; all mean "not readable"
+        raise PromptError(f"{path.name} is not a readable PDF: {type(error).__name__}: {error}") from error
     if not text.strip():
         raise PromptError(f"{path.name} holds no extractable text (a scanned PDF?)")
     return text

@@ -69,7 +69,7 @@ class RunRecord:
     parameters: dict
     prompt_sha256: str
     prompt_preview: str
-    status: str  # running | finished | cancelled | failed
+    status: str  # running | finished | cancelled | interrupted | failed (core/interruptions.py says which is which)
     output: str = ""
     figures: dict = field(default_factory=dict)
     steps: list = field(default_factory=list)
@@ -79,7 +79,11 @@ class RunRecord:
 
     @property
     def shown_status(self) -> str:
-        return "interrupted" if self.status == "running" else self.status
+        if self.status == "running":  # never finished: the process died (a crash, SIGKILL)
+            return "interrupted"
+        if self.status == "failed" and self.error == "KeyboardInterrupt":  # Ctrl-C, as versions before 16 stored it
+            return "cancelled"
+        return self.status
 
     def to_dict(self) -> dict:
         return {**vars(self), "status": self.shown_status}
@@ -156,11 +160,14 @@ class RunHistory:
         return cursor.lastrowid
 
     def finish(self, run_id: int, result=None, status: str | None = None, error: str | None = None,
-               events: bytes | None = None) -> None:
-        """Complete a run with its GenerationResult, or mark it failed with the error. `events`
-        (recordings.pack_events) lets the studio reopen the run's views later."""
+               events: bytes | None = None, partial: tuple[str, dict] | None = None) -> None:
+        """Complete a run with its GenerationResult, or end it with `status` (failed, cancelled,
+        interrupted) and the error, keeping the `partial` (text, figures) it had produced
+        (interruptions.partial_output). `events` (recordings.pack_events) lets the studio reopen
+        the run's views later."""
         if result is None:
-            values = (status or "failed", "", "{}", "[]", "[]", error, run_id)
+            output, figures = partial or ("", {})
+            values = (status or "failed", output, json.dumps(figures), "[]", "[]", error, run_id)
         else:
             data = result.to_dict()
             figures = {key: data[key] for key in ("prompt_tokens", "tokens_per_second", "prefill_seconds",

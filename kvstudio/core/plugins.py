@@ -27,6 +27,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from . import policies as registry
+from .plugin_guard import describe_problem
 from .policies.base import Policy
 
 ENTRY_POINT_GROUP = "kvstudio.policies"
@@ -40,9 +41,12 @@ class PluginRecord:
     source: str  # a file or folder path, or "entry point NAME"
     policies: list[str] = field(default_factory=list)
     error: str | None = None
+    broken: list[str] = field(default_factory=list)  # policies it defines that cannot describe their options
 
     @property
     def status(self) -> str:
+        if self.broken:
+            return "broken"
         if self.error:
             return "error"
         return "loaded" if self.policies else "no policies"
@@ -179,6 +183,11 @@ class PluginManager:
             if taken_by is not None and taken_by != source:
                 problems.append(f"policy '{name}' in {Path(source).name} clashes with the one from {taken_by}; "
                                 "rename one of them")
+                continue
+            problem = describe_problem(cls)  # options and forms are generated from its Config
+            if problem:
+                problems.append(f"policy '{name}' in {Path(source).name} is broken: {problem}")
+                record.broken.append(name)
                 continue
             if not getattr(cls, "summary", ""):
                 cls.summary = (inspect.getdoc(cls) or "a plugin policy").splitlines()[0]

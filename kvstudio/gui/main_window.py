@@ -561,9 +561,9 @@ class MainWindow(QMainWindow):
             return
         policy = self.compare_queue.pop(0)
         try:
-            from ..core.policies import policy_class
+            from ..core.policies import create_policy
 
-            policy_class(policy)(**self.comparison_parameters(policy))
+            create_policy(policy, **self.comparison_parameters(policy))  # guarded, like every call into a policy
         except Exception as error:  # a bad combination for this policy: report it, go on
             self.compare_view.add_failure(policy, str(error))
             self._next_comparison()

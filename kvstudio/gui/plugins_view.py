@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, QUrl, Signal
-from PySide6.QtGui import QDesktopServices
+from PySide6.QtGui import QColor, QDesktopServices
 from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QPushButton, QTableWidget, QTableWidgetItem,
                                QVBoxLayout, QWidget)
 
 from ..core.plugins import PluginManager, user_plugin_dir
 
+PROBLEM_STATUSES = ("error", "broken")
 SAFETY_NOTE = ("Plugins are Python code and run with your rights. KV Studio loads only the files in the "
                "folders listed here and packages you installed; it never runs a policy named inside a run "
                "file, a cache file or a prompt.")
@@ -60,7 +61,12 @@ class PluginsView(QWidget):
                                             record.error or "")):
                 item = QTableWidgetItem(value)
                 item.setToolTip(value)
+                if record.status in PROBLEM_STATUSES:
+                    item.setForeground(QColor("#d33"))
                 self.table.setItem(row, column, item)
+            if record.status == "broken":  # loaded, but some policy in it cannot be offered
+                self.table.item(row, 1).setToolTip(f"not offered: {', '.join(record.broken)} cannot describe "
+                                                   "its options (see the error)")
         self.table.resizeColumnsToContents()
 
     def open_user_folder(self) -> bool:

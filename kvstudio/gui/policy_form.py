@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
                                QWidget)
 
 from ..core.errors import KVStudioError
-from ..core.policies import policy_class
+from ..core.policies import create_policy, policy_class
 from ..core.policies.base import ParameterSpec
 
 INT_MAX = 10_000_000
@@ -116,7 +116,7 @@ class PolicyForm(QWidget):
     def validate(self) -> str | None:
         """The policy's own error for these values, shown inline; None when they are valid."""
         try:
-            policy_class(self.policy_name)(**{k: v for k, v in self.values().items() if v is not None})
+            create_policy(self.policy_name, **self.values())  # guarded: a plugin's fault shows here too
         except (KVStudioError, TypeError) as error:
             self.error.setText(str(error))
             return str(error)

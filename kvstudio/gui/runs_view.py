@@ -4,6 +4,7 @@ and delete."""
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QLineEdit, QPushButton, QTableWidget,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
@@ -76,6 +77,7 @@ class RunsView(QWidget):
                      record.prompt_preview.replace("\n", " "), record.output.replace("\n", " "))
             for column, value in enumerate(cells):
                 self.table.setItem(row, column, QTableWidgetItem(value))
+            _mark_status(self.table.item(row, 2), record)
         self.status.setText(f"{len(records)} run(s) in {self.history.path}")
 
     def selected_ids(self) -> list[int]:
@@ -102,6 +104,23 @@ class RunsView(QWidget):
         for run_id in self.selected_ids():
             self.history.delete(run_id)
         self.refresh()
+
+
+# How a run ended (core/interruptions.py): the colour and the words a hover shows.
+STATUS_MEANINGS = {
+    "finished": (None, "ran to its end"),
+    "cancelled": ("#b08800", "stopped by the user (Stop, Ctrl-C) or by the reader of its output; what it had "
+                             "produced is kept"),
+    "interrupted": ("#c05000", "stopped by the system (SIGTERM) or a crash before it could finish"),
+    "failed": ("#d33", "ended by an error"),
+}
+
+
+def _mark_status(item: QTableWidgetItem, record) -> None:
+    colour, meaning = STATUS_MEANINGS.get(record.shown_status, (None, ""))
+    if colour:
+        item.setForeground(QColor(colour))
+    item.setToolTip(meaning + (f": {record.error}" if record.error else ""))
 
 
 def _figure(figures: dict, key: str, pattern: str | None) -> str:

@@ -13,14 +13,15 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-import torch
 from PySide6.QtCore import QObject, Signal, Slot
 
 from ..core.engine import CancelToken, Engine, GenerationSettings
 from ..core.errors import KVStudioError
 from ..core.events import Recorder
 from ..core.models import load_model
-from ..core.policies import policy_class
+from ..core.oom import explain, is_out_of_memory
+from ..core.plugin_guard import fault_from_traceback
+from ..core.policies import create_policy
 from ..core.recordings import pack_events
 from ..core.snapshots import MemorySnapshotRecording, SnapshotError
 
@@ -102,6 +103,9 @@ class StudioWorker(QObject):
             self.load_failed.emit(str(error))
             return
         except Exception as error:  # a model that fails to load must not take the studio down
+            if is_out_of_memory(error):
+                self.load_failed.emit(explain(error, "load", model=spec, studio=True))
+                return
             traceback.print_exc()
             self.load_failed.emit(f"could not load '{spec}': {type(error).__name__}: {error}")
             return
@@ -115,7 +119,7 @@ class StudioWorker(QObject):
             if self.engine is None:
                 raise KVStudioError("no model loaded: load one first")
             self.model_thread_ids.add(threading.get_ident())
-            policy = policy_class(request.policy)(**request.parameters)
+            policy = create_policy(request.policy, **request.parameters)  # guarded: a plugin fault is a PolicyError
             recording = (MemorySnapshotRecording(self.engine.loaded.device) if request.snapshot_path
                          else contextlib.nullcontext())
             try:
@@ -127,15 +131,17 @@ class StudioWorker(QObject):
             finally:  # a failed run's snapshot is the one that shows why
                 if request.snapshot_path:
                     self._save_snapshot(recording, outcome, request.snapshot_path)
-        except KVStudioError as error:
+        except KVStudioError as error:  # plugin faults too: the guard makes them PolicyErrors
             outcome.error = str(error)
-        except torch.OutOfMemoryError:
-            outcome.error = "out of memory: lower the budget, the chunk size or the prompt length"
-        except MemoryError:
-            outcome.error = "out of memory: lower the budget, the chunk size or the prompt length"
-        except Exception as error:  # the studio stays usable whatever a run does
-            traceback.print_exc()
-            outcome.error = f"the run failed: {type(error).__name__}: {error}"
+        except (Exception, SystemExit) as error:  # the studio stays usable whatever a run does
+            if is_out_of_memory(error):  # say what ran out: the cache, a chunk's activations, the policy
+                outcome.error = explain(error, "run", chunk_size=request.settings.chunk_size, studio=True,
+                                        policy=f"'{request.policy}'")
+            elif (fault := fault_from_traceback(error)) is not None:  # plugin code the guard does not wrap
+                outcome.error = str(fault)
+            else:
+                traceback.print_exc()
+                outcome.error = f"the run failed: {type(error).__name__}: {error}"
         outcome.events = pack_events(request.recorder)  # here, not on the GUI thread: it compresses
         self.run_finished.emit(outcome)
 

@@ -59,8 +59,11 @@ def policy_class(name: str) -> type[Policy]:
 
 
 def create_policy(name: str, **params) -> Policy:
-    """Build a policy by name; parameters left as None take the policy's defaults."""
-    return policy_class(name)(**{k: v for k, v in params.items() if v is not None})
+    """Build a policy by name; parameters left as None take the policy's defaults. Its Config,
+    validate() and __init__ run under the plugin guard: any fault there is a PolicyError."""
+    from ..plugin_guard import build_policy
+
+    return build_policy(policy_class(name), {k: v for k, v in params.items() if v is not None})
 
 
 __all__ = ["Policy", "PolicyConfig", "available_policies", "create_policy", "policy_class", "register",

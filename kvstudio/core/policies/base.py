@@ -250,11 +250,12 @@ class Policy(ABC):
     def __init__(self, config: PolicyConfig | None = None, **params):
         if config is not None and params:
             raise TypeError("pass either a config or parameters, not both")
-        try:
-            self.config = config if config is not None else self.Config(**params)
-        except TypeError as error:  # an unknown keyword
-            known = ", ".join(spec.name for spec in self.Config.parameters())
-            raise PolicyConfigError(f"policy '{self.name}': {error}; its parameters are {known}") from error
+        known = [f.name for f in dataclasses.fields(self.Config)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:  # checked here, not by catching TypeError: validate() may raise one of its own
+            raise PolicyConfigError(f"policy '{self.name}' has no parameter {', '.join(map(repr, unknown))}; "
+                                    f"its parameters are {', '.join(known)}")
+        self.config = config if config is not None else self.Config(**params)
         if self.requires_budget and self.config.budget is None:
             raise PolicyConfigError(f"the {self.name} policy needs --budget N")
         if self.config.rerotate and not self.uniform_budgets:
