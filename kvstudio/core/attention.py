@@ -134,10 +134,12 @@ def attention_and_sums(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 
 def _fusable(kvstudio_cache, query: torch.Tensor, form: str, policy_queries: int, kwargs: dict) -> bool:
-    """Whether one pass should give both the output and the policy's sums (see attention_and_sums)."""
+    """Whether one pass should give both the output and the policy's sums (see attention_and_sums).
+    Not while training (SDPA's output is what autograd differentiates) and not for attention
+    variants (soft-capping, sliding windows, sinks) that only transformers' own path implements."""
     q_len = query.shape[2]
     plain = all(kwargs.get(name) is None for name in ("softcap", "sliding_window", "s_aux"))
-    return (plain and form == "sums" and q_len > 1 and policy_queries == q_len
+    return (plain and form == "sums" and q_len > 1 and policy_queries == q_len and not torch.is_grad_enabled()
             and kvstudio_cache.fuses_scoring_on(query.device))
 
 
@@ -154,16 +156,16 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     q_len, k_len = query.shape[2], key.shape[2]
-    # The mask transformers built is sized for layer 0; layers with other budgets hold a different
-    # number of entries, so each layer's mask is made from its own shapes.
     layer_idx = module.layer_idx
     policy_queries, watched = kvstudio_cache.attention_queries_for(layer_idx, q_len)
     form = kvstudio_cache.policy.attention_form
     rows = sums = watched_row = None
-    if policy_queries and _fusable(kvstudio_cache, query, form, policy_queries, kwargs) and not torch.is_grad_enabled():
+    if policy_queries and _fusable(kvstudio_cache, query, form, policy_queries, kwargs):
         output, sums = attention_and_sums(query, key, value, scaling, policy_queries,
                                           kvstudio_cache.scoring_scratch_bytes)
     else:
+        # The mask transformers built is sized for layer 0; layers with other budgets hold a
+        # different number of entries, so each layer's mask is made from its own shapes.
         mask = chunk_mask(q_len, k_len, query.device)
         output, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout,
                                            **kwargs)
