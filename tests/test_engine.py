@@ -245,3 +245,21 @@ def test_a_stop_string_spread_over_several_tokens_is_found(llama_engine):
         found.append(stream.found_stop(("END",), piece))
     # The byte tokenizer gives one token a byte: found exactly at the "D", and only there.
     assert found.index(True) == len("one two END") - 1 and sum(found) == 1
+
+
+def test_a_text_stream_goes_on_from_restored_text(llama_engine):
+    """A stream restored with the ids and text of an earlier one emits what a single stream would,
+    also when the restore falls in the middle of a character's bytes."""
+    tokenizer = llama_engine.tokenizer
+    ids = tokenizer("say ✓ then é and more")["input_ids"]
+    whole = TextStream(tokenizer)
+    expected = [whole.push(token) for token in ids]
+    cut = len(tokenizer("say ")["input_ids"]) + 1  # after the first byte of "✓"
+    first = TextStream(tokenizer)
+    for token in ids[:cut]:
+        first.push(token)
+    restored = TextStream(tokenizer)
+    restored.ids, restored.emitted = list(ids[:cut]), first.emitted
+    rest = [restored.push(token) for token in ids[cut:]]
+    assert first.emitted + "".join(rest) == "".join(expected)
+    assert restored.emitted == "".join(expected)

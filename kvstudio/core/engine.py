@@ -201,6 +201,17 @@ class TextStream:
         """All text emitted so far."""
         return "".join(self._pieces)
 
+    @emitted.setter
+    def emitted(self, text: str) -> None:
+        """Go on from a restored run: `ids` are already set and `text` is what they emitted. Tokens at
+        the end that emitted nothing yet (half a character) stay unread, so they come out later."""
+        read = len(self.ids)
+        decode = self.tokenizer.decode
+        while read > 0 and len(self.ids) - read < 4 and decode(self.ids[:read], skip_special_tokens=True) != text:
+            read -= 1
+        self._pieces, self._tail = [text], text[-4096:]
+        self._prefix_offset, self._read_offset = max(read - 4, 0), read
+
     def found_stop(self, stops: tuple[str, ...], piece: str) -> bool:
         """Whether a stop string now appears. One that does must end inside the newest piece (or it
         would have been found before), so only the tail is searched: O(piece + stop) per token."""
@@ -345,10 +356,10 @@ class _Run:
         self._timer_readings = 0
         self._memory_lock = threading.Lock()  # the sampler's thread and the engine's both append
         reset_peak(engine.loaded.device)
-        # Every token fed so far, in a buffer that doubles when full: appending a decode step's
-        # token copies one id, not the whole sequence.
+        # Every token fed so far (`token_ids`), in a buffer that doubles when full: appending a
+        # decode step's token copies one id, not the whole sequence.
         self._token_buffer = torch.empty(1024, dtype=torch.long, device=engine.loaded.device)
-        self.token_ids = self._token_buffer[:0]
+        self._n_tokens = 0
 
     def prefill(self, ids: list[int], chunk_size: int, cancel: CancelToken | None = None) -> torch.Tensor | None:
         """Feed the prompt chunk by chunk (the policy evicts between chunks); the last position's
@@ -394,15 +405,25 @@ class _Run:
         self._record(step, phase, n, seconds, report, prefill_done=is_last_prefill_chunk)
         return logits
 
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """(seen,) long: every token fed so far."""
+        return self._token_buffer[:self._n_tokens]
+
+    @token_ids.setter
+    def token_ids(self, ids: torch.Tensor) -> None:  # a run going on from a restored state
+        self._n_tokens = 0
+        self._append_tokens(ids.to(self._token_buffer.device))
+
     def _append_tokens(self, new_ids: torch.Tensor) -> None:
-        have, n = self.token_ids.shape[0], new_ids.shape[0]
+        have, n = self._n_tokens, new_ids.shape[0]
         if have + n > self._token_buffer.shape[0]:
             grown = torch.empty(max(2 * self._token_buffer.shape[0], have + n), dtype=torch.long,
                                 device=self._token_buffer.device)
-            grown[:have] = self.token_ids
+            grown[:have] = self._token_buffer[:have]
             self._token_buffer = grown
         self._token_buffer[have:have + n] = new_ids
-        self.token_ids = self._token_buffer[:have + n]
+        self._n_tokens = have + n
 
     def _record(self, step: int, phase: str, n: int, seconds: float, report: StepReport,
                 prefill_done: bool = False) -> None:
