@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     run.add_argument("--json", metavar="PATH", help="write the run (text, figures, per-step records) as JSON")
     run.add_argument("--no-history", action="store_true", help="do not store this run in the run history")
+    run.add_argument("--prompt-cache", metavar="DIR", help="restore the prompt's cache from DIR when saved there "
+                     "(or its longest chunk-aligned prefix); save it there after the prefill")
     run.add_argument("--memory-snapshot", metavar="PATH", help="record every allocation of the run with the frames "
                      "that made it, as a PyTorch memory snapshot (.pickle); on CPU through the profiler (slower)")
     run.add_argument("--memory-sample-hz", type=float, default=20.0,
@@ -129,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = runs_commands.add_parser("export", help="one run as .json (everything) or .csv (per step)")
     export.add_argument("id", type=int)
     export.add_argument("path")
+    from .commands import cache as cache_command
+
+    cache_command.add_parser(commands)
     return parser
 
 
@@ -158,6 +163,10 @@ def _dispatch(args, plugins) -> int:
             return command_demo()
         if args.command == "runs":
             return command_runs(args)
+        if args.command == "cache":
+            from .commands import cache as cache_command
+
+            return cache_command.run(args)
         from .gui.app import run_studio
 
         return run_studio(None if args.studio_model == "none" else args.studio_model)
@@ -235,21 +244,28 @@ def command_run(args) -> int:
     history, run_id = _history_start(args, loaded, policy, prompt, settings)
     recording = MemorySnapshotRecording(loaded.device) if args.memory_snapshot else contextlib.nullcontext()
     recorder = Recorder()  # what the history keeps to reopen the run's views in the studio
+    from .commands.cache import finish_prompt_cache, open_prompt_cache
+
+    prompt_cache = open_prompt_cache(args.prompt_cache, engine, policy, settings, prompt)
     try:
         with recording:
-            result = _generate_reporting_oom(engine, prompt, policy, settings, recorder)
+            result = _generate_reporting_oom(engine, prompt, policy, settings, recorder,
+                                             **(prompt_cache.generate_options() if prompt_cache else {}))
     except BaseException as error:
         if history is not None:
             _history_call(history.finish, run_id, status="failed", error=str(error) or type(error).__name__)
         if args.memory_snapshot and recording.snapshot is not None:  # what led to the failure
             _write_snapshot(recording, args.memory_snapshot)
         raise
+    finish_prompt_cache(prompt_cache)
     if args.memory_snapshot:
         _write_snapshot(recording, args.memory_snapshot, result)
     if history is not None:
         _history_call(history.finish, run_id, result, events=pack_events(recorder))
     print()
     print(format_summary(result))
+    if prompt_cache is not None:
+        print(f"prompt cache: {prompt_cache.status}")
     if history is not None:
         print(f"[kvstudio] stored as run {run_id} (kvstudio runs show {run_id})", file=sys.stderr)
     if args.json:
@@ -257,6 +273,8 @@ def command_run(args) -> int:
         data["policy"] = policy.name
         data["policy_parameters"] = policy.config.as_dict()
         data["settings"] = vars(settings) | {"stop_strings": list(settings.stop_strings)}
+        if prompt_cache is not None:
+            data["prompt_cache"] = prompt_cache.status
         write_json_atomic(Path(args.json), data)
         print(f"[kvstudio] wrote {args.json}", file=sys.stderr)
     return 0
@@ -324,12 +342,12 @@ def command_runs(args) -> int:
     return 0
 
 
-def _generate_reporting_oom(engine, prompt, policy, settings, recorder=None):
+def _generate_reporting_oom(engine, prompt, policy, settings, recorder=None, **options):
     import torch
 
     try:
         return engine.generate(prompt, policy, settings, recorder=recorder,
-                               on_text=lambda piece: print(piece, end="", flush=True))
+                               on_text=lambda piece: print(piece, end="", flush=True), **options)
     except torch.OutOfMemoryError as error:
         raise KVStudioError("out of GPU memory during the run: lower --budget or --chunk-size, "
                             f"or use a smaller model ({str(error).splitlines()[0]})") from error
