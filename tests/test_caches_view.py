@@ -47,7 +47,7 @@ def test_save_list_continue_and_delete(qtbot, window):
     assert window.caches.save_last_run(str(path))
     qtbot.waitUntil(lambda: view.table.rowCount() == 1, timeout=10_000)
     assert view.table.item(0, 0).text() == "first.kvcache" and "h2o(budget=24, recent=12)" in view.table.item(0, 3).text()
-    assert view.table.item(0, 4).text() == str(89 + 3)  # 88 bytes + BOS, and 3 of the 4 generated fed
+    assert view.table.item(0, 4).text() == str(88 + 3)  # 88 byte tokens, and 3 of the 4 generated fed
 
     window.max_new_tokens.setValue(5)
     window.temperature.setValue(0.0)  # the cache's own sampling comes back with it
@@ -60,7 +60,7 @@ def test_save_list_continue_and_delete(qtbot, window):
     assert outcome.result.token_ids == whole.token_ids[4:]
     assert [s.logprob for s in outcome.result.steps if s.token_id is not None] == \
         [s.logprob for s in whole.steps if s.token_id is not None][4:]
-    assert "restored 92 tokens in" in view.status.text() and "their prefill took" in view.status.text()
+    assert "restored 91 tokens in" in view.status.text() and "their prefill took" in view.status.text()
     assert window.output_view.text.toPlainText() == outcome.result.text
 
     view.table.selectRow(0)

@@ -188,9 +188,12 @@ class CachesController(QObject):
             self.window.show_error("nothing to save yet: run something first (a run cancelled before its prompt "
                                    "was in has no cache)")
             return False
+        try:
+            self.view.folder.mkdir(parents=True, exist_ok=True)  # the view's folder exists once used
+        except OSError as error:
+            self.view.status.setText(f"cannot create {self.view.folder}: {error.strerror or error}")
         if path is None:
             suggested = self.view.folder / f"{outcome.request.policy}-{time.strftime('%Y%m%d-%H%M%S')}.kvcache"
-            self.view.folder.mkdir(parents=True, exist_ok=True)
             path, _ = QFileDialog.getSaveFileName(self.window, "Save cache", str(suggested),
                                                   "Saved caches (*.kvcache)")
             if not path:

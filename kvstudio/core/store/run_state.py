@@ -118,7 +118,10 @@ def start_from(run, start: RunState, ids: list[int], resume: bool, sampler, stre
     begin with the tokens the state fed, and only the rest is prefilled, chunk by chunk from there."""
     from .saved_cache import SavedCacheError
 
+    from ..events import PrefillProgressEvent
+
     restore(run, start, sampler if resume else None)
+    run.recorder.record(PrefillProgressEvent(len(start.token_ids), len(ids)))  # what the views show as prefilled
     if resume:
         run.phase = "decode"
         stream.ids, stream.emitted = list(start.generated), start.generated_text
