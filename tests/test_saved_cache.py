@@ -24,22 +24,22 @@ from kvstudio.core.store.saved_cache import (SavedCacheError, check_compatible, 
 from .helpers import random_ids
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT = random_ids(30, seed=3)
-FIRST, THEN = 4, 5  # tokens generated before the save, and after the restore
+PROMPT = random_ids(22, seed=3)
+FIRST, THEN = 3, 4  # tokens generated before the save, and after the restore
 
-# Every built-in policy, with parameters that make it evict on a 30-token prompt in chunks of 8.
+# Every built-in policy, with parameters that make it evict on a 22-token prompt in chunks of 8.
 POLICIES = [
     ("full", {}),
-    ("window", {"budget": 12}),
-    ("streaming_llm", {"budget": 12, "sink": 2}),
-    ("streaming_llm", {"budget": 12, "sink": 2, "rerotate": True}),
-    ("h2o", {"budget": 12}),
-    ("tova", {"budget": 12}),
-    ("snapkv", {"budget": 14, "observation_window": 4, "compress_every": 2}),
-    ("pyramidkv", {"budget": 14, "observation_window": 4, "compress_every": 2}),
-    ("knorm", {"budget": 12}),
-    ("random", {"budget": 12, "random_seed": 7}),
-    ("separators", {"budget": 12, "sink": 2, "recent": 4}),  # the plugin in plugins/keep_separators.py
+    ("window", {"budget": 10}),
+    ("streaming_llm", {"budget": 10, "sink": 2}),
+    ("streaming_llm", {"budget": 10, "sink": 2, "rerotate": True}),
+    ("h2o", {"budget": 10}),
+    ("tova", {"budget": 10}),
+    ("snapkv", {"budget": 12, "observation_window": 4, "compress_every": 2}),
+    ("pyramidkv", {"budget": 12, "observation_window": 4, "compress_every": 2}),
+    ("knorm", {"budget": 10}),
+    ("random", {"budget": 10, "random_seed": 7}),
+    ("separators", {"budget": 10, "sink": 2, "recent": 3}),  # the plugin in plugins/keep_separators.py
 ]
 SAMPLING = [{"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 11}]
 
