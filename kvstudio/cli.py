@@ -217,6 +217,7 @@ def _prompt_from_args(args) -> str:
 
 
 def command_run(args) -> int:
+    from .commands.cache import finish_prompt_cache, open_prompt_cache
     from .core.atomic import check_writable_folder
     from .core.engine import Engine, GenerationSettings
     from .core.models import load_model
@@ -244,10 +245,8 @@ def command_run(args) -> int:
     history, run_id = _history_start(args, loaded, policy, prompt, settings)
     recording = MemorySnapshotRecording(loaded.device) if args.memory_snapshot else contextlib.nullcontext()
     recorder = Recorder()  # what the history keeps to reopen the run's views in the studio
-    from .commands.cache import finish_prompt_cache, open_prompt_cache
-
-    prompt_cache = open_prompt_cache(args.prompt_cache, engine, policy, settings, prompt)
     try:
+        prompt_cache = open_prompt_cache(args.prompt_cache, engine, policy, settings, prompt)
         with recording:
             result = _generate_reporting_oom(engine, prompt, policy, settings, recorder,
                                              **(prompt_cache.generate_options() if prompt_cache else {}))
