@@ -215,12 +215,13 @@ def read_saved_cache(path: str | Path, device: torch.device | str = "cpu") -> tu
     _check_prefix(path, data[:_PREFIX.size], len(data))
     _, _, header_length, body_length = _PREFIX.unpack(data[:_PREFIX.size])
     end = _PREFIX.size + header_length + body_length
-    if hashlib.sha256(data[:end]).digest() != data[end:end + _CHECKSUM_BYTES]:
+    view = memoryview(data)  # slices of a view copy nothing: the body may be hundreds of MB
+    if hashlib.sha256(view[:end]).digest() != data[end:end + _CHECKSUM_BYTES]:
         raise SavedCacheError(f"{path} is corrupt: its checksum does not match its content (a damaged disk or copy); "
                               "delete it, the cache will be computed again")
     header = _parse_header(path, data[_PREFIX.size:_PREFIX.size + header_length])
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data[_PREFIX.size + header_length:end],
+        raw = zstandard.ZstdDecompressor().decompress(view[_PREFIX.size + header_length:end],
                                                      max_output_size=header["body"]["raw_bytes"])
         tensors = load(raw)
         state = _state_from(header, tensors, torch.device(device))
