@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     run.add_argument("--json", metavar="PATH", help="write the run (text, figures, per-step records) as JSON")
     run.add_argument("--no-history", action="store_true", help="do not store this run in the run history")
+    run.add_argument("--prompt-cache", metavar="DIR", help="restore the prompt's cache from DIR when saved there "
+                     "(or its longest chunk-aligned prefix); save it there after the prefill")
     run.add_argument("--memory-snapshot", metavar="PATH", help="record every allocation of the run with the frames "
                      "that made it, as a PyTorch memory snapshot (.pickle); on CPU through the profiler (slower)")
     run.add_argument("--memory-sample-hz", type=float, default=20.0,
@@ -131,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = runs_commands.add_parser("export", help="one run as .json (everything) or .csv (per step)")
     export.add_argument("id", type=int)
     export.add_argument("path")
+    from .commands import cache as cache_command
+
+    cache_command.add_parser(commands)
     return parser
 
 
@@ -161,6 +166,10 @@ def _dispatch(args, plugins) -> int:
             return command_demo()
         if args.command == "runs":
             return command_runs(args)
+        if args.command == "cache":
+            from .commands import cache as cache_command
+
+            return cache_command.run(args)
         from .gui.app import run_studio
 
         return run_studio(None if args.studio_model == "none" else args.studio_model)
@@ -237,6 +246,7 @@ def _prompt_from_args(args) -> str:
 
 
 def command_run(args) -> int:
+    from .commands.cache import finish_prompt_cache, open_prompt_cache
     from .core.atomic import check_writable_folder
     from .core.engine import CancelToken, Engine, GenerationSettings
     from .core.events import Recorder
@@ -265,8 +275,10 @@ def command_run(args) -> int:
     recorder = Recorder()  # what the history keeps to reopen the run's views in the studio
     output = TextOutput(CancelToken())  # a closed stdout cancels the run
     try:
+        prompt_cache = open_prompt_cache(args.prompt_cache, engine, policy, settings, prompt)
         with recording:
-            result = _generate_reporting_oom(engine, prompt, policy, settings, recorder, output)
+            result = _generate_reporting_oom(engine, prompt, policy, settings, recorder, output,
+                                             **(prompt_cache.generate_options() if prompt_cache else {}))
     except BaseException as error:
         if history is not None:  # cancelled (Ctrl-C), interrupted (SIGTERM) or failed, keeping what it made
             status, message = end_status(error)
@@ -275,6 +287,7 @@ def command_run(args) -> int:
         if args.memory_snapshot and recording.snapshot is not None:  # what led to the failure
             _write_snapshot(recording, args.memory_snapshot)
         raise
+    finish_prompt_cache(prompt_cache)
     if args.memory_snapshot:
         _write_snapshot(recording, args.memory_snapshot, result)
     if history is not None:
@@ -282,6 +295,8 @@ def command_run(args) -> int:
                       error=OUTPUT_CLOSED if output.closed else None)
     print()
     print(format_summary(result))
+    if prompt_cache is not None:
+        print(f"prompt cache: {prompt_cache.status}")
     if history is not None:
         print(f"[kvstudio] stored as run {run_id} (kvstudio runs show {run_id})", file=sys.stderr)
     if args.json:
@@ -289,6 +304,8 @@ def command_run(args) -> int:
         data["policy"] = policy.name
         data["policy_parameters"] = policy.config.as_dict()
         data["settings"] = vars(settings) | {"stop_strings": list(settings.stop_strings)}
+        if prompt_cache is not None:
+            data["prompt_cache"] = prompt_cache.status
         write_json_atomic(Path(args.json), data)
         print(f"[kvstudio] wrote {args.json}", file=sys.stderr)
     return EXIT_BROKEN_PIPE if output.closed else 0
@@ -369,7 +386,7 @@ def _load_reporting_oom(args):
         raise
 
 
-def _generate_reporting_oom(engine, prompt, policy, settings, recorder=None, output=None):
+def _generate_reporting_oom(engine, prompt, policy, settings, recorder=None, output=None, **options):
     """Generate, streaming the text to stdout; out of memory becomes one line naming what ran out."""
     from .core.engine import CancelToken
     from .core.oom import explain, is_out_of_memory
@@ -378,7 +395,7 @@ def _generate_reporting_oom(engine, prompt, policy, settings, recorder=None, out
     output = output or TextOutput(CancelToken())
     try:
         return engine.generate(prompt, policy, settings, recorder=recorder, cancel=output.cancel,
-                               on_text=output.write)
+                               on_text=output.write, **options)
     except Exception as error:
         if is_out_of_memory(error):
             raise KVStudioError(explain(error, "run", chunk_size=settings.chunk_size,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -27,6 +27,8 @@ from .memory import MemorySampler, read_system_memory, reset_peak
 from .models import LoadedModel
 from .policies.base import Policy
 from .rotary import Rerotator
+from .store import run_state
+from .store.run_state import RunState
 
 
 MAX_TIMER_READINGS = 10_000  # per run, kept in its result and history (20 Hz: the first 8 minutes in full)
@@ -115,6 +117,8 @@ class GenerationResult:
     memory: list[dict] = field(default_factory=list)  # every memory reading, timer ones included
     started_unix: float = 0.0  # when the run started (seconds since 1970): places it among other records
     cache: PolicyCache | None = field(default=None, repr=False)
+    state: RunState | None = field(default=None, repr=False)  # with keep_state: to save and continue later
+    restored_tokens: int = 0  # tokens that came from a saved cache instead of being computed
 
     @property
     def tokens_per_second(self) -> float:
@@ -127,7 +131,7 @@ class GenerationResult:
         return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k != "cache"}
+        data = {k: v for k, v in asdict(replace(self, cache=None, state=None)).items() if k not in ("cache", "state")}
         data["tokens_per_second"] = self.tokens_per_second
         data["prefill_tokens_per_second"] = self.prefill_tokens_per_second
         return data
@@ -262,12 +266,23 @@ class Engine:
         on_text: Callable[[str], None] | None = None,
         keep_cache: bool = False,
         cache: PolicyCache | None = None,
+        start: RunState | None = None,
+        resume: bool = False,
+        keep_state: bool = False,
+        on_prefill_state: Callable[[RunState], None] | None = None,
     ) -> GenerationResult:
-        """Generate under `policy`. `cache`: one made by `new_cache(policy)` whose options (scoring
-        scratch bound, fused scoring) the caller set; by default a new one."""
+        """Run `policy` on `prompt`. From a saved `start` (see store/run_state.py): with `resume`, go on
+        generating where it stopped (prompt ignored); without, `prompt` must extend the tokens it fed
+        and only the rest is prefilled. `keep_state` puts the final RunState on the result;
+        `on_prefill_state` receives the state after the prompt and at the last chunk boundary before
+        it (what a prompt cache saves). `cache`: one made by `new_cache(policy)` whose options
+        (scoring scratch bound, fused scoring) the caller set; by default a new one."""
         settings = settings or GenerationSettings()
         settings.validate()
-        ids = self.encode(prompt, settings.chat_template) if isinstance(prompt, str) else list(prompt)
+        if start is not None and resume:
+            ids = list(start.token_ids)
+        else:
+            ids = self.encode(prompt, settings.chat_template) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise PromptError("the prompt is empty: give some text")
         cancel = cancel or CancelToken()
@@ -285,19 +300,32 @@ class Engine:
 
         interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0
         with MemorySampler(interval, lambda: run.record_memory("timer")) as run.memory_sampler:
-            result = self._generate(run, ids, policy, settings, sampler, stream, cancel, on_text)
+            result = self._generate(run, ids, policy, settings, sampler, stream, cancel, on_text,
+                                    start, resume, keep_state, on_prefill_state)
         result.memory = [asdict(reading) for reading in run.memory_readings]
         result.started_unix = run.started_unix
         if keep_cache:
             result.cache = cache
         return result
 
-    def _generate(self, run, ids, policy, settings, sampler, stream, cancel, on_text) -> GenerationResult:
+    def _generate(self, run, ids, policy, settings, sampler, stream, cancel, on_text, start=None, resume=False,
+                  keep_state=False, on_prefill_state=None) -> GenerationResult:
         recorder = run.recorder
         prefill_started = time.perf_counter()
-        logits = run.prefill(ids, settings.chunk_size, cancel)
+        earlier: list[int] = []  # tokens a resumed run generated before it was saved
+        checkpoint = None
+        if on_prefill_state is not None:
+            checkpoint = lambda logits: on_prefill_state(run_state.capture(  # noqa: E731
+                run, logits, [], run.seen, prefill_seconds=time.perf_counter() - prefill_started))
+        if start is None:
+            logits = run.prefill(ids, settings.chunk_size, cancel, checkpoint)
+        else:
+            logits, earlier = run_state.start_from(run, start, ids, resume, sampler, stream, settings.chunk_size,
+                                                   cancel, checkpoint)
         prefill_seconds = time.perf_counter() - prefill_started
         stop_reason = "max_new_tokens" if logits is not None else "cancelled"
+        if on_prefill_state is not None and logits is not None and not resume:
+            on_prefill_state(run_state.capture(run, logits, [], len(ids), sampler, prefill_seconds))
 
         generated: list[int] = []
         decode_started = time.perf_counter()
@@ -329,12 +357,20 @@ class Engine:
         if stop_reason == "stop_string":
             cut = min(text.index(stop) for stop in settings.stop_strings if stop in text)
             text = text[:cut]
+        state = None
+        if keep_state and logits is not None:
+            prompt_tokens = start.prompt_tokens if resume else len(ids)
+            state = run_state.capture(run, logits, earlier + generated, prompt_tokens, sampler,
+                                      start.prefill_seconds if resume else prefill_seconds, stream.emitted)
+        if resume:
+            text = text[len(start.generated_text):] if text.startswith(start.generated_text) else text
         return GenerationResult(
             text=text, token_ids=generated, prompt_tokens=len(ids), policy=policy.describe(),
             model=self.loaded.name, stop_reason=stop_reason, prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds, peak_cache_bytes=run.cache.peak_bytes,
             kept_per_layer=run.cache.kept_per_layer(), peak_kept_per_layer=list(run.cache.peak_kept_per_layer),
-            evictions=sum(r.evicted for r in run.records), steps=run.records,
+            evictions=sum(r.evicted for r in run.records), steps=run.records, state=state,
+            restored_tokens=len(start.token_ids) if start is not None else 0,
         )
 
 
@@ -346,6 +382,7 @@ class _Run:
         self.cache = cache
         self.recorder = recorder
         self.seen = 0  # tokens fed so far; the next token's position without re-rotation
+        self.first_step = 0  # the first step's number: more than 0 when the run goes on from a saved state
         self.records: list[StepRecord] = []
         self.phase = "prefill"
         self.started = time.perf_counter()
@@ -361,16 +398,23 @@ class _Run:
         self._token_buffer = torch.empty(1024, dtype=torch.long, device=engine.loaded.device)
         self._n_tokens = 0
 
-    def prefill(self, ids: list[int], chunk_size: int, cancel: CancelToken | None = None) -> torch.Tensor | None:
+    def prefill(self, ids: list[int], chunk_size: int, cancel: CancelToken | None = None,
+                before_last_chunk: Callable | None = None, offset: int = 0) -> torch.Tensor | None:
         """Feed the prompt chunk by chunk (the policy evicts between chunks); the last position's
-        logits, or None when cancelled before the prompt was in."""
+        logits, or None when cancelled before the prompt was in. `before_last_chunk(logits)` sees the
+        run at the last chunk boundary before the end (a prompt cache saves it there); `offset` says
+        how many prompt tokens a restored state already fed."""
         logits = None
         for start in range(0, len(ids), chunk_size):
             if cancel is not None and cancel.cancelled:
                 return None
             chunk = ids[start:start + chunk_size]
+            # A state at the last chunk boundary serves prompts that share all but the last chunk.
+            if (before_last_chunk is not None and start > 0 and start + chunk_size >= len(ids)
+                    and (offset + len(ids)) % chunk_size):
+                before_last_chunk(logits)
             logits = self.forward(chunk, "prefill", is_last_prefill_chunk=start + len(chunk) >= len(ids))
-            self.recorder.record(PrefillProgressEvent(start + len(chunk), len(ids)))
+            self.recorder.record(PrefillProgressEvent(offset + start + len(chunk), offset + len(ids)))
         return logits
 
     def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False) -> torch.Tensor:
@@ -383,7 +427,7 @@ class _Run:
             rope_positions = torch.arange(held, held + n, device=device)
         else:
             rope_positions = positions
-        step = len(self.records)
+        step = self.first_step + len(self.records)
         new_ids = torch.tensor(token_ids, device=device)
         self._append_tokens(new_ids)
         self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk,
@@ -451,7 +495,7 @@ class _Run:
             per_layer = tuple(self.cache.bytes_per_layer())
             system = read_system_memory(self.engine.loaded.device)
             clock = time.perf_counter()
-            step = len(self.records) if step is None else step
+            step = self.first_step + len(self.records) if step is None else step
             event = MemoryEvent(step, clock - self.started, clock, self.phase, source, sum(per_layer), per_layer,
                                 **vars(system))
             self.recorder.record(event)

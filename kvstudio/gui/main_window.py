@@ -27,6 +27,7 @@ from ..core.recordings import unpack_events
 from ..core.plugins import PluginManager, user_plugin_dir
 from ..core.policies import available_policies
 from .bars import message_bar
+from . import caches_view
 from .compare import CompareView
 from .panels import DocumentList, ModelPanel
 from .plugins_view import PluginsView
@@ -72,6 +73,7 @@ class MainWindow(QMainWindow):
         self._build_panels()
         self._build_views()
         self._build_menus()
+        caches_view.install(self)
         self._restore_settings()
 
         self.timer = QTimer(self, interval=1000 // REFRESH_HZ)
@@ -436,13 +438,13 @@ class MainWindow(QMainWindow):
     def _policy_parameters(self) -> dict:
         return {k: v for k, v in self.policy_form.values().items() if v is not None}
 
-    def _start(self, policy: str, parameters: dict, label: str) -> bool:
+    def _start(self, policy: str, parameters: dict, label: str, start_from: str | None = None) -> bool:
         problem = None
         if self.model_info is None:
             problem = "load a model first"
         elif self.running:
             problem = "a run is in progress: stop it first"
-        elif not self.full_prompt().strip():
+        elif not self.full_prompt().strip() and start_from is None:
             problem = "the prompt is empty: type one or drop a document"
         elif policy == self.policy.currentText() and (invalid := self.policy_form.validate()):
             problem = f"policy parameters: {invalid}"
@@ -460,7 +462,7 @@ class MainWindow(QMainWindow):
         self._update_buttons()
         self.worker.reset_cancel()
         request = RunRequest(self.full_prompt(), policy, parameters, self._generation_settings(), self.recorder, label,
-                             snapshot_path=self.snapshot_path)
+                             snapshot_path=self.snapshot_path, start_from=start_from)
         self.snapshot_path = None  # a snapshot is of one run
         self._history_start(request)
         self.start_run.emit(request)

@@ -40,6 +40,7 @@ class RunRequest:
     label: str = ""  # e.g. which run of a comparison
     history_id: int | None = None  # its row in the run history, when history is on
     snapshot_path: str | None = None  # record a memory snapshot of the run into this file
+    start_from: str | None = None  # a saved cache (.kvcache) to restore and continue from
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RunOutcome:
     snapshot: dict | None = None  # the memory snapshot, when one was asked for and written
     events: bytes | None = None  # the run's events packed for the history (to reopen its views)
     snapshot_error: str | None = None
+    restore: dict | None = None  # with start_from: tokens restored, seconds, and the prefill they saved
 
 
 class StudioWorker(QObject):
@@ -123,9 +125,12 @@ class StudioWorker(QObject):
             recording = (MemorySnapshotRecording(self.engine.loaded.device) if request.snapshot_path
                          else contextlib.nullcontext())
             try:
+                start = self._restore(request, policy, outcome) if request.start_from else None
                 with recording:
+                    # keep_state: the run's final state stays on its result, for "Save cache" after it.
                     outcome.result = self.engine.generate(request.prompt, policy, request.settings,
-                                                          recorder=request.recorder, cancel=self.run_cancel)
+                                                          recorder=request.recorder, cancel=self.run_cancel,
+                                                          start=start, resume=start is not None, keep_state=True)
                     if request.snapshot_path:  # leaving the block takes seconds on CPU: say so
                         self.run_status.emit("building the memory snapshot from the recorded allocations…")
             finally:  # a failed run's snapshot is the one that shows why
@@ -144,6 +149,14 @@ class StudioWorker(QObject):
                 outcome.error = f"the run failed: {type(error).__name__}: {error}"
         outcome.events = pack_events(request.recorder)  # here, not on the GUI thread: it compresses
         self.run_finished.emit(outcome)
+
+    def _restore(self, request: RunRequest, policy, outcome: RunOutcome):
+        from ..core.store.saved_cache import load_saved_cache
+
+        header, state, seconds = load_saved_cache(request.start_from, self.engine.loaded, policy)
+        outcome.restore = {"path": request.start_from, "tokens": len(state.token_ids), "seconds": seconds,
+                           "prefill_seconds": state.prefill_seconds}
+        return state
 
     @staticmethod
     def _save_snapshot(recording, outcome: RunOutcome, path: str) -> None:

@@ -1,0 +1,77 @@
+"""Cheap fingerprints of a model and a tokenizer: a saved cache is only valid for the model that
+computed it, and reading the whole of a model's weights on every run would cost more than the
+prefill a saved cache avoids.
+
+- `config_sha256`: SHA-256 of the model config as sorted JSON, without the keys that name where or
+  how it was loaded (`_name_or_path`, `_attn_implementation`, `transformers_version`, every key
+  starting with "_"): the same architecture and sizes give the same hash wherever the folder is.
+- `weights_sha256`: SHA-256 over every parameter and buffer in name order: its name, shape and
+  dtype, and a strided sample of at most `SAMPLE_PER_TENSOR` of its values (as float32). A model
+  fine-tuned or converted differently changes almost every tensor, so a sample finds it; a change
+  confined to unsampled values would not be found (documented limit; the cost is milliseconds).
+- `tokenizer_sha256`: SHA-256 of the tokenizer's class, its vocabulary (token -> id, sorted), its
+  special tokens and its chat template.
+
+Fingerprints are computed once per loaded model and tokenizer and kept while they live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+
+import torch
+
+SAMPLE_PER_TENSOR = 1024
+_model_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_tokenizer_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def config_sha256(config) -> str:
+    data = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    with torch.no_grad():
+        for name in sorted(tensors):
+            tensor = tensors[name].detach()
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            flat = tensor.reshape(-1)
+            step = max(1, flat.numel() // SAMPLE_PER_TENSOR)
+            digest.update(flat[::step][:SAMPLE_PER_TENSOR].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(loaded) -> dict:
+    """{name, spec, config_sha256, weights_sha256, dtype, n_layers, n_kv_heads, head_dim} of a LoadedModel."""
+    model = loaded.model
+    if model not in _model_fingerprints:
+        _model_fingerprints[model] = {"config_sha256": config_sha256(model.config),
+                                      "weights_sha256": weights_sha256(model)}
+    return {"name": loaded.name, "spec": loaded.spec, **_model_fingerprints[model],
+            "dtype": str(loaded.dtype).removeprefix("torch."), "n_layers": loaded.n_layers,
+            "n_kv_heads": loaded.n_kv_heads, "head_dim": loaded.head_dim}
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    try:
+        return _tokenizer_fingerprints[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    data = {
+        "class": type(tokenizer).__name__,
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]),
+        "special": {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())},
+        "chat_template": str(getattr(tokenizer, "chat_template", None)),
+    }
+    value = hashlib.sha256(json.dumps(data, default=str).encode()).hexdigest()
+    try:
+        _tokenizer_fingerprints[tokenizer] = value
+    except TypeError:  # not weak-referenceable: recompute next time
+        pass
+    return value

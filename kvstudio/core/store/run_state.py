@@ -1,0 +1,151 @@
+"""A run's whole state between two forward steps, to stop a run and go on later (or elsewhere).
+
+What a continuation needs to be bit-identical to never having stopped:
+  - every cache layer's stored tensors (keys, values, token positions, re-rotation positions),
+  - every layer's policy state (`LayerState.per_entry` tensors such as H2O's running sums, and
+    `LayerState.extra`: counters, random generators, plugin values),
+  - the tokens fed so far (policies read them; the next token's position is their count),
+  - the tokens generated so far (the last one is "pending" when it was sampled but not fed yet),
+  - the last logits (the next token is sampled from them when nothing is pending),
+  - the sampler's RNG state and the step counter.
+
+`capture` copies all of it off a running `_Run` (copies: the run may go on changing its cache);
+`restore` puts it into a fresh `_Run` of the same engine and policy. The file format lives in
+`saved_cache.py`; this module knows nothing about files.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .layer_tensors import layer_bytes, layer_codec, layer_tensors, restore_layer
+
+
+@dataclass
+class LayerSnapshot:
+    tensors: dict[str, torch.Tensor]  # from layer_tensors(): keys, values, positions[, rope_positions]
+    policy_tensors: dict[str, torch.Tensor]  # LayerState.per_entry, on the CPU
+    policy_on_device: dict[str, bool]  # per_entry name -> it lived on the model's device (else the CPU)
+    policy_extra: dict[str, Any]  # LayerState.extra, deep-copied
+
+
+@dataclass
+class RunState:
+    token_ids: list[int]  # every token fed to the model so far: the prompt, then generated ones
+    prompt_tokens: int  # how many of token_ids were the prompt
+    generated: list[int]  # tokens sampled so far; the last one is not fed yet when `pending`
+    logits: torch.Tensor | None  # (vocab,) float32 CPU: the last forward's last-position logits
+    rng_state: torch.Tensor | None  # the sampler's generator state (None when greedy)
+    steps: int  # forward steps taken so far: the next step's number
+    layers: list[LayerSnapshot]
+    codec: str = "fp"
+    peak_bytes: int = 0
+    peak_kept_per_layer: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0  # what computing the prompt took: what a restore saves
+    generated_text: str = ""
+
+    @property
+    def pending(self) -> bool:
+        """The last generated token was sampled from `logits` but not fed to the model yet."""
+        return len(self.token_ids) < self.prompt_tokens + len(self.generated)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Keys and values held in memory, over all layers."""
+        return sum(layer_bytes(layer.tensors) for layer in self.layers)
+
+    @property
+    def kept_per_layer(self) -> list[int]:
+        return [layer.tensors["keys"].shape[-2] if layer.tensors else 0 for layer in self.layers]
+
+
+def capture(run, logits: torch.Tensor | None, generated: list[int], prompt_tokens: int, sampler=None,
+            prefill_seconds: float = 0.0, generated_text: str = "") -> RunState:
+    """A copy of everything `run` needs to go on from here."""
+    device = run.engine.loaded.device
+    layers = []
+    for layer in run.cache.layers:
+        state = layer.state
+        layers.append(LayerSnapshot(
+            tensors=layer_tensors(layer),
+            policy_tensors={name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.per_entry.items()},
+            policy_on_device={name: t.device.type == device.type != "cpu" for name, t in state.per_entry.items()},
+            policy_extra=copy.deepcopy(state.extra),
+        ))
+    generator = getattr(sampler, "generator", None)
+    return RunState(
+        token_ids=run.token_ids.tolist(), prompt_tokens=prompt_tokens, generated=list(generated),
+        logits=None if logits is None else logits.detach().float().to("cpu", copy=True),
+        rng_state=None if generator is None else generator.get_state(),
+        steps=run.first_step + len(run.records), layers=layers, codec=layer_codec(run.cache.layers[0]),
+        peak_bytes=run.cache.peak_bytes, peak_kept_per_layer=list(run.cache.peak_kept_per_layer),
+        prefill_seconds=prefill_seconds, generated_text=generated_text,
+    )
+
+
+def restore(run, state: RunState, sampler=None) -> None:
+    """Put `state` into a fresh run (nothing fed yet). With a sampler, its RNG goes on from the saved
+    state too (a continuation); without, the caller's sampler starts fresh (a new question)."""
+    device = run.engine.loaded.device
+    cache = run.cache
+    if len(state.layers) != len(cache.layers):
+        raise ValueError(f"the state has {len(state.layers)} layers, the model {len(cache.layers)}")
+    for layer, snapshot in zip(cache.layers, state.layers):
+        restore_layer(layer, snapshot.tensors, device)
+        layer.state.per_entry = {name: (t.to(device) if snapshot.policy_on_device.get(name) else t.clone())
+                                 for name, t in snapshot.policy_tensors.items()}
+        layer.state.extra = copy.deepcopy(snapshot.policy_extra)
+    cache.current_bytes = sum(cache.bytes_per_layer())
+    cache.peak_bytes = max(state.peak_bytes, cache.current_bytes)
+    if state.peak_kept_per_layer:
+        cache.peak_kept_per_layer = list(state.peak_kept_per_layer)
+    run.token_ids = torch.tensor(state.token_ids, dtype=torch.long, device=device)
+    run.seen = len(state.token_ids)
+    run.first_step = state.steps
+    generator = getattr(sampler, "generator", None)
+    if generator is not None and state.rng_state is not None:
+        generator.set_state(state.rng_state.clone())
+
+
+def start_from(run, start: RunState, ids: list[int], resume: bool, sampler, stream, chunk_size: int, cancel,
+               checkpoint) -> tuple[torch.Tensor | None, list[int]]:
+    """Start `run` from a saved state: (the logits to sample the next token from, tokens generated
+    before the save). With `resume` the generation goes on; otherwise `ids` (the new prompt) must
+    begin with the tokens the state fed, and only the rest is prefilled, chunk by chunk from there."""
+    from .saved_cache import SavedCacheError
+
+    from ..events import PrefillProgressEvent
+
+    restore(run, start, sampler if resume else None)
+    run.recorder.record(PrefillProgressEvent(len(start.token_ids), len(ids)))  # what the views show as prefilled
+    if resume:
+        run.phase = "decode"
+        stream.ids, stream.emitted = list(start.generated), start.generated_text
+        if start.pending:  # sampled before the save, not fed yet: feed it, as the run would have next
+            return run.forward([start.generated[-1]], "decode"), list(start.generated)
+        return _saved_logits(run, start, "decode"), list(start.generated)
+    fed = start.token_ids
+    if ids[:len(fed)] != fed:
+        raise SavedCacheError("the prompt does not begin with the tokens of the saved cache, so it cannot go on "
+                              "from it; run without the saved cache")
+    if len(ids) == len(fed):
+        return _saved_logits(run, start, "prefill"), []
+    return run.prefill(ids[len(fed):], chunk_size, cancel, checkpoint, offset=len(fed)), []
+
+
+def _saved_logits(run, start: RunState, phase: str) -> torch.Tensor:
+    """The saved logits, with the step that computed them recorded again (no input, no eviction):
+    the run's records and views start where the saved run stood, and step numbers stay the same."""
+    from .saved_cache import SavedCacheError
+    from ..cache import StepReport
+
+    if start.logits is None:
+        raise SavedCacheError("the saved cache holds no logits to go on from; run without it")
+    run.first_step = start.steps - 1
+    report = StepReport(kept_per_layer=run.cache.kept_per_layer(), cache_bytes=run.cache.current_bytes)
+    run._record(start.steps - 1, phase, 0, 0.0, report, prefill_done=phase == "prefill")
+    return start.logits.to(run.engine.loaded.device)

@@ -1,0 +1,100 @@
+"""`kvstudio run --prompt-cache DIR` and `kvstudio cache save|load|list|show|rm`, as a user types them."""
+
+from __future__ import annotations
+
+import json
+
+from kvstudio.cli import main
+
+DOCUMENT = "A long document about caches. " * 2  # 60 bytes: 60 tokens of the byte tokenizer
+RUN = ["run", "--model", "tiny-llama", "--policy", "h2o", "--budget", "16", "--chunk-size", "8",
+       "--max-new-tokens", "5", "--no-history"]
+
+
+def cli(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _run(capsys, tmp_path, prompt, name, *extra):
+    path = tmp_path / f"{name}.json"
+    code, out, err = cli(capsys, *RUN, "--prompt", prompt, "--json", str(path), *extra)
+    assert code == 0, err
+    return json.loads(path.read_text()), out, err
+
+
+def _logprobs(data):
+    return [s["logprob"] for s in data["steps"] if s["token_id"] is not None]
+
+
+def test_prompt_cache_saves_restores_and_reuses_a_prefix(capsys, tmp_path):
+    folder = tmp_path / "prompts"
+    first, out, _ = _run(capsys, tmp_path, DOCUMENT + "Q: one?", "first", "--prompt-cache", str(folder))
+    assert first["prompt_cache"] == "saved" and "prompt cache: saved" in out
+    again, _, err = _run(capsys, tmp_path, DOCUMENT + "Q: one?", "again", "--prompt-cache", str(folder))
+    assert again["prompt_cache"] == "restored" and "tokens restored in" in err
+    assert again["token_ids"] == first["token_ids"] and _logprobs(again) == _logprobs(first)
+    follow, _, _ = _run(capsys, tmp_path, DOCUMENT + "Q: other?", "follow", "--prompt-cache", str(folder))
+    plain, _, _ = _run(capsys, tmp_path, DOCUMENT + "Q: other?", "plain")
+    assert follow["prompt_cache"] == "prefix 64"  # 67 and 69 tokens share their first 8 chunks of 8
+    assert follow["token_ids"] == plain["token_ids"] and _logprobs(follow) == _logprobs(plain)
+    assert follow["kept_per_layer"] == plain["kept_per_layer"]
+    code, out, _ = cli(capsys, "cache", "list", str(folder))
+    assert code == 0 and out.count("h2o(budget=16, recent=8)") == 3 and "A long document" in out
+
+
+def test_a_bad_saved_prompt_is_refused_and_computed_again(capsys, tmp_path):
+    folder = tmp_path / "prompts"
+    first, _, _ = _run(capsys, tmp_path, "short prompt", "first", "--prompt-cache", str(folder))
+    files = list(folder.glob("*.kvcache"))
+    assert len(files) == 2  # the whole prompt (13 tokens) and its first chunk of 8
+    for saved in files:
+        saved.write_bytes(saved.read_bytes()[:-10])
+    again, _, err = _run(capsys, tmp_path, "short prompt", "again", "--prompt-cache", str(folder))
+    assert "warning: prompt cache: refused" in err and "is truncated" in err
+    assert again["prompt_cache"] == "saved" and again["token_ids"] == first["token_ids"]
+    third, _, _ = _run(capsys, tmp_path, "short prompt", "third", "--prompt-cache", str(folder))
+    assert third["prompt_cache"] == "restored"  # the bad file was replaced by a good one
+
+
+def test_an_unusable_cache_folder_warns_and_the_run_goes_on(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    data, out, err = _run(capsys, tmp_path, "short prompt", "run", "--prompt-cache", str(blocker / "prompts"))
+    assert data["prompt_cache"] == "miss" and "prompt cache: miss" in out
+    assert "warning: prompt cache: cannot create" in err and "the run went on" in err
+    assert len(data["token_ids"]) == 5
+
+
+def test_cache_save_load_show_and_rm(capsys, tmp_path):
+    path = tmp_path / "doc.kvcache"
+    code, out, err = cli(capsys, "cache", "save", str(path), "--model", "tiny-llama", "--policy", "streaming_llm",
+                         "--budget", "16", "--sink", "2", "--chunk-size", "8", "--prompt", DOCUMENT,
+                         "--max-new-tokens", "4", "--temperature", "0.8", "--seed", "3")
+    assert code == 0, err
+    assert "saved 60 prompt + 4 generated tokens under streaming_llm(budget=16, sink=2, window=14)" in out
+    code, out, err = cli(capsys, "cache", "load", str(path), "--max-new-tokens", "6", "--json",
+                         str(tmp_path / "continued.json"))
+    assert code == 0, err
+    assert "restored 63 tokens" in err  # 60 prompt + 3 of the 4 generated (the 4th was not fed yet)
+    continued = json.loads((tmp_path / "continued.json").read_text())
+    whole, _, _ = _run(capsys, tmp_path, DOCUMENT, "whole", "--policy", "streaming_llm", "--sink", "2",
+                       "--max-new-tokens", "10", "--temperature", "0.8", "--seed", "3")
+    assert whole["token_ids"][4:] == continued["token_ids"]
+    assert _logprobs(whole)[4:] == _logprobs(continued)
+    code, out, _ = cli(capsys, "cache", "show", str(path))
+    shown = json.loads(out)
+    assert code == 0 and shown["checksum"] == "ok" and shown["codec"] == "fp" and shown["tokens"]["fed"] == 63
+    code, out, err = cli(capsys, "cache", "load", str(path), "--then", "more text")
+    assert code == 0, err
+    other = tmp_path / "notes.txt"
+    other.write_text("keep me")
+    code, out, err = cli(capsys, "cache", "rm", str(path), str(other))
+    assert code == 2 and "removed" in out and "not removed: " in err and "is not a KV Studio saved cache" in err
+    assert not path.exists() and other.exists()
+    code, _, err = cli(capsys, "cache", "load", str(path))
+    assert code == 2 and err.count("\n") == 1 and "cannot read" in err

@@ -1,0 +1,253 @@
+"""Saved caches: save a run, restore it in a new process, continue bit-identically; prefix reuse;
+every file that must be refused is refused with a message saying why."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.events import Recorder
+from kvstudio.core.models import LoadedModel, byte_tokenizer, load_model
+from kvstudio.core.plugins import PluginManager
+from kvstudio.core.policies import create_policy
+from kvstudio.core.store.saved_cache import (SavedCacheError, check_compatible, load_saved_cache, read_header,
+                                             read_saved_cache, write_saved_cache)
+
+from .helpers import random_ids
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = random_ids(22, seed=3)
+FIRST, THEN = 3, 4  # tokens generated before the save, and after the restore
+
+# Every built-in policy, with parameters that make it evict on a 22-token prompt in chunks of 8.
+POLICIES = [
+    ("full", {}),
+    ("window", {"budget": 10}),
+    ("streaming_llm", {"budget": 10, "sink": 2}),
+    ("streaming_llm", {"budget": 10, "sink": 2, "rerotate": True}),
+    ("h2o", {"budget": 10}),
+    ("tova", {"budget": 10}),
+    ("snapkv", {"budget": 12, "observation_window": 4, "compress_every": 2}),
+    ("pyramidkv", {"budget": 12, "observation_window": 4, "compress_every": 2}),
+    ("knorm", {"budget": 10}),
+    ("random", {"budget": 10, "random_seed": 7}),
+    ("separators", {"budget": 10, "sink": 2, "recent": 3}),  # the plugin in plugins/keep_separators.py
+]
+SAMPLING = [{"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 11}]
+
+# The restoring process: loads every saved file, continues THEN tokens, reports what it saw.
+CHILD = r"""
+import json, sys
+from kvstudio.core.engine import Engine, GenerationSettings
+from kvstudio.core.events import Recorder
+from kvstudio.core.models import load_model
+from kvstudio.core.plugins import PluginManager
+from kvstudio.core.store.saved_cache import load_saved_cache, policy_from_header, read_header
+
+PluginManager([sys.argv[2]], entry_points_enabled=False).load()
+device, dtype = sys.argv[3], sys.argv[4]
+engine = Engine(load_model("tiny-llama", device=device, dtype=dtype))
+out = {}
+for path, then in json.loads(sys.argv[1]).items():
+    header = read_header(path)
+    policy = policy_from_header(header)
+    _, state, _ = load_saved_cache(path, engine.loaded, policy)
+    generation = header["generation"]
+    settings = GenerationSettings(max_new_tokens=then, chunk_size=generation["chunk_size"],
+                                  temperature=generation["temperature"], top_p=generation["top_p"],
+                                  top_k=generation["top_k"], seed=generation["seed"])
+    recorder = Recorder()
+    result = engine.generate(None, policy, settings, start=state, resume=True, recorder=recorder, keep_cache=True)
+    out[path] = {
+        "tokens": result.token_ids,
+        "logprobs": [s.logprob for s in result.steps if s.token_id is not None],
+        "positions": [result.cache.positions(i).tolist() for i in range(engine.loaded.n_layers)],
+        "evictions": [[e.step, e.layer, e.kv_head, e.positions.tolist()] for e in recorder.all("evictions")],
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    manager = PluginManager([REPO / "plugins"], entry_points_enabled=False)
+    manager.load()
+    yield manager
+    manager.unload()
+
+
+def _settings(sampling: dict, new_tokens: int, chunk_size: int = 8) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=new_tokens, chunk_size=chunk_size, memory_sample_hz=0, **sampling)
+
+
+def _evictions(recorder: Recorder, from_step: int = 0) -> list:
+    return [[e.step, e.layer, e.kv_head, e.positions.tolist()] for e in recorder.all("evictions")
+            if e.step >= from_step]
+
+
+def test_every_policy_continues_bit_identically_in_a_new_process(llama_engine, plugins, tmp_path):
+    _check_continuations(llama_engine, POLICIES, tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_continuations_are_bit_identical_on_cuda_in_bfloat16(plugins, tmp_path):
+    from kvstudio.core.engine import Engine
+
+    engine = Engine(load_model("tiny-llama", device="cuda", dtype="bfloat16"))
+    _check_continuations(engine, [p for p in POLICIES if p[0] in ("h2o", "snapkv", "streaming_llm", "random")],
+                         tmp_path, device=("cuda", "bfloat16"))
+
+
+def _check_continuations(engine, policies, tmp_path, device=("cpu", "auto")):
+    """Run N + M tokens in one go; run N, save; restore in a child process, continue M; compare."""
+    expected, files = {}, {}
+    for index, (name, params) in enumerate(policies):
+        for sampling in SAMPLING:
+            policy = create_policy(name, **params)
+            recorder = Recorder()
+            whole = engine.generate(PROMPT, policy, _settings(sampling, FIRST + THEN), recorder=recorder,
+                                          keep_cache=True)
+            first = engine.generate(PROMPT, policy, _settings(sampling, FIRST), keep_state=True)
+            assert first.token_ids == whole.token_ids[:FIRST]
+            path = tmp_path / f"{index}-{sampling['temperature']}.kvcache"
+            write_saved_cache(path, first.state, engine.loaded, policy, _settings(sampling, FIRST))
+            files[str(path)] = THEN
+            expected[str(path)] = {
+                "tokens": whole.token_ids[FIRST:],
+                "logprobs": [s.logprob for s in whole.steps if s.token_id is not None][FIRST:],
+                "positions": [whole.cache.positions(i).tolist() for i in range(4)],
+                "evictions": _evictions(recorder, from_step=first.state.steps),
+                "label": f"{name} {params} {sampling}",
+            }
+    child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(files), str(REPO / "plugins"), *device], cwd=REPO,
+                           env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr
+    got = json.loads(child.stdout.strip().splitlines()[-1])
+    evicting = 0
+    for path, want in expected.items():
+        label = want.pop("label")
+        assert got[path] == want, label  # ==: exact floats, tokens, kept positions, eviction events
+        evicting += bool(want["evictions"])
+    assert evicting >= len(policies)  # the comparison covered decode-time evictions too
+
+
+@pytest.mark.parametrize("name, params", [("h2o", {"budget": 16}), ("snapkv", {"budget": 20, "observation_window": 4}),
+                                          ("full", {})])
+def test_prefix_reuse_equals_a_full_prefill_with_the_same_chunks(llama_engine, name, params):
+    engine = llama_engine
+    document, question = random_ids(40, seed=5), random_ids(11, seed=6)
+    policy = create_policy(name, **params)
+    saved = []
+    engine.generate(document + random_ids(5, seed=9), policy, _settings({}, 0), on_prefill_state=saved.append)
+    boundary = next(s for s in saved if len(s.token_ids) == 40)  # the last chunk boundary before the end
+    recorder, fresh_recorder = Recorder(), Recorder()
+    reused = engine.generate(document + question, policy, _settings({}, 6), start=boundary,
+                                   recorder=recorder, keep_cache=True)
+    fresh = engine.generate(document + question, policy, _settings({}, 6), recorder=fresh_recorder,
+                                  keep_cache=True)
+    assert reused.restored_tokens == 40 and reused.token_ids == fresh.token_ids
+    assert [s.logprob for s in reused.steps if s.token_id is not None] == \
+        [s.logprob for s in fresh.steps if s.token_id is not None]
+    assert all(torch.equal(reused.cache.positions(i), fresh.cache.positions(i)) for i in range(4))
+    assert all(torch.equal(reused.cache.layers[i].keys, fresh.cache.layers[i].keys) for i in range(4))
+    assert _evictions(recorder) == _evictions(fresh_recorder, from_step=boundary.steps)
+    assert len(reused.steps) < len(fresh.steps)  # the document's chunks were not computed again
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(llama_engine, tmp_path):
+    policy = create_policy("h2o", budget=16)
+    result = llama_engine.generate(PROMPT, policy, _settings({}, 3), keep_state=True)
+    path = tmp_path / "a.kvcache"
+    write_saved_cache(path, result.state, llama_engine.loaded, policy, _settings({}, 3))
+    return path, policy, result.state
+
+
+def _refused(path, loaded, policy=None, chunk_size=None) -> str:
+    with pytest.raises(SavedCacheError) as error:
+        load_saved_cache(path, loaded, policy, chunk_size)
+    return str(error.value)
+
+
+def test_truncated_corrupt_wrong_version_and_foreign_files_are_refused(saved, llama_engine, tmp_path):
+    path, policy, _ = saved
+    data = path.read_bytes()
+    cut = tmp_path / "cut.kvcache"
+    cut.write_bytes(data[: len(data) // 2])
+    assert "is truncated" in _refused(cut, llama_engine.loaded, policy)
+    cut.write_bytes(data[:5])
+    assert "is truncated" in _refused(cut, llama_engine.loaded, policy)
+    flipped = bytearray(data)
+    flipped[-100] ^= 0xFF  # a byte of the compressed body
+    bad = tmp_path / "bad.kvcache"
+    bad.write_bytes(bytes(flipped))
+    assert "is corrupt: its checksum does not match" in _refused(bad, llama_engine.loaded, policy)
+    newer = bytearray(data)
+    newer[8:12] = struct.pack("<I", 99)
+    bad.write_bytes(bytes(newer))
+    assert "format version 99; this KV Studio reads version 1" in _refused(bad, llama_engine.loaded, policy)
+    other = tmp_path / "notes.kvcache"
+    other.write_text("just some text that is long enough to have a header")
+    assert "is not a KV Studio saved cache" in _refused(other, llama_engine.loaded)
+
+
+def test_wrong_model_tokenizer_policy_codec_and_chunk_size_are_refused(saved, llama_engine, tmp_path):
+    path, policy, state = saved
+    loaded = llama_engine.loaded
+    qwen = load_model("tiny-qwen2", device="cpu")
+    assert "wrong model: the cache was saved with tiny-llama and this is tiny-qwen2" in _refused(path, qwen, policy)
+    retrained = load_model("tiny-llama", device="cpu")  # same architecture, other weights
+    with torch.no_grad():
+        retrained.model.model.embed_tokens.weight.add_(0.01)
+    assert "wrong model" in _refused(path, retrained, policy) and "weights differ" in _refused(path, retrained, policy)
+    tokenizer = byte_tokenizer()
+    tokenizer.add_tokens(["<extra>"])
+    other_tokenizer = LoadedModel(loaded.model, tokenizer, loaded.spec, loaded.name, loaded.device, loaded.dtype)
+    assert "wrong tokenizer" in _refused(path, other_tokenizer, policy)
+    assert "wrong policy: the cache was computed under 'h2o', this run uses 'tova'" in _refused(
+        path, loaded, create_policy("tova", budget=16))
+    assert "wrong policy parameters for 'h2o': budget 16 (saved) vs 32" in _refused(
+        path, loaded, create_policy("h2o", budget=32))
+    assert "wrong chunk size" in _refused(path, loaded, policy, chunk_size=16)
+    state.codec = "int8"
+    int8 = tmp_path / "int8.kvcache"
+    write_saved_cache(int8, state, loaded, policy, _settings({}, 3))
+    assert "wrong codec: the cache was stored with codec 'int8'" in _refused(int8, loaded, policy)
+    check_compatible(read_header(path), loaded, policy, 8)  # and the right ones pass
+
+
+def test_a_failed_write_leaves_the_previous_file_whole(saved, llama_engine, tmp_path):
+    path, policy, state = saved
+    before = path.read_bytes()
+    state.layers[0].policy_extra["unsavable"] = object()
+    with pytest.raises(SavedCacheError, match="policy state of layer 0 holds a object"):
+        write_saved_cache(path, state, llama_engine.loaded, policy)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.kvcache"]
+    read_saved_cache(path)  # still whole
+    with pytest.raises(SavedCacheError, match="folder does not exist"):
+        write_saved_cache(tmp_path / "missing" / "b.kvcache", state, llama_engine.loaded, policy)
+
+
+def test_policy_state_of_every_kind_round_trips(saved, llama_engine, tmp_path):
+    path, policy, state = saved
+    generator = torch.Generator().manual_seed(3)
+    state.layers[1].policy_extra.update({"counts": {3: True, "x": (1, 2.5, None)}, "rng": generator,
+                                         "seen": torch.arange(4), "steps": [1, 2]})
+    write_saved_cache(path, state, llama_engine.loaded, policy)
+    _, restored = read_saved_cache(path)
+    extra = restored.layers[1].policy_extra
+    assert extra["counts"] == {3: True, "x": (1, 2.5, None)} and extra["steps"] == [1, 2]
+    assert torch.equal(extra["seen"], torch.arange(4))
+    assert torch.equal(torch.rand(3, generator=extra["rng"]), torch.rand(3, generator=generator))
+    assert torch.equal(restored.layers[0].policy_tensors["accumulated"], state.layers[0].policy_tensors["accumulated"])
