@@ -4,6 +4,7 @@
   kvstudio run ...         generate under a policy; text to stdout, then a summary; --json PATH
   kvstudio policies        the policies, their parameters and defaults
   kvstudio demo            a short streamed demo on the default model, in the terminal
+  kvstudio eval TASK ...   policies x budgets on a task (needle, ruler, perplexity, kl, qa), resumable
 
 Every error a user can cause ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     policies = commands.add_parser("policies", help="list the policies with their parameters and defaults")
     policies.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load plugins from DIR")
     commands.add_parser("demo", help="a short streamed demo on the default model, in the terminal")
+    from .commands import eval as eval_command
+
+    eval_command.add_parser(commands)
 
     runs = commands.add_parser("runs", help="the run history: list, show, export")
     runs_commands = runs.add_subparsers(dest="runs_command", parser_class=_Parser, required=True)
@@ -158,6 +162,10 @@ def _dispatch(args, plugins) -> int:
             return command_demo()
         if args.command == "runs":
             return command_runs(args)
+        if args.command == "eval":
+            from .commands import eval as eval_command
+
+            return eval_command.run(args)
         from .gui.app import run_studio
 
         return run_studio(None if args.studio_model == "none" else args.studio_model)
