@@ -20,6 +20,9 @@ from functools import lru_cache
 
 from ..errors import KVStudioError
 
+# Stored sweeps name the version their prompts were generated with: change it whenever a change here
+# or in tasks.py changes any prompt, so an old sweep is never resumed with different prompts.
+GENERATOR_VERSION = 1
 SENTENCE_SEARCH_TOKENS = 64  # how far from the asked index a needle may move to reach a sentence end
 
 
@@ -40,7 +43,7 @@ def prose_paragraphs() -> tuple[str, ...]:
             if text.endswith(":"):
                 continue  # it introduces a code block that was left out
             paragraphs.append(text)
-    return tuple(paragraphs)
+    return tuple(dict.fromkeys(paragraphs))  # some topics share paragraphs: each once
 
 
 def prose(seed: int, min_chars: int) -> str:

@@ -30,6 +30,7 @@ from ..errors import KVStudioError, PolicyConfigError
 from ..events import Recorder
 from ..policies import policy_class
 from ..policies.base import Policy
+from .haystack import GENERATOR_VERSION
 from .language import LanguageOptions, evaluate_language, text_ids
 from .tasks import GENERATION_TASKS, LANGUAGE_TASKS, Sample, TaskOptions, generation_samples
 
@@ -87,7 +88,7 @@ class SweepSpec:
             options["qa_file_sha256"] = _file_digest(self.task_options.qa_file)
         for name in ("lengths", "depths", "subtasks", "samples"):
             options.pop(name, None)  # per cell: a grid can grow too
-        key = {"version": STORE_VERSION, "task": store_task(self.task), "model": self.model, "options": options,
+        key = {"version": STORE_VERSION, "generator": GENERATOR_VERSION, "task": store_task(self.task), "model": self.model, "options": options,
                "policy_options": self.policy_options, "chunk_size": self.chunk_size}
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

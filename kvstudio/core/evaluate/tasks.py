@@ -230,19 +230,33 @@ def _common_words(tokenizer, length, index, seed, n_common: int = 10) -> Sample:
         encode_piece(tokenizer, question))
     vocabulary = list(_words())
     rng.shuffle(vocabulary)
-    common, rare = vocabulary[:n_common], iter(vocabulary[n_common:])
-    most_items = room // 3  # no item is shorter than 3 tokens (" 7. word"): more than ever fits
-    repeats = max(3, most_items // (2 * n_common))
-    words = [w for w in common for _ in range(repeats)]
-    words += [next(rare) for _ in range(max(most_items - len(words), 0))]
+    common, rare = vocabulary[:n_common], vocabulary[n_common:]
+    probe = [len(encode_piece(tokenizer, f" {100 + i}. {word}")) for i, word in enumerate(rare[:50])]
+    items = max(int(room / (sum(probe) / len(probe))), 3 * n_common)
+    repeats = max(3, items // (2 * n_common))
+    words = [w for w in common for _ in range(repeats)] + rare[:max(items - repeats * n_common, 0)]
     rng.shuffle(words)
-    ids: list[int] = []
-    for number, word in enumerate(words, 1):
-        piece = encode_piece(tokenizer, f" {number}. {word}")
-        if len(ids) + len(piece) > room:
+
+    def numbered(words):
+        return [encode_piece(tokenizer, f" {number}. {word}") for number, word in enumerate(words, 1)]
+
+    pieces = numbered(words)
+    while sum(map(len, pieces)) > room:  # the estimate was long: drop rare words, never common ones
+        last_rare = next((i for i in range(len(words) - 1, -1, -1) if words[i] not in common), None)
+        if last_rare is None:
+            raise TaskError(f"a context of {length} tokens is too short for common_words; ask for a longer length")
+        del words[last_rare]
+        pieces = numbered(words)
+    used = set(words)
+    spare = (word for word in rare if word not in used)
+    while True:  # the estimate was short: more rare words while one still fits
+        word = next(spare)
+        piece = encode_piece(tokenizer, f" {len(words) + 1}. {word}")
+        if sum(map(len, pieces)) + len(piece) > room:
             break
-        ids += piece
-    repeats = sum(words[i] == common[0] for i in range(number - 1))
+        words.append(word)
+        pieces.append(piece)
+    ids = [token for piece in pieces for token in piece]
     context = build_context(tokenizer, length, instruction, [], question, seed=0, haystack_ids=ids +
                             encode_piece(tokenizer, " ") * max(room - len(ids), 0))
     return Sample("ruler", context.ids, common, max_new_tokens=60, scorer="strings", context_tokens=length,
