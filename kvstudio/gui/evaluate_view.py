@@ -92,6 +92,7 @@ class EvaluateWorker(QObject):
 
 class EvaluateView(QWidget):
     sweep_requested = Signal(bool)  # fresh: forget the stored cells first
+    sweep_ended = Signal(object, str)  # SweepOutcome or None, error: re-emitted on the GUI thread
     open_run_requested = Signal(int)
 
     def __init__(self, parent=None):
@@ -385,6 +386,12 @@ class EvaluateView(QWidget):
         reused = f" ({progress.reused} from the store)" if progress.reused else ""
         self.status.setText(f"{progress.done}/{progress.total}{reused}: {progress.current}{left}")
 
+    @Slot(object, str)
+    def finish_sweep(self, outcome, error: str) -> None:
+        """The worker's `finished`, received here on the GUI thread (a queued connection)."""
+        self.end(outcome, error)
+        self.sweep_ended.emit(outcome, error)
+
     def end(self, outcome, error: str) -> None:
         self.start.setEnabled(True)
         self.fresh.setEnabled(True)
@@ -465,8 +472,9 @@ def install(window) -> EvaluateView:
     view.sweep_requested.connect(lambda fresh: _start(window, view, worker, starter, fresh))
     worker.cell_finished.connect(view.add_cell)
     worker.progress.connect(view.show_progress)
-    worker.finished.connect(lambda outcome, error: _finished(window, view, outcome, error))
-    view.stop.clicked.connect(worker.cancel.cancel)
+    worker.finished.connect(view.finish_sweep)
+    view.sweep_ended.connect(lambda outcome, error: _finished(window, outcome, error))
+    view.stop.clicked.connect(lambda: worker.cancel.cancel())  # the token of the sweep running now
     view.open_run_requested.connect(window.reopen_run)
     dock = QDockWidget("Evaluate", window, objectName="evaluate")
     dock.setWidget(view)
@@ -504,8 +512,6 @@ def _start(window, view: EvaluateView, worker: EvaluateWorker, starter: _Starter
         return
     window.hide_error()
     worker.cancel = CancelToken()
-    view.stop.clicked.disconnect()
-    view.stop.clicked.connect(worker.cancel.cancel)
     window.running = True
     window._update_buttons()
     view.begin(spec)
@@ -513,10 +519,9 @@ def _start(window, view: EvaluateView, worker: EvaluateWorker, starter: _Starter
     starter.start.emit(spec, history_path, fresh)
 
 
-def _finished(window, view: EvaluateView, outcome, error: str) -> None:
+def _finished(window, outcome, error: str) -> None:
     window.running = False
     window._update_buttons()
-    view.end(outcome, error)
     if error:
         window.show_error(f"evaluation: {error}")
     if window.history is not None:

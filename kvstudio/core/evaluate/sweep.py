@@ -7,8 +7,9 @@ the cells it lacks: a cancelled or crashed sweep resumes where it stopped, and a
 policy or a budget computes only the new cells. A half-written last line (a crash mid-write) is
 ignored and its cell computed again.
 
-Cells run grid point by grid point, every policy at each point, so a sweep stopped half way has
-compared all policies on the same samples rather than finished some policies and not begun others.
+Cells run grid point by grid point and budget by budget, every policy at each, so a sweep stopped
+half way has compared all policies on the same samples and budgets rather than finished some
+policies and not begun others.
 
 Variants are the place for storage settings that are not policy parameters yet: each variant is a
 dict of extra options applied to every policy of a cell (checked against what the policy accepts),
@@ -241,9 +242,11 @@ class Sweep:
         spec = self.spec
         samples: list[Sample | None] = ([None] if spec.task in LANGUAGE_TASKS
                                         else generation_samples(spec.task, self.engine.tokenizer, spec.task_options))
+        # Budget-less policies (full) first, then each budget across every policy that takes one.
+        budgets = [None] + list(spec.budgets)
         return [Cell(policy, budget, variant, sample)
-                for sample in samples for variant in spec.variants
-                for policy in spec.policies for budget in spec.budgets_for(policy)]
+                for sample in samples for budget in budgets for variant in spec.variants
+                for policy in spec.policies if budget in spec.budgets_for(policy)]
 
     def stored(self) -> list[dict]:
         """The cells of this plan already in the store, in plan order."""
