@@ -4,6 +4,7 @@
   kvstudio run ...         generate under a policy; text to stdout, then a summary; --json PATH
   kvstudio policies        the policies, their parameters and defaults
   kvstudio demo            a short streamed demo on the default model, in the terminal
+  kvstudio eval TASK ...   policies x budgets on a task (needle, ruler, perplexity, kl, qa), resumable
 
 Every error a user can cause ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -133,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = runs_commands.add_parser("export", help="one run as .json (everything) or .csv (per step)")
     export.add_argument("id", type=int)
     export.add_argument("path")
-    from .commands import cache as cache_command
+    # Subcommands that live in their own modules (kvstudio/commands/).
+    from .commands import cache as cache_command, eval as eval_command
 
+    eval_command.add_parser(commands)
     cache_command.add_parser(commands)
     return parser
 
@@ -170,6 +173,10 @@ def _dispatch(args, plugins) -> int:
             from .commands import cache as cache_command
 
             return cache_command.run(args)
+        if args.command == "eval":
+            from .commands import eval as eval_command
+
+            return eval_command.run(args)
         from .gui.app import run_studio
 
         return run_studio(None if args.studio_model == "none" else args.studio_model)

@@ -417,8 +417,10 @@ class _Run:
             self.recorder.record(PrefillProgressEvent(offset + start + len(chunk), offset + len(ids)))
         return logits
 
-    def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False) -> torch.Tensor:
-        """Feed tokens, let the policy evict, record the step; returns the last position's logits."""
+    def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False,
+                all_logits: bool = False) -> torch.Tensor:
+        """Feed tokens, let the policy evict, record the step; returns the last position's logits
+        (every fed position's, (n, vocab), with `all_logits`: the perplexity evaluation scores them all)."""
         device = self.engine.loaded.device
         n = len(token_ids)
         positions = torch.arange(self.seen, self.seen + n, device=device)
@@ -439,10 +441,10 @@ class _Run:
                 position_ids=rope_positions.unsqueeze(0),
                 past_key_values=self.cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if all_logits else 1,
                 kvstudio_cache=self.cache,
             )
-        logits = output.logits[0, -1]
+        logits = output.logits[0] if all_logits else output.logits[0, -1]
         report = self.cache.end_step()
         seconds = time.perf_counter() - started
         self.seen += n

@@ -29,6 +29,7 @@ from ..core.policies import available_policies
 from .bars import message_bar
 from . import caches_view
 from .compare import CompareView
+from .evaluate_view import install as install_evaluate_view
 from .panels import DocumentList, ModelPanel
 from .plugins_view import PluginsView
 from .policy_form import PolicyForm
@@ -74,6 +75,7 @@ class MainWindow(QMainWindow):
         self._build_views()
         self._build_menus()
         caches_view.install(self)
+        install_evaluate_view(self)  # its dock and menu, before the saved layout is restored
         self._restore_settings()
 
         self.timer = QTimer(self, interval=1000 // REFRESH_HZ)

@@ -1,0 +1,17 @@
+"""Evaluation: how much a policy costs in quality, measured on tasks that need no download.
+
+  haystack.py     real prose (Python's own pydoc_data.topics) and token-exact contexts with needles
+  tasks.py        generation tasks: pass key and needle grids, RULER-style synthetic tasks, QA files
+  language.py     perplexity and KL to the full cache along a long text fed through the policy
+  metrics.py      exact match, token F1, partial digits, string matches, KL, perplexity
+  sweep.py        policies x budgets (x variants) x task samples: each cell stored as it finishes,
+                  so a cancelled or crashed sweep resumes where it stopped
+  results.py      tables, summaries, CSV/JSON exports of the stored cells
+  figures.py      needle heatmaps, score vs budget, score vs cache bytes, perplexity/KL curves
+                  (matplotlib without pyplot: PNG and SVG, no GUI toolkit)
+  passkey.py      the original filler pass-key prompt (tests/test_passkey.py, benchmarks/passkey.py)
+"""
+
+from .passkey import FILLER, passkey_prompt, passkey_retrieved
+
+__all__ = ["FILLER", "passkey_prompt", "passkey_retrieved"]

@@ -1,0 +1,113 @@
+"""The Evaluate view, driven as a user drives it (pytest-qt, offscreen), on tiny-llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PySide6.QtCore import QSettings, Qt
+
+from kvstudio.gui.main_window import MainWindow
+
+pytest.importorskip("pytestqt")
+
+
+@pytest.fixture(autouse=True)
+def isolated_user_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSTUDIO_DATA_DIR", str(tmp_path / "user_data"))
+    monkeypatch.delenv("KVSTUDIO_PLUGIN_PATH", raising=False)
+
+
+@pytest.fixture
+def window(qtbot, tmp_path):
+    win = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat))
+    qtbot.addWidget(win)
+    win.show()
+    win.request_load("tiny-llama", "cpu", "auto")
+    qtbot.waitUntil(lambda: win.model_info is not None, timeout=20_000)
+    yield win
+    win.close()
+    win.plugins.unload()
+
+
+def _choose(view, task="needle", policies=("full", "streaming_llm"), budgets="32", lengths="400", depths="0,1"):
+    view.task.setCurrentText(task)
+    for i in range(view.policies.count()):
+        item = view.policies.item(i)
+        item.setCheckState(Qt.Checked if item.text() in policies else Qt.Unchecked)
+    view.budgets.setText(budgets)
+    view.lengths.setText(lengths)
+    view.depths.setText(depths)
+    view.chunk_size.setValue(64)
+
+
+def test_a_needle_sweep_fills_heatmaps_and_table_and_opens_a_cell_as_a_run(qtbot, window, tmp_path):
+    view = window.evaluate_view
+    _choose(view)
+    view.start.click()
+    assert window.running and not window.run_button.isEnabled()
+    qtbot.waitUntil(lambda: not window.running, timeout=120_000)
+    assert "done: 4 cells computed" in view.status.text(), view.status.text()
+    assert view.table.rowCount() == 4 and len(view.records) == 4
+    # Heatmaps: one per series, every cell drawn (0 would mean "not run yet").
+    assert set(view.heatmap_items) == {"full", "streaming_llm @ 32"}
+    for label in view.heatmap_items:
+        values = view.heatmap_values(label)
+        assert values.shape == (1, 2) and (values >= 1).all()
+        for record in (r for r in view.records if (r["policy"] == "full") == (label == "full")):
+            column = [0.0, 1.0].index(record["depth"])
+            assert values[0, column] == 1 + round(record["score"] * 254)
+    # Open a cell: its run from the history shows in the live views.
+    run_id = view.records[1]["run_id"]
+    assert run_id is not None
+    view.table.selectRow(1)
+    view.open_button.click()
+    assert window.showing_stored_run and f"showing run {run_id}" in window.statusBar().currentMessage()
+    assert window.recorder.all("runs")[-1].policy.startswith("streaming_llm(budget=32")
+    # Exports.
+    assert view.export_cells_to(tmp_path / "cells.json") is not None
+    assert len(json.loads((tmp_path / "cells.json").read_text())) == 4
+    assert view.export_figure_to(tmp_path / "heat.svg") is not None
+    assert "<svg" in (tmp_path / "heat.svg").read_text()[:400]
+
+
+def test_stop_keeps_finished_cells_and_the_next_sweep_resumes(qtbot, window):
+    view = window.evaluate_view
+    _choose(view, depths="0,0.5,1")
+    view.start.click()
+    qtbot.waitUntil(lambda: len(view.records) >= 1, timeout=60_000)
+    view.stop.click()
+    qtbot.waitUntil(lambda: not window.running, timeout=60_000)
+    assert view.status.text().startswith("stopped:"), view.status.text()
+    done = len(view.records)
+    assert 1 <= done < 6
+    view.start.click()
+    qtbot.waitUntil(lambda: not window.running, timeout=120_000)
+    assert f"{6 - done} cells computed, {done} from the store" in view.status.text(), view.status.text()
+    assert len(view.records) == 6
+
+
+def test_bad_options_are_reported_and_nothing_starts(qtbot, window):
+    view = window.evaluate_view
+    _choose(view, depths="0,2")
+    view.start.click()
+    assert not window.running
+    assert "depths must be fractions" in window.error_text.text()
+    _choose(view, budgets="x")
+    view.start.click()
+    assert not window.running and "budgets: give comma-separated numbers" in view.status.text()
+
+
+def test_perplexity_curves_fill_in(qtbot, window):
+    view = window.evaluate_view
+    _choose(view, task="perplexity", policies=("full", "window"), budgets="16")
+    view.tokens.setValue(160)
+    view.prefix_tokens.setValue(40)
+    view.stride.setValue(8)
+    view.start.click()
+    qtbot.waitUntil(lambda: not window.running, timeout=120_000)
+    assert len(view.records) == 2, view.status.text()
+    x, y = view.curves[("kl", "window @ 16")].getData()
+    assert len(x) == 120 and y.max() > 0
+    _, full_kl = view.curves[("kl", "full")].getData()
+    assert full_kl.max() < 1e-4
