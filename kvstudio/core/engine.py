@@ -332,8 +332,12 @@ class _Run:
             self.recorder.record(PrefillProgressEvent(start + len(chunk), len(ids)))
         return logits
 
-    def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False) -> torch.Tensor:
-        """Feed tokens, let the policy evict, record the step; returns the last position's logits."""
+    def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False,
+                keep_logits: torch.Tensor | None = None, grad: bool = False) -> torch.Tensor:
+        """Feed tokens, let the policy evict, record the step; returns the last position's logits.
+
+        Fine-tuning (core/train) passes `keep_logits` (indices into the chunk: the logits wanted,
+        (k, vocab) returned) and `grad` (autograd on, so kept keys and values stay in the graph)."""
         device = self.engine.loaded.device
         n = len(token_ids)
         positions = torch.arange(self.seen, self.seen + n, device=device)
@@ -348,16 +352,16 @@ class _Run:
         self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk,
                                           self.recorder.watch_layers, self.token_ids))
         started = time.perf_counter()
-        with torch.inference_mode():
+        with torch.enable_grad() if grad else torch.inference_mode():
             output = self.engine.model(
                 input_ids=new_ids.unsqueeze(0),
                 position_ids=rope_positions.unsqueeze(0),
                 past_key_values=self.cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=1 if keep_logits is None else keep_logits,
                 kvstudio_cache=self.cache,
             )
-        logits = output.logits[0, -1]
+        logits = output.logits[0, -1] if keep_logits is None else output.logits[0]
         report = self.cache.end_step()
         seconds = time.perf_counter() - started
         self.seen += n
