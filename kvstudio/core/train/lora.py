@@ -18,8 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -101,7 +102,9 @@ def attach(loaded, settings: LoraSettings):
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
     try:
-        peft_model = get_peft_model(loaded.model, config)
+        with warnings.catch_warnings():  # peft asks a deprecated transformers property; not ours to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(loaded.model, config)
     except ValueError as error:  # peft: target modules not found in the model
         raise AdapterError(f"cannot apply LoRA to {loaded.name}: {str(error).splitlines()[0]} "
                            f"(its attention projections: {', '.join(attention_projections(loaded.model))})") from error
@@ -176,7 +179,9 @@ def load_adapter(loaded, folder: str | Path, trainable: bool = False):
     info = check_matches(loaded, checkpoint)
     detach(loaded)
     try:
-        peft_model = PeftModel.from_pretrained(loaded.model, str(checkpoint), is_trainable=trainable)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = PeftModel.from_pretrained(loaded.model, str(checkpoint), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError, OSError) as error:  # shapes or names that do not fit
         detach(loaded)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
