@@ -169,7 +169,11 @@ class FinetuneSession:
 
     def run(self) -> FinetuneResult:
         started = time.perf_counter()
-        start_step = self._prepare()
+        try:
+            start_step = self._prepare()
+        except BaseException:
+            lora.detach(self.loaded)
+            raise
         status = "finished"
         interval = 1 / self.settings.memory_sample_hz if self.settings.memory_sample_hz else 0
         try:
@@ -203,6 +207,9 @@ class FinetuneSession:
             self._zero_grad()
             for handle in self._hooks:
                 handle.remove()
+            # A session never leaves its adapter in the model: generation goes on with the base
+            # model until an adapter is applied from its folder (kvstudio run --adapter, the studio).
+            lora.detach(self.loaded)
             self.log.enter("done")
         if status == "cancelled":
             self.log.status(f"stopped during step {self.log.step + 1}; {self._kept_text()}")
@@ -377,7 +384,3 @@ class FinetuneSession:
         self.log.record(MemoryReading(self.log.now(), self.log.phase, system.process_bytes, system.cuda_allocated,
                                       self.meter.current if self.meter else 0))
 
-
-def finish(loaded) -> None:
-    """Take the session's adapter out of the model (the studio goes on with the base model)."""
-    lora.detach(loaded)
