@@ -157,14 +157,12 @@ def passkey_examples(tokenizer, seq_len: int, count: int, seed: int) -> list[Exa
     same seed gives the same examples."""
     rng = random.Random(seed)
     filler_ids = tokenizer(PASSKEY_FILLER, add_special_tokens=False)["input_ids"]
-    head = tokenizer("There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. ",
-                     add_special_tokens=True)["input_ids"]
+    head = tokenizer("A pass key is hidden in this text. ", add_special_tokens=True)["input_ids"]
     question = tokenizer("What is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
     examples = []
     for _ in range(count):
         key = f"{rng.randrange(10_000, 100_000)}"
-        needle = tokenizer(f"The pass key is {key}. Remember it. {key} is the pass key. ",
-                           add_special_tokens=False)["input_ids"]
+        needle = tokenizer(f"The pass key is {key}. Remember it. ", add_special_tokens=False)["input_ids"]
         answer = tokenizer(f" {key}", add_special_tokens=False)["input_ids"]
         room = seq_len - len(head) - len(needle) - len(question) - len(answer)
         if room < 0:
@@ -206,14 +204,14 @@ def split(examples: list[Example], validation_fraction: float, seed: int, descri
 def load_data(source: str, tokenizer, seq_len: int, seed: int = 0, text_field: str | None = None,
               prompt_field: str | None = None, answer_field: str | None = None,
               synthetic_count: int = 64, validation_fraction: float = 0.1,
-              documents: list[str] | None = None) -> Dataset:
+              documents: list[str] | None = None, synthetic_validation: int | None = None) -> Dataset:
     """The dataset named by `source`: synthetic-passkey, "documents" (the given texts) or a file."""
     if seq_len < 2:
         raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     if source == SYNTHETIC_PASSKEY:
         # Separate seeds for training and validation: the validation keys are never trained on.
         train = passkey_examples(tokenizer, seq_len, synthetic_count, seed)
-        n_val = max(2, min(8, synthetic_count // 8))
+        n_val = synthetic_validation or max(2, min(8, synthetic_count // 8))
         validation = passkey_examples(tokenizer, seq_len, n_val, seed + 1_000_003)
         return Dataset(train, validation, f"synthetic pass key, {seq_len} tokens, seed {seed}")
     if source == "documents":

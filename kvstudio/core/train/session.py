@@ -156,7 +156,8 @@ class FinetuneSession:
         self._check_inputs()
 
     def _check_inputs(self) -> None:
-        check_writable_folder(self.out_dir / "x", DataError)
+        # The output folder may not exist yet (it is made at the first save); its parent must.
+        check_writable_folder(self.out_dir / "x" if self.out_dir.exists() else self.out_dir, DataError)
         if not self.dataset.train:
             raise DataError("no training examples")
         longest, chunk = self.dataset.longest, self.settings.chunk_size
