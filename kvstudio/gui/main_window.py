@@ -27,6 +27,7 @@ from ..core.recordings import unpack_events
 from ..core.plugins import PluginManager, user_plugin_dir
 from ..core.policies import available_policies
 from .bars import message_bar
+from . import finetune_view
 from .compare import CompareView
 from .panels import DocumentList, ModelPanel
 from .plugins_view import PluginsView
@@ -72,6 +73,7 @@ class MainWindow(QMainWindow):
         self._build_panels()
         self._build_views()
         self._build_menus()
+        self.finetune = finetune_view.install(self)  # its docks exist before the saved layout is restored
         self._restore_settings()
 
         self.timer = QTimer(self, interval=1000 // REFRESH_HZ)
