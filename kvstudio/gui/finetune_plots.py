@@ -57,6 +57,7 @@ class FinetuneCurves(QWidget):
                         "evictions: red · CUDA allocated: green · bands: " + " · ".join(
             f"<span style='background: rgba{colour[:3] + (0.6,)}'>&nbsp;{phase}&nbsp;</span>"
             for phase, colour in PHASE_COLOURS.items()))
+        legend.setWordWrap(True)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(self.summary)

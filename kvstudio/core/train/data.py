@@ -211,7 +211,7 @@ def load_data(source: str, tokenizer, seq_len: int, seed: int = 0, text_field: s
     if source == SYNTHETIC_PASSKEY:
         # Separate seeds for training and validation: the validation keys are never trained on.
         train = passkey_examples(tokenizer, seq_len, synthetic_count, seed)
-        n_val = synthetic_validation or max(2, min(8, synthetic_count // 8))
+        n_val = synthetic_validation or max(1, min(8, synthetic_count // 8))
         validation = passkey_examples(tokenizer, seq_len, n_val, seed + 1_000_003)
         return Dataset(train, validation, f"synthetic pass key, {seq_len} tokens, seed {seed}")
     if source == "documents":

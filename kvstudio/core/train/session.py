@@ -179,27 +179,10 @@ class FinetuneSession:
         interval = 1 / self.settings.memory_sample_hz if self.settings.memory_sample_hz else 0
         try:
             with MemorySampler(interval, self._read_memory):
-                if start_step == 0 or not self.val:
-                    self._validate(start_step)
-                for step in range(start_step, self.settings.steps):
-                    if self.cancel.cancelled:
-                        status = "cancelled"
-                        break
-                    try:
-                        self._train_step(step)
-                    except StepCancelled:
-                        status = "cancelled"
-                        break
-                    done = step + 1
-                    if self.settings.eval_every and done % self.settings.eval_every == 0 and done < self.settings.steps:
-                        self._validate(done)
-                    if self.settings.save_every and done % self.settings.save_every == 0:
-                        self._save(done)
-                if status == "finished":
-                    if not self.val or self.val[-1].step != self.settings.steps:
-                        self._validate(self.settings.steps)
-                    if self.last_checkpoint is None or self.last_checkpoint.step != self.settings.steps:
-                        self._save(self.settings.steps)
+                try:
+                    self._loop(start_step)
+                except StepCancelled:  # from a step or a validation: what was saved stays as it was
+                    status = "cancelled"
         except (torch.OutOfMemoryError, MemoryError) as error:
             raise KVStudioError(f"out of memory in fine-tune step {self.log.step + 1}: lower --seq-len, "
                                 "--chunk-size or the budget, or use --grad-mode truncated; "
@@ -221,6 +204,24 @@ class FinetuneSession:
             adapter=str(self.last_checkpoint.folder) if self.last_checkpoint else None,
             resumed_from_step=start_step, seconds=time.perf_counter() - started,
             peak_bytes_source="cuda_allocator" if self.loaded.device.type == "cuda" else "autograd_saved")
+
+    def _loop(self, start_step: int) -> None:
+        settings = self.settings
+        if start_step == 0 or not self.val:
+            self._validate(start_step)
+        for step in range(start_step, settings.steps):
+            if self.cancel.cancelled:
+                raise StepCancelled()
+            self._train_step(step)
+            done = step + 1
+            if settings.eval_every and done % settings.eval_every == 0 and done < settings.steps:
+                self._validate(done)
+            if settings.save_every and done % settings.save_every == 0:
+                self._save(done)
+        if not self.val or self.val[-1].step != settings.steps:
+            self._validate(settings.steps)
+        if self.last_checkpoint is None or self.last_checkpoint.step != settings.steps:
+            self._save(settings.steps)
 
     def _kept_text(self) -> str:
         if self.last_checkpoint is None:
