@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QObject, Qt, QTimer, Signal, Slot
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QFormLayout,
                                QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea, QSpinBox, QVBoxLayout,
                                QWidget)
@@ -213,8 +213,16 @@ class FinetuneController(QObject):
         self.adapter_row.apply_requested.connect(self.request_adapter)
         self.adapter_row.remove_requested.connect(self.request_base_model)
         window.worker.loaded.connect(lambda _info: self.adapter_row.show_adapter(""))  # a new model: no adapter
+        # The Set-up panel's Stop stops a session too (the window enables it while anything runs).
+        window.stop_button.clicked.connect(lambda: self.running and self.stop())
+        window.installEventFilter(self)  # closing the window stops a session before the thread is joined
         self.running = False
         self.last_outcome: FinetuneOutcome | None = None
+
+    def eventFilter(self, watched, event) -> bool:
+        if event.type() == QEvent.Close and self.running:
+            self.runner.cancel.cancel()  # the window then waits for the model thread: within one step
+        return False
 
     # -- sessions ---------------------------------------------------------------------------------
 
