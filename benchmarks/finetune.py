@@ -29,7 +29,9 @@ from kvstudio.core.engine import Engine  # noqa: E402
 from kvstudio.core.models import load_model  # noqa: E402
 from kvstudio.core.policies import create_policy  # noqa: E402
 from kvstudio.core.train import lora  # noqa: E402
+from kvstudio.commands.finetune import format_step  # noqa: E402
 from kvstudio.core.train.data import load_data, passkey_examples  # noqa: E402
+from kvstudio.core.train.log import TrainingLog  # noqa: E402
 from kvstudio.core.train.session import FinetuneSession, FinetuneSettings  # noqa: E402
 from kvstudio.core.train.through_cache import SavedTensorMeter, example_loss  # noqa: E402
 from kvstudio.core.units import format_bytes  # noqa: E402
@@ -95,8 +97,13 @@ def part_b(args) -> None:
     print(f"(b) {loaded.describe()}; {data.description}; {len(data.train)} training / {len(data.validation)} "
           f"validation examples; policy {policy.describe()}; {args.steps} steps, lr {args.lr}, chunk "
           f"{args.chunk_size}, grad mode through", flush=True)
+    def show(event):  # one line per step and validation, as `kvstudio finetune` prints them
+        line = format_step(event, args.steps)
+        if line and not line.startswith("[kvstudio]"):
+            print("   ", line, flush=True)
+
     with tempfile.TemporaryDirectory() as out:
-        result = FinetuneSession(engine, policy, data, settings, out).run()
+        result = FinetuneSession(engine, policy, data, settings, out, log=TrainingLog(listener=show)).run()
     seconds = sum(s.seconds for s in result.steps)
     print(f"training: {len(result.steps)} steps in {seconds:.0f} s; loss {result.steps[0].loss:.3f} (step 1) -> "
           f"{result.steps[-1].loss:.3f} (step {result.steps[-1].step})")
