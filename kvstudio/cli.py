@@ -3,6 +3,7 @@
   kvstudio [--model SPEC]  the studio window, loading the default model (or SPEC; "none": nothing)
   kvstudio run ...         generate under a policy; text to stdout, then a summary; --json PATH
   kvstudio policies        the policies, their parameters and defaults
+  kvstudio finetune ...    LoRA fine-tuning with the policy's cache in the loop (commands/finetune.py)
   kvstudio demo            a short streamed demo on the default model, in the terminal
   kvstudio eval TASK ...   policies x budgets on a task (needle, ruler, perplexity, kl, qa), resumable
 
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
     run.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     run.add_argument("--quantize", choices=("4bit", "8bit"), help="load weights in 4/8 bit with bitsandbytes (CUDA)")
+    run.add_argument("--adapter", metavar="DIR", help="apply a LoRA adapter saved by `kvstudio finetune` (its --out "
+                                                      "folder or one step-NNNNNN checkpoint)")
     run.add_argument("--policy", default="full", help="cache policy (see `kvstudio policies`)")
     run.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size in tokens (default 512)")
     prompt = run.add_mutually_exclusive_group()
@@ -121,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     policies = commands.add_parser("policies", help="list the policies with their parameters and defaults")
     policies.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load plugins from DIR")
     commands.add_parser("demo", help="a short streamed demo on the default model, in the terminal")
+    from .commands import finetune
+
+    finetune.add_parser(commands)
 
     runs = commands.add_parser("runs", help="the run history: list, show, export")
     runs_commands = runs.add_subparsers(dest="runs_command", parser_class=_Parser, required=True)
@@ -165,6 +171,10 @@ def _dispatch(args, plugins) -> int:
                 return command_run(args)
         if args.command == "policies":
             return command_policies(plugins)
+        if args.command == "finetune":
+            from .commands import finetune
+
+            return finetune.run(args)
         if args.command == "demo":
             return command_demo()
         if args.command == "runs":
@@ -273,8 +283,17 @@ def command_run(args) -> int:
     for path in (args.json, args.memory_snapshot):
         if path:
             check_writable_folder(path)
+    if args.adapter:
+        from .core.train.lora import resolve
+
+        resolve(args.adapter)  # a wrong folder is reported before the model loads
 
     loaded = _load_reporting_oom(args)
+    if args.adapter:
+        from .core.train.lora import load_adapter
+
+        _, checkpoint, _ = load_adapter(loaded, args.adapter)
+        print(f"[kvstudio] adapter {checkpoint}", file=sys.stderr, flush=True)
     print(f"[kvstudio] {loaded.describe()}; policy {policy.describe()}", file=sys.stderr, flush=True)
     engine = Engine(loaded)
     history, run_id = _history_start(args, loaded, policy, prompt, settings)
@@ -368,6 +387,8 @@ def command_runs(args) -> int:
             speed = f"{figures['tokens_per_second']:.1f} tok/s" if "tokens_per_second" in figures else ""
             peak = f"peak {format_bytes(figures['peak_cache_bytes'])}" if "peak_cache_bytes" in figures else ""
             preview = r.prompt_preview[:40].replace("\n", " ")
+            if r.kind != "generate":  # a fine-tune session: its data, and the kind in front
+                preview = f"[{r.kind}] {preview}"
             print(f"{r.id:>5}  {r.created}  {r.shown_status:<11} {r.model:<24} {r.policy:<14} {speed:>13}  "
                   f"{peak:<16} {preview!r}")
         return 0

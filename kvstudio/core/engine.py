@@ -418,9 +418,13 @@ class _Run:
         return logits
 
     def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False,
-                all_logits: bool = False) -> torch.Tensor:
-        """Feed tokens, let the policy evict, record the step; returns the last position's logits
-        (every fed position's, (n, vocab), with `all_logits`: the perplexity evaluation scores them all)."""
+                all_logits: bool = False, keep_logits: torch.Tensor | None = None,
+                grad: bool = False) -> torch.Tensor:
+        """Feed tokens, let the policy evict, record the step; returns the last position's logits.
+
+        `all_logits`: every fed position's, (n, vocab) (the perplexity evaluation scores them all).
+        Fine-tuning (core/train) passes `keep_logits` (indices into the chunk: the logits wanted,
+        (k, vocab) returned) and `grad` (autograd on, so kept keys and values stay in the graph)."""
         device = self.engine.loaded.device
         n = len(token_ids)
         positions = torch.arange(self.seen, self.seen + n, device=device)
@@ -435,16 +439,16 @@ class _Run:
         self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk,
                                           self.recorder.watch_layers, self.token_ids))
         started = time.perf_counter()
-        with torch.inference_mode():
+        with torch.enable_grad() if grad else torch.inference_mode():
             output = self.engine.model(
                 input_ids=new_ids.unsqueeze(0),
                 position_ids=rope_positions.unsqueeze(0),
                 past_key_values=self.cache,
                 use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
+                logits_to_keep=0 if all_logits else (1 if keep_logits is None else keep_logits),
                 kvstudio_cache=self.cache,
             )
-        logits = output.logits[0] if all_logits else output.logits[0, -1]
+        logits = output.logits[0, -1] if keep_logits is None and not all_logits else output.logits[0]
         report = self.cache.end_step()
         seconds = time.perf_counter() - started
         self.seen += n

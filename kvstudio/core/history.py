@@ -18,11 +18,11 @@ from pathlib import Path
 
 from .errors import KVStudioError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PREVIEW_CHARS = 200
 LOCK_TIMEOUT_S = 2.0
 LIST_COLUMNS = ("id, created, model, policy, parameters, prompt_sha256, prompt_preview, output, status, figures, "
-                "settings, error")
+                "settings, error, kind")
 
 # MIGRATIONS[n] takes a database at version n - 1 to version n.
 MIGRATIONS: dict[int, list[str]] = {
@@ -53,6 +53,9 @@ MIGRATIONS: dict[int, list[str]] = {
                data BLOB NOT NULL
            )""",
     ],
+    4: [  # what a row is: a generation run, or a fine-tune session (core/train/records.py)
+        "ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'generate'",
+    ],
 }
 
 
@@ -76,6 +79,7 @@ class RunRecord:
     settings: dict = field(default_factory=dict)
     error: str | None = None
     memory: list = field(default_factory=list)  # every memory reading of the run
+    kind: str = "generate"  # generate | finetune
 
     @property
     def shown_status(self) -> str:
@@ -147,17 +151,26 @@ class RunHistory:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def start(self, model: str, policy: str, parameters: dict, prompt: str, settings: dict | None = None) -> int:
+    def start(self, model: str, policy: str, parameters: dict, prompt: str, settings: dict | None = None,
+              kind: str = "generate") -> int:
         """Record a run as it starts; returns its id."""
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
         with self._writing():
             cursor = self.connection.execute(
                 "INSERT INTO runs (created, model, policy, parameters, prompt_sha256, prompt_preview, status, "
-                "settings) VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
+                "settings, kind) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
                 (created, model, policy, json.dumps(parameters), digest, prompt[:PREVIEW_CHARS],
-                 json.dumps(settings or {})))
+                 json.dumps(settings or {}), kind))
         return cursor.lastrowid
+
+    def finish_figures(self, run_id: int, status: str, output: str, figures: dict, steps: list, memory: list,
+                       error: str | None = None) -> None:
+        """Complete a row that is not a generation run (a fine-tune session) from plain data."""
+        with self._writing():
+            self.connection.execute(
+                "UPDATE runs SET status = ?, output = ?, figures = ?, steps = ?, memory = ?, error = ? WHERE id = ?",
+                (status, output, json.dumps(figures), json.dumps(steps), json.dumps(memory), error, run_id))
 
     def finish(self, run_id: int, result=None, status: str | None = None, error: str | None = None,
                events: bytes | None = None, partial: tuple[str, dict] | None = None) -> None:
@@ -231,7 +244,7 @@ class RunHistory:
             prompt_preview=row["prompt_preview"], status=row["status"], output=row["output"],
             figures=json.loads(row["figures"]), steps=json.loads(row["steps"]) if with_steps else [],
             settings=json.loads(row["settings"]), error=row["error"],
-            memory=json.loads(row["memory"]) if with_steps else [],
+            memory=json.loads(row["memory"]) if with_steps else [], kind=row["kind"],
         )
 
 

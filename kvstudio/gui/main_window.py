@@ -28,6 +28,7 @@ from ..core.plugins import PluginManager, user_plugin_dir
 from ..core.policies import available_policies
 from .bars import message_bar
 from . import caches_view
+from . import finetune_view
 from .compare import CompareView
 from .evaluate_view import install as install_evaluate_view
 from .panels import DocumentList, ModelPanel
@@ -76,6 +77,7 @@ class MainWindow(QMainWindow):
         self._build_menus()
         caches_view.install(self)
         install_evaluate_view(self)  # its dock and menu, before the saved layout is restored
+        self.finetune = finetune_view.install(self)  # its docks exist before the saved layout is restored
         self._restore_settings()
 
         self.timer = QTimer(self, interval=1000 // REFRESH_HZ)
