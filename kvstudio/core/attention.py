@@ -61,6 +61,8 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
     if kvstudio_cache is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
+    # The host tier (kvstudio.core.storage.host) puts recalled entries in front, for this step only.
+    key, value, recalled = kvstudio_cache.recall(module.layer_idx, query, key, value)
     q_len, k_len = query.shape[2], key.shape[2]
     # The mask transformers built is sized for layer 0; layers with other budgets hold a different
     # number of entries, so each layer's mask is made from its own shapes.
@@ -73,7 +75,7 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
     policy_rows = watched_row = None
     if n_rows:
         with torch.no_grad():
-            rows = attention_rows(query, key, scaling, n_rows)
+            rows = attention_rows(query, key, scaling, n_rows)[..., recalled:]  # the policy scores what it holds
         policy_rows = rows[:, n_rows - policy_queries:] if policy_queries else None
         watched_row = rows[:, -1] if watched else None
     kvstudio_cache.after_attention(layer_idx, policy_rows, watched_row)
