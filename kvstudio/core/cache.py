@@ -104,6 +104,8 @@ class PolicyLayer(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.cache.codec is not None:
+            self.cache.codec.check(key_states.device)  # bnb codecs: CUDA only, said before any work
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
@@ -250,6 +252,7 @@ class PolicyCache(Cache):
         self.peak_bytes = 0
         self.host_bytes = 0
         self.peak_host_bytes = 0
+        self.recalled_total = 0  # host entries brought back, over steps, layers and KV heads
         self.peak_kept_per_layer = [0] * n_layers
         self._report: StepReport | None = None
         super().__init__(layers=[PolicyLayer(self, i) for i in range(n_layers)])
@@ -306,6 +309,7 @@ class PolicyCache(Cache):
 
     def record_recall(self, layer_idx: int, positions: torch.Tensor) -> None:
         self._report.recalled.append(Eviction(layer_idx, positions.detach().cpu()))
+        self.recalled_total += positions.numel()
 
     def recall(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         """(key, value, n) with n recalled host entries in front; (key, value, 0) without a host tier."""

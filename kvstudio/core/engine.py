@@ -27,6 +27,7 @@ from .memory import MemorySampler, read_system_memory, reset_peak
 from .models import LoadedModel
 from .policies.base import Policy
 from .rotary import Rerotator
+from .storage.summary import summarize
 
 
 MAX_TIMER_READINGS = 10_000  # per run, kept in its result and history (20 Hz: the first 8 minutes in full)
@@ -114,6 +115,7 @@ class GenerationResult:
     steps: list[StepRecord] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)  # every memory reading, timer ones included
     started_unix: float = 0.0  # when the run started (seconds since 1970): places it among other records
+    storage: dict = field(default_factory=dict)  # codec, tier, host bytes, errors (kvstudio.core.storage.summary)
     cache: PolicyCache | None = field(default=None, repr=False)
 
     @property
@@ -296,7 +298,7 @@ class Engine:
             model=self.loaded.name, stop_reason=stop_reason, prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds, peak_cache_bytes=run.cache.peak_bytes,
             kept_per_layer=run.cache.kept_per_layer(), peak_kept_per_layer=list(run.cache.peak_kept_per_layer),
-            evictions=sum(r.evicted for r in run.records), steps=run.records,
+            evictions=sum(r.evicted for r in run.records), steps=run.records, storage=summarize(run.cache),
         )
 
 
