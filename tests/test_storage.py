@@ -296,3 +296,24 @@ def test_bnb_codecs_round_trip_and_run_on_cuda(codec):
     with pytest.raises(CodecError, match="must divide the head dimension"):
         engine.generate(random_ids(200), attach(create_policy("h2o", budget=64), StorageConfig(codec=codec)),
                         GenerationSettings(max_new_tokens=2))
+
+
+def test_a_plugin_file_adds_a_codec(tmp_path):
+    from kvstudio.core.plugins import PluginManager
+    from kvstudio.core.storage import available_codecs
+
+    (tmp_path / "int3_codec.py").write_text(
+        "from kvstudio.core.storage.integer import IntegerCodec\n"
+        "class Int3(IntegerCodec):\n    name = 'int3'\n    bits = 3\n")
+    manager = PluginManager([tmp_path], entry_points_enabled=False)
+    manager.load()
+    try:
+        assert "int3" in available_codecs() and "int6" in available_codecs()  # plugins/ ships int6
+        assert any(record.codecs == ["int3"] and record.error is None for record in manager.records)
+        engine = engine_for("tiny-llama")
+        policy = attach(create_policy("h2o", budget=8), StorageConfig(codec="int3", group_size=4))
+        result = engine.generate(random_ids(30), policy, GenerationSettings(max_new_tokens=2))
+        assert result.policy.startswith("h2o-int3(") and len(result.token_ids) == 2
+    finally:
+        manager.unload()
+    assert "int3" not in available_codecs()
