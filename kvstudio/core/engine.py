@@ -21,8 +21,8 @@ import torch
 from . import attention
 from .cache import PolicyCache, StepContext, StepReport
 from .errors import KVStudioError, PromptError
-from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, Recorder, RunStartedEvent,
-                     StepEvent, TokenEvent)
+from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, RecallEvent, Recorder,
+                     RunStartedEvent, StepEvent, TokenEvent)
 from .memory import MemorySampler, read_system_memory, reset_peak
 from .models import LoadedModel
 from .policies.base import Policy
@@ -244,7 +244,7 @@ class Engine:
         recorder.record(RunStartedEvent(
             self.loaded.name, policy.describe(), self.loaded.n_layers, self.loaded.n_kv_heads, tuple(cache.budgets),
             tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
-            self.loaded.n_heads,
+            self.loaded.n_heads, cache.storage.tier,
         ))
 
         interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0
@@ -382,6 +382,8 @@ class _Run:
                 self.recorder.record(EvictionEvent(step, eviction.layer, head, positions))
         for rows in report.attention:
             self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))
+        for recall in report.recalled:
+            self.recorder.record(RecallEvent(step, recall.layer, recall.positions.numpy()))
 
     def record_memory(self, source: str, step: int | None = None, next_phase: str | None = None) -> MemoryEvent:
         """Read memory now and record it. Runs on the engine's thread ("step") or the sampler's
@@ -394,7 +396,7 @@ class _Run:
             clock = time.perf_counter()
             step = len(self.records) if step is None else step
             event = MemoryEvent(step, clock - self.started, clock, self.phase, source, sum(per_layer), per_layer,
-                                **vars(system))
+                                **vars(system), host_cache_bytes=self.cache.host_bytes)
             self.recorder.record(event)
             self.memory_readings.append(event)
             if source == "timer":

@@ -20,7 +20,7 @@ from ..core.engine import CancelToken, Engine, GenerationSettings
 from ..core.errors import KVStudioError
 from ..core.events import Recorder
 from ..core.models import load_model
-from ..core.policies import policy_class
+from ..core.storage import build_policy
 from ..core.recordings import pack_events
 from ..core.snapshots import MemorySnapshotRecording, SnapshotError
 
@@ -115,7 +115,7 @@ class StudioWorker(QObject):
             if self.engine is None:
                 raise KVStudioError("no model loaded: load one first")
             self.model_thread_ids.add(threading.get_ident())
-            policy = policy_class(request.policy)(**request.parameters)
+            policy = build_policy(request.policy, request.parameters)  # 'h2o-int4' and parameters["storage"] too
             recording = (MemorySnapshotRecording(self.engine.loaded.device) if request.snapshot_path
                          else contextlib.nullcontext())
             try:

@@ -92,3 +92,20 @@ def cache_name(policy) -> str:
 
 __all__ = ["Codec", "CodecError", "StorageConfig", "attach", "available_codecs", "cache_name", "codec_class",
            "create_codec", "register_codec", "split_cache_name", "storage_of", "unregister_codec"]
+
+
+STORAGE_KEY = "storage"  # in a policy's parameter dict (the studio's run requests): the StorageConfig fields
+
+
+def build_policy(name: str, parameters: dict):
+    """A policy from a cache name ('h2o' or 'h2o-int4') and its parameters; parameters["storage"]
+    (a dict of StorageConfig fields) sets the storage, and a codec in the name overrides its codec."""
+    from ..policies import create_policy
+
+    base, codec = split_cache_name(name)
+    parameters = dict(parameters)
+    fields = dict(parameters.pop(STORAGE_KEY, None) or {})
+    if codec is not None:
+        fields["codec"] = codec
+    policy = create_policy(base, **parameters)
+    return attach(policy, StorageConfig(**fields)) if fields else policy
