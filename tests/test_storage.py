@@ -317,3 +317,27 @@ def test_a_plugin_file_adds_a_codec(tmp_path):
     finally:
         manager.unload()
     assert "int3" not in available_codecs()
+
+
+def test_cli_runs_the_shorthand_and_reports_storage(capsys, tmp_path):
+    import json
+
+    from kvstudio.cli import main
+
+    path = tmp_path / "run.json"
+    code = main(["run", "--model", "tiny-llama", "--policy", "h2o-int4", "--budget", "16", "--group-size", "8",
+                 "--prompt", "x" * 60, "--max-new-tokens", "4", "--measure-error", "--no-history",
+                 "--json", str(path), "--memory-sample-hz", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "policy h2o-int4(budget=16, recent=8)" in out and "storage int4, group 8, residual 0" in out
+    assert "codec error: keys" in out and "KL to fp" in out
+    storage = json.loads(path.read_text())["storage"]
+    assert storage["codec"] == "int4" and storage["kl_positions"] == 4 and storage["kl_to_fp"] >= 0
+    for argv, message in [(["--policy", "h2o-int4", "--codec", "int8"], "names codec int4, but --codec says int8"),
+                          (["--policy", "h2o", "--recall", "2"], "--recall N needs --tier host"),
+                          (["--policy", "h2o-bnb-int8"], "CUDA")]:
+        code = main(["run", "--model", "tiny-llama", "--budget", "8", "--prompt", "hi", "--no-history", *argv])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("kvstudio: error: ")]
+        assert code == 2 and len(errors) == 1 and message in errors[0], err
