@@ -222,6 +222,14 @@ def test_quantized_storage_refuses_rerotation_and_gradients():
     policy = attach(create_policy("streaming_llm", budget=8, rerotate=True), StorageConfig(codec="int4"))
     with pytest.raises(Exception, match="--rerotate .* --codec fp only"):
         engine.generate(random_ids(20), policy, GenerationSettings(max_new_tokens=1))
+    hosted = attach(create_policy("streaming_llm", budget=8, rerotate=True), StorageConfig(tier="host", recall=1))
+    with pytest.raises(Exception, match="--rerotate .* without --rerotate"):
+        engine.generate(random_ids(20), hosted, GenerationSettings(max_new_tokens=1))
+    store = QuantizedStore(Int8Codec(group_size=4), 4, residual=0, capacity_hint=None)
+    keys = torch.randn(1, 4, 8, requires_grad=True)
+    positions = torch.arange(4)[None]
+    with pytest.raises(CodecError, match="fine-tuning through the cache needs --codec fp"):
+        store.append(keys, keys, positions, positions)
 
 
 # --- host tier ------------------------------------------------------------------------------------

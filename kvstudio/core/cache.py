@@ -247,6 +247,9 @@ class PolicyCache(Cache):
         if policy.config.rerotate and self.codec is not None:
             raise PolicyError(f"--rerotate re-rotates stored keys and works with --codec fp only, "
                               f"not {self.storage.codec}")
+        if policy.config.rerotate and self.storage.tier == "host":
+            raise PolicyError("--rerotate moves kept keys to new positions, and host entries would come back at "
+                              "their old ones: use --tier host without --rerotate")
         self.context: StepContext | None = None
         self.current_bytes = 0
         self.peak_bytes = 0

@@ -67,19 +67,17 @@ class HostTier:
         start, m = self.entries.count, keys.shape[1]
         self._update_summaries(keys.detach(), start)
         new = {"keys": keys.detach(), "values": values.detach(), "positions": positions.detach()}
-        if self.on_cuda:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                host = {name: self._to_host(tensor) for name, tensor in new.items()}
-        else:
-            host = new
-        self.entries.append(host, m)
-
-    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        pinned.copy_(tensor, non_blocking=True)
-        tensor.record_stream(self.stream)
-        return pinned
+        if not self.on_cuda:
+            self.entries.append(new, m)
+            return
+        # Earlier copies must land before the buffers may move (growth copies them on the CPU).
+        self.stream.synchronize()
+        self.entries.append({name: torch.empty(t.shape, dtype=t.dtype) for name, t in new.items()}, m)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):  # device -> pinned host rows, overlapping the next layers' compute
+            for name, tensor in new.items():
+                self.entries.view(name)[:, start:start + m].copy_(tensor, non_blocking=True)
+                tensor.record_stream(self.stream)
 
     def _update_summaries(self, keys: torch.Tensor, start: int) -> None:
         kv_heads, m, head_dim = keys.shape
