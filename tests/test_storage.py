@@ -349,3 +349,17 @@ def test_cli_runs_the_shorthand_and_reports_storage(capsys, tmp_path):
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("kvstudio: error: ")]
         assert code == 2 and len(errors) == 1 and message in errors[0], err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream and pinned host memory are CUDA's")
+def test_host_tier_on_cuda_recalls_through_pinned_memory():
+    from kvstudio.core.engine import Engine
+    from kvstudio.core.models import load_model
+
+    engine = Engine(load_model("tiny-llama", device="cuda"))
+    ids = random_ids(50, seed=10)
+    full, _ = _logits_along(engine, create_policy("full"), ids, 40, 8)
+    recall_all, cache = _logits_along(engine, _host(recall=1000), ids, 40, 8)
+    assert torch.allclose(recall_all, full, atol=1e-3)
+    host = cache.layers[0].host
+    assert host.entries.view("keys").is_pinned() and host.count == 40
