@@ -1,14 +1,16 @@
 """Cache storage side by side: codecs fp/int8/int4 under h2o (fixed budget) and full, the
 transformers QuantizedCache peer, and preallocated buffers against torch.cat storage.
 
-For each policy and codec: peak cache bytes ratio to fp (targets at group size 64, residual 0, of
-fp32 storage: int8 <= 0.30, int4 <= 0.17), decode ms/token ratio to fp (medians over the decode
-steps), and KL(fp || codec) of the next-token distribution, teacher-forced along the fp run's
-tokens on a ~2k-token prose prompt (Python's own documentation, pydoc_data.topics). The peer is
+For each policy and codec, one run teacher-forced along real prose (Python's own documentation,
+pydoc_data.topics): a ~2k-token prompt prefilled in chunks of 512, then --new-tokens decode steps
+fed the text's own next tokens, so every codec sees the same tokens. Reported: peak cache bytes
+ratio to fp (targets at group size 64, residual 0, of fp32 storage: int8 <= 0.30, int4 <= 0.17),
+decode ms/token ratio to fp (medians over the decode steps), and KL(fp || codec) of the next-token
+distribution at the prompt's end and every decode step. The peer is
 transformers' QuantizedCache (quanto backend, 4 bits, q_group_size 64, its default residual 128)
 under full on the same tokens: bytes (packed data, scales, shifts and its residual) and KL. Then
 the decode ms/token of `full` in preallocated buffers against the same run with torch.cat storage
-(the storage before this change), after a short and a long prompt. Ends with
+(the storage before this change), after a short and a long prompt (generated, --new-tokens). Ends with
 bytes_ratio_int8_vs_fp=, bytes_ratio_int4_vs_fp=, kl_int4_vs_fp= (under h2o).
 
 usage: python benchmarks/storage.py [--model SPEC] [--budget 256] [--prompt-tokens 2000]
@@ -33,7 +35,7 @@ from kvstudio.core.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.models import load_model  # noqa: E402
 from kvstudio.core.policies import create_policy  # noqa: E402
 from kvstudio.core.storage import StorageConfig, attach  # noqa: E402
-from kvstudio.core.storage.errors import next_token_logprobs  # noqa: E402
+from kvstudio.core.storage.errors import teacher_forced  # noqa: E402
 
 CODECS = ("fp", "int8", "int4")
 
@@ -46,8 +48,8 @@ def prose_ids(engine, n_tokens: int) -> list[int]:
     return engine.encode(text)[:n_tokens]
 
 
-def median_decode_ms(result) -> float:
-    return statistics.median(step.seconds * 1000 for step in result.steps if step.phase == "decode")
+def median_decode_ms(steps) -> float:
+    return statistics.median(step.seconds * 1000 for step in steps if step.phase == "decode")
 
 
 def kl(reference: torch.Tensor, measured: torch.Tensor) -> float:
@@ -120,27 +122,23 @@ def main() -> int:
     loaded = engine.loaded
     print(f"model {loaded.describe()}; prompt {args.prompt_tokens} tokens of prose, {args.new_tokens} new tokens, "
           f"h2o budget {args.budget}, group size {args.group_size}, residual 0")
-    ids = prose_ids(engine, args.prompt_tokens)
-    settings = GenerationSettings(max_new_tokens=args.new_tokens, chunk_size=512, ignore_eos=True,
-                                  memory_sample_hz=0)
+    ids = prose_ids(engine, args.prompt_tokens + args.new_tokens - 1)
     policies = {"h2o": {"budget": args.budget}, "full": {}}
     figures: dict[tuple[str, str], dict] = {}
     for name, params in policies.items():
-        fp_tokens, reference = None, None
+        reference = None
         for codec in CODECS:
             policy = attach(create_policy(name, **params), StorageConfig(codec=codec, group_size=args.group_size))
             started = time.perf_counter()
-            result = engine.generate(ids, policy, settings)
-            if codec == "fp":
-                fp_tokens = ids + result.token_ids[:-1]  # every codec is measured along the fp run's tokens
-                reference = next_token_logprobs(engine, fp_tokens, len(ids), policy, 512)
-                divergence = 0.0
-            else:
-                divergence = kl(reference, next_token_logprobs(engine, fp_tokens, len(ids), policy, 512))
-            figures[(name, codec)] = {"bytes": result.peak_cache_bytes, "ms": median_decode_ms(result), "kl": divergence}
-            print(f"  ran {name}-{codec} in {time.perf_counter() - started:.1f} s", flush=True)
+            logprobs, run = teacher_forced(engine, ids, args.prompt_tokens, policy, 512)
+            reference = logprobs if codec == "fp" else reference
+            figures[(name, codec)] = {"bytes": run.cache.peak_bytes, "ms": median_decode_ms(run.records),
+                                      "kl": kl(reference, logprobs)}
+            row = figures[(name, codec)]
+            print(f"  ran {name}-{codec} in {time.perf_counter() - started:.1f} s: peak {row['bytes']:,} bytes, "
+                  f"{row['ms']:.2f} decode ms/token, KL to fp {row['kl']:.5f}", flush=True)
         if name == "full":
-            peer = peer_quantized_cache(engine, fp_tokens, len(ids), reference)
+            peer = peer_quantized_cache(engine, ids, args.prompt_tokens, reference)
 
     print(f"\n{'cache':<12} {'peak bytes':>12} {'ratio':>7} {'decode ms/tok':>14} {'ratio':>7} {'KL to fp':>10}")
     for (name, codec), row in figures.items():
@@ -159,9 +157,9 @@ def main() -> int:
         prompt = prose_ids(engine, length)
         if len(prompt) < length:
             prompt = (prompt * (length // len(prompt) + 1))[:length]
-        preallocated = median_decode_ms(engine.generate(prompt, create_policy("full"), timing_settings))
+        preallocated = median_decode_ms(engine.generate(prompt, create_policy("full"), timing_settings).steps)
         concatenated = median_decode_ms(cat_storage(Engine(loaded)).generate(prompt, create_policy("full"),
-                                                                             timing_settings))
+                                                                             timing_settings).steps)
         print(f"  prompt {length:>5}: preallocated {preallocated:7.2f} ms, torch.cat {concatenated:7.2f} ms, "
               f"ratio {preallocated / concatenated:.3f}")
         print(f"decode_ms_ratio_prealloc_vs_cat_{length}={preallocated / concatenated:.3f}")

@@ -16,8 +16,9 @@ import torch
 from .base import StorageConfig
 
 
-def next_token_logprobs(engine, ids: list[int], prompt_tokens: int, policy, chunk_size: int) -> torch.Tensor:
-    """(positions, vocab) float32 log-probabilities, teacher-forced along `ids`."""
+def teacher_forced(engine, ids: list[int], prompt_tokens: int, policy, chunk_size: int):
+    """Feed `ids` (prefill of the first prompt_tokens, then one decode step each); returns the
+    (positions, vocab) float32 log-probabilities and the run (its step records and cache)."""
     from ..engine import _Run
     from ..events import Recorder
 
@@ -25,7 +26,12 @@ def next_token_logprobs(engine, ids: list[int], prompt_tokens: int, policy, chun
     rows = [run.prefill(ids[:prompt_tokens], chunk_size)]
     for token in ids[prompt_tokens:]:
         rows.append(run.forward([token], "decode"))
-    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1), run
+
+
+def next_token_logprobs(engine, ids: list[int], prompt_tokens: int, policy, chunk_size: int) -> torch.Tensor:
+    """(positions, vocab) float32 log-probabilities, teacher-forced along `ids`."""
+    return teacher_forced(engine, ids, prompt_tokens, policy, chunk_size)[0]
 
 
 def kl_to_fp(engine, ids: list[int], prompt_tokens: int, policy, chunk_size: int) -> tuple[float, int]:
