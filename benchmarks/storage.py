@@ -14,7 +14,7 @@ the decode ms/token of `full` in preallocated buffers against the same run with 
 bytes_ratio_int8_vs_fp=, bytes_ratio_int4_vs_fp=, kl_int4_vs_fp= (under h2o).
 
 usage: python benchmarks/storage.py [--model SPEC] [--budget 256] [--prompt-tokens 2000]
-                                    [--new-tokens 32] [--short 1000] [--long 8000]
+                                    [--new-tokens 32] [--short 1000] [--long 8000] [--codecs fp,int8,int4]
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--short", type=int, default=1000)
     parser.add_argument("--long", type=int, default=8000)
+    parser.add_argument("--codecs", default=",".join(CODECS),
+                        help="comma-separated, fp first (on CUDA: fp,int8,int4,bnb-int8,bnb-int4)")
     args = parser.parse_args()
 
     engine = Engine(load_model(args.model))
@@ -127,7 +129,7 @@ def main() -> int:
     figures: dict[tuple[str, str], dict] = {}
     for name, params in policies.items():
         reference = None
-        for codec in CODECS:
+        for codec in args.codecs.split(","):
             policy = attach(create_policy(name, **params), StorageConfig(codec=codec, group_size=args.group_size))
             started = time.perf_counter()
             logprobs, run = teacher_forced(engine, ids, args.prompt_tokens, policy, 512)
