@@ -27,6 +27,7 @@ from .core.errors import KVStudioError  # noqa: E402
 from .core.interruptions import (EXIT_BROKEN_PIPE, EXIT_TERMINATED, Terminated, TextOutput,  # noqa: E402
                                  silence_stdout, sigterm_raises)
 from .core.units import format_bytes  # noqa: E402
+from .cli_storage import add_storage_options, format_storage, measure_error, storage_from_args  # noqa: E402
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load policy plugins "
                      "from DIR (repeatable; plugins/, the user plugin folder and KVSTUDIO_PLUGIN_PATH always are)")
     _policy_options(run)
+    add_storage_options(run)
 
     policies = commands.add_parser("policies", help="list the policies with their parameters and defaults")
     policies.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load plugins from DIR")
@@ -272,7 +274,9 @@ def command_run(args) -> int:
     from .core.snapshots import MemorySnapshotRecording
 
     # Check everything the user typed before spending seconds on loading a model.
+    storage = storage_from_args(args)  # also reads the `--policy h2o-int4` shorthand
     policy = _policy_from_args(args)
+    policy.storage = storage
     prompt = _prompt_from_args(args)
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -316,6 +320,8 @@ def command_run(args) -> int:
     finish_prompt_cache(prompt_cache)
     if args.memory_snapshot:
         _write_snapshot(recording, args.memory_snapshot, result)
+    if storage.measure_error:
+        measure_error(engine, result, policy, settings, prompt)
     if history is not None:
         _history_call(history.finish, run_id, result, events=pack_events(recorder),
                       error=OUTPUT_CLOSED if output.closed else None)
@@ -323,6 +329,8 @@ def command_run(args) -> int:
     print(format_summary(result))
     if prompt_cache is not None:
         print(f"prompt cache: {prompt_cache.status}")
+    if format_storage(result):
+        print(format_storage(result))
     if history is not None:
         print(f"[kvstudio] stored as run {run_id} (kvstudio runs show {run_id})", file=sys.stderr)
     if args.json:

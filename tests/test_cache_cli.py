@@ -98,3 +98,13 @@ def test_cache_save_load_show_and_rm(capsys, tmp_path):
     assert not path.exists() and other.exists()
     code, _, err = cli(capsys, "cache", "load", str(path))
     assert code == 2 and err.count("\n") == 1 and "cannot read" in err
+
+
+def test_a_quantized_cache_is_not_saved_and_the_run_goes_on(capsys, tmp_path):
+    """Saved caches hold fp storage only: under int4 the prompt cache is off, said once, run unharmed."""
+    folder = tmp_path / "prompts"
+    data, _, err = _run(capsys, tmp_path, DOCUMENT, "int4", "--prompt-cache", str(folder), "--codec", "int4",
+                        "--group-size", "16")
+    assert "--prompt-cache is off for this run: caches stored with codec 'int4' cannot be saved yet" in err
+    assert len(data["token_ids"]) == 5
+    assert not folder.exists() or not any(folder.iterdir())

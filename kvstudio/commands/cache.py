@@ -223,7 +223,14 @@ def open_prompt_cache(folder: str, engine, policy, settings, prompt: str):
     """A prepared PromptCacheSession for a run (warnings printed), or None without --prompt-cache."""
     if not folder:
         return None
+    from ..core.storage import storage_of
+    from ..core.store.layer_tensors import unsaveable_reason
     from ..core.store.prompt_cache import PromptCache, PromptCacheSession
+
+    reason = unsaveable_reason(storage_of(policy))
+    if reason is not None:
+        print(f"kvstudio: warning: --prompt-cache is off for this run: {reason}", file=sys.stderr)
+        return None
 
     ids = engine.encode(prompt, settings.chat_template)
     session = PromptCacheSession(PromptCache(Path(folder)), engine, policy, settings, ids, prompt)

@@ -155,6 +155,8 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
     if kvstudio_cache is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
+    # The host tier (kvstudio.core.storage.host) puts recalled entries in front, for this step only.
+    key, value, recalled = kvstudio_cache.recall(module.layer_idx, query, key, value)
     q_len, k_len = query.shape[2], key.shape[2]
     layer_idx = module.layer_idx
     policy_queries, watched = kvstudio_cache.attention_queries_for(layer_idx, q_len)
@@ -179,6 +181,12 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
     if policy_queries:
         kvstudio_cache.note_scoring_scratch(scoring_scratch_bytes(query.shape[1], k_len, policy_queries, form,
                                                                   kvstudio_cache.scoring_scratch_bytes))
+    # Recalled host entries sit in front of the keys for this step only: the policy scores, and the
+    # viewer shows, the entries the layer holds.
+    if recalled:
+        rows = rows[..., recalled:] if rows is not None else None
+        sums = sums[..., recalled:] if sums is not None else None
+        watched_row = watched_row[..., recalled:] if watched_row is not None else None
     kvstudio_cache.after_attention(layer_idx, rows, sums, watched_row)
     return output, None
 

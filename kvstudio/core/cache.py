@@ -29,6 +29,9 @@ from .errors import PolicyError
 from .plugin_guard import call_policy, checked_count, returned_wrong_type
 from .policies.base import LayerState, LayerView, Phase, Policy
 from .rotary import Rerotator
+from .storage import create_codec, storage_of
+from .storage.host import HostTier, splice
+from .storage.stores import make_store
 
 
 @dataclass
@@ -64,54 +67,78 @@ class StepReport:
     attention: list[AttentionRows] = field(default_factory=list)
     cache_bytes: int = 0
 
+    recalled: list[Eviction] = field(default_factory=list)  # host-tier entries attention saw this step
+    host_bytes: int = 0
+
     @property
     def evicted_count(self) -> int:
         return sum(e.positions.numel() for e in self.evictions)
 
 
+def _unused_setter(self, value):
+    # transformers' base classes assign None at construction; the store holds the real tensors.
+    if value is not None:
+        raise AttributeError("a PolicyLayer's keys and values live in its store (kvstudio.core.storage)")
+
+
 class PolicyLayer(DynamicLayer):
-    """One layer's storage. The policy decides what stays; this class does the bookkeeping."""
+    """One layer's storage. The policy decides what stays; this class does the bookkeeping, and the
+    layer's store (kvstudio.core.storage) holds the entries: preallocated, through the run's codec."""
+
+    # What attention sees: (1, kv_heads, n, head_dim), decoded when a codec holds them.
+    keys = property(lambda self: self.store.keys() if self.is_initialized else None, _unused_setter)
+    values = property(lambda self: self.store.values() if self.is_initialized else None, _unused_setter)
+    # Token positions (kv_heads, n), and where each key's rotation stands (differs under rerotate).
+    positions = property(lambda self: self.store.positions() if self.is_initialized else None)
+    rope_positions = property(lambda self: self.store.rope_positions() if self.is_initialized else None)
 
     def __init__(self, cache: PolicyCache, layer_idx: int):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        self.positions: torch.Tensor | None = None  # token positions, (kv_heads, n)
-        self.rope_positions: torch.Tensor | None = None  # where each key's rotation stands, (kv_heads, n)
+        storage = cache.storage
+        self.store = make_store(cache.codec, storage.group_size, storage.residual, cache.budgets[layer_idx],
+                                storage.measure_error)
+        self.host: HostTier | None = None  # the host tier, made at the first eviction when it is on
         self.state: LayerState = _new_layer_state(cache.policy, layer_idx)
         self.n_new = 0
         self.attended_this_step = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        if self.cache.codec is not None:
+            self.cache.codec.check(key_states.device)  # bnb codecs: CUDA only, said before any work
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.store.entry_count()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if key_states.shape[0] != 1:
             raise ValueError("PolicyCache holds one sequence (batch size 1)")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-            self.positions = torch.empty(key_states.shape[1], 0, dtype=torch.long, device=key_states.device)
-            self.rope_positions = self.positions
         context = self.cache.context
         kv_heads, n_new = key_states.shape[1], key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, context.positions.unsqueeze(0).expand(kv_heads, n_new)], dim=-1)
-        if self.cache.policy.config.rerotate:
-            new_rope = context.rope_positions.unsqueeze(0).expand(kv_heads, n_new)
-            self.rope_positions = torch.cat([self.rope_positions, new_rope], dim=-1)
-        else:
-            self.rope_positions = self.positions
+        positions = context.positions.unsqueeze(0).expand(kv_heads, n_new)
+        rope = context.rope_positions.unsqueeze(0).expand(kv_heads, n_new) if self.cache.policy.config.rerotate \
+            else positions
+        before = self.store.byte_count()
+        keys, values = self.store.append(key_states[0], value_states[0], positions, rope)
         self.n_new = n_new
-        self.cache.note_bytes(key_states.nbytes + value_states.nbytes)
+        self.cache.note_bytes(self.store.byte_count() - before)
         self.cache.peak_kept_per_layer[self.layer_idx] = max(self.cache.peak_kept_per_layer[self.layer_idx],
-                                                             self.keys.shape[-2])
-        return self.keys, self.values
+                                                             keys.shape[-2])
+        return keys, values
 
     def entry_count(self) -> int:
         return self.get_seq_length()
 
     def byte_count(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.keys.nbytes + self.values.nbytes
+        return self.store.byte_count()
+
+    def host_byte_count(self) -> int:
+        return 0 if self.host is None else self.host.byte_count()
 
     def apply_policy(self, attention: torch.Tensor | None, attention_sums: torch.Tensor | None = None) -> None:
         cache, context = self.cache, self.cache.context
@@ -129,11 +156,13 @@ class PolicyLayer(DynamicLayer):
             if limit is not None and view.n_entries > limit:
                 raise PolicyError(f"policy {_label(policy)} kept all {view.n_entries} entries of layer "
                                   f"{self.layer_idx}, above its budget of {limit}")
+            self.store.release_step()
             return
         self._check_selection(keep, view, limit)
         if keep.shape[1] == view.n_entries:
+            self.store.release_step()
             return
-        self._evict(keep.to(self.keys.device, torch.long))  # int32 indices are accepted; scatter wants long
+        self._evict(keep.to(view.keys.device, torch.long), view)  # int32 indices are accepted; scatter wants long
 
     def _check_selection(self, keep: torch.Tensor, view: LayerView, limit: int | None) -> None:
         name, layer = _label(self.cache.policy), self.layer_idx
@@ -160,7 +189,7 @@ class PolicyLayer(DynamicLayer):
         if unordered:
             raise PolicyError(f"policy {name} returned indices that are not strictly increasing in layer {layer}")
 
-    def _evict(self, keep: torch.Tensor) -> None:
+    def _evict(self, keep: torch.Tensor, view: LayerView) -> None:
         kv_heads, n = self.positions.shape
         dropped = torch.ones(kv_heads, n, dtype=torch.uint8, device=keep.device)
         dropped.scatter_(1, keep, 0)
@@ -168,14 +197,11 @@ class PolicyLayer(DynamicLayer):
         # boolean index would do it too, but it waits for the device to count them.)
         dropped_index = dropped.argsort(dim=1, descending=True, stable=True)[:, :n - keep.shape[1]]
         evicted_positions = self.positions.gather(1, dropped_index)
+        if self.cache.storage.tier == "host":
+            self._move_to_host(dropped_index, evicted_positions, view)
 
         before = self.byte_count()
-        # One flat index into (kv_heads * n) rows, shared by keys and values: a contiguous
-        # index_select is ~3x faster than gather with an expanded index, and this runs every step.
-        rows = (keep + torch.arange(kv_heads, device=keep.device)[:, None] * n).reshape(-1)
-        self.keys = _take_rows(self.keys, rows, kv_heads)
-        self.values = _take_rows(self.values, rows, kv_heads)
-        self.positions = self.positions.gather(1, keep)
+        self.store.keep(keep)  # compacts keys, values and positions in place
         self.state.keep(keep)
         self.cache.note_bytes(self.byte_count() - before)
         self.cache.record_eviction(self.layer_idx, evicted_positions)
@@ -184,11 +210,27 @@ class PolicyLayer(DynamicLayer):
             # The StreamingLLM scheme: kept keys move to positions 0..k-1 in the cache. RoPE is a
             # rotation, so rotating a key by (new - old) equals having rotated it at `new`.
             contiguous = torch.arange(keep.shape[1], device=keep.device).unsqueeze(0).expand(kv_heads, -1)
-            old = self.rope_positions.gather(1, keep)
-            self.keys = self.cache.rerotator.rotate(self.keys, contiguous - old)
-            self.rope_positions = contiguous
-        else:
-            self.rope_positions = self.positions
+            old = self.rope_positions  # already compacted: the kept entries' rotations
+            self.store.set_keys(self.cache.rerotator.rotate(self.keys, contiguous - old), contiguous)
+        self.store.release_step()
+
+    def _move_to_host(self, dropped_index: torch.Tensor, positions: torch.Tensor, view: LayerView) -> None:
+        """The host tier: evicted entries (as attention saw them) go to host memory, not away.
+        dropped_index (kv_heads, m): the evicted entries of each head, in increasing order."""
+        if self.host is None:
+            storage = self.cache.storage
+            self.host = HostTier(storage.block_size, storage.recall, view.keys.device)
+        index = dropped_index.unsqueeze(-1).expand(-1, -1, view.keys.shape[-1])
+        before = self.host.byte_count()
+        self.host.add(view.keys.gather(1, index), view.values.gather(1, index), positions)
+        self.cache.note_host_bytes(self.host.byte_count() - before)
+
+    def recall(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """Host blocks the query would attend to, put in front of key/value for this step only."""
+        recalled = None if self.host is None else self.host.recall(query)
+        if recalled is not None:
+            self.cache.record_recall(self.layer_idx, recalled.positions)
+        return splice(key, value, recalled)
 
 
 def _label(policy: Policy) -> str:
@@ -212,11 +254,6 @@ def _budgets(policy: Policy, method: str, n_layers: int, *phase) -> list[int | N
                           minimum=1, allow_none=True, layer=i) for i in range(n_layers)]
 
 
-def _take_rows(tensor: torch.Tensor, rows: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """(1, kv_heads, n, d) -> (1, kv_heads, k, d), keeping the flat rows head * n + index."""
-    return tensor[0].reshape(-1, tensor.shape[-1]).index_select(0, rows).view(1, kv_heads, -1, tensor.shape[-1])
-
-
 class PolicyCache(Cache):
     """A Cache that applies a policy after every forward step. Batch size 1."""
 
@@ -233,9 +270,20 @@ class PolicyCache(Cache):
         if policy.config.rerotate and rerotator is None:
             raise PolicyError("--rerotate needs a rotary (RoPE) model")
         self.rerotator = rerotator
+        self.storage = storage_of(policy)  # codec and tier (kvstudio.core.storage); fp on the device by default
+        self.codec = create_codec(self.storage)
+        if policy.config.rerotate and self.codec is not None:
+            raise PolicyError(f"--rerotate re-rotates stored keys and works with --codec fp only, "
+                              f"not {self.storage.codec}")
+        if policy.config.rerotate and self.storage.tier == "host":
+            raise PolicyError("--rerotate moves kept keys to new positions, and host entries would come back at "
+                              "their old ones: use --tier host without --rerotate")
         self.context: StepContext | None = None
         self.current_bytes = 0
         self.peak_bytes = 0
+        self.host_bytes = 0
+        self.peak_host_bytes = 0
+        self.recalled_total = 0  # host entries brought back, over steps, layers and KV heads
         self.peak_kept_per_layer = [0] * n_layers
         self.peak_scoring_bytes = 0  # float32 scratch of the largest attention-scoring pass
         self.scoring_scratch_bytes = SCRATCH_BYTES  # the bound on one tile of scores ("sums" policies)
@@ -270,7 +318,9 @@ class PolicyCache(Cache):
     def after_attention(self, layer_idx: int, policy_rows: torch.Tensor | None, policy_sums: torch.Tensor | None,
                         watched_row: torch.Tensor | None):
         layer = self.layers[layer_idx]
-        if watched_row is not None:  # moved to the CPU at the end of the step, in one wait
+        if watched_row is not None:
+            # Moved to the CPU at the end of the step, in one wait. A copy of the positions: the
+            # store compacts its buffers in place after this.
             self._report.attention.append(AttentionRows(layer_idx, watched_row.detach().float(),
                                                         layer.positions.detach().clone()))
         layer.attended_this_step = True
@@ -292,6 +342,7 @@ class PolicyCache(Cache):
             rows.weights, rows.positions = rows.weights.cpu(), rows.positions.cpu()
         report.kept_per_layer = [layer.entry_count() for layer in self.layers]
         report.cache_bytes = self.current_bytes
+        report.host_bytes = self.host_bytes
         self._report = None
         self.context = None
         return report
@@ -310,6 +361,33 @@ class PolicyCache(Cache):
 
     def record_eviction(self, layer_idx: int, positions: torch.Tensor) -> None:
         self._report.evictions.append(Eviction(layer_idx, positions.detach()))
+
+    def note_host_bytes(self, delta: int) -> None:
+        self.host_bytes += delta
+        self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
+
+    def record_recall(self, layer_idx: int, positions: torch.Tensor) -> None:
+        self._report.recalled.append(Eviction(layer_idx, positions.detach().cpu()))
+        self.recalled_total += positions.numel()
+
+    def recall(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """(key, value, n) with n recalled host entries in front; (key, value, 0) without a host tier."""
+        if self.storage.tier != "host":
+            return key, value, 0
+        return self.layers[layer_idx].recall(query, key, value)
+
+    def host_bytes_per_layer(self) -> list[int]:
+        return [layer.host_byte_count() for layer in self.layers]
+
+    def codec_error(self) -> dict[str, float | None]:
+        """Mean relative error of decoded keys and values over every encoded group (measure_error on)."""
+        sums = {"key": [], "value": []}
+        for layer in self.layers:
+            measured = getattr(layer.store, "mean_relative_error", None)
+            for kind, value in (measured() if measured else {}).items():
+                if value is not None:
+                    sums[kind].append(value)
+        return {kind: (sum(values) / len(values) if values else None) for kind, values in sums.items()}
 
     def kept_per_layer(self) -> list[int]:
         return [layer.entry_count() for layer in self.layers]

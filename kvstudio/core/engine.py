@@ -21,12 +21,13 @@ import torch
 from . import attention
 from .cache import PolicyCache, StepContext, StepReport
 from .errors import KVStudioError, PromptError
-from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, Recorder, RunStartedEvent,
-                     StepEvent, TokenEvent)
+from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, RecallEvent, Recorder,
+                     RunStartedEvent, StepEvent, TokenEvent)
 from .memory import MemorySampler, read_system_memory, reset_peak
 from .models import LoadedModel
 from .policies.base import Policy
 from .rotary import Rerotator
+from .storage.summary import summarize
 from .store import run_state
 from .store.run_state import RunState
 
@@ -116,6 +117,7 @@ class GenerationResult:
     steps: list[StepRecord] = field(default_factory=list)
     memory: list[dict] = field(default_factory=list)  # every memory reading, timer ones included
     started_unix: float = 0.0  # when the run started (seconds since 1970): places it among other records
+    storage: dict = field(default_factory=dict)  # codec, tier, host bytes, errors (kvstudio.core.storage.summary)
     cache: PolicyCache | None = field(default=None, repr=False)
     state: RunState | None = field(default=None, repr=False)  # with keep_state: to save and continue later
     restored_tokens: int = 0  # tokens that came from a saved cache instead of being computed
@@ -295,7 +297,7 @@ class Engine:
         recorder.record(RunStartedEvent(
             self.loaded.name, policy.describe(), self.loaded.n_layers, self.loaded.n_kv_heads, tuple(cache.budgets),
             tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
-            self.loaded.n_heads,
+            self.loaded.n_heads, cache.storage.tier,
         ))
 
         interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0
@@ -314,6 +316,8 @@ class Engine:
         prefill_started = time.perf_counter()
         earlier: list[int] = []  # tokens a resumed run generated before it was saved
         checkpoint = None
+        if run_state.unsaveable_reason(run.cache.storage) is not None:  # a codec or tier saved caches cannot hold yet
+            on_prefill_state, keep_state = None, False
         if on_prefill_state is not None:
             checkpoint = lambda logits: on_prefill_state(run_state.capture(  # noqa: E731
                 run, logits, [], run.seen, prefill_seconds=time.perf_counter() - prefill_started))
@@ -370,7 +374,7 @@ class Engine:
             decode_seconds=decode_seconds, peak_cache_bytes=run.cache.peak_bytes,
             kept_per_layer=run.cache.kept_per_layer(), peak_kept_per_layer=list(run.cache.peak_kept_per_layer),
             evictions=sum(r.evicted for r in run.records), steps=run.records, state=state,
-            restored_tokens=len(start.token_ids) if start is not None else 0,
+            restored_tokens=len(start.token_ids) if start is not None else 0, storage=summarize(run.cache),
         )
 
 
@@ -491,6 +495,8 @@ class _Run:
                 self.recorder.record(EvictionEvent(step, eviction.layer, head, positions))
         for rows in report.attention:
             self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))
+        for recall in report.recalled:
+            self.recorder.record(RecallEvent(step, recall.layer, recall.positions.numpy()))
 
     def record_memory(self, source: str, step: int | None = None, next_phase: str | None = None) -> MemoryEvent:
         """Read memory now and record it. Runs on the engine's thread ("step") or the sampler's
@@ -503,7 +509,7 @@ class _Run:
             clock = time.perf_counter()
             step = self.first_step + len(self.records) if step is None else step
             event = MemoryEvent(step, clock - self.started, clock, self.phase, source, sum(per_layer), per_layer,
-                                **vars(system))
+                                **vars(system), host_cache_bytes=self.cache.host_bytes)
             self.recorder.record(event)
             self.memory_readings.append(event)
             if source == "timer":

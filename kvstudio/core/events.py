@@ -69,6 +69,7 @@ class RunStartedEvent:
     budgets: tuple[int | None, ...]  # per layer
     prompt_tokens: tuple[str, ...]  # the text of each prompt token, in order
     n_heads: int = 0  # query heads
+    storage_tier: str = "device"  # "host": evicted entries live on in host memory (kvstudio.core.storage)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,14 @@ class MemoryEvent:
     cuda_peak: int = 0  # the most allocated since the run started
     device_used: int = 0  # the whole GPU, all processes (NVML or the CUDA driver)
     device_total: int = 0
+    host_cache_bytes: int = 0  # the host tier's evicted entries (cache_bytes counts the device's only)
+
+
+@dataclass(frozen=True)
+class RecallEvent:
+    step: int
+    layer: int
+    positions: np.ndarray  # (kv_heads, r) int64: host-tier entries that attention saw again this step
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,7 @@ class PrefillProgressEvent:
 
 EVENT_KINDS = {TokenEvent: "tokens", StepEvent: "steps", EvictionEvent: "evictions",
                AttentionEvent: "attention", PrefillProgressEvent: "prefill", RunStartedEvent: "runs",
-               MemoryEvent: "memory"}
+               MemoryEvent: "memory", RecallEvent: "recalls"}
 
 
 class Recorder:

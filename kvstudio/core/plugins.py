@@ -29,6 +29,8 @@ from pathlib import Path
 from . import policies as registry
 from .plugin_guard import describe_problem
 from .policies.base import Policy
+from .storage import register_codec, unregister_codec
+from .storage.base import Codec
 
 ENTRY_POINT_GROUP = "kvstudio.policies"
 REPOSITORY_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
@@ -42,6 +44,7 @@ class PluginRecord:
     policies: list[str] = field(default_factory=list)
     error: str | None = None
     broken: list[str] = field(default_factory=list)  # policies it defines that cannot describe their options
+    codecs: list[str] = field(default_factory=list)  # storage codecs the file adds (core.storage.base.Codec)
 
     @property
     def status(self) -> str:
@@ -49,7 +52,7 @@ class PluginRecord:
             return "broken"
         if self.error:
             return "error"
-        return "loaded" if self.policies else "no policies"
+        return "loaded" if self.policies or self.codecs else "no policies"
 
 
 def user_data_dir() -> Path:
@@ -123,6 +126,8 @@ class PluginManager:
         for record in self.records:
             for name in record.policies:
                 registry.unregister(name)
+            for name in record.codecs:
+                unregister_codec(name)
         for module in [m for m in sys.modules if m.startswith("kvstudio_plugin_")]:
             del sys.modules[module]
         self.records = []
@@ -147,6 +152,9 @@ class PluginManager:
         classes = [obj for obj in vars(module).values()
                    if inspect.isclass(obj) and issubclass(obj, Policy) and obj is not Policy
                    and obj.__module__.startswith(module_name) and not inspect.isabstract(obj)]
+        record.codecs = _register_codecs(module, module_name, str(path))
+        if not classes and record.codecs:
+            return record
         if not classes:
             record.error = (f"{path.name} defines no policy: subclass kvstudio.core.policies.base.Policy "
                             "and implement select()")
@@ -195,6 +203,16 @@ class PluginManager:
             record.policies.append(name)
         if problems:
             record.error = "; ".join(problems)
+
+
+def _register_codecs(module, module_name: str, source: str) -> list[str]:
+    """A plugin file may also define storage codecs on the codec contract; they join --codec."""
+    found = [obj for obj in vars(module).values()
+             if inspect.isclass(obj) and issubclass(obj, Codec) and obj.__module__.startswith(module_name)
+             and not inspect.isabstract(obj) and isinstance(getattr(obj, "name", None), str)]
+    for codec in found:
+        register_codec(codec, source=source)
+    return [codec.name for codec in found]
 
 
 def _describe(error: BaseException, path: Path) -> str:

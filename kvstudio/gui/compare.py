@@ -10,6 +10,7 @@ from ..core.policies import available_policies
 from .views.token_map import TokenMapView
 
 COLUMNS = ("policy", "tokens/s", "prefill s", "peak cache MiB", "evictions", "output")
+STORAGE_VARIANTS = ("fp", "int8", "int4")
 
 
 class CompareView(QWidget):
@@ -47,7 +48,9 @@ class CompareView(QWidget):
         self.start.clicked.connect(lambda: self.compare_requested.emit(self.checked()))
 
     def set_policies(self, names: list[str]) -> None:
-        """The policies offered (after a plugin reload), keeping what was checked."""
+        """The policies offered (after a plugin reload), keeping what was checked; h2o also stored
+        in fp and in int4, to compare codecs directly (the form's group size and residual apply)."""
+        names = list(names) + [f"h2o-{codec}" for codec in STORAGE_VARIANTS if "h2o" in names]
         checked = set(self.checked()) if self.choices.count() else {"full", "streaming_llm", "h2o"}
         self.choices.clear()
         for name in names:

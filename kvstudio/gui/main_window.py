@@ -34,6 +34,8 @@ from .evaluate_view import install as install_evaluate_view
 from .panels import DocumentList, ModelPanel
 from .plugins_view import PluginsView
 from .policy_form import PolicyForm
+from .storage_form import StorageForm
+from ..core.storage import available_codecs
 from .runs_view import RunsView
 from .snapshot_view import SnapshotView
 from .views.attention_map import AttentionMapView
@@ -126,6 +128,8 @@ class MainWindow(QMainWindow):
         policy_layout.addRow("policy", self.policy)
         policy_layout.addRow(self.policy_help)
         policy_layout.addRow(self.policy_form)
+        self.storage_form = StorageForm()  # codec, group size, residual, tier, recall (kvstudio.core.storage)
+        policy_layout.addRow(self.storage_form)
         policy_layout.addRow("chunk size", self.chunk_size)
         self.policy.currentTextChanged.connect(self._policy_chosen)
 
@@ -440,7 +444,7 @@ class MainWindow(QMainWindow):
         self._start(self.policy.currentText(), self._policy_parameters(), label="")
 
     def _policy_parameters(self) -> dict:
-        return {k: v for k, v in self.policy_form.values().items() if v is not None}
+        return {k: v for k, v in self.policy_form.values().items() if v is not None} | self.storage_form.parameters()
 
     def _start(self, policy: str, parameters: dict, label: str, start_from: str | None = None) -> bool:
         problem = None
@@ -450,7 +454,8 @@ class MainWindow(QMainWindow):
             problem = "a run is in progress: stop it first"
         elif not self.full_prompt().strip() and start_from is None:
             problem = "the prompt is empty: type one or drop a document"
-        elif policy == self.policy.currentText() and (invalid := self.policy_form.validate()):
+        elif policy == self.policy.currentText() and (invalid := self.policy_form.validate()
+                                                      or self.storage_form.validate()):
             problem = f"policy parameters: {invalid}"
         if problem:
             self.show_error(problem)
@@ -555,10 +560,12 @@ class MainWindow(QMainWindow):
     def comparison_parameters(self, policy: str) -> dict:
         """The policy's defaults, with the budget and shared parameters from the form where they apply."""
         from ..core.policies import policy_class
+        from ..core.storage import STORAGE_KEY, split_cache_name
 
-        accepted = {spec.name for spec in policy_class(policy).Config.parameters()}
+        base, _ = split_cache_name(policy)  # 'h2o-int4': the codec in the name wins over the form's
+        accepted = {spec.name for spec in policy_class(base).Config.parameters()} | {STORAGE_KEY}
         shared = {k: v for k, v in self._policy_parameters().items() if k in accepted and k != "rerotate"}
-        if policy == "full":
+        if base == "full":
             shared.pop("budget", None)
         return shared
 
@@ -567,9 +574,9 @@ class MainWindow(QMainWindow):
             return
         policy = self.compare_queue.pop(0)
         try:
-            from ..core.policies import create_policy
+            from ..core.storage import build_policy
 
-            create_policy(policy, **self.comparison_parameters(policy))  # guarded, like every call into a policy
+            build_policy(policy, self.comparison_parameters(policy))  # guarded, like every call into a policy
         except Exception as error:  # a bad combination for this policy: report it, go on
             self.compare_view.add_failure(policy, str(error))
             self._next_comparison()
@@ -614,6 +621,7 @@ class MainWindow(QMainWindow):
         self.policy.setCurrentText(current if current in names else "streaming_llm")
         self._policy_chosen(self.policy.currentText())
         self.compare_view.set_policies(names)
+        self.storage_form.set_codecs(list(available_codecs()))  # plugins may add codecs too
         failed = len(self.plugins.errors)
         self.statusBar().showMessage(f"plugins reloaded: {len(names)} policies"
                                      + (f"; {failed} plugin(s) failed, see the Plugins view" if failed else ""))

@@ -21,7 +21,7 @@ from ..core.events import Recorder
 from ..core.models import load_model
 from ..core.oom import explain, is_out_of_memory
 from ..core.plugin_guard import fault_from_traceback
-from ..core.policies import create_policy
+from ..core.storage import build_policy
 from ..core.recordings import pack_events
 from ..core.snapshots import MemorySnapshotRecording, SnapshotError
 
@@ -121,7 +121,8 @@ class StudioWorker(QObject):
             if self.engine is None:
                 raise KVStudioError("no model loaded: load one first")
             self.model_thread_ids.add(threading.get_ident())
-            policy = create_policy(request.policy, **request.parameters)  # guarded: a plugin fault is a PolicyError
+            # guarded (a plugin fault is a PolicyError); 'h2o-int4' and parameters["storage"] too
+            policy = build_policy(request.policy, request.parameters)
             recording = (MemorySnapshotRecording(self.engine.loaded.device) if request.snapshot_path
                          else contextlib.nullcontext())
             try:

@@ -284,7 +284,9 @@ class Policy(ABC):
 
     def describe(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in self.config.as_dict().items() if v not in (None, False))
-        return f"{self.name}({shown})"
+        storage = getattr(self, "storage", None)  # kvstudio.core.storage: a codec names the cache h2o-int4
+        name = self.name if storage is None or storage.codec == "fp" else f"{self.name}-{storage.codec}"
+        return f"{name}({shown})"
 
 
 # --- shared selection code ----------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """The one pair of functions that read and write a cache layer's stored tensors.
 
-A saved cache holds each layer as the layer stores it. Today a `PolicyLayer` stores full-precision
-keys and values plus each entry's token position (and, with re-rotation, the position its key is
-rotated at). When storage codecs arrive (int8/int4 with scales, preallocated buffers), the layer
-holds other tensors: this is the only place that needs to learn them, and `CODEC` says which
-storage a file was written with, so a file from another codec is refused rather than misread.
+A saved cache holds each layer as the layer stores it: full-precision keys and values plus each
+entry's token position (and, with re-rotation, the position its key is rotated at), read from and
+written back into the layer's store (core.storage). Quantized codecs and the host tier hold other
+tensors: this is the only place that needs to learn them; until it does, `unsaveable_reason` refuses
+such caches, and `CODEC` in a file says which storage it was written with.
 """
 
 from __future__ import annotations
@@ -15,8 +15,22 @@ CODEC = "fp"  # full precision, the model's dtype: what PolicyLayer stores today
 
 
 def layer_codec(layer) -> str:
-    """The storage codec of a layer; every layer is "fp" until codecs exist."""
-    return getattr(layer, "codec_name", CODEC)
+    """The storage codec of a layer's cache ("fp", "int8", ...; core.storage)."""
+    storage = getattr(layer.cache, "storage", None)
+    return CODEC if storage is None else storage.codec
+
+
+def unsaveable_reason(storage) -> str | None:
+    """Why a cache cannot be saved yet, or None. Only `fp` storage on the device is: a quantized
+    store would have to save its packed groups, scales and residual window (saving what attention
+    decodes and encoding it again on restore would not continue bit-identically), and the host tier
+    its blocks and summaries. Until this module learns them, such caches are refused, not misread.
+    `storage`: a StorageConfig (`PolicyCache.storage`, or `core.storage.storage_of(policy)`)."""
+    if storage.codec != CODEC:
+        return f"caches stored with codec '{storage.codec}' cannot be saved yet (only '{CODEC}')"
+    if storage.tier != "device":
+        return f"caches with the {storage.tier} tier cannot be saved yet"
+    return None
 
 
 def layer_tensors(layer) -> dict[str, torch.Tensor]:
@@ -35,10 +49,10 @@ def restore_layer(layer, tensors: dict[str, torch.Tensor], device: torch.device)
         return
     keys = tensors["keys"].to(device)
     values = tensors["values"].to(device)
+    positions = tensors["positions"].to(device)
+    rope_positions = tensors["rope_positions"].to(device) if "rope_positions" in tensors else positions
     layer.lazy_initialization(keys, values)
-    layer.keys, layer.values = keys, values
-    layer.positions = tensors["positions"].to(device)
-    layer.rope_positions = tensors["rope_positions"].to(device) if "rope_positions" in tensors else layer.positions
+    layer.store.append(keys[0], values[0], positions, rope_positions)  # into the layer's own buffers
 
 
 def layer_bytes(tensors: dict[str, torch.Tensor]) -> int:

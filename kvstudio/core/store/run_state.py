@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .layer_tensors import layer_bytes, layer_codec, layer_tensors, restore_layer
+from .layer_tensors import layer_bytes, layer_codec, layer_tensors, restore_layer, unsaveable_reason  # noqa: F401
 
 
 @dataclass

@@ -82,9 +82,8 @@ class SavedTensorMeter:
 def cut_gradients(cache) -> None:
     """Detach every layer's stored keys and values from the graph (truncated mode)."""
     for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and isinstance(layer.keys, torch.Tensor):
-            layer.keys = layer.keys.detach()
-            layer.values = layer.values.detach()
+        if layer.is_initialized:
+            layer.store.detach()  # the layer's store (core.storage) holds its keys and values
 
 
 def example_loss(engine: Engine, example: Example, policy: Policy, chunk_size: int, grad_mode: str = "through",

@@ -86,6 +86,8 @@ class MemoryView(LiveView):
         self.system_plot.getViewBox().setAutoVisible(y=True)  # fit what is in view, not the whole session
         self.system_plot.setLabel("bottom", "seconds since the session's first reading")
         self.cache_curve = _curve(self.cache_plot, "KV cache", (80, 140, 220))
+        # The host tier's bytes (kvstudio.core.storage.host): drawn once a run has any.
+        self.host_curve = _curve(self.cache_plot, "host tier", (230, 150, 40), 2, pg.QtCore.Qt.DashLine)
         self.bursts = pg.ScatterPlotItem(symbol="t", size=11, brush=pg.mkBrush(230, 70, 70), pen=None,
                                          hoverable=True, tip="{data}".format)  # "step 12: 4,096 entries evicted"
         self.cache_plot.addItem(self.bursts)
@@ -132,7 +134,8 @@ class MemoryView(LiveView):
         for item in getattr(self, "band_items", []):
             self.cache_plot.removeItem(item)
         self.band_items: list = []
-        self.columns = _Columns(("x", "cache_bytes", "run_step") + tuple(field for field, *_ in SERIES))
+        self.columns = _Columns(("x", "cache_bytes", "run_step", "host_cache_bytes")
+                                + tuple(field for field, *_ in SERIES))
         # Readings themselves are not kept (a session has tens of thousands): only the columns
         # drawn, the readings after each step of the current run (the tests compare them with its
         # steps), and the latest.
@@ -158,7 +161,8 @@ class MemoryView(LiveView):
                 self._break_line()
                 self.segment = _Segment(x)
             self._add(reading, x)
-            self.segment.max_cache_bytes = max(self.segment.max_cache_bytes, reading.cache_bytes)
+            self.segment.max_cache_bytes = max(self.segment.max_cache_bytes, reading.cache_bytes,
+                                               reading.host_cache_bytes)
             self._mark_phase(reading, x)
             evicted = self.steps_evicted.get(reading.step, 0) if reading.source == "step" else 0
             if evicted > self.burst_threshold:
@@ -171,7 +175,8 @@ class MemoryView(LiveView):
         if reading.source == "step" and reading.phase != "load":
             self.run_step_readings.append(reading)
         run_step = float(reading.source == "step" and reading.phase != "load")
-        self.columns.append([x, reading.cache_bytes, run_step] + [getattr(reading, field) for field, *_ in SERIES])
+        self.columns.append([x, reading.cache_bytes, run_step, reading.host_cache_bytes]
+                            + [getattr(reading, field) for field, *_ in SERIES])
 
     def _break_line(self) -> None:
         if self.columns.length:
@@ -212,6 +217,8 @@ class MemoryView(LiveView):
     def _redraw(self) -> None:
         x = self.columns["x"]
         self.cache_curve.setData(x, self.columns["cache_bytes"] / MIB)
+        host = self.columns["host_cache_bytes"]
+        self.host_curve.setData(x if np.nansum(host) else [], host / MIB if np.nansum(host) else [])
         for field, name, colour, width, style in SERIES:
             values = self.columns[field]
             if field not in self.curves:
@@ -236,6 +243,8 @@ class MemoryView(LiveView):
             self.readout.setText("")
             return
         parts = [f"cache {format_bytes(last.cache_bytes)}", f"process {format_bytes(last.process_bytes)}"]
+        if last.host_cache_bytes:
+            parts.insert(1, f"host tier {format_bytes(last.host_cache_bytes)}")
         if last.device_total:
             parts += [f"CUDA {format_bytes(last.cuda_allocated)} (peak {format_bytes(last.cuda_peak)})",
                       f"GPU {format_bytes(last.device_used)} of {format_bytes(last.device_total)}"]

@@ -4,6 +4,9 @@
 of layers that hold it (a layer holds a token while at least one of its KV heads does).
 One layer: green when all its KV heads hold the token, amber when some do, red when none does.
 This is the view that shows what a policy threw away.
+"Where it lives" colours the chosen layer's tokens (layer 0 under "all layers") by storage tier:
+on the device (held by some KV head), on the host (evicted under the host tier), recalled from the
+host at the latest step that recalled, or evicted and gone.
 """
 
 from __future__ import annotations
@@ -12,27 +15,32 @@ import time
 
 import numpy as np
 from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QTextEdit, QVBoxLayout
+from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QTextEdit, QVBoxLayout
 
 from .base import LiveView
 from .colors import held_colour
 
 RENDER_INTERVAL_S = 0.1
+TIER_COLOURS = {"device": "#5cc850", "host": "#6a9ae6", "recalled": "#b47ae6", "evicted": "#dc4632"}
 
 
 class TokenMapView(LiveView):
-    kinds = ("tokens", "evictions")
+    kinds = ("tokens", "evictions", "recalls")
 
     def __init__(self, parent=None, compact: bool = False):
         super().__init__(parent)
         self.layer = QComboBox()
         self.layer.addItem("all layers")
+        self.by_tier = QCheckBox("where it lives")
+        self.by_tier.setToolTip("device, host tier, recalled this step, or evicted (the chosen layer; layer 0 for "
+                                "all layers)")
         self.summary = QLabel("")
         self.text = QTextEdit(readOnly=True)
         controls = QHBoxLayout()
         if not compact:
             controls.addWidget(QLabel("colour by"))
             controls.addWidget(self.layer)
+            controls.addWidget(self.by_tier)
         controls.addWidget(self.summary, 1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
@@ -47,6 +55,9 @@ class TokenMapView(LiveView):
         self._colours: list[str] = []  # colour each shown token has now
         self._formats: dict[str, QTextCharFormat] = {}
         self.layer.currentIndexChanged.connect(lambda _: self._render(force=True))
+        self.by_tier.toggled.connect(lambda _: self._render(force=True))
+        self.storage_tier = "device"
+        self.recalled: dict[int, np.ndarray] = {}  # layer -> positions recalled at its latest recall
 
     def set_model(self, n_layers: int, n_heads: int) -> None:
         self.layer.blockSignals(True)
@@ -58,6 +69,8 @@ class TokenMapView(LiveView):
     def start(self, run):
         self.tokens = list(run.prompt_tokens)
         self.kv_heads = run.n_kv_heads
+        self.storage_tier = getattr(run, "storage_tier", "device")
+        self.recalled = {}
         self.evicted_heads = np.zeros((run.n_layers, max(len(self.tokens) * 2, 64)), dtype=np.int16)
         self._render(force=True)
 
@@ -68,6 +81,8 @@ class TokenMapView(LiveView):
             if eviction.positions.size:
                 self._ensure_capacity(int(eviction.positions.max()) + 1)
             self.evicted_heads[eviction.layer, eviction.positions] += 1
+        for recall in events.get("recalls", ()):
+            self.recalled[recall.layer] = np.unique(recall.positions)
         self._dirty = True
         self._render()
 
@@ -94,6 +109,23 @@ class TokenMapView(LiveView):
             return self.layers_holding() / max(self.evicted_heads.shape[0], 1)
         return self.heads_holding(self.layer.currentIndex() - 1) / self.kv_heads
 
+    def tiers(self) -> list[str]:
+        """Per token of the chosen layer: device, host, recalled or evicted."""
+        layer = max(self.layer.currentIndex() - 1, 0)
+        on_device = self.heads_holding(layer) > 0
+        gone = "host" if self.storage_tier == "host" else "evicted"
+        tiers = np.where(on_device, "device", gone).astype(object)
+        recalled = self.recalled.get(layer)
+        if recalled is not None and len(recalled):
+            recalled = recalled[recalled < len(tiers)]
+            tiers[recalled] = "recalled"
+        return list(tiers)
+
+    def _colours_now(self) -> list[str]:
+        if self.by_tier.isChecked():
+            return [TIER_COLOURS[tier] for tier in self.tiers()]
+        return [held_colour(float(f)) for f in self.held_fractions()]
+
     def _render(self, force: bool = False) -> None:
         """Bring the text up to date: append new tokens, re-colour only tokens whose colour changed.
 
@@ -112,7 +144,7 @@ class TokenMapView(LiveView):
             self._offsets, self._colours = [0], []
         cursor = QTextCursor(self.text.document())
         cursor.beginEditBlock()
-        colours = [held_colour(float(f)) for f in self.held_fractions()]
+        colours = self._colours_now()
         for index in range(len(self._colours), len(self.tokens)):  # tokens not shown yet
             cursor.movePosition(QTextCursor.End)
             cursor.insertText(self.tokens[index].replace("\n", "↵\n") or "·", self._format(colours[index]))

@@ -1,0 +1,176 @@
+"""Cache storage side by side: codecs fp/int8/int4 under h2o (fixed budget) and full, the
+transformers QuantizedCache peer, and preallocated buffers against torch.cat storage.
+
+For each policy and codec, one run teacher-forced along real prose (Python's own documentation,
+pydoc_data.topics): a ~2k-token prompt prefilled in chunks of 512, then --new-tokens decode steps
+fed the text's own next tokens, so every codec sees the same tokens. Reported: peak cache bytes
+ratio to fp (targets at group size 64, residual 0, of fp32 storage: int8 <= 0.30, int4 <= 0.17),
+decode ms/token ratio to fp (medians over the decode steps), and KL(fp || codec) of the next-token
+distribution at the prompt's end and every decode step. The peer is
+transformers' QuantizedCache (quanto backend, 4 bits, q_group_size 64, its default residual 128)
+under full on the same tokens: bytes (packed data, scales, shifts and its residual) and KL. Then
+the decode ms/token of `full` in preallocated buffers against the same run with torch.cat storage
+(the storage before this change), after a short and a long prompt (generated, --new-tokens). Ends with
+bytes_ratio_int8_vs_fp=, bytes_ratio_int4_vs_fp=, kl_int4_vs_fp= (under h2o).
+
+usage: python benchmarks/storage.py [--model SPEC] [--budget 256] [--prompt-tokens 2000]
+                                    [--new-tokens 32] [--short 1000] [--long 8000] [--codecs fp,int8,int4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+from kvstudio.core.engine import Engine, GenerationSettings  # noqa: E402
+from kvstudio.core.models import load_model  # noqa: E402
+from kvstudio.core.policies import create_policy  # noqa: E402
+from kvstudio.core.storage import StorageConfig, attach  # noqa: E402
+from kvstudio.core.storage.errors import teacher_forced  # noqa: E402
+
+CODECS = ("fp", "int8", "int4")
+
+
+def prose_ids(engine, n_tokens: int) -> list[int]:
+    """n_tokens of real English prose: Python's bundled documentation topics."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics))
+    return engine.encode(text)[:n_tokens]
+
+
+def median_decode_ms(steps) -> float:
+    return statistics.median(step.seconds * 1000 for step in steps if step.phase == "decode")
+
+
+def kl(reference: torch.Tensor, measured: torch.Tensor) -> float:
+    return float((reference.exp() * (reference - measured)).sum(dim=-1).mean())
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of a tensor or a quanto tensor subclass (its packed data, scales and shifts)."""
+    if obj is None:
+        return 0
+    if hasattr(obj, "__tensor_flatten__"):
+        names, _ = obj.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(obj, name)) for name in names)
+    return obj.numel() * obj.element_size()
+
+
+def peer_quantized_cache(engine, ids: list[int], prompt_tokens: int, reference: torch.Tensor):
+    """transformers' QuantizedCache (quanto, 4 bits) teacher-forced along ids: (peak bytes, KL) or None."""
+    try:
+        from transformers import QuantizedCache
+
+        cache = QuantizedCache(backend="quanto", config=engine.model.config, nbits=4, q_group_size=64)
+    except Exception as error:  # noqa: BLE001 - the peer is optional: say why it is missing
+        print(f"  peer QuantizedCache unavailable: {type(error).__name__}: {error}")
+        return None
+    model, peak, rows = engine.model, 0, []
+    with torch.inference_mode():
+        feed = [ids[:prompt_tokens]] + [[token] for token in ids[prompt_tokens:]]
+        seen = 0
+        for chunk in feed:
+            positions = torch.arange(seen, seen + len(chunk))[None]
+            out = model(input_ids=torch.tensor([chunk]), position_ids=positions, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+            seen += len(chunk)
+            rows.append(out.logits[0, -1])
+            held = sum(tensor_bytes(getattr(layer, "_quantized_keys", None))
+                       + tensor_bytes(getattr(layer, "_quantized_values", None))
+                       + tensor_bytes(layer.keys) + tensor_bytes(layer.values) for layer in cache.layers)
+            peak = max(peak, held)
+    measured = torch.log_softmax(torch.stack(rows).float(), dim=-1)
+    return peak, kl(reference, measured)
+
+
+def cat_storage(engine: Engine) -> Engine:
+    """The same engine with the storage of before: torch.cat on append, index_select on eviction."""
+    original = engine.new_cache
+
+    def new_cache(policy):
+        cache = original(policy)
+        for layer in cache.layers:
+            layer.store.entries.out_of_place = True
+        return cache
+
+    engine.new_cache = new_cache
+    return engine
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=2000)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--short", type=int, default=1000)
+    parser.add_argument("--long", type=int, default=8000)
+    parser.add_argument("--codecs", default=",".join(CODECS),
+                        help="comma-separated, fp first (on CUDA: fp,int8,int4,bnb-int8,bnb-int4)")
+    args = parser.parse_args()
+
+    engine = Engine(load_model(args.model))
+    loaded = engine.loaded
+    print(f"model {loaded.describe()}; prompt {args.prompt_tokens} tokens of prose, {args.new_tokens} new tokens, "
+          f"h2o budget {args.budget}, group size {args.group_size}, residual 0")
+    ids = prose_ids(engine, args.prompt_tokens + args.new_tokens - 1)
+    policies = {"h2o": {"budget": args.budget}, "full": {}}
+    figures: dict[tuple[str, str], dict] = {}
+    for name, params in policies.items():
+        reference = None
+        for codec in args.codecs.split(","):
+            policy = attach(create_policy(name, **params), StorageConfig(codec=codec, group_size=args.group_size))
+            started = time.perf_counter()
+            logprobs, run = teacher_forced(engine, ids, args.prompt_tokens, policy, 512)
+            reference = logprobs if codec == "fp" else reference
+            figures[(name, codec)] = {"bytes": run.cache.peak_bytes, "ms": median_decode_ms(run.records),
+                                      "kl": kl(reference, logprobs)}
+            row = figures[(name, codec)]
+            print(f"  ran {name}-{codec} in {time.perf_counter() - started:.1f} s: peak {row['bytes']:,} bytes, "
+                  f"{row['ms']:.2f} decode ms/token, KL to fp {row['kl']:.5f}", flush=True)
+        if name == "full":
+            peer = peer_quantized_cache(engine, ids, args.prompt_tokens, reference)
+
+    print(f"\n{'cache':<12} {'peak bytes':>12} {'ratio':>7} {'decode ms/tok':>14} {'ratio':>7} {'KL to fp':>10}")
+    for (name, codec), row in figures.items():
+        fp = figures[(name, "fp")]
+        print(f"{name + '-' + codec:<12} {row['bytes']:>12,} {row['bytes'] / fp['bytes']:>7.3f} {row['ms']:>14.2f} "
+              f"{row['ms'] / fp['ms']:>7.3f} {row['kl']:>10.5f}")
+    if peer is not None:
+        peer_bytes, peer_kl = peer
+        print(f"{'quanto-int4':<12} {peer_bytes:>12,} {peer_bytes / figures[('full', 'fp')]['bytes']:>7.3f} "
+              f"{'':>14} {'':>7} {peer_kl:>10.5f}   (transformers QuantizedCache, full, residual 128)")
+
+    print("\nfull, decode ms/token: preallocated buffers vs torch.cat storage")
+    timing_settings = GenerationSettings(max_new_tokens=args.new_tokens, chunk_size=512, ignore_eos=True,
+                                         memory_sample_hz=0)
+    for length in (args.short, args.long):
+        prompt = prose_ids(engine, length)
+        if len(prompt) < length:
+            prompt = (prompt * (length // len(prompt) + 1))[:length]
+        preallocated = median_decode_ms(engine.generate(prompt, create_policy("full"), timing_settings).steps)
+        concatenated = median_decode_ms(cat_storage(Engine(loaded)).generate(prompt, create_policy("full"),
+                                                                             timing_settings).steps)
+        print(f"  prompt {length:>5}: preallocated {preallocated:7.2f} ms, torch.cat {concatenated:7.2f} ms, "
+              f"ratio {preallocated / concatenated:.3f}")
+        print(f"decode_ms_ratio_prealloc_vs_cat_{length}={preallocated / concatenated:.3f}")
+
+    print(f"bytes_ratio_int8_vs_fp={figures[('h2o', 'int8')]['bytes'] / figures[('h2o', 'fp')]['bytes']:.3f}")
+    print(f"bytes_ratio_int4_vs_fp={figures[('h2o', 'int4')]['bytes'] / figures[('h2o', 'fp')]['bytes']:.3f}")
+    print(f"kl_int4_vs_fp={figures[('h2o', 'int4')]['kl']:.5f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

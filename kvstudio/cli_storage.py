@@ -1,0 +1,78 @@
+"""`kvstudio run`'s storage options: --codec, --group-size, --residual, --tier, --recall,
+--block-size, --measure-error, and the `--policy h2o-int8` shorthand. The storage itself is
+kvstudio.core.storage; this module only reads the command line into a StorageConfig.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .core.storage import StorageConfig, available_codecs, split_cache_name
+from .core.storage.base import CodecError
+
+
+def add_storage_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cache storage (how the kept entries are held; `--policy h2o-int4` works too)")
+    group.add_argument("--codec", help=f"{', '.join(available_codecs())} (default fp: the model's dtype)")
+    group.add_argument("--group-size", type=int, default=64,
+                       help="entries per key group and channels per value group, KIVI-style (default 64)")
+    group.add_argument("--residual", type=int, default=0,
+                       help="newest entries kept in full precision until they leave this window (default 0)")
+    group.add_argument("--tier", default="device", help="device: evicted entries are dropped (default); "
+                                                        "host: they move to host memory and can be recalled")
+    group.add_argument("--recall", type=int, default=0,
+                       help="host blocks the current query brings back each step (with --tier host)")
+    group.add_argument("--block-size", type=int, default=16, help="entries per host block (default 16)")
+    group.add_argument("--measure-error", action="store_true",
+                       help="report the codec's relative error of keys and values and the KL divergence of the "
+                            "next-token distribution from the same run stored in fp (runs the sequence twice more)")
+
+
+def storage_from_args(args) -> StorageConfig:
+    """The run's StorageConfig; rewrites args.policy from 'h2o-int4' to 'h2o'."""
+    policy, codec = split_cache_name(args.policy)
+    if codec is not None:
+        if args.codec not in (None, codec):
+            raise CodecError(f"--policy {args.policy} names codec {codec}, but --codec says {args.codec}; "
+                             "give one of them")
+        args.policy = policy
+    config = StorageConfig(codec=codec or args.codec or "fp", group_size=args.group_size, residual=args.residual,
+                           tier=args.tier, recall=args.recall, block_size=args.block_size,
+                           measure_error=args.measure_error)
+    config.validate()
+    return config
+
+
+def format_storage(result) -> str | None:
+    """The summary's storage lines, or None for an fp cache on the device."""
+    storage = result.storage
+    if not storage or (storage.get("codec") == "fp" and storage.get("tier") == "device"
+                       and "kl_to_fp" not in storage):
+        return None
+    from .core.units import format_bytes
+
+    line = f"storage {storage['describe']}"
+    if storage.get("tier") == "host":
+        line += f"; host peak {format_bytes(storage['peak_host_bytes'])}, recalled {storage['recalled']} entries"
+    errors = storage.get("relative_error") or {}
+    if errors.get("key") is not None:
+        line += f"\ncodec error: keys {errors['key']:.4f}, values {errors['value']:.4f} (mean relative)"
+    if "kl_to_fp" in storage:
+        line += f", KL to fp {storage['kl_to_fp']:.5f} nats/token over {storage['kl_positions']} positions"
+    return line
+
+
+def measure_error(engine, result, policy, settings, prompt: str) -> None:
+    """Adds the KL to fp to result.storage (the codec's relative errors were recorded in the run)."""
+    import sys
+
+    from .core.storage.errors import kl_to_fp
+
+    print("[kvstudio] measuring the codec's error: the sequence again in fp and through the codec",
+          file=sys.stderr, flush=True)
+    if not result.token_ids:
+        return
+    ids = engine.encode(prompt, settings.chat_template) + result.token_ids[:-1]
+    kl, positions = kl_to_fp(engine, ids, result.prompt_tokens, policy, settings.chunk_size)
+    result.storage["kl_to_fp"] = kl
+    result.storage["kl_positions"] = positions

@@ -1,0 +1,111 @@
+"""Cache storage: how the entries a policy keeps are held (codecs), and where (tiers).
+
+  base.py      the codec contract (plugins implement it) and StorageConfig
+  integer.py   int8 / int4, KIVI's groups (keys per channel, values per token)
+  bnb.py       bnb-int8 / bnb-int4, bitsandbytes blockwise (CUDA only)
+  buffers.py   preallocated per-layer buffers, written and compacted in place
+  stores.py    one layer's storage (fp or through a codec), what PolicyLayer delegates to
+  host.py      the host tier: evicted entries in host memory, Quest block summaries, recall
+  errors.py    --measure-error: the codec's KL to the same run stored in fp
+
+A cache is named `<policy>-<codec>`: `split_cache_name("h2o-int4")` gives ("h2o", "int4").
+"""
+
+from __future__ import annotations
+
+from .base import Codec, CodecError, StorageConfig
+from .bnb import BnbInt4Codec, BnbInt8Codec
+from .integer import Int4Codec, Int8Codec
+
+BUILT_IN = "built-in"
+FP = "fp"
+_CODECS: dict[str, type[Codec] | None] = {FP: None}  # fp has no encoder: the stores hold tensors as they are
+_SOURCES: dict[str, str] = {FP: BUILT_IN}
+_SUMMARIES = {FP: "the model's own dtype, as computed (bit-identical to no codec)"}
+
+
+def register_codec(codec_class: type[Codec], source: str = BUILT_IN) -> type[Codec]:
+    name = codec_class.name
+    if name in _CODECS and _CODECS[name] is not codec_class and _SOURCES[name] != source:
+        raise CodecError(f"two codecs are named '{name}': {_SOURCES[name]} and {source}")
+    _CODECS[name] = codec_class
+    _SOURCES[name] = source
+    return codec_class
+
+
+def unregister_codec(name: str) -> None:
+    if _SOURCES.get(name, BUILT_IN) != BUILT_IN:
+        _CODECS.pop(name, None)
+        _SOURCES.pop(name, None)
+
+
+for _builtin in (Int8Codec, Int4Codec, BnbInt8Codec, BnbInt4Codec):
+    register_codec(_builtin)
+
+
+def available_codecs() -> dict[str, str]:
+    """Codec name -> one-line summary."""
+    return {name: _SUMMARIES.get(name) or (cls.summary if cls else "") for name, cls in _CODECS.items()}
+
+
+def codec_source(name: str) -> str | None:
+    return _SOURCES.get(name)
+
+
+def codec_class(name: str) -> type[Codec] | None:
+    if name not in _CODECS:
+        raise CodecError(f"unknown codec '{name}': choose one of {', '.join(_CODECS)}")
+    return _CODECS[name]
+
+
+def create_codec(config: StorageConfig) -> Codec | None:
+    """The codec object for a run's storage; None for fp."""
+    cls = codec_class(config.codec)
+    return None if cls is None else cls(group_size=config.group_size)
+
+
+def split_cache_name(name: str) -> tuple[str, str | None]:
+    """'h2o-int4' -> ('h2o', 'int4'); 'h2o' -> ('h2o', None). The codec is the longest known suffix."""
+    for codec in sorted(_CODECS, key=len, reverse=True):
+        if name.endswith("-" + codec) and len(name) > len(codec) + 1:
+            return name[: -len(codec) - 1], codec
+    return name, None
+
+
+def attach(policy, config: StorageConfig):
+    """Give a policy object its storage; the cache built for it reads `policy.storage`."""
+    config.validate()
+    policy.storage = config
+    return policy
+
+
+def storage_of(policy) -> StorageConfig:
+    return getattr(policy, "storage", None) or StorageConfig()
+
+
+def cache_name(policy) -> str:
+    """'h2o-int4' for a policy stored in int4; the policy's name alone for fp on the device tier."""
+    storage = storage_of(policy)
+    name = policy.name if storage.codec == FP else f"{policy.name}-{storage.codec}"
+    return name + ("+host" if storage.tier == "host" else "")
+
+
+__all__ = ["Codec", "CodecError", "StorageConfig", "attach", "available_codecs", "cache_name", "codec_class",
+           "create_codec", "register_codec", "split_cache_name", "storage_of", "unregister_codec"]
+
+
+STORAGE_KEY = "storage"  # in a policy's parameter dict (the studio's run requests): the StorageConfig fields
+
+
+def build_policy(name: str, parameters: dict):
+    """A policy from a cache name ('h2o' or 'h2o-int4') and its parameters; parameters["storage"]
+    (a dict of StorageConfig fields) sets the storage, and a codec in the name overrides its codec."""
+    from ..policies import create_policy
+
+    base, codec = split_cache_name(name)
+    parameters = dict(parameters)
+    fields = dict(parameters.pop(STORAGE_KEY, None) or {})
+    if codec is not None:
+        fields["codec"] = codec
+    policy = create_policy(base, **parameters)
+    return attach(policy, StorageConfig(**fields)) if fields else policy

@@ -1,0 +1,112 @@
+"""The codec contract: how the entries a policy keeps are held. Built-in codecs and plugins use it.
+
+Selection (which entries stay) is the policy's job; storage (how they are held) is a codec's. A
+cache is named `<policy>-<codec>` (`h2o-int4`), the naming of the KeysAndValues library.
+
+A codec encodes a *group* of G consecutive entries of one layer (all KV heads at once) and decodes
+what it produced. The engine's storage (`kvstudio.core.storage.quantized`) does the rest: it keeps
+the newest entries in full precision until they leave the residual window, hands the codec each
+group as it leaves, stores the encoded tensors in preallocated per-layer buffers, compacts them in
+place when the policy evicts, and counts their bytes. Write a codec in three parts:
+
+1. `encode(x, kind) -> Encoded`: x is (kv_heads, G, head_dim) in the model's dtype, `kind` is
+   "key" or "value". Return `Encoded(per_entry, per_group)`:
+   - `per_entry`: tensors of shape (kv_heads, G, ...), one row per entry; they follow the entry
+     when the cache compacts, and are dropped with it when the policy evicts it;
+   - `per_group`: tensors of shape (kv_heads, ...) shared by the G entries (a per-channel scale),
+     kept while any KV head still holds an entry of the group.
+2. `decode(per_entry, per_group, kind, dtype) -> (kv_heads, n, head_dim)`: per_entry rows of n
+   entries, per_group already expanded to each entry's group: shape (kv_heads, n, ...).
+3. `name` (an identifier) and `summary` (one line). Optionally `check(device)`: raise
+   `CodecError` when the codec cannot run there (bitsandbytes without CUDA).
+
+Every byte of every tensor returned by `encode` counts towards the cache's bytes, so a codec's
+savings are reported honestly. A plugin file (in any plugin folder) that defines a subclass of
+`Codec` adds it: `--codec NAME` and `--policy h2o-NAME` then work.
+
+The `fp` codec is special: it stores the model's tensors as they are (no groups, no window) in the
+same preallocated buffers, and is bit-identical to an unquantized cache.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from ..errors import KVStudioError
+
+Kind = Literal["key", "value"]
+TIERS = ("device", "host")
+
+
+class CodecError(KVStudioError):
+    """A codec cannot be used as asked (unknown name, bad option, missing hardware)."""
+
+
+@dataclass
+class Encoded:
+    per_entry: dict[str, torch.Tensor]
+    per_group: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Codec(ABC):
+    """Base class of every codec. See the module docstring for the contract."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+
+    def __init__(self, group_size: int = 64):
+        self.group_size = group_size
+
+    def check(self, device: torch.device) -> None:
+        """Raise CodecError if this codec cannot run on `device`."""
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, kind: Kind) -> Encoded:
+        """(kv_heads, G, head_dim) -> the tensors that hold it."""
+
+    @abstractmethod
+    def decode(self, per_entry: dict[str, torch.Tensor], per_group: dict[str, torch.Tensor], kind: Kind,
+               dtype: torch.dtype) -> torch.Tensor:
+        """Back to (kv_heads, n, head_dim) in `dtype`."""
+
+
+@dataclass
+class StorageConfig:
+    """How a run's cache is stored: codec, its options, and where evicted entries go."""
+
+    codec: str = "fp"
+    group_size: int = 64  # entries per key group (keys per channel) and channels per value group
+    residual: int = 0  # newest entries kept in full precision until they leave this window
+    tier: str = "device"  # device: evicted entries are dropped; host: they move to host memory
+    recall: int = 0  # host blocks brought back for each step (tier host)
+    block_size: int = 16  # entries per host block (one summary each)
+    measure_error: bool = False  # record the codec's relative error of keys and values
+
+    def validate(self) -> None:
+        from . import codec_class
+
+        codec_class(self.codec)  # an unknown name raises with the list of codecs
+        checks = [
+            (self.group_size >= 2, f"--group-size must be at least 2, got {self.group_size}"),
+            (self.residual >= 0, f"--residual must be 0 or more, got {self.residual}"),
+            (self.tier in TIERS, f"--tier must be one of {', '.join(TIERS)}, got {self.tier!r}"),
+            (self.recall >= 0, f"--recall must be 0 or more, got {self.recall}"),
+            (self.recall == 0 or self.tier == "host", "--recall N needs --tier host (evicted entries are "
+                                                      "dropped on the device tier, so there is nothing to recall)"),
+            (self.block_size >= 1, f"--block-size must be at least 1, got {self.block_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CodecError(message)
+
+    def describe(self) -> str:
+        parts = [self.codec]
+        if self.codec != "fp":
+            parts.append(f"group {self.group_size}, residual {self.residual}")
+        if self.tier == "host":
+            parts.append(f"host tier, recall {self.recall} blocks of {self.block_size}")
+        return ", ".join(parts)

@@ -1,0 +1,17 @@
+"""What a run reports about its storage (GenerationResult.storage, the summary, --json)."""
+
+from __future__ import annotations
+
+
+def summarize(cache) -> dict:
+    storage = cache.storage
+    return {
+        "codec": storage.codec, "group_size": storage.group_size, "residual": storage.residual,
+        "tier": storage.tier, "recall": storage.recall, "block_size": storage.block_size,
+        "describe": storage.describe(),
+        "peak_cache_bytes": cache.peak_bytes,  # on the device: what the codec really stores
+        "peak_host_bytes": cache.peak_host_bytes,
+        "host_bytes_per_layer": cache.host_bytes_per_layer(),
+        "recalled": cache.recalled_total,
+        "relative_error": cache.codec_error() if storage.measure_error else {},
+    }
