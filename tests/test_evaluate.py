@@ -363,3 +363,21 @@ def test_eval_bad_input_is_one_line_and_nonzero(capsys, argv, message):
 def test_eval_qa_needs_an_existing_file(capsys, tmp_path):
     code, _, err = _cli(capsys, "eval", "qa", "--model", "tiny-llama", "--file", str(tmp_path / "none.jsonl"))
     assert code == 2 and "QA file not found" in err
+
+
+def test_figures_render_without_loading_qt(tmp_path):
+    """The core's figures use matplotlib's Agg canvas only: no GUI toolkit is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from kvstudio.core.evaluate.figures import save_figure\n"
+            "cells = [{'task': 'kl', 'policy': 'h2o', 'budget': 8, 'variant': {}, 'score': 0.1, 'kl_mean': 0.1,"
+            " 'perplexity': 2.0, 'peak_cache_bytes': 10, 'seconds': 1, 'positions': [1, 2], 'kl': [0.1, 0.2],"
+            " 'true_logprobs': [-1.0, -2.0], 'context_tokens': 3}]\n"
+            f"save_figure(cells, {str(tmp_path / 'kl.png')!r})\n"
+            "save_figure(cells, " + repr(str(tmp_path / 'kl.svg')) + ", kind='budget')\n"
+            "print([m for m in sys.modules if m.split('.')[0] in ('PySide6', 'PyQt5', 'PyQt6', 'shiboken6')])\n")
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert output.strip() == "[]"
+    assert (tmp_path / "kl.png").stat().st_size > 1000 and (tmp_path / "kl.svg").stat().st_size > 1000
