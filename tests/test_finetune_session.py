@@ -173,6 +173,8 @@ def test_cli_streams_steps_writes_json_and_stores_the_session(tmp_path, capsys):
     assert record.kind == "finetune" and record.status == "finished" and record.policy == "h2o"
     stored = RunHistory().get(record.id)
     assert len(stored.steps) == 2 and len(stored.figures["val"]) == 3
+    assert main(["runs", "export", str(record.id), str(tmp_path / "steps.csv")]) == 0
+    assert (tmp_path / "steps.csv").read_text().splitlines()[0].startswith("step,loss,grad_norm,lr,seconds,peak_bytes")
     # The adapter applies to a generation run under the same policy, named in its record.
     generated = tmp_path / "run.json"
     assert main(["run", "--model", "tiny-llama", "--policy", "h2o", "--budget", "16", "--prompt", "hello",
