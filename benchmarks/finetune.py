@@ -10,7 +10,8 @@
     under the policy and under full, and val_loss_ratio_after_vs_before_policy=<x>.
 
 usage: python benchmarks/finetune.py [--model SPEC] [--part a|b|both] [--lengths 1000,2000,4000]
-                                     [--budget 128] [--chunk-size 256] [--steps 30] [--session-model default]
+                                     [--budget 128] [--chunk-size 256] [--steps 30] [--validation 8]
+                                     [--session-model default]
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def part_b(args) -> None:
     loaded = load_model(args.session_model)
     engine = Engine(loaded)
     data = load_data("synthetic-passkey", loaded.tokenizer, args.session_len, seed=0, synthetic_count=64,
-                     synthetic_validation=8)
+                     synthetic_validation=args.validation)
     policy = create_policy("h2o", budget=args.session_budget)
     settings = FinetuneSettings(steps=args.steps, learning_rate=args.lr, warmup_steps=3, chunk_size=args.chunk_size,
                                 grad_mode="through", eval_every=0, save_every=0, memory_sample_hz=0)
@@ -125,6 +126,7 @@ def main() -> int:
     parser.add_argument("--session-budget", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--validation", type=int, default=8, help="held-out pass-key examples of part (b)")
     args = parser.parse_args()
     if args.part in ("a", "both"):
         part_a(args)

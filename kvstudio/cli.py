@@ -298,6 +298,8 @@ def command_run(args) -> int:
 
         _, checkpoint, _ = load_adapter(loaded, args.adapter)
         print(f"[kvstudio] adapter {checkpoint}", file=sys.stderr, flush=True)
+        # The summary, --json and the history name the adapter: base and adapted runs stay apart.
+        loaded.name = f"{loaded.name}+lora:{checkpoint.parent.name}/{checkpoint.name}"
     print(f"[kvstudio] {loaded.describe()}; policy {policy.describe()}", file=sys.stderr, flush=True)
     engine = Engine(loaded)
     history, run_id = _history_start(args, loaded, policy, prompt, settings)

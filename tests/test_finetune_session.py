@@ -131,7 +131,7 @@ def test_stop_mid_backward_drops_the_step_and_keeps_the_last_adapter(tmp_path, l
 
 def test_an_adapter_loads_for_generation_and_is_refused_by_another_model(tmp_path, llama_engine):
     out = tmp_path / "out"
-    FinetuneSession(llama_engine, create_policy("full"), passkey_data(llama_engine), settings(steps=2), out).run()
+    FinetuneSession(llama_engine, create_policy("full"), passkey_data(llama_engine), settings(steps=1), out).run()
     ids = list(range(5, 60))
     policy = create_policy("window", budget=16)
     base = llama_engine.prompt_logits(ids, policy, 16)
@@ -173,6 +173,13 @@ def test_cli_streams_steps_writes_json_and_stores_the_session(tmp_path, capsys):
     assert record.kind == "finetune" and record.status == "finished" and record.policy == "h2o"
     stored = RunHistory().get(record.id)
     assert len(stored.steps) == 2 and len(stored.figures["val"]) == 3
+    assert main(["runs", "export", str(record.id), str(tmp_path / "steps.csv")]) == 0
+    assert (tmp_path / "steps.csv").read_text().splitlines()[0].startswith("step,loss,grad_norm,lr,seconds,peak_bytes")
+    # The adapter applies to a generation run under the same policy, named in its record.
+    generated = tmp_path / "run.json"
+    assert main(["run", "--model", "tiny-llama", "--policy", "h2o", "--budget", "16", "--prompt", "hello",
+                 "--max-new-tokens", "2", "--adapter", str(tmp_path / "out"), "--json", str(generated)]) == 0
+    assert json.loads(generated.read_text())["model"] == "tiny-llama+lora:out/step-000002"
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

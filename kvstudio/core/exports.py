@@ -40,10 +40,15 @@ def export_run(record, path: str | Path) -> Path:
     if path.suffix == ".json":
         return atomic_write(path, lambda stream: json.dump(record.to_dict(), stream, indent=1))
     if path.suffix == ".csv":
+        if getattr(record, "kind", "generate") == "finetune":  # a session's steps: loss, grad norm, lr, ...
+            columns, rows = (list(record.steps[0]) if record.steps else ["step"]), record.steps
+        else:
+            columns, rows = CSV_COLUMNS, step_rows(record.steps)
+
         def write(stream):
-            writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
+            writer = csv.DictWriter(stream, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(step_rows(record.steps))
+            writer.writerows(rows)
         return atomic_write(path, write)
     raise KVStudioError(f"cannot export to '{path.suffix or path.name}': use a .json or .csv file name")
 

@@ -35,7 +35,7 @@ class FinetuneCurves(QWidget):
         self.val_full_curve = self.loss_plot.plot(pen=pg.mkPen((120, 200, 90), width=2, style=pg.QtCore.Qt.DashLine),
                                                   symbol="t", symbolSize=6, symbolBrush=(120, 200, 90),
                                                   name="validation, full cache")
-        self.grad_plot = self.plots.addPlot(row=0, col=1, title="grad norm · lr ×1e4")
+        self.grad_plot = self.plots.addPlot(row=0, col=1, title="grad norm · lr as a fraction of its peak")
         self.grad_plot.setLabel("bottom", "step")
         self.grad_curve = self.grad_plot.plot(pen=pg.mkPen((80, 140, 220), width=2))
         self.lr_curve = self.grad_plot.plot(pen=pg.mkPen((230, 150, 60), width=1))
@@ -99,7 +99,8 @@ class FinetuneCurves(QWidget):
             x = np.array([s.step for s in self.steps], dtype=float)
             self.train_curve.setData(x, [s.loss for s in self.steps])
             self.grad_curve.setData(x, [s.grad_norm for s in self.steps])
-            self.lr_curve.setData(x, [s.lr * 1e4 for s in self.steps])
+            peak_lr = max(s.lr for s in self.steps) or 1.0  # the shape of the schedule, on the norm's scale
+            self.lr_curve.setData(x, [s.lr / peak_lr for s in self.steps])
             self.speed_curve.setData(x, [s.tokens_per_second for s in self.steps])
             self.evictions_curve.setData(x, [s.evictions / 1000 for s in self.steps])
         if new["val"]:

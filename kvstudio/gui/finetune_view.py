@@ -386,6 +386,7 @@ def install(window) -> FinetuneController:
     curves_dock = QDockWidget("Fine-tune curves", window, objectName="finetune_curves")
     curves_dock.setWidget(controller.curves)
     window.tabifyDockWidget(window.docks["Plugins"], curves_dock)
+    window.docks["Token map"].raise_()  # a new tab comes to the front: give it back to the window's first view
     window.docks["Fine-tune"] = panel_dock
     window.docks["Fine-tune curves"] = curves_dock
     window.model_panel.layout().addRow("adapter", controller.adapter_row)
