@@ -12,7 +12,8 @@ prefill a saved cache avoids.
 - `tokenizer_sha256`: SHA-256 of the tokenizer's class, its vocabulary (token -> id, sorted), its
   special tokens and its chat template.
 
-Fingerprints are computed once per loaded model and tokenizer and kept while they live.
+Model fingerprints are computed each time they are asked for (a fine-tune session changes a loaded
+model in place); tokenizer fingerprints are kept while the tokenizer lives.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import weakref
 import torch
 
 SAMPLE_PER_TENSOR = 1024
-_model_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _tokenizer_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -49,11 +49,11 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 def model_fingerprint(loaded) -> dict:
     """{name, spec, config_sha256, weights_sha256, dtype, n_layers, n_kv_heads, head_dim} of a LoadedModel."""
+    # Computed every time (milliseconds), never kept: the same model object changes under a
+    # fine-tune session (an adapter applied, weights trained), and a kept fingerprint went stale.
     model = loaded.model
-    if model not in _model_fingerprints:
-        _model_fingerprints[model] = {"config_sha256": config_sha256(model.config),
-                                      "weights_sha256": weights_sha256(model)}
-    return {"name": loaded.name, "spec": loaded.spec, **_model_fingerprints[model],
+    hashes = {"config_sha256": config_sha256(model.config), "weights_sha256": weights_sha256(model)}
+    return {"name": loaded.name, "spec": loaded.spec, **hashes,
             "dtype": str(loaded.dtype).removeprefix("torch."), "n_layers": loaded.n_layers,
             "n_kv_heads": loaded.n_kv_heads, "head_dim": loaded.head_dim}
 
