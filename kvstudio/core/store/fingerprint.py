@@ -29,7 +29,11 @@ _tokenizer_fingerprints: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def config_sha256(config) -> str:
-    data = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    # Not what a cache depends on, and written into a live config by save_pretrained (seen: a
+    # session's model gained "dtype" and "architectures" after an adapter was saved): the dtype is
+    # compared on its own, the architecture is model_type's.
+    data = {k: v for k, v in config.to_dict().items()
+            if not k.startswith("_") and k not in ("transformers_version", "dtype", "torch_dtype", "architectures")}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
