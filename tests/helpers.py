@@ -46,3 +46,15 @@ def check_policy_invariants(policy, prompt_length, chunk_size, new_tokens, seed,
     assert max(prefill, default=0) <= max(budgets)
     assert max(result.peak_kept_per_layer) <= max(budgets) + max(chunk_size, new_tokens)
     return result
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`kvstudio ARGV` in-process, as a user types it: (exit status, stdout, stderr)."""
+    from kvstudio.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err

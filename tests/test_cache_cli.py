@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import json
 
-from kvstudio.cli import main
+from .helpers import run_cli
 
 DOCUMENT = "A long document about caches. " * 2  # 60 bytes: 60 tokens of the byte tokenizer
 RUN = ["run", "--model", "tiny-llama", "--policy", "h2o", "--budget", "16", "--chunk-size", "8",
        "--max-new-tokens", "5", "--no-history"]
 
 
-def cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+cli = run_cli
 
 
 def _run(capsys, tmp_path, prompt, name, *extra):

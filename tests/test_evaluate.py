@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstudio.cli import main
 from kvstudio.core.engine import CancelToken
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.evaluate import metrics
@@ -29,6 +28,7 @@ from kvstudio.core.models import load_model
 from kvstudio.core.policies import create_policy
 
 from .conftest import engine_for
+from .helpers import run_cli
 
 QA_FILE = Path(__file__).resolve().parents[1] / "resources" / "qa_sample.jsonl"
 
@@ -317,13 +317,7 @@ def test_exports_csv_json_png_svg(tmp_path):
 # --- the command --------------------------------------------------------------------------------
 
 
-def _cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
+_cli = run_cli  # tests/helpers.py
 
 
 def test_eval_command_writes_records_table_and_figure_then_resumes(capsys, tmp_path):
