@@ -25,6 +25,7 @@ def check_display() -> None:
 def run_studio(model: str | None = "default") -> int:
     check_display()
     import pyqtgraph as pg
+    from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
     from .main_window import MainWindow
@@ -40,5 +41,7 @@ def run_studio(model: str | None = "default") -> int:
     window.show()
     if model:
         window.model_panel.spec.setCurrentText(model)
-        window.request_load(model, "auto", "auto")
+        # After the first paint: painting and laying out the window holds the GIL for tens of
+        # milliseconds, and the load started beside it held it in the other direction.
+        QTimer.singleShot(0, lambda: window.request_load(model, "auto", "auto"))
     return app.exec()
