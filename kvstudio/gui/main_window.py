@@ -130,15 +130,18 @@ class MainWindow(QMainWindow):
         return self._menus[title]
 
     def _arrange_docks(self) -> None:
+        # Each dock goes straight into its tab group: added side by side first, they would stack and
+        # stretch the window to the sum of their heights.
         side = [dock for place, dock in self._placed if place == "side"]
         output = [dock for place, dock in self._placed if place == "output"]
         views = [dock for place, dock in self._placed if place == "views"]
         for dock in side:
             dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable)
-            self.addDockWidget(Qt.LeftDockWidgetArea, dock)
+        if side:
+            self.addDockWidget(Qt.LeftDockWidgetArea, side[0])
         for dock in side[1:]:
             self.tabifyDockWidget(side[0], dock)
-        for dock in output + views:
+        for dock in output[:1] + views[:1]:
             self.addDockWidget(Qt.RightDockWidgetArea, dock)
         if output and views:
             self.splitDockWidget(output[0], views[0], Qt.Vertical)
