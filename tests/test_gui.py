@@ -11,6 +11,7 @@ from PySide6.QtCore import QMimeData, QSettings, Qt, QUrl
 from kvstudio.core.policies import register
 from kvstudio.core.policies import _REGISTRY as POLICY_REGISTRY
 from kvstudio.core.policies.base import Policy
+from kvstudio.gui.compare import COLUMNS
 from kvstudio.gui.main_window import MainWindow
 
 pytest.importorskip("pytestqt")
@@ -210,7 +211,7 @@ def test_policy_form_is_generated_from_declared_parameters(qtbot, window):
     assert {"budget", "rerotate", "observation_window", "kernel_size", "pooling", "compress_every"} == set(editors)
     assert type(editors["pooling"][1]).__name__ == "QComboBox"
     window.form.policy_form.set_values({"budget": 64, "kernel_size": 4})
-    assert "--kernel-size must be odd" in window.form.policy_form.error.text()
+    assert "Kernel size must be odd" in window.form.policy_form.error.text()
     window.form.policy_form.set_values({"kernel_size": 5})
     assert window.form.policy_form.error.text() == ""
     assert window.form.policy_form.values()["budget"] == 64
@@ -272,7 +273,8 @@ def test_compare_runs_each_policy_and_shows_them_side_by_side(qtbot, window):
     qtbot.waitUntil(lambda: window.compare.view.table.rowCount() == 3 and not window.running, timeout=30_000)
     table = window.compare.view.table
     assert [table.item(r, 0).text() for r in range(3)] == ["full", "window", "h2o"]
-    assert int(table.item(0, 4).text()) == 0 and int(table.item(1, 4).text()) > 0
+    evictions = COLUMNS.index("evictions")
+    assert int(table.item(0, evictions).text()) == 0 and int(table.item(1, evictions).text()) > 0
     assert len(window.compare.view.map_views) == 3
     assert window.compare.view.map_views[0].layers_holding().min() == 4  # full keeps every token
     assert window.compare.view.map_views[1].layers_holding().min() == 0
@@ -436,7 +438,8 @@ def test_exports_from_the_studio(qtbot, window, tmp_path):
     import csv as csv_module
     import json
 
-    assert window.exports.export_run(tmp_path / "nothing.json") is None and "run something first" in window.error_text.text()
+    assert window.exports.export_run(tmp_path / "nothing.json") is None
+    assert "run something first" in window.error_text.text()
     load(qtbot, window)
     window.prompt_area.prompt.setPlainText("export me " * 5)
     outcome = run(qtbot, window, "streaming_llm", budget=12, sink=2)
@@ -575,7 +578,8 @@ def _views_state(window):
     steps, positions = window.views.evictions_view.raster_points()
     return (window.views.output_view.text.toPlainText(), window.views.token_view.layers_holding().tolist(),
             steps.tolist(), positions.tolist(), list(window.views.occupancy_view.kept_per_layer),
-            window.views.attention_view.image_values.copy(), [s.cache_bytes for s in window.views.memory_view.step_readings()])
+            window.views.attention_view.image_values.copy(),
+            [s.cache_bytes for s in window.views.memory_view.step_readings()])
 
 
 def test_a_stored_run_reopens_its_views_after_a_restart(qtbot, window, tmp_path):

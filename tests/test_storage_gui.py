@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PySide6.QtCore import Qt
 
+from kvstudio.gui.compare import COLUMNS
+
 from .test_gui import load, run
 
 pytest.importorskip("pytestqt")
@@ -44,7 +46,7 @@ def test_storage_fields_reach_the_run_and_the_views(qtbot, window):
     # Invalid storage blocks the run with StorageConfig's own reason.
     form.tier.setCurrentText("device")
     window.run.request_run()
-    assert not window.running and "--recall N needs --tier host" in window.error_text.text()
+    assert not window.running and "Recall blocks needs tier host" in window.error_text.text()
 
 
 def test_compare_h2o_fp_against_h2o_int4(qtbot, window):
@@ -60,6 +62,7 @@ def test_compare_h2o_fp_against_h2o_int4(qtbot, window):
         item.setCheckState(Qt.Checked if item.text() in ("h2o-fp", "h2o-int4") else Qt.Unchecked)
     window.compare.request(view.checked())
     qtbot.waitUntil(lambda: view.table.rowCount() == 2 and not window.running, timeout=30_000)
-    rows = {view.table.item(r, 0).text(): float(view.table.item(r, 3).text()) for r in range(2)}
+    peak = COLUMNS.index("peak cache MiB")
+    rows = {view.table.item(r, 0).text(): float(view.table.item(r, peak).text()) for r in range(2)}
     assert set(rows) == {"h2o-fp", "h2o-int4"}
     assert rows["h2o-int4"] < rows["h2o-fp"]  # peak cache MiB: int4 stores less

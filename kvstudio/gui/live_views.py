@@ -7,6 +7,7 @@ sent per token or per layer. The same views show a stored run from the history, 
 from __future__ import annotations
 
 from PySide6.QtCore import QTimer, Slot
+from PySide6.QtWidgets import QGroupBox, QVBoxLayout
 
 from ..core.events import Recorder
 from .feature import Feature
@@ -36,7 +37,9 @@ class LiveViews(Feature):
 
     def install(self) -> None:
         window = self.window
-        window.add_dock("Output", self.output_view, "output")
+        output = QGroupBox("Output")
+        QVBoxLayout(output).addWidget(self.output_view)
+        window.add_to_centre(output, 3)  # below the prompt: what is read gets the height
         for title, view in (("Token map", self.token_view), ("Attention map", self.attention_view),
                             ("Occupancy", self.occupancy_view), ("Evictions", self.evictions_view),
                             ("Memory", self.memory_view)):

@@ -8,8 +8,9 @@ plugins, caches, evaluation, fine-tuning) is a feature module that owns its dock
 
 from __future__ import annotations
 
-from PySide6.QtCore import QSettings, Qt, QThread
-from PySide6.QtWidgets import QDockWidget, QLabel, QMainWindow, QMenu, QToolButton, QVBoxLayout, QWidget
+from PySide6.QtCore import QEvent, QSettings, Qt, QThread
+from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QSplitter, QTabBar, QToolButton, QVBoxLayout,
+                               QWidget)
 
 from ..core.events import Recorder
 from ..core.history import HistoryError, RunHistory
@@ -27,12 +28,15 @@ from .prompt_area import PromptArea
 from .run_control import RunControl
 from .run_form import RunForm
 from .runs_view import RunsFeature
+from .scrolling import scrolling
 from .snapshot_view import SnapshotFeature
 from .worker import RunOutcome, StudioWorker
 
-# Where docks go: the set-up column on the left (tabs), Output above the views on the right, and
-# the views as tabs below it. Within a place, the order the features are installed in.
-PLACES = ("side", "output", "views")
+# Where docks go: the set-up column on the left, the views as tabs on the right; within a place, in
+# the order the features are installed. The centre (documents, prompt, output) takes what is left.
+PLACES = ("side", "views")
+SIDE_WIDTH = 300  # the set-up column's first width
+VIEWS_SHARE = 0.45  # of the window's width, the views' first width: the token map reads like a page
 
 
 class MainWindow(QMainWindow):
@@ -49,6 +53,7 @@ class MainWindow(QMainWindow):
         self.running = False
         self.last_outcome: RunOutcome | None = None
         self.docks: dict[str, QDockWidget] = {}
+        self._shown_once = False
         self._placed: list[tuple[str, QDockWidget]] = []
         self._menus: dict[str, QMenu] = {}
 
@@ -103,22 +108,29 @@ class MainWindow(QMainWindow):
         self.central_layout = QVBoxLayout(central)
         self.central_layout.addWidget(self.error_banner)
         self._bars = 0  # message bars below the error banner
+        self.centre = QSplitter(Qt.Vertical)
+        self.centre.setChildrenCollapsible(False)
+        self.central_layout.addWidget(self.centre, 1)
         self.setCentralWidget(central)
 
-    def add_to_centre(self, widget: QWidget, stretch: int = 0) -> None:
-        """The centre's content (the prompt area), below the message bars."""
-        self.central_layout.addWidget(widget, stretch)
+    def add_to_centre(self, widget: QWidget, stretch: int) -> None:
+        """A part of the centre column, below those already there; `stretch` is its share of the height."""
+        self.centre.addWidget(widget)
+        self.centre.setStretchFactor(self.centre.count() - 1, stretch)
 
     def add_bar(self, bar: QWidget) -> None:
         """A feature's message bar, with the error banner above the centre's content."""
         self._bars += 1
         self.central_layout.insertWidget(self._bars, bar)
 
-    def add_dock(self, title: str, widget: QWidget, place: str, object_name: str | None = None) -> QDockWidget:
-        """A dock for a feature's widget; the window places it (PLACES) once every feature is in."""
+    def add_dock(self, title: str, widget: QWidget, place: str, object_name: str | None = None,
+                 scrolls: bool = True) -> QDockWidget:
+        """A dock for a feature's widget; the window places it (PLACES) once every feature is in.
+        `scrolls`: in a scroll area, so a view larger than its dock scrolls instead of growing the
+        window past the screen (it must fit 1280x800); off for a widget that scrolls itself."""
         assert place in PLACES, place
         dock = QDockWidget(title, self, objectName=object_name or title.lower().replace(" ", "_"))
-        dock.setWidget(widget)
+        dock.setWidget(scrolling(widget, sideways=place != "side") if scrolls else widget)
         self.docks[title] = dock
         self._placed.append((place, dock))
         return dock
@@ -133,22 +145,38 @@ class MainWindow(QMainWindow):
         # Each dock goes straight into its tab group: added side by side first, they would stack and
         # stretch the window to the sum of their heights.
         side = [dock for place, dock in self._placed if place == "side"]
-        output = [dock for place, dock in self._placed if place == "output"]
         views = [dock for place, dock in self._placed if place == "views"]
         for dock in side:
             dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable)
-        if side:
-            self.addDockWidget(Qt.LeftDockWidgetArea, side[0])
-        for dock in side[1:]:
-            self.tabifyDockWidget(side[0], dock)
-        for dock in output[:1] + views[:1]:
-            self.addDockWidget(Qt.RightDockWidgetArea, dock)
-        if output and views:
-            self.splitDockWidget(output[0], views[0], Qt.Vertical)
-        for dock in views[1:]:
-            self.tabifyDockWidget(views[0], dock)
-        for first in (side[:1] + views[:1]):
-            first.raise_()
+        for area, docks in ((Qt.LeftDockWidgetArea, side), (Qt.RightDockWidgetArea, views)):
+            if docks:
+                self.addDockWidget(area, docks[0])
+            for dock in docks[1:]:
+                self.tabifyDockWidget(docks[0], dock)
+            if docks:
+                docks[0].raise_()
+
+    def _first_layout(self) -> None:
+        """Without a saved layout: the set-up column and the views take their shares of the width."""
+        side = [dock for place, dock in self._placed if place == "side"][:1]
+        views = [dock for place, dock in self._placed if place == "views"][:1]
+        self.resizeDocks(side + views, [SIDE_WIDTH, int(self.width() * VIEWS_SHARE)][:len(side + views)],
+                         Qt.Horizontal)
+
+    def event(self, event) -> bool:
+        # Dock tabs are tab bars the window makes as docks are tabbed (and re-made as the user moves
+        # them): whole labels, with scroll arrows when they do not fit, instead of "To…", "O…".
+        if event.type() == QEvent.ChildPolished and isinstance(event.child(), QTabBar):
+            event.child().setElideMode(Qt.ElideNone)
+            event.child().setUsesScrollButtons(True)
+        return super().event(event)
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if not self._shown_once:
+            self._shown_once = True
+            if self.settings.value("window_state") is None:
+                self._first_layout()
 
     # -- shared behaviour ---------------------------------------------------------------------------
 

@@ -1,15 +1,17 @@
 """The centre of the window: the documents that precede the prompt, the prompt, and drops onto the window.
 
 A dropped file becomes a document (a .py file is offered as a plugin first: the Plugins feature asks);
-dropped text becomes a document. Token counts come from the model's thread once a model is in.
+dropped text becomes a document. Token counts come from the model's thread once a model is in. The
+documents (files by path, dropped text as text) and the prompt come back at the next launch.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal, Slot
-from PySide6.QtWidgets import QGroupBox, QPlainTextEdit, QSplitter, QVBoxLayout
+from PySide6.QtCore import Signal, Slot
+from PySide6.QtWidgets import QGroupBox, QPlainTextEdit, QVBoxLayout
 
 from .feature import Feature
 from .panels import DocumentList
@@ -25,13 +27,12 @@ class PromptArea(Feature):
         self.prompt.setPlaceholderText("Type a prompt (it follows the checked documents), or drop files here.")
         prompt_box = QGroupBox("Prompt")
         QVBoxLayout(prompt_box).addWidget(self.prompt)
-        self.splitter = QSplitter(Qt.Vertical)
-        self.splitter.addWidget(self.documents)
-        self.splitter.addWidget(prompt_box)
+        self.prompt_box = prompt_box
 
     def install(self) -> None:
         window = self.window
-        window.add_to_centre(self.splitter, 1)
+        window.add_to_centre(self.documents, 1)
+        window.add_to_centre(self.prompt_box, 1)
         self.documents.added.connect(self._document_added)
         self.documents.refused.connect(window.show_error)
         self.count_tokens.connect(window.worker.count_tokens)
@@ -44,6 +45,22 @@ class PromptArea(Feature):
         """The checked documents, then the typed prompt."""
         parts = [self.documents.checked_text(), self.prompt.toPlainText()]
         return "\n\n".join(part for part in parts if part.strip())
+
+    # -- kept between launches -----------------------------------------------------------------------
+
+    def restore_settings(self, settings) -> None:
+        saved = settings.value("documents")
+        lost = self.documents.restore_state(json.loads(saved)) if isinstance(saved, str) else []
+        prompt = settings.value("prompt")
+        if isinstance(prompt, str):
+            self.prompt.setPlainText(prompt)
+        if lost:
+            self.window.show_error(f"not restored from the last session: {', '.join(lost)} (moved, deleted or "
+                                   "no longer readable); open it again to use it")
+
+    def save_settings(self, settings) -> None:
+        settings.setValue("documents", json.dumps(self.documents.saved_state()))
+        settings.setValue("prompt", self.prompt.toPlainText())
 
     # -- token counts -------------------------------------------------------------------------------
 

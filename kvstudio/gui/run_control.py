@@ -11,6 +11,7 @@ from PySide6.QtCore import Signal, Slot
 
 from ..core.events import Recorder
 from .feature import Feature
+from .run_summary import describe_run
 from .worker import RunOutcome, RunRequest
 
 
@@ -77,10 +78,6 @@ class RunControl(Feature):
             window.show_error(f"{request.policy}: {outcome.error}")
             window.statusBar().showMessage("run failed")
         else:
-            result = outcome.result
-            window.statusBar().showMessage(
-                f"{request.policy}: {result.stop_reason} · {len(result.token_ids)} tokens · "
-                f"{result.tokens_per_second:.1f} tokens/s · peak cache {result.peak_cache_bytes / 2**20:.2f} MiB · "
-                f"{result.evictions} evictions")
+            window.statusBar().showMessage(describe_run(request.policy, outcome.result))
         window.update_buttons()
         self.run_ended.emit(outcome)

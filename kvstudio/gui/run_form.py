@@ -16,8 +16,9 @@ from ..core.engine import GenerationSettings
 from ..core.policies import available_policies
 from ..core.storage import available_codecs
 from .feature import Feature
+from .scrolling import scrolling
 from .policy_form import PolicyForm
-from .storage_form import StorageForm
+from .storage_form import OPTION_LABELS, StorageForm
 
 DEFAULT_BUDGET = 256  # what a policy's form starts with before the user sets one
 
@@ -60,15 +61,22 @@ class RunForm(Feature):
         generation.addRow("temperature", self.temperature)
         generation.addRow("seed", self.seed)
         generation.addRow(self.chat)
+        # Run and Stop sit below the column, outside its scroll area: always in reach at 800 px.
+        self.dock_widget = QWidget()
+        self.dock_layout = QVBoxLayout(self.dock_widget)
+        self.dock_layout.setContentsMargins(0, 0, 0, 0)
         buttons = QHBoxLayout()
+        buttons.setContentsMargins(8, 2, 8, 4)
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.stop_button)
-        generation.addRow(buttons)
+        self.dock_layout.addLayout(buttons)
 
     def install(self) -> None:
         self.add_box(self.policy_box)
         self.add_box(self.generation_box)
-        self.window.add_dock("Set-up", self.column, "side", object_name="setup")
+        # Scrolled once its boxes are in: the column is as wide as they need.
+        self.dock_layout.insertWidget(0, scrolling(self.column, sideways=False), 1)
+        self.window.add_dock("Set-up", self.dock_widget, "side", object_name="setup", scrolls=False)
         self.policy.currentTextChanged.connect(self._policy_chosen)
         self.window.loading.model_loaded.connect(self._model_loaded)
         self.window.plugins_feature.policies_changed.connect(self._policies_changed)
@@ -93,6 +101,10 @@ class RunForm(Feature):
     def validate(self) -> str | None:
         """The form's own message when the policy or storage fields are not valid."""
         return self.policy_form.validate() or self.storage_form.validate()
+
+    def labels(self) -> dict[str, str]:
+        """The CLI's option names -> this column's labels, for messages in the form's words."""
+        return self.policy_form.labels() | OPTION_LABELS
 
     def update_buttons(self) -> None:
         self.run_button.setEnabled(not self.window.running and self.window.model_info is not None)

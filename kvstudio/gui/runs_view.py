@@ -3,21 +3,23 @@ and delete."""
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton,
-                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+                               QScrollArea, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from ..core.errors import KVStudioError
 from ..core.exports import export_run
 from ..core.history import HistoryError
 from ..core.recordings import unpack_events
 from .feature import Feature
+from .run_summary import budget_text, parameters_text
 
-COLUMNS = ("id", "when (UTC)", "status", "model", "policy", "tokens/s", "peak MiB", "evictions", "prompt",
-           "output")
+COLUMNS = ("id", "when (UTC)", "status", "model", "policy", "budget", "parameters", "tokens/s", "peak MiB",
+           "evictions", "prompt", "output")
 FIGURES = (("tokens/s", "tokens_per_second", "{:.1f}"), ("peak cache MiB", "peak_cache_bytes", None),
            ("evictions", "evictions", "{}"), ("prompt tokens", "prompt_tokens", "{}"),
            ("prefill s", "prefill_seconds", "{:.2f}"), ("stop", "stop_reason", "{}"))
@@ -45,6 +47,11 @@ class RunsView(QWidget):
         self.table.horizontalHeader().setStretchLastSection(True)
         self.comparison = QLabel("")
         self.comparison.setTextFormat(Qt.RichText)
+        self.comparison.setWordWrap(True)
+        self.comparison.setAlignment(Qt.AlignTop | Qt.AlignLeft)
+        self.comparison.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        comparison_scroll = QScrollArea(widgetResizable=True)  # two long outputs stay inside the view
+        comparison_scroll.setWidget(self.comparison)
         self.status = QLabel("")
         controls = QHBoxLayout()
         controls.addWidget(self.search, 1)
@@ -54,7 +61,7 @@ class RunsView(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(controls)
         layout.addWidget(self.table, 3)
-        layout.addWidget(self.comparison, 1)
+        layout.addWidget(comparison_scroll, 2)
         layout.addWidget(self.status)
         self.search.returnPressed.connect(self.refresh)
         self.refresh_button.clicked.connect(self.refresh)
@@ -80,12 +87,17 @@ class RunsView(QWidget):
         for row, record in enumerate(records):
             figures = record.figures
             cells = (str(record.id), record.created.replace("T", " ")[:19], record.shown_status, record.model,
-                     record.policy, _figure(figures, "tokens_per_second", "{:.1f}"),
+                     record.policy, budget_text(record.parameters), parameters_text(record.parameters),
+                     _figure(figures, "tokens_per_second", "{:.1f}"),
                      _figure(figures, "peak_cache_bytes", None), _figure(figures, "evictions", "{}"),
                      record.prompt_preview.replace("\n", " "), record.output.replace("\n", " "))
             for column, value in enumerate(cells):
                 self.table.setItem(row, column, QTableWidgetItem(value))
             _mark_status(self.table.item(row, 2), record)
+            self.table.item(row, 6).setToolTip(_settings_tip(record))
+        self.table.resizeColumnsToContents()  # then the long text columns get what is left
+        for column in (COLUMNS.index("prompt"), COLUMNS.index("output")):
+            self.table.setColumnWidth(column, min(self.table.columnWidth(column), 320))
         self.status.setText(f"{len(records)} run(s) in {self.history.path}")
 
     def selected_ids(self) -> list[int]:
@@ -101,12 +113,20 @@ class RunsView(QWidget):
             self.status.setText("select exactly two runs to compare")
             return
         first, second = (self.history.get(i) for i in ids)
-        lines = [f"<tr><th></th><th>run {first.id}: {first.policy}</th><th>run {second.id}: {second.policy}</th></tr>"]
-        for label, key, pattern in FIGURES:
-            lines.append(f"<tr><td>{label}</td><td>{_figure(first.figures, key, pattern)}</td>"
-                         f"<td>{_figure(second.figures, key, pattern)}</td></tr>")
+        rows = [("model", first.model, second.model), ("status", first.shown_status, second.shown_status),
+                ("budget", budget_text(first.parameters), budget_text(second.parameters)),
+                ("parameters", parameters_text(first.parameters) or "defaults",
+                 parameters_text(second.parameters) or "defaults"),
+                *((label, _figure(first.figures, key, pattern), _figure(second.figures, key, pattern))
+                  for label, key, pattern in FIGURES),
+                ("output", first.output, second.output)]
+        lines = [f"<tr><th></th><th align=left>run {first.id}: {first.policy}</th>"
+                 f"<th align=left>run {second.id}: {second.policy}</th></tr>"]
+        for label, a, b in rows:
+            differs = " style='color:#e0b040'" if a != b and label != "output" else ""
+            lines.append(f"<tr><td><b>{label}</b></td><td{differs}>{_html(a)}</td><td{differs}>{_html(b)}</td></tr>")
         same = "same prompt" if first.prompt_sha256 == second.prompt_sha256 else "different prompts"
-        self.comparison.setText(f"<table cellspacing=6>{''.join(lines)}</table><i>{same}</i>")
+        self.comparison.setText(f"<table cellspacing=6 width=100%>{''.join(lines)}</table><i>{same}</i>")
 
     def delete_selected(self) -> None:
         for run_id in self.selected_ids():
@@ -129,6 +149,17 @@ def _mark_status(item: QTableWidgetItem, record) -> None:
     if colour:
         item.setForeground(QColor(colour))
     item.setToolTip(meaning + (f": {record.error}" if record.error else ""))
+
+
+def _settings_tip(record) -> str:
+    """Every parameter and generation setting of a run, for the hover on its parameters cell."""
+    lines = [f"{name}: {value}" for name, value in record.parameters.items()]
+    lines += [f"{name}: {value}" for name, value in record.settings.items() if value not in (None, [], ())]
+    return "\n".join(lines)
+
+
+def _html(text: str) -> str:
+    return html.escape(text).replace("\n", "<br>")
 
 
 def _figure(figures: dict, key: str, pattern: str | None) -> str:
