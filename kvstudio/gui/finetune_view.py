@@ -209,7 +209,7 @@ class FinetuneFeature(Feature):
 
     def install(self) -> None:
         window = self.window
-        window.add_dock("Fine-tune", self.panel, "side", object_name="finetune")
+        window.add_dock("Fine-tune", self.panel, "side", object_name="finetune", scrolls=False)  # it scrolls itself
         window.add_dock("Fine-tune curves", self.curves, "views", object_name="finetune_curves")
         window.loading.panel.layout().addRow("adapter", self.adapter_row)
         self.timer.timeout.connect(self.refresh)

@@ -45,6 +45,7 @@ class RunsView(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.verticalHeader().hide()  # the id column numbers the rows
         self.comparison = QLabel("")
         self.comparison.setTextFormat(Qt.RichText)
         self.comparison.setWordWrap(True)
@@ -87,7 +88,8 @@ class RunsView(QWidget):
         for row, record in enumerate(records):
             figures = record.figures
             cells = (str(record.id), record.created.replace("T", " ")[:19], record.shown_status, record.model,
-                     record.policy, budget_text(record.parameters), parameters_text(record.parameters),
+                     record.policy, budget_text(record.parameters),
+                     parameters_text(record.parameters) or "defaults",
                      _figure(figures, "tokens_per_second", "{:.1f}"),
                      _figure(figures, "peak_cache_bytes", None), _figure(figures, "evictions", "{}"),
                      record.prompt_preview.replace("\n", " "), record.output.replace("\n", " "))
