@@ -226,3 +226,24 @@ def test_the_prefill_bar_moves_within_a_chunk(qtbot, window):
     replay.record(recorder.all("prefill")[-1])
     view.refresh()
     assert view.prefill.value() == 160 and view.prefill.format() == "prefill 160 / 160 tokens"
+
+
+def test_stop_inside_a_prefill_chunk_ends_the_run_there_and_says_so(qtbot, window):
+    from kvstudio.core.layer_hooks import decoder_layers
+
+    window.prompt_area.prompt.setPlainText("x" * 400)
+    window.form.chunk_size.setValue(400)  # the whole prompt in one chunk
+    window.form.max_new_tokens.setValue(5)
+    layers = decoder_layers(window.worker.engine.model, 4)
+    # Stop arrives while the chunk is at layer 2 (what the Stop button does, from the model's thread here).
+    handle = layers[2].register_forward_pre_hook(lambda *_: window.worker.cancel_run())
+    try:
+        outcome = run(qtbot, window, "window", budget=16)
+    finally:
+        handle.remove()
+    assert outcome.result.stop_reason == "cancelled" and outcome.result.steps == []
+    assert window.statusBar().currentMessage().startswith(
+        "window: cancelled · 0 tokens · stopped before the first prefill chunk was through · peak cache ")
+    bar = window.views.output_view.prefill
+    assert bar.value() == 100 and bar.format() == "prefill 0 / 400 tokens · layer 1/4"  # where it stopped
+    assert window.history.list(limit=1)[0].shown_status == "cancelled"

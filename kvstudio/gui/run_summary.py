@@ -16,6 +16,8 @@ def speed_text(result) -> str:
     if fed and result.prefill_seconds > 0:
         of = f" of {result.prompt_tokens:,}" if fed < result.prompt_tokens else ""
         return f"prefill {fed:,}{of} tokens at {fed / result.prefill_seconds:.0f} tokens/s"
+    if result.stop_reason == "cancelled":
+        return "stopped before the first prefill chunk was through"
     return "no speed measured"
 
 
