@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QFont
-from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMenu, QPlainTextEdit,
+from PySide6.QtWidgets import (QHBoxLayout, QHeaderView, QLabel, QListWidget, QListWidgetItem, QMenu, QPlainTextEdit,
                                QPushButton, QScrollArea, QSizePolicy, QSplitter, QTableWidget, QTableWidgetItem,
                                QToolButton, QVBoxLayout, QWidget, QWidgetAction)
 
@@ -93,7 +93,7 @@ class CompareView(QWidget):
 
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
-        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)  # headers whole, always
         self.table.verticalHeader().hide()
         self.table.setMinimumHeight(60)
         self.maps = QHBoxLayout()
@@ -183,7 +183,6 @@ class CompareView(QWidget):
         self.table.item(row, 0).setToolTip(f"{result.stop_reason} · {plural(len(result.token_ids), 'token')}")
         column = self._column_for(policy) or self.start_policy(policy, recorder)
         column.finish(result)
-        self.table.resizeColumnsToContents()
 
     def add_failure(self, policy: str, message: str, parameters: dict | None = None) -> None:
         row = self._add_row(policy, parameters)
