@@ -56,9 +56,10 @@ def test_a_cancel_between_layers_ends_the_chunk_there_and_frees_the_cache(llama_
     assert again.stop_reason == "max_new_tokens" and len(again.token_ids) == 5
 
 
-def test_prefill_progress_moves_layer_by_layer_within_a_chunk(llama_engine):
+def test_prefill_progress_moves_layer_by_layer_within_a_chunk(tiny_engine):
+    """On every tiny family: their decoder layers are found and hooked."""
     recorder = Recorder()
-    llama_engine.generate(random_ids(40, seed=4), create_policy("full"),
+    tiny_engine.generate(random_ids(40, seed=4), create_policy("full"),
                           GenerationSettings(max_new_tokens=2, chunk_size=16), recorder=recorder)
     progress = [(p.tokens_done, p.chunk_tokens, p.layers_done, p.layers_total) for p in recorder.all("prefill")]
     # Each chunk: layers 1, 2, 3 of 4 done (its tokens 16, 16, 8), then the chunk's end (no chunk in progress).
