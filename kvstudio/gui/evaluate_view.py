@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QObject, Qt, Signal, Slot
-from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout,
                                QLabel, QLineEdit, QListWidget, QListWidgetItem, QProgressBar, QPushButton, QSpinBox,
                                QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
@@ -211,10 +211,10 @@ class EvaluateView(QWidget):
         table_tab = QWidget()
         table_layout = QVBoxLayout(table_tab)
         table_layout.addWidget(self.table)
-        row = QHBoxLayout()
-        for button in (self.open_button, self.export_csv, self.export_json, self.export_figure):
-            row.addWidget(button)
-        table_layout.addLayout(row)
+        buttons = QGridLayout()  # two by two: the view fits beside the other docks at 1280 px
+        for index, button in enumerate((self.open_button, self.export_figure, self.export_csv, self.export_json)):
+            buttons.addWidget(button, index // 2, index % 2)
+        table_layout.addLayout(buttons)
         self.results.addTab(self.heatmaps, "Heatmaps")
         self.results.addTab(self.by_budget, "Score vs budget")
         self.results.addTab(self.by_bytes, "Score vs cache bytes")
