@@ -347,6 +347,17 @@ class PolicyCache(Cache):
         self.context = None
         return report
 
+    def free(self) -> None:
+        """Drop every entry: a step abandoned between two layers (core/layer_hooks.py) left the layers
+        holding different tokens, so nothing in them can be used again."""
+        storage = self.storage
+        for layer in self.layers:
+            layer.store = make_store(self.codec, storage.group_size, storage.residual, self.budgets[layer.layer_idx],
+                                     storage.measure_error)
+            layer.host = None
+        self.current_bytes = self.host_bytes = 0
+        self.context = self._report = None
+
     # -- bookkeeping ------------------------------------------------------------------------------
 
     def fuses_scoring_on(self, device: torch.device) -> bool:

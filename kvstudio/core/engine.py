@@ -23,6 +23,7 @@ from .cache import PolicyCache, StepContext, StepReport
 from .errors import KVStudioError, PromptError
 from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, RecallEvent, Recorder,
                      RunStartedEvent, StepEvent, TokenEvent)
+from .layer_hooks import StepCancelled, layer_callbacks
 from .memory import MemorySampler, read_system_memory, reset_peak
 from .models import LoadedModel
 from .policies.base import Policy
@@ -301,7 +302,9 @@ class Engine:
         ))
 
         interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0
-        with MemorySampler(interval, lambda: run.record_memory("timer")) as run.memory_sampler:
+        # Between decoder layers, a prefill chunk can stop and shows its progress (core/layer_hooks.py).
+        with MemorySampler(interval, lambda: run.record_memory("timer")) as run.memory_sampler, \
+                layer_callbacks(self.model, self.loaded.n_layers, run.before_layer):
             result = self._generate(run, ids, policy, settings, sampler, stream, cancel, on_text,
                                     start, resume, keep_state, on_prefill_state)
         result.memory = [asdict(reading) for reading in run.memory_readings]
@@ -401,6 +404,7 @@ class _Run:
         # decode step's token copies one id, not the whole sequence.
         self._token_buffer = torch.empty(1024, dtype=torch.long, device=engine.loaded.device)
         self._n_tokens = 0
+        self._chunk = None  # during a prefill chunk: (tokens done before it, total, its tokens, CancelToken)
 
     def prefill(self, ids: list[int], chunk_size: int, cancel: CancelToken | None = None,
                 before_last_chunk: Callable | None = None, offset: int = 0) -> torch.Tensor | None:
@@ -417,9 +421,27 @@ class _Run:
             if (before_last_chunk is not None and start > 0 and start + chunk_size >= len(ids)
                     and (offset + len(ids)) % chunk_size):
                 before_last_chunk(logits)
-            logits = self.forward(chunk, "prefill", is_last_prefill_chunk=start + len(chunk) >= len(ids))
+            self._chunk = (offset + start, offset + len(ids), len(chunk), cancel)
+            try:
+                logits = self.forward(chunk, "prefill", is_last_prefill_chunk=start + len(chunk) >= len(ids))
+            except StepCancelled:  # Stop between two layers: the half-fed chunk leaves layers unequal
+                self.cache.free()
+                return None
+            finally:
+                self._chunk = None
             self.recorder.record(PrefillProgressEvent(offset + start + len(chunk), offset + len(ids)))
         return logits
+
+    def before_layer(self, index: int) -> None:
+        """Before each decoder layer of a prefill chunk: stop there when cancelled, else say how far
+        the chunk got. Decode steps are short: they stop between steps, as before."""
+        if self._chunk is None:
+            return
+        done, total, chunk_tokens, cancel = self._chunk
+        if cancel is not None and cancel.cancelled:
+            raise StepCancelled()
+        if index > 0:
+            self.recorder.record(PrefillProgressEvent(done, total, chunk_tokens, index, self.engine.loaded.n_layers))
 
     def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False,
                 all_logits: bool = False, keep_logits: torch.Tensor | None = None,

@@ -99,8 +99,13 @@ class RecallEvent:
 
 @dataclass(frozen=True)
 class PrefillProgressEvent:
-    tokens_done: int
+    tokens_done: int  # prompt tokens through every layer
     tokens_total: int
+    # Within the chunk in progress (core/layer_hooks.py): its tokens, and how many of the model's
+    # layers have run on it. 0 between chunks.
+    chunk_tokens: int = 0
+    layers_done: int = 0
+    layers_total: int = 0
 
 
 EVENT_KINDS = {TokenEvent: "tokens", StepEvent: "steps", EvictionEvent: "evictions",

@@ -40,8 +40,8 @@ def run_studio(model: str | None = "default") -> int:
     window = MainWindow()
     window.show()
     if model:
-        window.model_panel.spec.setCurrentText(model)
+        window.loading.panel.spec.setCurrentText(model)
         # After the first paint: painting and laying out the window holds the GIL for tens of
         # milliseconds, and the load started beside it held it in the other direction.
-        QTimer.singleShot(0, lambda: window.request_load(model, "auto", "auto"))
+        QTimer.singleShot(0, lambda: window.loading.request_load(model, "auto", "auto"))
     return app.exec()

@@ -6,13 +6,14 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QListWidget,
-                               QListWidgetItem, QProgressBar, QPushButton, QVBoxLayout)
+                               QListWidgetItem, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QVBoxLayout)
 
 from ..core.documents import Document, read_document
 from ..core.errors import KVStudioError
 from ..core.models import TINY_FAMILIES
 
 BUILTIN_MODELS = ["default"] + [f"tiny-{family}" for family in TINY_FAMILIES]
+PREVIEW_CHARS = 200_000  # of a selected document shown beside the list (a long PDF stays quick to show)
 
 
 class ModelPanel(QGroupBox):
@@ -89,17 +90,31 @@ class DocumentList(QGroupBox):
     refused = Signal(str)
 
     def __init__(self, parent=None):
-        super().__init__("Documents (drop files or text here; checked ones precede the prompt)", parent)
+        super().__init__("Documents", parent)
+        self.setToolTip("Drop files or text anywhere on the window; checked documents precede the prompt")
         self.list = QListWidget()
+        self.list.setMinimumHeight(48)
+        self.list.setWordWrap(True)  # "report.pdf — 1,534 tokens" on two lines rather than cut
+        self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.preview = QPlainTextEdit(readOnly=True)  # the selected document's text, to read before a run
+        self.preview.setPlaceholderText("Drop files or text anywhere on the window, or Open…: checked documents "
+                                        "go before the prompt. Select one to read it here.")
         self.open = QPushButton("Open…")
         self.remove = QPushButton("Remove")
         buttons = QHBoxLayout()
         buttons.addWidget(self.open)
         buttons.addWidget(self.remove)
         buttons.addStretch(1)
+        shown = QSplitter(Qt.Horizontal)
+        shown.addWidget(self.list)
+        shown.addWidget(self.preview)
+        shown.setStretchFactor(0, 1)
+        shown.setStretchFactor(1, 1)
         layout = QVBoxLayout(self)
-        layout.addWidget(self.list)
+        layout.setContentsMargins(6, 6, 6, 6)
+        layout.addWidget(shown, 1)
         layout.addLayout(buttons)
+        self.list.currentItemChanged.connect(lambda item, _previous: self._show(item))
         self.documents: dict[int, Document] = {}
         self.token_counts: dict[int, int] = {}
         self._next_key = 0
@@ -123,17 +138,60 @@ class DocumentList(QGroupBox):
         self._add(Document(name, None, text))
         return True
 
-    def _add(self, document: Document) -> None:
+    def _add(self, document: Document, checked: bool = True) -> None:
         key = self._next_key
         self._next_key += 1
         self.documents[key] = document
         item = QListWidgetItem()
         item.setData(Qt.UserRole, key)
         item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-        item.setCheckState(Qt.Checked)
+        item.setCheckState(Qt.Checked if checked else Qt.Unchecked)
         self.list.addItem(item)
         self._label(key)
+        self.list.setCurrentItem(item)  # its text shows beside the list
         self.added.emit(key, document)
+
+    def _show(self, item) -> None:
+        document = self.documents.get(item.data(Qt.UserRole)) if item is not None else None
+        if document is None:
+            self.preview.clear()
+            return
+        text = document.text
+        if len(text) > PREVIEW_CHARS:
+            text = text[:PREVIEW_CHARS] + f"\n… (the first {PREVIEW_CHARS:,} of {len(document.text):,} characters)"
+        self.preview.setPlainText(text)
+
+    # -- kept between launches ------------------------------------------------------------------------
+
+    def saved_state(self) -> list[dict]:
+        """Each document, in order: a file by its path (read again at the next launch), dropped text
+        by its text; and whether it is checked."""
+        entries = []
+        for row in range(self.list.count()):
+            item = self.list.item(row)
+            document = self.documents[item.data(Qt.UserRole)]
+            entry = {"name": document.name, "checked": item.checkState() == Qt.Checked}
+            entry |= {"path": document.path} if document.path else {"text": document.text}
+            entries.append(entry)
+        return entries
+
+    def restore_state(self, entries: list[dict]) -> list[str]:
+        """Add the saved documents back; the names of those that could not be (a file gone or changed
+        into something unreadable) are returned, so the user is told."""
+        lost = []
+        for entry in entries:
+            if entry.get("path"):
+                try:
+                    document = read_document(entry["path"])
+                except KVStudioError:
+                    lost.append(entry.get("name") or entry["path"])
+                    continue
+            elif entry.get("text"):
+                document = Document(entry.get("name") or "dropped text", None, entry["text"])
+            else:
+                continue
+            self._add(document, checked=bool(entry.get("checked", True)))
+        return lost
 
     def set_token_count(self, key: int, count: int) -> None:
         self.token_counts[key] = count
@@ -172,3 +230,4 @@ class DocumentList(QGroupBox):
             self.documents.pop(key, None)
             self.token_counts.pop(key, None)
             self.list.takeItem(self.list.row(item))
+        self._show(self.list.currentItem())

@@ -2,7 +2,8 @@
 
 int -> spin box (None shown as "auto" at the bottom of the range when allowed), float -> double
 spin box, bool -> check box, str with choices -> combo box, other str -> line edit. Validation
-runs the policy's own config check, and its message is shown inline.
+runs the policy's own config check, and its message is shown inline, in the form's words
+(form_words.py: the field labels, not the CLI's flags).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 from ..core.errors import KVStudioError
 from ..core.policies import create_policy, policy_class
 from ..core.policies.base import ParameterSpec
+from .form_words import in_form_words
 
 INT_MAX = 10_000_000
 
@@ -41,9 +43,17 @@ class PolicyForm(QWidget):
             self._set_value(spec, editor, values.get(spec.name, spec.default))
             editor.setToolTip(spec.help)
             self.editors[spec.name] = (spec, editor)
-            self.layout_.addRow(spec.name.replace("_", " "), editor)
+            self.layout_.addRow(self.label_for(spec), editor)
         self.layout_.addRow(self.error)
         self.validate()
+
+    @staticmethod
+    def label_for(spec: ParameterSpec) -> str:
+        return spec.name.replace("_", " ")
+
+    def labels(self) -> dict[str, str]:
+        """Option name (as the CLI spells it) -> this form's label, for messages in the form's words."""
+        return {spec.option.removeprefix("--"): self.label_for(spec) for spec, _ in self.editors.values()}
 
     @staticmethod
     def _error_label() -> QLabel:
@@ -118,8 +128,9 @@ class PolicyForm(QWidget):
         try:
             create_policy(self.policy_name, **self.values())  # guarded: a plugin's fault shows here too
         except (KVStudioError, TypeError) as error:
-            self.error.setText(str(error))
-            return str(error)
+            message = in_form_words(str(error), self.labels())
+            self.error.setText(message)
+            return message
         self.error.setText("")
         return None
 

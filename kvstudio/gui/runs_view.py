@@ -3,13 +3,23 @@ and delete."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, Signal
-from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QLineEdit, QPushButton, QTableWidget,
-                               QTableWidgetItem, QVBoxLayout, QWidget)
+import html
+from pathlib import Path
 
-COLUMNS = ("id", "when (UTC)", "status", "model", "policy", "tokens/s", "peak MiB", "evictions", "prompt",
-           "output")
+from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtGui import QColor
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton,
+                               QScrollArea, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+from ..core.errors import KVStudioError
+from ..core.exports import export_run
+from ..core.history import HistoryError
+from ..core.recordings import unpack_events
+from .feature import Feature
+from .run_summary import budget_text, parameters_text
+
+COLUMNS = ("id", "when (UTC)", "status", "model", "policy", "budget", "parameters", "tokens/s", "peak MiB",
+           "evictions", "prompt", "output")
 FIGURES = (("tokens/s", "tokens_per_second", "{:.1f}"), ("peak cache MiB", "peak_cache_bytes", None),
            ("evictions", "evictions", "{}"), ("prompt tokens", "prompt_tokens", "{}"),
            ("prefill s", "prefill_seconds", "{:.2f}"), ("stop", "stop_reason", "{}"))
@@ -35,8 +45,14 @@ class RunsView(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.verticalHeader().hide()  # the id column numbers the rows
         self.comparison = QLabel("")
         self.comparison.setTextFormat(Qt.RichText)
+        self.comparison.setWordWrap(True)
+        self.comparison.setAlignment(Qt.AlignTop | Qt.AlignLeft)
+        self.comparison.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        comparison_scroll = QScrollArea(widgetResizable=True)  # two long outputs stay inside the view
+        comparison_scroll.setWidget(self.comparison)
         self.status = QLabel("")
         controls = QHBoxLayout()
         controls.addWidget(self.search, 1)
@@ -46,7 +62,7 @@ class RunsView(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(controls)
         layout.addWidget(self.table, 3)
-        layout.addWidget(self.comparison, 1)
+        layout.addWidget(comparison_scroll, 2)
         layout.addWidget(self.status)
         self.search.returnPressed.connect(self.refresh)
         self.refresh_button.clicked.connect(self.refresh)
@@ -72,12 +88,18 @@ class RunsView(QWidget):
         for row, record in enumerate(records):
             figures = record.figures
             cells = (str(record.id), record.created.replace("T", " ")[:19], record.shown_status, record.model,
-                     record.policy, _figure(figures, "tokens_per_second", "{:.1f}"),
+                     record.policy, budget_text(record.parameters),
+                     parameters_text(record.parameters) or "defaults",
+                     _figure(figures, "tokens_per_second", "{:.1f}"),
                      _figure(figures, "peak_cache_bytes", None), _figure(figures, "evictions", "{}"),
                      record.prompt_preview.replace("\n", " "), record.output.replace("\n", " "))
             for column, value in enumerate(cells):
                 self.table.setItem(row, column, QTableWidgetItem(value))
             _mark_status(self.table.item(row, 2), record)
+            self.table.item(row, 6).setToolTip(_settings_tip(record))
+        self.table.resizeColumnsToContents()  # then the long text columns get what is left
+        for column in (COLUMNS.index("prompt"), COLUMNS.index("output")):
+            self.table.setColumnWidth(column, min(self.table.columnWidth(column), 320))
         self.status.setText(f"{len(records)} run(s) in {self.history.path}")
 
     def selected_ids(self) -> list[int]:
@@ -93,12 +115,20 @@ class RunsView(QWidget):
             self.status.setText("select exactly two runs to compare")
             return
         first, second = (self.history.get(i) for i in ids)
-        lines = [f"<tr><th></th><th>run {first.id}: {first.policy}</th><th>run {second.id}: {second.policy}</th></tr>"]
-        for label, key, pattern in FIGURES:
-            lines.append(f"<tr><td>{label}</td><td>{_figure(first.figures, key, pattern)}</td>"
-                         f"<td>{_figure(second.figures, key, pattern)}</td></tr>")
+        rows = [("model", first.model, second.model), ("status", first.shown_status, second.shown_status),
+                ("budget", budget_text(first.parameters), budget_text(second.parameters)),
+                ("parameters", parameters_text(first.parameters) or "defaults",
+                 parameters_text(second.parameters) or "defaults"),
+                *((label, _figure(first.figures, key, pattern), _figure(second.figures, key, pattern))
+                  for label, key, pattern in FIGURES),
+                ("output", first.output, second.output)]
+        lines = [f"<tr><th></th><th align=left>run {first.id}: {first.policy}</th>"
+                 f"<th align=left>run {second.id}: {second.policy}</th></tr>"]
+        for label, a, b in rows:
+            differs = " style='color:#e0b040'" if a != b and label != "output" else ""
+            lines.append(f"<tr><td><b>{label}</b></td><td{differs}>{_html(a)}</td><td{differs}>{_html(b)}</td></tr>")
         same = "same prompt" if first.prompt_sha256 == second.prompt_sha256 else "different prompts"
-        self.comparison.setText(f"<table cellspacing=6>{''.join(lines)}</table><i>{same}</i>")
+        self.comparison.setText(f"<table cellspacing=6 width=100%>{''.join(lines)}</table><i>{same}</i>")
 
     def delete_selected(self) -> None:
         for run_id in self.selected_ids():
@@ -123,9 +153,107 @@ def _mark_status(item: QTableWidgetItem, record) -> None:
     item.setToolTip(meaning + (f": {record.error}" if record.error else ""))
 
 
+def _settings_tip(record) -> str:
+    """Every parameter and generation setting of a run, for the hover on its parameters cell."""
+    lines = [f"{name}: {value}" for name, value in record.parameters.items()]
+    lines += [f"{name}: {value}" for name, value in record.settings.items() if value not in (None, [], ())]
+    return "\n".join(lines)
+
+
+def _html(text: str) -> str:
+    return html.escape(text).replace("\n", "<br>")
+
+
 def _figure(figures: dict, key: str, pattern: str | None) -> str:
     if key not in figures or figures[key] is None:
         return ""
     if pattern is None:  # bytes
         return f"{figures[key] / 2**20:.2f}"
     return pattern.format(figures[key])
+
+
+class RunsFeature(Feature):
+    """The Runs dock and the run history's side of a run: a row when it starts, its figures and
+    events when it ends, and reopening a stored run in the live views."""
+
+    def __init__(self, window):
+        super().__init__(window)
+        self.view = RunsView()
+        self.openers: dict[str, object] = {}  # record kind -> how to open it (fine-tune sessions, ...)
+
+    def install(self) -> None:
+        window = self.window
+        window.add_dock("Runs", self.view, "views")
+        self.view.set_history(window.history)
+        self.view.export_requested.connect(self._export_stored_run)
+        self.view.open_requested.connect(self.open)
+        window.run.run_ended.connect(self.record_finish)
+
+    def add_opener(self, kind: str, open_run) -> None:
+        """Rows of this kind open with `open_run(run_id)` instead of in the live views."""
+        self.openers[kind] = open_run
+
+    def record_start(self, request) -> None:
+        """A row for the run starting now; its id goes into the request."""
+        window = self.window
+        if window.history is None:
+            return
+        try:
+            request.history_id = window.history.start(
+                window.model_info.spec, request.policy, request.parameters, request.prompt,
+                vars(request.settings) | {"stop_strings": list(request.settings.stop_strings)})
+        except HistoryError as error:
+            window.history = None
+            window.show_error(str(error))
+
+    def record_finish(self, outcome) -> None:
+        window = self.window
+        if window.history is None or outcome.request.history_id is None:
+            return
+        try:
+            window.history.finish(outcome.request.history_id, outcome.result, error=outcome.error,
+                                  events=outcome.events)
+        except HistoryError as error:
+            window.history = None
+            window.show_error(str(error))
+        self.view.set_history(window.history)
+
+    @Slot(int)
+    def open(self, run_id: int) -> None:
+        """"Open views" on a row: by its kind's opener, else in the live views."""
+        history = self.window.history
+        record = history.get(run_id) if history is not None else None
+        opener = self.openers.get(record.kind) if record is not None else None
+        (opener or self.reopen)(run_id)
+
+    def reopen(self, run_id: int) -> None:
+        """Show a stored run in the live views, as its events were recorded."""
+        window = self.window
+        if window.running:
+            window.show_error("a run is in progress: stop it first, then open the stored run")
+            return
+        blob = window.history.events(run_id) if window.history is not None else None
+        if blob is None:
+            window.show_error(f"run {run_id} has no stored views: it ran before KV Studio kept them, or failed "
+                              "before its first step")
+            return
+        try:
+            recorder = unpack_events(blob)
+        except KVStudioError as error:
+            window.show_error(f"run {run_id}: {error}")
+            return
+        started = recorder.all("runs")
+        if not started:
+            window.show_error(f"run {run_id} has no stored views: it stopped before its first step")
+            return
+        run = started[-1]
+        window.hide_error()
+        window.recorder = recorder
+        window.views.show_stored_run(recorder, run)
+        window.statusBar().showMessage(f"showing run {run_id} from the history: {run.model}, {run.policy}")
+
+    def _export_stored_run(self, run_id: int) -> None:
+        path, _ = QFileDialog.getSaveFileName(self.window, "Export run", f"run-{run_id}.json",
+                                              "JSON or CSV (*.json *.csv)")
+        if path:
+            self.window.exports.report(export_run, self.window.history.get(run_id), Path(path))

@@ -2,7 +2,7 @@
 
 They travel with the policy's parameters as parameters["storage"] (kvstudio.core.storage's
 StorageConfig fields), so a run, a comparison and the run history all carry them. Validation is
-StorageConfig's own; its message shows inline like the policy form's.
+StorageConfig's own; its message shows inline like the policy form's, in the form's words.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ from PySide6.QtWidgets import QComboBox, QFormLayout, QLabel, QSpinBox, QWidget
 from ..core.errors import KVStudioError
 from ..core.storage import STORAGE_KEY, StorageConfig, available_codecs
 from ..core.storage.base import TIERS
+from .form_words import in_form_words
+
+# The CLI's option -> this form's label, where they differ (for messages in the form's words).
+OPTION_LABELS = {"group-size": "group size", "recall": "recall blocks"}
 
 
 class StorageForm(QWidget):
@@ -84,8 +88,9 @@ class StorageForm(QWidget):
         try:
             self.config().validate()
         except KVStudioError as error:
-            self.error.setText(str(error))
-            return str(error)
+            message = in_form_words(str(error), OPTION_LABELS)
+            self.error.setText(message)
+            return message
         self.error.setText("")
         return None
 

@@ -21,8 +21,8 @@ class OutputView(LiveView):
         self.prefill.setMaximum(1)
         self.prefill.hide()  # shown once a run starts: an empty bar before that says nothing
         row = QHBoxLayout()
-        row.addWidget(self.prefill, 2)
-        row.addWidget(self.speed, 1)
+        row.addWidget(self.prefill, 1)
+        row.addWidget(self.speed)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(row)
@@ -45,14 +45,23 @@ class OutputView(LiveView):
             self.text.insertPlainText(pieces)
             self.text.moveCursor(QTextCursor.End)
         for progress in events["prefill"]:
-            self.prefill.setMaximum(progress.tokens_total)
-            self.prefill.setValue(progress.tokens_done)
+            self.show_prefill(progress)
         for step in events["steps"]:
             if step.phase == "decode":
                 self.decode_seconds += step.seconds
                 self.decode_tokens += 1
         if self.decode_seconds > 0:
             self.speed.setText(f"{self.decode_tokens / self.decode_seconds:.1f} tokens/s")
+
+    def show_prefill(self, progress) -> None:
+        """Tokens through every layer, plus the share of the chunk in progress that its layers have
+        done (a long chunk moves the bar layer by layer, core/layer_hooks.py)."""
+        within = progress.chunk_tokens * progress.layers_done // progress.layers_total if progress.layers_total else 0
+        self.prefill.setMaximum(progress.tokens_total)
+        self.prefill.setValue(progress.tokens_done + within)
+        self.prefill.setFormat(f"prefill {progress.tokens_done:,} / {progress.tokens_total:,} tokens"
+                               + (f" · layer {progress.layers_done}/{progress.layers_total}" if progress.layers_total
+                                  else ""))
 
     @property
     def tokens_per_second(self) -> float:
