@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = runs_commands.add_parser("export", help="one run as .json (everything) or .csv (per step)")
     export.add_argument("id", type=int)
     export.add_argument("path")
+    from .commands import runs_plot
+
+    runs_plot.add_parser(runs_commands)
     # Subcommands that live in their own modules (kvstudio/commands/).
     from .commands import cache as cache_command, eval as eval_command
 
@@ -387,6 +390,10 @@ def command_runs(args) -> int:
     from .core.exports import export_run
     from .core.history import RunHistory
 
+    if args.runs_command == "plot":
+        from .commands import runs_plot
+
+        return runs_plot.run(args)
     history = RunHistory()
     if args.runs_command == "list":
         records = history.list(policy=args.policy, model=args.model, text=args.search, limit=args.limit)
@@ -406,7 +413,10 @@ def command_runs(args) -> int:
         print(json.dumps({k: v for k, v in history.get(args.id).to_dict().items()
                           if k not in ("steps", "memory")}, indent=1))
         return 0
-    path = export_run(history.get(args.id), args.path)
+    from .core.recordings import unpack_events
+
+    record, blob = history.get(args.id), history.events(args.id)
+    path = export_run(record, args.path, unpack_events(blob) if blob is not None else None)
     print(f"wrote run {args.id} to {path}")
     return 0
 
