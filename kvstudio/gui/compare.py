@@ -82,8 +82,9 @@ class CompareView(QWidget):
         view = TokenMapView(compact=True)
         view.setMinimumWidth(260)
         view.follow(recorder)
+        view.label = policy  # its summary names the policy, on every redraw
         view.refresh()
-        view.summary.setText(f"{policy}: " + view.summary.text())
+        view.flush()  # the recording is complete: draw its final state now, not after the throttle
         self.maps.addWidget(view)
         self.map_views.append(view)
 

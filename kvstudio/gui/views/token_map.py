@@ -60,6 +60,7 @@ class TokenMapView(LiveView):
         layout.addWidget(self.key)
         layout.addWidget(self.text)
         self.map: TokenMap | None = None
+        self.label = ""  # named in front of the summary (Compare: the policy)
         self._dirty = False
         self._rendered_at = 0.0
         self._starts: list[int] = []  # character offset where each shown token starts
@@ -219,7 +220,8 @@ class TokenMapView(LiveView):
         text = (f"{n} tokens ({token_map.prompt_count} prompt, {n - token_map.prompt_count} generated) · "
                 f"{token_map.gone_count(layer)} gone from {'every layer' if layer is None else 'this layer'}")
         unfed = n - token_map.fed_count
-        return text + (f" · {unfed} not fed yet" if unfed else "")
+        text += f" · {unfed} not fed yet" if unfed else ""
+        return f"{self.label}: {text}" if self.label else text
 
     def _format(self, colour: str) -> QTextCharFormat:
         if colour not in self._formats:
