@@ -119,7 +119,13 @@ def save_view(recorder, request: FigureRequest, path: str | Path) -> Path:
 
         return atomic_write(path, lambda stream: stream.write(html))
     figure = draw(recorder, request)
-    return atomic_produce(path, lambda temporary: figure.savefig(temporary, format=suffix[1:], dpi=request.dpi))
+
+    def produce(temporary: Path) -> None:
+        from matplotlib import rc_context
+
+        with rc_context({"svg.fonttype": "none"}):  # SVG text stays text: searchable and editable in a paper
+            figure.savefig(temporary, format=suffix[1:], dpi=request.dpi)
+    return atomic_produce(path, produce)
 
 
 def draw(recorder, request: FigureRequest):
