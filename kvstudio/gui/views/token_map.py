@@ -147,7 +147,10 @@ class TokenMapView(LiveView):
 
     def eventFilter(self, watched, event) -> bool:
         if watched is self.text.viewport() and event.type() == QEvent.MouseMove and self.map is not None:
-            index = self.token_at(self.text.cursorForPosition(event.position().toPoint()).position())
+            point = event.position().toPoint()
+            cursor = self.text.cursorForPosition(point)  # the nearest gap between characters
+            character = cursor.position() - (self.text.cursorRect(cursor).x() > point.x())  # the one under it
+            index = self.token_at(character)
             if index is None:
                 QToolTip.hideText()
             else:
