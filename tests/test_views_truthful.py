@@ -275,3 +275,28 @@ def test_figures_from_the_studio_match_the_command_line(qtbot, window, tmp_path,
     assert "layer 0 was not recorded" in window.error_text.text() and not (tmp_path / "none.png").exists()
     # The screen plots export as PDF too.
     assert window.exports.export_plot("Evictions", tmp_path / "evictions.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_a_wide_attention_map_keeps_positions_where_they_are(qtbot, llama_engine):
+    """Contexts wider than the screen's columns are max-pooled; position p must still be drawn at x = p."""
+    from kvstudio.gui.views.attention_map import AttentionMapView, MAX_COLUMNS
+
+    recorder = Recorder(watch_layers=(1,))
+    llama_engine.generate(random_ids(1700), build_policy("window", {"budget": 64}),
+                          GenerationSettings(max_new_tokens=2, chunk_size=512, memory_sample_hz=0), recorder=recorder)
+    view = AttentionMapView()
+    qtbot.addWidget(view)
+    view.set_model(4, 4)
+    view.layer.setValue(1)
+    view.follow(recorder)
+    view.refresh()
+    width = view.image_values.shape[1]
+    assert width == 1701 > MAX_COLUMNS
+    drawn = view.image.image  # pooled: two positions a column
+    bins = 2
+    assert drawn.shape[1] == MAX_COLUMNS
+    span = view.image.mapRectToParent(view.image.boundingRect()).width()
+    assert span == MAX_COLUMNS * bins  # one column per `bins` positions: x = position
+    # The first step (positions 0-511 seen) ends its seen part at column 511 // 2.
+    first = drawn[0]
+    assert (first[: 512 // bins] != 1).all() and (first[512 // bins + 1:] == 1).all()

@@ -187,15 +187,16 @@ class AttentionMapView(LiveView):
             return
         self.message.hide()
         self.image_values = rows = stack_rows(self.rows)
-        width = rows.shape[1]
+        width = covered = rows.shape[1]
         if width > MAX_COLUMNS:  # max-pool columns: a strong weight stays visible
             bins = -(-width // MAX_COLUMNS)
-            padded = np.pad(rows, ((0, 0), (0, bins * MAX_COLUMNS - width)), constant_values=UNSEEN)
+            covered = bins * MAX_COLUMNS  # the pooled image spans the padding too: position p stays at x = p
+            padded = np.pad(rows, ((0, 0), (0, covered - width)), constant_values=UNSEEN)
             rows = padded.reshape(rows.shape[0], MAX_COLUMNS, bins).max(axis=2)
         top = self.top_weight()
         log = self.scale.currentText() == "log"
         self.image.setImage(to_lut_indices(scale_attention(rows, top, log)), levels=(0, 255), autoLevels=False)
-        self.image.setRect(QRectF(0, 0, width, rows.shape[0]))
+        self.image.setRect(QRectF(0, 0, covered, rows.shape[0]))
         self.colorbar.setLevels((top * 10 ** -3, top) if log else (0, top))
 
     def top_weight(self) -> float:

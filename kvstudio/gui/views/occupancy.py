@@ -55,6 +55,8 @@ class OccupancyView(LiveView):
         self.total_curve.setData([], [])
         self.per_layer_message.hide()
         self.per_layer.setXRange(-0.6, run.n_layers - 0.4, padding=0)
+        every = max(1, run.n_layers // 16)  # whole layer numbers only (no "0.5"), sparser for deep models
+        self.per_layer.getAxis("bottom").setTicks([[(i, str(i)) for i in range(0, run.n_layers, every)]])
         self._range_per_layer()
         self.total_message.show("no steps yet")
 
