@@ -185,3 +185,16 @@ def test_memory_readings_carry_entries_per_layer_within_a_step(llama_engine):
     # The occupancy a view or figure shows mid-chunk is that reading's, not zero.
     mid = next(m for m in during if m.kept_per_layer[:2] == (200, 200) and m.kept_per_layer[3] == 0)
     assert data.occupancy(recorder.all("runs"), [], [mid]).per_layer == list(mid.kept_per_layer)
+
+
+def test_a_headless_run_records_attention_layers_to_plot(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--policy", "window", "--budget", "16", "--prompt",
+                           "abcdefgh" * 8, "--max-new-tokens", "3", "--chunk-size", "32", "--attention-layers", "1,3")
+    assert code == 0, err
+    run_id = int(re.search(r"stored as run (\d+)", err).group(1))
+    code, _, err = run_cli(capsys, "runs", "plot", str(run_id), "--view", "attention", str(tmp_path / "a.svg"),
+                           "--layer", "3", "--log")
+    assert code == 0, err
+    assert "layer 3 · mean over heads · log scale" in (tmp_path / "a.svg").read_text()
+    code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--prompt", "x", "--attention-layers", "7")
+    assert code == 2 and "--attention-layers: layer 7 is out of range" in err

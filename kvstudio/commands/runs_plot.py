@@ -62,6 +62,23 @@ def load_recording(source: str):
     return recording_from_dict(exported["recording"]), title
 
 
+def watched_layers(text: str | None, n_layers: int) -> tuple[int, ...]:
+    """`kvstudio run --attention-layers`: "all", or layer numbers separated by commas."""
+    if not text:
+        return ()
+    if text.strip() == "all":
+        return tuple(range(n_layers))
+    try:
+        layers = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise KVStudioError(f"--attention-layers takes 'all' or layer numbers such as 0,5,11, not '{text}'") from None
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise KVStudioError(f"--attention-layers: layer {layer} is out of range: the model has layers "
+                                f"0-{n_layers - 1}")
+    return layers
+
+
 def run(args) -> int:
     from ..core.plots.render import FigureRequest, save_view
 

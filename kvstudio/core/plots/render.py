@@ -70,7 +70,8 @@ def check_request(recorder, request: FigureRequest) -> None:
     if request.view == "attention":
         recorded = data.recorded_layers(events["attention"])
         if not recorded:
-            raise KVStudioError("the run recorded no attention rows: no layer was watched while it ran")
+            raise KVStudioError("the run recorded no attention rows: no layer was watched while it ran (record them "
+                                "with `kvstudio run --attention-layers all`, or in the studio's Attention map)")
         if request.layer is not None and request.layer not in recorded:
             raise KVStudioError(f"layer {request.layer} was not recorded in this run (recorded: "
                                 f"{', '.join(map(str, recorded))}); record every layer in the Attention map "
