@@ -19,8 +19,8 @@ import pyqtgraph as pg
 from PySide6.QtCore import QRectF
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSpinBox, QToolTip, QVBoxLayout
 
-from ...core.plots.data import (EVICTED, UNSEEN, attention_row, attention_row_bytes, scale_attention,
-                                stack_rows)
+from ...core.plots.data import (EVICTED, LOG_DECADES, UNSEEN, attention_row, attention_row_bytes,
+                                scale_attention, stack_rows)
 from ...core.units import format_bytes
 from .base import LiveView
 from .colors import attention_lut
@@ -70,8 +70,9 @@ class AttentionMapView(LiveView):
         self.image = pg.ImageItem(axisOrder="row-major")
         self.image.setLookupTable(attention_lut())
         self.plot.addItem(self.image)
-        self.colorbar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("viridis"), interactive=False,
-                                        label="attention")
+        self.colorbar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("viridis"), interactive=False)
+        self.colorbar.axis.enableAutoSIPrefix(False)  # weights as they are, never "(x0.001)"
+        self.colorbar.axis.setLabel("attention weight")
         self.plot.getPlotItem().layout.addItem(self.colorbar, 2, 5)
         self.message = PlotMessage(self.plot, NOTHING_YET)
         layout = QVBoxLayout(self)
@@ -180,6 +181,7 @@ class AttentionMapView(LiveView):
                 "Choose record: every layer before a run to see any layer.")
 
     def _redraw(self) -> None:
+        self.colorbar.setVisible(bool(self.rows))  # no scale beside nothing
         if not self.rows:
             self.image.clear()
             self.image_values = np.zeros((0, 0), dtype=np.float32)
@@ -197,7 +199,12 @@ class AttentionMapView(LiveView):
         log = self.scale.currentText() == "log"
         self.image.setImage(to_lut_indices(scale_attention(rows, top, log)), levels=(0, 255), autoLevels=False)
         self.image.setRect(QRectF(0, 0, covered, rows.shape[0]))
-        self.colorbar.setLevels((top * 10 ** -3, top) if log else (0, top))
+        if log:  # the bar's axis is linear: label it in decades of weight, as the image is coloured
+            self.colorbar.setLevels((np.log10(max(top, 1e-12)) - LOG_DECADES, np.log10(max(top, 1e-12))))
+            self.colorbar.axis.setLabel("attention, log10 of weight")
+        else:
+            self.colorbar.setLevels((0, top))
+            self.colorbar.axis.setLabel("attention weight")
 
     def top_weight(self) -> float:
         held = self.image_values[self.image_values >= 0]

@@ -58,6 +58,7 @@ class TokenMapView(LiveView):
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(controls)
         layout.addWidget(self.key)
+        self.key.setVisible(not compact)  # side by side (Compare) the key is the summary's hover instead
         layout.addWidget(self.text)
         self.map: TokenMap | None = None
         self.label = ""  # named in front of the summary (Compare: the policy)
@@ -166,6 +167,7 @@ class TokenMapView(LiveView):
             pairs = colours.held_key("layers" if self.chosen_layer() is None else "heads")
         swatches = "  ".join(f"<span style='background:{c}'>&nbsp;&nbsp;&nbsp;</span> {label}" for c, label in pairs)
         self.key.setText(f"<small>{swatches}  <b style='color:#1f3fbf'>▍</b> generated text begins</small>")
+        self.summary.setToolTip(self.key.text())
 
     def _render(self, force: bool = False, throttle: bool = True) -> None:
         """Bring the text up to date: append new tokens, re-colour only tokens whose colour changed.
