@@ -300,3 +300,20 @@ def test_a_wide_attention_map_keeps_positions_where_they_are(qtbot, llama_engine
     # The first step (positions 0-511 seen) ends its seen part at column 511 // 2.
     first = drawn[0]
     assert (first[: 512 // bins] != 1).all() and (first[512 // bins + 1:] == 1).all()
+
+
+def test_the_figure_dialog_starts_from_what_is_asked_and_runs_offers_it(qtbot, window):
+    from kvstudio.core.plots.render import DEFAULT_DPI
+    from kvstudio.gui.figure_export import FigureDialog
+
+    assert window.runs.view.controls.indexOf(window.figures.runs_button) >= 0  # "Figure…" beside Export
+    dialog = FigureDialog(window, 4, 4, FigureRequest("attention", layer=2, head=1, log_scale=True))
+    qtbot.addWidget(dialog)
+    assert dialog.request("run 3") == FigureRequest("attention", 2, 1, None, DEFAULT_DPI, True, "run 3")
+    dialog.view.setCurrentText("token-map")
+    dialog.layer.setCurrentIndex(0)
+    dialog.width.setValue(1600)
+    assert dialog.request("run 3") == FigureRequest("token-map", None, 1, 1600, DEFAULT_DPI, True, "run 3")
+    # With nothing shown, the menu action says what to do.
+    window.figures.ask_for_shown_run()
+    assert "no run is shown" in window.error_text.text()
