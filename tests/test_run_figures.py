@@ -128,6 +128,14 @@ def test_an_exported_json_replots_the_run_alone(llama_engine, capsys, tmp_path):
     assert (tmp_path / "file.png").read_bytes() == (tmp_path / "history.png").read_bytes()
 
 
+@pytest.fixture(scope="module")
+def unwatched_run():
+    """One stored run without attention rows, shared by the error cases (one generation, not eight)."""
+    from .conftest import engine_for
+
+    return _stored_run(engine_for("tiny-llama"), watch=(), new_tokens=2)[0]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["999999", "--view", "memory", "{tmp}/a.png"], "no run 999999 in the history"),
     (["{id}", "--view", "attention", "{tmp}/a.png"], "recorded no attention rows"),
@@ -139,8 +147,8 @@ def test_an_exported_json_replots_the_run_alone(llama_engine, capsys, tmp_path):
     (["{tmp}/nothing.json", "--view", "memory", "{tmp}/a.png"], "cannot read"),
     (["{id}", "--view", "heatmap", "{tmp}/a.png"], "invalid choice: 'heatmap'"),
 ])
-def test_bad_requests_are_one_line_errors(llama_engine, capsys, tmp_path, argv, message):
-    run_id, _, _ = _stored_run(llama_engine, watch=(), new_tokens=2)
+def test_bad_requests_are_one_line_errors(unwatched_run, capsys, tmp_path, argv, message):
+    run_id = unwatched_run
     argv = [a.format(id=run_id, tmp=tmp_path) for a in argv]
     code, out, err = run_cli(capsys, "runs", "plot", *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
