@@ -317,3 +317,16 @@ def test_the_figure_dialog_starts_from_what_is_asked_and_runs_offers_it(qtbot, w
     # With nothing shown, the menu action says what to do.
     window.figures.ask_for_shown_run()
     assert "no run is shown" in window.error_text.text()
+
+
+def test_a_hidden_view_catches_up_the_moment_it_shows(qtbot, llama_engine):
+    """Item 1: a view behind another tab is not refreshed; shown, it draws the final state at once."""
+    recorder = Recorder()
+    llama_engine.generate(random_ids(90), build_policy("window", {"budget": 16}),
+                          GenerationSettings(max_new_tokens=3, chunk_size=16), recorder=recorder)
+    view = TokenMapView()
+    qtbot.addWidget(view)
+    view.follow(recorder)
+    assert view.drawn_colours() == []  # hidden: nothing read yet
+    view.show()
+    assert view.drawn_colours() == final_colours(recorder)
