@@ -6,6 +6,7 @@
   kvstudio finetune ...    LoRA fine-tuning with the policy's cache in the loop (commands/finetune.py)
   kvstudio demo            a short streamed demo on the default model, in the terminal
   kvstudio eval TASK ...   policies x budgets on a task (needle, ruler, perplexity, kl, qa), resumable
+  kvstudio runs ...        the run history: list, show, export, plot (commands/runs_plot.py: figures)
 
 Every error a user can cause ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(or its longest chunk-aligned prefix); save it there after the prefill")
     run.add_argument("--memory-snapshot", metavar="PATH", help="record every allocation of the run with the frames "
                      "that made it, as a PyTorch memory snapshot (.pickle); on CPU through the profiler (slower)")
+    run.add_argument("--attention-layers", metavar="all|N,M", help="record each step's newest attention row of "
+                     "these layers, for `kvstudio runs plot --view attention` (per layer and step: 4 B per query "
+                     "head + 8 B per KV head, per held entry)")
     run.add_argument("--memory-sample-hz", type=float, default=20.0,
                      help="memory readings per second between steps (default 20; 0: only after each step)")
     run.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load policy plugins "
@@ -142,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = runs_commands.add_parser("export", help="one run as .json (everything) or .csv (per step)")
     export.add_argument("id", type=int)
     export.add_argument("path")
+    from .commands import runs_plot
+
+    runs_plot.add_parser(runs_commands)
     # Subcommands that live in their own modules (kvstudio/commands/).
     from .commands import cache as cache_command, eval as eval_command
 
@@ -304,7 +311,10 @@ def command_run(args) -> int:
     engine = Engine(loaded)
     history, run_id = _history_start(args, loaded, policy, prompt, settings)
     recording = MemorySnapshotRecording(loaded.device) if args.memory_snapshot else contextlib.nullcontext()
-    recorder = Recorder()  # what the history keeps to reopen the run's views in the studio
+    from .commands.runs_plot import watched_layers
+
+    # What the history keeps to reopen the run's views in the studio (and to plot them).
+    recorder = Recorder(watch_layers=watched_layers(args.attention_layers, loaded.n_layers))
     output = TextOutput(CancelToken())  # a closed stdout cancels the run
     try:
         prompt_cache = open_prompt_cache(args.prompt_cache, engine, policy, settings, prompt)
@@ -387,6 +397,10 @@ def command_runs(args) -> int:
     from .core.exports import export_run
     from .core.history import RunHistory
 
+    if args.runs_command == "plot":
+        from .commands import runs_plot
+
+        return runs_plot.run(args)
     history = RunHistory()
     if args.runs_command == "list":
         records = history.list(policy=args.policy, model=args.model, text=args.search, limit=args.limit)
@@ -406,7 +420,10 @@ def command_runs(args) -> int:
         print(json.dumps({k: v for k, v in history.get(args.id).to_dict().items()
                           if k not in ("steps", "memory")}, indent=1))
         return 0
-    path = export_run(history.get(args.id), args.path)
+    from .core.recordings import unpack_events
+
+    record, blob = history.get(args.id), history.events(args.id)
+    path = export_run(record, args.path, unpack_events(blob) if blob is not None else None)
     print(f"wrote run {args.id} to {path}")
     return 0
 

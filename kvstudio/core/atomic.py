@@ -25,6 +25,30 @@ def check_writable_folder(path: str | Path, error: type[KVStudioError] = KVStudi
         raise error(f"cannot write {path}: the folder is not writable ({folder})")
 
 
+def _current_umask() -> int:
+    """The process's umask. Linux says it in /proc without changing it; elsewhere it is set and put
+    back at once (os.umask is the only portable way to read it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _give_plain_permissions(temporary: str | Path, path: Path) -> None:
+    """What open(path, "w") would have left: an existing file keeps its mode, a new one 0666 & ~umask."""
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_current_umask()
+    os.chmod(temporary, mode)
+
+
 def atomic_write(path: str | Path, write: Callable, binary: bool = False) -> Path:
     """Call write(handle) on a temporary file, then replace `path` with it."""
     path = Path(path).expanduser()
@@ -35,6 +59,7 @@ def atomic_write(path: str | Path, write: Callable, binary: bool = False) -> Pat
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        _give_plain_permissions(temporary, path)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -51,6 +76,7 @@ def atomic_produce(path: str | Path, produce: Callable[[Path], None]) -> Path:
         produce(Path(temporary))
         if Path(temporary).stat().st_size == 0:
             raise OSError(f"nothing was written for {path.name}")
+        _give_plain_permissions(temporary, path)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

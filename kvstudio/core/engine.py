@@ -298,7 +298,7 @@ class Engine:
         recorder.record(RunStartedEvent(
             self.loaded.name, policy.describe(), self.loaded.n_layers, self.loaded.n_kv_heads, tuple(cache.budgets),
             tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
-            self.loaded.n_heads, cache.storage.tier,
+            self.loaded.n_heads, cache.storage.tier, tuple(ids), len(start.token_ids) if start is not None else 0,
         ))
 
         interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0
@@ -531,7 +531,8 @@ class _Run:
             clock = time.perf_counter()
             step = self.first_step + len(self.records) if step is None else step
             event = MemoryEvent(step, clock - self.started, clock, self.phase, source, sum(per_layer), per_layer,
-                                **vars(system), host_cache_bytes=self.cache.host_bytes)
+                                **vars(system), host_cache_bytes=self.cache.host_bytes,
+                                kept_per_layer=tuple(self.cache.kept_per_layer()))
             self.recorder.record(event)
             self.memory_readings.append(event)
             if source == "timer":

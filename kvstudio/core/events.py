@@ -70,6 +70,8 @@ class RunStartedEvent:
     prompt_tokens: tuple[str, ...]  # the text of each prompt token, in order
     n_heads: int = 0  # query heads
     storage_tier: str = "device"  # "host": evicted entries live on in host memory (kvstudio.core.storage)
+    prompt_token_ids: tuple[int, ...] = ()  # the prompt's ids: a stored run can be re-plotted or re-run from them
+    restored_tokens: int = 0  # tokens fed before this run, from a saved cache (the token map shows them fed)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class MemoryEvent:
     device_used: int = 0  # the whole GPU, all processes (NVML or the CUDA driver)
     device_total: int = 0
     host_cache_bytes: int = 0  # the host tier's evicted entries (cache_bytes counts the device's only)
+    kept_per_layer: tuple[int, ...] = ()  # entries held per layer at the reading: moves within a long chunk
 
 
 @dataclass(frozen=True)

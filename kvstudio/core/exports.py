@@ -33,12 +33,25 @@ def step_rows(steps: list[dict]) -> list[dict]:
     return rows
 
 
-def export_run(record, path: str | Path) -> Path:
-    """A stored run (history.RunRecord) as .json or .csv, chosen by the file's suffix."""
+def export_run(record, path: str | Path, recording=None) -> Path:
+    """A stored run (history.RunRecord) as .json or .csv, chosen by the file's suffix.
+
+    JSON with the run's `recording` (a Recorder, e.g. recordings.unpack_events of the stored events)
+    also holds the prompt's token ids and texts and every event the views draw (evicted positions per
+    step, layer and KV head; attention rows), so the file alone re-plots the run
+    (`kvstudio runs plot run.json ...`) or re-runs its prompt."""
     path = Path(path)
     check_writable_folder(path)
     if path.suffix == ".json":
-        return atomic_write(path, lambda stream: json.dump(record.to_dict(), stream, indent=1))
+        data = record.to_dict()
+        if recording is not None:
+            from .recordings import recording_to_dict
+
+            data["recording"] = recording_to_dict(recording)
+            started = data["recording"]["runs"][-1:] or [{}]
+            data["prompt_token_ids"] = list(started[0].get("prompt_token_ids", ()))
+            data["prompt_as_tokens"] = "".join(started[0].get("prompt_tokens", ()))
+        return atomic_write(path, lambda stream: json.dump(data, stream, indent=1))
     if path.suffix == ".csv":
         if getattr(record, "kind", "generate") == "finetune":  # a session's steps: loss, grad norm, lr, ...
             columns, rows = (list(record.steps[0]) if record.steps else ["step"]), record.steps

@@ -14,13 +14,14 @@ from dataclasses import asdict
 import numpy as np
 
 from .errors import KVStudioError
-from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, Recorder, RunStartedEvent,
-                     StepEvent, TokenEvent)
+from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, RecallEvent, Recorder,
+                     RunStartedEvent, StepEvent, TokenEvent)
 
 FORMAT_VERSION = 1
 _SMALL = {"runs": RunStartedEvent, "tokens": TokenEvent, "steps": StepEvent, "memory": MemoryEvent,
           "prefill": PrefillProgressEvent}
-_TUPLES = {"runs": ("budgets", "prompt_tokens"), "steps": ("kept_per_layer",), "memory": ("cache_bytes_per_layer",)}
+_TUPLES = {"runs": ("budgets", "prompt_tokens", "prompt_token_ids"), "steps": ("kept_per_layer",),
+           "memory": ("cache_bytes_per_layer", "kept_per_layer")}
 
 
 def pack_events(recorder: Recorder) -> bytes:
@@ -60,7 +61,8 @@ def unpack_events(blob: bytes) -> Recorder:
     for kind, cls in _SMALL.items():
         for fields in header[kind]:
             for name in _TUPLES.get(kind, ()):
-                fields[name] = tuple(fields[name])
+                if name in fields:  # recordings older than a field lack it: its default applies
+                    fields[name] = tuple(fields[name])
             events.append(cls(**fields))
     offset = 0
     for step, layer, head, count in arrays["eviction_ids"]:
@@ -83,3 +85,52 @@ def unpack_events(blob: bytes) -> Recorder:
 
 def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+# -- as JSON: an exported run carries its recording, so it can be re-plotted from the file alone ------
+
+
+def recording_to_dict(recorder: Recorder) -> dict:
+    """Every event as plain JSON data: the prompt's tokens and ids, steps, memory readings, the evicted
+    positions per step, layer and KV head, and the recorded attention rows (float32 weights written
+    as JSON numbers read back to the same float32)."""
+    data = {"version": FORMAT_VERSION}
+    for kind in _SMALL:
+        data[kind] = [asdict(event) for event in recorder.all(kind)]
+    data["evictions"] = [{"step": e.step, "layer": e.layer, "kv_head": e.kv_head, "positions": e.positions.tolist()}
+                         for e in recorder.all("evictions")]
+    data["attention"] = [{"step": a.step, "layer": a.layer, "weights": a.weights.astype(np.float32).tolist(),
+                          "positions": a.positions.tolist()} for a in recorder.all("attention")]
+    data["recalls"] = [{"step": r.step, "layer": r.layer, "positions": r.positions.tolist()}
+                       for r in recorder.all("recalls")]
+    return data
+
+
+def recording_from_dict(data: dict) -> Recorder:
+    """The Recorder an exported run's "recording" describes (recording_to_dict), as the studio had it."""
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        raise KVStudioError(f"the run's recording has format {version}; this KV Studio reads {FORMAT_VERSION}")
+    try:
+        events = []
+        for kind, cls in _SMALL.items():
+            for fields in data.get(kind, []):
+                fields = dict(fields)
+                for name in _TUPLES.get(kind, ()):
+                    if name in fields:
+                        fields[name] = tuple(fields[name])
+                events.append(cls(**fields))
+        events += [EvictionEvent(e["step"], e["layer"], e["kv_head"], np.array(e["positions"], dtype=np.int64))
+                   for e in data.get("evictions", [])]
+        events += [AttentionEvent(a["step"], a["layer"], np.array(a["weights"], dtype=np.float32).reshape(
+                       len(a["weights"]), -1), np.array(a["positions"], dtype=np.int64).reshape(len(a["positions"]), -1))
+                   for a in data.get("attention", [])]
+        events += [RecallEvent(r["step"], r["layer"], np.array(r["positions"], dtype=np.int64))
+                   for r in data.get("recalls", [])]
+    except (KeyError, TypeError, ValueError) as error:
+        raise KVStudioError(f"the run's recording is malformed ({type(error).__name__}: {error})") from None
+    recorder = Recorder(capacity=max(20_000, len(events)),
+                        watch_layers={int(a.layer) for a in events if isinstance(a, AttentionEvent)})
+    for event in sorted(events, key=lambda e: not isinstance(e, RunStartedEvent)):
+        recorder.record(event)
+    return recorder

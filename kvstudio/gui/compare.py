@@ -39,6 +39,7 @@ class PolicyColumn(QWidget):
         small = QFont(self.map.text.font())
         small.setPointSizeF(max(small.pointSizeF() - 1, 7))
         self.map.text.setFont(small)
+        self.map.label = policy  # its summary (the header's text, and a tooltip) names the policy
         self.map.follow(recorder)
         self.output = QPlainTextEdit(readOnly=True)
         self.output.setPlaceholderText("output appears when this policy's run ends")
@@ -56,8 +57,10 @@ class PolicyColumn(QWidget):
 
     def finish(self, result) -> None:
         self.refresh()
+        self.map.flush()  # the recording is complete: its final state now, not after the throttle
         self.output.setPlainText(result.text.strip() or "(no text)")
-        self.header.setText(f"<b>{self.policy}</b> · {self.map.summary.text()}")
+        summary = self.map.summary.text().removeprefix(f"{self.policy}: ")
+        self.header.setText(f"<b>{self.policy}</b> · {summary}")
 
     def fail(self, message: str) -> None:
         self.output.setPlainText(f"failed: {message}")

@@ -1,5 +1,7 @@
-"""Exports from the File menu: the last run (JSON, per-step CSV), the attention map (.npy), and any
-plot (PNG or SVG). Every export is written atomically: a failed one leaves the previous file intact."""
+"""Exports from the File menu: the last run (JSON with its recording, per-step CSV), the attention map
+(.npy), and any plot as it looks on screen (PNG, SVG, PDF: kvstudio.gui.plot_files). Figures of a run
+for a paper are kvstudio.gui.figure_export's. Every export is written atomically: a failed one leaves
+the previous file intact."""
 
 from __future__ import annotations
 
@@ -26,9 +28,9 @@ class ExportsFeature(Feature):
                                                                                     "attention.npy", "NumPy (*.npy)"))
         plots = menu.addMenu("Export plot")
         for title in self.plot_views():
-            plots.addAction(f"{title} as PNG or SVG…", lambda t=title: self._ask_path_then(
+            plots.addAction(f"{title} as PNG, SVG or PDF…", lambda t=title: self._ask_path_then(
                 lambda path: self.export_plot(t, path), f"{t.lower().replace(' ', '_')}.png",
-                "Images (*.png *.svg)"))
+                "Images (*.png *.svg *.pdf)"))
 
     def plot_views(self) -> dict:
         """Views that draw plots, by title: their pyqtgraph PlotWidgets can be exported."""
@@ -65,7 +67,7 @@ class ExportsFeature(Feature):
         else:
             record = record_from_result(window.model_info.spec, request.policy, request.parameters, request.prompt,
                                         outcome.result)
-        return self.report(export_run, record, path)
+        return self.report(export_run, record, path, request.recorder)  # JSON carries the recording
 
     def export_attention(self, path: Path) -> Path | None:
         attention = self.window.views.attention_view
@@ -74,33 +76,11 @@ class ExportsFeature(Feature):
             return None
         return self.report(export_array, attention.image_values, path)
 
-    def export_plot(self, title: str, path: Path) -> Path | None:
-        import pyqtgraph.exporters as exporters
+    def export_plot(self, title: str, path: Path, width_px: int | None = None) -> Path | None:
+        from .plot_files import FORMATS, render_plot
 
-        if path.suffix not in (".png", ".svg"):
-            self.window.show_error(f"a plot is exported as .png or .svg, not '{path.suffix or path.name}'")
+        if path.suffix.lower() not in FORMATS:
+            self.window.show_error(f"a plot is exported as .png, .svg or .pdf, not '{path.suffix or path.name}'")
             return None
         widget = self.plot_views()[title]
-        if path.suffix == ".png":
-            produce = lambda temporary: exporters.ImageExporter(widget.getPlotItem()).export(str(temporary))  # noqa: E731
-        else:
-            produce = lambda temporary: _render_svg(widget, temporary)  # noqa: E731
-        return self.report(atomic_produce, path, produce)
-
-
-def _render_svg(widget, path: Path) -> None:
-    """A plot as SVG through Qt's own generator (pyqtgraph's SVG exporter fails on Qt 6 paths)."""
-    from PySide6.QtCore import QRect, QSize
-    from PySide6.QtGui import QPainter
-    from PySide6.QtSvg import QSvgGenerator
-
-    generator = QSvgGenerator()
-    generator.setFileName(str(path))
-    generator.setSize(QSize(widget.width(), widget.height()))
-    generator.setViewBox(QRect(0, 0, widget.width(), widget.height()))
-    generator.setTitle("KV Studio plot")
-    painter = QPainter(generator)
-    try:
-        widget.render(painter)
-    finally:
-        painter.end()
+        return self.report(atomic_produce, path, lambda temporary: render_plot(widget, temporary, width_px))

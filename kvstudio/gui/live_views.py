@@ -55,6 +55,8 @@ class LiveViews(Feature):
         for view in self.live_views:
             if include_hidden or view.isVisible():
                 view.refresh()
+                if include_hidden:  # a run's end or a stored run: draw now what a throttle held back
+                    view.flush()
 
     def shape(self, n_layers: int, n_heads: int) -> None:
         for view in (self.attention_view, self.token_view, self.evictions_view):

@@ -20,6 +20,7 @@ from .caches_view import CachesFeature
 from .compare import CompareFeature
 from .evaluate_view import EvaluateFeature
 from .exports_menu import ExportsFeature
+from .figure_export import FiguresFeature
 from .finetune_view import FinetuneFeature
 from .live_views import LiveViews
 from .model_loading import ModelLoading
@@ -75,13 +76,14 @@ class MainWindow(QMainWindow):
         self.compare = CompareFeature(self)
         self.runs = RunsFeature(self)
         self.exports = ExportsFeature(self)
+        self.figures = FiguresFeature(self)  # figures of a run for papers (after runs and exports: it uses both)
         self.plugins_feature = PluginsFeature(self)
         self.caches = CachesFeature(self)
         self.evaluate = EvaluateFeature(self)
         self.finetune = FinetuneFeature(self)
         self.features = [self.loading, self.form, self.prompt_area, self.views, self.run, self.snapshots,
-                         self.compare, self.runs, self.exports, self.plugins_feature, self.caches, self.evaluate,
-                         self.finetune]
+                         self.compare, self.runs, self.exports, self.figures, self.plugins_feature, self.caches,
+                         self.evaluate, self.finetune]
         for feature in self.features:
             feature.install()
         self.menu("&File").addSeparator()

@@ -54,7 +54,7 @@ class RunsView(QWidget):
         comparison_scroll = QScrollArea(widgetResizable=True)  # two long outputs stay inside the view
         comparison_scroll.setWidget(self.comparison)
         self.status = QLabel("")
-        controls = QHBoxLayout()
+        controls = self.controls = QHBoxLayout()  # other features add row actions (figure export)
         controls.addWidget(self.search, 1)
         for button in (self.refresh_button, self.open_button, self.compare_button, self.export_button,
                        self.delete_button):
@@ -249,6 +249,7 @@ class RunsFeature(Feature):
         run = started[-1]
         window.hide_error()
         window.recorder = recorder
+        self.shown_run_title = f"run {run_id}"  # figure captions name the run shown
         window.views.show_stored_run(recorder, run)
         window.statusBar().showMessage(f"showing run {run_id} from the history: {run.model}, {run.policy}")
 
@@ -256,4 +257,6 @@ class RunsFeature(Feature):
         path, _ = QFileDialog.getSaveFileName(self.window, "Export run", f"run-{run_id}.json",
                                               "JSON or CSV (*.json *.csv)")
         if path:
-            self.window.exports.report(export_run, self.window.history.get(run_id), Path(path))
+            blob = self.window.history.events(run_id)  # JSON carries the recording: re-plot from the file alone
+            self.window.exports.report(export_run, self.window.history.get(run_id), Path(path),
+                                       unpack_events(blob) if blob is not None else None)

@@ -1,7 +1,9 @@
-"""What every live view shares: a run to follow and a cursor per event kind."""
+"""What every live view shares: a run to follow, a cursor per event kind, and a promise that a draw a
+throttle held back still happens (a trailing flush), so a view always ends on the final state."""
 
 from __future__ import annotations
 
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QWidget
 
 from ...core.events import Recorder, RunStartedEvent
@@ -17,6 +19,8 @@ class LiveView(QWidget):
         self.recorder: Recorder | None = None
         self.run: RunStartedEvent | None = None
         self._cursors: dict[str, int] = {}
+        self._flush_timer = QTimer(self, singleShot=True)
+        self._flush_timer.timeout.connect(self.flush)
 
     def follow(self, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -43,6 +47,21 @@ class LiveView(QWidget):
             new[kind], self._cursors[kind] = self.recorder.since(kind, self._cursors[kind])
         if any(new.values()):
             self.consume(new)
+
+    def schedule_flush(self, delay_s: float) -> None:
+        """A throttled view skipped a draw: `flush` draws it after `delay_s`, even if no event follows
+        (the last events of a run, a stored run just opened)."""
+        if not self._flush_timer.isActive():
+            self._flush_timer.start(max(int(delay_s * 1000), 0))
+
+    def flush(self) -> None:
+        """Draw whatever a throttle held back (views without a throttle have nothing to do)."""
+
+    def showEvent(self, event) -> None:
+        # A hidden view (a tab behind another) was not refreshed: catch up the moment it shows.
+        super().showEvent(event)
+        self.refresh()
+        self.flush()
 
     def start(self, run: RunStartedEvent) -> None:
         raise NotImplementedError

@@ -1,4 +1,8 @@
-"""Evictions: a raster of (step, token position) evicted from one layer, and counts per step."""
+"""Evictions: a raster of (step, token position) evicted from one layer, and counts per step.
+
+Before the first step, and for a layer with no evictions, the plots say so instead of drawing empty
+axes; the counts axis starts at zero and is padded, so a flat run of equal counts reads as flat
+(not as a sliver 34559.6..34560.4 around it)."""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QSpinBox, QVBoxLayout
 
+from ...core.plots.data import padded_range
 from .base import LiveView
+from .plot_message import PlotMessage
 
 MAX_POINTS = 200_000  # beyond this the raster keeps the newest
 
@@ -29,6 +35,11 @@ class EvictionsView(LiveView):
         self.counts = pg.PlotWidget(title="entries evicted per step (all layers and heads)")
         self.counts.setLabel("bottom", "step")
         self.count_curve = self.counts.plot(pen=pg.mkPen((214, 39, 40), width=2), stepMode="center")
+        for plot in (self.raster, self.counts):
+            for axis in ("left", "bottom"):
+                plot.getAxis(axis).enableAutoSIPrefix(False)  # steps, positions and counts are whole numbers
+        self.raster_message = PlotMessage(self.raster, "no evictions yet")
+        self.counts_message = PlotMessage(self.counts, "no steps yet")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(controls)
@@ -45,6 +56,7 @@ class EvictionsView(LiveView):
         self.by_layer, self.per_step = {}, []
         self.points.clear()
         self.count_curve.setData([], [])
+        self._show_messages()
 
     def consume(self, events):
         chosen, new_steps, new_positions = self.layer.value(), [], []
@@ -60,6 +72,19 @@ class EvictionsView(LiveView):
             self.points.addPoints(np.concatenate(new_steps), np.concatenate(new_positions))
         if self.per_step:
             self.count_curve.setData(np.arange(len(self.per_step) + 1), self.per_step)
+            self.counts.setYRange(*padded_range(self.per_step), padding=0)
+        self._show_messages()
+
+    def _show_messages(self) -> None:
+        if self.per_step:
+            self.counts_message.hide()
+        else:
+            self.counts_message.show("no steps yet")
+        if self.by_layer.get(self.layer.value()):
+            self.raster_message.hide()
+        else:
+            self.raster_message.show(f"no evictions in layer {self.layer.value()}" if self.per_step
+                                     else "no evictions yet")
 
     def raster_points(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps, positions) of every eviction in the chosen layer, newest MAX_POINTS."""
@@ -73,3 +98,4 @@ class EvictionsView(LiveView):
     def _draw_raster(self) -> None:
         steps, positions = self.raster_points()
         self.points.setData(steps, positions)
+        self._show_messages()

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QVBox
 
 from ...core.units import format_bytes
 from .base import LiveView
+from .plot_message import PlotMessage
 
 MIB = 2**20
 PHASE_BRUSHES = {"load": (150, 90, 200, 60), "prefill": ((70, 120, 200, 80), (70, 120, 200, 35)),
@@ -109,6 +110,7 @@ class MemoryView(LiveView):
         self.clear_button.clicked.connect(self.clear)
         self.follow_latest.toggled.connect(lambda _: self._place_view())
         self.origin: float | None = None  # perf_counter of the session's first reading
+        self.messages = [PlotMessage(plot) for plot in (self.cache_plot, self.system_plot)]
         self.clear()
 
     # -- following recorders: a run's, or a model load's ---------------------------------------------
@@ -215,6 +217,11 @@ class MemoryView(LiveView):
     # -- drawing -----------------------------------------------------------------------------------
 
     def _redraw(self) -> None:
+        for message in self.messages:  # nothing read yet: words, not axes around nothing
+            if self.columns.length:
+                message.hide()
+            else:
+                message.show("no memory readings yet:\nthey start with a model load or a run")
         x = self.columns["x"]
         self.cache_curve.setData(x, self.columns["cache_bytes"] / MIB)
         host = self.columns["host_cache_bytes"]

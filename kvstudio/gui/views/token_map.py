@@ -3,7 +3,11 @@
 "all layers": green when every layer holds the token, red when none does, in between by the number
 of layers that hold it (a layer holds a token while at least one of its KV heads does).
 One layer: green when all its KV heads hold the token, amber when some do, red when none does.
-This is the view that shows what a policy threw away.
+Grey: the model has not been fed the token yet (prefill not there yet, a Stop mid-prefill, or the
+newest generated token). A blue bar marks where the prompt ends and generated text begins.
+This is the view that shows what a policy threw away. Hovering a token tells its position, text,
+the layers holding it and when it was evicted (kvstudio.core.plots.data.TokenMap, which the figure
+export uses too).
 "Where it lives" colours the chosen layer's tokens (layer 0 under "all layers") by storage tier:
 on the device (held by some KV head), on the host (evicted under the host tier), recalled from the
 host at the latest step that recalled, or evicted and gone.
@@ -11,21 +15,25 @@ host at the latest step that recalled, or evicted and gone.
 
 from __future__ import annotations
 
+import bisect
 import time
 
 import numpy as np
+from PySide6.QtCore import QEvent, Qt
 from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor
-from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QTextEdit, QVBoxLayout
+from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QTextEdit, QToolTip, QVBoxLayout
 
+from ...core.plots import colours
+from ...core.plots.data import TokenMap
 from .base import LiveView
-from .colors import held_colour
 
 RENDER_INTERVAL_S = 0.1
-TIER_COLOURS = {"device": "#5cc850", "host": "#6a9ae6", "recalled": "#b47ae6", "evicted": "#dc4632"}
+TIER_COLOURS = {**colours.TIER_COLOURS, "unfed": colours.UNFED}
+BOUNDARY_MARK = " ▍generated: "  # between the prompt and the generated text; not a token
 
 
 class TokenMapView(LiveView):
-    kinds = ("tokens", "evictions", "recalls")
+    kinds = ("tokens", "evictions", "recalls", "steps")
 
     def __init__(self, parent=None, compact: bool = False):
         super().__init__(parent)
@@ -35,7 +43,11 @@ class TokenMapView(LiveView):
         self.by_tier.setToolTip("device, host tier, recalled this step, or evicted (the chosen layer; layer 0 for "
                                 "all layers)")
         self.summary = QLabel("")
+        self.key = QLabel("")
+        self.key.setTextFormat(Qt.RichText)
         self.text = QTextEdit(readOnly=True)
+        self.text.viewport().setMouseTracking(True)
+        self.text.viewport().installEventFilter(self)
         controls = QHBoxLayout()
         if not compact:
             controls.addWidget(QLabel("colour by"))
@@ -45,19 +57,20 @@ class TokenMapView(LiveView):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(controls)
+        layout.addWidget(self.key)
+        self.key.setVisible(not compact)  # side by side (Compare) the key is the summary's hover instead
         layout.addWidget(self.text)
-        self.tokens: list[str] = []
-        self.evicted_heads = np.zeros((0, 0), dtype=np.int16)  # (layers, positions): heads that evicted it
-        self.kv_heads = 1
+        self.map: TokenMap | None = None
+        self.label = ""  # named in front of the summary (Compare: the policy)
         self._dirty = False
         self._rendered_at = 0.0
-        self._offsets: list[int] = [0]  # character offset where each shown token starts (+ the end)
+        self._starts: list[int] = []  # character offset where each shown token starts
+        self._ends: list[int] = []  # ... and ends (the boundary mark sits between two of them)
         self._colours: list[str] = []  # colour each shown token has now
         self._formats: dict[str, QTextCharFormat] = {}
         self.layer.currentIndexChanged.connect(lambda _: self._render(force=True))
         self.by_tier.toggled.connect(lambda _: self._render(force=True))
-        self.storage_tier = "device"
-        self.recalled: dict[int, np.ndarray] = {}  # layer -> positions recalled at its latest recall
+        self._show_key()
 
     def set_model(self, n_layers: int, n_heads: int) -> None:
         self.layer.blockSignals(True)
@@ -67,111 +80,164 @@ class TokenMapView(LiveView):
         self.layer.blockSignals(False)
 
     def start(self, run):
-        self.tokens = list(run.prompt_tokens)
-        self.kv_heads = run.n_kv_heads
-        self.storage_tier = getattr(run, "storage_tier", "device")
-        self.recalled = {}
-        self.evicted_heads = np.zeros((run.n_layers, max(len(self.tokens) * 2, 64)), dtype=np.int16)
+        self.map = TokenMap.for_run(run)
         self._render(force=True)
 
     def consume(self, events):
-        self.tokens.extend(token.text for token in events["tokens"])
-        self._ensure_capacity(len(self.tokens))
-        for eviction in events["evictions"]:
-            if eviction.positions.size:
-                self._ensure_capacity(int(eviction.positions.max()) + 1)
-            self.evicted_heads[eviction.layer, eviction.positions] += 1
-        for recall in events.get("recalls", ()):
-            self.recalled[recall.layer] = np.unique(recall.positions)
+        self.map.add(events)
         self._dirty = True
         self._render()
 
-    def _ensure_capacity(self, positions: int) -> None:
-        if positions > self.evicted_heads.shape[1]:
-            grown = np.zeros((self.evicted_heads.shape[0], positions * 2), dtype=np.int16)
-            grown[:, : self.evicted_heads.shape[1]] = self.evicted_heads
-            self.evicted_heads = grown
+    def flush(self) -> None:
+        if self._dirty:
+            self._render(force=False, throttle=False)
 
     # -- what is drawn (also read by tests) --------------------------------------------------------
 
+    @property
+    def tokens(self) -> list[str]:
+        return self.map.tokens if self.map is not None else []
+
+    @property
+    def recalled(self) -> dict:
+        return self.map.recalled if self.map is not None else {}
+
+    def chosen_layer(self) -> int | None:
+        return None if self.layer.currentIndex() <= 0 else self.layer.currentIndex() - 1
+
     def layers_holding(self) -> np.ndarray:
         """Per token: how many layers still hold it."""
-        n = len(self.tokens)
-        return (self.evicted_heads[:, :n] < self.kv_heads).sum(axis=0)
+        return self.map.layers_holding()
 
     def heads_holding(self, layer: int) -> np.ndarray:
-        """Per token: how many KV heads of `layer` still hold it."""
-        return self.kv_heads - self.evicted_heads[layer, : len(self.tokens)]
+        return self.map.heads_holding(layer)
 
     def held_fractions(self) -> np.ndarray:
-        """Per token, in [0, 1]: the fraction that decides its colour under the current choice."""
-        if self.layer.currentIndex() <= 0:
-            return self.layers_holding() / max(self.evicted_heads.shape[0], 1)
-        return self.heads_holding(self.layer.currentIndex() - 1) / self.kv_heads
+        """Per token, in [0, 1] (NaN: not fed yet): the fraction that decides its colour now."""
+        return self.map.held_fractions(self.chosen_layer())
 
     def tiers(self) -> list[str]:
-        """Per token of the chosen layer: device, host, recalled or evicted."""
-        layer = max(self.layer.currentIndex() - 1, 0)
-        on_device = self.heads_holding(layer) > 0
-        gone = "host" if self.storage_tier == "host" else "evicted"
-        tiers = np.where(on_device, "device", gone).astype(object)
-        recalled = self.recalled.get(layer)
-        if recalled is not None and len(recalled):
-            recalled = recalled[recalled < len(tiers)]
-            tiers[recalled] = "recalled"
-        return list(tiers)
+        return self.map.tiers(max(self.layer.currentIndex() - 1, 0))
 
-    def _colours_now(self) -> list[str]:
+    def expected_colours(self) -> list[str]:
+        """The colour each token should have for what the recorder holds so far."""
+        if self.map is None:
+            return []
         if self.by_tier.isChecked():
             return [TIER_COLOURS[tier] for tier in self.tiers()]
-        return [held_colour(float(f)) for f in self.held_fractions()]
+        return [colours.UNFED if np.isnan(f) else colours.held_colour(float(f)) for f in self.held_fractions()]
 
-    def _render(self, force: bool = False) -> None:
+    def drawn_colours(self) -> list[str]:
+        """The background colour each token has in the document now: what the user sees."""
+        cursor = QTextCursor(self.text.document())
+        drawn = []
+        for start in self._starts:
+            cursor.setPosition(start + 1)  # the format of the character after start
+            drawn.append(cursor.charFormat().background().color().name())
+        return drawn
+
+    def token_at(self, character: int) -> int | None:
+        """The token drawn at a character offset, or None (the boundary mark, past the end)."""
+        index = bisect.bisect_right(self._starts, character) - 1
+        if 0 <= index < len(self._ends) and character < self._ends[index]:
+            return index
+        return None
+
+    def hover_text(self, index: int) -> str:
+        return self.map.describe(index, self.chosen_layer())
+
+    def eventFilter(self, watched, event) -> bool:
+        if watched is self.text.viewport() and event.type() == QEvent.MouseMove and self.map is not None:
+            point = event.position().toPoint()
+            cursor = self.text.cursorForPosition(point)  # the nearest gap between characters
+            character = cursor.position() - (self.text.cursorRect(cursor).x() > point.x())  # the one under it
+            index = self.token_at(character)
+            if index is None:
+                QToolTip.hideText()
+            else:
+                QToolTip.showText(event.globalPosition().toPoint(), self.hover_text(index), self.text)
+        return super().eventFilter(watched, event)
+
+    # -- drawing -----------------------------------------------------------------------------------
+
+    def _show_key(self) -> None:
+        if self.by_tier.isChecked():
+            pairs = [(TIER_COLOURS[t], t if t != "unfed" else "not fed yet") for t in TIER_COLOURS]
+        else:
+            pairs = colours.held_key("layers" if self.chosen_layer() is None else "heads")
+        swatches = "  ".join(f"<span style='background:{c}'>&nbsp;&nbsp;&nbsp;</span> {label}" for c, label in pairs)
+        self.key.setText(f"<small>{swatches}  <b style='color:#1f3fbf'>▍</b> generated text begins</small>")
+        self.summary.setToolTip(self.key.text())
+
+    def _render(self, force: bool = False, throttle: bool = True) -> None:
         """Bring the text up to date: append new tokens, re-colour only tokens whose colour changed.
 
         The document is built once per run; later frames touch a handful of character ranges,
-        so the GUI thread stays responsive however long the prompt is.
+        so the GUI thread stays responsive however long the prompt is. A frame skipped by the
+        throttle is drawn by the trailing flush: the last events of a run are never left undrawn.
         """
         now = time.monotonic()
-        if not force and (not self._dirty or now - self._rendered_at < RENDER_INTERVAL_S):
+        if not force and not self._dirty:
+            return
+        if not force and throttle and now - self._rendered_at < RENDER_INTERVAL_S:
+            self.schedule_flush(RENDER_INTERVAL_S - (now - self._rendered_at))
             return
         self._dirty, self._rendered_at = False, now
-        if self.run is None:
+        if force:
+            self._show_key()
+        if self.map is None:
             self.text.clear()
             return
         if force:
             self.text.clear()
-            self._offsets, self._colours = [0], []
+            self._starts, self._ends, self._colours = [], [], []
         cursor = QTextCursor(self.text.document())
         cursor.beginEditBlock()
-        colours = self._colours_now()
+        colours_now = self.expected_colours()
         for index in range(len(self._colours), len(self.tokens)):  # tokens not shown yet
             cursor.movePosition(QTextCursor.End)
-            cursor.insertText(self.tokens[index].replace("\n", "↵\n") or "·", self._format(colours[index]))
-            self._offsets.append(cursor.position())
-            self._colours.append(colours[index])
+            if index == self.map.prompt_count:
+                cursor.insertText(BOUNDARY_MARK, self._boundary_format())
+            self._starts.append(cursor.position())
+            cursor.insertText(self.tokens[index].replace("\n", "↵\n") or "·", self._format(colours_now[index]))
+            self._ends.append(cursor.position())
+            self._colours.append(colours_now[index])
         index = 0
-        while index < len(colours):  # re-colour runs of changed tokens that share a colour
-            if colours[index] == self._colours[index]:
+        while index < len(colours_now):  # re-colour runs of changed tokens that share a colour
+            if colours_now[index] == self._colours[index]:
                 index += 1
                 continue
             end = index
-            while end + 1 < len(colours) and colours[end + 1] == colours[index] != self._colours[end + 1]:
+            while (end + 1 < len(colours_now) and end + 1 != self.map.prompt_count  # never across the mark
+                   and colours_now[end + 1] == colours_now[index] != self._colours[end + 1]):
                 end += 1
-            cursor.setPosition(self._offsets[index])
-            cursor.setPosition(self._offsets[end + 1], QTextCursor.KeepAnchor)
-            cursor.setCharFormat(self._format(colours[index]))
-            self._colours[index:end + 1] = [colours[index]] * (end + 1 - index)
+            cursor.setPosition(self._starts[index])
+            cursor.setPosition(self._ends[end], QTextCursor.KeepAnchor)
+            cursor.setCharFormat(self._format(colours_now[index]))
+            self._colours[index:end + 1] = [colours_now[index]] * (end + 1 - index)
             index = end + 1
         cursor.endEditBlock()
-        fractions = self.held_fractions()
-        self.summary.setText(f"{len(self.tokens)} tokens · {int((fractions == 0).sum())} gone from "
-                             f"{'every layer' if self.layer.currentIndex() <= 0 else 'this layer'}")
+        self.summary.setText(self.summary_text())
+
+    def summary_text(self) -> str:
+        token_map, layer = self.map, self.chosen_layer()
+        n = len(token_map.tokens)
+        text = (f"{n} tokens ({token_map.prompt_count} prompt, {n - token_map.prompt_count} generated) · "
+                f"{token_map.gone_count(layer)} gone from {'every layer' if layer is None else 'this layer'}")
+        unfed = n - token_map.fed_count
+        text += f" · {unfed} not fed yet" if unfed else ""
+        return f"{self.label}: {text}" if self.label else text
 
     def _format(self, colour: str) -> QTextCharFormat:
         if colour not in self._formats:
             text_format = QTextCharFormat()
             text_format.setBackground(QColor(colour))
-            text_format.setForeground(QColor("#111111"))
+            text_format.setForeground(QColor(colours.UNFED_TEXT if colour == colours.UNFED else "#111111"))
             self._formats[colour] = text_format
         return self._formats[colour]
+
+    def _boundary_format(self) -> QTextCharFormat:
+        text_format = QTextCharFormat()
+        text_format.setForeground(QColor("#1f3fbf"))
+        text_format.setFontWeight(700)
+        return text_format
