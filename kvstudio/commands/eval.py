@@ -45,6 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=TASKS, help="passkey | needle | ruler | perplexity | kl | qa")
     parser.add_argument("--model", default="default", help="default, tiny-llama|..., a folder, or a cached hub id")
+    from ..cli_model import add_kv_groups_option
+
+    add_kv_groups_option(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--policies", type=_names, default=("full", "streaming_llm", "h2o"),
@@ -121,6 +124,9 @@ def parse_assignments(items: list[str], what: str) -> dict:
 
 
 def build_spec(args):
+    from ..cli_model import apply_kv_groups
+
+    apply_kv_groups(args)  # --kv-groups G: the sweep's model is SPEC+kvG
     from ..core.evaluate.language import LanguageOptions
     from ..core.evaluate.sweep import SweepSpec
     from ..core.evaluate.tasks import RULER_SUBTASKS, TaskOptions

@@ -6,6 +6,7 @@
   buffers.py   preallocated per-layer buffers, written and compacted in place
   stores.py    one layer's storage (fp or through a codec), what PolicyLayer delegates to
   host.py      the host tier: evicted entries in host memory, Quest block summaries, recall
+  minicache.py cross-layer merging: adjacent layers share one direction per token (MiniCache)
   errors.py    --measure-error: the codec's KL to the same run stored in fp
 
 A cache is named `<policy>-<codec>`: `split_cache_name("h2o-int4")` gives ("h2o", "int4").
@@ -87,7 +88,7 @@ def cache_name(policy) -> str:
     """'h2o-int4' for a policy stored in int4; the policy's name alone for fp on the device tier."""
     storage = storage_of(policy)
     name = policy.name if storage.codec == FP else f"{policy.name}-{storage.codec}"
-    return name + ("+host" if storage.tier == "host" else "")
+    return name + ("+host" if storage.tier == "host" else "") + ("" if storage.merge == "none" else f"+{storage.merge}")
 
 
 __all__ = ["Codec", "CodecError", "StorageConfig", "attach", "available_codecs", "cache_name", "codec_class",

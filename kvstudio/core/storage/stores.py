@@ -73,6 +73,16 @@ class FpStore:
         """Cut every held tensor from the autograd graph (fine-tuning's truncated mode)."""
         self.entries.tensors = {name: tensor.detach() for name, tensor in self.entries.tensors.items()}
 
+    def overwrite(self, kind: str, index: torch.Tensor, rows: torch.Tensor, where: torch.Tensor) -> None:
+        """Write rows (kv_heads, m, head_dim) over the entries at `index` (kv_heads, m) where `where`
+        (cross-layer merging writes each layer's restored states; storage/minicache.py)."""
+        held = self.entries.view("keys" if kind == "key" else "values")
+        index = index.unsqueeze(-1).expand(-1, -1, held.shape[-1])
+        held.scatter_(1, index, torch.where(where.unsqueeze(-1), rows, held.gather(1, index)))
+
+    def encode_ready(self) -> None:
+        """Nothing is encoded in fp (see QuantizedStore.encode_ready)."""
+
     def set_keys(self, keys: torch.Tensor, rope_positions: torch.Tensor) -> None:
         """Replace every held key (after re-rotation), (1, kv_heads, n, head_dim)."""
         if self.entries.out_of_place:
@@ -162,6 +172,10 @@ class QuantizedStore:
         self.error_counts = {"key": 0, "value": 0}
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bytes = 0
+        # Cross-layer merging rewrites a step's new entries after both layers of a pair attended, so
+        # their groups wait in the window until encode_ready() (storage/minicache.py).
+        self.defer_encoding = False
+        self._seen = 0  # positions fed so far
 
     def entry_count(self) -> int:
         return self.entries.count
@@ -211,11 +225,27 @@ class QuantizedStore:
             self.window[kind][:, offset:offset + n].copy_(tensor)
         self.window_length = offset + n
         self.entries.append({"positions": positions, "rope_positions": rope_positions}, n)
-        seen = first + n
-        while seen - self.residual - self.window_start >= self.group:
-            self._encode_oldest_group()
+        self._seen = first + n
+        if not self.defer_encoding:
+            self.encode_ready()
         self._count_bytes()
         return self._decoded()
+
+    def encode_ready(self) -> None:
+        """Encode every whole group that has left the residual window."""
+        while self._seen - self.residual - self.window_start >= self.group:
+            self._encode_oldest_group()
+        self._count_bytes()
+
+    def overwrite(self, kind: str, index: torch.Tensor, rows: torch.Tensor, where: torch.Tensor) -> None:
+        """Write rows over entries still in the full-precision window (see FpStore.overwrite)."""
+        window = self.window[kind]
+        positions = self.positions().gather(1, index)
+        if bool((where & (positions < self.window_start)).any()):
+            raise CodecError("an entry to overwrite was already encoded; set defer_encoding first")
+        row = (positions - self.window_start).clamp_min(0).unsqueeze(-1).expand(-1, -1, window.shape[-1])
+        window.scatter_(1, row, torch.where(where.unsqueeze(-1), rows, window.gather(1, row)))
+        self._step = None
 
     def _window_reserve(self, kind: str, needed: int) -> None:
         window = self.window[kind]
