@@ -58,8 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a policy parameter for every policy that has it, e.g. --option sink=4 (repeatable)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
-                        help="extra options making one more cell per policy and budget (repeatable); the place "
-                             "for storage settings such as a codec once policies accept them")
+                        help="extra options making one more cell per policy and budget (repeatable): policy "
+                             "parameters or storage settings, e.g. codec=int8 or merge=minicache,merge_from=15")
     grid = parser.add_argument_group("passkey, needle and ruler")
     grid.add_argument("--lengths", type=_ints, default=None, help="context lengths in tokens (default 1024,2048)")
     grid.add_argument("--depths", type=_floats, default=None, help="needle depths 0..1 (default 0,0.25,0.5,0.75,1)")

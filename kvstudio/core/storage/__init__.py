@@ -110,3 +110,27 @@ def build_policy(name: str, parameters: dict):
         fields["codec"] = codec
     policy = create_policy(base, **parameters)
     return attach(policy, StorageConfig(**fields)) if fields else policy
+
+
+def storage_from_options(options: dict) -> tuple[StorageConfig | None, dict]:
+    """Split NAME=VALUE options (an eval variant) into a StorageConfig (the ones named like its fields,
+    typed from text by each field's default) and the rest; (None, options) when none is a storage field."""
+    from dataclasses import fields
+
+    defaults = StorageConfig()
+    names = {f.name for f in fields(StorageConfig)}
+    given = {k: v for k, v in options.items() if k in names}
+    if not given:
+        return None, options
+    typed = {}
+    for key, value in given.items():
+        default = getattr(defaults, key)
+        kind = int if default is None else type(default)  # merge_from: None or a layer number
+        try:
+            if isinstance(value, str) and kind is bool:
+                typed[key] = value.lower() in ("true", "1", "yes")
+            else:
+                typed[key] = kind(value) if not isinstance(value, kind) else value
+        except ValueError:
+            raise CodecError(f"storage option {key}={value}: expected a {kind.__name__}") from None
+    return StorageConfig(**typed), {k: v for k, v in options.items() if k not in names}
