@@ -103,7 +103,7 @@ class PolicyLayer(DynamicLayer):
         self.host: HostTier | None = None  # the host tier, made at the first eviction when it is on
         # Cross-layer merging (storage/minicache.py): this layer's side of its pair, or None.
         self.merge = cache.merging.side(layer_idx) if cache.merging is not None else None
-        self.store.defer_encoding = self.merge is not None  # a codec encodes the merged states
+        self.store.keep_step_groups = self.merge is not None  # a codec encodes the merged states again
         self.state: LayerState = _new_layer_state(cache.policy, layer_idx)
         self.n_new = 0
         self.attended_this_step = False

@@ -25,8 +25,9 @@ When merging happens. The later layer of a pair runs after the earlier one in ev
 so a step's new entries are merged once both layers have attended to them (the later layer's
 `after_attention`, after its policy has run): attention in the step that adds a token sees its
 original states, as after the paper's prefill; every later step sees the restored ones. With a
-codec, the pair's layers hold new entries in their full-precision window until the merge
-(`QuantizedStore.defer_encoding`), so the codec encodes the restored states: merge, then quantize.
+codec, the groups a step encoded keep their rows until the merge rewrites them and encodes them
+again (`QuantizedStore.keep_step_groups`): merge, then quantize, and the step that adds a token sees
+it through the codec as it would without merging.
 
 Eviction policies compose. A policy may keep different positions in the two layers of a pair (and
 per KV head). Only an entry both layers still hold when the step's merge runs can be merged; an
@@ -199,7 +200,6 @@ class MiniCachePair:
                 flags = self.sides[layer.layer_idx].flags.view(kind)
                 flags[:, grid.start:] |= write
         for layer in (a, b):
-            layer.store.encode_ready()  # a codec encodes the restored states now (merge, then quantize)
             layer.store.release_step()
         retained = int(retained_any.sum())
         for side in self.sides.values():
