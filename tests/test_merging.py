@@ -200,3 +200,25 @@ def test_eval_variants_carry_merge_settings():
     policy = make_policy("h2o", 64, {}, variant)
     assert (policy.storage.merge, policy.storage.merge_from, policy.storage.merge_threshold) == ("minicache", 2, 0.1)
     assert "+minicache" in policy.describe()
+
+
+def test_the_run_records_merged_and_retained_entries_for_the_views(llama_engine):
+    from kvstudio.core.events import Recorder
+
+    recorder = Recorder()
+    policy = attach(create_policy("full"), StorageConfig(merge="minicache", merge_from=2, merge_threshold=0.0))
+    llama_engine.generate(PROMPT, policy, GenerationSettings(max_new_tokens=3, chunk_size=64), recorder=recorder)
+    merges = recorder.all("merges")
+    assert len(merges) == len(recorder.all("steps"))
+    first = merges[0]  # threshold 0: the first chunk's 64 tokens all retained, in layers 2 and 3 only
+    assert [len(r) for r in first.retained] == [0, 0, 64, 64]
+    assert first.merged_entries_per_layer == (0, 0, 0, 0)
+    assert all(reading.shared_cache_bytes == 0 for reading in recorder.all("memory"))
+
+    recorder = Recorder()
+    policy = attach(create_policy("full"), StorageConfig(merge="minicache", merge_from=2, merge_threshold=2.0))
+    result = llama_engine.generate(PROMPT, policy, GenerationSettings(max_new_tokens=3, chunk_size=64),
+                                   recorder=recorder, keep_cache=True)
+    last = recorder.all("merges")[-1]
+    assert last.merged_entries_per_layer[:2] == (0, 0) and last.merged_entries_per_layer[2] > 0
+    assert recorder.all("memory")[-1].shared_cache_bytes == result.cache.shared_bytes() > 0

@@ -70,6 +70,7 @@ class StepReport:
 
     recalled: list[Eviction] = field(default_factory=list)  # host-tier entries attention saw this step
     host_bytes: int = 0
+    merging: dict | None = None  # cross-layer merging after the step (MiniCacheMerging.step_report)
 
     @property
     def evicted_count(self) -> int:
@@ -356,6 +357,7 @@ class PolicyCache(Cache):
         for rows in report.attention:
             rows.weights, rows.positions = rows.weights.cpu(), rows.positions.cpu()
         report.kept_per_layer = [layer.entry_count() for layer in self.layers]
+        report.merging = self.merging.step_report(self) if self.merging is not None else None
         report.cache_bytes = self.current_bytes
         report.host_bytes = self.host_bytes
         self._report = None
@@ -403,6 +405,10 @@ class PolicyCache(Cache):
                 if value is not None:
                     sums[kind].append(value)
         return {kind: (sum(values) / len(values) if values else None) for kind, values in sums.items()}
+
+    def shared_bytes(self) -> int:
+        """Of the cache's bytes, the directions merged layers share (0 without --merge)."""
+        return 0 if self.merging is None else self.merging.shared_bytes()
 
     def kept_per_layer(self) -> list[int]:
         return [layer.entry_count() for layer in self.layers]

@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .base import CodecError
@@ -177,9 +178,9 @@ class MiniCachePair:
         self.sides = {index: MergedLayer(self, index) for index in self.layers}
         self.distances = {kind: _Range() for kind in KINDS}
 
-    def merge_step(self, cache) -> torch.Tensor | None:
-        """Merge the step's new entries both layers hold; returns the retained positions
-        (kv_heads, n) as a boolean over the step's new tokens, for the record."""
+    def merge_step(self, cache) -> torch.Tensor:
+        """Merge the step's new entries both layers hold; returns which were retained unmerged,
+        (kv_heads, n_new) bool over the step's new tokens, for the record."""
         a, b = (cache.layers[i] for i in self.layers)
         if torch.is_grad_enabled() and (a.keys.requires_grad or b.keys.requires_grad):
             raise CodecError("--merge minicache writes merged states in place and cannot carry gradients; "
@@ -293,7 +294,7 @@ class MiniCacheMerging:
         self.start = start
         self.pairs = [MiniCachePair(a, t, threshold) for a in range(start, n_layers - 1, 2)]
         self.by_layer = {index: pair for pair in self.pairs for index in pair.layers}
-        self.retained_events: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (layer, positions, retained)
+        self.retained_this_step: dict[int, torch.Tensor] = {}  # layer -> positions retained in this step
 
     def side(self, layer_idx: int) -> MergedLayer | None:
         pair = self.by_layer.get(layer_idx)
@@ -304,15 +305,24 @@ class MiniCacheMerging:
         pair = self.by_layer.get(layer_idx)
         if pair is None or layer_idx != pair.layers[1]:
             return
-        retained = pair.merge_step(cache)
-        if retained is not None and bool(retained.any()):
-            positions = cache.context.positions
-            for index in pair.layers:
-                self.retained_events.append((index, positions, retained))
+        retained = pair.merge_step(cache)  # (kv_heads, n_new) over the step's new tokens
+        positions = cache.context.positions[retained.any(dim=0)]
+        for index in pair.layers:
+            self.retained_this_step[index] = positions
 
-    def take_retained(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        events, self.retained_events = self.retained_events, []
-        return events
+    def shared_bytes(self) -> int:
+        return sum(side.shared_bytes for pair in self.pairs for side in pair.sides.values())
+
+    def step_report(self, cache) -> dict:
+        """MergeEvent's fields after a step: per layer, merged entries, shared bytes, positions retained."""
+        empty = np.zeros(0, dtype=np.int64)
+        retained = tuple(self.retained_this_step[i].cpu().numpy() if i in self.retained_this_step else empty
+                         for i in range(cache.n_layers))
+        self.retained_this_step = {}
+        return {"merged_entries_per_layer": tuple(self._merged_entries(cache, i) for i in range(cache.n_layers)),
+                "shared_bytes_per_layer": tuple(self.side(i).shared_bytes if i in self.by_layer else 0
+                                                for i in range(cache.n_layers)),
+                "retained": retained}
 
     def _merged_entries(self, cache, layer_idx: int) -> int:
         """Entries (over KV heads) of a layer whose key or value is held merged."""
