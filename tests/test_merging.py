@@ -222,3 +222,17 @@ def test_the_run_records_merged_and_retained_entries_for_the_views(llama_engine)
     last = recorder.all("merges")[-1]
     assert last.merged_entries_per_layer[:2] == (0, 0) and last.merged_entries_per_layer[2] > 0
     assert recorder.all("memory")[-1].shared_cache_bytes == result.cache.shared_bytes() > 0
+
+
+def test_stored_runs_keep_their_merge_events(llama_engine):
+    from kvstudio.core.events import Recorder
+    from kvstudio.core.recordings import pack_events, unpack_events
+
+    recorder = Recorder()
+    policy = attach(create_policy("full"), StorageConfig(merge="minicache", merge_from=0, merge_threshold=0.3))
+    llama_engine.generate(PROMPT, policy, GenerationSettings(max_new_tokens=2, chunk_size=64), recorder=recorder)
+    restored = unpack_events(pack_events(recorder))
+    for before, after in zip(recorder.all("merges"), restored.all("merges"), strict=True):
+        assert before.merged_entries_per_layer == after.merged_entries_per_layer
+        assert [r.tolist() for r in before.retained] == [r.tolist() for r in after.retained]
+    assert restored.all("memory")[-1].shared_cache_bytes == recorder.all("memory")[-1].shared_cache_bytes > 0

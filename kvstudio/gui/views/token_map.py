@@ -6,7 +6,8 @@ One layer: green when all its KV heads hold the token, amber when some do, red w
 This is the view that shows what a policy threw away.
 "Where it lives" colours the chosen layer's tokens (layer 0 under "all layers") by storage tier:
 on the device (held by some KV head), on the host (evicted under the host tier), recalled from the
-host at the latest step that recalled, or evicted and gone.
+host at the latest step that recalled, or evicted and gone; with cross-layer merging (MiniCache),
+"retained" marks the tokens the retention rule kept unmerged in that layer.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from .base import LiveView
 from .colors import held_colour
 
 RENDER_INTERVAL_S = 0.1
-TIER_COLOURS = {"device": "#5cc850", "host": "#6a9ae6", "recalled": "#b47ae6", "evicted": "#dc4632"}
+TIER_COLOURS = {"device": "#5cc850", "host": "#6a9ae6", "recalled": "#b47ae6", "evicted": "#dc4632",
+                "retained": "#e6c84a"}
 
 
 class TokenMapView(LiveView):
-    kinds = ("tokens", "evictions", "recalls")
+    kinds = ("tokens", "evictions", "recalls", "merges")
 
     def __init__(self, parent=None, compact: bool = False):
         super().__init__(parent)
@@ -58,6 +60,7 @@ class TokenMapView(LiveView):
         self.by_tier.toggled.connect(lambda _: self._render(force=True))
         self.storage_tier = "device"
         self.recalled: dict[int, np.ndarray] = {}  # layer -> positions recalled at its latest recall
+        self.retained: dict[int, set[int]] = {}
 
     def set_model(self, n_layers: int, n_heads: int) -> None:
         self.layer.blockSignals(True)
@@ -71,6 +74,7 @@ class TokenMapView(LiveView):
         self.kv_heads = run.n_kv_heads
         self.storage_tier = getattr(run, "storage_tier", "device")
         self.recalled = {}
+        self.retained: dict[int, set[int]] = {}  # layer -> positions the merge retention rule kept unmerged
         self.evicted_heads = np.zeros((run.n_layers, max(len(self.tokens) * 2, 64)), dtype=np.int16)
         self._render(force=True)
 
@@ -83,6 +87,10 @@ class TokenMapView(LiveView):
             self.evicted_heads[eviction.layer, eviction.positions] += 1
         for recall in events.get("recalls", ()):
             self.recalled[recall.layer] = np.unique(recall.positions)
+        for merge in events.get("merges", ()):
+            for layer, positions in enumerate(merge.retained):
+                if len(positions):
+                    self.retained.setdefault(layer, set()).update(positions.tolist())
         self._dirty = True
         self._render()
 
@@ -119,6 +127,8 @@ class TokenMapView(LiveView):
         if recalled is not None and len(recalled):
             recalled = recalled[recalled < len(tiers)]
             tiers[recalled] = "recalled"
+        retained = [p for p in self.retained.get(layer, ()) if p < len(tiers) and tiers[p] == "device"]
+        tiers[retained] = "retained"
         return list(tiers)
 
     def _colours_now(self) -> list[str]:
