@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from .core.storage import StorageConfig, available_codecs, split_cache_name
+from .core.storage import StorageConfig, available_codecs, merge_in_name, split_cache_name
 from .core.storage.base import MERGE_METHODS, CodecError
 
 
@@ -46,7 +46,9 @@ def storage_from_args(args) -> StorageConfig:
         if args.codec not in (None, codec):
             raise CodecError(f"--policy {args.policy} names codec {codec}, but --codec says {args.codec}; "
                              "give one of them")
-        args.policy = policy
+    if merge_in_name(args.policy):  # --policy h2o+minicache: the same as --merge minicache
+        args.merge = merge_in_name(args.policy)
+    args.policy = policy
     config = StorageConfig(codec=codec or args.codec or "fp", group_size=args.group_size, residual=args.residual,
                            tier=args.tier, recall=args.recall, block_size=args.block_size,
                            measure_error=args.measure_error, merge=args.merge, merge_from=args.merge_from,

@@ -89,9 +89,9 @@ class StorageForm(QWidget):
         config = self.config()
         if config == StorageConfig():
             return {}
-        merging = {} if config.merge == "none" else {
-            "merge": config.merge, "merge_from": config.merge_from, "merge_threshold": config.merge_threshold,
-            "merge_t": config.merge_t}
+        # The merge settings travel even with merge off: Compare's "h2o+minicache" takes them from here.
+        merging = {"merge": config.merge, "merge_from": config.merge_from, "merge_threshold": config.merge_threshold,
+                   "merge_t": config.merge_t}
         return {STORAGE_KEY: {"codec": config.codec, "group_size": config.group_size, "residual": config.residual,
                               "tier": config.tier, "recall": config.recall} | merging}
 
@@ -123,8 +123,5 @@ class StorageForm(QWidget):
         quantized = self.codec.currentText() not in ("", "fp")
         self.group_size.setEnabled(quantized)
         self.residual.setEnabled(quantized)
-        merging = self.merge.currentText() != "none"
-        for editor in (self.merge_from, self.merge_threshold, self.merge_t):
-            editor.setEnabled(merging)
         self.validate()
         self.changed.emit()

@@ -14,7 +14,7 @@ A cache is named `<policy>-<codec>`: `split_cache_name("h2o-int4")` gives ("h2o"
 
 from __future__ import annotations
 
-from .base import Codec, CodecError, StorageConfig
+from .base import MERGE_METHODS, Codec, CodecError, StorageConfig
 from .bnb import BnbInt4Codec, BnbInt8Codec
 from .integer import Int4Codec, Int8Codec
 
@@ -65,8 +65,18 @@ def create_codec(config: StorageConfig) -> Codec | None:
     return None if cls is None else cls(group_size=config.group_size)
 
 
+def merge_in_name(name: str) -> str | None:
+    """'h2o+minicache' or 'h2o-int4+minicache' -> 'minicache': cross-layer merging named in a cache's
+    name (storage/minicache.py); None when it names none."""
+    base, plus, method = name.rpartition("+")
+    return method if plus and base and method in MERGE_METHODS and method != "none" else None
+
+
 def split_cache_name(name: str) -> tuple[str, str | None]:
-    """'h2o-int4' -> ('h2o', 'int4'); 'h2o' -> ('h2o', None). The codec is the longest known suffix."""
+    """'h2o-int4' -> ('h2o', 'int4'); 'h2o' -> ('h2o', None). The codec is the longest known suffix.
+    A merge suffix ('h2o-int4+minicache') is dropped here; `merge_in_name` reads it."""
+    if merge_in_name(name):
+        name = name.rpartition("+")[0]
     for codec in sorted(_CODECS, key=len, reverse=True):
         if name.endswith("-" + codec) and len(name) > len(codec) + 1:
             return name[: -len(codec) - 1], codec
@@ -108,6 +118,8 @@ def build_policy(name: str, parameters: dict):
     fields = dict(parameters.pop(STORAGE_KEY, None) or {})
     if codec is not None:
         fields["codec"] = codec
+    if merge_in_name(name):  # 'h2o+minicache': merged, with the form's merge settings where given
+        fields["merge"] = merge_in_name(name)
     policy = create_policy(base, **parameters)
     return attach(policy, StorageConfig(**fields)) if fields else policy
 
