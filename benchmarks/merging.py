@@ -26,6 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(__file__))
 
+import torch  # noqa: E402
+
 from kvstudio.core.engine import Engine  # noqa: E402
 from kvstudio.core.evaluate.haystack import prose_ids  # noqa: E402
 from kvstudio.core.kv_pooling import with_kv_groups  # noqa: E402
@@ -33,7 +35,20 @@ from kvstudio.core.models import load_model  # noqa: E402
 from kvstudio.core.policies import create_policy  # noqa: E402
 from kvstudio.core.storage import StorageConfig, attach  # noqa: E402
 from kvstudio.core.storage.errors import teacher_forced  # noqa: E402
+from kvstudio.core.storage.minicache import angular_distance, split_magnitude  # noqa: E402
 from storage import kl  # noqa: E402  (benchmarks/storage.py: KL of the next-token distributions)
+
+
+def print_similarity(cache, starts) -> None:
+    """Why MiniCache merges what it merges on this model: the angular distance (0 alike, 0.5 orthogonal)
+    between adjacent layers' states of the same token and KV head, from the unmerged full cache."""
+    for start in starts:
+        for kind in ("keys", "values"):
+            first, second = (getattr(cache.layers[i], kind)[0] for i in (start, start + 1))
+            distance = angular_distance(split_magnitude(first)[1], split_magnitude(second)[1]).flatten()
+            quartiles = torch.quantile(distance, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+            print(f"  layers {start}+{start + 1} {kind}: angular distance min/quartiles/max "
+                  + " ".join(f"{q:.3f}" for q in quartiles.tolist()))
 
 
 def main() -> int:
@@ -71,6 +86,8 @@ def main() -> int:
             started = time.perf_counter()
             logprobs, run = teacher_forced(runner, ids, args.prompt_tokens, policy, 512)
             reference = logprobs if label == "none" else reference
+            if label == "none" and policy_name == "full":
+                print_similarity(run.cache, (half, deeper))
             merging = run.cache.merging.summary(run.cache) if run.cache.merging is not None else None
             held = sum(layer.entry_count() * layer.positions.shape[0]
                        for i, layer in enumerate(run.cache.layers) if merging and i in run.cache.merging.by_layer)

@@ -31,6 +31,7 @@ def test_merge_settings_reach_the_run_and_the_views(qtbot, window):
     assert merged[0] == merged[1] == 0 and merged[2] > 0  # layers 2 and 3 hold merged entries
     shared = views.memory_view.shared_curve.getData()[1]
     assert shared is not None and shared[-1] > 0
+    assert "shared by merged layers" in views.memory_view.readout.text()
     token_view = views.token_view
     token_view.layer.setCurrentIndex(3)  # layer 2
     token_view.by_tier.setChecked(True)

@@ -249,6 +249,8 @@ class MemoryView(LiveView):
         parts = [f"cache {format_bytes(last.cache_bytes)}", f"process {format_bytes(last.process_bytes)}"]
         if last.host_cache_bytes:
             parts.insert(1, f"host tier {format_bytes(last.host_cache_bytes)}")
+        if last.shared_cache_bytes:  # the dotted curve: directions merged layers share (MiniCache)
+            parts.insert(1, f"of which shared by merged layers (dotted) {format_bytes(last.shared_cache_bytes)}")
         if last.device_total:
             parts += [f"CUDA {format_bytes(last.cuda_allocated)} (peak {format_bytes(last.cuda_peak)})",
                       f"GPU {format_bytes(last.device_used)} of {format_bytes(last.device_total)}"]
