@@ -236,3 +236,16 @@ def test_stored_runs_keep_their_merge_events(llama_engine):
         assert before.merged_entries_per_layer == after.merged_entries_per_layer
         assert [r.tolist() for r in before.retained] == [r.tolist() for r in after.retained]
     assert restored.all("memory")[-1].shared_cache_bytes == recorder.all("memory")[-1].shared_cache_bytes > 0
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_a_codec_encodes_the_merged_states(llama_engine, codec):
+    # Chunks of 48 encode whole groups of 16 inside the step that adds them: those groups must be
+    # encoded again with the merged rows, or the two layers would decode unrelated directions.
+    result = _run(llama_engine, "full", codec=codec, group_size=16, merge="minicache", merge_from=0,
+                  merge_threshold=2.0)
+    for a, b in ((0, 1), (2, 3)):
+        direction_a = split_magnitude(result.cache.layers[a].keys)[1]
+        direction_b = split_magnitude(result.cache.layers[b].keys)[1]
+        cosine = (direction_a * direction_b).sum(dim=-1)
+        assert float(cosine.mean()) > (0.99 if codec == "int8" else 0.9)

@@ -241,8 +241,8 @@ class QuantizedStore:
         window = self.window[kind]
         positions = self.positions().gather(1, index)
         in_window = where & (positions >= self.window_start)
-        row = (positions - self.window_start).clamp_min(0).unsqueeze(-1).expand(-1, -1, window.shape[-1])
-        window.scatter_(1, row, torch.where(in_window.unsqueeze(-1), rows, window.gather(1, row)))
+        heads, entry = in_window.nonzero(as_tuple=True)
+        window[heads, positions[heads, entry] - self.window_start] = rows[heads, entry]
         encoded = where & ~in_window
         heads, entry = encoded.nonzero(as_tuple=True)
         if heads.numel():
