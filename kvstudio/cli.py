@@ -29,6 +29,7 @@ from .core.interruptions import (EXIT_BROKEN_PIPE, EXIT_TERMINATED, Terminated, 
                                  silence_stdout, sigterm_raises)
 from .core.units import format_bytes  # noqa: E402
 from .cli_storage import add_storage_options, format_storage, measure_error, storage_from_args  # noqa: E402
+from .cli_model import add_kv_groups_option, apply_kv_groups  # noqa: E402
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="generate under a KV-cache policy, headless")
     run.add_argument("--model", default="default", help="default, tiny-llama|qwen2|mistral|phi3|gemma, a model "
                                                         "folder, or a hub id already in the local HF cache")
+    add_kv_groups_option(run)
     run.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
     run.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     run.add_argument("--quantize", choices=("4bit", "8bit"), help="load weights in 4/8 bit with bitsandbytes (CUDA)")
@@ -281,6 +283,7 @@ def command_run(args) -> int:
     from .core.snapshots import MemorySnapshotRecording
 
     # Check everything the user typed before spending seconds on loading a model.
+    apply_kv_groups(args)  # --kv-groups G: the model spec SPEC+kvG
     storage = storage_from_args(args)  # also reads the `--policy h2o-int4` shorthand
     policy = _policy_from_args(args)
     policy.storage = storage

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from .core.storage import StorageConfig, available_codecs, split_cache_name
-from .core.storage.base import CodecError
+from .core.storage import StorageConfig, available_codecs, merge_in_name, split_cache_name
+from .core.storage.base import MERGE_METHODS, CodecError
 
 
 def add_storage_options(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,17 @@ def add_storage_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--recall", type=int, default=0,
                        help="host blocks the current query brings back each step (with --tier host)")
     group.add_argument("--block-size", type=int, default=16, help="entries per host block (default 16)")
+    merging = parser.add_argument_group("cross-layer merging (MiniCache, Liu et al. 2024; any policy and codec)")
+    merging.add_argument("--merge", default="none", choices=MERGE_METHODS,
+                         help="minicache: from --merge-from on, adjacent layers share one direction per token "
+                              "(default none)")
+    merging.add_argument("--merge-from", type=int, metavar="L", help="first merged layer (default: half depth)")
+    merging.add_argument("--merge-threshold", type=float, default=StorageConfig.merge_threshold, metavar="T",
+                         help="retention threshold: tokens whose two states are farther apart than this fraction of "
+                              "the pair's distance range stay unmerged (default 0.05, the paper's; 0 keeps all)")
+    merging.add_argument("--merge-t", type=float, default=StorageConfig.merge_t, metavar="T",
+                         help="SLERP interpolation parameter, 0 = the earlier layer's direction, 1 = the later's "
+                              "(default 0.6, the paper's)")
     group.add_argument("--measure-error", action="store_true",
                        help="report the codec's relative error of keys and values and the KL divergence of the "
                             "next-token distribution from the same run stored in fp (runs the sequence twice more)")
@@ -35,10 +46,13 @@ def storage_from_args(args) -> StorageConfig:
         if args.codec not in (None, codec):
             raise CodecError(f"--policy {args.policy} names codec {codec}, but --codec says {args.codec}; "
                              "give one of them")
-        args.policy = policy
+    if merge_in_name(args.policy):  # --policy h2o+minicache: the same as --merge minicache
+        args.merge = merge_in_name(args.policy)
+    args.policy = policy
     config = StorageConfig(codec=codec or args.codec or "fp", group_size=args.group_size, residual=args.residual,
                            tier=args.tier, recall=args.recall, block_size=args.block_size,
-                           measure_error=args.measure_error)
+                           measure_error=args.measure_error, merge=args.merge, merge_from=args.merge_from,
+                           merge_threshold=args.merge_threshold, merge_t=args.merge_t)
     config.validate()
     return config
 
@@ -47,7 +61,7 @@ def format_storage(result) -> str | None:
     """The summary's storage lines, or None for an fp cache on the device."""
     storage = result.storage
     if not storage or (storage.get("codec") == "fp" and storage.get("tier") == "device"
-                       and "kl_to_fp" not in storage):
+                       and storage.get("merge", "none") == "none" and "kl_to_fp" not in storage):
         return None
     from .core.units import format_bytes
 
@@ -57,6 +71,14 @@ def format_storage(result) -> str | None:
     errors = storage.get("relative_error") or {}
     if errors.get("key") is not None:
         line += f"\ncodec error: keys {errors['key']:.4f}, values {errors['value']:.4f} (mean relative)"
+    merging = storage.get("merging") or {}
+    if merging:
+        saved = sum(merging["saved_bytes_per_layer"])
+        shared = sum(merging["shared_bytes_per_layer"])
+        line += (f"\nmerging: pairs {', '.join(f'{a}+{b}' for a, b in merging['pairs'])}; "
+                 f"{format_bytes(saved)} saved at the end ({format_bytes(shared)} of shared directions), "
+                 f"{sum(merging['merged_entries_per_layer'])} entries held merged, "
+                 f"{sum(merging['retained_entries_per_layer'])} retained unmerged")
     if "kl_to_fp" in storage:
         line += f", KL to fp {storage['kl_to_fp']:.5f} nats/token over {storage['kl_positions']} positions"
     return line

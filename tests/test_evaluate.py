@@ -233,8 +233,10 @@ def test_a_store_of_another_sweep_is_refused(tmp_path):
 
 def test_bad_sweep_options_are_refused_before_any_cell():
     engine = engine_for("tiny-llama")
-    with pytest.raises(KVStudioError, match="variant option codec does not apply to policy 'full'"):
-        Sweep(engine, _needle_spec(variants=({"codec": "int8"},)), "/dev/null/never")
+    with pytest.raises(KVStudioError, match="variant option shading does not apply to policy 'full'"):
+        Sweep(engine, _needle_spec(variants=({"shading": "int8"},)), "/dev/null/never")
+    with pytest.raises(KVStudioError, match="unknown codec 'int3'"):  # storage settings are checked too
+        Sweep(engine, _needle_spec(variants=({"codec": "int3"},)), "/dev/null/never")
     with pytest.raises(KVStudioError, match="--nonsense applies to none of the policies"):
         Sweep(engine, _needle_spec(policy_options={"nonsense": 1}), "/dev/null/never")
     with pytest.raises(KVStudioError, match="unknown policy"):

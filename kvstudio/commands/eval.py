@@ -45,6 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                    description=__doc__.splitlines()[0])
     parser.add_argument("task", choices=TASKS, help="passkey | needle | ruler | perplexity | kl | qa")
     parser.add_argument("--model", default="default", help="default, tiny-llama|..., a folder, or a cached hub id")
+    from ..cli_model import add_kv_groups_option
+
+    add_kv_groups_option(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--policies", type=_names, default=("full", "streaming_llm", "h2o"),
@@ -55,8 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a policy parameter for every policy that has it, e.g. --option sink=4 (repeatable)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
-                        help="extra options making one more cell per policy and budget (repeatable); the place "
-                             "for storage settings such as a codec once policies accept them")
+                        help="extra options making one more cell per policy and budget (repeatable): policy "
+                             "parameters or storage settings, e.g. codec=int8 or merge=minicache,merge_from=15")
     grid = parser.add_argument_group("passkey, needle and ruler")
     grid.add_argument("--lengths", type=_ints, default=None, help="context lengths in tokens (default 1024,2048)")
     grid.add_argument("--depths", type=_floats, default=None, help="needle depths 0..1 (default 0,0.25,0.5,0.75,1)")
@@ -121,6 +124,9 @@ def parse_assignments(items: list[str], what: str) -> dict:
 
 
 def build_spec(args):
+    from ..cli_model import apply_kv_groups
+
+    apply_kv_groups(args)  # --kv-groups G: the sweep's model is SPEC+kvG
     from ..core.evaluate.language import LanguageOptions
     from ..core.evaluate.sweep import SweepSpec
     from ..core.evaluate.tasks import RULER_SUBTASKS, TaskOptions

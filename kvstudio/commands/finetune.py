@@ -23,6 +23,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
     parser = commands.add_parser("finetune", help="LoRA fine-tuning with the policy's cache in the loop, headless")
     parser.add_argument("--model", default="default", help="model spec, as for `kvstudio run`")
+    from ..cli_model import add_kv_groups_option
+
+    add_kv_groups_option(parser)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--policy", default="full", help="cache policy the training runs under")
@@ -106,6 +109,9 @@ def run(args) -> int:
     from ..core.train.session import FinetuneSession
 
     # Everything typed is checked before seconds go into loading a model.
+    from ..cli_model import apply_kv_groups
+
+    apply_kv_groups(args)  # --kv-groups G: the model spec SPEC+kvG
     policy = _policy_from_args(args)
     settings = settings_from_args(args)
     if args.qlora and not torch.cuda.is_available():

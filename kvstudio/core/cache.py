@@ -31,6 +31,7 @@ from .policies.base import LayerState, LayerView, Phase, Policy
 from .rotary import Rerotator
 from .storage import create_codec, storage_of
 from .storage.host import HostTier, splice
+from .storage.minicache import create_merging
 from .storage.stores import make_store
 
 
@@ -69,6 +70,7 @@ class StepReport:
 
     recalled: list[Eviction] = field(default_factory=list)  # host-tier entries attention saw this step
     host_bytes: int = 0
+    merging: dict | None = None  # cross-layer merging after the step (MiniCacheMerging.step_report)
 
     @property
     def evicted_count(self) -> int:
@@ -100,6 +102,9 @@ class PolicyLayer(DynamicLayer):
         self.store = make_store(cache.codec, storage.group_size, storage.residual, cache.budgets[layer_idx],
                                 storage.measure_error)
         self.host: HostTier | None = None  # the host tier, made at the first eviction when it is on
+        # Cross-layer merging (storage/minicache.py): this layer's side of its pair, or None.
+        self.merge = cache.merging.side(layer_idx) if cache.merging is not None else None
+        self.store.keep_step_groups = self.merge is not None  # a codec encodes the merged states again
         self.state: LayerState = _new_layer_state(cache.policy, layer_idx)
         self.n_new = 0
         self.attended_this_step = False
@@ -125,6 +130,8 @@ class PolicyLayer(DynamicLayer):
             else positions
         before = self.store.byte_count()
         keys, values = self.store.append(key_states[0], value_states[0], positions, rope)
+        if self.merge is not None:
+            self.merge.appended(kv_heads, n_new, key_states.device)
         self.n_new = n_new
         self.cache.note_bytes(self.store.byte_count() - before)
         self.cache.peak_kept_per_layer[self.layer_idx] = max(self.cache.peak_kept_per_layer[self.layer_idx],
@@ -135,7 +142,8 @@ class PolicyLayer(DynamicLayer):
         return self.get_seq_length()
 
     def byte_count(self) -> int:
-        return self.store.byte_count()
+        """What the layer holds; with merging, as a MiniCache store holds it (storage/minicache.py)."""
+        return self.store.byte_count() - (self.merge.saved_bytes if self.merge is not None else 0)
 
     def host_byte_count(self) -> int:
         return 0 if self.host is None else self.host.byte_count()
@@ -203,6 +211,8 @@ class PolicyLayer(DynamicLayer):
         before = self.byte_count()
         self.store.keep(keep)  # compacts keys, values and positions in place
         self.state.keep(keep)
+        if self.merge is not None:
+            self.merge.keep(self, keep)
         self.cache.note_bytes(self.byte_count() - before)
         self.cache.record_eviction(self.layer_idx, evicted_positions)
 
@@ -272,6 +282,10 @@ class PolicyCache(Cache):
         self.rerotator = rerotator
         self.storage = storage_of(policy)  # codec and tier (kvstudio.core.storage); fp on the device by default
         self.codec = create_codec(self.storage)
+        self.merging = create_merging(self.storage, n_layers)  # cross-layer merging, or None
+        if policy.config.rerotate and self.merging is not None:
+            raise PolicyError("--rerotate moves each layer's kept keys to its own new positions, so two merged layers "
+                              "would need different directions for one token: use --merge without --rerotate")
         if policy.config.rerotate and self.codec is not None:
             raise PolicyError(f"--rerotate re-rotates stored keys and works with --codec fp only, "
                               f"not {self.storage.codec}")
@@ -325,6 +339,8 @@ class PolicyCache(Cache):
                                                         layer.positions.detach().clone()))
         layer.attended_this_step = True
         layer.apply_policy(policy_rows, policy_sums)
+        if self.merging is not None:  # a pair's later layer has attended: merge the step's entries
+            self.merging.after_attention(self, layer_idx)
 
     def end_step(self) -> StepReport:
         missing = [layer.layer_idx for layer in self.layers if not layer.attended_this_step]
@@ -341,6 +357,7 @@ class PolicyCache(Cache):
         for rows in report.attention:
             rows.weights, rows.positions = rows.weights.cpu(), rows.positions.cpu()
         report.kept_per_layer = [layer.entry_count() for layer in self.layers]
+        report.merging = self.merging.step_report(self) if self.merging is not None else None
         report.cache_bytes = self.current_bytes
         report.host_bytes = self.host_bytes
         self._report = None
@@ -399,6 +416,10 @@ class PolicyCache(Cache):
                 if value is not None:
                     sums[kind].append(value)
         return {kind: (sum(values) / len(values) if values else None) for kind, values in sums.items()}
+
+    def shared_bytes(self) -> int:
+        """Of the cache's bytes, the directions merged layers share (0 without --merge)."""
+        return 0 if self.merging is None else self.merging.shared_bytes()
 
     def kept_per_layer(self) -> list[int]:
         return [layer.entry_count() for layer in self.layers]

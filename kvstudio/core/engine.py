@@ -21,8 +21,8 @@ import torch
 from . import attention
 from .cache import PolicyCache, StepContext, StepReport
 from .errors import KVStudioError, PromptError
-from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, RecallEvent, Recorder,
-                     RunStartedEvent, StepEvent, TokenEvent)
+from .events import (AttentionEvent, EvictionEvent, MemoryEvent, MergeEvent, PrefillProgressEvent, RecallEvent,
+                     Recorder, RunStartedEvent, StepEvent, TokenEvent)
 from .layer_hooks import StepCancelled, layer_callbacks
 from .memory import MemorySampler, read_system_memory, reset_peak
 from .models import LoadedModel
@@ -519,6 +519,8 @@ class _Run:
             self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))
         for recall in report.recalled:
             self.recorder.record(RecallEvent(step, recall.layer, recall.positions.numpy()))
+        if report.merging is not None:
+            self.recorder.record(MergeEvent(step, **report.merging))
 
     def record_memory(self, source: str, step: int | None = None, next_phase: str | None = None) -> MemoryEvent:
         """Read memory now and record it. Runs on the engine's thread ("step") or the sampler's
@@ -532,7 +534,8 @@ class _Run:
             step = self.first_step + len(self.records) if step is None else step
             event = MemoryEvent(step, clock - self.started, clock, self.phase, source, sum(per_layer), per_layer,
                                 **vars(system), host_cache_bytes=self.cache.host_bytes,
-                                kept_per_layer=tuple(self.cache.kept_per_layer()))
+                                kept_per_layer=tuple(self.cache.kept_per_layer()),
+                                shared_cache_bytes=self.cache.shared_bytes())
             self.recorder.record(event)
             self.memory_readings.append(event)
             if source == "timer":

@@ -91,6 +91,7 @@ class MemoryEvent:
     device_total: int = 0
     host_cache_bytes: int = 0  # the host tier's evicted entries (cache_bytes counts the device's only)
     kept_per_layer: tuple[int, ...] = ()  # entries held per layer at the reading: moves within a long chunk
+    shared_cache_bytes: int = 0  # of cache_bytes: directions merged layers share (MiniCache, --merge)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,16 @@ class RecallEvent:
     step: int
     layer: int
     positions: np.ndarray  # (kv_heads, r) int64: host-tier entries that attention saw again this step
+
+
+@dataclass(frozen=True)
+class MergeEvent:
+    """Cross-layer merging (kvstudio.core.storage.minicache) after one step, for every layer."""
+
+    step: int
+    merged_entries_per_layer: tuple[int, ...]  # entries (over KV heads) held merged; 0 outside pairs
+    shared_bytes_per_layer: tuple[int, ...]  # each layer's half of the directions it shares
+    retained: tuple[np.ndarray, ...]  # per layer: positions the retention rule kept unmerged this step
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,7 @@ class PrefillProgressEvent:
 
 EVENT_KINDS = {TokenEvent: "tokens", StepEvent: "steps", EvictionEvent: "evictions",
                AttentionEvent: "attention", PrefillProgressEvent: "prefill", RunStartedEvent: "runs",
-               MemoryEvent: "memory", RecallEvent: "recalls"}
+               MemoryEvent: "memory", RecallEvent: "recalls", MergeEvent: "merges"}
 
 
 class Recorder:

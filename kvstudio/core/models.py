@@ -8,6 +8,7 @@ Specs:
                        and instant demos.
   PATH                 a local Hugging Face model folder.
   ORG/NAME             a hub id already present in the local Hugging Face cache, loaded offline.
+  SPEC+kvG             any of these with its KV heads mean-pooled into G groups (core/kv_pooling.py).
 
 Nothing here ever downloads: every `from_pretrained` call is `local_files_only=True`.
 """
@@ -168,6 +169,12 @@ def load_model(
 
 
 def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress) -> LoadedModel:
+    from .kv_pooling import split_kv_groups
+
+    full_spec, (spec, kv_groups) = spec, split_kv_groups(spec)
+    if kv_groups is not None and quant_config is not None:
+        raise ModelLoadError("--kv-groups pools the K/V weights, which quantized (bitsandbytes) weights cannot be; "
+                             "drop --quantize or --kv-groups")
     if spec.startswith("tiny-"):
         if quant_config is not None:
             raise ModelLoadError("tiny models are built in memory and cannot be loaded with quantized weights")
@@ -182,11 +189,16 @@ def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
             name = spec
         model, tokenizer = _load_pretrained(folder, torch_dtype, torch_device, quant_config, progress)
 
+    if kv_groups is not None:  # a derived model: KV heads mean-pooled at load time (GQA's initialisation)
+        from .kv_pooling import describe_groups, pool_kv_heads
+
+        pool_kv_heads(model, kv_groups)
+        name = f"{name} ({describe_groups(kv_groups)})"
     if quant_config is None:
         model = model.to(device=torch_device, dtype=torch_dtype)
     model.eval()
     _say(progress, f"loaded {name}", 1.0)
-    return LoadedModel(model, tokenizer, spec, name, torch_device, torch_dtype, quantization)
+    return LoadedModel(model, tokenizer, full_spec, name, torch_device, torch_dtype, quantization)
 
 
 # --- imports ahead of a load -------------------------------------------------------------------
@@ -205,6 +217,9 @@ def import_model_code(spec: str = "default") -> None:
     import importlib
     import json
 
+    from .kv_pooling import split_kv_groups
+
+    spec = split_kv_groups(spec)[0]  # a pooled model runs its base model's code
     try:
         import safetensors.torch  # noqa: F401
         import tokenizers  # noqa: F401
@@ -230,6 +245,9 @@ def prepare_load(spec: str = "default") -> None:
     studio calls this before its window opens, so loading the model it starts with never stalls
     the window. Only folders already on disk are touched: nothing is converted here. Never raises."""
     import_model_code(spec)
+    from .kv_pooling import split_kv_groups
+
+    spec = split_kv_groups(spec)[0]
     try:
         if spec == "default":
             folder = models_cache_dir() / f"{DEFAULT_MODEL_NAME}-{DEFAULT_MODEL_REVISION}"

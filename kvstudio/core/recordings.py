@@ -14,7 +14,8 @@ from dataclasses import asdict
 import numpy as np
 
 from .errors import KVStudioError
-from .events import (AttentionEvent, EvictionEvent, MemoryEvent, PrefillProgressEvent, RecallEvent, Recorder,
+from .events import (AttentionEvent, EvictionEvent, MemoryEvent, MergeEvent, PrefillProgressEvent, RecallEvent,
+                     Recorder,
                      RunStartedEvent, StepEvent, TokenEvent)
 
 FORMAT_VERSION = 1
@@ -29,6 +30,9 @@ def pack_events(recorder: Recorder) -> bytes:
     for kind in _SMALL:
         header[kind] = [asdict(event) for event in recorder.all(kind)]
     header["prefill"] = header["prefill"][-1:]  # only where it got to
+    header["merges"] = [{"step": m.step, "merged": list(m.merged_entries_per_layer),  # cross-layer merging
+                         "shared": list(m.shared_bytes_per_layer), "retained": [r.tolist() for r in m.retained]}
+                        for m in recorder.all("merges")]
 
     evictions = recorder.all("evictions")
     attention = recorder.all("attention")
@@ -64,6 +68,9 @@ def unpack_events(blob: bytes) -> Recorder:
                 if name in fields:  # recordings older than a field lack it: its default applies
                     fields[name] = tuple(fields[name])
             events.append(cls(**fields))
+    for fields in header.get("merges", ()):  # absent from recordings made before merging existed
+        events.append(MergeEvent(fields["step"], tuple(fields["merged"]), tuple(fields["shared"]),
+                                 tuple(np.array(r, dtype=np.int64) for r in fields["retained"])))
     offset = 0
     for step, layer, head, count in arrays["eviction_ids"]:
         events.append(EvictionEvent(int(step), int(layer), int(head),

@@ -23,6 +23,7 @@ from .views.token_map import TokenMapView
 
 COLUMNS = ("policy", "budget", "parameters", "tokens/s", "prefill s", "peak cache MiB", "evictions")
 STORAGE_VARIANTS = ("fp", "int8", "int4")
+MERGE_VARIANTS = ("full+minicache", "h2o+minicache")  # cross-layer merging, with the form's merge settings
 MAP_MIN_WIDTH = 170  # three maps fit a 1280-px window; more than fit scroll sideways
 
 
@@ -129,7 +130,8 @@ class CompareView(QWidget):
     def set_policies(self, names: list[str]) -> None:
         """The policies offered (after a plugin reload), keeping what was checked; h2o also stored
         in fp and in int4, to compare codecs directly (the form's group size and residual apply)."""
-        names = list(names) + [f"h2o-{codec}" for codec in STORAGE_VARIANTS if "h2o" in names]
+        names = list(names) + [f"h2o-{codec}" for codec in STORAGE_VARIANTS if "h2o" in names] \
+            + [name for name in MERGE_VARIANTS if name.partition("+")[0] in names]
         checked = set(self.checked()) if self.choices.count() else {"full", "streaming_llm", "h2o"}
         self.choices.blockSignals(True)
         self.choices.clear()

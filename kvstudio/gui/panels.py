@@ -6,13 +6,16 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QListWidget,
-                               QListWidgetItem, QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QVBoxLayout)
+                               QListWidgetItem, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter,
+                               QVBoxLayout)
 
 from ..core.documents import Document, read_document
 from ..core.errors import KVStudioError
+from ..core.kv_pooling import with_kv_groups
 from ..core.models import TINY_FAMILIES
 
-BUILTIN_MODELS = ["default"] + [f"tiny-{family}" for family in TINY_FAMILIES]
+# default+kv1: SmolLM2 with its 3 KV heads mean-pooled into 1 (GQA's initialisation; core/kv_pooling.py)
+BUILTIN_MODELS = ["default", "default+kv1"] + [f"tiny-{family}" for family in TINY_FAMILIES]
 PREVIEW_CHARS = 200_000  # of a selected document shown beside the list (a long PDF stays quick to show)
 
 
@@ -30,6 +33,11 @@ class ModelPanel(QGroupBox):
         self.device.addItems(["auto", "cpu", "cuda"])
         self.dtype = QComboBox()
         self.dtype.addItems(["auto", "float32", "bfloat16", "float16"])
+        self.kv_groups = QSpinBox(minimum=0, maximum=256)
+        self.kv_groups.setSpecialValueText("as the model has")
+        self.kv_groups.setToolTip("pool the model's KV heads into G groups at load time (the mean of each group's K/V "
+                                  "projections, as GQA's uptraining starts from); G must divide the KV heads. The same "
+                                  "as the spec suffix +kvG, e.g. default+kv1")
         self.load = QPushButton("Load")
         self.cancel = QPushButton("Cancel")
         self.cancel.setEnabled(False)
@@ -48,13 +56,12 @@ class ModelPanel(QGroupBox):
         form.addRow("model", spec_row)
         form.addRow("device", self.device)
         form.addRow("dtype", self.dtype)
+        form.addRow("KV groups", self.kv_groups)
         form.addRow(buttons)
         form.addRow(self.progress)
         form.addRow(self.status)
         self.browse.clicked.connect(self._pick_folder)
-        self.load.clicked.connect(lambda: self.load_requested.emit(self.spec.currentText().strip(),
-                                                                   self.device.currentText(),
-                                                                   self.dtype.currentText()))
+        self.load.clicked.connect(self._request_load)
         self.cancel.clicked.connect(self.cancel_requested.emit)
         self.set_recent([])
 
@@ -63,6 +70,16 @@ class ModelPanel(QGroupBox):
         self.spec.clear()
         self.spec.addItems(list(dict.fromkeys(recent + BUILTIN_MODELS)))
         self.spec.setCurrentText(current)
+
+    def _request_load(self) -> None:
+        spec = self.spec.currentText().strip()
+        if spec and self.kv_groups.value():
+            try:
+                spec = with_kv_groups(spec, self.kv_groups.value())  # a derived model: SPEC+kvG
+            except KVStudioError as error:
+                self.status.setText(str(error))
+                return
+        self.load_requested.emit(spec, self.device.currentText(), self.dtype.currentText())
 
     def _pick_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Choose a Hugging Face model folder")

@@ -1,4 +1,5 @@
-"""The policy box's storage fields: codec, group size, residual window, tier and recall.
+"""The policy box's storage fields: codec, group size, residual window, tier and recall, and
+cross-layer merging (MiniCache: from which layer, retention threshold, interpolation t).
 
 They travel with the policy's parameters as parameters["storage"] (kvstudio.core.storage's
 StorageConfig fields), so a run, a comparison and the run history all carry them. Validation is
@@ -8,15 +9,16 @@ StorageConfig's own; its message shows inline like the policy form's, in the for
 from __future__ import annotations
 
 from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QComboBox, QFormLayout, QLabel, QSpinBox, QWidget
+from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpinBox, QWidget
 
 from ..core.errors import KVStudioError
 from ..core.storage import STORAGE_KEY, StorageConfig, available_codecs
-from ..core.storage.base import TIERS
+from ..core.storage.base import MERGE_METHODS, TIERS
 from .form_words import in_form_words
 
 # The CLI's option -> this form's label, where they differ (for messages in the form's words).
-OPTION_LABELS = {"group-size": "group size", "recall": "recall blocks"}
+OPTION_LABELS = {"group-size": "group size", "recall": "recall blocks", "merge": "merge layers",
+                 "merge-from": "merge from layer", "merge-threshold": "retention threshold", "merge-t": "SLERP t"}
 
 
 class StorageForm(QWidget):
@@ -38,19 +40,36 @@ class StorageForm(QWidget):
                              "the current query would attend to come back for the step")
         self.recall = QSpinBox(minimum=0, maximum=1_000_000, value=defaults.recall)
         self.recall.setToolTip("host blocks brought back each step (tier host)")
+        self.merge = QComboBox()
+        self.merge.addItems(MERGE_METHODS)
+        self.merge.setToolTip("minicache: from the chosen layer on, adjacent layers share one direction per token "
+                              "(SLERP of their states) and keep their own magnitudes (Liu et al. 2024)")
+        self.merge_from = QSpinBox(minimum=-1, maximum=1024, value=-1)
+        self.merge_from.setSpecialValueText("half depth")
+        self.merge_from.setToolTip("the first merged layer: pairs (L, L+1), (L+2, L+3), ...")
+        self.merge_threshold = QDoubleSpinBox(minimum=0.0, maximum=2.0, decimals=3, singleStep=0.01,
+                                              value=defaults.merge_threshold)
+        self.merge_threshold.setToolTip("retention threshold: tokens whose two states are farther apart than this "
+                                        "fraction of the pair's distance range stay unmerged (0.05: the paper's; "
+                                        "0 keeps every token unmerged; above 1 merges all)")
+        self.merge_t = QDoubleSpinBox(minimum=0.0, maximum=1.0, decimals=2, singleStep=0.05, value=defaults.merge_t)
+        self.merge_t.setToolTip("SLERP interpolation: 0 = the earlier layer's direction, 1 = the later's (0.6: the "
+                                "paper's)")
         self.error = QLabel("")
         self.error.setWordWrap(True)
         self.error.setStyleSheet("color: #d33;")
         layout = QFormLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         for label, editor in (("codec", self.codec), ("group size", self.group_size), ("residual", self.residual),
-                              ("tier", self.tier), ("recall blocks", self.recall)):
+                              ("tier", self.tier), ("recall blocks", self.recall), ("merge layers", self.merge),
+                              ("merge from layer", self.merge_from), ("retention threshold", self.merge_threshold),
+                              ("SLERP t", self.merge_t)):
             layout.addRow(label, editor)
         layout.addRow(self.error)
         self.set_codecs(list(available_codecs()))
-        for spin in (self.group_size, self.residual, self.recall):
+        for spin in (self.group_size, self.residual, self.recall, self.merge_from, self.merge_threshold, self.merge_t):
             spin.valueChanged.connect(self._on_change)
-        for combo in (self.codec, self.tier):
+        for combo in (self.codec, self.tier, self.merge):
             combo.currentIndexChanged.connect(self._on_change)
         self._on_change()
 
@@ -65,15 +84,21 @@ class StorageForm(QWidget):
 
     def config(self) -> StorageConfig:
         return StorageConfig(codec=self.codec.currentText() or "fp", group_size=self.group_size.value(),
-                             residual=self.residual.value(), tier=self.tier.currentText(), recall=self.recall.value())
+                             residual=self.residual.value(), tier=self.tier.currentText(), recall=self.recall.value(),
+                             merge=self.merge.currentText(),
+                             merge_from=None if self.merge_from.value() < 0 else self.merge_from.value(),
+                             merge_threshold=round(self.merge_threshold.value(), 3), merge_t=round(self.merge_t.value(), 2))
 
     def parameters(self) -> dict:
         """{"storage": {...}} to add to the policy's parameters; empty for the default (fp, device)."""
         config = self.config()
         if config == StorageConfig():
             return {}
+        # The merge settings travel even with merge off: Compare's "h2o+minicache" takes them from here.
+        merging = {"merge": config.merge, "merge_from": config.merge_from, "merge_threshold": config.merge_threshold,
+                   "merge_t": config.merge_t}
         return {STORAGE_KEY: {"codec": config.codec, "group_size": config.group_size, "residual": config.residual,
-                              "tier": config.tier, "recall": config.recall}}
+                              "tier": config.tier, "recall": config.recall} | merging}
 
     def set_parameters(self, values: dict | None) -> None:
         values = values or {}
@@ -83,6 +108,11 @@ class StorageForm(QWidget):
         self.residual.setValue(values.get("residual", defaults.residual))
         self.tier.setCurrentText(values.get("tier", defaults.tier))
         self.recall.setValue(values.get("recall", defaults.recall))
+        self.merge.setCurrentText(values.get("merge", defaults.merge))
+        merge_from = values.get("merge_from", defaults.merge_from)
+        self.merge_from.setValue(-1 if merge_from is None else merge_from)
+        self.merge_threshold.setValue(values.get("merge_threshold", defaults.merge_threshold))
+        self.merge_t.setValue(values.get("merge_t", defaults.merge_t))
 
     def validate(self) -> str | None:
         try:

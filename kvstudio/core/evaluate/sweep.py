@@ -105,7 +105,11 @@ def accepted_parameters(policy: str) -> set[str]:
 
 
 def make_policy(name: str, budget: int | None, shared: dict, variant: dict) -> Policy:
-    """The cell's policy: its budget, the shared options it accepts, and every variant option."""
+    """The cell's policy: its budget, the shared options it accepts, and every variant option. Variant
+    options named like StorageConfig fields (codec, merge, merge_from, ...) set the cell's storage."""
+    from ..storage import attach, storage_from_options
+
+    storage, variant = storage_from_options(variant)
     accepted = accepted_parameters(name)
     foreign = sorted(set(variant) - accepted)
     if foreign:
@@ -115,7 +119,8 @@ def make_policy(name: str, budget: int | None, shared: dict, variant: dict) -> P
     params.update(variant)
     if budget is not None:
         params["budget"] = budget
-    return policy_class(name)(**params)
+    policy = policy_class(name)(**params)
+    return attach(policy, storage) if storage is not None else policy
 
 
 def _file_digest(path: str) -> str:

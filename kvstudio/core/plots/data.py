@@ -32,6 +32,7 @@ class TokenMap:
         self.evicted_heads = np.zeros((self.n_layers, capacity), dtype=np.int16)
         self.evicted_step = np.full((self.n_layers, capacity), -1, dtype=np.int32)  # when its last head went
         self.recalled: dict[int, np.ndarray] = {}  # layer -> positions recalled at its latest recall
+        self.retained: dict[int, set[int]] = {}  # layer -> positions MiniCache's retention rule kept unmerged
         self.storage_tier = "device"  # "host": evicted entries live on in host memory
 
     @classmethod
@@ -41,7 +42,7 @@ class TokenMap:
         return token_map
 
     def add(self, events: dict) -> None:
-        """Take new events by kind: tokens, steps, evictions, recalls (any may be missing)."""
+        """Take new events by kind: tokens, steps, evictions, recalls, merges (any may be missing)."""
         self.tokens.extend(token.text for token in events.get("tokens", ()))
         for step in events.get("steps", ()):
             self.fed += step.input_tokens
@@ -53,6 +54,10 @@ class TokenMap:
             self.evicted_step[eviction.layer, eviction.positions] = eviction.step
         for recall in events.get("recalls", ()):
             self.recalled[recall.layer] = np.unique(recall.positions)
+        for merge in events.get("merges", ()):
+            for layer, positions in enumerate(merge.retained):
+                if len(positions):
+                    self.retained.setdefault(layer, set()).update(positions.tolist())
 
     def _ensure_capacity(self, positions: int) -> None:
         if positions > self.evicted_heads.shape[1]:
@@ -86,13 +91,16 @@ class TokenMap:
         return fractions
 
     def tiers(self, layer: int) -> list[str]:
-        """Per token of `layer`: device, host, recalled, evicted, or unfed."""
+        """Per token of `layer`: device, retained (held unmerged under MiniCache), host, recalled,
+        evicted, or unfed."""
         on_device = self.heads_holding(layer) > 0
         gone = "host" if self.storage_tier == "host" else "evicted"
         tiers = np.where(on_device, "device", gone).astype(object)
         recalled = self.recalled.get(layer)
         if recalled is not None and len(recalled):
             tiers[recalled[recalled < len(tiers)]] = "recalled"
+        retained = [p for p in self.retained.get(layer, ()) if p < len(tiers) and tiers[p] == "device"]
+        tiers[retained] = "retained"
         tiers[self.fed_count:] = "unfed"
         return list(tiers)
 

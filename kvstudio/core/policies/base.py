@@ -286,6 +286,10 @@ class Policy(ABC):
         shown = ", ".join(f"{k}={v}" for k, v in self.config.as_dict().items() if v not in (None, False))
         storage = getattr(self, "storage", None)  # kvstudio.core.storage: a codec names the cache h2o-int4
         name = self.name if storage is None or storage.codec == "fp" else f"{self.name}-{storage.codec}"
+        if storage is not None and storage.merge != "none":  # cross-layer merging (storage/minicache.py)
+            name += f"+{storage.merge}"
+            start = "half" if storage.merge_from is None else storage.merge_from
+            shown = ", ".join(filter(None, [shown, f"merge_from={start}, merge_threshold={storage.merge_threshold:g}"]))
         return f"{name}({shown})"
 
 

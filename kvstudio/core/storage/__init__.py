@@ -6,6 +6,7 @@
   buffers.py   preallocated per-layer buffers, written and compacted in place
   stores.py    one layer's storage (fp or through a codec), what PolicyLayer delegates to
   host.py      the host tier: evicted entries in host memory, Quest block summaries, recall
+  minicache.py cross-layer merging: adjacent layers share one direction per token (MiniCache)
   errors.py    --measure-error: the codec's KL to the same run stored in fp
 
 A cache is named `<policy>-<codec>`: `split_cache_name("h2o-int4")` gives ("h2o", "int4").
@@ -13,7 +14,7 @@ A cache is named `<policy>-<codec>`: `split_cache_name("h2o-int4")` gives ("h2o"
 
 from __future__ import annotations
 
-from .base import Codec, CodecError, StorageConfig
+from .base import MERGE_METHODS, Codec, CodecError, StorageConfig
 from .bnb import BnbInt4Codec, BnbInt8Codec
 from .integer import Int4Codec, Int8Codec
 
@@ -64,8 +65,18 @@ def create_codec(config: StorageConfig) -> Codec | None:
     return None if cls is None else cls(group_size=config.group_size)
 
 
+def merge_in_name(name: str) -> str | None:
+    """'h2o+minicache' or 'h2o-int4+minicache' -> 'minicache': cross-layer merging named in a cache's
+    name (storage/minicache.py); None when it names none."""
+    base, plus, method = name.rpartition("+")
+    return method if plus and base and method in MERGE_METHODS and method != "none" else None
+
+
 def split_cache_name(name: str) -> tuple[str, str | None]:
-    """'h2o-int4' -> ('h2o', 'int4'); 'h2o' -> ('h2o', None). The codec is the longest known suffix."""
+    """'h2o-int4' -> ('h2o', 'int4'); 'h2o' -> ('h2o', None). The codec is the longest known suffix.
+    A merge suffix ('h2o-int4+minicache') is dropped here; `merge_in_name` reads it."""
+    if merge_in_name(name):
+        name = name.rpartition("+")[0]
     for codec in sorted(_CODECS, key=len, reverse=True):
         if name.endswith("-" + codec) and len(name) > len(codec) + 1:
             return name[: -len(codec) - 1], codec
@@ -87,7 +98,7 @@ def cache_name(policy) -> str:
     """'h2o-int4' for a policy stored in int4; the policy's name alone for fp on the device tier."""
     storage = storage_of(policy)
     name = policy.name if storage.codec == FP else f"{policy.name}-{storage.codec}"
-    return name + ("+host" if storage.tier == "host" else "")
+    return name + ("+host" if storage.tier == "host" else "") + ("" if storage.merge == "none" else f"+{storage.merge}")
 
 
 __all__ = ["Codec", "CodecError", "StorageConfig", "attach", "available_codecs", "cache_name", "codec_class",
@@ -107,5 +118,31 @@ def build_policy(name: str, parameters: dict):
     fields = dict(parameters.pop(STORAGE_KEY, None) or {})
     if codec is not None:
         fields["codec"] = codec
+    if merge_in_name(name):  # 'h2o+minicache': merged, with the form's merge settings where given
+        fields["merge"] = merge_in_name(name)
     policy = create_policy(base, **parameters)
     return attach(policy, StorageConfig(**fields)) if fields else policy
+
+
+def storage_from_options(options: dict) -> tuple[StorageConfig | None, dict]:
+    """Split NAME=VALUE options (an eval variant) into a StorageConfig (the ones named like its fields,
+    typed from text by each field's default) and the rest; (None, options) when none is a storage field."""
+    from dataclasses import fields
+
+    defaults = StorageConfig()
+    names = {f.name for f in fields(StorageConfig)}
+    given = {k: v for k, v in options.items() if k in names}
+    if not given:
+        return None, options
+    typed = {}
+    for key, value in given.items():
+        default = getattr(defaults, key)
+        kind = int if default is None else type(default)  # merge_from: None or a layer number
+        try:
+            if isinstance(value, str) and kind is bool:
+                typed[key] = value.lower() in ("true", "1", "yes")
+            else:
+                typed[key] = kind(value) if not isinstance(value, kind) else value
+        except ValueError:
+            raise CodecError(f"storage option {key}={value}: expected a {kind.__name__}") from None
+    return StorageConfig(**typed), {k: v for k, v in options.items() if k not in names}

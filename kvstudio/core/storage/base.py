@@ -40,6 +40,7 @@ from ..errors import KVStudioError
 
 Kind = Literal["key", "value"]
 TIERS = ("device", "host")
+MERGE_METHODS = ("none", "minicache")  # cross-layer merging (storage/minicache.py)
 
 
 class CodecError(KVStudioError):
@@ -85,6 +86,11 @@ class StorageConfig:
     recall: int = 0  # host blocks brought back for each step (tier host)
     block_size: int = 16  # entries per host block (one summary each)
     measure_error: bool = False  # record the codec's relative error of keys and values
+    # Cross-layer merging (storage/minicache.py): adjacent layers from merge_from on share directions.
+    merge: str = "none"  # none | minicache
+    merge_from: int | None = None  # the first merged layer; None: half depth
+    merge_threshold: float = 0.05  # retention threshold: 0 keeps every token unmerged, above 1 merges all
+    merge_t: float = 0.6  # SLERP interpolation parameter (0: the earlier layer's direction, 1: the later's)
 
     def validate(self) -> None:
         from . import codec_class
@@ -98,6 +104,10 @@ class StorageConfig:
             (self.recall == 0 or self.tier == "host", "--recall N needs --tier host (evicted entries are "
                                                       "dropped on the device tier, so there is nothing to recall)"),
             (self.block_size >= 1, f"--block-size must be at least 1, got {self.block_size}"),
+            (self.merge in MERGE_METHODS, f"--merge must be one of {', '.join(MERGE_METHODS)}, got {self.merge!r}"),
+            (self.merge_from is None or self.merge_from >= 0, f"--merge-from must be 0 or more, got {self.merge_from}"),
+            (self.merge_threshold >= 0, f"--merge-threshold must be 0 or more, got {self.merge_threshold}"),
+            (0 <= self.merge_t <= 1, f"--merge-t must be between 0 and 1, got {self.merge_t}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -109,4 +119,7 @@ class StorageConfig:
             parts.append(f"group {self.group_size}, residual {self.residual}")
         if self.tier == "host":
             parts.append(f"host tier, recall {self.recall} blocks of {self.block_size}")
+        if self.merge != "none":
+            start = "half depth" if self.merge_from is None else f"layer {self.merge_from}"
+            parts.append(f"{self.merge} from {start} (threshold {self.merge_threshold:g}, t {self.merge_t:g})")
         return ", ".join(parts)

@@ -73,6 +73,13 @@ class FpStore:
         """Cut every held tensor from the autograd graph (fine-tuning's truncated mode)."""
         self.entries.tensors = {name: tensor.detach() for name, tensor in self.entries.tensors.items()}
 
+    def overwrite(self, kind: str, index: torch.Tensor, rows: torch.Tensor, where: torch.Tensor) -> None:
+        """Write rows (kv_heads, m, head_dim) over the entries at `index` (kv_heads, m) where `where`
+        (cross-layer merging writes each layer's restored states; storage/minicache.py)."""
+        held = self.entries.view("keys" if kind == "key" else "values")
+        index = index.unsqueeze(-1).expand(-1, -1, held.shape[-1])
+        held.scatter_(1, index, torch.where(where.unsqueeze(-1), rows, held.gather(1, index)))
+
     def set_keys(self, keys: torch.Tensor, rope_positions: torch.Tensor) -> None:
         """Replace every held key (after re-rotation), (1, kv_heads, n, head_dim)."""
         if self.entries.out_of_place:
@@ -100,6 +107,11 @@ class _GroupTable:
                                 device=self.slot_of.device)
             grown[:self.slot_of.numel()] = self.slot_of
             self.slot_of = grown
+        own = int(self.slot_of[group])
+        if own < len(self.owner) and self.owner[own] == group:  # encoded again (a merged step's rewrite)
+            for name, tensor in per_group.items():
+                self.fields[name][:, own] = tensor
+            return
         free = [slot for slot, owner in enumerate(self.owner) if owner is None]
         if free:
             slot = free[0]
@@ -162,6 +174,11 @@ class QuantizedStore:
         self.error_counts = {"key": 0, "value": 0}
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bytes = 0
+        # Cross-layer merging rewrites a step's new entries after both layers of a pair attended
+        # (storage/minicache.py): the groups encoded in the step keep their rows as they were before
+        # encoding until the next append, so a rewrite re-encodes them (merge, then quantize).
+        self.keep_step_groups = False
+        self._step_groups: dict[int, dict[str, torch.Tensor]] = {}  # group number -> kind -> (kv_heads, G, d)
 
     def entry_count(self) -> int:
         return self.entries.count
@@ -211,11 +228,35 @@ class QuantizedStore:
             self.window[kind][:, offset:offset + n].copy_(tensor)
         self.window_length = offset + n
         self.entries.append({"positions": positions, "rope_positions": rope_positions}, n)
+        self._step_groups = {}
         seen = first + n
         while seen - self.residual - self.window_start >= self.group:
             self._encode_oldest_group()
         self._count_bytes()
         return self._decoded()
+
+    def overwrite(self, kind: str, index: torch.Tensor, rows: torch.Tensor, where: torch.Tensor) -> None:
+        """Write rows over entries fed in this step (see FpStore.overwrite): in the window, or in a group
+        encoded in this step, which is encoded again from its rows with the new ones in."""
+        window = self.window[kind]
+        positions = self.positions().gather(1, index)
+        in_window = where & (positions >= self.window_start)
+        heads, entry = in_window.nonzero(as_tuple=True)
+        window[heads, positions[heads, entry] - self.window_start] = rows[heads, entry]
+        encoded = where & ~in_window
+        heads, entry = encoded.nonzero(as_tuple=True)
+        if heads.numel():
+            groups = positions[heads, entry] // self.group
+            for group in groups.unique().tolist():
+                if group not in self._step_groups:
+                    raise CodecError("an entry to overwrite was encoded before this step; only a step's own "
+                                     "entries can be rewritten (set keep_step_groups)")
+                mine = groups == group
+                x = self._step_groups[group][kind]
+                x[heads[mine], positions[heads[mine], entry[mine]] - group * self.group] = rows[heads[mine], entry[mine]]
+                self._encode_group(group * self.group, kind, x, note_error=False)
+        self._step = None
+        self._count_bytes()
 
     def _window_reserve(self, kind: str, needed: int) -> None:
         window = self.window[kind]
@@ -227,22 +268,12 @@ class QuantizedStore:
 
     def _encode_oldest_group(self) -> None:
         start, size = self.window_start, self.group
-        group_number = start // size
-        positions = self.positions()
-        held = (positions >= start) & (positions < start + size)
-        heads, index = held.nonzero(as_tuple=True)
-        in_group = positions[heads, index] - start
         for kind in ("key", "value"):
             x = self.window[kind][:, :size]
-            encoded = self.codec.encode(x, kind)
-            self.tables[kind].store(group_number, encoded.per_group)
-            for name, rows in encoded.per_entry.items():
-                field = f"{kind}.{name}"
-                if field not in self.entries:
-                    self.entries.add_field(field, rows)
-                self.entries.view(field)[heads, index] = rows[heads, in_group]
-            if self.measure_error:
-                self._note_error(kind, x, encoded)
+            if self.keep_step_groups:
+                x = x.clone()
+                self._step_groups.setdefault(start // size, {})[kind] = x
+            self._encode_group(start, kind, x, note_error=self.measure_error)
         # The window moves one group on: what remains slides to the front (a few rows, not the cache).
         remaining = self.window_length - size
         for kind in ("key", "value"):
@@ -250,6 +281,23 @@ class QuantizedStore:
             window[:, :remaining] = window[:, size:self.window_length].clone()
         self.window_start += size
         self.window_length = remaining
+
+    def _encode_group(self, start: int, kind: str, x: torch.Tensor, note_error: bool) -> None:
+        """Encode the group starting at position `start` from its rows x (kv_heads, G, head_dim): its
+        shared tensors go to the group table, the held entries get their per-entry rows."""
+        positions = self.positions()
+        held = (positions >= start) & (positions < start + self.group)
+        heads, index = held.nonzero(as_tuple=True)
+        in_group = positions[heads, index] - start
+        encoded = self.codec.encode(x, kind)
+        self.tables[kind].store(start // self.group, encoded.per_group)
+        for name, rows in encoded.per_entry.items():
+            field = f"{kind}.{name}"
+            if field not in self.entries:
+                self.entries.add_field(field, rows)
+            self.entries.view(field)[heads, index] = rows[heads, in_group]
+        if note_error:
+            self._note_error(kind, x, encoded)
 
     def _note_error(self, kind: str, x: torch.Tensor, encoded: Encoded) -> None:
         per_group = {name: t[:, None].expand(t.shape[0], x.shape[1], *t.shape[1:])

@@ -14,4 +14,8 @@ def summarize(cache) -> dict:
         "host_bytes_per_layer": cache.host_bytes_per_layer(),
         "recalled": cache.recalled_total,
         "relative_error": cache.codec_error() if storage.measure_error else {},
+        "merge": storage.merge, "merge_from": storage.merge_from, "merge_threshold": storage.merge_threshold,
+        "merge_t": storage.merge_t,
+        # Cross-layer merging (storage/minicache.py): pairs, and per layer saved / shared / retained figures.
+        "merging": cache.merging.summary(cache) if getattr(cache, "merging", None) is not None else {},
     }

@@ -30,6 +30,8 @@ def unsaveable_reason(storage) -> str | None:
         return f"caches stored with codec '{storage.codec}' cannot be saved yet (only '{CODEC}')"
     if storage.tier != "device":
         return f"caches with the {storage.tier} tier cannot be saved yet"
+    if getattr(storage, "merge", "none") != "none":  # the merged flags and distance ranges are not saved yet
+        return f"caches merged across layers (--merge {storage.merge}) cannot be saved yet"
     return None
 
 

@@ -89,6 +89,8 @@ class MemoryView(LiveView):
         self.cache_curve = _curve(self.cache_plot, "KV cache", (80, 140, 220))
         # The host tier's bytes (kvstudio.core.storage.host): drawn once a run has any.
         self.host_curve = _curve(self.cache_plot, "host tier", (230, 150, 40), 2, pg.QtCore.Qt.DashLine)
+        # Of the cache's bytes, the directions merged layers share (MiniCache): drawn once a run has any.
+        self.shared_curve = _curve(self.cache_plot, "shared by merged layers", (40, 70, 140), 2, pg.QtCore.Qt.DotLine)
         self.bursts = pg.ScatterPlotItem(symbol="t", size=11, brush=pg.mkBrush(230, 70, 70), pen=None,
                                          hoverable=True, tip="{data}".format)  # "step 12: 4,096 entries evicted"
         self.cache_plot.addItem(self.bursts)
@@ -136,7 +138,7 @@ class MemoryView(LiveView):
         for item in getattr(self, "band_items", []):
             self.cache_plot.removeItem(item)
         self.band_items: list = []
-        self.columns = _Columns(("x", "cache_bytes", "run_step", "host_cache_bytes")
+        self.columns = _Columns(("x", "cache_bytes", "run_step", "host_cache_bytes", "shared_cache_bytes")
                                 + tuple(field for field, *_ in SERIES))
         # Readings themselves are not kept (a session has tens of thousands): only the columns
         # drawn, the readings after each step of the current run (the tests compare them with its
@@ -177,7 +179,7 @@ class MemoryView(LiveView):
         if reading.source == "step" and reading.phase != "load":
             self.run_step_readings.append(reading)
         run_step = float(reading.source == "step" and reading.phase != "load")
-        self.columns.append([x, reading.cache_bytes, run_step, reading.host_cache_bytes]
+        self.columns.append([x, reading.cache_bytes, run_step, reading.host_cache_bytes, reading.shared_cache_bytes]
                             + [getattr(reading, field) for field, *_ in SERIES])
 
     def _break_line(self) -> None:
@@ -226,6 +228,8 @@ class MemoryView(LiveView):
         self.cache_curve.setData(x, self.columns["cache_bytes"] / MIB)
         host = self.columns["host_cache_bytes"]
         self.host_curve.setData(x if np.nansum(host) else [], host / MIB if np.nansum(host) else [])
+        shared = self.columns["shared_cache_bytes"]
+        self.shared_curve.setData(x if np.nansum(shared) else [], shared / MIB if np.nansum(shared) else [])
         for field, name, colour, width, style in SERIES:
             values = self.columns[field]
             if field not in self.curves:
@@ -252,6 +256,8 @@ class MemoryView(LiveView):
         parts = [f"cache {format_bytes(last.cache_bytes)}", f"process {format_bytes(last.process_bytes)}"]
         if last.host_cache_bytes:
             parts.insert(1, f"host tier {format_bytes(last.host_cache_bytes)}")
+        if last.shared_cache_bytes:  # the dotted curve: directions merged layers share (MiniCache)
+            parts.insert(1, f"of which shared by merged layers (dotted) {format_bytes(last.shared_cache_bytes)}")
         if last.device_total:
             parts += [f"CUDA {format_bytes(last.cuda_allocated)} (peak {format_bytes(last.cuda_peak)})",
                       f"GPU {format_bytes(last.device_used)} of {format_bytes(last.device_total)}"]

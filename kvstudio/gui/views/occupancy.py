@@ -17,7 +17,7 @@ from .plot_message import PlotMessage
 
 
 class OccupancyView(LiveView):
-    kinds = ("steps", "memory")
+    kinds = ("steps", "memory", "merges")
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -26,6 +26,9 @@ class OccupancyView(LiveView):
         self.bars = pg.BarGraphItem(x=[], height=[], width=0.8, brush=(80, 140, 220))
         self.budget_line = pg.PlotDataItem(pen=pg.mkPen((230, 80, 60), width=2), stepMode="center")
         self.per_layer.addItem(self.bars)
+        # Cross-layer merging (MiniCache): of the entries held, those held merged, per KV head.
+        self.merged_bars = pg.BarGraphItem(x=[], height=[], width=0.5, brush=(40, 70, 140))
+        self.per_layer.addItem(self.merged_bars)
         self.per_layer.addItem(self.budget_line)
         self.total = pg.PlotWidget(title="entries held, all layers, per step")
         self.total.setLabel("bottom", "step")
@@ -52,6 +55,7 @@ class OccupancyView(LiveView):
         self.budgets = [b if b is not None else np.nan for b in run.budgets]
         self.budget_line.setData(np.append(layers - 0.5, layers[-1] + 0.5), self.budgets)
         self.bars.setOpts(x=layers, height=self.kept_per_layer)
+        self.merged_bars.setOpts(x=layers, height=[0] * run.n_layers)
         self.total_curve.setData([], [])
         self.per_layer_message.hide()
         self.per_layer.setXRange(-0.6, run.n_layers - 0.4, padding=0)
@@ -69,6 +73,10 @@ class OccupancyView(LiveView):
             if reading.kept_per_layer and reading.step > self.last_step:
                 self.kept_per_layer = list(reading.kept_per_layer)
         self.bars.setOpts(height=self.kept_per_layer)
+        for merge in events.get("merges", ()):  # narrow dark bars: entries held merged (per KV head)
+            self.merged_bars.setOpts(height=[n / max(self.run.n_kv_heads, 1) for n in merge.merged_entries_per_layer])
+            self.per_layer.setTitle("entries held per layer (bars; narrow dark bars: held merged with the paired "
+                                    "layer) and budget (line)")
         self._range_per_layer()
         if self.totals:
             self.total_message.hide()

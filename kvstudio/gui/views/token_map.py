@@ -10,7 +10,8 @@ the layers holding it and when it was evicted (kvstudio.core.plots.data.TokenMap
 export uses too).
 "Where it lives" colours the chosen layer's tokens (layer 0 under "all layers") by storage tier:
 on the device (held by some KV head), on the host (evicted under the host tier), recalled from the
-host at the latest step that recalled, or evicted and gone.
+host at the latest step that recalled, or evicted and gone; with cross-layer merging (MiniCache),
+"retained" marks the tokens the retention rule kept unmerged in that layer.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ BOUNDARY_MARK = " ▍generated: "  # between the prompt and the generated text; 
 
 
 class TokenMapView(LiveView):
-    kinds = ("tokens", "evictions", "recalls", "steps")
+    kinds = ("tokens", "evictions", "recalls", "steps", "merges")
 
     def __init__(self, parent=None, compact: bool = False):
         super().__init__(parent)

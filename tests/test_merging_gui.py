@@ -1,0 +1,81 @@
+"""The studio's merging parts: merge settings in the storage form reach the run and the views
+(occupancy's merged bars, the memory view's shared curve, retained tokens on the token map), Compare
+across merge settings, and KV groups in the model panel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PySide6.QtCore import Qt
+
+from .test_gui import load, run
+
+pytest.importorskip("pytestqt")
+
+
+def test_merge_settings_reach_the_run_and_the_views(qtbot, window):
+    load(qtbot, window)
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)
+    window.form.max_new_tokens.setValue(4)
+    window.form.chunk_size.setValue(32)
+    form = window.form.storage_form
+    form.merge.setCurrentText("minicache")
+    form.merge_from.setValue(2)
+    form.merge_threshold.setValue(0.5)
+    outcome = run(qtbot, window, policy="full")
+    assert outcome.error is None, outcome.error
+    result = outcome.result
+    assert "+minicache" in result.policy and result.storage["merging"]["pairs"] == [[2, 3]]
+    views = window.views
+    merged = views.occupancy_view.merged_bars.opts["height"]
+    assert merged[0] == merged[1] == 0 and merged[2] > 0  # layers 2 and 3 hold merged entries
+    shared = views.memory_view.shared_curve.getData()[1]
+    assert shared is not None and shared[-1] > 0
+    assert "shared by merged layers" in views.memory_view.readout.text()
+    token_view = views.token_view
+    token_view.layer.setCurrentIndex(3)  # layer 2
+    token_view.by_tier.setChecked(True)
+    tiers = np.array(token_view.tiers())
+    assert "retained" in set(tiers) and "device" in set(tiers)
+    token_view.layer.setCurrentIndex(1)  # layer 0 is not merged: nothing retained there
+    assert "retained" not in set(token_view.tiers())
+    # A bad merge start is refused with the storage's own message.
+    form.merge_t.setValue(0.6)
+    form.merge_from.setValue(3)
+    outcome = run(qtbot, window, policy="full")
+    assert "--merge-from 3" in (outcome.error or "")
+
+
+def test_compare_h2o_against_h2o_merged(qtbot, window):
+    load(qtbot, window)
+    window.prompt_area.prompt.setPlainText("a b c d e f " * 8)
+    window.form.max_new_tokens.setValue(4)
+    window.form.policy.setCurrentText("h2o")
+    window.form.policy_form.set_values({"budget": 16})
+    window.form.storage_form.merge_from.setValue(0)
+    window.form.storage_form.merge_threshold.setValue(2.0)  # merge every token the pairs both hold
+    view = window.compare.view
+    for index in range(view.choices.count()):
+        item = view.choices.item(index)
+        item.setCheckState(Qt.Checked if item.text() in ("h2o", "h2o+minicache") else Qt.Unchecked)
+    window.compare.request(view.checked())
+    qtbot.waitUntil(lambda: view.table.rowCount() == 2 and not window.running, timeout=30_000)
+    rows = {view.table.item(r, 0).text(): float(view.table.item(r, 3).text()) for r in range(2)}
+    assert set(rows) == {"h2o", "h2o+minicache"} and all(peak > 0 for peak in rows.values())
+    merged = window.last_outcome.result  # the last run is the merged one, with the form's merge settings
+    assert merged.storage["merge"] == "minicache" and merged.storage["merging"]["pairs"] == [[0, 1], [2, 3]]
+    assert sum(merged.storage["merging"]["merged_entries_per_layer"]) > 0
+
+
+def test_kv_groups_in_the_model_panel_load_a_derived_model(qtbot, window):
+    panel = window.loading.panel
+    assert panel.spec.findText("default+kv1") >= 0  # offered beside the default model
+    panel.spec.setCurrentText("tiny-llama")
+    panel.kv_groups.setValue(1)
+    panel.load.click()
+    qtbot.waitUntil(lambda: window.model_info is not None, timeout=20_000)
+    assert window.model_info.spec == "tiny-llama+kv1" and window.model_info.n_kv_heads == 1
+    assert "tiny-llama (1 KV group)" in panel.status.text()
+    panel.spec.setCurrentText("tiny-llama+kv2")
+    panel.load.click()  # two different group counts: refused in the panel, nothing loads
+    assert "different KV groups" in panel.status.text()
