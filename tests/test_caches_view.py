@@ -68,6 +68,24 @@ def test_save_list_continue_and_delete(qtbot, window):
     assert view.table.rowCount() == 0 and not path.exists()
 
 
+def test_a_quantized_cache_continues_under_the_storage_it_was_saved_with(qtbot, window):
+    window.storage_form.set_parameters({"codec": "int4", "group_size": 8, "tier": "host", "recall": 1})
+    whole = _run(qtbot, window, 7)
+    _run(qtbot, window, 3)
+    path = window.caches_view.folder / "int4.kvcache"
+    assert window.caches.save_last_run(str(path))
+    qtbot.waitUntil(lambda: window.caches_view.table.rowCount() == 1, timeout=10_000)
+    window.storage_form.set_parameters({})  # back to fp: continuing sets the cache's storage again
+    window.max_new_tokens.setValue(4)
+    assert window.caches.continue_from(str(path)), window.error_text.text()
+    qtbot.waitUntil(lambda: not window.running, timeout=30_000)
+    outcome = window.last_outcome
+    assert outcome.error is None, outcome.error
+    assert window.storage_form.codec.currentText() == "int4" and window.storage_form.tier.currentText() == "host"
+    assert outcome.result.token_ids == whole.token_ids[3:]
+    assert outcome.result.storage["recalled"] == whole.storage["recalled"]
+
+
 def test_a_corrupt_cache_is_refused_and_the_studio_stays_usable(qtbot, window):
     _run(qtbot, window, 2)
     path = window.caches_view.folder / "bad.kvcache"

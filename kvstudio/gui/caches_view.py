@@ -40,7 +40,7 @@ class CacheWriter(QObject):
 
     @Slot(object, str)
     def save(self, outcome, path: str) -> None:
-        from ..core.policies import policy_class
+        from ..core.storage import build_policy
         from ..core.store.saved_cache import write_saved_cache
 
         request = outcome.request
@@ -48,7 +48,7 @@ class CacheWriter(QObject):
             engine = self.studio_worker.engine
             if engine is None:
                 raise KVStudioError("no model loaded")
-            policy = policy_class(request.policy)(**request.parameters)
+            policy = build_policy(request.policy, request.parameters)  # with its storage ("storage" parameters)
             write_saved_cache(path, outcome.result.state, engine.loaded, policy, request.settings,
                               request.prompt or None)
         except KVStudioError as error:
@@ -223,7 +223,9 @@ class CachesController(QObject):
     def continue_from(self, path: str) -> bool:
         """Set the policy and sampling the cache was made with, then run from it."""
         from ..core.policies import available_policies
-        from ..core.store.saved_cache import read_header
+        from ..core.storage import STORAGE_KEY, StorageConfig
+        from ..core.store.layer_tensors import storage_key
+        from ..core.store.saved_cache import header_storage, read_header
 
         window = self.window
         try:
@@ -244,6 +246,10 @@ class CachesController(QObject):
         window.temperature.setValue(float(generation.get("temperature", 0.0)))
         window.seed.setValue(int(generation.get("seed") or 0))
         parameters = {k: v for k, v in header["policy"]["parameters"].items() if v is not None}
+        storage = header_storage(header)  # the codec and tier it was stored with: a restore needs the same
+        window.storage_form.set_parameters(storage)
+        if storage != storage_key(StorageConfig()):
+            parameters[STORAGE_KEY] = storage
         started = window._start(policy, parameters, label="continue", start_from=str(path))
         if started:
             self.view.status.setText(f"restoring {Path(path).name}…")

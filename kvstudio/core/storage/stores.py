@@ -73,7 +73,8 @@ class _Store:
         """The inverse of `state()`, into a fresh store."""
         fields = {name.split(".", 1)[1]: t.to(device) for name, t in tensors.items() if name.startswith("entries.")}
         if fields:
-            self.entries.append(fields, next(iter(fields.values())).shape[1])
+            with torch.no_grad():  # into preallocated buffers, as a run without autograd would have them
+                self.entries.append(fields, next(iter(fields.values())).shape[1])
 
 
 def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -326,27 +327,33 @@ class QuantizedStore(_Store):
     def _decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, kv_heads, n, head_dim) keys and values as attention sees them, decoded once per step."""
         if self._step is None:
-            positions = self.positions()
-            decoded = []
-            for kind in KINDS:
-                window = self.window[kind]
-                in_window = positions >= window.start
-                window_row = (positions - window.start).clamp_min(0)
-                index = window_row[..., None].expand(-1, -1, window.rows.shape[-1])
-                from_window = window.rows.gather(1, index)
-                fields = {name.split(".", 1)[1]: self.entries.view(name) for name in self.entries.tensors
-                          if name.startswith(kind + ".")}
-                if fields:
-                    table = self.tables[kind]
-                    per_group = {}
-                    if table is not None and table.fields:
-                        groups = torch.where(in_window, torch.zeros_like(positions), positions // self.group)
-                        per_group = table.expanded(groups.clamp(max=max(table.slot_of.numel() - 1, 0)))
-                    from_codes = self.codec.decode(fields, per_group, kind, window.rows.dtype)
-                    from_window = torch.where(in_window[..., None], from_window, from_codes)
-                decoded.append(from_window.unsqueeze(0))
-            self._step = (decoded[0], decoded[1])
+            self._step = (self._decode_kind("key").unsqueeze(0), self._decode_kind("value").unsqueeze(0))
         return self._step
+
+    def _decode_kind(self, kind: str) -> torch.Tensor:
+        """(kv_heads, n, head_dim): encoded entries decoded, window entries as they are."""
+        positions = self.positions()
+        window = self.window[kind]
+        fields = {name.split(".", 1)[1]: self.entries.view(name) for name in self.entries.tensors
+                  if name.startswith(kind + ".")}
+        if not fields:  # nothing encoded yet: every entry is in the window
+            index = (positions - window.start)[..., None].expand(-1, -1, window.rows.shape[-1])
+            return window.rows.gather(1, index)
+        per_group = {}
+        table = self.tables[kind]
+        if table is not None and table.fields:
+            groups = torch.where(positions >= window.start, 0, positions // self.group)
+            per_group = table.expanded(groups.clamp(max=max(table.slot_of.numel() - 1, 0)))
+        decoded = self.codec.decode(fields, per_group, kind, window.rows.dtype)
+        # Window entries are the newest, so they sit among the last `window.length` of each head's row
+        # (positions increase along it): only that tail is looked up, not the whole layer.
+        tail = min(window.length, positions.shape[1])
+        if tail:
+            tail_positions = positions[:, -tail:]
+            index = (tail_positions - window.start).clamp_min(0)[..., None].expand(-1, -1, window.rows.shape[-1])
+            in_window = (tail_positions >= window.start)[..., None]
+            decoded[:, -tail:] = torch.where(in_window, window.rows.gather(1, index), decoded[:, -tail:])
+        return decoded
 
     # -- evicting ----------------------------------------------------------------------------------------
 
