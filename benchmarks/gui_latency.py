@@ -65,12 +65,12 @@ def main() -> int:
             QTimer.singleShot(20, start_run)
             return
         phase[0] = "run"
-        window.prompt.setPlainText(passkey_prompt("57314", args.repeats))
-        window.policy.setCurrentText(args.policy)
-        window.policy_form.set_values({"budget": args.budget})
-        window.max_new_tokens.setValue(args.new_tokens)
-        window.chunk_size.setValue(256)
-        window.request_run()
+        window.prompt_area.prompt.setPlainText(passkey_prompt("57314", args.repeats))
+        window.form.policy.setCurrentText(args.policy)
+        window.form.policy_form.set_values({"budget": args.budget})
+        window.form.max_new_tokens.setValue(args.new_tokens)
+        window.form.chunk_size.setValue(256)
+        window.run.request_run()
         QTimer.singleShot(50, wait_for_end)
 
     def wait_for_end():
@@ -79,7 +79,7 @@ def main() -> int:
             return
         app.quit()
 
-    window.request_load(args.model, "auto", "auto")
+    window.loading.request_load(args.model, "auto", "auto")
     QTimer.singleShot(20, start_run)
     app.exec()
     timer.stop()

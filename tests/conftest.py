@@ -48,3 +48,34 @@ def llama_engine() -> Engine:
 @pytest.fixture(scope="session")
 def default_engine() -> Engine:
     return engine_for("default")
+
+
+# -- the studio window (pytest-qt) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def studio_folders(tmp_path, monkeypatch):
+    """The studio's user data (run history, user plugins) in the test's own folder; no extra plugin path."""
+    monkeypatch.setenv("KVSTUDIO_DATA_DIR", str(tmp_path / "user_data"))
+    monkeypatch.delenv("KVSTUDIO_PLUGIN_PATH", raising=False)
+    return tmp_path / "user_data"
+
+
+@pytest.fixture
+def window(request, qtbot, tmp_path, studio_folders):
+    """A shown studio window with its own settings file. With `@pytest.mark.studio_model("tiny-llama")`
+    on the test or its module, that model is loaded (on the CPU) before the test starts."""
+    from PySide6.QtCore import QSettings
+
+    from kvstudio.gui.main_window import MainWindow
+
+    win = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat))
+    qtbot.addWidget(win)
+    win.show()
+    marker = request.node.get_closest_marker("studio_model")
+    if marker is not None:
+        win.loading.request_load(marker.args[0], "cpu", "auto")
+        qtbot.waitUntil(lambda: win.model_info is not None, timeout=30_000)
+    yield win
+    win.close()
+    win.plugins.unload()  # the policy registry is process-wide: leave it as the test found it

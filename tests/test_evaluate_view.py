@@ -5,29 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from PySide6.QtCore import QSettings, Qt
-
-from kvstudio.gui.main_window import MainWindow
+from PySide6.QtCore import Qt
 
 pytest.importorskip("pytestqt")
 
 
-@pytest.fixture(autouse=True)
-def isolated_user_folders(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVSTUDIO_DATA_DIR", str(tmp_path / "user_data"))
-    monkeypatch.delenv("KVSTUDIO_PLUGIN_PATH", raising=False)
-
-
-@pytest.fixture
-def window(qtbot, tmp_path):
-    win = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    win.request_load("tiny-llama", "cpu", "auto")
-    qtbot.waitUntil(lambda: win.model_info is not None, timeout=20_000)
-    yield win
-    win.close()
-    win.plugins.unload()
+pytestmark = pytest.mark.studio_model("tiny-llama")
 
 
 def _choose(view, task="needle", policies=("full", "streaming_llm"), budgets="32", lengths="400", depths="0,1"):
@@ -42,10 +25,10 @@ def _choose(view, task="needle", policies=("full", "streaming_llm"), budgets="32
 
 
 def test_a_needle_sweep_fills_heatmaps_and_table_and_opens_a_cell_as_a_run(qtbot, window, tmp_path):
-    view = window.evaluate_view
+    view = window.evaluate.view
     _choose(view)
     view.start.click()
-    assert window.running and not window.run_button.isEnabled()
+    assert window.running and not window.form.run_button.isEnabled()
     qtbot.waitUntil(lambda: not window.running, timeout=120_000)
     assert "done: 4 cells computed" in view.status.text(), view.status.text()
     assert view.table.rowCount() == 4 and len(view.records) == 4
@@ -62,7 +45,7 @@ def test_a_needle_sweep_fills_heatmaps_and_table_and_opens_a_cell_as_a_run(qtbot
     assert run_id is not None
     view.table.selectRow(1)
     view.open_button.click()
-    assert window.showing_stored_run and f"showing run {run_id}" in window.statusBar().currentMessage()
+    assert window.views.showing_stored_run and f"showing run {run_id}" in window.statusBar().currentMessage()
     assert window.recorder.all("runs")[-1].policy.startswith("streaming_llm(budget=32")
     # Exports.
     assert view.export_cells_to(tmp_path / "cells.json") is not None
@@ -72,7 +55,7 @@ def test_a_needle_sweep_fills_heatmaps_and_table_and_opens_a_cell_as_a_run(qtbot
 
 
 def test_stop_keeps_finished_cells_and_the_next_sweep_resumes(qtbot, window):
-    view = window.evaluate_view
+    view = window.evaluate.view
     _choose(view, depths="0,0.5,1")
     view.start.click()
     qtbot.waitUntil(lambda: len(view.records) >= 1, timeout=60_000)
@@ -88,7 +71,7 @@ def test_stop_keeps_finished_cells_and_the_next_sweep_resumes(qtbot, window):
 
 
 def test_bad_options_are_reported_and_nothing_starts(qtbot, window):
-    view = window.evaluate_view
+    view = window.evaluate.view
     _choose(view, depths="0,2")
     view.start.click()
     assert not window.running
@@ -99,7 +82,7 @@ def test_bad_options_are_reported_and_nothing_starts(qtbot, window):
 
 
 def test_perplexity_curves_fill_in(qtbot, window):
-    view = window.evaluate_view
+    view = window.evaluate.view
     _choose(view, task="perplexity", policies=("full", "window"), budgets="16")
     view.tokens.setValue(160)
     view.prefix_tokens.setValue(40)

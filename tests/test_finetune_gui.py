@@ -8,30 +8,18 @@ from __future__ import annotations
 import threading
 
 import pytest
-from PySide6.QtCore import QSettings
 
 from kvstudio.core.train import lora
-from kvstudio.gui.main_window import MainWindow
 
 pytest.importorskip("pytestqt")
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, monkeypatch):
-    monkeypatch.setenv("KVSTUDIO_DATA_DIR", str(tmp_path / "user_data"))
-    win = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    win.request_load("tiny-llama", "cpu", "auto")
-    qtbot.waitUntil(lambda: win.model_info is not None, timeout=20_000)
-    yield win
-    win.close()
-    win.plugins.unload()
+pytestmark = pytest.mark.studio_model("tiny-llama")
 
 
 def set_up(window, tmp_path, steps: int, save_every: int = 1, eval_every: int = 0):
-    window.policy.setCurrentText("window")
-    window.policy_form.set_values({"budget": 16})
+    window.form.policy.setCurrentText("window")
+    window.form.policy_form.set_values({"budget": 16})
     panel = window.finetune.panel
     panel.seq_len.setValue(128)
     panel.examples.setValue(4)
@@ -50,7 +38,7 @@ def test_a_session_from_the_panel_reaches_the_curves_and_the_history(qtbot, wind
     handle = window.worker.engine.model.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident()))
     try:
         assert window.finetune.start(), window.error_text.text()
-        assert window.running and not window.run_button.isEnabled() and panel.stop.isEnabled()
+        assert window.running and not window.form.run_button.isEnabled() and panel.stop.isEnabled()
         qtbot.waitUntil(lambda: not window.finetune.running, timeout=300_000)
     finally:
         handle.remove()
@@ -68,7 +56,7 @@ def test_a_session_from_the_panel_reaches_the_curves_and_the_history(qtbot, wind
     assert record.kind == "finetune" and record.status == "finished" and record.output == outcome.result.adapter
     # Reopened from the Runs view, the stored session draws the same curves.
     curves.clear()
-    window.runs_view.open_requested.emit(record.id)
+    window.runs.view.open_requested.emit(record.id)
     assert curves.train_curve.getData()[1].tolist() == [s.loss for s in outcome.result.steps]
     assert "stored session" in curves.summary.text()
     # The adapter row applies the adapter to generation, and Remove goes back to the base model.
@@ -91,7 +79,7 @@ def test_stop_ends_the_session_within_a_step_and_keeps_the_last_adapter(qtbot, w
     assert result.status == "cancelled" and len(result.steps) < 50
     assert lora.resolve(tmp_path / "adapter").name == f"step-{len(result.steps):06d}"
     assert window.history.list(limit=1)[0].status == "cancelled"
-    assert window.run_button.isEnabled()  # the studio is ready for the next run
+    assert window.form.run_button.isEnabled()  # the studio is ready for the next run
 
 
 def test_bad_input_in_the_panel_is_reported_and_nothing_starts(qtbot, window, tmp_path):

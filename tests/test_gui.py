@@ -16,69 +16,54 @@ from kvstudio.gui.main_window import MainWindow
 pytest.importorskip("pytestqt")
 
 
-@pytest.fixture(autouse=True)
-def isolated_user_folders(tmp_path, monkeypatch):
-    """Never read or write the real user plugin folder from a test."""
-    monkeypatch.setenv("KVSTUDIO_DATA_DIR", str(tmp_path / "user_data"))
-    monkeypatch.delenv("KVSTUDIO_PLUGIN_PATH", raising=False)
-
-
-@pytest.fixture
-def window(qtbot, tmp_path):
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat)
-    win = MainWindow(settings)
-    qtbot.addWidget(win)
-    win.show()
-    yield win
-    win.close()
-    win.plugins.unload()  # the policy registry is process-wide: leave it as the test found it
+pytestmark = pytest.mark.usefixtures("studio_folders")  # never the real user plugin folder, even without a window
 
 
 def load(qtbot, win, spec="tiny-llama"):
-    win.request_load(spec, "cpu", "auto")
+    win.loading.request_load(spec, "cpu", "auto")
     qtbot.waitUntil(lambda: win.model_info is not None and win.model_info.spec == spec, timeout=20_000)
 
 
 def run(qtbot, win, policy="streaming_llm", timeout=30_000, **parameters):
-    win.policy.setCurrentText(policy)
-    win.policy_form.set_values(parameters)
-    win.request_run()
+    win.form.policy.setCurrentText(policy)
+    win.form.policy_form.set_values(parameters)
+    win.run.request_run()
     assert win.running, win.error_text.text()
     qtbot.waitUntil(lambda: not win.running, timeout=timeout)
-    win.refresh_views()
+    win.views.refresh()
     return win.last_outcome
 
 
 def test_a_run_reaches_every_view(qtbot, window):
     load(qtbot, window)
-    window.prompt.setPlainText("the quick brown fox " * 5)  # 100 byte tokens
-    window.max_new_tokens.setValue(12)
-    window.chunk_size.setValue(16)
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 5)  # 100 byte tokens
+    window.form.max_new_tokens.setValue(12)
+    window.form.chunk_size.setValue(16)
     outcome = run(qtbot, window, budget=24, sink=4)
     assert outcome.error is None
     result = outcome.result
-    assert window.output_view.text.toPlainText() == result.text
-    assert window.occupancy_view.kept_per_layer == result.kept_per_layer == [24] * 4
-    assert len(window.occupancy_view.totals) == len(result.steps)
+    assert window.views.output_view.text.toPlainText() == result.text
+    assert window.views.occupancy_view.kept_per_layer == result.kept_per_layer == [24] * 4
+    assert len(window.views.occupancy_view.totals) == len(result.steps)
     # Token map: 100 prompt + 12 generated tokens; StreamingLLM kept sinks 0-3 and the newest 20
     # of the 111 fed, in every layer, so exactly those are still held by all 4 layers.
-    holding = window.token_view.layers_holding()
+    holding = window.views.token_view.layers_holding()
     assert len(holding) == 112
     held = set(np.flatnonzero(holding == 4))
     assert held == set(range(4)) | set(range(91, 112))
     assert set(np.flatnonzero(holding == 0)) == set(range(4, 91))
     # Evictions raster: every eviction of the chosen layer, over its 2 KV heads.
-    steps, positions = window.evictions_view.raster_points()
+    steps, positions = window.views.evictions_view.raster_points()
     assert len(positions) == result.evictions // 4
     assert set(positions.tolist()) == set(range(4, 91))
     # Attention map: one row per step for the watched layer. A row shows what the query attended
     # to, before that step's eviction: in the last step, positions 0-3 and 90-110 (token 111 was
     # sampled, never fed), and 4-89 already evicted.
-    image = window.attention_view.image_values
+    image = window.views.attention_view.image_values
     assert image.shape == (len(result.steps), 111)
     assert (image[-1, 4:90] == -1).all() and (image[-1, 90:] >= 0).all() and (image[-1, :4] >= 0).all()
     # Memory: one sample per step, the cache's bytes as the engine counted them.
-    assert [s.cache_bytes for s in window.memory_view.step_readings()] == [s.cache_bytes for s in result.steps]
+    assert [s.cache_bytes for s in window.views.memory_view.step_readings()] == [s.cache_bytes for s in result.steps]
 
 
 def test_model_code_never_runs_on_the_gui_thread(qtbot, window):
@@ -87,7 +72,7 @@ def test_model_code_never_runs_on_the_gui_thread(qtbot, window):
     handle = window.worker.engine.model.register_forward_pre_hook(
         lambda *_: forward_threads.add(threading.get_ident()))
     try:
-        window.prompt.setPlainText("hello")
+        window.prompt_area.prompt.setPlainText("hello")
         run(qtbot, window, "full")
     finally:
         handle.remove()
@@ -102,11 +87,11 @@ def test_dropping_a_text_file_adds_it_with_its_token_count(qtbot, window, tmp_pa
     notes.write_text("twelve bytes", encoding="utf-8")
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(notes))])
-    window.handle_drop(mime)
-    assert [d.name for d in window.documents.documents.values()] == ["notes.md"]
-    qtbot.waitUntil(lambda: window.documents.token_counts.get(0) == 12, timeout=5000)
-    assert "notes.md — 12 tokens" == window.documents.list.item(0).text()
-    assert window.full_prompt().startswith("twelve bytes")
+    window.prompt_area.handle_drop(mime)
+    assert [d.name for d in window.prompt_area.documents.documents.values()] == ["notes.md"]
+    qtbot.waitUntil(lambda: window.prompt_area.documents.token_counts.get(0) == 12, timeout=5000)
+    assert "notes.md — 12 tokens" == window.prompt_area.documents.list.item(0).text()
+    assert window.prompt_area.full_prompt().startswith("twelve bytes")
 
 
 def test_a_real_drop_event_on_the_window_adds_the_file(qtbot, window, tmp_path):
@@ -123,7 +108,7 @@ def test_a_real_drop_event_on_the_window_adds_the_file(qtbot, window, tmp_path):
     # QApplication.sendEvent discards a drop when no drag is in progress (offscreen has none);
     # the window's own event() dispatches the real event to dropEvent as a drag would.
     assert window.event(event)
-    assert [d.text for d in window.documents.documents.values()] == ["Heavy hitters collect attention"]
+    assert [d.text for d in window.prompt_area.documents.documents.values()] == ["Heavy hitters collect attention"]
 
 
 def test_dropping_a_binary_file_is_refused_and_adds_nothing(qtbot, window, tmp_path):
@@ -131,53 +116,53 @@ def test_dropping_a_binary_file_is_refused_and_adds_nothing(qtbot, window, tmp_p
     blob.write_bytes(b"\x00\x01\x02" * 100)
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(blob))])
-    window.handle_drop(mime)
-    assert window.documents.documents == {}
+    window.prompt_area.handle_drop(mime)
+    assert window.prompt_area.documents.documents == {}
     assert window.error_banner.isVisible()
     assert "looks binary" in window.error_text.text()
     unsupported = tmp_path / "image.png"
     unsupported.write_bytes(b"\x89PNG")
     mime.setUrls([QUrl.fromLocalFile(str(unsupported))])
-    window.handle_drop(mime)
-    assert "unsupported file type '.png'" in window.error_text.text() and window.documents.documents == {}
+    window.prompt_area.handle_drop(mime)
+    assert "unsupported file type '.png'" in window.error_text.text() and window.prompt_area.documents.documents == {}
 
 
 def test_dropped_plain_text_becomes_a_document(qtbot, window):
     mime = QMimeData()
     mime.setText("a pasted paragraph")
-    window.handle_drop(mime)
-    assert [d.text for d in window.documents.documents.values()] == ["a pasted paragraph"]
+    window.prompt_area.handle_drop(mime)
+    assert [d.text for d in window.prompt_area.documents.documents.values()] == ["a pasted paragraph"]
 
 
 def start_long_run(qtbot, window):
     """A run that goes on until stopped (100,000 tokens asked for)."""
     load(qtbot, window)
-    window.prompt.setPlainText("x" * 50)
-    window.max_new_tokens.setValue(100_000)
-    window.policy.setCurrentText("window")
-    window.policy_form.set_values({"budget": 16})
-    window.request_run()
+    window.prompt_area.prompt.setPlainText("x" * 50)
+    window.form.max_new_tokens.setValue(100_000)
+    window.form.policy.setCurrentText("window")
+    window.form.policy_form.set_values({"budget": 16})
+    window.run.request_run()
 
 
 def test_stop_cancels_within_a_step(qtbot, window):
     start_long_run(qtbot, window)
     qtbot.waitUntil(lambda: len(window.recorder.all("tokens")) >= 5, timeout=10_000)
-    window.stop()
+    window.run.stop()
     qtbot.waitUntil(lambda: not window.running, timeout=5000)
     result = window.last_outcome.result
     assert result.stop_reason == "cancelled"
     assert len(result.token_ids) < 100_000
-    assert window.run_button.isEnabled() and not window.stop_button.isEnabled()
+    assert window.form.run_button.isEnabled() and not window.form.stop_button.isEnabled()
 
 
 def test_loading_during_a_run_is_refused_with_a_reason(qtbot, window):
     start_long_run(qtbot, window)
-    assert not window.model_panel.load.isEnabled()
-    window.request_load("tiny-qwen2", "cpu", "auto")
+    assert not window.loading.panel.load.isEnabled()
+    window.loading.request_load("tiny-qwen2", "cpu", "auto")
     assert "a run is in progress" in window.error_text.text()
-    window.stop()
+    window.run.stop()
     qtbot.waitUntil(lambda: not window.running, timeout=5000)
-    assert window.model_panel.load.isEnabled() and window.model_info.spec == "tiny-llama"
+    assert window.loading.panel.load.isEnabled() and window.model_info.spec == "tiny-llama"
 
 
 class _Exploding(Policy):
@@ -192,8 +177,8 @@ def test_a_policy_that_raises_shows_a_message_and_leaves_the_window_usable(qtbot
     load(qtbot, window)
     register(_Exploding)
     try:
-        window.policy.addItem(_Exploding.name)
-        window.prompt.setPlainText("hello there")
+        window.form.policy.addItem(_Exploding.name)
+        window.prompt_area.prompt.setPlainText("hello there")
         outcome = run(qtbot, window, _Exploding.name, budget=4)
     finally:
         POLICY_REGISTRY.pop(_Exploding.name, None)
@@ -204,15 +189,15 @@ def test_a_policy_that_raises_shows_a_message_and_leaves_the_window_usable(qtbot
 
 
 def test_a_model_that_fails_to_load_shows_why(qtbot, window):
-    window.request_load("nobody/no-such-model", "cpu", "auto")
+    window.loading.request_load("nobody/no-such-model", "cpu", "auto")
     qtbot.waitUntil(lambda: window.error_banner.isVisible(), timeout=10_000)
     assert "unknown model 'nobody/no-such-model'" in window.error_text.text()
-    assert window.model_panel.load.isEnabled()
+    assert window.loading.panel.load.isEnabled()
     load(qtbot, window)  # still usable
 
 
 def test_loading_can_be_cancelled(qtbot, window):
-    window.request_load("tiny-qwen2", "cpu", "auto")
+    window.loading.request_load("tiny-qwen2", "cpu", "auto")
     window.worker.cancel_load()
     qtbot.waitUntil(lambda: window.error_banner.isVisible(), timeout=10_000)
     assert "loading cancelled" in window.error_text.text()
@@ -220,25 +205,25 @@ def test_loading_can_be_cancelled(qtbot, window):
 
 
 def test_policy_form_is_generated_from_declared_parameters(qtbot, window):
-    window.policy.setCurrentText("snapkv")
-    editors = window.policy_form.editors
+    window.form.policy.setCurrentText("snapkv")
+    editors = window.form.policy_form.editors
     assert {"budget", "rerotate", "observation_window", "kernel_size", "pooling", "compress_every"} == set(editors)
     assert type(editors["pooling"][1]).__name__ == "QComboBox"
-    window.policy_form.set_values({"budget": 64, "kernel_size": 4})
-    assert "--kernel-size must be odd" in window.policy_form.error.text()
-    window.policy_form.set_values({"kernel_size": 5})
-    assert window.policy_form.error.text() == ""
-    assert window.policy_form.values()["budget"] == 64
-    window.policy.setCurrentText("h2o")
-    assert window.policy_form.values()["recent"] is None  # "auto": half the budget
+    window.form.policy_form.set_values({"budget": 64, "kernel_size": 4})
+    assert "--kernel-size must be odd" in window.form.policy_form.error.text()
+    window.form.policy_form.set_values({"kernel_size": 5})
+    assert window.form.policy_form.error.text() == ""
+    assert window.form.policy_form.values()["budget"] == 64
+    window.form.policy.setCurrentText("h2o")
+    assert window.form.policy_form.values()["recent"] is None  # "auto": half the budget
 
 
 def test_invalid_parameters_block_the_run_with_the_reason(qtbot, window):
     load(qtbot, window)
-    window.prompt.setPlainText("hello")
-    window.policy.setCurrentText("streaming_llm")
-    window.policy_form.set_values({"budget": 2, "sink": 4})
-    window.request_run()
+    window.prompt_area.prompt.setPlainText("hello")
+    window.form.policy.setCurrentText("streaming_llm")
+    window.form.policy_form.set_values({"budget": 2, "sink": 4})
+    window.run.request_run()
     assert not window.running
     assert "larger than the sink" in window.error_text.text()
 
@@ -247,10 +232,10 @@ def test_closing_during_a_run_ends_the_worker_cleanly(qtbot, tmp_path, capfd):
     win = MainWindow(QSettings(str(tmp_path / "s.ini"), QSettings.IniFormat))
     win.show()
     load(qtbot, win)
-    win.prompt.setPlainText("y" * 40)
-    win.max_new_tokens.setValue(100_000)
-    win.policy.setCurrentText("full")
-    win.request_run()
+    win.prompt_area.prompt.setPlainText("y" * 40)
+    win.form.max_new_tokens.setValue(100_000)
+    win.form.policy.setCurrentText("full")
+    win.run.request_run()
     qtbot.waitUntil(lambda: len(win.recorder.all("tokens")) >= 3, timeout=10_000)
     win.close()
     assert win.thread_.isFinished()
@@ -262,51 +247,51 @@ def test_settings_persist_across_windows(qtbot, tmp_path):
     first = MainWindow(QSettings(path, QSettings.IniFormat))
     qtbot.addWidget(first)
     load(qtbot, first, "tiny-gemma")
-    first.policy.setCurrentText("h2o")
-    first.policy_form.set_values({"budget": 77, "recent": 11})
-    first.chunk_size.setValue(99)
+    first.form.policy.setCurrentText("h2o")
+    first.form.policy_form.set_values({"budget": 77, "recent": 11})
+    first.form.chunk_size.setValue(99)
     first.close()
     second = MainWindow(QSettings(path, QSettings.IniFormat))
     qtbot.addWidget(second)
     try:
-        assert second.policy.currentText() == "h2o"
-        assert second.policy_form.values()["budget"] == 77 and second.policy_form.values()["recent"] == 11
-        assert second.chunk_size.value() == 99
-        assert second.model_panel.spec.itemText(0) == "tiny-gemma"
+        assert second.form.policy.currentText() == "h2o"
+        assert second.form.policy_form.values()["budget"] == 77 and second.form.policy_form.values()["recent"] == 11
+        assert second.form.chunk_size.value() == 99
+        assert second.loading.panel.spec.itemText(0) == "tiny-gemma"
     finally:
         second.close()
 
 
 def test_compare_runs_each_policy_and_shows_them_side_by_side(qtbot, window):
     load(qtbot, window)
-    window.prompt.setPlainText("compare me " * 6)
-    window.max_new_tokens.setValue(5)
-    window.policy.setCurrentText("window")
-    window.policy_form.set_values({"budget": 16})
-    window.request_compare(["full", "window", "h2o"])
-    qtbot.waitUntil(lambda: window.compare_view.table.rowCount() == 3 and not window.running, timeout=30_000)
-    table = window.compare_view.table
+    window.prompt_area.prompt.setPlainText("compare me " * 6)
+    window.form.max_new_tokens.setValue(5)
+    window.form.policy.setCurrentText("window")
+    window.form.policy_form.set_values({"budget": 16})
+    window.compare.request(["full", "window", "h2o"])
+    qtbot.waitUntil(lambda: window.compare.view.table.rowCount() == 3 and not window.running, timeout=30_000)
+    table = window.compare.view.table
     assert [table.item(r, 0).text() for r in range(3)] == ["full", "window", "h2o"]
     assert int(table.item(0, 4).text()) == 0 and int(table.item(1, 4).text()) > 0
-    assert len(window.compare_view.map_views) == 3
-    assert window.compare_view.map_views[0].layers_holding().min() == 4  # full keeps every token
-    assert window.compare_view.map_views[1].layers_holding().min() == 0
+    assert len(window.compare.view.map_views) == 3
+    assert window.compare.view.map_views[0].layers_holding().min() == 4  # full keeps every token
+    assert window.compare.view.map_views[1].layers_holding().min() == 0
 
 
 def test_changing_the_watched_layer_mid_run_follows_it(qtbot, window):
     load(qtbot, window)
-    window.attention_view.layer.setValue(1)
-    window.prompt.setPlainText("z" * 30)
+    window.views.attention_view.layer.setValue(1)
+    window.prompt_area.prompt.setPlainText("z" * 30)
     outcome = run(qtbot, window, "full")
     assert {e.layer for e in window.recorder.all("attention")} == {1}
-    window.attention_view.layer.setValue(3)
+    window.views.attention_view.layer.setValue(3)
     assert window.recorder.watch_layers == frozenset({3})
     assert outcome.error is None
 
 
 def test_error_banner_for_a_run_without_a_model(qtbot, window):
-    window.prompt.setPlainText("hello")
-    window.request_run()
+    window.prompt_area.prompt.setPlainText("hello")
+    window.run.request_run()
     assert not window.running and "load a model first" in window.error_text.text()
 
 
@@ -344,20 +329,20 @@ def test_dropping_a_plugin_installs_it_and_it_runs_without_a_restart(qtbot, wind
     source.write_text(PLUGIN.replace("SUMMARY", "the newest entries"))
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(source))])
-    window.handle_drop(mime)
-    assert window.offer_bar.isVisible() and "gui_newest.py" in window.offer_text.text()
-    assert window.documents.documents == {}  # nothing added until the user chooses
-    qtbot.mouseClick(window.offer_install, Qt.LeftButton)
+    window.prompt_area.handle_drop(mime)
+    assert window.plugins_feature.offer_bar.isVisible() and "gui_newest.py" in window.plugins_feature.offer_text.text()
+    assert window.prompt_area.documents.documents == {}  # nothing added until the user chooses
+    qtbot.mouseClick(window.plugins_feature.offer_install, Qt.LeftButton)
     installed = user_plugin_dir() / "gui_newest.py"
     assert installed.read_text() == source.read_text()
-    assert window.policy.currentText() == "gui_newest"
-    assert set(window.policy_form.editors) == {"budget", "rerotate", "keep_first"}  # a generated form
-    assert "gui_newest" in window.compare_view.checked() or window.compare_view.choices.findItems(
+    assert window.form.policy.currentText() == "gui_newest"
+    assert set(window.form.policy_form.editors) == {"budget", "rerotate", "keep_first"}  # a generated form
+    assert "gui_newest" in window.compare.view.checked() or window.compare.view.choices.findItems(
         "gui_newest", Qt.MatchExactly)
-    window.prompt.setPlainText("p" * 30)
+    window.prompt_area.prompt.setPlainText("p" * 30)
     outcome = run(qtbot, window, "gui_newest", budget=8)
     assert outcome.error is None and outcome.result.kept_per_layer == [8] * 4
-    assert window.token_view.layers_holding()[:22].max() == 0  # the token map shows what it dropped
+    assert window.views.token_view.layers_holding()[:22].max() == 0  # the token map shows what it dropped
 
 
 def test_a_dropped_python_file_can_be_a_document_instead(qtbot, window, tmp_path):
@@ -365,10 +350,10 @@ def test_a_dropped_python_file_can_be_a_document_instead(qtbot, window, tmp_path
     source.write_text("print('hello')\n")
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(source))])
-    window.handle_drop(mime)
-    qtbot.mouseClick(window.offer_document, Qt.LeftButton)
-    assert [d.text for d in window.documents.documents.values()] == ["print('hello')\n"]
-    assert not window.offer_bar.isVisible()
+    window.prompt_area.handle_drop(mime)
+    qtbot.mouseClick(window.plugins_feature.offer_document, Qt.LeftButton)
+    assert [d.text for d in window.prompt_area.documents.documents.values()] == ["print('hello')\n"]
+    assert not window.plugins_feature.offer_bar.isVisible()
 
 
 def test_plugin_manager_lists_sources_errors_and_reloads_edits(qtbot, window, tmp_path):
@@ -379,7 +364,7 @@ def test_plugin_manager_lists_sources_errors_and_reloads_edits(qtbot, window, tm
     folder.mkdir(parents=True)
     (folder / "gui_newest.py").write_text(PLUGIN.replace("SUMMARY", "version one"))
     (folder / "broken.py").write_text("import nothing_called_this\n")
-    view = window.plugins_view
+    view = window.plugins_feature.view
     view.reload_plugins()
     rows = {view.table.item(r, 0).text(): (view.table.item(r, 1).text(), view.table.item(r, 3).text())
             for r in range(view.table.rowCount())}
@@ -391,11 +376,11 @@ def test_plugin_manager_lists_sources_errors_and_reloads_edits(qtbot, window, tm
     (folder / "gui_newest.py").write_text(PLUGIN.replace("SUMMARY", "version two"))
     qtbot.mouseClick(view.reload, Qt.LeftButton)
     assert policy_class("gui_newest").summary == "version two"
-    window.policy.setCurrentText("gui_newest")
-    assert window.policy_help.text() == "version two"
+    window.form.policy.setCurrentText("gui_newest")
+    assert window.form.policy_help.text() == "version two"
     (folder / "gui_newest.py").unlink()
     view.reload_plugins()
-    assert window.policy.findText("gui_newest") == -1
+    assert window.form.policy.findText("gui_newest") == -1
 
 
 def test_extra_plugin_folders_are_remembered(qtbot, tmp_path):
@@ -405,14 +390,14 @@ def test_extra_plugin_folders_are_remembered(qtbot, tmp_path):
     path = str(tmp_path / "folders.ini")
     first = MainWindow(QSettings(path, QSettings.IniFormat))
     qtbot.addWidget(first)
-    first.add_plugin_folder(str(folder))
-    assert first.policy.findText("gui_newest") >= 0
+    first.plugins_feature.add_plugin_folder(str(folder))
+    assert first.form.policy.findText("gui_newest") >= 0
     first.close()
     first.plugins.unload()
     second = MainWindow(QSettings(path, QSettings.IniFormat))
     qtbot.addWidget(second)
     try:
-        assert second.policy.findText("gui_newest") >= 0
+        assert second.form.policy.findText("gui_newest") >= 0
     finally:
         second.close()
         second.plugins.unload()
@@ -420,7 +405,7 @@ def test_extra_plugin_folders_are_remembered(qtbot, tmp_path):
 
 def test_studio_runs_are_stored_in_the_history(qtbot, window):
     load(qtbot, window)
-    window.prompt.setPlainText("remember this run")
+    window.prompt_area.prompt.setPlainText("remember this run")
     outcome = run(qtbot, window, "window", budget=6)
     record = window.history.get(outcome.request.history_id)
     assert (record.policy, record.status, record.output) == ("window", "finished", outcome.result.text)
@@ -438,7 +423,7 @@ def test_a_corrupt_history_turns_history_off_and_says_why(qtbot, tmp_path):
         assert win.history is None
         assert "unreadable" in win.error_text.text()
         load(qtbot, win)
-        win.prompt.setPlainText("still runs")
+        win.prompt_area.prompt.setPlainText("still runs")
         assert run(qtbot, win, "full").error is None
     finally:
         win.close()
@@ -451,32 +436,32 @@ def test_exports_from_the_studio(qtbot, window, tmp_path):
     import csv as csv_module
     import json
 
-    assert window.export_run(tmp_path / "nothing.json") is None and "run something first" in window.error_text.text()
+    assert window.exports.export_run(tmp_path / "nothing.json") is None and "run something first" in window.error_text.text()
     load(qtbot, window)
-    window.prompt.setPlainText("export me " * 5)
+    window.prompt_area.prompt.setPlainText("export me " * 5)
     outcome = run(qtbot, window, "streaming_llm", budget=12, sink=2)
-    data = json.loads(window.export_run(tmp_path / "run.json").read_text())
+    data = json.loads(window.exports.export_run(tmp_path / "run.json").read_text())
     assert data["output"] == outcome.result.text and data["policy"] == "streaming_llm"
-    with window.export_run(tmp_path / "run.csv").open(newline="") as stream:
+    with window.exports.export_run(tmp_path / "run.csv").open(newline="") as stream:
         assert len(list(csv_module.DictReader(stream))) == len(outcome.result.steps)
-    saved = np.load(window.export_attention(tmp_path / "attention.npy"))
-    assert np.array_equal(saved, window.attention_view.image_values)
-    for title in window.plot_views():
-        png = window.export_plot(title, tmp_path / f"{title}.png")
+    saved = np.load(window.exports.export_attention(tmp_path / "attention.npy"))
+    assert np.array_equal(saved, window.views.attention_view.image_values)
+    for title in window.exports.plot_views():
+        png = window.exports.export_plot(title, tmp_path / f"{title}.png")
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        svg = window.export_plot(title, tmp_path / f"{title}.svg")
+        svg = window.exports.export_plot(title, tmp_path / f"{title}.svg")
         assert "<svg" in svg.read_text()
-    assert window.export_plot("Memory (cache)", tmp_path / "memory.jpg") is None
+    assert window.exports.export_plot("Memory (cache)", tmp_path / "memory.jpg") is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
 def test_runs_view_browses_filters_compares_and_deletes(qtbot, window, tmp_path):
     load(qtbot, window)
-    window.prompt.setPlainText("first prompt about sinks")
+    window.prompt_area.prompt.setPlainText("first prompt about sinks")
     first = run(qtbot, window, "streaming_llm", budget=8, sink=2).request.history_id
-    window.prompt.setPlainText("second prompt about heavy hitters")
+    window.prompt_area.prompt.setPlainText("second prompt about heavy hitters")
     second = run(qtbot, window, "h2o", budget=8).request.history_id
-    view = window.runs_view
+    view = window.runs.view
     assert [int(view.table.item(r, 0).text()) for r in range(view.table.rowCount())][:2] == [second, first]
     view.search.setText("heavy hitters")
     view.refresh()
@@ -501,31 +486,31 @@ def test_runs_view_browses_filters_compares_and_deletes(qtbot, window, tmp_path)
     again = MainWindow(QSettings(str(tmp_path / "restart.ini"), QSettings.IniFormat))
     qtbot.addWidget(again)
     try:
-        assert again.runs_view.table.item(0, 0).text() == str(second)
+        assert again.runs.view.table.item(0, 0).text() == str(second)
     finally:
         again.close()
         again.plugins.unload()
 
 
 def test_every_policy_form_starts_valid_on_first_use(qtbot, window):
-    for index in range(window.policy.count()):
-        window.policy.setCurrentIndex(index)
-        name = window.policy.currentText()
-        assert window.policy_form.validate() is None, name
-        assert window.policy_form.error.text() == "", name
+    for index in range(window.form.policy.count()):
+        window.form.policy.setCurrentIndex(index)
+        name = window.form.policy.currentText()
+        assert window.form.policy_form.validate() is None, name
+        assert window.form.policy_form.error.text() == "", name
 
 
 def test_memory_view_marks_load_prefill_chunks_decode_and_eviction_bursts(qtbot, window):
     load(qtbot, window)
-    view = window.memory_view
-    window.refresh_views(include_hidden=True)
+    view = window.views.memory_view
+    window.views.refresh(include_hidden=True)
     load_bands = [band for band in view.segment.bands if band[0] == "load"]
     assert len(load_bands) == 1 and load_bands[0][2] > load_bands[0][1]  # the load took some time
-    window.prompt.setPlainText("abcdefgh" * 10)  # 80 byte tokens: 5 chunks of 16
-    window.max_new_tokens.setValue(6)
-    window.chunk_size.setValue(16)
+    window.prompt_area.prompt.setPlainText("abcdefgh" * 10)  # 80 byte tokens: 5 chunks of 16
+    window.form.max_new_tokens.setValue(6)
+    window.form.chunk_size.setValue(16)
     outcome = run(qtbot, window, "window", budget=20)
-    window.refresh_views(include_hidden=True)
+    window.views.refresh(include_hidden=True)
     phases = [band[0] for band in view.segment.bands]
     assert phases == ["prefill"] * 5 + ["decode"]
     # Chunks follow each other without gaps, each ending at its step's reading.
@@ -551,14 +536,14 @@ def test_record_and_view_a_memory_snapshot_in_the_studio(qtbot, window, tmp_path
 
     load(qtbot, window)
     path = tmp_path / "studio.pickle"
-    window.arm_snapshot(str(path))
+    window.snapshots.arm(str(path))
     assert "next run will be recorded" in window.statusBar().currentMessage()
-    window.prompt.setPlainText("snapshot " * 6)
-    window.chunk_size.setValue(16)
-    window.max_new_tokens.setValue(4)
+    window.prompt_area.prompt.setPlainText("snapshot " * 6)
+    window.form.chunk_size.setValue(16)
+    window.form.max_new_tokens.setValue(4)
     outcome = run(qtbot, window, "h2o", budget=16)
     assert outcome.error is None and outcome.snapshot is not None
-    view = window.snapshot_view
+    view = window.snapshots.view
     [timeline] = timelines(load_snapshot(path))
     assert view.timeline.peak_bytes == timeline.peak_bytes and len(view.timeline.allocations) == len(
         timeline.allocations)
@@ -575,8 +560,8 @@ def test_record_and_view_a_memory_snapshot_in_the_studio(qtbot, window, tmp_path
 
 
 def test_opening_a_snapshot_warns_first_and_refuses_what_is_not_one(qtbot, window, tmp_path):
-    view = window.snapshot_view
-    window.offer_snapshot_file()
+    view = window.snapshots.view
+    window.snapshots.offer_file()
     assert view.warning_bar.isVisible() and "pickle" in view.warning_text.text()
     bad = tmp_path / "notes.txt"
     bad.write_text("not a snapshot")
@@ -587,23 +572,23 @@ def test_opening_a_snapshot_warns_first_and_refuses_what_is_not_one(qtbot, windo
 
 
 def _views_state(window):
-    steps, positions = window.evictions_view.raster_points()
-    return (window.output_view.text.toPlainText(), window.token_view.layers_holding().tolist(),
-            steps.tolist(), positions.tolist(), list(window.occupancy_view.kept_per_layer),
-            window.attention_view.image_values.copy(), [s.cache_bytes for s in window.memory_view.step_readings()])
+    steps, positions = window.views.evictions_view.raster_points()
+    return (window.views.output_view.text.toPlainText(), window.views.token_view.layers_holding().tolist(),
+            steps.tolist(), positions.tolist(), list(window.views.occupancy_view.kept_per_layer),
+            window.views.attention_view.image_values.copy(), [s.cache_bytes for s in window.views.memory_view.step_readings()])
 
 
 def test_a_stored_run_reopens_its_views_after_a_restart(qtbot, window, tmp_path):
     load(qtbot, window)
-    window.prompt.setPlainText("reopen this run " * 6)
-    window.max_new_tokens.setValue(8)
-    window.chunk_size.setValue(16)
+    window.prompt_area.prompt.setPlainText("reopen this run " * 6)
+    window.form.max_new_tokens.setValue(8)
+    window.form.chunk_size.setValue(16)
     outcome = run(qtbot, window, "h2o", budget=20)
-    window.refresh_views(include_hidden=True)
+    window.views.refresh(include_hidden=True)
     live = _views_state(window)
     assert live[0] and live[3] and live[4] and live[5].size and len(live[6]) == len(outcome.result.steps)
     run_id = outcome.request.history_id
-    window.prompt.setPlainText("something else entirely")
+    window.prompt_area.prompt.setPlainText("something else entirely")
     run(qtbot, window, "window", budget=8)
 
     # A new window, as after a restart, with no model loaded: the stored run's views come back.
@@ -612,12 +597,12 @@ def test_a_stored_run_reopens_its_views_after_a_restart(qtbot, window, tmp_path)
     qtbot.addWidget(again)
     again.show()
     try:
-        again.runs_view.refresh()
-        row = [int(again.runs_view.table.item(r, 0).text()) for r in range(again.runs_view.table.rowCount())].index(
+        again.runs.view.refresh()
+        row = [int(again.runs.view.table.item(r, 0).text()) for r in range(again.runs.view.table.rowCount())].index(
             run_id)
-        again.runs_view.table.selectRow(row)
-        qtbot.mouseClick(again.runs_view.open_button, Qt.LeftButton)
-        again.refresh_views(include_hidden=True)
+        again.runs.view.table.selectRow(row)
+        qtbot.mouseClick(again.runs.view.open_button, Qt.LeftButton)
+        again.views.refresh(include_hidden=True)
         reopened = _views_state(again)
         for index, (before, after) in enumerate(zip(live, reopened)):
             if isinstance(before, np.ndarray):
@@ -626,13 +611,13 @@ def test_a_stored_run_reopens_its_views_after_a_restart(qtbot, window, tmp_path)
                 assert before == after, index
         assert f"showing run {run_id}" in again.statusBar().currentMessage()
         # Looking at another layer and back brings the stored rows back.
-        stored_layer = again.attention_view.layer.value()
-        again.attention_view.layer.setValue((stored_layer + 1) % 4)
-        again.refresh_views(include_hidden=True)
-        assert again.attention_view.image_values.size == 0  # that layer was not watched
-        again.attention_view.layer.setValue(stored_layer)
-        again.refresh_views(include_hidden=True)
-        assert np.array_equal(again.attention_view.image_values, live[5])
+        stored_layer = again.views.attention_view.layer.value()
+        again.views.attention_view.layer.setValue((stored_layer + 1) % 4)
+        again.views.refresh(include_hidden=True)
+        assert again.views.attention_view.image_values.size == 0  # that layer was not watched
+        again.views.attention_view.layer.setValue(stored_layer)
+        again.views.refresh(include_hidden=True)
+        assert np.array_equal(again.views.attention_view.image_values, live[5])
     finally:
         again.close()
         again.plugins.unload()
@@ -640,18 +625,18 @@ def test_a_stored_run_reopens_its_views_after_a_restart(qtbot, window, tmp_path)
 
 def test_a_run_without_stored_views_says_so(qtbot, window):
     run_id = window.history.start("tiny-llama", "full", {}, "never finished")  # as a crash leaves it
-    window.reopen_run(run_id)
+    window.runs.reopen(run_id)
     assert window.error_banner.isVisible() and f"run {run_id} has no stored views" in window.error_text.text()
 
 
 def test_an_eviction_burst_tells_its_count_on_hover(qtbot, window):
     load(qtbot, window)
-    window.prompt.setPlainText("abcdefgh" * 10)
-    window.chunk_size.setValue(16)
-    window.max_new_tokens.setValue(2)
+    window.prompt_area.prompt.setPlainText("abcdefgh" * 10)
+    window.form.chunk_size.setValue(16)
+    window.form.max_new_tokens.setValue(2)
     run(qtbot, window, "window", budget=20)
-    window.refresh_views(include_hidden=True)
-    bursts = window.memory_view.bursts
+    window.views.refresh(include_hidden=True)
+    bursts = window.views.memory_view.bursts
     assert bursts.opts["hoverable"]
     point = bursts.points()[0]
     assert bursts.opts["tip"](x=point.pos().x(), y=point.pos().y(), data=point.data()) == \

@@ -8,10 +8,9 @@ import os
 import textwrap
 
 import pytest
-from PySide6.QtCore import QMimeData, QSettings, QUrl
+from PySide6.QtCore import QMimeData, QUrl
 
 from kvstudio.core.plugins import user_plugin_dir
-from kvstudio.gui.main_window import MainWindow
 
 pytest.importorskip("pytestqt")
 
@@ -66,37 +65,36 @@ class BadValidate(Policy):
 '''
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, monkeypatch):
-    monkeypatch.setenv("KVSTUDIO_DATA_DIR", str(tmp_path / "user_data"))
-    monkeypatch.delenv("KVSTUDIO_PLUGIN_PATH", raising=False)
+pytestmark = pytest.mark.studio_model("tiny-llama")
+
+
+@pytest.fixture(autouse=True)
+def hostile_plugin_files(studio_folders):
+    """In the user plugin folder before the window is made: it loads them."""
     folder = user_plugin_dir()
     folder.mkdir(parents=True)
     for name, code in (("exits.py", EXITS), ("listy.py", UNDESCRIBABLE), ("bad_validate.py", BAD_VALIDATE)):
         (folder / name).write_text(textwrap.dedent(code))
-    win = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    win.request_load("tiny-llama", "cpu", "auto")
-    qtbot.waitUntil(lambda: win.model_info is not None, timeout=30_000)
-    win.prompt.setPlainText("hostile plugins")
-    win.max_new_tokens.setValue(4)
-    yield win
-    win.close()
-    win.plugins.unload()
+
+
+@pytest.fixture
+def window(window):
+    window.prompt_area.prompt.setPlainText("hostile plugins")
+    window.form.max_new_tokens.setValue(4)
+    return window
 
 
 def run(qtbot, win, policy, **parameters):
-    win.policy.setCurrentText(policy)
-    win.policy_form.set_values(parameters)
-    win.request_run()
+    win.form.policy.setCurrentText(policy)
+    win.form.policy_form.set_values(parameters)
+    win.run.request_run()
     assert win.running, win.error_text.text()
     qtbot.waitUntil(lambda: not win.running, timeout=30_000)
     return win.last_outcome
 
 
 def runs_view_statuses(win) -> list[str]:
-    table = win.runs_view.table
+    table = win.runs.view.table
     return [table.item(row, 2).text() for row in range(table.rowCount())]
 
 
@@ -107,41 +105,41 @@ def test_a_plugin_that_exits_shows_the_banner_and_the_window_carries_on(qtbot, w
                                     "sys.exit(4)"), outcome.error
     assert "exits.py line 11" in outcome.error
     assert window.error_banner.isVisible() and "called sys.exit(4)" in window.error_text.text()
-    assert window.isVisible() and window.run_button.isEnabled()
+    assert window.isVisible() and window.form.run_button.isEnabled()
     ok = run(qtbot, window, "window", budget=4)
     assert ok.error is None and ok.result.token_ids
     assert runs_view_statuses(window) == ["finished", "failed"]
 
 
 def test_broken_plugins_are_marked_and_not_offered(qtbot, window):
-    view = window.plugins_view
+    view = window.plugins_feature.view
     rows = {view.table.item(r, 0).text(): (view.table.item(r, 1).text(), view.table.item(r, 3).text())
             for r in range(view.table.rowCount())}
     status, error = rows[str(user_plugin_dir() / "listy.py")]
     assert status == "broken" and "parameter 'layers' has type 'list'" in error
-    assert window.policy.findText("listy") == -1
-    assert window.policy.findText("bad_validate") != -1  # describable: offered, and its fault shown when used
+    assert window.form.policy.findText("listy") == -1
+    assert window.form.policy.findText("bad_validate") != -1  # describable: offered, and its fault shown when used
 
 
 def test_a_validate_that_raises_is_shown_under_the_form_and_blocks_the_run(qtbot, window):
-    window.policy.setCurrentText("bad_validate")
-    message = window.policy_form.error.text()
+    window.form.policy.setCurrentText("bad_validate")
+    message = window.form.policy_form.error.text()
     assert "policy 'bad_validate'" in message and "ValueError: this validate is broken" in message
     assert "bad_validate.py line 9" in message
-    window.request_run()
+    window.run.request_run()
     assert not window.running and "this validate is broken" in window.error_text.text()
 
 
 def test_stop_is_cancelled_in_the_runs_view(qtbot, window):
-    window.max_new_tokens.setValue(100_000)
-    window.policy.setCurrentText("window")
-    window.policy_form.set_values({"budget": 8})
-    window.request_run()
+    window.form.max_new_tokens.setValue(100_000)
+    window.form.policy.setCurrentText("window")
+    window.form.policy_form.set_values({"budget": 8})
+    window.run.request_run()
     qtbot.waitUntil(lambda: window.recorder is not None and len(window.recorder.all("tokens")) >= 3, timeout=20_000)
-    window.stop()
+    window.run.stop()
     qtbot.waitUntil(lambda: not window.running, timeout=20_000)
     assert runs_view_statuses(window) == ["cancelled"]
-    assert "stopped by the user" in window.runs_view.table.item(0, 2).toolTip()
+    assert "stopped by the user" in window.runs.view.table.item(0, 2).toolTip()
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
@@ -150,7 +148,7 @@ def test_a_dropped_symlink_to_a_device_is_refused_and_nothing_is_added(qtbot, wi
     link.symlink_to("/dev/zero")
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(link))])
-    window.handle_drop(mime)
-    assert window.documents.documents == {}
+    window.prompt_area.handle_drop(mime)
+    assert window.prompt_area.documents.documents == {}
     assert window.error_banner.isVisible()
     assert "endless.txt is a character device (a symlink to /dev/zero), not a regular file" in window.error_text.text()

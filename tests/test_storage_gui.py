@@ -5,32 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QSettings, Qt
-
-from kvstudio.gui.main_window import MainWindow
+from PySide6.QtCore import Qt
 
 from .test_gui import load, run
 
 pytest.importorskip("pytestqt")
 
 
-@pytest.fixture
-def window(qtbot, tmp_path, monkeypatch):
-    monkeypatch.setenv("KVSTUDIO_DATA_DIR", str(tmp_path / "user_data"))
-    win = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat))
-    qtbot.addWidget(win)
-    win.show()
-    yield win
-    win.close()
-    win.plugins.unload()
-
-
 def test_storage_fields_reach_the_run_and_the_views(qtbot, window):
     load(qtbot, window)
-    window.prompt.setPlainText("the quick brown fox " * 4)  # 80 byte tokens
-    window.max_new_tokens.setValue(6)
-    window.chunk_size.setValue(16)
-    form = window.storage_form
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)  # 80 byte tokens
+    window.form.max_new_tokens.setValue(6)
+    window.form.chunk_size.setValue(16)
+    form = window.form.storage_form
     form.tier.setCurrentText("host")
     form.recall.setValue(2)
     form.codec.setCurrentText("int8")
@@ -41,13 +28,13 @@ def test_storage_fields_reach_the_run_and_the_views(qtbot, window):
     assert result.policy.startswith("h2o-int8(") and result.storage["tier"] == "host"
     assert result.storage["recalled"] > 0 and result.storage["peak_host_bytes"] > 0
     # Memory view: the host tier's curve beside the device's, from the same readings.
-    readings = window.memory_view.step_readings()
+    readings = window.views.memory_view.step_readings()
     assert readings[-1].host_cache_bytes == result.storage["host_bytes_per_layer"][0] * 4 > 0
-    assert len(window.memory_view.host_curve.getData()[0]) > 0
-    assert "host tier" in window.memory_view.readout.text()
+    assert len(window.views.memory_view.host_curve.getData()[0]) > 0
+    assert "host tier" in window.views.memory_view.readout.text()
     # Token map by tier: layer 0's 24 held tokens on the device, the rest of the 85 fed on the host,
     # and what layer 0 recalled at its latest recall shown as recalled.
-    view = window.token_view
+    view = window.views.token_view
     view.by_tier.setChecked(True)
     tiers = np.array(view.tiers())
     recalled = view.recalled[0]
@@ -56,22 +43,22 @@ def test_storage_fields_reach_the_run_and_the_views(qtbot, window):
     assert (tiers == "host").sum() + len(recalled) == len(tiers) - 25
     # Invalid storage blocks the run with StorageConfig's own reason.
     form.tier.setCurrentText("device")
-    window.request_run()
+    window.run.request_run()
     assert not window.running and "--recall N needs --tier host" in window.error_text.text()
 
 
 def test_compare_h2o_fp_against_h2o_int4(qtbot, window):
     load(qtbot, window)
-    window.prompt.setPlainText("a b c d e f " * 8)
-    window.max_new_tokens.setValue(4)
-    window.policy.setCurrentText("h2o")
-    window.policy_form.set_values({"budget": 16})
-    window.storage_form.group_size.setValue(8)
-    view = window.compare_view
+    window.prompt_area.prompt.setPlainText("a b c d e f " * 8)
+    window.form.max_new_tokens.setValue(4)
+    window.form.policy.setCurrentText("h2o")
+    window.form.policy_form.set_values({"budget": 16})
+    window.form.storage_form.group_size.setValue(8)
+    view = window.compare.view
     for index in range(view.choices.count()):
         item = view.choices.item(index)
         item.setCheckState(Qt.Checked if item.text() in ("h2o-fp", "h2o-int4") else Qt.Unchecked)
-    window.request_compare(view.checked())
+    window.compare.request(view.checked())
     qtbot.waitUntil(lambda: view.table.rowCount() == 2 and not window.running, timeout=30_000)
     rows = {view.table.item(r, 0).text(): float(view.table.item(r, 3).text()) for r in range(2)}
     assert set(rows) == {"h2o-fp", "h2o-int4"}

@@ -2,7 +2,7 @@
 Caches view (a folder of saved caches: restore and continue, delete, reveal the file), with the
 restore time shown beside the prefill time it saved.
 
-`install(window)` adds the dock, the Cache menu and a worker on the model's thread that writes
+`CachesFeature` adds the dock, the Cache menu and a worker on the model's thread that writes
 files (fingerprinting the model reads its weights: that stays off the GUI thread). Continuing runs
 through the window's ordinary run path (`RunRequest.start_from`), so every live view follows it.
 """
@@ -14,11 +14,12 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, QUrl, Signal, Slot
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QAbstractItemView, QDockWidget, QFileDialog, QHBoxLayout, QLabel, QPushButton,
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QPushButton,
                                QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from ..core.errors import KVStudioError
 from ..core.units import format_bytes
+from .feature import Feature
 
 COLUMNS = ("file", "saved (UTC)", "model", "policy", "tokens", "on disk", "in memory", "prefill s", "prompt")
 
@@ -165,22 +166,29 @@ class CachesView(QWidget):
             self.set_folder(Path(folder))
 
 
-class CachesController(QObject):
-    """Connects the view, the window and the writer: what each button does."""
+class CachesFeature(Feature):
+    """The Caches dock (tabbed with Runs) and the Cache menu: what each button does."""
 
     save_to = Signal(object, str)  # RunOutcome, path -> the writer on the model thread
 
-    def __init__(self, window, view: CachesView):
+    def __init__(self, window):
         super().__init__(window)
-        self.window = window
-        self.view = view
+        self.view = CachesView(default_folder())
         self.writer = CacheWriter(window.worker)
         self.writer.moveToThread(window.thread_)
+
+    def install(self) -> None:
+        window, view = self.window, self.view
+        dock = window.add_dock("Caches", view, "views")
+        menu = window.menu("&Cache")
+        menu.addAction("Save cache of the last run…", lambda: self.save_last_run())
+        menu.addAction("Continue from a saved cache…", self.ask_continue)
+        menu.addAction("Show saved caches", lambda: (dock.show(), dock.raise_()))
         self.save_to.connect(self.writer.save)
         self.writer.saved.connect(self.on_saved)
         view.save_requested.connect(lambda: self.save_last_run())
         view.restore_requested.connect(self.continue_from)
-        window.worker.run_finished.connect(self.on_run_finished)
+        window.run.run_ended.connect(self.on_run_finished)
 
     def save_last_run(self, path: str | None = None) -> bool:
         outcome = self.window.last_outcome
@@ -238,19 +246,20 @@ class CachesController(QObject):
             window.show_error(f"the cache was computed under policy '{policy}', which is not loaded: install or "
                               "load its plugin (Plugins view), then try again")
             return False
-        window.policy.setCurrentText(policy)
-        window.policy_form.set_policy(policy, header["policy"]["parameters"])
+        form = window.form
+        form.policy.setCurrentText(policy)
+        form.policy_form.set_policy(policy, header["policy"]["parameters"])
         generation = header.get("generation") or {}
         if header.get("chunk_size"):
-            window.chunk_size.setValue(int(header["chunk_size"]))
-        window.temperature.setValue(float(generation.get("temperature", 0.0)))
-        window.seed.setValue(int(generation.get("seed") or 0))
+            form.chunk_size.setValue(int(header["chunk_size"]))
+        form.temperature.setValue(float(generation.get("temperature", 0.0)))
+        form.seed.setValue(int(generation.get("seed") or 0))
         parameters = {k: v for k, v in header["policy"]["parameters"].items() if v is not None}
         storage = header_storage(header)  # the codec and tier it was stored with: a restore needs the same
-        window.storage_form.set_parameters(storage)
+        form.storage_form.set_parameters(storage)
         if storage != storage_key(StorageConfig()):
             parameters[STORAGE_KEY] = storage
-        started = window._start(policy, parameters, label="continue", start_from=str(path))
+        started = window.run.start(policy, parameters, label="continue", start_from=str(path))
         if started:
             self.view.status.setText(f"restoring {Path(path).name}…")
         return started
@@ -268,19 +277,3 @@ class CachesController(QObject):
                 f"{len(outcome.result.token_ids)} tokens")
         self.view.status.setText(text)
         self.window.statusBar().showMessage(f"{self.window.statusBar().currentMessage()} · {text}")
-
-
-def install(window) -> CachesController:
-    """Add the Caches dock (tabbed with Runs) and the Cache menu to the studio window."""
-    view = CachesView(default_folder())
-    dock = QDockWidget("Caches", window, objectName="caches")
-    dock.setWidget(view)
-    window.tabifyDockWidget(window.docks["Runs"], dock)
-    window.docks["Caches"] = dock
-    controller = CachesController(window, view)
-    menu = window.menuBar().addMenu("&Cache")
-    menu.addAction("Save cache of the last run…", lambda: controller.save_last_run())
-    menu.addAction("Continue from a saved cache…", controller.ask_continue)
-    menu.addAction("Show saved caches", lambda: (dock.show(), dock.raise_()))
-    window.caches_view, window.caches = view, controller
-    return controller

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtWidgets import (QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QPushButton, QScrollArea,
                                QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
-from ..core.policies import available_policies
+from ..core.policies import available_policies, policy_class
+from ..core.storage import STORAGE_KEY, build_policy, split_cache_name
+from .feature import Feature
 from .views.token_map import TokenMapView
 
 COLUMNS = ("policy", "tokens/s", "prefill s", "peak cache MiB", "evictions", "output")
@@ -90,3 +92,74 @@ class CompareView(QWidget):
         self.table.insertRow(row)
         self.table.setItem(row, 0, QTableWidgetItem(policy))
         self.table.setItem(row, len(COLUMNS) - 1, QTableWidgetItem(f"failed: {message}"))
+
+
+class CompareFeature(Feature):
+    """The Compare dock: run the prompt under each checked policy in turn, one after the other."""
+
+    def __init__(self, window):
+        super().__init__(window)
+        self.view = CompareView()
+        self.queue: list[str] = []  # policies still to run in this comparison
+
+    def install(self) -> None:
+        window = self.window
+        window.add_dock("Compare", self.view, "views")
+        self.view.compare_requested.connect(self.request)
+        window.run.run_ended.connect(self._run_ended)
+        window.plugins_feature.policies_changed.connect(self.view.set_policies)
+
+    @Slot(list)
+    def request(self, policies: list[str]) -> None:
+        window = self.window
+        if not policies:
+            window.show_error("check at least one policy to compare")
+            return
+        if window.model_info is None or window.running:
+            window.show_error("load a model first" if window.model_info is None
+                              else "a run is in progress: stop it first")
+            return
+        self.view.clear()
+        self.queue = list(policies)
+        self._next()
+
+    def drop_queue(self) -> None:
+        """Stop after the run in progress (Stop, or a single run started)."""
+        self.queue = []
+
+    def parameters_for(self, policy: str) -> dict:
+        """The policy's defaults, with the budget and shared parameters from the form where they apply."""
+        base, _ = split_cache_name(policy)  # 'h2o-int4': the codec in the name wins over the form's
+        accepted = {spec.name for spec in policy_class(base).Config.parameters()} | {STORAGE_KEY}
+        shared = {k: v for k, v in self.window.form.parameters().items() if k in accepted and k != "rerotate"}
+        if base == "full":
+            shared.pop("budget", None)
+        return shared
+
+    def _next(self) -> None:
+        if not self.queue:
+            return
+        policy = self.queue.pop(0)
+        try:
+            build_policy(policy, self.parameters_for(policy))  # guarded, like every call into a policy
+        except Exception as error:  # a bad combination for this policy: report it, go on
+            self.view.add_failure(policy, str(error))
+            self._next()
+            return
+        if not self.window.run.start(policy, self.parameters_for(policy), label="compare"):
+            self.queue = []
+
+    def _run_ended(self, outcome) -> None:
+        request = outcome.request
+        if request.label == "compare":
+            if outcome.error:
+                self.view.add_failure(request.policy, outcome.error)
+            else:
+                self.view.add_result(request.policy, outcome.result, request.recorder)
+        self._next()
+
+    def update_buttons(self) -> None:
+        self.view.start.setEnabled(not self.window.running and self.window.model_info is not None)
+
+    def closing(self) -> None:
+        self.queue = []

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QEvent, QObject, Qt, Signal, Slot
-from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QDockWidget, QFileDialog, QFormLayout, QHBoxLayout,
+from PySide6.QtCore import QObject, Qt, Signal, Slot
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QHBoxLayout,
                                QLabel, QLineEdit, QListWidget, QListWidgetItem, QProgressBar, QPushButton, QSpinBox,
                                QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
@@ -26,6 +26,7 @@ from ..core.evaluate.results import export_cells, needle_grid, running_mean, sco
 from ..core.evaluate.sweep import SweepSpec
 from ..core.evaluate.tasks import RULER_SUBTASKS, TASKS, TaskOptions
 from ..core.policies import available_policies
+from .feature import Feature
 
 QA_SAMPLE = Path(__file__).resolve().parents[2] / "resources" / "qa_sample.jsonl"
 TABLE_COLUMNS = ("policy", "budget", "subtask", "tokens", "depth", "score", "peak MiB", "seconds", "run", "output")
@@ -266,7 +267,7 @@ class EvaluateView(QWidget):
         return spec
 
     def request_sweep(self, fresh: bool = False) -> None:
-        self.sweep_requested.emit(fresh)  # install() checks the window's state and starts the worker
+        self.sweep_requested.emit(fresh)  # EvaluateFeature.start checks the window's state and starts the worker
 
     def begin(self, spec: SweepSpec) -> None:
         """A sweep starts: empty plots shaped for its series."""
@@ -449,81 +450,70 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-class _CloseWatcher(QObject):
-    """Stops a running sweep when the window closes, before the window waits for its thread."""
+class EvaluateFeature(Feature):
+    """The Evaluate dock (beside Runs), its worker on the model's thread, and the Evaluate menu."""
 
-    def __init__(self, worker: EvaluateWorker):
-        super().__init__()
-        self.worker = worker
+    def __init__(self, window):
+        super().__init__(window)
+        self.view = EvaluateView()
+        self.worker = EvaluateWorker(window.worker)
+        self.worker.moveToThread(window.thread_)
+        self.starter = _Starter(self.view)  # its signal reaches the worker's slot queued, on the model's thread
 
-    def eventFilter(self, watched, event) -> bool:
-        if event.type() == QEvent.Close:
-            self.worker.cancel.cancel()
-        return False
+    def install(self) -> None:
+        window, view, worker = self.window, self.view, self.worker
+        self.starter.start.connect(worker.run_sweep)
+        view.sweep_requested.connect(self.start)
+        worker.cell_finished.connect(view.add_cell)
+        worker.progress.connect(view.show_progress)
+        worker.finished.connect(view.finish_sweep)
+        view.sweep_ended.connect(self._finished)
+        view.stop.clicked.connect(lambda: worker.cancel.cancel())  # the token of the sweep running now
+        view.open_run_requested.connect(window.runs.reopen)
+        dock = window.add_dock("Evaluate", view, "views")
+        menu = window.menu("E&valuate")
+        menu.addAction("Show the Evaluate view", lambda: (dock.show(), dock.raise_()))
+        menu.addAction("Export evaluation cells (CSV/JSON)…", lambda: view._ask_then(
+            view.export_cells_to, "evaluation.csv", "CSV or JSON (*.csv *.json)"))
+        menu.addAction("Export evaluation figure (PNG/SVG)…", lambda: view._ask_then(
+            view.export_figure_to, "evaluation.png", "Images (*.png *.svg)"))
+        window.plugins_feature.policies_changed.connect(view.set_policies)
 
+    def start(self, fresh: bool) -> None:
+        window, view = self.window, self.view
+        if window.model_info is None or window.running:
+            window.show_error("load a model first" if window.model_info is None else
+                              "a run is in progress: stop it first, then start the sweep")
+            return
+        try:
+            spec = view.build_spec(window.model_info.spec)  # every option and policy checked here
+        except KVStudioError as error:
+            view.status.setText(str(error))
+            window.show_error(f"evaluation: {error}")
+            return
+        window.hide_error()
+        self.worker.cancel = CancelToken()
+        window.running = True
+        window.update_buttons()
+        view.begin(spec)
+        history_path = window.history.path if window.history is not None else None
+        self.starter.start.emit(spec, history_path, fresh)
 
-def install(window) -> EvaluateView:
-    """Add the Evaluate dock (beside Runs), its worker on the model's thread, and its menu."""
-    view = EvaluateView()
-    worker = EvaluateWorker(window.worker)
-    worker.moveToThread(window.thread_)
-    starter = _Starter(view)  # its signal reaches the worker's slot queued, on the model's thread
-    starter.start.connect(worker.run_sweep)
-    view.sweep_requested.connect(lambda fresh: _start(window, view, worker, starter, fresh))
-    worker.cell_finished.connect(view.add_cell)
-    worker.progress.connect(view.show_progress)
-    worker.finished.connect(view.finish_sweep)
-    view.sweep_ended.connect(lambda outcome, error: _finished(window, outcome, error))
-    view.stop.clicked.connect(lambda: worker.cancel.cancel())  # the token of the sweep running now
-    view.open_run_requested.connect(window.reopen_run)
-    dock = QDockWidget("Evaluate", window, objectName="evaluate")
-    dock.setWidget(view)
-    window.tabifyDockWidget(window.docks["Runs"], dock)
-    window.docks["Evaluate"] = dock
-    menu = window.menuBar().addMenu("E&valuate")
-    menu.addAction("Show the Evaluate view", lambda: (dock.show(), dock.raise_()))
-    menu.addAction("Export evaluation cells (CSV/JSON)…", lambda: view._ask_then(
-        view.export_cells_to, "evaluation.csv", "CSV or JSON (*.csv *.json)"))
-    menu.addAction("Export evaluation figure (PNG/SVG)…", lambda: view._ask_then(
-        view.export_figure_to, "evaluation.png", "Images (*.png *.svg)"))
-    window.plugins_view.reloaded.connect(lambda: view.set_policies(list(available_policies())))
-    window._evaluate_close_watcher = _CloseWatcher(worker)
-    window.installEventFilter(window._evaluate_close_watcher)
-    window.evaluate_view, window.evaluate_worker = view, worker
-    return view
+    def _finished(self, outcome, error: str) -> None:
+        window = self.window
+        window.running = False
+        window.update_buttons()
+        if error:
+            window.show_error(f"evaluation: {error}")
+        if window.history is not None:
+            window.runs.view.set_history(window.history)
+
+    def closing(self) -> None:
+        """Stop a running sweep before the window waits for the model's thread."""
+        self.worker.cancel.cancel()
 
 
 class _Starter(QObject):
     """Lives on the GUI thread; emitting `start` queues the sweep on the worker's thread."""
 
     start = Signal(object, object, bool)  # SweepSpec, history path or None, fresh
-
-
-def _start(window, view: EvaluateView, worker: EvaluateWorker, starter: _Starter, fresh: bool) -> None:
-    if window.model_info is None or window.running:
-        window.show_error("load a model first" if window.model_info is None else
-                          "a run is in progress: stop it first, then start the sweep")
-        return
-    try:
-        spec = view.build_spec(window.model_info.spec)  # every option and policy checked here
-    except KVStudioError as error:
-        view.status.setText(str(error))
-        window.show_error(f"evaluation: {error}")
-        return
-    window.hide_error()
-    worker.cancel = CancelToken()
-    window.running = True
-    window._update_buttons()
-    view.begin(spec)
-    history_path = window.history.path if window.history is not None else None
-    starter.start.emit(spec, history_path, fresh)
-
-
-def _finished(window, outcome, error: str) -> None:
-    window.running = False
-    window._update_buttons()
-    if error:
-        window.show_error(f"evaluation: {error}")
-    if window.history is not None:
-        window.runs_view.set_history(window.history)
-

@@ -1,6 +1,6 @@
 """The studio's fine-tuning: the Fine-tune panel, its live views, and the adapter row of the model panel.
 
-`install(window)` adds everything: a "Fine-tune" dock (data, LoRA and training settings, output
+`FinetuneFeature` adds everything: a "Fine-tune" dock (data, LoRA and training settings, output
 folder, Start/Stop), a "Fine-tune curves" dock (finetune_plots.py), an adapter row in the model
 panel (apply a saved adapter to generation runs, or go back to the base model), and opens stored
 sessions from the Runs view. Training runs under the policy chosen in the Set-up panel, on the
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QEvent, QObject, Qt, QTimer, Signal, Slot
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QFormLayout,
+from PySide6.QtCore import Qt, QTimer, Signal, Slot
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                                QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea, QSpinBox, QVBoxLayout,
                                QWidget)
 
@@ -24,9 +24,10 @@ from ..core.train.lora import LoraSettings
 from ..core.train.session import FinetuneSettings
 from ..core.train.through_cache import GRAD_MODES
 from .finetune_plots import FinetuneCurves
+from .feature import Feature
 from .finetune_runner import FinetuneOutcome, FinetuneRequest, FinetuneRunner
+from .live_views import REFRESH_HZ
 
-REFRESH_HZ = 25
 DATA_SOURCES = {"synthetic pass key": SYNTHETIC_PASSKEY, "checked documents": "documents", "a file…": "file"}
 
 
@@ -187,7 +188,7 @@ class AdapterRow(QWidget):
         self.remove.setEnabled(bool(folder))
 
 
-class FinetuneController(QObject):
+class FinetuneFeature(Feature):
     """Connects the panel, the views and the runner on the model thread; talks to the window."""
 
     train = Signal(object)  # FinetuneRequest, queued to the runner
@@ -196,12 +197,24 @@ class FinetuneController(QObject):
 
     def __init__(self, window):
         super().__init__(window)
-        self.window = window
         self.panel = FinetunePanel()
         self.curves = FinetuneCurves()
         self.adapter_row = AdapterRow()
         self.runner = FinetuneRunner(window.worker)  # no parent: it moves to the model's thread
         self.runner.moveToThread(window.thread_)
+        self.running = False
+        self.last_outcome: FinetuneOutcome | None = None
+        # Its own timer, at the window's rate: the curves read what is new, as the other live views do.
+        self.timer = QTimer(self, interval=1000 // REFRESH_HZ)
+
+    def install(self) -> None:
+        window = self.window
+        window.add_dock("Fine-tune", self.panel, "side", object_name="finetune")
+        window.add_dock("Fine-tune curves", self.curves, "views", object_name="finetune_curves")
+        window.loading.panel.layout().addRow("adapter", self.adapter_row)
+        self.timer.timeout.connect(self.refresh)
+        self.timer.start()
+        window.runs.add_opener(records.KIND, self.open_stored)  # stored sessions open here
         self.train.connect(self.runner.train)
         self.apply_adapter.connect(self.runner.apply_adapter)
         self.remove_adapter.connect(self.runner.remove_adapter)
@@ -212,17 +225,13 @@ class FinetuneController(QObject):
         self.panel.stop_requested.connect(self.stop)
         self.adapter_row.apply_requested.connect(self.request_adapter)
         self.adapter_row.remove_requested.connect(self.request_base_model)
-        window.worker.loaded.connect(lambda _info: self.adapter_row.show_adapter(""))  # a new model: no adapter
+        window.loading.model_loaded.connect(lambda _info: self.adapter_row.show_adapter(""))  # a new model: no adapter
         # The Set-up panel's Stop stops a session too (the window enables it while anything runs).
-        window.stop_button.clicked.connect(lambda: self.running and self.stop())
-        window.installEventFilter(self)  # closing the window stops a session before the thread is joined
-        self.running = False
-        self.last_outcome: FinetuneOutcome | None = None
+        window.form.stop_button.clicked.connect(lambda: self.running and self.stop())
 
-    def eventFilter(self, watched, event) -> bool:
-        if event.type() == QEvent.Close and self.running:
+    def closing(self) -> None:
+        if self.running:
             self.runner.cancel.cancel()  # the window then waits for the model thread: within one step
-        return False
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -232,7 +241,7 @@ class FinetuneController(QObject):
         problem = None
         out_dir = panel.out_dir.text().strip()
         source = panel.data_source()
-        documents = [d.text for d in _checked_documents(window.documents)]
+        documents = [d.text for d in _checked_documents(window.prompt_area.documents)]
         if window.model_info is None:
             problem = "load a model first"
         elif window.running:
@@ -243,7 +252,7 @@ class FinetuneController(QObject):
             problem = "choose a data file, or another data source"
         elif source == "documents" and not documents:
             problem = "no checked documents to train on: add documents or choose another data source"
-        elif invalid := window.policy_form.validate():
+        elif invalid := window.form.policy_form.validate():
             problem = f"policy parameters: {invalid}"
         settings = None
         if problem is None:
@@ -256,7 +265,7 @@ class FinetuneController(QObject):
             window.show_error(problem)
             return False
         window.hide_error()
-        policy, parameters = window.policy.currentText(), window._policy_parameters()
+        policy, parameters = window.form.policy.currentText(), window.form.parameters()
         log = TrainingLog()
         request = FinetuneRequest(policy, parameters, settings, source, panel.seq_len.value(), out_dir, log,
                                   examples=panel.examples.value(), documents=documents,
@@ -297,12 +306,12 @@ class FinetuneController(QObject):
         self.panel.status.setText(text)
         self.window.statusBar().showMessage(text)
         if outcome.snapshot is not None:
-            self.window.snapshot_view.show_snapshot(outcome.snapshot, Path(outcome.request.snapshot_path).name)
+            self.window.snapshots.view.show_snapshot(outcome.snapshot, Path(outcome.request.snapshot_path).name)
 
     def _set_running(self, running: bool) -> None:
         self.running = running
         self.window.running = running  # the window's Run, Load and Compare wait for the session
-        self.window._update_buttons()
+        self.window.update_buttons()
         self.panel.set_running(running)
 
     def _history_start(self, request: FinetuneRequest) -> None:
@@ -331,18 +340,14 @@ class FinetuneController(QObject):
                 records.fail(history, run_id, outcome.error or "failed")
         except HistoryError as error:
             self.window.show_error(str(error))
-        self.window.runs_view.refresh()
+        self.window.runs.view.refresh()
 
     # -- stored sessions --------------------------------------------------------------------------
 
     @Slot(int)
     def open_stored(self, run_id: int) -> None:
-        """The Runs view's "Open views": sessions here, generation runs in the window's views."""
-        history = self.window.history
-        record = history.get(run_id) if history is not None else None
-        if record is None or record.kind != records.KIND:
-            self.window.reopen_run(run_id)
-            return
+        """The Runs view's "Open views" on a fine-tune session: its curves, as they were recorded."""
+        record = self.window.history.get(run_id)
         if self.running:
             self.window.show_error("a fine-tune session is in progress: stop it first, then open the stored one")
             return
@@ -373,31 +378,6 @@ class FinetuneController(QObject):
     def refresh(self) -> None:
         if self.curves.isVisible() or self.running:
             self.curves.refresh()
-
-
-def install(window) -> FinetuneController:
-    """Add the Fine-tune panel, its views and the adapter row to the studio window."""
-    controller = FinetuneController(window)
-    panel_dock = QDockWidget("Fine-tune", window, objectName="finetune")
-    panel_dock.setWidget(controller.panel)
-    window.addDockWidget(Qt.LeftDockWidgetArea, panel_dock)
-    window.tabifyDockWidget(window.findChild(QDockWidget, "setup"), panel_dock)
-    window.findChild(QDockWidget, "setup").raise_()
-    curves_dock = QDockWidget("Fine-tune curves", window, objectName="finetune_curves")
-    curves_dock.setWidget(controller.curves)
-    window.tabifyDockWidget(window.docks["Plugins"], curves_dock)
-    window.docks["Token map"].raise_()  # a new tab comes to the front: give it back to the window's first view
-    window.docks["Fine-tune"] = panel_dock
-    window.docks["Fine-tune curves"] = curves_dock
-    window.model_panel.layout().addRow("adapter", controller.adapter_row)
-    # Its own timer, at the window's rate: the curves read what is new, as the other live views do.
-    controller.timer = QTimer(controller, interval=1000 // REFRESH_HZ)
-    controller.timer.timeout.connect(controller.refresh)
-    controller.timer.start()
-    # Stored sessions open here; every other row still goes to the window's own reopen_run.
-    window.runs_view.open_requested.disconnect(window.reopen_run)
-    window.runs_view.open_requested.connect(controller.open_stored)
-    return controller
 
 
 def _checked_documents(documents) -> list:

@@ -3,10 +3,18 @@ and delete."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, Signal
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QLabel, QLineEdit, QPushButton, QTableWidget,
-                               QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton,
+                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+from ..core.errors import KVStudioError
+from ..core.exports import export_run
+from ..core.history import HistoryError
+from ..core.recordings import unpack_events
+from .feature import Feature
 
 COLUMNS = ("id", "when (UTC)", "status", "model", "policy", "tokens/s", "peak MiB", "evictions", "prompt",
            "output")
@@ -129,3 +137,90 @@ def _figure(figures: dict, key: str, pattern: str | None) -> str:
     if pattern is None:  # bytes
         return f"{figures[key] / 2**20:.2f}"
     return pattern.format(figures[key])
+
+
+class RunsFeature(Feature):
+    """The Runs dock and the run history's side of a run: a row when it starts, its figures and
+    events when it ends, and reopening a stored run in the live views."""
+
+    def __init__(self, window):
+        super().__init__(window)
+        self.view = RunsView()
+        self.openers: dict[str, object] = {}  # record kind -> how to open it (fine-tune sessions, ...)
+
+    def install(self) -> None:
+        window = self.window
+        window.add_dock("Runs", self.view, "views")
+        self.view.set_history(window.history)
+        self.view.export_requested.connect(self._export_stored_run)
+        self.view.open_requested.connect(self.open)
+        window.run.run_ended.connect(self.record_finish)
+
+    def add_opener(self, kind: str, open_run) -> None:
+        """Rows of this kind open with `open_run(run_id)` instead of in the live views."""
+        self.openers[kind] = open_run
+
+    def record_start(self, request) -> None:
+        """A row for the run starting now; its id goes into the request."""
+        window = self.window
+        if window.history is None:
+            return
+        try:
+            request.history_id = window.history.start(
+                window.model_info.spec, request.policy, request.parameters, request.prompt,
+                vars(request.settings) | {"stop_strings": list(request.settings.stop_strings)})
+        except HistoryError as error:
+            window.history = None
+            window.show_error(str(error))
+
+    def record_finish(self, outcome) -> None:
+        window = self.window
+        if window.history is None or outcome.request.history_id is None:
+            return
+        try:
+            window.history.finish(outcome.request.history_id, outcome.result, error=outcome.error,
+                                  events=outcome.events)
+        except HistoryError as error:
+            window.history = None
+            window.show_error(str(error))
+        self.view.set_history(window.history)
+
+    @Slot(int)
+    def open(self, run_id: int) -> None:
+        """"Open views" on a row: by its kind's opener, else in the live views."""
+        history = self.window.history
+        record = history.get(run_id) if history is not None else None
+        opener = self.openers.get(record.kind) if record is not None else None
+        (opener or self.reopen)(run_id)
+
+    def reopen(self, run_id: int) -> None:
+        """Show a stored run in the live views, as its events were recorded."""
+        window = self.window
+        if window.running:
+            window.show_error("a run is in progress: stop it first, then open the stored run")
+            return
+        blob = window.history.events(run_id) if window.history is not None else None
+        if blob is None:
+            window.show_error(f"run {run_id} has no stored views: it ran before KV Studio kept them, or failed "
+                              "before its first step")
+            return
+        try:
+            recorder = unpack_events(blob)
+        except KVStudioError as error:
+            window.show_error(f"run {run_id}: {error}")
+            return
+        started = recorder.all("runs")
+        if not started:
+            window.show_error(f"run {run_id} has no stored views: it stopped before its first step")
+            return
+        run = started[-1]
+        window.hide_error()
+        window.recorder = recorder
+        window.views.show_stored_run(recorder, run)
+        window.statusBar().showMessage(f"showing run {run_id} from the history: {run.model}, {run.policy}")
+
+    def _export_stored_run(self, run_id: int) -> None:
+        path, _ = QFileDialog.getSaveFileName(self.window, "Export run", f"run-{run_id}.json",
+                                              "JSON or CSV (*.json *.csv)")
+        if path:
+            self.window.exports.report(export_run, self.window.history.get(run_id), Path(path))

@@ -19,9 +19,12 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QHBoxLayout, QLabel, QPlainTextEdit,
                                QPushButton, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
+from ..core.atomic import check_writable_folder
+from ..core.errors import KVStudioError
 from ..core.snapshots import SnapshotError, format_frame, load_snapshot, timelines
 from ..core.units import format_bytes
 from .bars import message_bar
+from .feature import Feature
 
 LARGEST = 15
 BAR_COLOUR = (80, 140, 220, 170)
@@ -220,3 +223,67 @@ def _device_name(snapshot: dict, index: int) -> str:
     if recorded == "cpu":
         return "CPU (recorded by the profiler)"
     return f"cuda:{index}"
+
+
+class SnapshotFeature(Feature):
+    """The Memory snapshot dock and the Memory menu: arm a recording of the next run, open a file,
+    show the snapshot a run (or a fine-tune session) wrote."""
+
+    def __init__(self, window):
+        super().__init__(window)
+        self.view = SnapshotView()
+        self.armed_path: str | None = None  # where the next run's memory snapshot goes, when armed
+
+    def install(self) -> None:
+        window = self.window
+        window.add_dock("Memory snapshot", self.view, "views")
+        self.view.record_requested.connect(lambda: self.arm())
+        memory = window.menu("&Memory")
+        memory.addAction("Record a memory snapshot of the next run…", lambda: self.arm())
+        memory.addAction("Open memory snapshot…", self.offer_file)
+        window.run.run_ended.connect(self._run_ended)
+
+    def arm(self, path: str | None = None) -> None:
+        """Record the next run's allocations into `path` (asked for when not given)."""
+        window = self.window
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(window, "Record a memory snapshot of the next run",
+                                                  "memory-snapshot.pickle", "Memory snapshots (*.pickle)")
+            if not path:
+                return
+        try:
+            check_writable_folder(path)
+        except KVStudioError as error:
+            window.show_error(f"no memory snapshot: {error}")
+            return
+        self.armed_path = path
+        device = window.model_info.device if window.model_info is not None else ""
+        slower = " (on CPU the profiler makes the run several times slower)" if "cpu" in device else ""
+        window.statusBar().showMessage(f"the next run will be recorded into {path}{slower}")
+        self.view.summary.setText(f"The next run will be recorded into {path}{slower}.")
+
+    def take_armed_path(self) -> str | None:
+        """The armed path for the run starting now; a snapshot is of one run."""
+        path, self.armed_path = self.armed_path, None
+        return path
+
+    def offer_file(self) -> None:
+        """Opening a snapshot starts with the view's warning bar: the file is a pickle."""
+        dock = self.window.docks["Memory snapshot"]
+        dock.show()
+        dock.raise_()
+        self.view.warning_bar.show()
+
+    def show_written(self, snapshot: dict, path: str) -> None:
+        """A snapshot a run or session wrote to `path`: show it and bring its dock forward."""
+        self.view.show_snapshot(snapshot, Path(path).name)
+        self.window.docks["Memory snapshot"].raise_()
+
+    def _run_ended(self, outcome) -> None:
+        window = self.window
+        if outcome.snapshot_error:
+            window.show_error(outcome.snapshot_error)
+        if outcome.snapshot is not None:
+            path = outcome.request.snapshot_path
+            self.show_written(outcome.snapshot, path)
+            window.statusBar().showMessage(f"{window.statusBar().currentMessage()} · memory snapshot saved to {path}")
