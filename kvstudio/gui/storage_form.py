@@ -2,10 +2,13 @@
 
 They travel with the policy's parameters as parameters["storage"] (kvstudio.core.storage's
 StorageConfig fields), so a run, a comparison and the run history all carry them. Validation is
-StorageConfig's own; its message shows inline like the policy form's.
+StorageConfig's own; its message shows inline like the policy form's. The fields are remembered
+between launches (`save_settings` / `restore_settings`, called by the run form that holds them).
 """
 
 from __future__ import annotations
+
+import json
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QFormLayout, QLabel, QSpinBox, QWidget
@@ -13,6 +16,8 @@ from PySide6.QtWidgets import QComboBox, QFormLayout, QLabel, QSpinBox, QWidget
 from ..core.errors import KVStudioError
 from ..core.storage import STORAGE_KEY, StorageConfig, available_codecs
 from ..core.storage.base import TIERS
+
+SETTINGS_KEY = "storage"  # QSettings key: the fields as JSON
 
 
 class StorageForm(QWidget):
@@ -63,13 +68,15 @@ class StorageForm(QWidget):
         return StorageConfig(codec=self.codec.currentText() or "fp", group_size=self.group_size.value(),
                              residual=self.residual.value(), tier=self.tier.currentText(), recall=self.recall.value())
 
+    def fields(self) -> dict:
+        """The StorageConfig fields this form sets."""
+        config = self.config()
+        return {"codec": config.codec, "group_size": config.group_size, "residual": config.residual,
+                "tier": config.tier, "recall": config.recall}
+
     def parameters(self) -> dict:
         """{"storage": {...}} to add to the policy's parameters; empty for the default (fp, device)."""
-        config = self.config()
-        if config == StorageConfig():
-            return {}
-        return {STORAGE_KEY: {"codec": config.codec, "group_size": config.group_size, "residual": config.residual,
-                              "tier": config.tier, "recall": config.recall}}
+        return {} if self.config() == StorageConfig() else {STORAGE_KEY: self.fields()}
 
     def set_parameters(self, values: dict | None) -> None:
         values = values or {}
@@ -79,6 +86,21 @@ class StorageForm(QWidget):
         self.residual.setValue(values.get("residual", defaults.residual))
         self.tier.setCurrentText(values.get("tier", defaults.tier))
         self.recall.setValue(values.get("recall", defaults.recall))
+
+    def save_settings(self, settings) -> None:
+        settings.setValue(SETTINGS_KEY, json.dumps(self.fields()))
+
+    def restore_settings(self, settings) -> None:
+        """The fields as last saved; a value that is not readable leaves the defaults (a codec that is not
+        loaded now stays unselected, and an invalid combination shows its message inline, as typed)."""
+        saved = settings.value(SETTINGS_KEY)
+        try:
+            values = json.loads(saved) if isinstance(saved, str) else None
+        except ValueError:
+            values = None
+        if isinstance(values, dict):
+            known = {k: v for k, v in values.items() if isinstance(v, str if k in ("codec", "tier") else int)}
+            self.set_parameters(known)
 
     def validate(self) -> str | None:
         try:
