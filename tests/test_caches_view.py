@@ -95,3 +95,14 @@ def test_a_corrupt_cache_is_refused_and_the_studio_stays_usable(qtbot, window):
     window.last_outcome = None
     assert not window.caches.save_last_run(str(path))
     assert "nothing to save yet" in window.error_text.text()
+
+
+def test_a_bnb_runs_cache_says_why_it_cannot_be_saved():
+    """bnb runs need CUDA, so the studio keeps no state for them; Save says why (checked without a GPU)."""
+    from types import SimpleNamespace
+
+    from kvstudio.gui.caches_view import _unsaveable
+
+    assert "codec 'bnb-int8' are not saved" in _unsaveable(SimpleNamespace(policy="h2o-bnb-int8", parameters={}))
+    assert "codec 'bnb-int4'" in _unsaveable(SimpleNamespace(policy="h2o", parameters={"storage": {"codec": "bnb-int4"}}))
+    assert _unsaveable(SimpleNamespace(policy="h2o-int4", parameters={"budget": 8})) is None

@@ -58,6 +58,21 @@ class CacheWriter(QObject):
         self.saved.emit(path, "")
 
 
+def _unsaveable(request) -> str | None:
+    """Why a run's cache was not kept for saving (its storage), or None."""
+    from ..core.storage import STORAGE_KEY, StorageConfig, split_cache_name
+    from ..core.store.layer_tensors import unsaveable_reason
+
+    fields = dict(request.parameters.get(STORAGE_KEY) or {})
+    codec = split_cache_name(request.policy)[1]  # 'h2o-bnb-int4' (Compare) names its codec
+    if codec is not None:
+        fields["codec"] = codec
+    try:
+        return unsaveable_reason(StorageConfig(**fields))
+    except TypeError:  # not storage fields: nothing to say about them
+        return None
+
+
 class CachesView(QWidget):
     restore_requested = Signal(str)  # path of a saved cache to continue from
     save_requested = Signal()
@@ -193,7 +208,9 @@ class CachesFeature(Feature):
     def save_last_run(self, path: str | None = None) -> bool:
         outcome = self.window.last_outcome
         if outcome is None or outcome.result is None or outcome.result.state is None:
-            self.window.show_error("nothing to save yet: run something first (a run cancelled before its prompt "
+            reason = None if outcome is None else _unsaveable(outcome.request)
+            self.window.show_error(f"the last run's cache cannot be saved: {reason}" if reason else
+                                   "nothing to save yet: run something first (a run cancelled before its prompt "
                                    "was in has no cache)")
             return False
         try:
