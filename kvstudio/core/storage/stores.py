@@ -379,21 +379,25 @@ class QuantizedStore(_Store):
     def set_keys(self, keys, rope_positions):
         raise CodecError(f"--rerotate re-rotates stored keys and works with --codec fp only, not {self.codec.name}")
 
-    def _count_bytes(self) -> int:
+    def byte_parts(self) -> dict[str, int]:
+        """What the bytes held are: encoded rows (codes, per-entry scales), full-precision windows, group tables."""
         positions = self.positions()
         kv_heads = positions.shape[0]
-        total = 0
+        parts = {"encoded": 0, "windows": 0, "group_tables": 0}
         for kind in KINDS:
             window = self.window[kind]
             code_fields = [name for name in self.entries.tensors if name.startswith(kind + ".")]
             if code_fields:
                 encoded_entries = int((positions < window.start).sum())  # over KV heads
-                total += encoded_entries * (self.entries.row_bytes(code_fields) // kv_heads)
-            total += window.byte_count()
+                parts["encoded"] += encoded_entries * (self.entries.row_bytes(code_fields) // kv_heads)
+            parts["windows"] += window.byte_count()
             if self.tables[kind] is not None:
-                total += self.tables[kind].byte_count()
-        self._bytes = total
-        return total
+                parts["group_tables"] += self.tables[kind].byte_count()
+        return parts
+
+    def _count_bytes(self) -> int:
+        self._bytes = sum(self.byte_parts().values())
+        return self._bytes
 
     # -- saving and restoring ------------------------------------------------------------------------------
 
