@@ -42,6 +42,8 @@ def unsaveable_reason(storage) -> str | None:
     if storage.codec.startswith("bnb-"):
         return (f"caches stored with codec '{storage.codec}' are not saved: bitsandbytes codecs need CUDA and "
                 "saving their blocks is not built; use --codec int8 or int4 to save a quantized cache")
+    if getattr(storage, "merge", "none") != "none":  # the merged flags and distance ranges are not saved yet
+        return f"caches merged across layers (--merge {storage.merge}) cannot be saved yet"
     return None
 
 
