@@ -65,7 +65,7 @@ def test_compare_h2o_fp_against_h2o_int4(qtbot, window):
     assert rows["h2o-int4"] < rows["h2o-fp"]  # peak cache MiB: int4 stores less
 
 
-def test_storage_fields_are_remembered_between_launches(qtbot, tmp_path):
+def test_storage_fields_are_remembered_between_launches(qtbot, tmp_path, studio_folders):
     from PySide6.QtCore import QSettings
 
     from kvstudio.gui.main_window import MainWindow
