@@ -10,11 +10,13 @@ Prints, for a ~4k-token prompt on the default model:
                                 (target <= 0.1); restore_vs_prefill_h2o the same under h2o
   file_bytes_ratio_full=<x>     file bytes over in-memory cache bytes, `full`
   file_bytes_ratio_h2o=<x>      the same under h2o at budget 256 (policy state included)
+  file_bytes_ratio_h2o_int4=<x> the same under h2o-int4 (--codec; memory is what the codec stores: codes,
+                                scales, windows, group table), with restore_vs_prefill_h2o_int4
   follow_up_speedup=<x>         a follow-up question: a fresh prefill's time over the time with prefix
                                 reuse (restore + the question's chunk); same_tokens says both gave the
                                 same answer
 
-usage: python benchmarks/saved_cache.py [--model SPEC] [--tokens 4096] [--chunk-size 512]
+usage: python benchmarks/saved_cache.py [--model SPEC] [--tokens 4096] [--chunk-size 512] [--codec int4|none]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from benchmarks.common import prompt_of_length  # noqa: E402
 from kvstudio.core.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.models import load_model  # noqa: E402
 from kvstudio.core.policies import create_policy  # noqa: E402
+from kvstudio.core.storage import StorageConfig, attach  # noqa: E402
 from kvstudio.core.store.prompt_cache import PromptCache, PromptCacheSession  # noqa: E402
 from kvstudio.core.units import format_bytes  # noqa: E402
 
@@ -80,6 +83,7 @@ def main() -> int:
     parser.add_argument("--model", default="default")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--codec", default="int4", help="also measure h2o stored with this codec ('none': skip)")
     args = parser.parse_args()
 
     engine = Engine(load_model(args.model))
@@ -91,6 +95,10 @@ def main() -> int:
         full_policy = create_policy("full")
         full = measure(engine, ids, full_policy, settings, folder, "full")
         h2o = measure(engine, ids, create_policy("h2o", budget=256), settings, folder, "h2o-256")
+        quantized = None
+        if args.codec != "none":
+            policy = attach(create_policy("h2o", budget=256), StorageConfig(codec=args.codec))
+            quantized = measure(engine, ids, policy, settings, folder, f"h2o-256-{args.codec}")
         # A follow-up question after the same document: its first len(ids) tokens are saved already.
         follow_up = ids + engine.tokenizer(FOLLOW_UP, add_special_tokens=False)["input_ids"]
         fresh = engine.generate(follow_up, full_policy, settings)
@@ -103,8 +111,11 @@ def main() -> int:
     print(f"restore_vs_prefill_h2o={h2o['restore'] / h2o['prefill']:.3f}")
     print(f"file_bytes_ratio_full={full['ratio']:.3f}")
     print(f"file_bytes_ratio_h2o={h2o['ratio']:.3f}")
+    if quantized is not None:
+        print(f"restore_vs_prefill_h2o_{args.codec}={quantized['restore'] / quantized['prefill']:.3f}")
+        print(f"file_bytes_ratio_h2o_{args.codec}={quantized['ratio']:.3f}")
     print(f"follow_up_speedup={fresh.prefill_seconds / with_reuse:.1f} same_tokens={same}")
-    return 0 if full["same"] and h2o["same"] and same else 1
+    return 0 if full["same"] and h2o["same"] and (quantized is None or quantized["same"]) and same else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ the decode ms/token of `full` in preallocated buffers against the same run with 
 (the storage before this change), after a short and a long prompt (generated, --new-tokens). Ends with
 bytes_ratio_int8_vs_fp=, bytes_ratio_int4_vs_fp=, kl_int4_vs_fp= (under h2o).
 
+For each codec run it also says what the peak held, as fractions of the fp peak: encoded rows (codes
+and per-token scales), full-precision windows (with residual 0: the incomplete key group, at most
+group size - 1 keys a layer) and group tables (per-channel key scales of every group still held: under
+h2o the heavy hitters it keeps are spread over the whole prompt, so most groups stay live).
+
 usage: python benchmarks/storage.py [--model SPEC] [--budget 256] [--prompt-tokens 2000]
                                     [--new-tokens 32] [--short 1000] [--long 8000] [--codecs fp,int8,int4]
 """
@@ -93,6 +98,31 @@ def peer_quantized_cache(engine, ids: list[int], prompt_tokens: int, reference: 
     return peak, kl(reference, measured)
 
 
+def peak_parts(engine: Engine) -> tuple[Engine, dict]:
+    """The engine, and a dict that gets what the stores held at the run's peak (QuantizedStore.byte_parts)."""
+    original, at_peak = engine.new_cache, {}
+
+    def new_cache(policy):
+        cache = original(policy)
+        note_bytes = cache.note_bytes
+
+        def noting(delta):
+            note_bytes(delta)
+            if delta > 0 and cache.current_bytes == cache.peak_bytes:
+                parts = [layer.store.byte_parts() for layer in cache.layers if hasattr(layer.store, "byte_parts")
+                         and layer.store.window]
+                at_peak.clear()
+                at_peak.update({name: sum(p[name] for p in parts) for name in (parts[0] if parts else {})})
+                at_peak["window_keys"] = max((layer.store.window_length("key") for layer in cache.layers
+                                              if hasattr(layer.store, "window_length")), default=0)
+
+        cache.note_bytes = noting
+        return cache
+
+    engine.new_cache = new_cache
+    return engine, at_peak
+
+
 def cat_storage(engine: Engine) -> Engine:
     """The same engine with the storage of before: torch.cat on append, index_select on eviction."""
     original = engine.new_cache
@@ -120,7 +150,7 @@ def main() -> int:
                         help="comma-separated, fp first (on CUDA: fp,int8,int4,bnb-int8,bnb-int4)")
     args = parser.parse_args()
 
-    engine = Engine(load_model(args.model))
+    engine, at_peak = peak_parts(Engine(load_model(args.model)))
     loaded = engine.loaded
     print(f"model {loaded.describe()}; prompt {args.prompt_tokens} tokens of prose, {args.new_tokens} new tokens, "
           f"h2o budget {args.budget}, group size {args.group_size}, residual 0")
@@ -139,6 +169,11 @@ def main() -> int:
             row = figures[(name, codec)]
             print(f"  ran {name}-{codec} in {time.perf_counter() - started:.1f} s: peak {row['bytes']:,} bytes, "
                   f"{row['ms']:.2f} decode ms/token, KL to fp {row['kl']:.5f}", flush=True)
+            if codec != "fp" and "encoded" in at_peak:
+                fp_bytes = figures[(name, "fp")]["bytes"]
+                print(f"    at its peak, of the fp peak: encoded {at_peak['encoded'] / fp_bytes:.3f}, "
+                      f"full-precision windows {at_peak['windows'] / fp_bytes:.3f} (up to {at_peak['window_keys']} "
+                      f"keys a layer), group tables {at_peak['group_tables'] / fp_bytes:.3f}", flush=True)
         if name == "full":
             peer = peer_quantized_cache(engine, ids, args.prompt_tokens, reference)
 

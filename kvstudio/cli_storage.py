@@ -17,7 +17,8 @@ def add_storage_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-size", type=int, default=64,
                        help="entries per key group and channels per value group, KIVI-style (default 64)")
     group.add_argument("--residual", type=int, default=0,
-                       help="newest entries kept in full precision until they leave this window (default 0)")
+                       help="newest entries kept in full precision until they leave this window; keys wait until "
+                            "their whole group has left it (default 0: values are quantized at once)")
     group.add_argument("--tier", default="device", help="device: evicted entries are dropped (default); "
                                                         "host: they move to host memory and can be recalled")
     group.add_argument("--recall", type=int, default=0,

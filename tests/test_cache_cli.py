@@ -94,11 +94,40 @@ def test_cache_save_load_show_and_rm(capsys, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "cannot read" in err
 
 
-def test_a_quantized_cache_is_not_saved_and_the_run_goes_on(capsys, tmp_path):
-    """Saved caches hold fp storage only: under int4 the prompt cache is off, said once, run unharmed."""
+def test_a_quantized_prompt_cache_is_saved_restored_and_keyed_on_its_storage(capsys, tmp_path):
+    """Under int4 the prompt cache saves the codes and restores them; an int8 or fp run never finds them."""
     folder = tmp_path / "prompts"
-    data, _, err = _run(capsys, tmp_path, DOCUMENT, "int4", "--prompt-cache", str(folder), "--codec", "int4",
-                        "--group-size", "16")
-    assert "--prompt-cache is off for this run: caches stored with codec 'int4' cannot be saved yet" in err
-    assert len(data["token_ids"]) == 5
-    assert not folder.exists() or not any(folder.iterdir())
+    int4 = ["--prompt-cache", str(folder), "--codec", "int4", "--group-size", "16"]
+    first, _, err = _run(capsys, tmp_path, DOCUMENT, "int4", *int4)
+    assert first["prompt_cache"] == "saved" and "is off" not in err
+    again, _, _ = _run(capsys, tmp_path, DOCUMENT, "again", *int4)
+    assert again["prompt_cache"] == "restored"
+    assert again["token_ids"] == first["token_ids"] and _logprobs(again) == _logprobs(first)
+    saved = set(folder.iterdir())
+    other, _, err = _run(capsys, tmp_path, DOCUMENT, "int8", "--prompt-cache", str(folder), "--codec", "int8",
+                         "--group-size", "16")
+    assert other["prompt_cache"] == "saved" and "refused" not in err  # a miss, then its own files
+    fp, _, _ = _run(capsys, tmp_path, DOCUMENT, "fp", "--prompt-cache", str(folder))
+    assert fp["prompt_cache"] == "saved" and saved < set(folder.iterdir())
+
+
+def test_cache_save_and_load_an_int4_host_tier_cache(capsys, tmp_path):
+    path = tmp_path / "int4.kvcache"
+    storage = ["--tier", "host", "--recall", "1", "--block-size", "4", "--group-size", "16"]
+    code, out, err = cli(capsys, "cache", "save", str(path), "--model", "tiny-llama", "--policy", "h2o-int4",
+                         "--budget", "16", "--chunk-size", "8", "--prompt", DOCUMENT, "--max-new-tokens", "2", *storage)
+    assert code == 0, err
+    code, out, _ = cli(capsys, "cache", "show", str(path))
+    shown = json.loads(out)
+    assert shown["codec"] == "int4" and shown["storage"]["tier"] == "host" and shown["storage"]["recall"] == 1
+    code, _, err = cli(capsys, "cache", "load", str(path), "--max-new-tokens", "4", "--json",
+                       str(tmp_path / "continued.json"))
+    assert code == 0, err
+    continued = json.loads((tmp_path / "continued.json").read_text())
+    whole, _, _ = _run(capsys, tmp_path, DOCUMENT, "whole", "--policy", "h2o-int4", "--max-new-tokens", "6", *storage)
+    assert whole["token_ids"][2:] == continued["token_ids"] and _logprobs(whole)[2:] == _logprobs(continued)
+    assert continued["storage"]["recalled"] == whole["storage"]["recalled"] > 0
+    code, _, err = cli(capsys, "cache", "save", str(tmp_path / "bnb.kvcache"), "--model", "tiny-llama",
+                       "--policy", "h2o-bnb-int4", "--prompt", DOCUMENT)
+    assert code == 2 and "nothing saved: caches stored with codec 'bnb-int4' are not saved" in err
+    assert err.count("\n") == 1 and not (tmp_path / "bnb.kvcache").exists()

@@ -59,6 +59,26 @@ def test_save_list_continue_and_delete(qtbot, window):
     assert view.table.rowCount() == 0 and not path.exists()
 
 
+def test_a_quantized_cache_continues_under_the_storage_it_was_saved_with(qtbot, window):
+    storage_form = window.form.storage_form
+    storage_form.set_parameters({"codec": "int4", "group_size": 8, "tier": "host", "recall": 1})
+    whole = _run(qtbot, window, 7)
+    _run(qtbot, window, 3)
+    view = window.caches.view
+    path = view.folder / "int4.kvcache"
+    assert window.caches.save_last_run(str(path))
+    qtbot.waitUntil(lambda: view.table.rowCount() == 1, timeout=10_000)
+    storage_form.set_parameters({})  # back to fp: continuing sets the cache's storage again
+    window.form.max_new_tokens.setValue(4)
+    assert window.caches.continue_from(str(path)), window.error_text.text()
+    qtbot.waitUntil(lambda: not window.running, timeout=30_000)
+    outcome = window.last_outcome
+    assert outcome.error is None, outcome.error
+    assert storage_form.codec.currentText() == "int4" and storage_form.tier.currentText() == "host"
+    assert outcome.result.token_ids == whole.token_ids[3:]
+    assert outcome.result.storage["recalled"] == whole.storage["recalled"]
+
+
 def test_a_corrupt_cache_is_refused_and_the_studio_stays_usable(qtbot, window):
     _run(qtbot, window, 2)
     path = window.caches.view.folder / "bad.kvcache"
@@ -75,3 +95,14 @@ def test_a_corrupt_cache_is_refused_and_the_studio_stays_usable(qtbot, window):
     window.last_outcome = None
     assert not window.caches.save_last_run(str(path))
     assert "nothing to save yet" in window.error_text.text()
+
+
+def test_a_bnb_runs_cache_says_why_it_cannot_be_saved():
+    """bnb runs need CUDA, so the studio keeps no state for them; Save says why (checked without a GPU)."""
+    from types import SimpleNamespace
+
+    from kvstudio.gui.caches_view import _unsaveable
+
+    assert "codec 'bnb-int8' are not saved" in _unsaveable(SimpleNamespace(policy="h2o-bnb-int8", parameters={}))
+    assert "codec 'bnb-int4'" in _unsaveable(SimpleNamespace(policy="h2o", parameters={"storage": {"codec": "bnb-int4"}}))
+    assert _unsaveable(SimpleNamespace(policy="h2o-int4", parameters={"budget": 8})) is None

@@ -280,3 +280,24 @@ def test_cli_runs_list_show_export(capsys, tmp_path):
     assert main(["run", "--model", "tiny-llama", "--prompt", "unrecorded", "--max-new-tokens", "2",
                  "--no-history"]) == 0
     assert "stored as run" not in capsys.readouterr().err
+
+
+def test_recall_events_round_trip_and_older_recordings_still_open():
+    import io
+
+    from kvstudio.core.events import Recorder, RecallEvent, RunStartedEvent
+    from kvstudio.core.recordings import pack_events, unpack_events
+
+    recorder = Recorder()
+    recorder.record(RunStartedEvent("tiny-llama", "h2o", 4, 2, (8,) * 4, ("a", "b"), 4, "host"))
+    recorder.record(RecallEvent(3, 1, np.array([[2, 3, 4], [5, 6, 7]])))
+    recorder.record(RecallEvent(4, 0, np.array([[9], [1]])))
+    blob = pack_events(recorder)
+    reopened = unpack_events(blob)
+    assert [(r.step, r.layer, r.positions.tolist()) for r in reopened.all("recalls")] == \
+        [(3, 1, [[2, 3, 4], [5, 6, 7]]), (4, 0, [[9], [1]])]
+    with np.load(io.BytesIO(blob), allow_pickle=False) as data:  # as written before recalls were stored
+        older = {name: data[name] for name in data.files if not name.startswith("recall_")}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **older)
+    assert unpack_events(buffer.getvalue()).all("recalls") == [] and unpack_events(buffer.getvalue()).all("runs")

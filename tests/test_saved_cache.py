@@ -42,6 +42,13 @@ POLICIES = [
     ("separators", {"budget": 10, "sink": 2, "recent": 3}),  # the plugin in plugins/keep_separators.py
 ]
 SAMPLING = [{"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "seed": 11}]
+# Caches held through a codec or the host tier (core.storage): saved as their stores hold them.
+STORED = [
+    ("h2o", {"budget": 10}, {"codec": "int4", "group_size": 4}),
+    ("full", {}, {"codec": "int8", "group_size": 4, "residual": 3}),
+    ("h2o", {"budget": 10}, {"tier": "host", "recall": 1, "block_size": 4}),
+    ("h2o", {"budget": 10}, {"codec": "int4", "group_size": 4, "tier": "host", "recall": 2, "block_size": 2}),
+]
 
 # The restoring process: loads every saved file, continues THEN tokens, reports what it saw.
 CHILD = r"""
@@ -71,6 +78,8 @@ for path, then in json.loads(sys.argv[1]).items():
         "logprobs": [s.logprob for s in result.steps if s.token_id is not None],
         "positions": [result.cache.positions(i).tolist() for i in range(engine.loaded.n_layers)],
         "evictions": [[e.step, e.layer, e.kv_head, e.positions.tolist()] for e in recorder.all("evictions")],
+        "recalls": [[r.step, r.layer, r.positions.tolist()] for r in recorder.all("recalls")],
+        "storage": {k: result.storage[k] for k in ("peak_cache_bytes", "peak_host_bytes", "recalled")},
     }
 print(json.dumps(out))
 """
@@ -106,12 +115,20 @@ def test_continuations_are_bit_identical_on_cuda_in_bfloat16(plugins, tmp_path):
                          tmp_path, device=("cuda", "bfloat16"))
 
 
+def test_quantized_and_host_tier_caches_continue_bit_identically_in_a_new_process(llama_engine, tmp_path):
+    _check_continuations(llama_engine, STORED, tmp_path)
+
+
 def _check_continuations(engine, policies, tmp_path, device=("cpu", "auto")):
     """Run N + M tokens in one go; run N, save; restore in a child process, continue M; compare."""
+    from kvstudio.core.storage import StorageConfig, attach
+
     expected, files = {}, {}
-    for index, (name, params) in enumerate(policies):
+    for index, (name, params, *storage) in enumerate(policies):
         for sampling in SAMPLING:
             policy = create_policy(name, **params)
+            if storage:
+                attach(policy, StorageConfig(**storage[0]))
             recorder = Recorder()
             whole = engine.generate(PROMPT, policy, _settings(sampling, FIRST + THEN), recorder=recorder,
                                           keep_cache=True)
@@ -125,7 +142,10 @@ def _check_continuations(engine, policies, tmp_path, device=("cpu", "auto")):
                 "logprobs": [s.logprob for s in whole.steps if s.token_id is not None][FIRST:],
                 "positions": [whole.cache.positions(i).tolist() for i in range(4)],
                 "evictions": _evictions(recorder, from_step=first.state.steps),
-                "label": f"{name} {params} {sampling}",
+                "recalls": [[r.step, r.layer, r.positions.tolist()] for r in recorder.all("recalls")
+                            if r.step >= first.state.steps],
+                "storage": {k: whole.storage[k] for k in ("peak_cache_bytes", "peak_host_bytes", "recalled")},
+                "label": f"{name} {params} {storage} {sampling}",
             }
     child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(files), str(REPO / "plugins"), *device], cwd=REPO,
                            env=os.environ | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
@@ -137,6 +157,8 @@ def _check_continuations(engine, policies, tmp_path, device=("cpu", "auto")):
         assert got[path] == want, label  # ==: exact floats, tokens, kept positions, eviction events
         evicting += bool(want["evictions"])
     assert evicting >= len(policies)  # the comparison covered decode-time evictions too
+    if any(len(policy) > 2 and policy[2].get("tier") == "host" for policy in policies):
+        assert any(want["recalls"] for want in expected.values())  # ... and recalls after the restore
 
 
 @pytest.mark.parametrize("name, params", [("h2o", {"budget": 16}), ("snapkv", {"budget": 20, "observation_window": 4}),
@@ -220,11 +242,64 @@ def test_wrong_model_tokenizer_policy_codec_and_chunk_size_are_refused(saved, ll
     assert "wrong policy parameters for 'h2o': budget 16 (saved) vs 32" in _refused(
         path, loaded, create_policy("h2o", budget=32))
     assert "wrong chunk size" in _refused(path, loaded, policy, chunk_size=16)
-    state.codec = "int8"
-    int8 = tmp_path / "int8.kvcache"
-    write_saved_cache(int8, state, loaded, policy, _settings({}, 3))
-    assert "wrong codec: the cache was stored with codec 'int8'" in _refused(int8, loaded, policy)
     check_compatible(read_header(path), loaded, policy, 8)  # and the right ones pass
+
+
+def test_a_cache_stored_in_one_storage_never_restores_into_another(llama_engine, tmp_path):
+    from kvstudio.core.storage import StorageConfig, attach
+
+    loaded = llama_engine.loaded
+
+    def h2o(**storage):
+        return attach(create_policy("h2o", budget=16), StorageConfig(**storage))
+
+    int4 = h2o(codec="int4", group_size=4)
+    path = tmp_path / "int4.kvcache"
+    result = llama_engine.generate(PROMPT, int4, _settings({}, 2), keep_state=True)
+    write_saved_cache(path, result.state, loaded, int4, _settings({}, 2))
+    header = read_header(path)
+    assert header["codec"] == "int4" and header["storage"]["group_size"] == 4
+    stored = "stored as int4 (group 4, residual 0) on the device tier"
+    assert f"wrong storage: the cache was {stored} and this run stores int8 (group 4, residual 0)" in _refused(
+        path, loaded, h2o(codec="int8", group_size=4))
+    assert f"{stored} and this run stores fp on the device tier" in _refused(path, loaded, h2o())
+    assert "this run stores int4 (group 8, residual 0)" in _refused(path, loaded, h2o(codec="int4", group_size=8))
+    assert "this run stores int4 (group 4, residual 0) with the host tier (recall 1 blocks of 16)" in _refused(
+        path, loaded, h2o(codec="int4", group_size=4, tier="host", recall=1))
+    check_compatible(header, loaded, h2o(codec="int4", group_size=4), 8)
+    # The state itself refuses another storage too (the studio continues from states in memory).
+    with pytest.raises(SavedCacheError, match="wrong storage: the state was stored as int4"):
+        llama_engine.generate(None, h2o(codec="int8", group_size=4), _settings({}, 1), start=result.state,
+                              resume=True)
+
+
+def test_a_quantized_cache_file_holds_codes_not_decoded_keys(llama_engine, tmp_path):
+    from kvstudio.core.storage import StorageConfig, attach
+
+    policy = attach(create_policy("h2o", budget=16), StorageConfig(codec="int4", group_size=4, tier="host",
+                                                                   recall=1, block_size=4))
+    result = llama_engine.generate(PROMPT, policy, _settings({}, 2), keep_state=True, keep_cache=True)
+    path = tmp_path / "int4.kvcache"
+    info = write_saved_cache(path, result.state, llama_engine.loaded, policy, _settings({}, 2))
+    _, state = read_saved_cache(path)
+    layer = state.layers[0]
+    assert "keys" not in layer.tensors and layer.tensors["key.codes"].dtype == torch.uint8
+    assert layer.tensors["key.codes"].shape[-1] == 8  # 16 channels, two codes a byte
+    assert layer.tensors["window.key"].shape[1] == 23 % 4 and layer.tensors["window.value"].shape[1] == 0
+    assert layer.tensors["table.key.fields.scale"].dtype == torch.float16
+    assert layer.tensors["host.keys"].shape[1] == 23 - 16 and "host.block_max" in layer.tensors
+    assert layer.storage["store"]["window.key.start"] == 20 and layer.storage["bytes"] == \
+        result.cache.layers[0].byte_count()
+    assert info.memory_bytes == result.cache.current_bytes  # what the store holds, not decoded keys
+
+
+def test_bnb_caches_are_refused_with_a_reason():
+    from kvstudio.core.storage import StorageConfig
+    from kvstudio.core.store.layer_tensors import unsaveable_reason
+
+    reason = unsaveable_reason(StorageConfig(codec="bnb-int4"))
+    assert "bitsandbytes codecs need CUDA" in reason and "use --codec int8 or int4" in reason
+    assert unsaveable_reason(StorageConfig(codec="int4", tier="host")) is None
 
 
 def test_a_failed_write_leaves_the_previous_file_whole(saved, llama_engine, tmp_path):

@@ -66,3 +66,55 @@ def test_compare_h2o_fp_against_h2o_int4(qtbot, window):
     rows = {view.table.item(r, 0).text(): float(view.table.item(r, peak).text()) for r in range(2)}
     assert set(rows) == {"h2o-fp", "h2o-int4"}
     assert rows["h2o-int4"] < rows["h2o-fp"]  # peak cache MiB: int4 stores less
+
+
+def test_storage_fields_are_remembered_between_launches(qtbot, tmp_path, studio_folders):
+    from PySide6.QtCore import QSettings
+
+    from kvstudio.gui.main_window import MainWindow
+
+    path = str(tmp_path / "storage.ini")
+    first = MainWindow(QSettings(path, QSettings.IniFormat))
+    qtbot.addWidget(first)
+    form = first.form.storage_form
+    form.set_parameters({"codec": "int4", "group_size": 32, "residual": 5, "tier": "host", "recall": 3,
+                         "merge": "minicache", "merge_from": 2, "merge_threshold": 0.2, "merge_t": 0.5})
+    first.close()
+    second = MainWindow(QSettings(path, QSettings.IniFormat))
+    qtbot.addWidget(second)
+    try:
+        assert second.form.storage_form.fields() == {"codec": "int4", "group_size": 32, "residual": 5,
+                                                     "tier": "host", "recall": 3, "merge": "minicache",
+                                                     "merge_from": 2, "merge_threshold": 0.2, "merge_t": 0.5}
+        assert second.form.parameters()["storage"]["codec"] == "int4"  # the next run is stored that way
+    finally:
+        second.close()
+        second.plugins.unload()
+    # An unreadable value leaves the defaults.
+    QSettings(path, QSettings.IniFormat).setValue("storage", "{not json")
+    third = MainWindow(QSettings(path, QSettings.IniFormat))
+    qtbot.addWidget(third)
+    try:
+        assert third.form.storage_form.fields()["codec"] == "fp"
+    finally:
+        third.close()
+        third.plugins.unload()
+
+
+def test_recall_events_are_stored_and_reopen_with_the_run(qtbot, window):
+    load(qtbot, window)
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)
+    window.form.max_new_tokens.setValue(4)
+    window.form.chunk_size.setValue(16)
+    window.form.storage_form.set_parameters({"tier": "host", "recall": 2})
+    outcome = run(qtbot, window, policy="h2o", budget=24)
+    assert outcome.error is None, outcome.error
+    live = [(r.step, r.layer, r.positions.tolist()) for r in window.recorder.all("recalls")]
+    assert live
+    window.runs.reopen(outcome.request.history_id)
+    reopened = window.recorder.all("recalls")
+    assert [(r.step, r.layer, r.positions.tolist()) for r in reopened] == live
+    window.views.refresh(include_hidden=True)
+    view = window.views.token_view
+    view.by_tier.setChecked(True)
+    assert len(view.recalled[0]) and "recalled" in set(view.tiers())

@@ -40,6 +40,9 @@ def add_parser(subparsers) -> None:
     save.add_argument("--top-k", type=int, default=0)
     save.add_argument("--seed", type=int, help="seed for sampling")
     _policy_options(save)
+    from ..cli_storage import add_storage_options
+
+    add_storage_options(save)  # a cache is saved as its codec and tier hold it (`--policy h2o-int4` works too)
 
     load = commands.add_parser("load", help="restore a saved cache and go on generating from it")
     load.add_argument("path", help="a saved cache (.kvcache)")
@@ -83,9 +86,16 @@ def _save(args) -> int:
     from ..core.atomic import check_writable_folder
     from ..core.engine import Engine, GenerationSettings
     from ..core.models import load_model
+    from ..cli_storage import storage_from_args
+    from ..core.store.layer_tensors import unsaveable_reason
     from ..core.store.saved_cache import SavedCacheError, write_saved_cache
 
+    storage = storage_from_args(args)
+    reason = unsaveable_reason(storage)
+    if reason is not None:
+        raise SavedCacheError(f"nothing saved: {reason}")
     policy = _policy_from_args(args)
+    policy.storage = storage
     prompt = _prompt_from_args(args)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, chunk_size=args.chunk_size,

@@ -2,7 +2,8 @@
 
 The format is a compressed NumPy .npz (no pickle; loaded with allow_pickle=False): a JSON header
 with the small events (run start, tokens, steps, memory readings) and flat arrays for the large
-ones (evicted positions, attention rows), which would be slow and big as JSON.
+ones (evicted positions, host-tier recalls, attention rows), which would be slow and big as JSON.
+Arrays added later (recalls) are optional on reading: older recordings simply have none.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ def pack_events(recorder: Recorder) -> bytes:
 
     evictions = recorder.all("evictions")
     attention = recorder.all("attention")
+    recalls = recorder.all("recalls")
     arrays = {
+        "recall_ids": np.array([(r.step, r.layer, *r.positions.shape) for r in recalls], dtype=np.int64).reshape(-1, 4),
+        "recall_positions": _concat([r.positions.astype(np.int64).ravel() for r in recalls], np.int64),
         "eviction_ids": np.array([(e.step, e.layer, e.kv_head, len(e.positions)) for e in evictions],
                                  dtype=np.int64).reshape(-1, 4),
         "eviction_positions": _concat([e.positions.astype(np.int64) for e in evictions], np.int64),
@@ -76,6 +80,11 @@ def unpack_events(blob: bytes) -> Recorder:
         events.append(EvictionEvent(int(step), int(layer), int(head),
                                     arrays["eviction_positions"][offset:offset + count]))
         offset += count
+    offset = 0
+    for step, layer, kv_heads, count in arrays.get("recall_ids", np.zeros((0, 4), dtype=np.int64)):
+        positions = arrays["recall_positions"][offset:offset + kv_heads * count].reshape(kv_heads, count)
+        events.append(RecallEvent(int(step), int(layer), positions))
+        offset += kv_heads * count
     weights_at = positions_at = 0
     for step, layer, q_heads, n, kv_heads, held in arrays["attention_ids"]:
         weights = arrays["attention_weights"][weights_at:weights_at + q_heads * n].reshape(q_heads, n)

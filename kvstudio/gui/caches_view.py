@@ -41,7 +41,7 @@ class CacheWriter(QObject):
 
     @Slot(object, str)
     def save(self, outcome, path: str) -> None:
-        from ..core.policies import policy_class
+        from ..core.storage import build_policy
         from ..core.store.saved_cache import write_saved_cache
 
         request = outcome.request
@@ -49,13 +49,28 @@ class CacheWriter(QObject):
             engine = self.studio_worker.engine
             if engine is None:
                 raise KVStudioError("no model loaded")
-            policy = policy_class(request.policy)(**request.parameters)
+            policy = build_policy(request.policy, request.parameters)  # with its storage ("storage" parameters)
             write_saved_cache(path, outcome.result.state, engine.loaded, policy, request.settings,
                               request.prompt or None)
         except KVStudioError as error:
             self.saved.emit(path, str(error))
             return
         self.saved.emit(path, "")
+
+
+def _unsaveable(request) -> str | None:
+    """Why a run's cache was not kept for saving (its storage), or None."""
+    from ..core.storage import STORAGE_KEY, StorageConfig, split_cache_name
+    from ..core.store.layer_tensors import unsaveable_reason
+
+    fields = dict(request.parameters.get(STORAGE_KEY) or {})
+    codec = split_cache_name(request.policy)[1]  # 'h2o-bnb-int4' (Compare) names its codec
+    if codec is not None:
+        fields["codec"] = codec
+    try:
+        return unsaveable_reason(StorageConfig(**fields))
+    except TypeError:  # not storage fields: nothing to say about them
+        return None
 
 
 class CachesView(QWidget):
@@ -193,7 +208,9 @@ class CachesFeature(Feature):
     def save_last_run(self, path: str | None = None) -> bool:
         outcome = self.window.last_outcome
         if outcome is None or outcome.result is None or outcome.result.state is None:
-            self.window.show_error("nothing to save yet: run something first (a run cancelled before its prompt "
+            reason = None if outcome is None else _unsaveable(outcome.request)
+            self.window.show_error(f"the last run's cache cannot be saved: {reason}" if reason else
+                                   "nothing to save yet: run something first (a run cancelled before its prompt "
                                    "was in has no cache)")
             return False
         try:
@@ -231,7 +248,9 @@ class CachesFeature(Feature):
     def continue_from(self, path: str) -> bool:
         """Set the policy and sampling the cache was made with, then run from it."""
         from ..core.policies import available_policies
-        from ..core.store.saved_cache import read_header
+        from ..core.storage import STORAGE_KEY, StorageConfig
+        from ..core.store.layer_tensors import storage_key
+        from ..core.store.saved_cache import header_storage, read_header
 
         window = self.window
         try:
@@ -253,6 +272,10 @@ class CachesFeature(Feature):
         form.temperature.setValue(float(generation.get("temperature", 0.0)))
         form.seed.setValue(int(generation.get("seed") or 0))
         parameters = {k: v for k, v in header["policy"]["parameters"].items() if v is not None}
+        storage = header_storage(header)  # the codec and tier it was stored with: a restore needs the same
+        form.storage_form.set_parameters(storage)
+        if storage != storage_key(StorageConfig()):
+            parameters[STORAGE_KEY] = storage
         started = window.run.start(policy, parameters, label="continue", start_from=str(path))
         if started:
             self.view.status.setText(f"restoring {Path(path).name}…")

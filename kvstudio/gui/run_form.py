@@ -151,6 +151,7 @@ class RunForm(Feature):
                 widget.setValue(int(value))
         if settings.value("temperature") is not None:
             self.temperature.setValue(float(settings.value("temperature")))
+        self.storage_form.restore_settings(settings)
 
     def save_settings(self, settings) -> None:
         name = self.policy.currentText()
@@ -160,3 +161,4 @@ class RunForm(Feature):
         settings.setValue("max_new_tokens", self.max_new_tokens.value())
         settings.setValue("temperature", self.temperature.value())
         settings.setValue("seed", self.seed.value())
+        self.storage_form.save_settings(settings)

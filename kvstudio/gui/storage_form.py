@@ -3,10 +3,14 @@ cross-layer merging (MiniCache: from which layer, retention threshold, interpola
 
 They travel with the policy's parameters as parameters["storage"] (kvstudio.core.storage's
 StorageConfig fields), so a run, a comparison and the run history all carry them. Validation is
-StorageConfig's own; its message shows inline like the policy form's, in the form's words.
+StorageConfig's own; its message shows inline like the policy form's, in the form's words. The
+fields are remembered between launches (`save_settings` / `restore_settings`, called by the run
+form that holds them).
 """
 
 from __future__ import annotations
+
+import json
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpinBox, QWidget
@@ -19,6 +23,11 @@ from .form_words import in_form_words
 # The CLI's option -> this form's label, where they differ (for messages in the form's words).
 OPTION_LABELS = {"group-size": "group size", "recall": "recall blocks", "merge": "merge layers",
                  "merge-from": "merge from layer", "merge-threshold": "retention threshold", "merge-t": "SLERP t"}
+
+SETTINGS_KEY = "storage"  # QSettings key: the fields as JSON
+# What each remembered field must be to be restored (anything else, e.g. from a hand-edited file, is dropped).
+SETTING_TYPES = {"codec": str, "tier": str, "merge": str, "group_size": int, "residual": int, "recall": int,
+                 "merge_from": int, "merge_threshold": (int, float), "merge_t": (int, float)}
 
 
 class StorageForm(QWidget):
@@ -89,16 +98,17 @@ class StorageForm(QWidget):
                              merge_from=None if self.merge_from.value() < 0 else self.merge_from.value(),
                              merge_threshold=round(self.merge_threshold.value(), 3), merge_t=round(self.merge_t.value(), 2))
 
+    def fields(self) -> dict:
+        """The StorageConfig fields this form sets. The merge settings travel even with merge off:
+        Compare's "h2o+minicache" takes them from here."""
+        config = self.config()
+        return {"codec": config.codec, "group_size": config.group_size, "residual": config.residual,
+                "tier": config.tier, "recall": config.recall, "merge": config.merge, "merge_from": config.merge_from,
+                "merge_threshold": config.merge_threshold, "merge_t": config.merge_t}
+
     def parameters(self) -> dict:
         """{"storage": {...}} to add to the policy's parameters; empty for the default (fp, device)."""
-        config = self.config()
-        if config == StorageConfig():
-            return {}
-        # The merge settings travel even with merge off: Compare's "h2o+minicache" takes them from here.
-        merging = {"merge": config.merge, "merge_from": config.merge_from, "merge_threshold": config.merge_threshold,
-                   "merge_t": config.merge_t}
-        return {STORAGE_KEY: {"codec": config.codec, "group_size": config.group_size, "residual": config.residual,
-                              "tier": config.tier, "recall": config.recall} | merging}
+        return {} if self.config() == StorageConfig() else {STORAGE_KEY: self.fields()}
 
     def set_parameters(self, values: dict | None) -> None:
         values = values or {}
@@ -113,6 +123,21 @@ class StorageForm(QWidget):
         self.merge_from.setValue(-1 if merge_from is None else merge_from)
         self.merge_threshold.setValue(values.get("merge_threshold", defaults.merge_threshold))
         self.merge_t.setValue(values.get("merge_t", defaults.merge_t))
+
+    def save_settings(self, settings) -> None:
+        settings.setValue(SETTINGS_KEY, json.dumps(self.fields()))
+
+    def restore_settings(self, settings) -> None:
+        """The fields as last saved; a value that is not readable leaves the defaults (a codec that is not
+        loaded now stays unselected, and an invalid combination shows its message inline, as typed)."""
+        saved = settings.value(SETTINGS_KEY)
+        try:
+            values = json.loads(saved) if isinstance(saved, str) else None
+        except ValueError:
+            values = None
+        if isinstance(values, dict):
+            known = {k: v for k, v in values.items() if isinstance(v, SETTING_TYPES.get(k, ()))}
+            self.set_parameters(known)
 
     def validate(self) -> str | None:
         try:

@@ -3,10 +3,10 @@
 Selection (which entries stay) is the policy's job; storage (how they are held) is a codec's. A
 cache is named `<policy>-<codec>` (`h2o-int4`), the naming of the KeysAndValues library.
 
-A codec encodes a *group* of G consecutive entries of one layer (all KV heads at once) and decodes
-what it produced. The engine's storage (`kvstudio.core.storage.quantized`) does the rest: it keeps
+A codec encodes a *group* of consecutive entries of one layer (all KV heads at once) and decodes
+what it produced. The engine's storage (`kvstudio.core.storage.stores`) does the rest: it keeps
 the newest entries in full precision until they leave the residual window, hands the codec each
-group as it leaves, stores the encoded tensors in preallocated per-layer buffers, compacts them in
+group as it leaves (G entries for a kind in `grouped_kinds`, else whatever left this step), stores the encoded tensors in preallocated per-layer buffers, compacts them in
 place when the policy evicts, and counts their bytes. Write a codec in three parts:
 
 1. `encode(x, kind) -> Encoded`: x is (kv_heads, G, head_dim) in the model's dtype, `kind` is
@@ -18,7 +18,11 @@ place when the policy evicts, and counts their bytes. Write a codec in three par
 2. `decode(per_entry, per_group, kind, dtype) -> (kv_heads, n, head_dim)`: per_entry rows of n
    entries, per_group already expanded to each entry's group: shape (kv_heads, n, ...).
 3. `name` (an identifier) and `summary` (one line). Optionally `check(device)`: raise
-   `CodecError` when the codec cannot run there (bitsandbytes without CUDA).
+   `CodecError` when the codec cannot run there (bitsandbytes without CUDA), and `grouped_kinds`:
+   the kinds whose encoding spans the G entries of a group (KIVI's per-channel keys: {"key"}).
+   Those wait in full precision until a whole group has arrived; the other kinds are quantized per
+   entry (`per_group` empty) and encoded the step they leave the residual window. The default, both
+   kinds, is always correct, only larger.
 
 Every byte of every tensor returned by `encode` counts towards the cache's bytes, so a codec's
 savings are reported honestly. A plugin file (in any plugin folder) that defines a subclass of
@@ -58,6 +62,7 @@ class Codec(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    grouped_kinds: ClassVar[frozenset[str]] = frozenset({"key", "value"})  # see the module docstring
 
     def __init__(self, group_size: int = 64):
         self.group_size = group_size
@@ -81,7 +86,10 @@ class StorageConfig:
 
     codec: str = "fp"
     group_size: int = 64  # entries per key group (keys per channel) and channels per value group
-    residual: int = 0  # newest entries kept in full precision until they leave this window
+    # Newest entries kept in full precision until they leave this window. 0 (the default) is what holds
+    # the byte targets under bounded policies: values are then quantized the step they arrive and only
+    # the incomplete key group (at most group_size - 1 keys) waits in full precision.
+    residual: int = 0
     tier: str = "device"  # device: evicted entries are dropped; host: they move to host memory
     recall: int = 0  # host blocks brought back for each step (tier host)
     block_size: int = 16  # entries per host block (one summary each)

@@ -26,6 +26,7 @@ def _bitsandbytes():
 
 class BitsAndBytesCodec(Codec):
     four_bit = False
+    grouped_kinds = frozenset()  # blocks lie inside one entry's row: nothing waits for a group
 
     def check(self, device: torch.device) -> None:
         if torch.device(device).type != "cuda":

@@ -77,6 +77,9 @@ class EntryBuffers:
         for name, tensor in new.items():
             old = self.tensors.get(name)
             self.tensors[name] = tensor if old is None else torch.cat([old, tensor], dim=1)
+        for name, old in self.tensors.items():  # fields missing from `new`: unwritten rows, as in place
+            if name not in new:
+                self.tensors[name] = torch.cat([old, old.new_zeros((old.shape[0], count, *old.shape[2:]))], dim=1)
         self.count += count
 
     def keep(self, keep: torch.Tensor) -> None:

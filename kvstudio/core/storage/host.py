@@ -126,6 +126,26 @@ class HostTier:
         return Recalled(keys.to(self.device, non_blocking=True).unsqueeze(0),
                         values.to(self.device, non_blocking=True).unsqueeze(0), positions)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything the tier holds, as exact CPU copies: its entries and the summaries of their blocks."""
+        if self.on_cuda:
+            self.stream.synchronize()  # the eviction copies into host memory have landed
+        tensors = {name: self.entries.view(name) for name in self.entries.tensors}
+        if self.block_max is not None:
+            blocks = (self.entries.count + self.block_size - 1) // self.block_size
+            tensors["block_max"], tensors["block_min"] = self.block_max[:, :blocks], self.block_min[:, :blocks]
+        return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of `state()`, into a fresh tier."""
+        entries = {name: t for name, t in tensors.items() if not name.startswith("block_")}
+        if entries:
+            with torch.no_grad():  # into preallocated buffers, as a run without autograd would have them
+                self.entries.append(entries, next(iter(entries.values())).shape[1])
+        if "block_max" in tensors:
+            self.block_max = tensors["block_max"].to(self.device)
+            self.block_min = tensors["block_min"].to(self.device)
+
     def _bounds(self, query: torch.Tensor, blocks: int) -> torch.Tensor:
         """Quest's upper bound of q . k per (KV head, complete block), max over the group's query heads."""
         heads, head_dim = query.shape[1], query.shape[-1]

@@ -6,8 +6,9 @@ quantized per channel (each channel of a group of G consecutive entries shares o
 point), values per token (each entry's channels, G at a time, share one). Asymmetric: a group's
 minimum is its zero point and (max - min) / (2^bits - 1) its scale, both stored in fp16; a value
 x is held as round((x - zero) / scale), decoded as code * scale + zero, so the error of one value
-is at most scale / 2. int4 packs two codes in one byte (low nibble first). The newest entries stay
-in full precision until a whole group has left the residual window (the storage does that).
+is at most scale / 2. int4 packs two codes in one byte (low nibble first). Keys wait in full
+precision until their whole group has left the residual window; values, quantized per token, are
+encoded as soon as they leave it (the storage does that, from `grouped_kinds`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 class IntegerCodec(Codec):
     bits: int = 8
+    grouped_kinds = frozenset({"key"})  # keys per channel over G entries; values per token
 
     @property
     def levels(self) -> int:

@@ -4,15 +4,24 @@
 buffers: bit-identical to concatenating tensors, without the per-step copy.
 
 `QuantizedStore` holds them through a codec, with KIVI's layout (Liu et al. 2024,
-arXiv:2402.02750): the newest entries stay in full precision in a *window* over token positions
-[window_start, seen); when a whole group of G positions has left the residual window (seen -
-residual >= its end), the group is encoded at once for every KV head, the entries still held get
-their per-entry rows (codes, per-token scales), and the group's shared tensors (per-channel key
-scales and zero points) go to a slot of the group table. An evicted entry drops its rows; a group
-no KV head holds any more frees its slot. Attention reads keys and values decoded for the step;
-the decoded copy is released after the policy has run, so between steps only the encoded form
-(and the window) is held, and that is what `byte_count` reports: codes, scales, zero points, the
-window and the table of live groups.
+arXiv:2402.02750). Each kind (key, value) has a full-precision *window* over token positions
+[start, seen); entries leave it as soon as the codec can encode them:
+  - a kind the codec quantizes per token (values in int8/int4, both kinds in bnb) has nothing to
+    wait for: its entries are encoded the step they arrive, or when they leave the residual window
+    (the newest `residual` positions) with `--residual N`;
+  - a kind quantized over a group of entries (keys, per channel over G positions) waits until the
+    whole group has left the residual window (seen - residual >= the group's end); the group is then
+    encoded at once for every KV head, and its shared tensors (per-channel key scales and zero
+    points) go to a slot of the group table. So with residual 0 the window holds at most G - 1 keys
+    (the incomplete group) and no values.
+The entries still held get their per-entry rows (codes, per-token scales). An evicted entry drops
+its rows; a group no KV head holds any more frees its slot. Attention reads keys and values decoded
+for the step (the policy scores those decoded keys); the decoded copy is released after the policy
+has run, so between steps only the encoded form (and the windows) is held, and that is what
+`byte_count` reports: codes, scales, zero points, the windows and the table of live groups.
+
+`state()` / `load_state()` give a store's whole content as tensors plus JSON-safe numbers, so a
+saved cache holds exactly what the store held (core.store.layer_tensors).
 """
 
 from __future__ import annotations
@@ -22,11 +31,11 @@ import torch
 from .base import Codec, CodecError, Encoded
 from .buffers import EntryBuffers
 
-ENTRY_KEYS = "positions", "rope_positions"
+KINDS = ("key", "value")
 
 
-class FpStore:
-    """Keys and values in the model's dtype, in preallocated buffers."""
+class _Store:
+    """What both stores share: the per-entry buffers, with token positions and rotation positions."""
 
     def __init__(self, capacity_hint: int | None):
         self.entries = EntryBuffers(capacity_hint)
@@ -43,35 +52,62 @@ class FpStore:
     def rope_positions(self) -> torch.Tensor:
         return self.entries.view("rope_positions")
 
+    def byte_count(self) -> int:
+        return self._bytes
+
+    def release_step(self) -> None:
+        """Drop anything held only for the current step."""
+
+    def detach(self) -> None:
+        """Cut every held tensor from the autograd graph (fine-tuning's truncated mode)."""
+        self.entries.tensors = {name: tensor.detach() for name, tensor in self.entries.tensors.items()}
+
+    # -- saving and restoring (core.store.layer_tensors) -------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, numbers): everything held, as exact CPU copies, and the counters beside them."""
+        tensors = {f"entries.{name}": self.entries.view(name) for name in self.entries.tensors}
+        return _cpu_copies(tensors), {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], numbers: dict, device) -> None:
+        """The inverse of `state()`, into a fresh store."""
+        fields = {name.split(".", 1)[1]: t.to(device) for name, t in tensors.items() if name.startswith("entries.")}
+        if fields:
+            with torch.no_grad():  # into preallocated buffers, as a run without autograd would have them
+                self.entries.append(fields, next(iter(fields.values())).shape[1])
+
+
+def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
+
+
+class FpStore(_Store):
+    """Keys and values in the model's dtype, in preallocated buffers."""
+
     def keys(self) -> torch.Tensor:
         return self.entries.view("keys").unsqueeze(0)
 
     def values(self) -> torch.Tensor:
         return self.entries.view("values").unsqueeze(0)
 
-    def byte_count(self) -> int:
-        return self._bytes
-
-    def release_step(self) -> None:
-        """Drop anything held only for the current step (nothing here)."""
-
-    # -- what PolicyLayer does ---------------------------------------------------------------------
-
     def append(self, keys, values, positions, rope_positions):
         """keys, values (kv_heads, n, head_dim); positions (kv_heads, n). Returns the whole layer's
         keys and values, (1, kv_heads, N, head_dim), for attention."""
         self.entries.append({"keys": keys, "values": values, "positions": positions,
                              "rope_positions": rope_positions}, keys.shape[1])
-        self._bytes = self.entries.count * self.entries.row_bytes(("keys", "values"))
+        self._count_bytes()
         return self.keys(), self.values()
 
     def keep(self, keep: torch.Tensor) -> None:
         self.entries.keep(keep)
-        self._bytes = self.entries.count * self.entries.row_bytes(("keys", "values"))
+        self._count_bytes()
 
-    def detach(self) -> None:
-        """Cut every held tensor from the autograd graph (fine-tuning's truncated mode)."""
-        self.entries.tensors = {name: tensor.detach() for name, tensor in self.entries.tensors.items()}
+    def load_state(self, tensors, numbers, device) -> None:
+        super().load_state(tensors, numbers, device)
+        self._count_bytes()
+
+    def _count_bytes(self) -> None:
+        self._bytes = self.entries.count * self.entries.row_bytes(("keys", "values")) if self.entries.count else 0
 
     def overwrite(self, kind: str, index: torch.Tensor, rows: torch.Tensor, where: torch.Tensor) -> None:
         """Write rows (kv_heads, m, head_dim) over the entries at `index` (kv_heads, m) where `where`
@@ -154,40 +190,73 @@ class _GroupTable:
                 kv_heads, n, *table.shape[2:])
         return out
 
-    def slot_bytes(self) -> int:
-        return sum(t[:, :1].numel() * t.element_size() for t in self.fields.values())
+    def byte_count(self) -> int:
+        """The live slots' tensors and the group -> slot index."""
+        slot = sum(t[:, :1].numel() * t.element_size() for t in self.fields.values())
+        return self.live * slot + self.slot_of.numel() * self.slot_of.element_size()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        slots = len(self.owner)
+        tensors = {f"fields.{name}": t[:, :slots] for name, t in self.fields.items()}
+        tensors["slot_of"] = self.slot_of
+        return tensors, {"owner": list(self.owner), "live": self.live}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], numbers: dict, device) -> None:
+        self.fields = {name.split(".", 1)[1]: t.to(device) for name, t in tensors.items()
+                       if name.startswith("fields.")}
+        self.slot_of = tensors["slot_of"].to(device)
+        self.owner, self.live = list(numbers["owner"]), numbers["live"]
 
 
-class QuantizedStore:
+class _Window:
+    """One kind's full-precision rows of token positions [start, start + length), newest last."""
+
+    def __init__(self, like: torch.Tensor, start: int, rows: int):
+        kv_heads, _, head_dim = like.shape
+        self.rows = torch.zeros(kv_heads, rows, head_dim, dtype=like.dtype, device=like.device)
+        self.start, self.length = start, 0
+
+    def write(self, offset: int, tensor: torch.Tensor) -> None:
+        needed = offset + tensor.shape[1]
+        if needed > self.rows.shape[1]:
+            grown = torch.zeros(self.rows.shape[0], max(needed, 2 * self.rows.shape[1]), self.rows.shape[2],
+                                dtype=self.rows.dtype, device=self.rows.device)
+            grown[:, :self.length] = self.rows[:, :self.length]
+            self.rows = grown
+        self.rows[:, offset:needed].copy_(tensor)
+        self.length = needed
+
+    def drop_oldest(self, count: int) -> None:
+        """The oldest `count` rows were encoded: what remains slides to the front (the window's few rows)."""
+        remaining = self.length - count
+        self.rows[:, :remaining] = self.rows[:, count:self.length].clone()
+        self.start += count
+        self.length = remaining
+
+    def byte_count(self) -> int:
+        return self.rows[:, :self.length].numel() * self.rows.element_size()
+
+
+class QuantizedStore(_Store):
     """Keys and values through a codec, with a full-precision window of the newest positions."""
 
     def __init__(self, codec: Codec, group_size: int, residual: int, capacity_hint: int | None,
                  measure_error: bool = False):
+        super().__init__(capacity_hint)
         self.codec, self.group, self.residual = codec, group_size, residual
-        self.entries = EntryBuffers(capacity_hint)
-        self.window: dict[str, torch.Tensor] = {}  # "key"/"value": (kv_heads, capacity, head_dim)
-        self.window_start = 0  # token position of the window's first row; a multiple of the group size
-        self.window_length = 0
-        self.tables = {"key": None, "value": None}
+        # Kinds whose encoding spans G entries (KIVI's per-channel keys) wait for a whole group.
+        self.grouped = {kind: kind in codec.grouped_kinds for kind in KINDS}
+        self.window: dict[str, _Window] = {}
+        self.tables: dict[str, _GroupTable | None] = {kind: None for kind in KINDS}
         self.measure_error = measure_error
         self.error_sums = {"key": 0.0, "value": 0.0}
         self.error_counts = {"key": 0, "value": 0}
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._bytes = 0
         # Cross-layer merging rewrites a step's new entries after both layers of a pair attended
-        # (storage/minicache.py): the groups encoded in the step keep their rows as they were before
-        # encoding until the next append, so a rewrite re-encodes them (merge, then quantize).
+        # (storage/minicache.py): key groups encoded in the step keep their rows as they were before
+        # encoding until the next append, so a rewrite encodes them again (merge, then quantize).
         self.keep_step_groups = False
-        self._step_groups: dict[int, dict[str, torch.Tensor]] = {}  # group number -> kind -> (kv_heads, G, d)
-
-    def entry_count(self) -> int:
-        return self.entries.count
-
-    def positions(self) -> torch.Tensor:
-        return self.entries.view("positions")
-
-    def rope_positions(self) -> torch.Tensor:
-        return self.entries.view("rope_positions")
+        self._step_groups: dict[tuple[str, int], torch.Tensor] = {}  # (kind, group number) -> (kv_heads, G, d)
 
     def keys(self) -> torch.Tensor:
         return self._decoded()[0]
@@ -195,15 +264,16 @@ class QuantizedStore:
     def values(self) -> torch.Tensor:
         return self._decoded()[1]
 
-    def byte_count(self) -> int:
-        return self._bytes
-
     def release_step(self) -> None:
         self._step = None
 
     def mean_relative_error(self) -> dict[str, float | None]:
         return {kind: (self.error_sums[kind] / self.error_counts[kind] if self.error_counts[kind] else None)
-                for kind in ("key", "value")}
+                for kind in KINDS}
+
+    def window_length(self, kind: str) -> int:
+        """Full-precision rows of `kind` held (0 before the first append)."""
+        return self.window[kind].length if kind in self.window else 0
 
     # -- appending -----------------------------------------------------------------------------------
 
@@ -212,75 +282,89 @@ class QuantizedStore:
             raise CodecError(f"--codec {self.codec.name} cannot carry gradients (rounding has none); "
                              "fine-tuning through the cache needs --codec fp")
         self._step = None
-        kv_heads, n, head_dim = keys.shape
+        n = keys.shape[1]
         first = int(positions[0, 0])
         if not self.window:
-            self.window_start = first - first % self.group
             for kind, like in (("key", keys), ("value", values)):
-                self.window[kind] = torch.zeros(kv_heads, self.residual + self.group + n, head_dim, dtype=like.dtype,
-                                                device=like.device)
-                self.tables[kind] = _GroupTable(like.device)
-        offset = first - self.window_start
-        if offset != self.window_length:
-            raise CodecError("a quantized cache takes tokens in order, one position after the other")
+                start = first - first % self.group if self.grouped[kind] else first
+                self.window[kind] = _Window(like, start, self.residual + self.group + n)
+                self.tables[kind] = _GroupTable(like.device) if self.grouped[kind] else None
         for kind, tensor in (("key", keys), ("value", values)):
-            self._window_reserve(kind, offset + n)
-            self.window[kind][:, offset:offset + n].copy_(tensor)
-        self.window_length = offset + n
+            window = self.window[kind]
+            if first != window.start + window.length:
+                raise CodecError("a quantized cache takes tokens in order, one position after the other")
+            window.write(window.length, tensor)
         self.entries.append({"positions": positions, "rope_positions": rope_positions}, n)
         self._step_groups = {}
-        seen = first + n
-        while seen - self.residual - self.window_start >= self.group:
-            self._encode_oldest_group()
+        leaving = first + n - self.residual  # positions before this one are out of the residual window
+        for kind in KINDS:
+            window = self.window[kind]
+            if self.grouped[kind]:
+                while leaving - window.start >= self.group:
+                    self._encode_oldest(kind, self.group)
+            elif leaving > window.start:
+                self._encode_oldest(kind, leaving - window.start)
         self._count_bytes()
         return self._decoded()
 
     def overwrite(self, kind: str, index: torch.Tensor, rows: torch.Tensor, where: torch.Tensor) -> None:
-        """Write rows over entries fed in this step (see FpStore.overwrite): in the window, or in a group
-        encoded in this step, which is encoded again from its rows with the new ones in."""
+        """Write rows over entries fed in this step (see FpStore.overwrite): in the window as they are;
+        encoded per token, encoded again; in a key group encoded in this step, that group encoded
+        again from its rows with the new ones in."""
         window = self.window[kind]
         positions = self.positions().gather(1, index)
-        in_window = where & (positions >= self.window_start)
+        in_window = where & (positions >= window.start)
         heads, entry = in_window.nonzero(as_tuple=True)
-        window[heads, positions[heads, entry] - self.window_start] = rows[heads, entry]
-        encoded = where & ~in_window
-        heads, entry = encoded.nonzero(as_tuple=True)
-        if heads.numel():
+        window.rows[heads, positions[heads, entry] - window.start] = rows[heads, entry]
+        heads, entry = (where & ~in_window).nonzero(as_tuple=True)
+        if heads.numel() and not self.grouped[kind]:
+            encoded = self.codec.encode(rows[heads, entry].unsqueeze(0), kind)  # each row on its own
+            for name, codes in encoded.per_entry.items():
+                self.entries.view(f"{kind}.{name}")[heads, index[heads, entry]] = codes[0]
+        elif heads.numel():
             groups = positions[heads, entry] // self.group
             for group in groups.unique().tolist():
-                if group not in self._step_groups:
+                if (kind, group) not in self._step_groups:
                     raise CodecError("an entry to overwrite was encoded before this step; only a step's own "
                                      "entries can be rewritten (set keep_step_groups)")
                 mine = groups == group
-                x = self._step_groups[group][kind]
+                x = self._step_groups[kind, group]
                 x[heads[mine], positions[heads[mine], entry[mine]] - group * self.group] = rows[heads[mine], entry[mine]]
-                self._encode_group(group * self.group, kind, x, note_error=False)
+                self._encode_rows(kind, group * self.group, x, note_error=False)
         self._step = None
         self._count_bytes()
 
-    def _window_reserve(self, kind: str, needed: int) -> None:
+    def _encode_oldest(self, kind: str, count: int) -> None:
+        """Encode the window's oldest `count` rows: one group (grouped kinds) or that many entries."""
         window = self.window[kind]
-        if needed > window.shape[1]:
-            grown = torch.zeros(window.shape[0], max(needed, 2 * window.shape[1]), window.shape[2],
-                                dtype=window.dtype, device=window.device)
-            grown[:, :self.window_length] = window[:, :self.window_length]
-            self.window[kind] = grown
+        x = window.rows[:, :count]
+        if self.keep_step_groups and self.grouped[kind]:
+            x = x.clone()
+            self._step_groups[kind, window.start // self.group] = x
+        self._encode_rows(kind, window.start, x, note_error=self.measure_error)
+        window.drop_oldest(count)
 
-    def _encode_oldest_group(self) -> None:
-        start, size = self.window_start, self.group
-        for kind in ("key", "value"):
-            x = self.window[kind][:, :size]
-            if self.keep_step_groups:
-                x = x.clone()
-                self._step_groups.setdefault(start // size, {})[kind] = x
-            self._encode_group(start, kind, x, note_error=self.measure_error)
-        # The window moves one group on: what remains slides to the front (a few rows, not the cache).
-        remaining = self.window_length - size
-        for kind in ("key", "value"):
-            window = self.window[kind]
-            window[:, :remaining] = window[:, size:self.window_length].clone()
-        self.window_start += size
-        self.window_length = remaining
+    def _encode_rows(self, kind: str, start: int, x: torch.Tensor, note_error: bool) -> None:
+        """Encode the rows x (kv_heads, count, head_dim) of positions [start, start + count): a grouped
+        kind's shared tensors go to its group table, the held entries get their per-entry rows."""
+        count = x.shape[1]
+        positions = self.positions()
+        held = (positions >= start) & (positions < start + count)
+        heads, index = held.nonzero(as_tuple=True)
+        in_rows = positions[heads, index] - start
+        encoded = self.codec.encode(x, kind)
+        if self.grouped[kind]:
+            self.tables[kind].store(start // self.group, encoded.per_group)
+        elif encoded.per_group:
+            raise CodecError(f"codec {self.codec.name} returned per-group tensors for {kind}s, which it declares "
+                             "quantized per token (grouped_kinds)")
+        for name, rows in encoded.per_entry.items():
+            field = f"{kind}.{name}"
+            if field not in self.entries:
+                self.entries.add_field(field, rows)
+            self.entries.view(field)[heads, index] = rows[heads, in_rows]
+        if note_error:
+            self._note_error(kind, x, encoded)
 
     def _encode_group(self, start: int, kind: str, x: torch.Tensor, note_error: bool) -> None:
         """Encode the group starting at position `start` from its rows x (kv_heads, G, head_dim): its
@@ -313,26 +397,33 @@ class QuantizedStore:
     def _decoded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, kv_heads, n, head_dim) keys and values as attention sees them, decoded once per step."""
         if self._step is None:
-            positions = self.positions()
-            in_window = positions >= self.window_start
-            window_row = (positions - self.window_start).clamp_min(0)
-            decoded = []
-            for kind in ("key", "value"):
-                window = self.window[kind]
-                index = window_row[..., None].expand(-1, -1, window.shape[-1])
-                from_window = window.gather(1, index)
-                fields = {name.split(".", 1)[1]: self.entries.view(name) for name in self.entries.tensors
-                          if name.startswith(kind + ".")}
-                if fields:
-                    table = self.tables[kind]
-                    groups = torch.where(in_window, torch.zeros_like(positions), positions // self.group)
-                    per_group = table.expanded(groups.clamp(max=max(table.slot_of.numel() - 1, 0))) \
-                        if table.fields else {}
-                    from_codes = self.codec.decode(fields, per_group, kind, window.dtype)
-                    from_window = torch.where(in_window[..., None], from_window, from_codes)
-                decoded.append(from_window.unsqueeze(0))
-            self._step = (decoded[0], decoded[1])
+            self._step = (self._decode_kind("key").unsqueeze(0), self._decode_kind("value").unsqueeze(0))
         return self._step
+
+    def _decode_kind(self, kind: str) -> torch.Tensor:
+        """(kv_heads, n, head_dim): encoded entries decoded, window entries as they are."""
+        positions = self.positions()
+        window = self.window[kind]
+        fields = {name.split(".", 1)[1]: self.entries.view(name) for name in self.entries.tensors
+                  if name.startswith(kind + ".")}
+        if not fields:  # nothing encoded yet: every entry is in the window
+            index = (positions - window.start)[..., None].expand(-1, -1, window.rows.shape[-1])
+            return window.rows.gather(1, index)
+        per_group = {}
+        table = self.tables[kind]
+        if table is not None and table.fields:
+            groups = torch.where(positions >= window.start, 0, positions // self.group)
+            per_group = table.expanded(groups.clamp(max=max(table.slot_of.numel() - 1, 0)))
+        decoded = self.codec.decode(fields, per_group, kind, window.rows.dtype)
+        # Window entries are the newest, so they sit among the last `window.length` of each head's row
+        # (positions increase along it): only that tail is looked up, not the whole layer.
+        tail = min(window.length, positions.shape[1])
+        if tail:
+            tail_positions = positions[:, -tail:]
+            index = (tail_positions - window.start).clamp_min(0)[..., None].expand(-1, -1, window.rows.shape[-1])
+            in_window = (tail_positions >= window.start)[..., None]
+            decoded[:, -tail:] = torch.where(in_window, window.rows.gather(1, index), decoded[:, -tail:])
+        return decoded
 
     # -- evicting ----------------------------------------------------------------------------------------
 
@@ -340,17 +431,16 @@ class QuantizedStore:
         self._step = None
         self.entries.keep(keep)
         positions = self.positions()
-        encoded = positions[positions < self.window_start]
-        held_groups = set((encoded // self.group).unique().tolist())
-        for table in self.tables.values():
+        for kind, table in self.tables.items():
             if table is not None:
-                table.free_unused(held_groups)
+                encoded = positions[positions < self.window[kind].start]
+                table.free_unused(set((encoded // self.group).unique().tolist()))
         self._count_bytes()
 
     def detach(self) -> None:
-        """Cut every held tensor from the autograd graph (fine-tuning's truncated mode)."""
-        self.entries.tensors = {name: tensor.detach() for name, tensor in self.entries.tensors.items()}
-        self.window = {name: tensor.detach() for name, tensor in self.window.items()}
+        super().detach()
+        for window in self.window.values():
+            window.rows = window.rows.detach()
         for table in self.tables.values():
             if table is not None:
                 table.fields = {name: tensor.detach() for name, tensor in table.fields.items()}
@@ -359,19 +449,58 @@ class QuantizedStore:
     def set_keys(self, keys, rope_positions):
         raise CodecError(f"--rerotate re-rotates stored keys and works with --codec fp only, not {self.codec.name}")
 
-    def _count_bytes(self) -> int:
+    def byte_parts(self) -> dict[str, int]:
+        """What the bytes held are: encoded rows (codes, per-entry scales), full-precision windows, group tables."""
         positions = self.positions()
-        encoded_entries = int((positions < self.window_start).sum())  # over KV heads
         kv_heads = positions.shape[0]
-        code_fields = [name for name in self.entries.tensors if "." in name]
-        row = self.entries.row_bytes(code_fields) // kv_heads if code_fields else 0
-        total = encoded_entries * row
+        parts = {"encoded": 0, "windows": 0, "group_tables": 0}
+        for kind in KINDS:
+            window = self.window[kind]
+            code_fields = [name for name in self.entries.tensors if name.startswith(kind + ".")]
+            if code_fields:
+                encoded_entries = int((positions < window.start).sum())  # over KV heads
+                parts["encoded"] += encoded_entries * (self.entries.row_bytes(code_fields) // kv_heads)
+            parts["windows"] += window.byte_count()
+            if self.tables[kind] is not None:
+                parts["group_tables"] += self.tables[kind].byte_count()
+        return parts
+
+    def _count_bytes(self) -> int:
+        self._bytes = sum(self.byte_parts().values())
+        return self._bytes
+
+    # -- saving and restoring ------------------------------------------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, numbers = super().state()
         for kind, window in self.window.items():
-            total += kv_heads * self.window_length * window.shape[-1] * window.element_size()
+            tensors[f"window.{kind}"] = window.rows[:, :window.length]
+            numbers[f"window.{kind}.start"] = window.start
             table = self.tables[kind]
-            total += table.live * table.slot_bytes() + table.slot_of.numel() * table.slot_of.element_size()
-        self._bytes = total
-        return total
+            if table is not None:
+                table_tensors, numbers[f"table.{kind}"] = table.state()
+                tensors.update({f"table.{kind}.{name}": t for name, t in table_tensors.items()})
+        numbers["error_sums"], numbers["error_counts"] = dict(self.error_sums), dict(self.error_counts)
+        return _cpu_copies(tensors), numbers
+
+    def load_state(self, tensors, numbers, device) -> None:
+        super().load_state(tensors, numbers, device)
+        for kind in KINDS:
+            if f"window.{kind}" not in tensors:
+                continue
+            rows = tensors[f"window.{kind}"].to(device)
+            window = self.window[kind] = _Window(rows, numbers[f"window.{kind}.start"],
+                                                 max(rows.shape[1], self.residual + self.group))
+            window.write(0, rows)
+            if self.grouped[kind]:
+                table = self.tables[kind] = _GroupTable(device)
+                prefix = f"table.{kind}."
+                table.load_state({name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)},
+                                 numbers[f"table.{kind}"], device)
+        self.error_sums = dict(numbers.get("error_sums", self.error_sums))
+        self.error_counts = dict(numbers.get("error_counts", self.error_counts))
+        if self.window:
+            self._count_bytes()
 
 
 def make_store(codec: Codec | None, group_size: int, residual: int, capacity_hint: int | None,

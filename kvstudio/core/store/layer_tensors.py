@@ -1,17 +1,33 @@
 """The one pair of functions that read and write a cache layer's stored tensors.
 
-A saved cache holds each layer as the layer stores it: full-precision keys and values plus each
-entry's token position (and, with re-rotation, the position its key is rotated at), read from and
-written back into the layer's store (core.storage). Quantized codecs and the host tier hold other
-tensors: this is the only place that needs to learn them; until it does, `unsaveable_reason` refuses
-such caches, and `CODEC` in a file says which storage it was written with.
+A saved cache holds each layer as the layer stores it, read from and written back into the layer's
+store (core.storage): under `fp` the keys and values as the model made them; under a quantized
+codec the codes, scales and zero points of every entry, the full-precision windows (with the token
+position each starts at) and the group table (per-group key scales, the slot of each group, which
+group owns each slot); with the host tier also the host entries and their blocks' Quest summaries.
+Each entry's token position (and the position its key is rotated at) comes along. Restoring the
+very state, not what attention decodes from it, is what makes a continuation bit-identical: encoding
+decoded keys again would round differently. Numbers beside the tensors (window starts, slot owners,
+byte counts) go to the file's JSON header.
+
+A file's `storage` header (codec, group size, residual, tier, recall, block size: `storage_key`)
+must equal the run's, or the cache is refused.
 """
 
 from __future__ import annotations
 
 import torch
 
-CODEC = "fp"  # full precision, the model's dtype: what PolicyLayer stores today
+CODEC = "fp"  # full precision, the model's dtype: the storage of a file written before codecs were saved
+STORAGE_FIELDS = ("codec", "group_size", "residual", "tier", "recall", "block_size")
+_STORE_PARTS = ("window.", "table.")  # a quantized store's tensors that are not per-entry rows
+_HOST = "host."
+_FP_ROWS = {"keys", "values"}  # fp keys and values: saved with the batch axis, as files always held them
+
+
+def storage_key(storage) -> dict:
+    """What a saved cache's storage must match: a StorageConfig's fields that change what is held."""
+    return {name: getattr(storage, name) for name in STORAGE_FIELDS}
 
 
 def layer_codec(layer) -> str:
@@ -21,42 +37,62 @@ def layer_codec(layer) -> str:
 
 
 def unsaveable_reason(storage) -> str | None:
-    """Why a cache cannot be saved yet, or None. Only `fp` storage on the device is: a quantized
-    store would have to save its packed groups, scales and residual window (saving what attention
-    decodes and encoding it again on restore would not continue bit-identically), and the host tier
-    its blocks and summaries. Until this module learns them, such caches are refused, not misread.
-    `storage`: a StorageConfig (`PolicyCache.storage`, or `core.storage.storage_of(policy)`)."""
-    if storage.codec != CODEC:
-        return f"caches stored with codec '{storage.codec}' cannot be saved yet (only '{CODEC}')"
-    if storage.tier != "device":
-        return f"caches with the {storage.tier} tier cannot be saved yet"
+    """Why a cache cannot be saved, or None. `storage`: a StorageConfig (`PolicyCache.storage`, or
+    `core.storage.storage_of(policy)`)."""
+    if storage.codec.startswith("bnb-"):
+        return (f"caches stored with codec '{storage.codec}' are not saved: bitsandbytes codecs need CUDA and "
+                "saving their blocks is not built; use --codec int8 or int4 to save a quantized cache")
     if getattr(storage, "merge", "none") != "none":  # the merged flags and distance ranges are not saved yet
         return f"caches merged across layers (--merge {storage.merge}) cannot be saved yet"
     return None
 
 
+def layer_state(layer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors copied to the CPU, JSON-safe numbers) of everything a layer holds; ({}, {}) when empty.
+    Per-entry rows keep their plain names (keys, values, positions, rope_positions under fp)."""
+    if not layer.is_initialized:
+        return {}, {}
+    store_tensors, store_numbers = layer.store.state()
+    tensors = {name.removeprefix("entries."): tensor for name, tensor in store_tensors.items()}
+    for name in _FP_ROWS.intersection(tensors):  # (1, kv_heads, n, head_dim), as attention reads them
+        tensors[name] = tensors[name].unsqueeze(0)
+    numbers = {"store": store_numbers, "bytes": layer.store.byte_count(), "kept": layer.store.entry_count()}
+    if layer.host is not None:
+        tensors.update({_HOST + name: tensor for name, tensor in layer.host.state().items()})
+        numbers["host_bytes"] = layer.host.byte_count()
+    return tensors, numbers
+
+
 def layer_tensors(layer) -> dict[str, torch.Tensor]:
     """A layer's stored tensors, copied to the CPU (the run may go on changing the layer)."""
-    if not layer.is_initialized:
-        return {}
-    tensors = {"keys": layer.keys, "values": layer.values, "positions": layer.positions}
-    if layer.rope_positions is not layer.positions:  # re-rotated: keys sit at other positions
-        tensors["rope_positions"] = layer.rope_positions
-    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
+    return layer_state(layer)[0]
 
 
-def restore_layer(layer, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Put saved tensors back into a fresh layer, on `device`; the inverse of `layer_tensors`."""
+def restore_layer(layer, tensors: dict[str, torch.Tensor], device: torch.device, numbers: dict | None = None) -> None:
+    """Put saved tensors (and their numbers) back into a fresh layer, on `device`; the inverse of `layer_state`."""
     if not tensors:
         return
-    keys = tensors["keys"].to(device)
-    values = tensors["values"].to(device)
-    positions = tensors["positions"].to(device)
-    rope_positions = tensors["rope_positions"].to(device) if "rope_positions" in tensors else positions
-    layer.lazy_initialization(keys, values)
-    layer.store.append(keys[0], values[0], positions, rope_positions)  # into the layer's own buffers
+    store_tensors, host_tensors = {}, {}
+    for name, tensor in tensors.items():
+        if name.startswith(_HOST):
+            host_tensors[name.removeprefix(_HOST)] = tensor
+        elif name.startswith(_STORE_PARTS):
+            store_tensors[name] = tensor
+        else:
+            store_tensors["entries." + name] = tensor[0] if name in _FP_ROWS else tensor
+    like = tensors["keys"][0] if "keys" in tensors else tensors["window.key"]  # the model's dtype
+    layer.lazy_initialization(like[:, :0].to(device), like[:, :0].to(device))
+    layer.store.load_state(store_tensors, (numbers or {}).get("store", {}), device)
+    if host_tensors:
+        from ..storage.host import HostTier
+
+        storage = layer.cache.storage
+        layer.host = HostTier(storage.block_size, storage.recall, device)
+        layer.host.load_state(host_tensors)
 
 
-def layer_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    """What a layer's keys and values take in memory, as the cache counts it."""
+def layer_bytes(tensors: dict[str, torch.Tensor], numbers: dict | None = None) -> int:
+    """What a layer holds in memory, as the cache counts it (the store's own count when saved with it)."""
+    if numbers and "bytes" in numbers:
+        return numbers["bytes"]
     return sum(tensors[name].nbytes for name in ("keys", "values") if name in tensors)

@@ -1,7 +1,7 @@
 """A folder of saved caches keyed by prompt: `kvstudio run --prompt-cache DIR`.
 
 A file's name is a hash of what makes a cache reusable: the model and tokenizer fingerprints, the
-policy and its parameters, the codec, the chunk size, and the prompt's first n tokens. A run looks
+policy and its parameters, the storage (codec, group size, residual, tier, recall), the chunk size, and the prompt's first n tokens. A run looks
 for, in order: its whole prompt ("restored": the next token is sampled from the saved logits), then
 the longest prefix of its prompt that ends on a chunk boundary ("prefix N": only the rest is
 prefilled). Both give exactly what a full prefill gives, because a policy sees the same chunks in
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .fingerprint import model_fingerprint, tokenizer_sha256
-from .layer_tensors import CODEC
+from ..storage import StorageConfig, storage_of
+from .layer_tensors import CODEC, storage_key
 from .run_state import RunState
 from .saved_cache import SUFFIX, SavedCacheError, load_saved_cache, write_saved_cache
 
@@ -34,7 +35,11 @@ def cache_key_prefix(loaded, policy, chunk_size: int) -> bytes:
     model = model_fingerprint(loaded)
     data = {"config": model["config_sha256"], "weights": model["weights_sha256"], "dtype": model["dtype"],
             "tokenizer": tokenizer_sha256(loaded.tokenizer), "policy": policy.name,
-            "parameters": policy.config.as_dict(), "codec": CODEC, "chunk_size": chunk_size}
+            "parameters": policy.config.as_dict(), "chunk_size": chunk_size}
+    storage = storage_key(storage_of(policy))
+    # fp on the device keeps the key of files written before storage was saved; any other storage is
+    # part of the key, so an int4 run never even finds an int8 or fp file (a miss, not a refusal).
+    data["codec"] = CODEC if storage == storage_key(StorageConfig()) else storage
     return json.dumps(data, sort_keys=True, default=str).encode()
 
 

@@ -1,7 +1,8 @@
 """A run's whole state between two forward steps, to stop a run and go on later (or elsewhere).
 
 What a continuation needs to be bit-identical to never having stopped:
-  - every cache layer's stored tensors (keys, values, token positions, re-rotation positions),
+  - every cache layer's stored tensors as its store holds them (keys and values, or a codec's codes,
+    scales, windows and group table; token positions, re-rotation positions; host-tier blocks),
   - every layer's policy state (`LayerState.per_entry` tensors such as H2O's running sums, and
     `LayerState.extra`: counters, random generators, plugin values),
   - the tokens fed so far (policies read them; the next token's position is their count),
@@ -22,15 +23,17 @@ from typing import Any
 
 import torch
 
-from .layer_tensors import layer_bytes, layer_codec, layer_tensors, restore_layer, unsaveable_reason  # noqa: F401
+from .layer_tensors import (layer_bytes, layer_codec, layer_state, layer_tensors, restore_layer,  # noqa: F401
+                            storage_key, unsaveable_reason)
 
 
 @dataclass
 class LayerSnapshot:
-    tensors: dict[str, torch.Tensor]  # from layer_tensors(): keys, values, positions[, rope_positions]
+    tensors: dict[str, torch.Tensor]  # from layer_state(): what the layer's store (and host tier) holds
     policy_tensors: dict[str, torch.Tensor]  # LayerState.per_entry, on the CPU
     policy_on_device: dict[str, bool]  # per_entry name -> it lived on the model's device (else the CPU)
     policy_extra: dict[str, Any]  # LayerState.extra, deep-copied
+    storage: dict = field(default_factory=dict)  # from layer_state(): window starts, slot owners, bytes
 
 
 @dataclass
@@ -43,6 +46,8 @@ class RunState:
     steps: int  # forward steps taken so far: the next step's number
     layers: list[LayerSnapshot]
     codec: str = "fp"
+    storage: dict = field(default_factory=dict)  # storage_key() of the cache: codec, group size, residual, tier...
+    storage_counters: dict = field(default_factory=dict)  # host bytes and their peak, entries recalled so far
     peak_bytes: int = 0
     peak_kept_per_layer: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0  # what computing the prompt took: what a restore saves
@@ -56,11 +61,11 @@ class RunState:
     @property
     def cache_bytes(self) -> int:
         """Keys and values held in memory, over all layers."""
-        return sum(layer_bytes(layer.tensors) for layer in self.layers)
+        return sum(layer_bytes(layer.tensors, layer.storage) for layer in self.layers)
 
     @property
     def kept_per_layer(self) -> list[int]:
-        return [layer.tensors["keys"].shape[-2] if layer.tensors else 0 for layer in self.layers]
+        return [layer.tensors["positions"].shape[-1] if layer.tensors else 0 for layer in self.layers]
 
 
 def capture(run, logits: torch.Tensor | None, generated: list[int], prompt_tokens: int, sampler=None,
@@ -70,8 +75,9 @@ def capture(run, logits: torch.Tensor | None, generated: list[int], prompt_token
     layers = []
     for layer in run.cache.layers:
         state = layer.state
+        tensors, numbers = layer_state(layer)
         layers.append(LayerSnapshot(
-            tensors=layer_tensors(layer),
+            tensors=tensors, storage=numbers,
             policy_tensors={name: t.detach().to("cpu", copy=True).contiguous() for name, t in state.per_entry.items()},
             policy_on_device={name: t.device.type == device.type != "cpu" for name, t in state.per_entry.items()},
             policy_extra=copy.deepcopy(state.extra),
@@ -82,9 +88,14 @@ def capture(run, logits: torch.Tensor | None, generated: list[int], prompt_token
         logits=None if logits is None else logits.detach().float().to("cpu", copy=True),
         rng_state=None if generator is None else generator.get_state(),
         steps=run.first_step + len(run.records), layers=layers, codec=layer_codec(run.cache.layers[0]),
+        storage=storage_key(run.cache.storage), storage_counters=_storage_counters(run.cache),
         peak_bytes=run.cache.peak_bytes, peak_kept_per_layer=list(run.cache.peak_kept_per_layer),
         prefill_seconds=prefill_seconds, generated_text=generated_text,
     )
+
+
+def _storage_counters(cache) -> dict:
+    return {"peak_host_bytes": cache.peak_host_bytes, "recalled": cache.recalled_total}
 
 
 def restore(run, state: RunState, sampler=None) -> None:
@@ -92,10 +103,15 @@ def restore(run, state: RunState, sampler=None) -> None:
     state too (a continuation); without, the caller's sampler starts fresh (a new question)."""
     device = run.engine.loaded.device
     cache = run.cache
+    if state.storage and state.storage != storage_key(cache.storage):
+        from .saved_cache import SavedCacheError, describe_storage
+
+        raise SavedCacheError(f"wrong storage: the state was stored as {describe_storage(state.storage)} and this "
+                              f"run stores {describe_storage(storage_key(cache.storage))}")
     if len(state.layers) != len(cache.layers):
         raise ValueError(f"the state has {len(state.layers)} layers, the model {len(cache.layers)}")
     for layer, snapshot in zip(cache.layers, state.layers):
-        restore_layer(layer, snapshot.tensors, device)
+        restore_layer(layer, snapshot.tensors, device, snapshot.storage)
         layer.state.per_entry = {name: (t.to(device) if snapshot.policy_on_device.get(name) else t.clone())
                                  for name, t in snapshot.policy_tensors.items()}
         layer.state.extra = copy.deepcopy(snapshot.policy_extra)
@@ -103,6 +119,9 @@ def restore(run, state: RunState, sampler=None) -> None:
     cache.peak_bytes = max(state.peak_bytes, cache.current_bytes)
     if state.peak_kept_per_layer:
         cache.peak_kept_per_layer = list(state.peak_kept_per_layer)
+    cache.host_bytes = sum(cache.host_bytes_per_layer())
+    cache.peak_host_bytes = max(state.storage_counters.get("peak_host_bytes", 0), cache.host_bytes)
+    cache.recalled_total = state.storage_counters.get("recalled", 0)
     run.token_ids = torch.tensor(state.token_ids, dtype=torch.long, device=device)
     run.seen = len(state.token_ids)
     run.first_step = state.steps

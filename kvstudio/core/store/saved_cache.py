@@ -8,17 +8,20 @@ Layout (integers little-endian):
     header length        u64
     body length          u64
     header               UTF-8 JSON: format version, model and tokenizer fingerprints, policy name and
-                         parameters, codec, chunk size, token counts, generation settings, per-layer
-                         policy state that is not tensors, sizes; readable without the body (listing)
-    body                 zstandard-compressed safetensors: per layer keys, values, positions
-                         (re-rotation positions), policy state tensors; the tokens, last logits and
-                         sampler RNG state
+                         parameters, storage (codec, group size, residual, tier, recall, block size),
+                         chunk size, token counts, generation settings, per-layer policy state and
+                         store numbers that are not tensors, sizes; readable without the body (listing)
+    body                 zstandard-compressed safetensors: per layer what its store holds (keys and
+                         values, or a codec's codes, scales, windows and group table; host-tier
+                         entries and block summaries), positions (re-rotation positions), policy
+                         state tensors; the tokens, last logits and sampler RNG state
     checksum             32 bytes: SHA-256 of everything before it
 
 Files are written atomically (a temporary file renamed over the target): a reader never sees half
 of one. Reading refuses, each with its own message: not a saved cache, another format version,
 truncated, corrupt (checksum), and, against the model and policy at hand (`check_compatible`):
-another model, tokenizer, codec, policy or parameters, or chunk size.
+another model, tokenizer, storage (a cache saved under int4 never restores into an int8 or fp run),
+policy or parameters, or chunk size.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from ..atomic import atomic_write, check_writable_folder
 from ..errors import KVStudioError
 from .fingerprint import model_fingerprint, tokenizer_sha256
-from .layer_tensors import CODEC
+from .layer_tensors import CODEC, storage_key
 from .run_state import LayerSnapshot, RunState
 
 MAGIC = b"KVSCACHE"
@@ -76,6 +79,8 @@ def build_header(state: RunState, loaded, policy, settings=None, prompt_text: st
         "policy": {"name": policy.name, "parameters": _plain(policy.config.as_dict()),
                    "describe": policy.describe(), "source": source_of(policy.name)},
         "codec": state.codec,
+        "storage": state.storage or _legacy_storage(state.codec),
+        "storage_counters": state.storage_counters,
         "chunk_size": None if settings is None else settings.chunk_size,
         "generation": None if settings is None else _plain(vars(settings)),
         "tokens": {"fed": len(state.token_ids), "prompt": state.prompt_tokens, "generated": len(state.generated),
@@ -141,7 +146,7 @@ def _state_tensors(state: RunState) -> tuple[dict[str, torch.Tensor], list[dict]
             tensors[f"layer.{index}.extra.{n}"] = tensor
         layers.append({"cache": sorted(layer.tensors), "state": sorted(layer.policy_tensors),
                        "state_on_device": layer.policy_on_device, "extra": extra,
-                       "extra_tensors": len(extra_tensors)})
+                       "extra_tensors": len(extra_tensors), "storage": layer.storage})
     return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}, layers
 
 
@@ -272,11 +277,13 @@ def _state_from(header: dict, tensors: dict[str, torch.Tensor], device: torch.de
             policy_tensors={name: tensors[f"layer.{index}.state.{name}"] for name in layer["state"]},
             policy_on_device=layer["state_on_device"],
             policy_extra=_decode(layer["extra"], extra_tensors, device),
+            storage=layer.get("storage", {}),
         ))
     return RunState(
         token_ids=tensors["run.token_ids"].tolist(), prompt_tokens=header["tokens"]["prompt"],
         generated=tensors["run.generated"].tolist(), logits=tensors.get("run.logits"),
         rng_state=tensors.get("run.rng_state"), steps=header["steps"], layers=layers, codec=header["codec"],
+        storage=header_storage(header), storage_counters=header.get("storage_counters", {}),
         peak_bytes=header["peak_bytes"], peak_kept_per_layer=header["peak_kept_per_layer"],
         prefill_seconds=header["prefill_seconds"], generated_text=header.get("generated_text", ""),
     )
@@ -299,10 +306,14 @@ def check_compatible(header: dict, loaded, policy=None, chunk_size: int | None =
     if saved.get("dtype") != here["dtype"]:
         raise SavedCacheError(f"{name}wrong model dtype: the cache holds {saved.get('dtype')} tensors and the model "
                               f"runs in {here['dtype']}; load it with --dtype {saved.get('dtype')}")
-    if header["codec"] != CODEC:
-        raise SavedCacheError(f"{name}wrong codec: the cache was stored with codec '{header['codec']}' and this run "
-                              f"stores '{CODEC}'; use the same codec or compute the cache again")
     if policy is not None:
+        from ..storage import storage_of
+
+        saved_storage, run_storage = header_storage(header), storage_key(storage_of(policy))
+        if saved_storage != run_storage:
+            raise SavedCacheError(f"{name}wrong storage: the cache was stored as {describe_storage(saved_storage)} and "
+                                  f"this run stores {describe_storage(run_storage)}; use the same storage options "
+                                  "or compute the cache again")
         saved_policy = header["policy"]
         if saved_policy["name"] != policy.name:
             raise SavedCacheError(f"{name}wrong policy: the cache was computed under '{saved_policy['name']}', this run "
@@ -322,15 +333,42 @@ def check_compatible(header: dict, loaded, policy=None, chunk_size: int | None =
 
 def policy_from_header(header: dict):
     """The policy a saved cache was computed under, from the registry (a plugin's must be loaded:
-    a name in a file never loads code)."""
+    a name in a file never loads code), with the storage it was stored in."""
     from ..policies import available_policies
+    from ..storage import CodecError, StorageConfig, attach
 
     saved = header["policy"]
     if saved["name"] not in available_policies():
         where = f" (it came from plugin {saved['source']})" if saved.get("source") not in (None, "built-in") else ""
         raise SavedCacheError(f"the cache was computed under policy '{saved['name']}', which is not loaded{where}; "
                               "load its plugin (--plugins DIR) and try again")
-    return available_policies()[saved["name"]](**saved["parameters"])
+    policy = available_policies()[saved["name"]](**saved["parameters"])
+    try:
+        return attach(policy, StorageConfig(**header_storage(header)))
+    except CodecError as error:
+        raise SavedCacheError(f"the cache was stored with {describe_storage(header_storage(header))}, which cannot "
+                              f"be used here: {error}") from error
+
+
+def _legacy_storage(codec: str) -> dict:
+    """The storage of a file written before storage was saved: its codec, on the device tier."""
+    from ..storage import StorageConfig
+
+    return storage_key(StorageConfig(codec=codec))
+
+
+def header_storage(header: dict) -> dict:
+    """The storage a saved cache was stored in (codec, group size, residual, tier, recall, block size)."""
+    return header.get("storage") or _legacy_storage(header.get("codec", CODEC))
+
+
+def describe_storage(storage: dict) -> str:
+    """'int4 (group 64, residual 0) on the device tier', for messages."""
+    text = storage["codec"] if storage["codec"] == CODEC else \
+        f"{storage['codec']} (group {storage['group_size']}, residual {storage['residual']})"
+    if storage["tier"] == "host":
+        return f"{text} with the host tier (recall {storage['recall']} blocks of {storage['block_size']})"
+    return f"{text} on the {storage['tier']} tier"
 
 
 def load_saved_cache(path: str | Path, loaded, policy=None, chunk_size: int | None = None) -> tuple[dict, RunState, float]:
