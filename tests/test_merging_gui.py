@@ -19,7 +19,9 @@ def test_merge_settings_reach_the_run_and_the_views(qtbot, window):
     window.form.max_new_tokens.setValue(4)
     window.form.chunk_size.setValue(32)
     form = window.form.storage_form
+    assert not form.merge_from.isEnabled() and not form.merge_t.isEnabled()  # merge "none": nothing to set
     form.merge.setCurrentText("minicache")
+    assert form.merge_from.isEnabled() and form.merge_threshold.isEnabled() and form.merge_t.isEnabled()
     form.merge_from.setValue(2)
     form.merge_threshold.setValue(0.5)
     outcome = run(qtbot, window, policy="full")

@@ -154,5 +154,8 @@ class StorageForm(QWidget):
         quantized = self.codec.currentText() not in ("", "fp")
         self.group_size.setEnabled(quantized)
         self.residual.setEnabled(quantized)
+        merging = self.merge.currentText() != "none"
+        for editor in (self.merge_from, self.merge_threshold, self.merge_t):
+            editor.setEnabled(merging)
         self.validate()
         self.changed.emit()
