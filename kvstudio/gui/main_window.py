@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QSplitte
 from ..core.events import Recorder
 from ..core.history import HistoryError, RunHistory
 from ..core.plugins import PluginManager
+from . import gui_thread_gc
 from .bars import message_bar
 from .caches_view import CachesFeature
 from .compare import CompareFeature
@@ -43,6 +44,8 @@ VIEWS_SHARE = 0.45  # of the window's width, the views' first width: the token m
 class MainWindow(QMainWindow):
     def __init__(self, settings: QSettings | None = None, plugins: PluginManager | None = None):
         super().__init__()
+        gui_thread_gc.hold()  # before any worker thread exists (gui_thread_gc.py says why)
+        self._released_gc = False
         self.setWindowTitle("KV Studio")
         self.settings = settings or QSettings("KVStudio", "kvstudio")
         # Plugins load before the features exist: their policies fill the choosers and forms.
@@ -227,6 +230,9 @@ class MainWindow(QMainWindow):
         self.worker.cancel_load()
         self.thread_.quit()
         self.thread_.wait()
+        if not self._released_gc:  # a window can be closed more than once
+            self._released_gc = True
+            gui_thread_gc.release()
         super().closeEvent(event)
 
 
