@@ -95,6 +95,24 @@ def test_a_throttled_draw_is_flushed_without_further_events(qtbot, llama_engine)
     qtbot.waitUntil(lambda: view.drawn_colours() == expected, timeout=2000)  # ... and drawn, no refresh needed
 
 
+def test_the_memory_timeline_redraws_at_most_five_times_a_second_and_ends_on_the_last_reading(qtbot, llama_engine):
+    """Readings come 20 times a second: the timeline is redrawn at its own pace, never losing the last."""
+    from kvstudio.gui.views.memory import MemoryView
+
+    recorder = Recorder()
+    llama_engine.generate(random_ids(120), build_policy("window", {"budget": 16}),
+                          GenerationSettings(max_new_tokens=6, chunk_size=16), recorder=recorder)
+    view = MemoryView()
+    qtbot.addWidget(view)
+    view.follow(recorder)
+    view.refresh()  # right after the view's first (empty) draw: held back
+    readings = len(recorder.all("memory"))
+    drawn = lambda: int(np.sum(~np.isnan(view.cache_curve.getData()[0]))) if view.cache_curve.getData()[0] is not None else 0
+    assert drawn() < readings
+    qtbot.waitUntil(lambda: drawn() == readings, timeout=2000)  # the trailing flush, no new event needed
+    assert view.last_reading is recorder.all("memory")[-1]
+
+
 def test_unfed_tokens_are_grey_after_a_stop_mid_prefill(qtbot, llama_engine):
     """Item 2: tokens not fed yet have their own colour; the summary counts them."""
     cancel = CancelToken()

@@ -14,6 +14,7 @@ line at zero.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pyqtgraph as pg
@@ -22,6 +23,11 @@ from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QVBox
 from ...core.units import format_bytes
 from .base import LiveView
 from .plot_message import PlotMessage
+
+# Readings come 20 times a second; redrawing the timeline for each (curves, the followed range, the
+# linked axes) held the GUI thread 10-40 ms at a time during a model load. Five times a second is
+# plenty for a timeline, and the trailing flush draws the last readings.
+REDRAW_INTERVAL_S = 0.2
 
 MIB = 2**20
 PHASE_BRUSHES = {"load": (150, 90, 200, 60), "prefill": ((70, 120, 200, 80), (70, 120, 200, 35)),
@@ -113,6 +119,7 @@ class MemoryView(LiveView):
         self.follow_latest.toggled.connect(lambda _: self._place_view())
         self.origin: float | None = None  # perf_counter of the session's first reading
         self.messages = [PlotMessage(plot) for plot in (self.cache_plot, self.system_plot)]
+        self._redraw_pending, self._drawn_at = False, -math.inf
         self.clear()
 
     # -- following recorders: a run's, or a model load's ---------------------------------------------
@@ -172,7 +179,19 @@ class MemoryView(LiveView):
             if evicted > self.burst_threshold:
                 self.burst_points.append({"pos": (x, reading.cache_bytes / MIB),
                                           "data": f"step {reading.step}: {evicted:,} entries evicted"})
-        self._redraw()
+        self._redraw_soon()
+
+    def _redraw_soon(self) -> None:
+        waited = time.perf_counter() - self._drawn_at
+        if waited < REDRAW_INTERVAL_S:
+            self._redraw_pending = True
+            self.schedule_flush(REDRAW_INTERVAL_S - waited)
+        else:
+            self._redraw()
+
+    def flush(self) -> None:
+        if self._redraw_pending:
+            self._redraw()
 
     def _add(self, reading, x: float) -> None:
         self.last_reading = reading
@@ -219,6 +238,7 @@ class MemoryView(LiveView):
     # -- drawing -----------------------------------------------------------------------------------
 
     def _redraw(self) -> None:
+        self._redraw_pending, self._drawn_at = False, time.perf_counter()
         for message in self.messages:  # nothing read yet: words, not axes around nothing
             if self.columns.length:
                 message.hide()
