@@ -130,6 +130,22 @@ def test_the_window_fits_1280x800_gives_the_output_room_and_shows_whole_tab_labe
             assert bar.tabRect(index).width() >= needed, bar.tabText(index)
 
 
+def test_the_token_map_fits_its_dock_at_1280_with_a_long_summary(qtbot, window):
+    """The summary line and the colour key wrap: unwrapped, they widened the map past its dock, so the
+    text itself scrolled sideways."""
+    window.resize(1280, 800)
+    qtbot.waitUntil(lambda: window.width() == 1280, timeout=2000)
+    view = window.views.token_view
+    window.docks["Token map"].raise_()
+    view.summary.setText("570 tokens (546 prompt, 24 generated) · 83 gone from every layer · 0 not fed yet · "
+                         "a summary far longer than the dock is wide, as a long run's is")
+    qtbot.waitUntil(lambda: view.isVisible(), timeout=2000)
+    qtbot.wait(300)  # the layout settles
+    scroll = window.docks["Token map"].widget()
+    assert view.minimumSizeHint().width() <= scroll.viewport().width()
+    assert not scroll.horizontalScrollBar().isVisible()
+
+
 def test_a_selected_document_shows_its_text_and_documents_and_prompt_come_back(qtbot, tmp_path, window):
     notes = tmp_path / "notes.md"
     notes.write_text("Heavy hitters collect attention.", encoding="utf-8")

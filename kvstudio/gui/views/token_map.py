@@ -46,6 +46,8 @@ class TokenMapView(LiveView):
         self.summary = QLabel("")
         self.key = QLabel("")
         self.key.setTextFormat(Qt.RichText)
+        for label in (self.summary, self.key):  # long lines wrap: unwrapped, they widened the view past its dock
+            label.setWordWrap(True)
         self.text = QTextEdit(readOnly=True)
         self.text.viewport().setMouseTracking(True)
         self.text.viewport().installEventFilter(self)
