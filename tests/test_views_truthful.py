@@ -348,3 +348,20 @@ def test_a_hidden_view_catches_up_the_moment_it_shows(qtbot, llama_engine):
     assert view.drawn_colours() == []  # hidden: nothing read yet
     view.show()
     assert view.drawn_colours() == final_colours(recorder)
+
+
+def test_a_model_of_another_shape_empties_the_run_views_one_of_the_same_shape_keeps_them(qtbot, window):
+    """The last run's maps cannot be read by a model of another shape's layers and heads."""
+    load(qtbot, window)
+    window.prompt_area.prompt.setPlainText("abcdefgh" * 4)
+    window.form.max_new_tokens.setValue(3)
+    run(qtbot, window, "window", budget=12)
+    token_view = window.views.token_view
+    assert token_view.map is not None and token_view.drawn_colours()
+    load(qtbot, window, "tiny-qwen2")  # 4 layers, 2 KV heads, as tiny-llama: the run stays shown
+    assert token_view.map is not None and token_view.drawn_colours()
+    load(qtbot, window, "tiny-llama+kv1")  # 1 KV head
+    assert token_view.map is None and token_view.drawn_colours() == [] and token_view.text.toPlainText() == ""
+    assert window.views.occupancy_view.run is None and window.views.attention_view.run is None
+    outcome = run(qtbot, window, "window", budget=12)  # and the next run draws as usual
+    assert outcome.error is None and len(token_view.drawn_colours()) == len(token_view.tokens) > 0

@@ -83,6 +83,13 @@ class LiveViews(Feature):
         self.refresh(include_hidden=True)
 
     def _model_loaded(self, info) -> None:
+        shown = self.token_view.run
+        if shown is not None and (shown.n_layers, shown.n_kv_heads) != (info.n_layers, info.n_kv_heads):
+            # The last run was of a model of another shape: its maps cannot be read by this model's
+            # layers and heads (choosing layer 20 of a 4-layer run failed), so the run views empty.
+            empty = Recorder()
+            for view in (self.token_view, self.attention_view, self.occupancy_view, self.evictions_view):
+                view.follow(empty)
         self.shape(info.n_layers, info.n_heads)
         self.showing_stored_run = False
 

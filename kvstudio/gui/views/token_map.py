@@ -75,6 +75,11 @@ class TokenMapView(LiveView):
         self.by_tier.toggled.connect(lambda _: self._render(force=True))
         self._show_key()
 
+    def follow(self, recorder) -> None:
+        super().follow(recorder)
+        self.map = None  # until the run it follows starts
+        self._render(force=True)
+
     def set_model(self, n_layers: int, n_heads: int) -> None:
         self.layer.blockSignals(True)
         self.layer.clear()
@@ -190,6 +195,7 @@ class TokenMapView(LiveView):
             self._show_key()
         if self.map is None:
             self.text.clear()
+            self._starts, self._ends, self._colours = [], [], []
             return
         if force:
             self.text.clear()
