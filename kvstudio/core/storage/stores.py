@@ -366,23 +366,6 @@ class QuantizedStore(_Store):
         if note_error:
             self._note_error(kind, x, encoded)
 
-    def _encode_group(self, start: int, kind: str, x: torch.Tensor, note_error: bool) -> None:
-        """Encode the group starting at position `start` from its rows x (kv_heads, G, head_dim): its
-        shared tensors go to the group table, the held entries get their per-entry rows."""
-        positions = self.positions()
-        held = (positions >= start) & (positions < start + self.group)
-        heads, index = held.nonzero(as_tuple=True)
-        in_group = positions[heads, index] - start
-        encoded = self.codec.encode(x, kind)
-        self.tables[kind].store(start // self.group, encoded.per_group)
-        for name, rows in encoded.per_entry.items():
-            field = f"{kind}.{name}"
-            if field not in self.entries:
-                self.entries.add_field(field, rows)
-            self.entries.view(field)[heads, index] = rows[heads, in_group]
-        if note_error:
-            self._note_error(kind, x, encoded)
-
     def _note_error(self, kind: str, x: torch.Tensor, encoded: Encoded) -> None:
         per_group = {name: t[:, None].expand(t.shape[0], x.shape[1], *t.shape[1:])
                      for name, t in encoded.per_group.items()}
