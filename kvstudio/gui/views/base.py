@@ -3,6 +3,9 @@ throttle held back still happens (a trailing flush), so a view always ends on th
 
 from __future__ import annotations
 
+import math
+import time
+
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QWidget
 
@@ -21,6 +24,7 @@ class LiveView(QWidget):
         self._cursors: dict[str, int] = {}
         self._flush_timer = QTimer(self, singleShot=True)
         self._flush_timer.timeout.connect(self.flush)
+        self._drawn_at = -math.inf  # time.monotonic() of the last draw a throttle counts from
 
     def follow(self, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -47,6 +51,18 @@ class LiveView(QWidget):
             new[kind], self._cursors[kind] = self.recorder.since(kind, self._cursors[kind])
         if any(new.values()):
             self.consume(new)
+
+    def held_back(self, interval_s: float) -> bool:
+        """True when the view drew less than `interval_s` ago: the caller skips this draw, and the
+        trailing flush (scheduled here) draws it. Views with a throttle call `note_drawn` when they draw."""
+        waited = time.monotonic() - self._drawn_at
+        if waited < interval_s:
+            self.schedule_flush(interval_s - waited)
+            return True
+        return False
+
+    def note_drawn(self) -> None:
+        self._drawn_at = time.monotonic()
 
     def schedule_flush(self, delay_s: float) -> None:
         """A throttled view skipped a draw: `flush` draws it after `delay_s`, even if no event follows

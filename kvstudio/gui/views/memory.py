@@ -14,7 +14,6 @@ line at zero.
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pyqtgraph as pg
@@ -119,7 +118,7 @@ class MemoryView(LiveView):
         self.follow_latest.toggled.connect(lambda _: self._place_view())
         self.origin: float | None = None  # perf_counter of the session's first reading
         self.messages = [PlotMessage(plot) for plot in (self.cache_plot, self.system_plot)]
-        self._redraw_pending, self._drawn_at = False, -math.inf
+        self._redraw_pending = False
         self.clear()
 
     # -- following recorders: a run's, or a model load's ---------------------------------------------
@@ -182,10 +181,8 @@ class MemoryView(LiveView):
         self._redraw_soon()
 
     def _redraw_soon(self) -> None:
-        waited = time.perf_counter() - self._drawn_at
-        if waited < REDRAW_INTERVAL_S:
+        if self.held_back(REDRAW_INTERVAL_S):
             self._redraw_pending = True
-            self.schedule_flush(REDRAW_INTERVAL_S - waited)
         else:
             self._redraw()
 
@@ -238,7 +235,8 @@ class MemoryView(LiveView):
     # -- drawing -----------------------------------------------------------------------------------
 
     def _redraw(self) -> None:
-        self._redraw_pending, self._drawn_at = False, time.perf_counter()
+        self._redraw_pending = False
+        self.note_drawn()
         for message in self.messages:  # nothing read yet: words, not axes around nothing
             if self.columns.length:
                 message.hide()

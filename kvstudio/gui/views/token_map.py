@@ -17,7 +17,6 @@ host at the latest step that recalled, or evicted and gone; with cross-layer mer
 from __future__ import annotations
 
 import bisect
-import time
 
 import numpy as np
 from PySide6.QtCore import QEvent, Qt
@@ -66,7 +65,6 @@ class TokenMapView(LiveView):
         self.map: TokenMap | None = None
         self.label = ""  # named in front of the summary (Compare: the policy)
         self._dirty = False
-        self._rendered_at = 0.0
         self._starts: list[int] = []  # character offset where each shown token starts
         self._ends: list[int] = []  # ... and ends (the boundary mark sits between two of them)
         self._colours: list[str] = []  # colour each shown token has now
@@ -184,13 +182,12 @@ class TokenMapView(LiveView):
         so the GUI thread stays responsive however long the prompt is. A frame skipped by the
         throttle is drawn by the trailing flush: the last events of a run are never left undrawn.
         """
-        now = time.monotonic()
         if not force and not self._dirty:
             return
-        if not force and throttle and now - self._rendered_at < RENDER_INTERVAL_S:
-            self.schedule_flush(RENDER_INTERVAL_S - (now - self._rendered_at))
+        if not force and throttle and self.held_back(RENDER_INTERVAL_S):
             return
-        self._dirty, self._rendered_at = False, now
+        self._dirty = False
+        self.note_drawn()
         if force:
             self._show_key()
         if self.map is None:
