@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QFont
-from PySide6.QtWidgets import (QHBoxLayout, QHeaderView, QLabel, QListWidget, QListWidgetItem, QMenu, QPlainTextEdit,
+from PySide6.QtWidgets import (QHBoxLayout, QHeaderView, QLabel, QListWidget, QMenu, QPlainTextEdit,
                                QPushButton, QScrollArea, QSizePolicy, QSplitter, QTableWidget, QTableWidgetItem,
                                QToolButton, QVBoxLayout, QWidget, QWidgetAction)
 
 from ..core.policies import available_policies, policy_class
 from ..core.storage import STORAGE_KEY, build_policy, split_cache_name
+from . import policy_checklist
 from .feature import Feature
 from .form_words import in_form_words
 from .run_summary import budget_text, parameters_text, plural
@@ -132,20 +133,11 @@ class CompareView(QWidget):
         in fp and in int4, to compare codecs directly (the form's group size and residual apply)."""
         names = list(names) + [f"h2o-{codec}" for codec in STORAGE_VARIANTS if "h2o" in names] \
             + [name for name in MERGE_VARIANTS if name.partition("+")[0] in names]
-        checked = set(self.checked()) if self.choices.count() else {"full", "streaming_llm", "h2o"}
-        self.choices.blockSignals(True)
-        self.choices.clear()
-        for name in names:
-            item = QListWidgetItem(name)
-            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-            item.setCheckState(Qt.Checked if name in checked else Qt.Unchecked)
-            self.choices.addItem(item)
-        self.choices.blockSignals(False)
+        policy_checklist.offer(self.choices, names)
         self._show_choice()
 
     def checked(self) -> list[str]:
-        return [self.choices.item(i).text() for i in range(self.choices.count())
-                if self.choices.item(i).checkState() == Qt.Checked]
+        return policy_checklist.checked_names(self.choices)
 
     def _show_choice(self) -> None:
         checked = self.checked()

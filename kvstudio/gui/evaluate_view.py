@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QObject, Qt, Signal, Slot
+from PySide6.QtCore import QObject, Signal, Slot
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout,
-                               QLabel, QLineEdit, QListWidget, QListWidgetItem, QProgressBar, QPushButton, QSpinBox,
+                               QLabel, QLineEdit, QListWidget, QProgressBar, QPushButton, QSpinBox,
                                QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from ..core.engine import CancelToken
@@ -26,6 +26,7 @@ from ..core.evaluate.results import export_cells, needle_grid, running_mean, sco
 from ..core.evaluate.sweep import SweepSpec
 from ..core.evaluate.tasks import RULER_SUBTASKS, TASKS, TaskOptions
 from ..core.policies import available_policies
+from . import policy_checklist
 from .feature import Feature
 
 QA_SAMPLE = Path(__file__).resolve().parents[2] / "resources" / "qa_sample.jsonl"
@@ -222,17 +223,10 @@ class EvaluateView(QWidget):
         self.results.addTab(table_tab, "Cells")
 
     def set_policies(self, names: list[str]) -> None:
-        checked = set(self.checked_policies()) if self.policies.count() else {"full", "streaming_llm", "h2o"}
-        self.policies.clear()
-        for name in names:
-            item = QListWidgetItem(name)
-            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
-            item.setCheckState(Qt.Checked if name in checked else Qt.Unchecked)
-            self.policies.addItem(item)
+        policy_checklist.offer(self.policies, names)
 
     def checked_policies(self) -> list[str]:
-        return [self.policies.item(i).text() for i in range(self.policies.count())
-                if self.policies.item(i).checkState() == Qt.Checked]
+        return policy_checklist.checked_names(self.policies)
 
     def _task_chosen(self, task: str) -> None:
         for widget, tasks in self.task_rows.values():
