@@ -131,8 +131,8 @@ def test_the_window_fits_1280x800_gives_the_output_room_and_shows_whole_tab_labe
 
 
 def test_the_token_map_fits_its_dock_at_1280_with_a_long_summary(qtbot, window):
-    """The summary line and the colour key wrap: unwrapped, they widened the map past its dock, so the
-    text itself scrolled sideways."""
+    """The summary line and the colour key wrap (and the attention map's cost line): unwrapped, they
+    widened the view past its dock, so the view itself scrolled sideways."""
     window.resize(1280, 800)
     qtbot.waitUntil(lambda: window.width() == 1280, timeout=2000)
     view = window.views.token_view
@@ -143,6 +143,16 @@ def test_the_token_map_fits_its_dock_at_1280_with_a_long_summary(qtbot, window):
     qtbot.wait(300)  # the layout settles
     scroll = window.docks["Token map"].widget()
     assert view.minimumSizeHint().width() <= scroll.viewport().width()
+    assert not scroll.horizontalScrollBar().isVisible()
+    # The attention map's cost line ("recording every layer: … per step …") is as long on a deep model.
+    attention = window.views.attention_view
+    window.docks["Attention map"].raise_()
+    attention.cost.setText("recording every layer: 1.3 MiB per step at 1,000 held entries (30 layers × 9 query "
+                           "heads × 4 B + 1 KV heads × 8 B per entry); this layer alone: 43.0 KiB")
+    qtbot.waitUntil(lambda: attention.isVisible(), timeout=2000)
+    qtbot.wait(300)
+    scroll = window.docks["Attention map"].widget()
+    assert attention.minimumSizeHint().width() <= scroll.viewport().width()
     assert not scroll.horizontalScrollBar().isVisible()
 
 

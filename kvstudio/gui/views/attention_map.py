@@ -61,6 +61,8 @@ class AttentionMapView(LiveView):
         self.cost = QLabel("")
         self.cost.setStyleSheet("color: #777;")
         self.readout = QLabel("red: evicted · white: not yet seen · hover a cell for its token and weight")
+        for label in (self.cost, self.readout):  # long lines wrap: unwrapped, they widened the view past its dock
+            label.setWordWrap(True)
         self.plot = pg.PlotWidget()
         self.plot.setLabel("bottom", "key position")
         self.plot.setLabel("left", "step")
