@@ -5,11 +5,12 @@ teacher-forced: the prompt prefilled in chunks of 512, then --new-tokens decode 
 own next tokens, so every configuration sees the same tokens. Under `full` and under h2o at a fixed
 budget, each configuration reports its peak cache bytes, the ratio to the unmerged run of the same
 policy, and KL(unmerged || configuration) of the next-token distribution at the prompt's end and every
-decode step; also the bytes held at the end (after the decode steps: under h2o the peak is the
+decode step; the bytes the stores have allocated at the end (tensor capacity: what the process
+holds, measured apart from the stores' byte counts); also the bytes held at the end (after the decode steps: under h2o the peak is the
 prefill's last chunk, held unmerged until its step's merge). Configurations: MiniCache from half depth and from a deeper layer (paper defaults:
 t 0.6, retention threshold 0.05), with the share of merged entries; KV pooling to 1 group (the model
 SPEC+kv1, loaded beside the base model). Ends with bytes_ratio_minicache_vs_none=,
-kl_minicache_vs_none= (full, half depth) and bytes_ratio_kvgroups1_vs_none= (full).
+allocated_ratio_minicache_vs_none=, kl_minicache_vs_none= (full, half depth) and bytes_ratio_kvgroups1_vs_none= (full).
 
 usage: python benchmarks/merging.py [--model SPEC] [--budget 256] [--prompt-tokens 2000] [--new-tokens 32]
                                     [--deeper L] [--threshold 0.05]
@@ -49,6 +50,23 @@ def print_similarity(cache, starts) -> None:
             quartiles = torch.quantile(distance, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
             print(f"  layers {start}+{start + 1} {kind}: angular distance min/quartiles/max "
                   + " ".join(f"{q:.3f}" for q in quartiles.tolist()))
+
+
+def allocated_bytes(cache) -> int:
+    """Bytes of every tensor the layers' stores have allocated (capacity, not just the entries held):
+    what the process really holds for the cache, independent of the stores' own byte counts."""
+    seen, total = set(), 0
+    for layer in cache.layers:
+        store = layer.store
+        tensors = list(store.entries.tensors.values())
+        for pool in getattr(store, "pools", {}).values():  # a linked later layer's row pools (storage/linked.py)
+            tensors += [t for t in (pool.rows, pool.free) if t is not None]
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
 
 
 def main() -> int:
@@ -92,19 +110,21 @@ def main() -> int:
             held = sum(layer.entry_count() * layer.positions.shape[0]
                        for i, layer in enumerate(run.cache.layers) if merging and i in run.cache.merging.by_layer)
             row = {"bytes": run.cache.peak_bytes, "end": run.cache.current_bytes, "kl": kl(reference, logprobs),
+                   "allocated": allocated_bytes(run.cache),
                    "merged": sum(merging["merged_entries_per_layer"]) / held if merging and held else None}
             figures[(policy_name, label)] = row
             merged = "" if row["merged"] is None else f", {row['merged']:.1%} of the pairs' entries merged"
             print(f"  ran {policy_name} {label} in {time.perf_counter() - started:.1f} s: peak {row['bytes']:,} bytes, "
-                  f"{row['end']:,} at the end, KL to none {row['kl']:.5f}{merged}", flush=True)
+                  f"{row['end']:,} at the end, {row['allocated']:,} allocated, KL to none {row['kl']:.5f}{merged}", flush=True)
 
     print(f"\n{'policy':<6} {'configuration':<16} {'peak bytes':>12} {'ratio':>7} {'end bytes':>12} {'ratio':>7} "
-          f"{'KL to none':>11} {'merged':>8}")
+          f"{'allocated':>12} {'ratio':>7} {'KL to none':>11} {'merged':>8}")
     for (policy_name, label), row in figures.items():
         none = figures[(policy_name, "none")]
         merged = "" if row["merged"] is None else f"{row['merged']:.1%}"
         print(f"{policy_name:<6} {label:<16} {row['bytes']:>12,} {row['bytes'] / none['bytes']:>7.3f} "
-              f"{row['end']:>12,} {row['end'] / none['end']:>7.3f} {row['kl']:>11.5f} {merged:>8}")
+              f"{row['end']:>12,} {row['end'] / none['end']:>7.3f} {row['allocated']:>12,} "
+              f"{row['allocated'] / none['allocated']:>7.3f} {row['kl']:>11.5f} {merged:>8}")
     for policy_name in ("h2o", "full"):
         none = figures[(policy_name, "none")]
         for label in configurations:
@@ -115,6 +135,7 @@ def main() -> int:
                       f"{policy_name}_kl_{key}_vs_none={row['kl']:.5f}")
     full_none, full_half = figures[("full", "none")], figures[("full", f"minicache@{half}")]
     print(f"bytes_ratio_minicache_vs_none={full_half['bytes'] / full_none['bytes']:.3f}")
+    print(f"allocated_ratio_minicache_vs_none={full_half['allocated'] / full_none['allocated']:.3f}")
     print(f"kl_minicache_vs_none={full_half['kl']:.5f}")
     print(f"bytes_ratio_kvgroups1_vs_none={figures[('full', 'kvgroups1')]['bytes'] / full_none['bytes']:.3f}")
     return 0

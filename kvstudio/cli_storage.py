@@ -77,7 +77,9 @@ def format_storage(result) -> str | None:
         saved = sum(merging["saved_bytes_per_layer"])
         shared = sum(merging["shared_bytes_per_layer"])
         line += (f"\nmerging: pairs {', '.join(f'{a}+{b}' for a, b in merging['pairs'])}; "
-                 f"{format_bytes(saved)} saved at the end ({format_bytes(shared)} of shared directions), "
+                 f"{format_bytes(saved)} saved at the end"
+                 f"{' (estimated: the codec holds the restored states)' if merging.get('merge_storage') == 'estimated' else ''}"
+                 f" ({format_bytes(shared)} of shared directions), "
                  f"{sum(merging['merged_entries_per_layer'])} entries held merged, "
                  f"{sum(merging['retained_entries_per_layer'])} retained unmerged")
     if "kl_to_fp" in storage:

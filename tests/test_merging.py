@@ -122,11 +122,21 @@ def test_merging_everything_stores_one_direction_per_pair_and_counts_bytes_hones
     merged = _run(llama_engine, "full", merge="minicache", merge_from=0, merge_threshold=2.0)
     cache = merged.cache
     head_dim, element = 16, 4  # tiny-llama, float32
-    # Every entry of both pairs is merged: a direction (shared) and a magnitude per layer and kind,
-    # instead of a full key and value per layer.
-    ratio = (2 * head_dim + 4) * element / (4 * head_dim * element)
+    # Every entry of both pairs is merged: per kind, one row in the earlier layer (the shared direction
+    # times its magnitude) and one magnitude in the later one, instead of a full row in each.
+    ratio = (2 * head_dim + 2) * element / (4 * head_dim * element)
     assert sum(cache.bytes_per_layer()) == pytest.approx(ratio * sum(plain.cache.bytes_per_layer()), rel=1e-6)
     assert cache.current_bytes == sum(cache.bytes_per_layer())
+    assert merged.storage["merging"]["merge_storage"] == "held"
+    saved = merged.storage["merging"]["saved_bytes_per_layer"]
+    assert sum(saved) == sum(plain.cache.bytes_per_layer()) - sum(cache.bytes_per_layer())
+    # Held, not estimated: the later layers' row pools hold no row at the end, and never held more
+    # than about one chunk's new entries (48 tokens x 2 KV heads), not the 162 tokens of the layer.
+    for b in (1, 3):
+        store = cache.layers[b].store
+        entries = store.entry_count() * store.positions().shape[0]
+        for pool in store.pools.values():
+            assert pool.live == 0 and pool.rows.shape[0] < entries / 2
     shared = merged.storage["merging"]["shared_bytes_per_layer"]
     assert shared[0] == shared[1] > 0 and shared[2] == shared[3] > 0
     # Each layer reads its own magnitudes along one shared direction.
@@ -249,3 +259,32 @@ def test_a_codec_encodes_the_merged_states(llama_engine, codec):
         direction_b = split_magnitude(result.cache.layers[b].keys)[1]
         cosine = (direction_a * direction_b).sum(dim=-1)
         assert float(cosine.mean()) > (0.99 if codec == "int8" else 0.9)
+
+
+@pytest.mark.parametrize("policy_name", ["h2o", "random"])
+def test_the_held_store_reads_what_the_restored_states_would_be(llama_engine, monkeypatch, policy_name):
+    # The later layer of a pair holds magnitudes and reads directions from its partner (storage/linked.py);
+    # the codec path instead rewrites both layers' rows with their restored states. Under per-layer
+    # eviction (the partner evicts entries the later layer still reads, which it must copy out first)
+    # the two must read the same keys and values and generate the same tokens.
+    from kvstudio.core.storage.linked import LinkedStore
+    from kvstudio.core.storage.minicache import MiniCacheMerging
+
+    settings = dict(budget=40, new_tokens=16, chunk=32, merge="minicache", merge_from=0, merge_threshold=2.0)
+    held = _run(llama_engine, policy_name, **settings)
+    monkeypatch.setattr(MiniCacheMerging, "holds_links", lambda self, layer_idx, codec: False)
+    rewritten = _run(llama_engine, policy_name, **settings)
+    assert held.token_ids == rewritten.token_ids
+    copied_out = 0
+    for index, (a, b) in enumerate(zip(held.cache.layers, rewritten.cache.layers)):
+        assert torch.equal(a.positions, b.positions)
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+        if isinstance(a.store, LinkedStore):
+            partner = held.cache.layers[index - 1].positions
+            merged = held.cache.merging.side(index).merged_mask("key")
+            alone = torch.stack([~torch.isin(a.positions[h], partner[h]) for h in range(partner.shape[0])])
+            copied_out += int((merged & alone).sum())
+            assert not bool((a.store.linked("key") & alone).any())  # nothing links to a row that is gone
+    if policy_name == "random":  # its layers keep different positions (h2o's here keep the same ones)
+        assert copied_out > 0  # the partner did evict entries this layer still read
+    assert sum(held.cache.bytes_per_layer()) < sum(rewritten.cache.layers[i].store.byte_count() for i in range(4))

@@ -31,6 +31,7 @@ from .policies.base import LayerState, LayerView, Phase, Policy
 from .rotary import Rerotator
 from .storage import create_codec, storage_of
 from .storage.host import HostTier, splice
+from .storage.linked import LinkedStore
 from .storage.minicache import create_merging
 from .storage.stores import make_store
 
@@ -99,8 +100,7 @@ class PolicyLayer(DynamicLayer):
         self.cache = cache
         self.layer_idx = layer_idx
         storage = cache.storage
-        self.store = make_store(cache.codec, storage.group_size, storage.residual, cache.budgets[layer_idx],
-                                storage.measure_error)
+        self.store = cache.new_store(layer_idx)
         self.host: HostTier | None = None  # the host tier, made at the first eviction when it is on
         # Cross-layer merging (storage/minicache.py): this layer's side of its pair, or None.
         self.merge = cache.merging.side(layer_idx) if cache.merging is not None else None
@@ -143,7 +143,7 @@ class PolicyLayer(DynamicLayer):
 
     def byte_count(self) -> int:
         """What the layer holds; with merging, as a MiniCache store holds it (storage/minicache.py)."""
-        return self.store.byte_count() - (self.merge.saved_bytes if self.merge is not None else 0)
+        return self.store.byte_count() - (self.merge.estimated_bytes if self.merge is not None else 0)
 
     def host_byte_count(self) -> int:
         return 0 if self.host is None else self.host.byte_count()
@@ -209,6 +209,8 @@ class PolicyLayer(DynamicLayer):
             self._move_to_host(dropped_index, evicted_positions, view)
 
         before = self.byte_count()
+        if self.merge is not None:  # a partner reading this layer's rows copies out the ones that go
+            self.merge.before_keep(self, keep)
         self.store.keep(keep)  # compacts keys, values and positions in place
         self.state.keep(keep)
         if self.merge is not None:
@@ -311,6 +313,16 @@ class PolicyCache(Cache):
         self.fused_scoring: bool | None = None
         self._report: StepReport | None = None
         super().__init__(layers=[PolicyLayer(self, i) for i in range(n_layers)])
+        if self.merging is not None:
+            self.merging.connect(self)
+
+    def new_store(self, layer_idx: int):
+        """An empty store for a layer: through the run's codec, or linked to its partner (merging under fp)."""
+        storage = self.storage
+        if self.merging is not None and self.merging.holds_links(layer_idx, self.codec):
+            return LinkedStore(self.budgets[layer_idx])
+        return make_store(self.codec, storage.group_size, storage.residual, self.budgets[layer_idx],
+                          storage.measure_error)
 
     # -- the step protocol ------------------------------------------------------------------------
 
@@ -367,11 +379,14 @@ class PolicyCache(Cache):
     def free(self) -> None:
         """Drop every entry: a step abandoned between two layers (core/layer_hooks.py) left the layers
         holding different tokens, so nothing in them can be used again."""
-        storage = self.storage
+        self.merging = create_merging(self.storage, self.n_layers)  # its flags described the dropped entries
         for layer in self.layers:
-            layer.store = make_store(self.codec, storage.group_size, storage.residual, self.budgets[layer.layer_idx],
-                                     storage.measure_error)
+            layer.store = self.new_store(layer.layer_idx)
+            layer.merge = self.merging.side(layer.layer_idx) if self.merging is not None else None
+            layer.store.keep_step_groups = layer.merge is not None
             layer.host = None
+        if self.merging is not None:
+            self.merging.connect(self)
         self.current_bytes = self.host_bytes = 0
         self.context = self._report = None
 

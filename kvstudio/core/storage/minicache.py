@@ -34,14 +34,20 @@ per KV head). Only an entry both layers still hold when the step's merge runs ca
 entry one of them has already evicted stays unmerged in the other. An entry evicted later from one
 layer stays merged (restored) in its partner, which then holds the shared direction alone.
 
-Bytes, counted as a MiniCache store holds them: a position merged in both layers costs one direction
-(shared, counted half to each layer) plus one magnitude per layer; a position merged in one layer
-only (its partner evicted it) costs its direction and magnitude to that layer; unmerged and retained
-entries cost what the layer's store holds per entry. A direction costs what an entry costs in the
-layer's store (with a codec, its average per entry) and a magnitude one element of the model's dtype.
-What is simulated: the layers' buffers hold the restored states at full size (so attention, codecs
-and the host tier work unchanged), and `byte_count` reports the merged representation's bytes; the
-process's memory does not shrink with them.
+Storage. Under `fp` the pair holds the merge for real (storage/linked.py): the earlier layer keeps
+a merged entry as its restored state e * |x_a| (direction and its magnitude in one row), the later
+layer keeps only |x_b| and reads the direction from its partner's row; the later layer's unmerged
+entries live in a pool of rows that merged entries give back. When the earlier layer's policy
+evicts an entry its partner still reads, the partner first copies its restored state into its pool.
+Every byte reported is held; the shared directions are counted once, in the earlier layer.
+
+Under a quantizing codec (int8, int4, bnb, plugins) the codec's layout (keys grouped per channel
+over positions) cannot be split per entry, so both layers hold the restored states through the
+codec and `byte_count` reports what the merged representation would hold: a position merged in both
+layers costs one direction (half to each layer) plus one magnitude per layer, a position merged in
+one layer only its direction and magnitude, unmerged entries what the store holds per entry. That
+figure is what MiniCache over a codec would hold; the buffers themselves do not shrink (the run's
+summary says so: `merge_storage: "estimated"`, against `"held"` under fp).
 
 Refused: `--rerotate` (a pair's layers may re-rotate the same token to different positions, and a
 shared direction would then hold for one of them only) and fine-tuning through the cache (the merge
@@ -58,6 +64,7 @@ import torch
 
 from .base import CodecError
 from .buffers import EntryBuffers
+from .linked import LinkedStore
 
 KINDS = ("key", "value")
 DEFAULT_T = 0.6  # the paper's interpolation parameter (its implementation details)
@@ -99,6 +106,7 @@ class MergedStates:
 
     restored_a: torch.Tensor
     restored_b: torch.Tensor
+    magnitude_b: torch.Tensor  # (kv_heads, n) float32: what a linked later layer keeps (storage/linked.py)
     merged: torch.Tensor  # bool: both layers now hold the restored form
     retained: torch.Tensor  # bool: both held it, but the two states point too far apart
 
@@ -132,7 +140,7 @@ def merge_states(x_a: torch.Tensor, x_b: torch.Tensor, both: torch.Tensor, t: fl
     merged = both & ~retained
     shared = slerp(u_a, u_b, t)
     return MergedStates((shared * magnitude_a.unsqueeze(-1)).to(x_a.dtype),
-                        (shared * magnitude_b.unsqueeze(-1)).to(x_b.dtype), merged, retained)
+                        (shared * magnitude_b.unsqueeze(-1)).to(x_b.dtype), magnitude_b, merged, retained)
 
 
 class MergedLayer:
@@ -142,9 +150,11 @@ class MergedLayer:
         self.pair = pair
         self.layer_idx = layer_idx
         self.flags = EntryBuffers()  # "key", "value": (kv_heads, n) bool, aligned with the layer's entries
-        self.saved_bytes = 0  # store bytes minus the merged representation's (see the module docstring)
+        self.saved_bytes = 0  # what the layer would hold unmerged, minus what it holds (or would, estimated)
+        self.estimated_bytes = 0  # under a codec: the saving the store cannot hold, subtracted from its bytes
         self.shared_bytes = 0  # this layer's half of the directions it shares with its partner
         self.retained_total = 0  # entries (over KV heads) the retention rule kept unmerged, so far
+        self._partner_bytes = 0  # the partner's bytes before this layer's eviction
 
     @property
     def partner(self) -> int:
@@ -155,15 +165,22 @@ class MergedLayer:
         unmerged = torch.zeros(kv_heads, n_new, dtype=torch.bool, device=device)
         self.flags.append({"key": unmerged, "value": unmerged}, n_new)
 
+    def before_keep(self, layer, keep: torch.Tensor) -> None:
+        """The policy is about to evict from this layer. A linked partner first copies out the restored
+        states it reads from entries that go (storage/linked.py)."""
+        partner = layer.cache.layers[self.partner]
+        self._partner_bytes = partner.byte_count()
+        if isinstance(partner.store, LinkedStore) and self.layer_idx == self.pair.layers[0] and partner.is_initialized:
+            partner.store.materialize(keep)
+
     def keep(self, layer, keep: torch.Tensor) -> None:
         """The policy evicted from this layer: compact the flags like the store and recount both layers'
-        bytes. The evicting layer notes its own change; the partner's (its shared directions may now be
-        its alone) is noted here."""
+        bytes. The evicting layer notes its own change; the partner's (a copy it had to make, or shared
+        directions now its alone) is noted here."""
         self.flags.keep(keep)
         partner = layer.cache.layers[self.partner]
-        before = partner.byte_count()
         self.pair.recount(layer.cache)
-        layer.cache.note_bytes(partner.byte_count() - before)
+        layer.cache.note_bytes(partner.byte_count() - self._partner_bytes)
 
     def merged_mask(self, kind: str) -> torch.Tensor:
         return self.flags.view(kind)
@@ -197,7 +214,11 @@ class MiniCachePair:
             retained_any |= merged.retained
             for layer, grid, restored in ((a, grids[0], merged.restored_a), (b, grids[1], merged.restored_b)):
                 write = grid.entry_mask(merged.merged)
-                layer.store.overwrite(kind, grid.index, grid.per_entry(restored), write)
+                if isinstance(layer.store, LinkedStore):  # fp: the later layer keeps its magnitude only
+                    magnitude = grid.per_entry(merged.magnitude_b.unsqueeze(-1)).squeeze(-1)
+                    layer.store.link(kind, grid.index, write, magnitude)
+                else:
+                    layer.store.overwrite(kind, grid.index, grid.per_entry(restored), write)
                 flags = self.sides[layer.layer_idx].flags.view(kind)
                 flags[:, grid.start:] |= write
         for layer in (a, b):
@@ -212,6 +233,15 @@ class MiniCachePair:
     def recount(self, cache) -> None:
         """Recompute both layers' saved and shared bytes (the callers note the change in the cache's total)."""
         layers = [cache.layers[i] for i in self.layers]
+        if isinstance(layers[1].store, LinkedStore):  # held for real: nothing to subtract
+            a, b = layers
+            shared = sum(b.store.linked_row_bytes().values()) if b.is_initialized else 0
+            full = b.store.unmerged_byte_count() if b.is_initialized else 0
+            for side in self.sides.values():
+                side.shared_bytes, side.estimated_bytes = shared // 2, 0
+            self.sides[a.layer_idx].saved_bytes = 0
+            self.sides[b.layer_idx].saved_bytes = full - b.store.byte_count() if b.is_initialized else 0
+            return
         shared = _shared_positions(layers, self.sides)
         for layer in layers:
             side = self.sides[layer.layer_idx]
@@ -223,7 +253,7 @@ class MiniCachePair:
                 merged = int(side.merged_mask(kind).sum()) if entries else 0
                 saved += shared[kind] * per_entry / 2 - merged * magnitude
                 shared_half += shared[kind] * per_entry / 2
-            side.saved_bytes = int(saved)
+            side.saved_bytes = side.estimated_bytes = int(saved)
             side.shared_bytes = int(shared_half)
 
 
@@ -296,6 +326,18 @@ class MiniCacheMerging:
         self.by_layer = {index: pair for pair in self.pairs for index in pair.layers}
         self.retained_this_step: dict[int, torch.Tensor] = {}  # layer -> positions retained in this step
 
+    def holds_links(self, layer_idx: int, codec) -> bool:
+        """Whether this layer gets a LinkedStore: the later layer of a pair, under fp."""
+        pair = self.by_layer.get(layer_idx)
+        return codec is None and pair is not None and layer_idx == pair.layers[1]
+
+    def connect(self, cache) -> None:
+        """Give each linked later layer its partner (the layers exist now)."""
+        for pair in self.pairs:
+            a, b = (cache.layers[i] for i in pair.layers)
+            if isinstance(b.store, LinkedStore):
+                b.store.partner = a
+
     def side(self, layer_idx: int) -> MergedLayer | None:
         pair = self.by_layer.get(layer_idx)
         return None if pair is None else pair.sides[layer_idx]
@@ -335,6 +377,9 @@ class MiniCacheMerging:
         """What the run reports: the pairs, and per layer its saved, shared and retained figures."""
         return {
             "merge_from": self.start, "pairs": [list(pair.layers) for pair in self.pairs],
+            # "held": the bytes are what the stores hold (fp, storage/linked.py); "estimated": what a merged
+            # store would hold, the buffers holding the restored states through the codec.
+            "merge_storage": "held" if cache.codec is None else "estimated",
             "saved_bytes_per_layer": [self.side(i).saved_bytes if i in self.by_layer else 0
                                       for i in range(cache.n_layers)],
             "shared_bytes_per_layer": [self.side(i).shared_bytes if i in self.by_layer else 0
