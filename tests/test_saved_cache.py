@@ -49,6 +49,15 @@ STORED = [
     ("h2o", {"budget": 10}, {"tier": "host", "recall": 1, "block_size": 4}),
     ("h2o", {"budget": 10}, {"codec": "int4", "group_size": 4, "tier": "host", "recall": 2, "block_size": 2}),
 ]
+# Caches merged across layers (MiniCache): under fp the later layer of a pair links to its partner
+# (storage/linked.py); under a codec both hold restored states. Saved with the merged flags.
+MERGED = [
+    ("h2o", {"budget": 10}, {"merge": "minicache", "merge_from": 0, "merge_threshold": 2.0}),
+    ("random", {"budget": 10, "random_seed": 7}, {"merge": "minicache", "merge_from": 1, "merge_threshold": 0.3}),
+    ("full", {}, {"merge": "minicache", "merge_from": 0, "merge_threshold": 0.5}),
+    ("h2o", {"budget": 10}, {"codec": "int4", "group_size": 4, "merge": "minicache", "merge_from": 0,
+                             "merge_threshold": 2.0, "tier": "host", "recall": 1, "block_size": 4}),
+]
 
 # The restoring process: loads every saved file, continues THEN tokens, reports what it saw.
 CHILD = r"""
@@ -117,6 +126,10 @@ def test_continuations_are_bit_identical_on_cuda_in_bfloat16(plugins, tmp_path):
 
 def test_quantized_and_host_tier_caches_continue_bit_identically_in_a_new_process(llama_engine, tmp_path):
     _check_continuations(llama_engine, STORED, tmp_path)
+
+
+def test_merged_caches_continue_bit_identically_in_a_new_process(llama_engine, tmp_path):
+    _check_continuations(llama_engine, MERGED, tmp_path)
 
 
 def _check_continuations(engine, policies, tmp_path, device=("cpu", "auto")):

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .base import CodecError
-from .stores import KINDS, _Store
+from .stores import KINDS, _cpu_copies, _Store
 
 
 class RowPool:
@@ -160,8 +160,36 @@ class LinkedStore(_Store):
     def overwrite(self, kind, index, rows, where):
         raise CodecError("a merged layer's later side links to its partner; it is never rewritten")
 
-    def state(self):
-        raise CodecError("caches merged across layers cannot be saved yet")
+    # -- saving and restoring (core.store.layer_tensors) -------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Per entry: positions, and per kind whether it is linked, its magnitude, and its own row (zeros
+        where linked: the direction is the partner's, saved with the partner)."""
+        tensors = {f"entries.{name}": self.entries.view(name) for name in ("positions", "rope_positions")}
+        for kind in KINDS:
+            linked = self.linked(kind)
+            rows = self.pools[kind].rows[self.entries.view(f"{kind}_slot").clamp_min(0)]
+            tensors[f"entries.{kind}_linked"] = linked
+            tensors[f"entries.{kind}_magnitude"] = self.entries.view(f"{kind}_magnitude")
+            tensors[f"entries.{kind}_rows"] = torch.where(linked.unsqueeze(-1), torch.zeros_like(rows), rows)
+        return _cpu_copies(tensors), {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], numbers: dict, device) -> None:
+        """The inverse of `state()`, into a fresh store: own rows go back into the pools."""
+        fields = {name.split(".", 1)[1]: t.to(device) for name, t in tensors.items() if name.startswith("entries.")}
+        positions = fields["positions"]
+        new = {"positions": positions, "rope_positions": fields["rope_positions"]}
+        for kind in KINDS:
+            linked, rows = fields[f"{kind}_linked"], fields[f"{kind}_rows"]
+            slots = torch.full_like(positions, -1)
+            slots[~linked] = self.pools[kind].alloc(rows[~linked])
+            new[f"{kind}_slot"] = slots
+            new[f"{kind}_magnitude"] = fields[f"{kind}_magnitude"]
+        self._row_bytes = rows.shape[-1] * rows.element_size()
+        self._magnitude_bytes = rows.element_size()
+        with torch.no_grad():  # into preallocated buffers, as a run without autograd would have them
+            self.entries.append(new, positions.shape[1])
+        self._changed()
 
     # -- bytes -----------------------------------------------------------------------------------------
 

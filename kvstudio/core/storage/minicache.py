@@ -49,6 +49,9 @@ one layer only its direction and magnitude, unmerged entries what the store hold
 figure is what MiniCache over a codec would hold; the buffers themselves do not shrink (the run's
 summary says so: `merge_storage: "estimated"`, against `"held"` under fp).
 
+Saved caches (core/store) hold each layer as its store holds it, plus the merged flags and the pair's
+running distance range, so a restored run goes on merging exactly as it would have.
+
 Refused: `--rerotate` (a pair's layers may re-rotate the same token to different positions, and a
 shared direction would then hold for one of them only) and fine-tuning through the cache (the merge
 writes the restored states in place, which autograd cannot follow).
@@ -127,6 +130,14 @@ class _Range:
     def bound(self, threshold: float) -> torch.Tensor:
         return self.low + threshold * (self.high - self.low)
 
+    def state(self) -> list[float] | None:
+        """[low, high] as exact floats (a float32 value survives JSON as a float64), or None before any merge."""
+        return None if self.low is None else [float(self.low), float(self.high)]
+
+    def load_state(self, extremes: list[float] | None, device) -> None:
+        if extremes is not None:
+            self.low, self.high = (torch.tensor(value, dtype=torch.float32, device=device) for value in extremes)
+
 
 def merge_states(x_a: torch.Tensor, x_b: torch.Tensor, both: torch.Tensor, t: float, threshold: float,
                  distances: _Range) -> MergedStates:
@@ -184,6 +195,25 @@ class MergedLayer:
 
     def merged_mask(self, kind: str) -> torch.Tensor:
         return self.flags.view(kind)
+
+    # -- saving and restoring (core.store.layer_tensors) -------------------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(the merged flags, per kind, as CPU copies; the counters and the pair's distance range)."""
+        tensors = {kind: self.flags.view(kind).to("cpu", copy=True) for kind in KINDS if kind in self.flags}
+        numbers = {"retained_total": self.retained_total,
+                   "distances": {kind: self.pair.distances[kind].state() for kind in KINDS}}
+        return tensors, numbers
+
+    def load_state(self, tensors: dict[str, torch.Tensor], numbers: dict, device) -> None:
+        """The inverse of `state()`, into a fresh side (its layer's store restored first)."""
+        if tensors:
+            count = next(iter(tensors.values())).shape[1]
+            with torch.no_grad():
+                self.flags.append({kind: t.to(device) for kind, t in tensors.items()}, count)
+        self.retained_total = numbers.get("retained_total", 0)
+        for kind, extremes in numbers.get("distances", {}).items():
+            self.pair.distances[kind].load_state(extremes, device)
 
 
 class MiniCachePair:

@@ -20,14 +20,17 @@ import torch
 
 CODEC = "fp"  # full precision, the model's dtype: the storage of a file written before codecs were saved
 STORAGE_FIELDS = ("codec", "group_size", "residual", "tier", "recall", "block_size")
+MERGE_FIELDS = ("merge", "merge_from", "merge_threshold", "merge_t")  # only when merging: older keys stay equal
 _STORE_PARTS = ("window.", "table.")  # a quantized store's tensors that are not per-entry rows
 _HOST = "host."
+_MERGE = "merge."  # cross-layer merging: which entries a layer holds merged (storage/minicache.py)
 _FP_ROWS = {"keys", "values"}  # fp keys and values: saved with the batch axis, as files always held them
 
 
 def storage_key(storage) -> dict:
     """What a saved cache's storage must match: a StorageConfig's fields that change what is held."""
-    return {name: getattr(storage, name) for name in STORAGE_FIELDS}
+    fields = STORAGE_FIELDS + (MERGE_FIELDS if getattr(storage, "merge", "none") != "none" else ())
+    return {name: getattr(storage, name) for name in fields}
 
 
 def layer_codec(layer) -> str:
@@ -42,8 +45,6 @@ def unsaveable_reason(storage) -> str | None:
     if storage.codec.startswith("bnb-"):
         return (f"caches stored with codec '{storage.codec}' are not saved: bitsandbytes codecs need CUDA and "
                 "saving their blocks is not built; use --codec int8 or int4 to save a quantized cache")
-    if getattr(storage, "merge", "none") != "none":  # the merged flags and distance ranges are not saved yet
-        return f"caches merged across layers (--merge {storage.merge}) cannot be saved yet"
     return None
 
 
@@ -60,6 +61,9 @@ def layer_state(layer) -> tuple[dict[str, torch.Tensor], dict]:
     if layer.host is not None:
         tensors.update({_HOST + name: tensor for name, tensor in layer.host.state().items()})
         numbers["host_bytes"] = layer.host.byte_count()
+    if layer.merge is not None:
+        merge_tensors, numbers["merge"] = layer.merge.state()
+        tensors.update({_MERGE + name: tensor for name, tensor in merge_tensors.items()})
     return tensors, numbers
 
 
@@ -72,17 +76,22 @@ def restore_layer(layer, tensors: dict[str, torch.Tensor], device: torch.device,
     """Put saved tensors (and their numbers) back into a fresh layer, on `device`; the inverse of `layer_state`."""
     if not tensors:
         return
-    store_tensors, host_tensors = {}, {}
+    store_tensors, host_tensors, merge_tensors = {}, {}, {}
     for name, tensor in tensors.items():
         if name.startswith(_HOST):
             host_tensors[name.removeprefix(_HOST)] = tensor
+        elif name.startswith(_MERGE):
+            merge_tensors[name.removeprefix(_MERGE)] = tensor
         elif name.startswith(_STORE_PARTS):
             store_tensors[name] = tensor
         else:
             store_tensors["entries." + name] = tensor[0] if name in _FP_ROWS else tensor
-    like = tensors["keys"][0] if "keys" in tensors else tensors["window.key"]  # the model's dtype
+    # Something in the model's dtype: fp keys, a linked layer's own rows (storage/linked.py), a codec's window.
+    like = tensors["keys"][0] if "keys" in tensors else tensors.get("key_rows", tensors.get("window.key"))
     layer.lazy_initialization(like[:, :0].to(device), like[:, :0].to(device))
     layer.store.load_state(store_tensors, (numbers or {}).get("store", {}), device)
+    if layer.merge is not None and merge_tensors:
+        layer.merge.load_state(merge_tensors, (numbers or {}).get("merge", {}), device)
     if host_tensors:
         from ..storage.host import HostTier
 

@@ -115,6 +115,9 @@ def restore(run, state: RunState, sampler=None) -> None:
         layer.state.per_entry = {name: (t.to(device) if snapshot.policy_on_device.get(name) else t.clone())
                                  for name, t in snapshot.policy_tensors.items()}
         layer.state.extra = copy.deepcopy(snapshot.policy_extra)
+    if cache.merging is not None:  # the merged layers' saved and shared bytes, from the restored flags
+        for pair in cache.merging.pairs:
+            pair.recount(cache)
     cache.current_bytes = sum(cache.bytes_per_layer())
     cache.peak_bytes = max(state.peak_bytes, cache.current_bytes)
     if state.peak_kept_per_layer:
