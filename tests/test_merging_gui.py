@@ -31,6 +31,17 @@ def test_merge_settings_reach_the_run_and_the_views(qtbot, window):
     views = window.views
     merged = views.occupancy_view.merged_bars.opts["height"]
     assert merged[0] == merged[1] == 0 and merged[2] > 0  # layers 2 and 3 hold merged entries
+    # In bytes, a merged pair's later layer holds less than its partner (magnitudes and links, not rows):
+    # the bars are what each layer's store holds, the narrow ones the directions the pair shares.
+    occupancy = views.occupancy_view
+    occupancy.show_bytes.setChecked(True)
+    mib = np.array(occupancy.bars.opts["height"])
+    assert mib[3] < mib[2] and abs(mib[0] - mib[1]) < 1e-9
+    assert np.allclose(mib * 2**20, occupancy.bytes_per_layer)
+    assert occupancy.merged_bars.opts["height"][2] > 0 and "shared with the paired layer" in occupancy.per_layer.getPlotItem().titleLabel.text
+    assert not occupancy.budget_line.isVisible()
+    occupancy.show_bytes.setChecked(False)
+    assert occupancy.bars.opts["height"] == occupancy.kept_per_layer and occupancy.budget_line.isVisible()
     shared = views.memory_view.shared_curve.getData()[1]
     assert shared is not None and shared[-1] > 0
     assert "shared by merged layers" in views.memory_view.readout.text()

@@ -107,7 +107,7 @@ class MergeEvent:
 
     step: int
     merged_entries_per_layer: tuple[int, ...]  # entries (over KV heads) held merged; 0 outside pairs
-    shared_bytes_per_layer: tuple[int, ...]  # each layer's half of the directions it shares
+    shared_bytes_per_layer: tuple[int, ...]  # directions shared with the paired layer, where held (minicache.py)
     retained: tuple[np.ndarray, ...]  # per layer: positions the retention rule kept unmerged this step
 
 

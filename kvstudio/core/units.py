@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+MIB = 2**20  # plots draw bytes in MiB
+
 
 def format_bytes(count: float) -> str:
     """1536 -> '1.5 KiB'. Binary units, one decimal."""

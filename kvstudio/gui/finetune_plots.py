@@ -13,11 +13,10 @@ import pyqtgraph as pg
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 from ..core.train.log import TrainingLog
-from ..core.units import format_bytes
+from ..core.units import MIB, format_bytes
 
 PHASE_COLOURS = {"forward": (80, 140, 220, 60), "backward": (230, 120, 60, 70), "optimizer": (120, 200, 90, 90),
                  "validation": (170, 110, 210, 50)}
-MIB = 2**20
 
 
 class FinetuneCurves(QWidget):

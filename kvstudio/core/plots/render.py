@@ -16,6 +16,7 @@ import numpy as np
 
 from ..atomic import atomic_produce, check_writable_folder
 from ..errors import KVStudioError
+from ..units import MIB
 from . import colours, data
 
 VIEWS = ("token-map", "attention", "occupancy", "evictions", "memory")
@@ -23,7 +24,6 @@ FORMATS = (".png", ".svg", ".pdf", ".html")
 DEFAULT_DPI = 150
 DEFAULT_SIZE_IN = (8.0, 5.0)
 TOKENS_PER_ROW = 64  # the token-map image: one cell per token, in rows like a page of text
-MIB = 2**20
 
 
 @dataclass

@@ -163,7 +163,7 @@ class MergedLayer:
         self.flags = EntryBuffers()  # "key", "value": (kv_heads, n) bool, aligned with the layer's entries
         self.saved_bytes = 0  # what the layer would hold unmerged, minus what it holds (or would, estimated)
         self.estimated_bytes = 0  # under a codec: the saving the store cannot hold, subtracted from its bytes
-        self.shared_bytes = 0  # this layer's half of the directions it shares with its partner
+        self.shared_bytes = 0  # bytes of directions shared with the partner that this layer holds (or, estimated, its half)
         self.retained_total = 0  # entries (over KV heads) the retention rule kept unmerged, so far
         self._partner_bytes = 0  # the partner's bytes before this layer's eviction
 
@@ -268,7 +268,9 @@ class MiniCachePair:
             shared = sum(b.store.linked_row_bytes().values()) if b.is_initialized else 0
             full = b.store.unmerged_byte_count() if b.is_initialized else 0
             for side in self.sides.values():
-                side.shared_bytes, side.estimated_bytes = shared // 2, 0
+                side.estimated_bytes = 0
+            # The shared directions are rows of the earlier layer: counted there, where they are held.
+            self.sides[a.layer_idx].shared_bytes, self.sides[b.layer_idx].shared_bytes = shared, 0
             self.sides[a.layer_idx].saved_bytes = 0
             self.sides[b.layer_idx].saved_bytes = full - b.store.byte_count() if b.is_initialized else 0
             return

@@ -19,7 +19,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 
-from ...core.units import format_bytes
+from ...core.units import MIB, format_bytes
 from .base import LiveView
 from .plot_message import PlotMessage
 
@@ -28,7 +28,6 @@ from .plot_message import PlotMessage
 # plenty for a timeline, and the trailing flush draws the last readings.
 REDRAW_INTERVAL_S = 0.2
 
-MIB = 2**20
 PHASE_BRUSHES = {"load": (150, 90, 200, 60), "prefill": ((70, 120, 200, 80), (70, 120, 200, 35)),
                  "decode": (80, 180, 90, 40)}
 LEGEND = ("<span style='color:#a070d0'>■</span> load  <span style='color:#5080d0'>■</span> prefill chunks  "

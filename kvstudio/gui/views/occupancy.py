@@ -1,4 +1,9 @@
-"""Cache occupancy: entries held per layer against its budget, and the total over steps.
+"""Cache occupancy: entries (or bytes) held per layer against its budget, and the total over steps.
+
+"show bytes" draws each layer's bytes instead of its entries: the layers' stores differ in what an
+entry costs (a codec; a merged pair's later layer holding magnitudes, storage/linked.py), and the
+narrow dark bars then show the bytes of directions a merged pair shares, in the layer that holds them
+(the earlier one; under a codec, where the bytes are estimated, half in each).
 
 The bars follow the memory readings too, which carry the entries held per layer as the layers fill:
 during a long first chunk they move with the cache (as the Memory view's bytes do) instead of
@@ -9,9 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtWidgets import QVBoxLayout
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QVBoxLayout
 
 from ...core.plots.data import padded_range
+from ...core.units import MIB
 from .base import LiveView
 from .plot_message import PlotMessage
 
@@ -40,28 +46,42 @@ class OccupancyView(LiveView):
                 plot.getAxis(axis).enableAutoSIPrefix(False)
         self.per_layer_message = PlotMessage(self.per_layer, "no run yet")
         self.total_message = PlotMessage(self.total, "no steps yet")
+        self.show_bytes = QCheckBox("show bytes (MiB) instead of entries")
+        self.show_bytes.setToolTip("each layer's cache bytes as its store holds them; with merging, the narrow "
+                                   "dark bars are the bytes of directions the pair shares")
+        self.show_bytes.toggled.connect(self._draw_per_layer)
+        controls = QHBoxLayout()
+        controls.addWidget(self.show_bytes)
+        controls.addStretch(1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
+        layout.addLayout(controls)
         layout.addWidget(self.per_layer, 3)
         layout.addWidget(self.total, 2)
         self.kept_per_layer: list[int] = []
+        self.merged_per_layer: list[float] = []  # entries held merged, per KV head
+        self.bytes_per_layer: list[int] = []
+        self.shared_per_layer: list[int] = []  # bytes of shared directions (MiniCache)
         self.totals: list[int] = []
         self.budgets: list[float] = []
         self.last_step = -1
 
     def start(self, run):
         self.kept_per_layer, self.totals, self.last_step = [0] * run.n_layers, [], -1
+        self.merged_per_layer = [0.0] * run.n_layers
+        self.bytes_per_layer, self.shared_per_layer = [0] * run.n_layers, [0] * run.n_layers
+        self.merging = False
         layers = np.arange(run.n_layers)
         self.budgets = [b if b is not None else np.nan for b in run.budgets]
         self.budget_line.setData(np.append(layers - 0.5, layers[-1] + 0.5), self.budgets)
-        self.bars.setOpts(x=layers, height=self.kept_per_layer)
-        self.merged_bars.setOpts(x=layers, height=[0] * run.n_layers)
+        self.bars.setOpts(x=layers)
+        self.merged_bars.setOpts(x=layers)
+        self._draw_per_layer()
         self.total_curve.setData([], [])
         self.per_layer_message.hide()
         self.per_layer.setXRange(-0.6, run.n_layers - 0.4, padding=0)
         every = max(1, run.n_layers // 16)  # whole layer numbers only (no "0.5"), sparser for deep models
         self.per_layer.getAxis("bottom").setTicks([[(i, str(i)) for i in range(0, run.n_layers, every)]])
-        self._range_per_layer()
         self.total_message.show("no steps yet")
 
     def consume(self, events):
@@ -72,16 +92,34 @@ class OccupancyView(LiveView):
         for reading in events.get("memory", ()):  # a reading within a step later than the last one done
             if reading.kept_per_layer and reading.step > self.last_step:
                 self.kept_per_layer = list(reading.kept_per_layer)
-        self.bars.setOpts(height=self.kept_per_layer)
+            if reading.cache_bytes_per_layer:
+                self.bytes_per_layer = list(reading.cache_bytes_per_layer)
         for merge in events.get("merges", ()):  # narrow dark bars: entries held merged (per KV head)
-            self.merged_bars.setOpts(height=[n / max(self.run.n_kv_heads, 1) for n in merge.merged_entries_per_layer])
-            self.per_layer.setTitle("entries held per layer (bars; narrow dark bars: held merged with the paired "
-                                    "layer) and budget (line)")
-        self._range_per_layer()
+            self.merging = True
+            self.merged_per_layer = [n / max(self.run.n_kv_heads, 1) for n in merge.merged_entries_per_layer]
+            self.shared_per_layer = list(merge.shared_bytes_per_layer)
+        self._draw_per_layer()
         if self.totals:
             self.total_message.hide()
             self.total_curve.setData(np.arange(len(self.totals)), self.totals)
             self.total.setYRange(*padded_range(self.totals), padding=0)  # from zero: a flat line must look flat
 
-    def _range_per_layer(self) -> None:
+    def _draw_per_layer(self) -> None:
+        if self.run is None:
+            return
+        merged = " (narrow dark bars: {})".format(
+            "directions shared with the paired layer" if self.show_bytes.isChecked() else
+            "held merged with the paired layer") if self.merging else ""
+        if self.show_bytes.isChecked():
+            heights = [b / MIB for b in self.bytes_per_layer]
+            self.bars.setOpts(height=heights)
+            self.merged_bars.setOpts(height=[b / MIB for b in self.shared_per_layer])
+            self.budget_line.setVisible(False)
+            self.per_layer.setTitle(f"cache MiB held per layer{merged}")
+            self.per_layer.setYRange(*padded_range(heights), padding=0)
+            return
+        self.bars.setOpts(height=self.kept_per_layer)
+        self.merged_bars.setOpts(height=self.merged_per_layer)
+        self.budget_line.setVisible(True)
+        self.per_layer.setTitle(f"entries held per layer{merged} and budget (line)")
         self.per_layer.setYRange(*padded_range(list(self.kept_per_layer) + list(self.budgets)), padding=0)
