@@ -92,3 +92,15 @@ def test_kv_groups_in_the_model_panel_load_a_derived_model(qtbot, window):
     panel.spec.setCurrentText("tiny-llama+kv2")
     panel.load.click()  # two different group counts: refused in the panel, nothing loads
     assert "different KV groups" in panel.status.text()
+
+
+def test_the_model_box_names_the_model_that_loaded(qtbot, window):
+    panel = window.loading.panel
+    panel.spec.setCurrentText("default")  # the box says one thing; a load asked elsewhere (a script, --model) wins
+    window.loading.request_load("tiny-llama+kv1", "cpu", "auto")
+    qtbot.waitUntil(lambda: window.model_info is not None, timeout=20_000)
+    assert (panel.spec.currentText(), panel.kv_groups.value()) == ("tiny-llama", 1)
+    panel.kv_groups.setValue(0)
+    panel.load.click()  # what the box now says loads the base model again
+    qtbot.waitUntil(lambda: window.model_info.spec == "tiny-llama", timeout=20_000)
+    assert (panel.spec.currentText(), panel.kv_groups.value()) == ("tiny-llama", 0)

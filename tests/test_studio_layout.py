@@ -156,6 +156,30 @@ def test_the_token_map_fits_its_dock_at_1280_with_a_long_summary(qtbot, window):
     assert not scroll.horizontalScrollBar().isVisible()
 
 
+def test_no_view_scrolls_sideways_at_1280(qtbot, window):
+    """Every tabbed view fits its dock at 1280x800: Evaluate's export buttons, the Runs and Caches button
+    rows and the attention map's controls once made their docks scroll sideways. The docks there are
+    about 575 px wide beside the set-up column and the prompt (measured on the real window, xcb); the
+    test window's docks may be wider, so each view's minimum is held to that width, not its dock's."""
+    dock_width_at_1280 = 560
+    from PySide6.QtWidgets import QScrollArea
+
+    window.resize(1280, 800)
+    qtbot.waitUntil(lambda: window.width() == 1280, timeout=2000)
+    checked = []
+    for name, dock in window.docks.items():
+        scroll = dock.widget()
+        if not isinstance(scroll, QScrollArea) or scroll.horizontalScrollBarPolicy() == Qt.ScrollBarAlwaysOff:
+            continue  # the set-up column scrolls down only, by design
+        dock.raise_()
+        qtbot.waitUntil(lambda: scroll.isVisible(), timeout=2000)
+        qtbot.wait(100)  # the layout settles
+        assert scroll.widget().minimumSizeHint().width() <= dock_width_at_1280, name
+        assert not scroll.horizontalScrollBar().isVisible(), name
+        checked.append(name)
+    assert "Evaluate" in checked and "Token map" in checked
+
+
 def test_a_selected_document_shows_its_text_and_documents_and_prompt_come_back(qtbot, tmp_path, window):
     notes = tmp_path / "notes.md"
     notes.write_text("Heavy hitters collect attention.", encoding="utf-8")

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLab
 from ..core.errors import KVStudioError
 from ..core.units import format_bytes
 from .feature import Feature
+from .flow_layout import FlowLayout
 
 COLUMNS = ("file", "saved (UTC)", "model", "policy", "tokens", "on disk", "in memory", "prefill s", "prompt")
 
@@ -81,6 +82,7 @@ class CachesView(QWidget):
         super().__init__(parent)
         self.folder = Path(folder)
         self.folder_label = QLabel("")
+        self.folder_label.setWordWrap(True)  # a long path wraps instead of widening the view
         self.choose_button = QPushButton("Folder…")
         self.save_button = QPushButton("Save last run…")
         self.save_button.setToolTip("save the last run's cache, policy state and sampler state, to continue later")
@@ -100,11 +102,10 @@ class CachesView(QWidget):
         top = QHBoxLayout()
         top.addWidget(self.folder_label, 1)
         top.addWidget(self.choose_button)
-        buttons = QHBoxLayout()
+        buttons = FlowLayout()  # wraps when the dock is narrow
         for button in (self.save_button, self.restore_button, self.delete_button, self.reveal_button,
                        self.refresh_button):
             buttons.addWidget(button)
-        buttons.addStretch(1)
         layout = QVBoxLayout(self)
         layout.addLayout(top)
         layout.addLayout(buttons)

@@ -16,7 +16,7 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QObject, Signal, Slot
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout,
-                               QLabel, QLineEdit, QListWidget, QProgressBar, QPushButton, QSpinBox,
+                               QLabel, QLineEdit, QListWidget, QProgressBar, QPushButton, QSizePolicy, QSpinBox,
                                QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from ..core.engine import CancelToken
@@ -214,6 +214,11 @@ class EvaluateView(QWidget):
         table_layout.addWidget(self.table)
         buttons = QGridLayout()  # two by two: the view fits beside the other docks at 1280 px
         for index, button in enumerate((self.open_button, self.export_figure, self.export_csv, self.export_json)):
+            # Narrower than their text when the dock is: a clipped label (the tooltip says it whole)
+            # rather than a view that scrolls sideways.
+            button.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)
+            button.setMinimumWidth(60)
+            button.setToolTip(button.toolTip() or button.text())
             buttons.addWidget(button, index // 2, index % 2)
         table_layout.addLayout(buttons)
         self.results.addTab(self.heatmaps, "Heatmaps")

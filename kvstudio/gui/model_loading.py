@@ -62,6 +62,7 @@ class ModelLoading(Feature):
         self.panel.set_loading(False)
         self.panel.status.setText(info.description)
         self._remember_model(info.spec)
+        self.panel.show_loaded(info.spec)
         self.model_loaded.emit(info)
         self.window.update_buttons()
 

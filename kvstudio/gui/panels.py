@@ -11,7 +11,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, Q
 
 from ..core.documents import Document, read_document
 from ..core.errors import KVStudioError
-from ..core.kv_pooling import with_kv_groups
+from ..core.kv_pooling import split_kv_groups, with_kv_groups
 from ..core.models import TINY_FAMILIES
 
 # default+kv1: SmolLM2 with its 3 KV heads mean-pooled into 1 (GQA's initialisation; core/kv_pooling.py)
@@ -70,6 +70,13 @@ class ModelPanel(QGroupBox):
         self.spec.clear()
         self.spec.addItems(list(dict.fromkeys(recent + BUILTIN_MODELS)))
         self.spec.setCurrentText(current)
+
+    def show_loaded(self, spec: str) -> None:
+        """The model box names the model that is loaded (after a load, whoever asked for it); a derived
+        spec SPEC+kvG shows as its base model with G in the KV groups box."""
+        base, groups = split_kv_groups(spec)
+        self.spec.setCurrentText(base)
+        self.kv_groups.setValue(groups or 0)
 
     def _request_load(self) -> None:
         spec = self.spec.currentText().strip()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QColor
-from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton,
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QLabel, QLineEdit, QPushButton,
                                QScrollArea, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from ..core.errors import KVStudioError
@@ -16,6 +16,7 @@ from ..core.exports import export_run
 from ..core.history import HistoryError
 from ..core.recordings import unpack_events
 from .feature import Feature
+from .flow_layout import FlowLayout
 from .run_summary import budget_text, parameters_text
 
 COLUMNS = ("id", "when (UTC)", "status", "model", "policy", "budget", "parameters", "tokens/s", "peak MiB",
@@ -54,8 +55,9 @@ class RunsView(QWidget):
         comparison_scroll = QScrollArea(widgetResizable=True)  # two long outputs stay inside the view
         comparison_scroll.setWidget(self.comparison)
         self.status = QLabel("")
-        controls = self.controls = QHBoxLayout()  # other features add row actions (figure export)
-        controls.addWidget(self.search, 1)
+        self.status.setWordWrap(True)  # it names the history file: a long path wraps instead of widening the view
+        controls = self.controls = FlowLayout()  # other features add row actions (figure export); wraps when narrow
+        controls.addWidget(self.search)
         for button in (self.refresh_button, self.open_button, self.compare_button, self.export_button,
                        self.delete_button):
             controls.addWidget(button)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QRectF
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QSpinBox, QToolTip, QVBoxLayout
+from PySide6.QtWidgets import QComboBox, QLabel, QSpinBox, QToolTip, QVBoxLayout
 
 from ...core.plots.data import (EVICTED, LOG_DECADES, UNSEEN, attention_row, attention_row_bytes,
                                 scale_attention, stack_rows)
 from ...core.units import format_bytes
+from ..flow_layout import FlowLayout, labelled
 from .base import LiveView
 from .colors import attention_lut
 from .plot_message import PlotMessage
@@ -53,11 +54,10 @@ class AttentionMapView(LiveView):
         self.scale.addItems(("linear", "log"))
         self.top = QSpinBox(minimum=50, maximum=100, value=99, suffix=" pct")
         self.top.setToolTip("the colour ramp tops out at this percentile of the drawn weights (100: the largest)")
-        controls = QHBoxLayout()
-        for widget in (QLabel("layer"), self.layer, QLabel("head"), self.head, QLabel("record"), self.record,
-                       QLabel("scale"), self.scale, QLabel("top"), self.top):
-            controls.addWidget(widget)
-        controls.addStretch(1)
+        controls = FlowLayout()  # wraps when the dock is narrow (1280 px), instead of widening the view
+        for text, widget in (("layer", self.layer), ("head", self.head), ("record", self.record),
+                             ("scale", self.scale), ("top", self.top)):
+            controls.addWidget(labelled(text, widget))
         self.cost = QLabel("")
         self.cost.setStyleSheet("color: #777;")
         self.readout = QLabel("red: evicted · white: not yet seen · hover a cell for its token and weight")
