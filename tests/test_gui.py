@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PySide6.QtCore import QMimeData, QSettings, Qt, QUrl
 
-from kvstudio.core.policies import register
-from kvstudio.core.policies import _REGISTRY as POLICY_REGISTRY
+from kvstudio.core.policies import available_policies, register, unregister
 from kvstudio.core.policies.base import Policy
 from kvstudio.gui.compare import COLUMNS
 from kvstudio.gui.main_window import MainWindow
@@ -176,14 +175,15 @@ class _Exploding(Policy):
 
 def test_a_policy_that_raises_shows_a_message_and_leaves_the_window_usable(qtbot, window):
     load(qtbot, window)
-    register(_Exploding)
+    register(_Exploding, source="test_gui.py")  # as a plugin file would: unregistered after
     try:
         window.form.policy.addItem(_Exploding.name)
         window.prompt_area.prompt.setPlainText("hello there")
         outcome = run(qtbot, window, _Exploding.name, budget=4)
     finally:
-        POLICY_REGISTRY.pop(_Exploding.name, None)
-    assert "policy 'exploding_for_test' raised in layer 0: RuntimeError: boom at step 0" in outcome.error
+        unregister(_Exploding.name)
+    assert "exploding_for_test" not in available_policies()
+    assert "policy 'exploding_for_test' (plugin test_gui.py) raised in layer 0: RuntimeError: boom at step 0" in outcome.error
     assert window.error_banner.isVisible() and "boom" in window.error_text.text()
     ok = run(qtbot, window, "window", budget=4)
     assert ok.error is None and ok.result.token_ids

@@ -313,3 +313,21 @@ def test_shipped_plugin_invariants(shipped, case, prompt_length, chunk_size, new
     name, params = case
     check_policy_invariants(create_policy(name, **params), prompt_length, chunk_size, new_tokens, seed,
                             sink=params.get("sink", 0))
+
+
+def test_one_registry_keeps_policies_and_codecs_apart_from_plugins_that_reuse_a_name():
+    from kvstudio.core.errors import KVStudioError
+    from kvstudio.core.policies import available_policies, register, unregister
+    from kvstudio.core.policies.window import WindowPolicy
+    from kvstudio.core.storage import Int8Codec, available_codecs, register_codec, unregister_codec
+
+    class Shadow(WindowPolicy):
+        name = "window"
+
+    with pytest.raises(KVStudioError, match="two policies are named 'window': built-in and shadow.py"):
+        register(Shadow, source="shadow.py")
+    with pytest.raises(KVStudioError, match="two codecs are named 'int8': built-in and shadow.py"):
+        register_codec(type("ShadowInt8", (Int8Codec,), {}), source="shadow.py")
+    unregister("window")  # a plugin's name only: built-ins stay
+    unregister_codec("int8")
+    assert "window" in available_policies() and "int8" in available_codecs()

@@ -6,6 +6,7 @@ Plugins (kvstudio.core.plugins) register into the same table, with the file they
 from __future__ import annotations
 
 from ..errors import PolicyConfigError
+from ..registry import BUILT_IN, Registry
 from .base import Policy, PolicyConfig
 from .full import FullPolicy
 from .h2o import H2OPolicy
@@ -17,29 +18,21 @@ from .streaming_llm import StreamingLLMPolicy
 from .tova import TOVAPolicy
 from .window import WindowPolicy
 
-BUILT_IN = "built-in"
-_REGISTRY: dict[str, type[Policy]] = {}
-_SOURCES: dict[str, str] = {}  # policy name -> "built-in" or the plugin file it came from
+_POLICIES: Registry[type[Policy]] = Registry("policy", "policies", PolicyConfigError)
 
 
 def register(policy_class: type[Policy], source: str = BUILT_IN) -> type[Policy]:
-    name = policy_class.name
-    # The same file registering again (a reload) replaces its policy; another source may not.
-    if name in _REGISTRY and _REGISTRY[name] is not policy_class and _SOURCES[name] != source:
-        raise PolicyConfigError(f"two policies are named '{name}': {_SOURCES[name]} and {source}")
-    _REGISTRY[name] = policy_class
-    _SOURCES[name] = source
-    return policy_class
+    """Register under the class's name; the same file registering again (a reload) replaces it."""
+    return _POLICIES.register(policy_class.name, policy_class, source)
 
 
 def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
-    _SOURCES.pop(name, None)
+    _POLICIES.unregister(name)
 
 
 def source_of(name: str) -> str | None:
     """Where a registered policy came from: "built-in", a plugin file, or None if unknown."""
-    return _SOURCES.get(name)
+    return _POLICIES.source_of(name)
 
 
 for _builtin in (FullPolicy, WindowPolicy, StreamingLLMPolicy, H2OPolicy, TOVAPolicy, SnapKVPolicy,
@@ -48,14 +41,11 @@ for _builtin in (FullPolicy, WindowPolicy, StreamingLLMPolicy, H2OPolicy, TOVAPo
 
 
 def available_policies() -> dict[str, type[Policy]]:
-    return dict(_REGISTRY)
+    return dict(_POLICIES.classes)
 
 
 def policy_class(name: str) -> type[Policy]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise PolicyConfigError(f"unknown policy '{name}': choose one of {', '.join(_REGISTRY)}") from None
+    return _POLICIES.get(name)
 
 
 def create_policy(name: str, **params) -> Policy:

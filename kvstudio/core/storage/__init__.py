@@ -14,30 +14,23 @@ A cache is named `<policy>-<codec>`: `split_cache_name("h2o-int4")` gives ("h2o"
 
 from __future__ import annotations
 
+from ..registry import BUILT_IN, Registry
 from .base import MERGE_METHODS, Codec, CodecError, StorageConfig
 from .bnb import BnbInt4Codec, BnbInt8Codec
 from .integer import Int4Codec, Int8Codec
 
-BUILT_IN = "built-in"
 FP = "fp"
-_CODECS: dict[str, type[Codec] | None] = {FP: None}  # fp has no encoder: the stores hold tensors as they are
-_SOURCES: dict[str, str] = {FP: BUILT_IN}
+_CODECS: Registry[type[Codec] | None] = Registry("codec", "codecs", CodecError)
+_CODECS.register(FP, None)  # fp has no encoder: the stores hold tensors as they are
 _SUMMARIES = {FP: "the model's own dtype, as computed (bit-identical to no codec)"}
 
 
 def register_codec(codec_class: type[Codec], source: str = BUILT_IN) -> type[Codec]:
-    name = codec_class.name
-    if name in _CODECS and _CODECS[name] is not codec_class and _SOURCES[name] != source:
-        raise CodecError(f"two codecs are named '{name}': {_SOURCES[name]} and {source}")
-    _CODECS[name] = codec_class
-    _SOURCES[name] = source
-    return codec_class
+    return _CODECS.register(codec_class.name, codec_class, source)
 
 
 def unregister_codec(name: str) -> None:
-    if _SOURCES.get(name, BUILT_IN) != BUILT_IN:
-        _CODECS.pop(name, None)
-        _SOURCES.pop(name, None)
+    _CODECS.unregister(name)
 
 
 for _builtin in (Int8Codec, Int4Codec, BnbInt8Codec, BnbInt4Codec):
@@ -46,17 +39,15 @@ for _builtin in (Int8Codec, Int4Codec, BnbInt8Codec, BnbInt4Codec):
 
 def available_codecs() -> dict[str, str]:
     """Codec name -> one-line summary."""
-    return {name: _SUMMARIES.get(name) or (cls.summary if cls else "") for name, cls in _CODECS.items()}
+    return {name: _SUMMARIES.get(name) or (cls.summary if cls else "") for name, cls in _CODECS.classes.items()}
 
 
 def codec_source(name: str) -> str | None:
-    return _SOURCES.get(name)
+    return _CODECS.source_of(name)
 
 
 def codec_class(name: str) -> type[Codec] | None:
-    if name not in _CODECS:
-        raise CodecError(f"unknown codec '{name}': choose one of {', '.join(_CODECS)}")
-    return _CODECS[name]
+    return _CODECS.get(name)
 
 
 def create_codec(config: StorageConfig) -> Codec | None:
@@ -77,7 +68,7 @@ def split_cache_name(name: str) -> tuple[str, str | None]:
     A merge suffix ('h2o-int4+minicache') is dropped here; `merge_in_name` reads it."""
     if merge_in_name(name):
         name = name.rpartition("+")[0]
-    for codec in sorted(_CODECS, key=len, reverse=True):
+    for codec in sorted(_CODECS.classes, key=len, reverse=True):
         if name.endswith("-" + codec) and len(name) > len(codec) + 1:
             return name[: -len(codec) - 1], codec
     return name, None
