@@ -59,13 +59,17 @@ def test_save_list_continue_and_delete(qtbot, window):
     assert view.table.rowCount() == 0 and not path.exists()
 
 
-def test_a_quantized_cache_continues_under_the_storage_it_was_saved_with(qtbot, window):
+@pytest.mark.parametrize("storage", [
+    {"codec": "int4", "group_size": 8, "tier": "host", "recall": 1},
+    {"merge": "minicache", "merge_from": 0, "merge_threshold": 2.0},  # the later layers link (storage/linked.py)
+])
+def test_a_stored_cache_continues_under_the_storage_it_was_saved_with(qtbot, window, storage):
     storage_form = window.form.storage_form
-    storage_form.set_parameters({"codec": "int4", "group_size": 8, "tier": "host", "recall": 1})
+    storage_form.set_parameters(storage)
     whole = _run(qtbot, window, 7)
     _run(qtbot, window, 3)
     view = window.caches.view
-    path = view.folder / "int4.kvcache"
+    path = view.folder / "stored.kvcache"
     assert window.caches.save_last_run(str(path))
     qtbot.waitUntil(lambda: view.table.rowCount() == 1, timeout=10_000)
     storage_form.set_parameters({})  # back to fp: continuing sets the cache's storage again
@@ -74,9 +78,12 @@ def test_a_quantized_cache_continues_under_the_storage_it_was_saved_with(qtbot, 
     qtbot.waitUntil(lambda: not window.running, timeout=30_000)
     outcome = window.last_outcome
     assert outcome.error is None, outcome.error
-    assert storage_form.codec.currentText() == "int4" and storage_form.tier.currentText() == "host"
+    assert storage_form.codec.currentText() == storage.get("codec", "fp")
+    assert storage_form.tier.currentText() == storage.get("tier", "device")
+    assert storage_form.merge.currentText() == storage.get("merge", "none")
     assert outcome.result.token_ids == whole.token_ids[3:]
     assert outcome.result.storage["recalled"] == whole.storage["recalled"]
+    assert outcome.result.peak_cache_bytes == whole.peak_cache_bytes
 
 
 def test_a_corrupt_cache_is_refused_and_the_studio_stays_usable(qtbot, window):
