@@ -9,9 +9,10 @@ token and each layer its own magnitude. Under `fp` this store makes that real fo
 - Layer b holds, for the same entry, only its own magnitude |x_b| and reads the direction from a's
   row at the same KV head and token position: restored = a_row / |a_row| * |x_b|.
 - Layer b's unmerged entries (retained by the rule, not yet merged, or held by b alone) live in a
-  pool of full rows. A merged entry gives its row back to the pool; the pool is preallocated and
-  grows geometrically like EntryBuffers, so between steps it holds about the retained entries plus
-  one step's new ones, not the whole layer.
+  pool of full rows. A merged entry gives its row back to the pool; the pool grows geometrically like
+  EntryBuffers when a chunk arrives, and when the chunk's merge leaves most of it free it moves its
+  live rows into a smaller allocation (live + one step's entries), so between steps it holds about
+  the unmerged entries, not the whole layer or the last chunk.
 
 Per-layer eviction. The two layers' policies choose independently. When b evicts, its rows and
 magnitudes go. When a is about to evict an entry b still links to, b first copies its restored state
@@ -64,6 +65,23 @@ class RowPool:
         slots = slots[slots >= 0]
         self.free[slots] = True
         self.live -= slots.numel()
+
+    def compact(self, headroom: int) -> torch.Tensor | None:
+        """When most of the pool is free (after a chunk's entries merged), move the live rows to the
+        front of a smaller allocation: live + `headroom` rows. Returns old slot -> new slot (-1: free),
+        or None when the pool was left as it is."""
+        capacity = self.rows.shape[0]
+        if capacity <= 2 * (self.live + headroom):
+            return None
+        held = (~self.free).nonzero().squeeze(1)  # old slots, in order
+        remap = torch.full((capacity,), -1, dtype=torch.long, device=self.free.device)
+        remap[held] = torch.arange(held.numel(), device=held.device)
+        rows = self.rows.new_empty((self.live + headroom, self.rows.shape[1]))
+        rows[:self.live] = self.rows[held]
+        free = torch.ones(rows.shape[0], dtype=torch.bool, device=self.free.device)
+        free[:self.live] = False
+        self.rows, self.free = rows, free
+        return remap
 
     def _grow(self, needed: int) -> None:
         capacity = max(needed, 2 * self.rows.shape[0])
@@ -133,6 +151,11 @@ class LinkedStore(_Store):
         slot.scatter_(1, index, torch.where(where, torch.full_like(held, -1), held))
         stored = self.entries.view(f"{kind}_magnitude")
         stored.scatter_(1, index, torch.where(where, magnitude.to(stored.dtype), stored.gather(1, index)))
+        # The rows the step's merged entries gave back: returned to the allocator when they are most
+        # of the pool, so between steps the pool holds about its live rows, not the last chunk's.
+        remap = self.pools[kind].compact(headroom=index.numel())
+        if remap is not None:
+            slot.copy_(torch.where(slot >= 0, remap[slot.clamp_min(0)], slot))
         self._changed()
 
     def materialize(self, partner_keep: torch.Tensor) -> None:
