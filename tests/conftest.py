@@ -67,8 +67,10 @@ def window(request, qtbot, tmp_path, studio_folders):
     on the test or its module, that model is loaded (on the CPU) before the test starts."""
     from PySide6.QtCore import QSettings
 
+    from kvstudio.gui.app import configure_plots
     from kvstudio.gui.main_window import MainWindow
 
+    configure_plots()  # as the studio does at start
     win = MainWindow(QSettings(str(tmp_path / "settings.ini"), QSettings.IniFormat))
     qtbot.addWidget(win)
     win.show()

@@ -36,10 +36,14 @@ def test_a_needle_sweep_fills_heatmaps_and_table_and_opens_a_cell_as_a_run(qtbot
     assert set(view.heatmap_items) == {"full", "streaming_llm @ 32"}
     for label in view.heatmap_items:
         values = view.heatmap_values(label)
-        assert values.shape == (1, 2) and (values >= 1).all()
+        assert values.shape == (2, 1) and (values >= 1).all()  # 2 depths (rows) x 1 length (columns)
         for record in (r for r in view.records if (r["policy"] == "full") == (label == "full")):
-            column = [0.0, 1.0].index(record["depth"])
-            assert values[0, column] == 1 + round(record["score"] * 254)
+            row = [0.0, 1.0].index(record["depth"])
+            assert values[row, 0] == 1 + round(record["score"] * 254)
+        # As drawn: lengths along x (its "context tokens" axis), depths down y, in the studio's
+        # row-major setting and in pyqtgraph's default alike (a swap once drew lengths down y).
+        image = view.heatmap_items[label]
+        assert (image.width(), image.height()) == (1, 2)
     # Open a cell: its run from the history shows in the live views.
     run_id = view.records[1]["run_id"]
     assert run_id is not None

@@ -22,9 +22,16 @@ def check_display() -> None:
                             "sudo apt install libxcb-cursor0 (Debian/Ubuntu)")
 
 
+def configure_plots() -> None:
+    """pyqtgraph's global options for the studio (the tests' windows use the same, so they see what
+    users see): images indexed [row, column] as numpy shows them, no antialiasing (faster redraws)."""
+    import pyqtgraph as pg
+
+    pg.setConfigOptions(imageAxisOrder="row-major", antialias=False)
+
+
 def run_studio(model: str | None = "default") -> int:
     check_display()
-    import pyqtgraph as pg
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
@@ -34,7 +41,7 @@ def run_studio(model: str | None = "default") -> int:
 
     if model:  # imports and tokenizer now, before the window: loading them later froze it
         prepare_load(model)
-    pg.setConfigOptions(imageAxisOrder="row-major", antialias=False)
+    configure_plots()
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("KV Studio")
     window = MainWindow()

@@ -292,8 +292,10 @@ class EvaluateView(QWidget):
         columns = min(3, len(labels))
         for index, label in enumerate(labels):
             plot = self.heatmaps.addPlot(row=index // columns, col=index % columns, title=label)
-            image = pg.ImageItem(np.zeros((len(lengths), len(depths)), dtype=np.uint8), levels=(0, 255),
-                                 lut=LOOKUP)
+            # Rows are depths (y), columns lengths (x), whatever pyqtgraph's global axis order is: the
+            # studio sets row-major, the library's default is column-major, and the labels assume this.
+            image = pg.ImageItem(np.zeros((len(depths), len(lengths)), dtype=np.uint8), levels=(0, 255),
+                                 lut=LOOKUP, axisOrder="row-major")
             plot.addItem(image)
             plot.invertY(True)
             plot.getAxis("bottom").setTicks([[(i + 0.5, f"{n}") for i, n in enumerate(lengths)]])
@@ -334,16 +336,16 @@ class EvaluateView(QWidget):
         lengths, depths = list(self.spec.task_options.lengths), list(self.spec.task_options.depths)
         for label, image in self.heatmap_items.items():
             found_lengths, found_depths, grid = needle_grid(self.records, label)
-            values = np.zeros((len(lengths), len(depths)), dtype=np.uint8)  # (x = length, y = depth)
+            values = np.zeros((len(depths), len(lengths)), dtype=np.uint8)  # rows: depth (y), columns: length (x)
             for d_index, depth in enumerate(found_depths):
                 for l_index, length in enumerate(found_lengths):
                     value = grid[d_index, l_index]
                     if np.isfinite(value) and length in lengths and depth in depths:
-                        values[lengths.index(length), depths.index(depth)] = 1 + int(round(float(value) * 254))
+                        values[depths.index(depth), lengths.index(length)] = 1 + int(round(float(value) * 254))
             image.setImage(values, levels=(0, 255), lut=LOOKUP, autoLevels=False)
 
     def heatmap_values(self, label: str) -> np.ndarray:
-        """What a heatmap shows (tests): 0 not run yet, 1 lost, 255 found; rows = lengths, columns = depths."""
+        """What a heatmap shows (tests): 0 not run yet, 1 lost, 255 found; rows = depths, columns = lengths."""
         return self.heatmap_items[label].image
 
     def _draw_budget_and_bytes(self) -> None:
