@@ -38,8 +38,10 @@ def test_merge_settings_reach_the_run_and_the_views(qtbot, window):
     mib = np.array(occupancy.bars.opts["height"])
     assert mib[3] < mib[2] and abs(mib[0] - mib[1]) < 1e-9
     assert np.allclose(mib * 2**20, occupancy.bytes_per_layer)
-    assert occupancy.merged_bars.opts["height"][2] > 0 and "shared with the paired layer" in occupancy.per_layer.getPlotItem().titleLabel.text
+    assert occupancy.merged_bars.opts["height"][2] > 0 and "shared with the paired layer" in occupancy.caption.text()
     assert not occupancy.budget_line.isVisible()
+    # The explanation wraps in the caption; the title (which cannot wrap) stays within a 1280 px dock.
+    assert occupancy.per_layer.getPlotItem().titleLabel.item.boundingRect().width() < 480
     occupancy.show_bytes.setChecked(False)
     assert occupancy.bars.opts["height"] == occupancy.kept_per_layer and occupancy.budget_line.isVisible()
     shared = views.memory_view.shared_curve.getData()[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import re
 
+import pyqtgraph as pg
 import pytest
 from PySide6.QtCore import QMimeData, QSettings, Qt, QUrl
 from PySide6.QtWidgets import QTabBar
@@ -176,6 +177,11 @@ def test_no_view_scrolls_sideways_at_1280(qtbot, window):
         qtbot.wait(100)  # the layout settles
         assert scroll.widget().minimumSizeHint().width() <= dock_width_at_1280, name
         assert not scroll.horizontalScrollBar().isVisible(), name
+        # A plot's title does not wrap: a long one widens the plot past its view and cuts the data
+        # off (occupancy's merged-bars title hid layers 25-29 of 30).
+        for plot in scroll.widget().findChildren(pg.PlotWidget):
+            title = plot.getPlotItem().titleLabel.item.boundingRect().width()
+            assert title <= dock_width_at_1280 - 80, (name, plot.getPlotItem().titleLabel.text)
         checked.append(name)
     assert "Evaluate" in checked and "Token map" in checked
 

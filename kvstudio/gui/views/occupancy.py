@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QVBoxLayout
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout
 
 from ...core.plots.data import padded_range
 from ...core.units import MIB
@@ -27,7 +27,9 @@ class OccupancyView(LiveView):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self.per_layer = pg.PlotWidget(title="entries held per layer (bars) and budget (line)")
+        # Short titles: a plot's title does not wrap, and a long one widened the plot past its view at
+        # 1280 px (the last layers' bars were cut off); the explanation is the caption, which wraps.
+        self.per_layer = pg.PlotWidget(title="entries held per layer")
         self.per_layer.setLabel("bottom", "layer")
         self.bars = pg.BarGraphItem(x=[], height=[], width=0.8, brush=(80, 140, 220))
         self.budget_line = pg.PlotDataItem(pen=pg.mkPen((230, 80, 60), width=2), stepMode="center")
@@ -53,9 +55,13 @@ class OccupancyView(LiveView):
         controls = QHBoxLayout()
         controls.addWidget(self.show_bytes)
         controls.addStretch(1)
+        self.caption = QLabel("")
+        self.caption.setWordWrap(True)
+        self.caption.setStyleSheet("color: #777;")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(controls)
+        layout.addWidget(self.caption)
         layout.addWidget(self.per_layer, 3)
         layout.addWidget(self.total, 2)
         self.kept_per_layer: list[int] = []
@@ -107,19 +113,21 @@ class OccupancyView(LiveView):
     def _draw_per_layer(self) -> None:
         if self.run is None:
             return
-        merged = " (narrow dark bars: {})".format(
-            "directions shared with the paired layer" if self.show_bytes.isChecked() else
-            "held merged with the paired layer") if self.merging else ""
+        merged = " Narrow dark bars: {}.".format(
+            "directions shared with the paired layer, in the layer that holds them" if self.show_bytes.isChecked()
+            else "entries held merged with the paired layer (per KV head)") if self.merging else ""
         if self.show_bytes.isChecked():
             heights = [b / MIB for b in self.bytes_per_layer]
             self.bars.setOpts(height=heights)
             self.merged_bars.setOpts(height=[b / MIB for b in self.shared_per_layer])
             self.budget_line.setVisible(False)
-            self.per_layer.setTitle(f"cache MiB held per layer{merged}")
+            self.per_layer.setTitle("cache MiB held per layer")
+            self.caption.setText(f"Bars: the bytes each layer's store holds.{merged}")
             self.per_layer.setYRange(*padded_range(heights), padding=0)
             return
         self.bars.setOpts(height=self.kept_per_layer)
         self.merged_bars.setOpts(height=self.merged_per_layer)
         self.budget_line.setVisible(True)
-        self.per_layer.setTitle(f"entries held per layer{merged} and budget (line)")
+        self.per_layer.setTitle("entries held per layer")
+        self.caption.setText(f"Bars: entries each layer holds; red line: its budget.{merged}")
         self.per_layer.setYRange(*padded_range(list(self.kept_per_layer) + list(self.budgets)), padding=0)
