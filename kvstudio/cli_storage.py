@@ -79,9 +79,10 @@ def format_storage(result) -> str | None:
         line += (f"\nmerging: pairs {', '.join(f'{a}+{b}' for a, b in merging['pairs'])}; "
                  f"{format_bytes(saved)} saved at the end"
                  f"{' (estimated: the codec holds the restored states)' if merging.get('merge_storage') == 'estimated' else ''}"
-                 f" ({format_bytes(shared)} of shared directions), "
-                 f"{sum(merging['merged_entries_per_layer'])} entries held merged, "
-                 f"{sum(merging['retained_entries_per_layer'])} retained unmerged")
+                 f" ({format_bytes(shared)} of shared directions); entries in merged layers, over KV heads: "
+                 f"{sum(merging.get('held_entries_per_layer', ())):,} held, "
+                 f"{sum(merging['merged_entries_per_layer']):,} with a merged key or value, "
+                 f"{sum(merging['retained_entries_per_layer']):,} kept unmerged by the retention rule")
     if "kl_to_fp" in storage:
         line += f", KL to fp {storage['kl_to_fp']:.5f} nats/token over {storage['kl_positions']} positions"
     return line

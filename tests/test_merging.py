@@ -114,7 +114,10 @@ def test_a_threshold_that_retains_everything_is_the_unmerged_run(llama_engine, p
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     assert retained.peak_cache_bytes == plain.peak_cache_bytes
     merging = retained.storage["merging"]
-    assert sum(merging["merged_entries_per_layer"]) == 0 and sum(merging["retained_entries_per_layer"]) > 0
+    # Threshold 0: every entry the pairs' layers hold was kept apart by the retention rule, none merged.
+    assert sum(merging["merged_entries_per_layer"]) == 0
+    assert merging["retained_entries_per_layer"] == merging["held_entries_per_layer"] and sum(
+        merging["held_entries_per_layer"]) > 0
 
 
 def test_merging_everything_stores_one_direction_per_pair_and_counts_bytes_honestly(llama_engine):
@@ -169,7 +172,12 @@ def test_merging_composes_with_policies_and_codecs(llama_engine, policy_name, bu
     assert len(merged.token_ids) == len(plain.token_ids)
     assert merged.cache.current_bytes == sum(merged.cache.bytes_per_layer())
     assert sum(merged.cache.bytes_per_layer()) < sum(plain.cache.bytes_per_layer())
-    assert merged.storage["merging"]["pairs"] == [[1, 2]]  # layer 3 has no partner: unmerged
+    summary = merged.storage["merging"]
+    assert summary["pairs"] == [[1, 2]]  # layer 3 has no partner: unmerged
+    # The summary's counts are of the same entries, held now: merged and retained never add past held.
+    for merged_count, retained, held in zip(summary["merged_entries_per_layer"], summary["retained_entries_per_layer"],
+                                            summary["held_entries_per_layer"]):
+        assert merged_count + retained <= held
 
 
 def test_refusals_are_clear(llama_engine):

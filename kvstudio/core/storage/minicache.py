@@ -164,7 +164,6 @@ class MergedLayer:
         self.saved_bytes = 0  # what the layer would hold unmerged, minus what it holds (or would, estimated)
         self.estimated_bytes = 0  # under a codec: the saving the store cannot hold, subtracted from its bytes
         self.shared_bytes = 0  # bytes of directions shared with the partner that this layer holds (or, estimated, its half)
-        self.retained_total = 0  # entries (over KV heads) the retention rule kept unmerged, so far
         self._partner_bytes = 0  # the partner's bytes before this layer's eviction
 
     @property
@@ -174,7 +173,8 @@ class MergedLayer:
 
     def appended(self, kv_heads: int, n_new: int, device) -> None:
         unmerged = torch.zeros(kv_heads, n_new, dtype=torch.bool, device=device)
-        self.flags.append({"key": unmerged, "value": unmerged}, n_new)
+        # "retained": the retention rule kept the entry unmerged (its two states point apart)
+        self.flags.append({"key": unmerged, "value": unmerged, "retained": unmerged}, n_new)
 
     def before_keep(self, layer, keep: torch.Tensor) -> None:
         """The policy is about to evict from this layer. A linked partner first copies out the restored
@@ -199,10 +199,9 @@ class MergedLayer:
     # -- saving and restoring (core.store.layer_tensors) -------------------------------------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(the merged flags, per kind, as CPU copies; the counters and the pair's distance range)."""
-        tensors = {kind: self.flags.view(kind).to("cpu", copy=True) for kind in KINDS if kind in self.flags}
-        numbers = {"retained_total": self.retained_total,
-                   "distances": {kind: self.pair.distances[kind].state() for kind in KINDS}}
+        """(the merged and retained flags as CPU copies; the pair's distance range)."""
+        tensors = {name: self.flags.view(name).to("cpu", copy=True) for name in self.flags.tensors}
+        numbers = {"distances": {kind: self.pair.distances[kind].state() for kind in KINDS}}
         return tensors, numbers
 
     def load_state(self, tensors: dict[str, torch.Tensor], numbers: dict, device) -> None:
@@ -210,8 +209,7 @@ class MergedLayer:
         if tensors:
             count = next(iter(tensors.values())).shape[1]
             with torch.no_grad():
-                self.flags.append({kind: t.to(device) for kind, t in tensors.items()}, count)
-        self.retained_total = numbers.get("retained_total", 0)
+                self.flags.append({name: t.to(device) for name, t in tensors.items()}, count)
         for kind, extremes in numbers.get("distances", {}).items():
             self.pair.distances[kind].load_state(extremes, device)
 
@@ -251,11 +249,9 @@ class MiniCachePair:
                     layer.store.overwrite(kind, grid.index, grid.per_entry(restored), write)
                 flags = self.sides[layer.layer_idx].flags.view(kind)
                 flags[:, grid.start:] |= write
-        for layer in (a, b):
+        for layer, grid in ((a, grids[0]), (b, grids[1])):
             layer.store.release_step()
-        retained = int(retained_any.sum())
-        for side in self.sides.values():
-            side.retained_total += retained
+            self.sides[layer.layer_idx].flags.view("retained")[:, grid.start:] |= grid.entry_mask(retained_any)
         self.recount(cache)
         cache.note_bytes(a.byte_count() + b.byte_count() - before)
         return retained_any
@@ -398,6 +394,15 @@ class MiniCacheMerging:
                                                 for i in range(cache.n_layers)),
                 "retained": retained}
 
+    def _retained_entries(self, cache, layer_idx: int) -> int:
+        """Entries (over KV heads) a layer holds wholly unmerged because the retention rule kept their
+        key or value apart (an entry with a merged key and a retained value counts as merged)."""
+        side = self.side(layer_idx)
+        if side is None or not cache.layers[layer_idx].is_initialized:
+            return 0
+        merged = side.merged_mask("key") | side.merged_mask("value")
+        return int((side.flags.view("retained") & ~merged).sum())
+
     def _merged_entries(self, cache, layer_idx: int) -> int:
         """Entries (over KV heads) of a layer whose key or value is held merged."""
         side = self.side(layer_idx)
@@ -416,8 +421,10 @@ class MiniCacheMerging:
                                       for i in range(cache.n_layers)],
             "shared_bytes_per_layer": [self.side(i).shared_bytes if i in self.by_layer else 0
                                        for i in range(cache.n_layers)],
-            "retained_entries_per_layer": [self.side(i).retained_total if i in self.by_layer else 0
-                                           for i in range(cache.n_layers)],
+            "retained_entries_per_layer": [self._retained_entries(cache, i) for i in range(cache.n_layers)],
+            "held_entries_per_layer": [cache.layers[i].entry_count() * cache.layers[i].positions.shape[0]
+                                       if i in self.by_layer and cache.layers[i].is_initialized else 0
+                                       for i in range(cache.n_layers)],
             "merged_entries_per_layer": [self._merged_entries(cache, i) for i in range(cache.n_layers)],
         }
 
