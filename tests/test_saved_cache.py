@@ -339,3 +339,36 @@ def test_policy_state_of_every_kind_round_trips(saved, llama_engine, tmp_path):
     assert torch.equal(extra["seen"], torch.arange(4))
     assert torch.equal(torch.rand(3, generator=extra["rng"]), torch.rand(3, generator=generator))
     assert torch.equal(restored.layers[0].policy_tensors["accumulated"], state.layers[0].policy_tensors["accumulated"])
+
+
+def test_a_continued_runs_token_map_starts_from_the_restored_cache(llama_engine):
+    """Continuing from a saved cache, the token map shows what the saved cache had evicted too (it
+    once drew every restored token as held), and says so on hover."""
+    import numpy as np
+
+    from kvstudio.core.plots.data import TokenMap
+
+    def token_map(recorder: Recorder) -> TokenMap:
+        drawn = TokenMap.for_run(recorder.all("runs")[-1])
+        drawn.add({kind: recorder.all(kind) for kind in ("tokens", "steps", "evictions")})
+        return drawn
+
+    policy = create_policy("h2o", budget=10)
+    whole_recorder, continued_recorder = Recorder(), Recorder()
+    llama_engine.generate(PROMPT, policy, _settings({}, FIRST + THEN), recorder=whole_recorder)
+    first = llama_engine.generate(PROMPT, policy, _settings({}, FIRST), keep_state=True)
+    llama_engine.generate(None, policy, _settings({}, THEN), start=first.state, resume=True,
+                          recorder=continued_recorder)
+    whole, continued = token_map(whole_recorder), token_map(continued_recorder)
+    fed = min(whole.fed_count, continued.fed_count)
+    assert fed >= len(PROMPT)
+    for layer in range(4):
+        assert np.array_equal(whole.heads_holding(layer)[:fed], continued.heads_holding(layer)[:fed]), layer
+    assert continued.gone_count() == whole.gone_count() > 0
+    gone = int(np.flatnonzero(continued.held_fractions() == 0)[0])
+    assert "before the saved cache this run went on from" in continued.describe(gone)
+    # Stored in the history and opened again (Runs > Open views), the map is the same.
+    from kvstudio.core.recordings import pack_events, unpack_events
+
+    reopened = token_map(unpack_events(pack_events(continued_recorder)))
+    assert np.array_equal(reopened.held_fractions(), continued.held_fractions())

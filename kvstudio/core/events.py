@@ -72,6 +72,9 @@ class RunStartedEvent:
     storage_tier: str = "device"  # "host": evicted entries live on in host memory (kvstudio.core.storage)
     prompt_token_ids: tuple[int, ...] = ()  # the prompt's ids: a stored run can be re-plotted or re-run from them
     restored_tokens: int = 0  # tokens fed before this run, from a saved cache (the token map shows them fed)
+    # Per layer, per restored position: how many KV heads no longer hold it (evicted before the cache was
+    # saved), so the token map starts from the restored cache's true state; () when nothing was restored.
+    restored_missing_heads: tuple = ()
 
 
 @dataclass(frozen=True)

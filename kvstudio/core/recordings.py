@@ -22,7 +22,7 @@ from .events import (AttentionEvent, EvictionEvent, MemoryEvent, MergeEvent, Pre
 FORMAT_VERSION = 1
 _SMALL = {"runs": RunStartedEvent, "tokens": TokenEvent, "steps": StepEvent, "memory": MemoryEvent,
           "prefill": PrefillProgressEvent}
-_TUPLES = {"runs": ("budgets", "prompt_tokens", "prompt_token_ids"), "steps": ("kept_per_layer",),
+_TUPLES = {"runs": ("budgets", "prompt_tokens", "prompt_token_ids", "restored_missing_heads"), "steps": ("kept_per_layer",),
            "memory": ("cache_bytes_per_layer", "kept_per_layer")}
 
 

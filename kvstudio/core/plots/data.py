@@ -20,6 +20,9 @@ LOG_DECADES = 3.0  # the log scale shows this many decades below the top weight
 # -- the token map -----------------------------------------------------------------------------------
 
 
+EVICTED_BEFORE_RESTORE = -2  # evicted_step of an entry gone before the saved cache a run restored
+
+
 class TokenMap:
     """Per token: its text, whether it was fed yet, and per layer how many KV heads evicted it and when."""
 
@@ -39,6 +42,12 @@ class TokenMap:
     def for_run(cls, run) -> TokenMap:
         token_map = cls(run.n_layers, run.n_kv_heads, run.prompt_tokens, getattr(run, "restored_tokens", 0))
         token_map.storage_tier = getattr(run, "storage_tier", "device")
+        # A run that goes on from a saved cache: what was evicted before the save is evicted here too.
+        for layer, missing in enumerate(getattr(run, "restored_missing_heads", ())[:token_map.n_layers]):
+            missing = np.asarray(missing, dtype=np.int16)
+            token_map._ensure_capacity(len(missing))
+            token_map.evicted_heads[layer, :len(missing)] = missing
+            token_map.evicted_step[layer, :len(missing)][missing > 0] = EVICTED_BEFORE_RESTORE
         return token_map
 
     def add(self, events: dict) -> None:
@@ -122,15 +131,24 @@ class TokenMap:
             lines.append(f"held by {holding} of {self.n_layers} layers")
             gone = np.flatnonzero(self.evicted_heads[:, position] >= self.kv_heads)
             if gone.size:
-                first, last = int(steps[gone].min()), int(steps[gone].max())
-                when = f"step {first}" if first == last else f"steps {first}-{last}"
-                lines.append(f"evicted from {_layer_list(gone)} at {when}")
+                lines.append(f"evicted from {_layer_list(gone)} {_when(steps[gone])}")
         else:
             heads = int(self.heads_holding(layer)[position])
             lines.append(f"layer {layer}: held by {heads} of {self.kv_heads} KV heads")
             if heads < self.kv_heads:
-                lines.append(f"evicted at step {int(steps[layer])}")
+                lines.append(f"evicted {_when(steps[layer:layer + 1])}")
         return "\n".join(lines)
+
+
+def _when(steps: np.ndarray) -> str:
+    """'at step 12', 'at steps 3-9', or 'before the saved cache this run went on from'."""
+    during = steps[steps != EVICTED_BEFORE_RESTORE]
+    before = "before the saved cache this run went on from" if len(during) < len(steps) else ""
+    if not len(during):
+        return before
+    first, last = int(during.min()), int(during.max())
+    when = f"at step {first}" if first == last else f"at steps {first}-{last}"
+    return f"{when} (some {before})" if before else when
 
 
 def _layer_list(layers: np.ndarray) -> str:

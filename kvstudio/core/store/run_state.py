@@ -94,6 +94,21 @@ def capture(run, logits: torch.Tensor | None, generated: list[int], prompt_token
     )
 
 
+def missing_heads(state: RunState, kv_heads: int) -> tuple[tuple[int, ...], ...]:
+    """Per layer, per position fed before the save: how many KV heads no longer hold it there (the
+    token map's starting point for a run that goes on from `state`)."""
+    fed = len(state.token_ids)
+    per_layer = []
+    for layer in state.layers:
+        held = torch.zeros(fed, dtype=torch.int64)
+        positions = layer.tensors.get("positions")
+        if positions is not None and positions.numel():
+            positions = positions[positions < fed]  # every KV head's entries, flattened
+            held.scatter_add_(0, positions, torch.ones_like(positions))
+        per_layer.append(tuple((kv_heads - held).clamp_min(0).tolist()))
+    return tuple(per_layer)
+
+
 def _storage_counters(cache) -> dict:
     return {"peak_host_bytes": cache.peak_host_bytes, "recalled": cache.recalled_total}
 
