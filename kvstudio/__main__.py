@@ -1,0 +1,7 @@
+"""`python -m kvstudio ...`: the same as the `kvstudio` command (handy inside a venv or a checkout)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
