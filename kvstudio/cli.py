@@ -261,11 +261,11 @@ def _policy_from_args(args):
 
 
 def _prompt_from_args(args) -> str:
+    from .core.documents import read_document
     from .core.errors import PromptError
-    from .core.prompts import read_text_file
 
-    if args.prompt_file:
-        return read_text_file(args.prompt_file)
+    if args.prompt_file:  # the studio's reader: a PDF by its suffix, any other name as text
+        return read_document(args.prompt_file, what="prompt file", any_suffix=True).text
     if args.prompt is None:
         raise PromptError("no prompt: give --prompt TEXT or --prompt-file PATH")
     if not args.prompt.strip():
