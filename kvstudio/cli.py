@@ -261,11 +261,11 @@ def _policy_from_args(args):
 
 
 def _prompt_from_args(args) -> str:
+    from .core.documents import read_document
     from .core.errors import PromptError
-    from .core.prompts import read_text_file
 
-    if args.prompt_file:
-        return read_text_file(args.prompt_file)
+    if args.prompt_file:  # the studio's reader: a PDF by its suffix, any other name as text
+        return read_document(args.prompt_file, what="prompt file", any_suffix=True).text
     if args.prompt is None:
         raise PromptError("no prompt: give --prompt TEXT or --prompt-file PATH")
     if not args.prompt.strip():
@@ -467,13 +467,23 @@ def format_summary(result) -> str:
     lines = [
         "--- summary",
         f"model {result.model}, policy {result.policy}, stop: {result.stop_reason}",
-        f"prompt {result.prompt_tokens} tokens, prefill {result.prefill_seconds:.2f} s "
-        f"({result.prefill_tokens_per_second:.0f} tokens/s)",
+        _prefill_line(result),
         f"generated {len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s",
         f"peak cache {format_bytes(result.peak_cache_bytes)}, entries kept per layer: {kept_text}",
         f"evictions: {result.evictions}",
     ]
     return "\n".join(lines)
+
+
+def _prefill_line(result) -> str:
+    """A rate only for what the prefill computed: a prompt restored from a saved cache was not."""
+    restored, computed = result.restored_tokens, result.computed_prompt_tokens
+    if restored and not computed:
+        return f"prompt {result.prompt_tokens} tokens, prefill restored from the cache in {result.prefill_seconds:.3f} s"
+    rate = f"{result.prefill_seconds:.2f} s ({result.prefill_tokens_per_second:.0f} tokens/s)"
+    if restored:
+        return f"prompt {result.prompt_tokens} tokens: {restored} restored from the cache, {computed} prefilled in {rate}"
+    return f"prompt {result.prompt_tokens} tokens, prefill {rate}"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

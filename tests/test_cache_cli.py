@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .helpers import run_cli
 
 DOCUMENT = "A long document about caches. " * 2  # 60 bytes: 60 tokens of the byte tokenizer
@@ -131,3 +133,80 @@ def test_cache_save_and_load_an_int4_host_tier_cache(capsys, tmp_path):
                        "--policy", "h2o-bnb-int4", "--prompt", DOCUMENT)
     assert code == 2 and "nothing saved: caches stored with codec 'bnb-int4' are not saved" in err
     assert err.count("\n") == 1 and not (tmp_path / "bnb.kvcache").exists()
+
+
+def _flip_a_byte(path, at=-40):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_cache_list_shows_usable_names_whole_policy_and_storage_and_marks_bad_files(capsys, tmp_path):
+    folder = tmp_path / "caches"
+    folder.mkdir()
+    code, _, err = cli(capsys, "cache", "save", str(folder / "merged.kvcache"), "--model", "tiny-llama",
+                       "--policy", "h2o", "--budget", "32", "--chunk-size", "8", "--prompt", DOCUMENT,
+                       "--merge", "minicache", "--merge-from", "1", "--merge-threshold", "2")
+    assert code == 0, err
+    _run(capsys, tmp_path, "short prompt", "run", "--prompt-cache", str(folder))
+    for name, damage in (("corrupt", _flip_a_byte), ("truncated", lambda p: p.write_bytes(p.read_bytes()[:-10]))):
+        (folder / f"{name}.kvcache").write_bytes((folder / "merged.kvcache").read_bytes())
+        damage(folder / f"{name}.kvcache")
+    code, out, _ = cli(capsys, "cache", "list", str(folder))
+    assert code == 0
+    good = [p for p in folder.glob("*.kvcache") if p.stem not in ("corrupt", "truncated")]
+    assert len(good) == 3
+    for path in good:  # each name whole, and `cache show` takes what the list shows
+        assert f"\n{path.name} " in out
+        code, shown, err = cli(capsys, "cache", "show", str(folder / path.name))
+        assert code == 0, err
+    assert "h2o+minicache(budget=32, recent=16, merge_from=1, merge_threshold=2)" in out
+    assert "fp, minicache from layer 1 (threshold 2, t 0.6) on the device tier" in out
+    lines = out.splitlines()
+    assert [line for line in lines if line.startswith("corrupt.kvcache")][0].split()[1:3] == ["UNREADABLE:", "corrupt"]
+    assert [line for line in lines if line.startswith("truncated.kvcache")][0].split()[1:3] == ["UNREADABLE:",
+                                                                                                "truncated"]
+
+
+def test_a_corrupt_file_is_explained_in_the_words_of_each_command(capsys, tmp_path):
+    folder = tmp_path / "prompts"
+    _run(capsys, tmp_path, "short prompt", "first", "--prompt-cache", str(folder))
+    files = sorted(folder.glob("*.kvcache"))
+    for saved in files:
+        _flip_a_byte(saved)
+    again, _, err = _run(capsys, tmp_path, "short prompt", "again", "--prompt-cache", str(folder))
+    warnings = [line for line in err.splitlines() if "warning: prompt cache: refused" in line]
+    assert len(warnings) == 2  # the whole prompt (13 tokens) and its first chunk of 8: both saved again
+    for warning in warnings:
+        assert "is corrupt" in warning and "this run saves its own cache in its place" in warning
+        assert "delete it" not in warning and "computed again" not in warning
+    assert err.count("(in place of the refused file)") == 2
+    _flip_a_byte(files[0])
+    _flip_a_byte(files[1])
+    # 22 tokens save at 22 and 16: the corrupt file of the first chunk (8) is not replaced, so it stays
+    _, _, err = _run(capsys, tmp_path, "short prompt and more", "longer", "--prompt-cache", str(folder))
+    warning = [line for line in err.splitlines() if "warning: prompt cache: refused" in line][0]
+    assert "the file stays (this run saves other prefixes): delete it with `kvstudio cache rm" in warning
+    for command in ("show", "load"):
+        code, _, err = cli(capsys, "cache", command, str(files[0]))
+        assert code == 2 and err.count("kvstudio: error:") == 1 and "computed again" not in err
+        assert f"it cannot be used: delete it (kvstudio cache rm {files[0]}) and save the cache again" in err
+    assert again["prompt_cache"] == "saved"
+
+
+def test_a_restored_prefill_is_reported_as_restored_not_as_a_rate(capsys, tmp_path):
+    folder = tmp_path / "prompts"
+    _, out, _ = _run(capsys, tmp_path, DOCUMENT + "Q: one?", "first", "--prompt-cache", str(folder))
+    assert "prefilled" not in out and "restored" not in out and "tokens/s)" in out
+    data, out, _ = _run(capsys, tmp_path, DOCUMENT + "Q: one?", "again", "--prompt-cache", str(folder))
+    prompt_line = [line for line in out.splitlines() if line.startswith("prompt ")][0]
+    assert "prefill restored from the cache in" in prompt_line and "tokens/s" not in prompt_line
+    assert data["prefill_tokens_per_second"] == 0.0 and data["restored_tokens"] == data["prompt_tokens"]
+    data, out, _ = _run(capsys, tmp_path, DOCUMENT + "Q: other?", "follow", "--prompt-cache", str(folder))
+    assert "prompt 69 tokens: 64 restored from the cache, 5 prefilled in" in out
+    assert data["prefill_tokens_per_second"] == pytest.approx(5 / data["prefill_seconds"])
+    path = tmp_path / "doc.kvcache"
+    cli(capsys, "cache", "save", str(path), "--model", "tiny-llama", "--chunk-size", "8", "--prompt", DOCUMENT)
+    code, out, err = cli(capsys, "cache", "load", str(path), "--max-new-tokens", "3")
+    assert code == 0, err
+    assert "prompt 60 tokens, prefill restored from the cache in" in out and "tokens/s)" not in out

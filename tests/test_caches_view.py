@@ -98,6 +98,12 @@ def test_a_corrupt_cache_is_refused_and_the_studio_stays_usable(qtbot, window):
     qtbot.waitUntil(lambda: not window.running, timeout=30_000)
     assert "is corrupt: its checksum does not match" in window.error_text.text()
     assert window.error_banner.isVisible()
+    # the studio computes nothing again: the banner says what the user can do here, the status what happened
+    assert "computed again" not in window.error_text.text()
+    assert "delete it (select it in the Caches view, then Delete) and save a run's cache again" in \
+        window.error_text.text()
+    assert window.caches.view.status.text().startswith("bad.kvcache was not restored: ")
+    assert "is corrupt" in window.caches.view.status.text()
     assert _run(qtbot, window, 2).token_ids  # a plain run still works
     window.last_outcome = None
     assert not window.caches.save_last_run(str(path))
@@ -113,3 +119,16 @@ def test_a_bnb_runs_cache_says_why_it_cannot_be_saved():
     assert "codec 'bnb-int8' are not saved" in _unsaveable(SimpleNamespace(policy="h2o-bnb-int8", parameters={}))
     assert "codec 'bnb-int4'" in _unsaveable(SimpleNamespace(policy="h2o", parameters={"storage": {"codec": "bnb-int4"}}))
     assert _unsaveable(SimpleNamespace(policy="h2o-int4", parameters={"budget": 8})) is None
+
+
+def test_a_continued_run_says_its_prefill_was_restored_not_a_rate(qtbot, window):
+    _run(qtbot, window, 2)
+    path = window.caches.view.folder / "one.kvcache"
+    window.caches.save_last_run(str(path))
+    qtbot.waitUntil(lambda: path.exists(), timeout=10_000)
+    window.form.max_new_tokens.setValue(1)  # one token: no decode speed, so the prefill's would be shown
+    assert window.caches.continue_from(str(path))
+    qtbot.waitUntil(lambda: not window.running, timeout=30_000)
+    assert window.last_outcome.error is None, window.last_outcome.error
+    message = window.statusBar().currentMessage()
+    assert "prefill restored from the cache in" in message and "tokens/s" not in message

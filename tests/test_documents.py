@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kvstudio.core.documents import read_document
@@ -38,7 +40,10 @@ def test_pdf_text_is_extracted(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("broken.pdf", b"%PDF-1.4 then nothing", "not a readable PDF"),
+    ("broken.pdf", b"%PDF-1.4 then nothing", "could not be read as a PDF"),
+    ("fake.pdf", bytes(range(256)) * 8, "fake.pdf could not be read as a PDF"),  # binary garbage named .pdf
+    ("blob", b"\x00\x01\x02" * 100, "looks binary .* give a UTF-8 text file or a PDF"),  # no suffix: read as text
+    ("README", b"plain words", None),
     ("photo.jpg", b"\xff\xd8\xff", "unsupported file type '.jpg'"),
     ("data.json", b"\x00\x00\x00\x01", "looks binary"),
     ("empty.md", b"   \n", "is empty"),
@@ -47,8 +52,38 @@ def test_pdf_text_is_extracted(tmp_path):
 def test_bad_documents_are_refused_with_the_reason(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content)
+    if message is None:
+        assert read_document(path).text == content.decode()
+        return
     with pytest.raises(PromptError, match=message):
         read_document(path)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_device_is_named_as_one_whatever_its_name(tmp_path):
+    """What the path is comes first: /dev/zero is a character device, not an 'unsupported file type'."""
+    with pytest.raises(PromptError, match="document /dev/zero is a character device, not a regular file"):
+        read_document("/dev/zero")
+    link = tmp_path / "picture.png"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(PromptError, match="picture.png is a character device"):
+        read_document(link)
+
+
+def test_the_cli_prompt_file_and_the_studio_say_the_same(tmp_path, capsys):
+    """One reader: a fake PDF given as --prompt-file is refused as a PDF, as the studio refuses it, and
+    a real PDF is read."""
+    from .helpers import run_cli
+
+    fake = tmp_path / "fake.pdf"
+    fake.write_bytes(bytes(range(256)) * 8)
+    code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--prompt-file", str(fake), "--no-history")
+    assert code == 2 and "fake.pdf could not be read as a PDF" in err and err.count("\n") == 1
+    paper = tmp_path / "paper.pdf"
+    paper.write_bytes(minimal_pdf("Sinks"))
+    code, out, err = run_cli(capsys, "run", "--model", "tiny-llama", "--prompt-file", str(paper), "--no-history",
+                             "--max-new-tokens", "2")
+    assert code == 0, err
 
 
 def test_oversized_documents_are_refused(tmp_path):

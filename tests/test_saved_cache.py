@@ -18,8 +18,8 @@ from kvstudio.core.events import Recorder
 from kvstudio.core.models import LoadedModel, byte_tokenizer, load_model
 from kvstudio.core.plugins import PluginManager
 from kvstudio.core.policies import create_policy
-from kvstudio.core.store.saved_cache import (SavedCacheError, check_compatible, load_saved_cache, read_header,
-                                             read_saved_cache, write_saved_cache)
+from kvstudio.core.store.saved_cache import (SavedCacheError, check_compatible, checked_header, load_saved_cache,
+                                             read_header, read_saved_cache, write_saved_cache)
 
 from .helpers import random_ids
 
@@ -235,6 +235,27 @@ def test_truncated_corrupt_wrong_version_and_foreign_files_are_refused(saved, ll
     other = tmp_path / "notes.kvcache"
     other.write_text("just some text that is long enough to have a header")
     assert "is not a KV Studio saved cache" in _refused(other, llama_engine.loaded)
+
+
+
+def test_a_listing_check_names_what_is_wrong_with_each_file(saved, tmp_path):
+    """read_header sees truncation from the size alone; checked_header also checks every byte, in pieces."""
+    path = saved[0]
+    data = path.read_bytes()
+    assert checked_header(path) == read_header(path)
+    cases = {"cut": (data[:-10], "truncated"), "flipped": (data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:],
+                                                             "corrupt"),
+             "longer": (data + b"x", "corrupt"), "newer": (data[:8] + struct.pack("<I", 2) + data[12:], "format version 2"),
+             "text": (b"just some text that is long enough to have a header", "not a saved cache")}
+    for name, (content, problem) in cases.items():
+        bad = tmp_path / f"{name}.kvcache"
+        bad.write_bytes(content)
+        with pytest.raises(SavedCacheError) as error:
+            checked_header(bad)
+        assert error.value.problem == problem, name
+        assert "delete it" not in str(error.value) and "computed again" not in str(error.value)
+    with pytest.raises(SavedCacheError, match="is truncated"):
+        read_header(tmp_path / "cut.kvcache")  # without reading the body
 
 
 def test_wrong_model_tokenizer_policy_codec_and_chunk_size_are_refused(saved, llama_engine, tmp_path):

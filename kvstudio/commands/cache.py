@@ -3,7 +3,8 @@
   kvstudio cache save OUT --prompt TEXT [run options]   prefill (and generate N tokens), save the state
   kvstudio cache load FILE [--max-new-tokens N]         restore and go on generating, bit-identically
   kvstudio cache load FILE --then TEXT                  restore, feed TEXT after it, generate
-  kvstudio cache list DIR                               what is saved: prompt, model, policy, sizes, date
+  kvstudio cache list DIR                               what is saved: prompt, model, policy, storage, sizes,
+                                                        date; every byte checked, a bad file marked
   kvstudio cache show FILE                              the header, every byte checked
   kvstudio cache rm FILE...                             delete saved caches (and nothing else)
 """
@@ -71,7 +72,13 @@ def _model_options(parser, default: str | None = "default") -> None:
 
 
 def run(args) -> int:
-    return {"save": _save, "load": _load, "list": _list, "show": _show, "rm": _remove}[args.cache_command](args)
+    from ..core.store.saved_cache import SavedCacheError, what_to_do
+
+    try:
+        return {"save": _save, "load": _load, "list": _list, "show": _show, "rm": _remove}[args.cache_command](args)
+    except SavedCacheError as error:  # a file `load` or `show` cannot read: say what the user can do here
+        raise SavedCacheError(what_to_do(error, f"delete it (kvstudio cache rm {getattr(args, 'path', '')})",
+                                         "save the cache again (kvstudio cache save)"), error.problem) from error
 
 
 def _progress(message: str, fraction) -> None:
@@ -168,7 +175,9 @@ def _load(args) -> int:
 
 
 def _list(args) -> int:
-    from ..core.store.saved_cache import SUFFIX, SavedCacheError, read_header
+    """One row per file with its whole name (what `cache show|load|rm` take), then its policy, storage
+    and prompt on an indented line each, uncut; a file that fails its checks says what is wrong."""
+    from ..core.store.saved_cache import SUFFIX, SavedCacheError, checked_header, describe_storage, header_storage
 
     folder = Path(args.folder).expanduser()
     if not folder.is_dir():
@@ -177,18 +186,21 @@ def _list(args) -> int:
     if not files:
         print(f"no saved caches in {folder}")
         return 0
-    print(f"{'file':<20} {'saved (UTC)':<19} {'model':<22} {'policy':<28} {'tokens':>7} {'on disk':>10} "
-          f"{'in memory':>10}  prompt")
+    width = max(len("file"), *(len(path.name) for path in files))
+    print(f"{'file':<{width}}  {'saved (UTC)':<19} {'model':<16} {'tokens':>7} {'on disk':>10} {'in memory':>10}")
     for path in files:
         try:
-            header = read_header(path)
+            header = checked_header(path)
         except SavedCacheError as error:
-            print(f"{path.name[:20]:<20} unreadable: {error}")
+            print(f"{path.name:<{width}}  UNREADABLE: {error.problem or 'cannot be used'} "
+                  f"(`kvstudio cache show {path}` says more)")
             continue
-        preview = header.get("prompt_preview", "")[:40].replace("\n", " ")
-        print(f"{path.name[:20]:<20} {header['created'][:19].replace('T', ' '):<19} {header['model']['name'][:22]:<22} "
-              f"{header['policy']['describe'][:28]:<28} {header['tokens']['fed']:>7} "
-              f"{format_bytes(path.stat().st_size):>10} {format_bytes(header['cache_bytes']):>10}  {preview!r}")
+        print(f"{path.name:<{width}}  {header['created'][:19].replace('T', ' '):<19} {header['model']['name']:<16} "
+              f"{header['tokens']['fed']:>7} {format_bytes(path.stat().st_size):>10} "
+              f"{format_bytes(header['cache_bytes']):>10}")
+        print(f"    policy   {header['policy']['describe']}")
+        print(f"    storage  {describe_storage(header_storage(header))}")
+        print(f"    prompt   {header.get('prompt_preview', '')[:60].replace(chr(10), ' ')!r}")
     return 0
 
 
@@ -259,7 +271,8 @@ def finish_prompt_cache(session) -> None:
     session.finish()
     _warn(session)
     for path in session.saved:
-        print(f"[kvstudio] prompt cache: saved {path}", file=sys.stderr)
+        replaced = " (in place of the refused file)" if path in session.refused else ""
+        print(f"[kvstudio] prompt cache: saved {path}{replaced}", file=sys.stderr)
 
 
 def _warn(session) -> None:

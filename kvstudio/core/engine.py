@@ -130,8 +130,15 @@ class GenerationResult:
         return decoded / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     @property
+    def computed_prompt_tokens(self) -> int:
+        """Prompt tokens the prefill computed: those restored from a saved cache were not."""
+        return max(self.prompt_tokens - self.restored_tokens, 0)
+
+    @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        """Over the computed tokens only: a restored prefix took no model time to speak of."""
+        computed = self.computed_prompt_tokens
+        return computed / self.prefill_seconds if computed and self.prefill_seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
         data = {k: v for k, v in asdict(replace(self, cache=None, state=None)).items() if k not in ("cache", "state")}

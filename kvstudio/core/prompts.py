@@ -11,13 +11,14 @@ MAX_PROMPT_BYTES = 20 * 1024 * 1024  # a 20 MB text is ~5M tokens: far past any 
 _SNIFF_BYTES = 8192
 
 
-def read_text_file(path: str | Path, max_bytes: int = MAX_PROMPT_BYTES, what: str = "prompt file") -> str:
+def read_text_file(path: str | Path, max_bytes: int = MAX_PROMPT_BYTES, what: str = "prompt file",
+                   wanted: str = "a UTF-8 text file") -> str:
     """The file's text, or PromptError saying why it cannot be a prompt. Devices, FIFOs and other
     special files are refused, and the size is capped before anything is read (regular_files)."""
     path = Path(path).expanduser()
     data = read_regular_file(path, max_bytes, what)
     if b"\x00" in data[:_SNIFF_BYTES]:
-        raise PromptError(f"{path} looks binary (it contains NUL bytes): give a UTF-8 text file")
+        raise PromptError(f"{path} looks binary (it contains NUL bytes): give {wanted}")
     try:
         text = data.decode("utf-8-sig")
     except MemoryError:

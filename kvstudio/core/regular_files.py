@@ -35,15 +35,7 @@ def read_regular_file(path: str | Path, max_bytes: int, what: str = "file",
     device, FIFO, socket, folder, or a symlink to one), unreadable, or larger than `max_bytes`."""
     path = Path(path).expanduser()
     shown = f"{what} {path}"
-    if path.is_symlink() and not path.exists():
-        raise error(f"{shown} is a symlink to {os.readlink(path)}, which does not exist")
-    try:
-        before = os.stat(path)  # follows symlinks: what a symlink points to is what would be read
-    except FileNotFoundError:
-        raise error(f"{what} not found: {path}") from None
-    except OSError as problem:
-        raise error(f"cannot read {shown}: {problem.strerror or problem}") from problem
-    _check(before, shown, path, max_bytes, error)
+    check_regular_file(path, max_bytes, what, error)
     try:
         # O_NONBLOCK: if the path became a FIFO since the stat, opening it must not wait for a writer.
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
@@ -60,6 +52,24 @@ def read_regular_file(path: str | Path, max_bytes: int, what: str = "file",
     if len(data) > max_bytes:
         raise error(f"{shown} grew past the {format_bytes(max_bytes)} limit while being read: give a smaller file")
     return data
+
+
+def check_regular_file(path: str | Path, max_bytes: int, what: str = "file",
+                       error: type[Exception] = PromptError) -> None:
+    """Refuse, as read_regular_file does, what `path` is before anything is opened: missing, not a
+    regular file, over the limit. Callers that judge a file by its name check this first, so
+    `/dev/zero` is called a device, not an unsupported type."""
+    path = Path(path).expanduser()
+    shown = f"{what} {path}"
+    if path.is_symlink() and not path.exists():
+        raise error(f"{shown} is a symlink to {os.readlink(path)}, which does not exist")
+    try:
+        status = os.stat(path)  # follows symlinks: what a symlink points to is what would be read
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except OSError as problem:
+        raise error(f"cannot read {shown}: {problem.strerror or problem}") from problem
+    _check(status, shown, path, max_bytes, error)
 
 
 def _check(status: os.stat_result, shown: str, path: Path, max_bytes: int, error) -> None:

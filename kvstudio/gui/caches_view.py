@@ -59,6 +59,14 @@ class CacheWriter(QObject):
         self.saved.emit(path, "")
 
 
+def in_studio_words(error) -> str:
+    """A saved cache's refusal, with what a user of the studio can do about the file."""
+    from ..core.store.saved_cache import what_to_do
+
+    return what_to_do(error, "delete it (select it in the Caches view, then Delete)",
+                      "save a run's cache again (Save last run…)")
+
+
 def _unsaveable(request) -> str | None:
     """Why a run's cache was not kept for saving (its storage), or None."""
     from ..core.storage import STORAGE_KEY, StorageConfig, split_cache_name
@@ -251,13 +259,14 @@ class CachesFeature(Feature):
         from ..core.policies import available_policies
         from ..core.storage import STORAGE_KEY, StorageConfig
         from ..core.store.layer_tensors import storage_key
-        from ..core.store.saved_cache import header_storage, read_header
+        from ..core.store.saved_cache import SavedCacheError, header_storage, read_header
 
         window = self.window
         try:
             header = read_header(path)
-        except KVStudioError as error:
-            window.show_error(str(error))
+        except SavedCacheError as error:
+            window.show_error(in_studio_words(error))
+            self.view.status.setText(f"{Path(path).name} was not restored: {error.problem or error}")
             return False
         policy = header["policy"]["name"]
         if policy not in available_policies():
@@ -284,11 +293,15 @@ class CachesFeature(Feature):
 
     @Slot(object)
     def on_run_finished(self, outcome) -> None:
-        restore = outcome.restore
-        if restore is None:
+        restore, path = outcome.restore, outcome.request.start_from
+        if path is None:
+            return
+        if restore is None:  # the restore itself failed (the banner shows the whole message)
+            self.view.status.setText(f"{Path(path).name} was not restored: {outcome.error or 'the run stopped'}")
             return
         if outcome.error:
-            self.view.status.setText(f"not restored: {outcome.error}")
+            self.view.status.setText(f"restored {restore['tokens']} tokens from {Path(path).name}, then the run "
+                                     f"failed: {outcome.error}")
             return
         text = (f"restored {restore['tokens']} tokens in {restore['seconds']:.3f} s "
                 f"(their prefill took {restore['prefill_seconds']:.2f} s) and continued "

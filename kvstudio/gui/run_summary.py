@@ -13,9 +13,13 @@ def speed_text(result) -> str:
     if len(result.token_ids) >= 2 and result.decode_seconds > 0:
         return f"{result.tokens_per_second:.1f} tokens/s"
     fed = sum(step.input_tokens for step in result.steps if step.phase == "prefill")
+    restored = result.restored_tokens  # from a saved cache: restored, not computed
+    if restored and not fed:
+        return f"prefill restored from the cache in {result.prefill_seconds:.3f} s"
     if fed and result.prefill_seconds > 0:
-        of = f" of {result.prompt_tokens:,}" if fed < result.prompt_tokens else ""
-        return f"prefill {fed:,}{of} tokens at {fed / result.prefill_seconds:.0f} tokens/s"
+        of = f" of {result.prompt_tokens:,}" if fed + restored < result.prompt_tokens else ""
+        after = f" after {restored:,} restored from the cache" if restored else ""
+        return f"prefill {fed:,}{of} tokens at {fed / result.prefill_seconds:.0f} tokens/s{after}"
     if result.stop_reason == "cancelled":
         return "stopped before the first prefill chunk was through"
     return "no speed measured"

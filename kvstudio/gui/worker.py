@@ -152,9 +152,13 @@ class StudioWorker(QObject):
         self.run_finished.emit(outcome)
 
     def _restore(self, request: RunRequest, policy, outcome: RunOutcome):
-        from ..core.store.saved_cache import load_saved_cache
+        from ..core.store.saved_cache import SavedCacheError, load_saved_cache
+        from .caches_view import in_studio_words
 
-        header, state, seconds = load_saved_cache(request.start_from, self.engine.loaded, policy)
+        try:
+            header, state, seconds = load_saved_cache(request.start_from, self.engine.loaded, policy)
+        except SavedCacheError as error:  # nothing is computed again here: say what the user can do
+            raise SavedCacheError(in_studio_words(error), error.problem) from error
         outcome.restore = {"path": request.start_from, "tokens": len(state.token_ids), "seconds": seconds,
                            "prefill_seconds": state.prefill_seconds}
         return state

@@ -10,8 +10,9 @@ at the last chunk boundary before it, so a follow-up question on the same docume
 chunks, another ending) finds the document's chunks.
 
 A file that cannot be used (truncated, corrupt, from another version, model, tokenizer or policy) is
-refused with a warning saying which, and the prompt is computed instead; a folder that cannot be
-written gives a warning and the run goes on.
+refused with a warning saying which, and the prompt is computed instead; the warning says whether
+this run's cache replaces the file (it does when the file is one of the two the run saves) or the
+file stays. A folder that cannot be written gives a warning and the run goes on.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def candidate_lengths(n: int, chunk_size: int) -> list[int]:
     """Prefix lengths worth looking up, longest first: the whole prompt, then chunk boundaries."""
     boundaries = range((n - 1) // chunk_size * chunk_size, 0, -chunk_size)
     return [n] + [b for b in boundaries if b != n]
+
+
+def saved_lengths(n: int, chunk_size: int) -> set[int]:
+    """The prefix lengths a run saves (see Engine.generate's on_prefill_state): the whole prompt and
+    the last chunk boundary before it."""
+    return set(candidate_lengths(n, chunk_size)[:2])
 
 
 @dataclass
@@ -85,7 +92,7 @@ class PromptCacheSession:
     warnings: list[str] = field(default_factory=list)
     saved: list[Path] = field(default_factory=list)
     _states: list[RunState] = field(default_factory=list)
-    _refused: set[Path] = field(default_factory=set)
+    refused: set[Path] = field(default_factory=set)  # files that could not be used (a save replaces them)
 
     def prepare(self) -> None:
         """Restore the longest saved prefix that fits; warnings say why a file was refused."""
@@ -99,18 +106,23 @@ class PromptCacheSession:
                 header, state, seconds = load_saved_cache(path, self.engine.loaded, self.policy,
                                                           self.settings.chunk_size)
             except SavedCacheError as error:
-                self.warnings.append(f"prompt cache: refused {error}; computing the prompt instead")
-                self._refused.add(path)
+                self._refuse(path, length, str(error))
                 continue
             if state.token_ids != self.ids[:length] or state.generated:
-                self.warnings.append(f"prompt cache: refused {path}: it holds other tokens than its name says; "
-                                     "computing the prompt instead")
-                self._refused.add(path)
+                self._refuse(path, length, f"{path}: it holds other tokens than its name says")
                 continue
             self.start, self.restore_seconds = state, seconds
             self.saved_prefill_seconds = header.get("prefill_seconds", 0.0)
             self.status = "restored" if length == len(self.ids) else f"prefix {length}"
             return
+
+    def _refuse(self, path: Path, length: int, why: str) -> None:
+        if length in saved_lengths(len(self.ids), self.settings.chunk_size):
+            then = "this run saves its own cache in its place"
+        else:  # a shorter prefix than the run saves: nothing overwrites it
+            then = f"the file stays (this run saves other prefixes): delete it with `kvstudio cache rm {path}`"
+        self.warnings.append(f"prompt cache: refused {why}; computing the prompt instead, and {then}")
+        self.refused.add(path)
 
     def generate_options(self) -> dict:
         """What `Engine.generate` needs to go on from the restored state and hand back what to save."""
@@ -138,7 +150,7 @@ class PromptCacheSession:
         paths = self.cache.paths(self.engine.loaded, self.policy, self.settings.chunk_size, self.ids, lengths)
         for state in states:
             path = paths[len(state.token_ids)]
-            if path.is_file() and path not in self._refused:
+            if path.is_file() and path not in self.refused:
                 continue  # already saved by an earlier run (a refused file is replaced)
             try:
                 preview = self.prompt_text if len(state.token_ids) == len(self.ids) else None

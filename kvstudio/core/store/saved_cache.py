@@ -21,13 +21,16 @@ Files are written atomically (a temporary file renamed over the target): a reade
 of one. Reading refuses, each with its own message: not a saved cache, another format version,
 truncated, corrupt (checksum), and, against the model and policy at hand (`check_compatible`):
 another model, tokenizer, storage (a cache saved under int4 never restores into an int8 or fp run),
-policy or parameters, or chunk size.
+policy or parameters, or chunk size. A refusal says what is wrong with the file, not what to do:
+that depends on where it was used (a prompt cache replaces the file itself; `cache load` and the
+studio cannot), so each caller adds its own words (`what_to_do`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import time
 from dataclasses import dataclass
@@ -53,7 +56,23 @@ _CHECKSUM_BYTES = 32
 
 
 class SavedCacheError(KVStudioError):
-    """A saved cache cannot be written, read or used here; the message says which and why."""
+    """A saved cache cannot be written, read or used here; the message says which and why.
+    `problem`, for a file that cannot be read at all, says what is wrong with it in a word or two
+    (listings show it): 'truncated', 'corrupt', 'format version 2', 'not a saved cache', 'unreadable'."""
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem
+
+
+def what_to_do(error: SavedCacheError, delete: str, again: str) -> str:
+    """The refusal followed by what the user can do about the file, in the words of where it was used:
+    `delete` says how to delete it there, `again` how to make the cache again there."""
+    if error.problem in ("truncated", "corrupt"):
+        return f"{error}; it cannot be used: {delete} and {again}"
+    if error.problem is not None and error.problem.startswith("format version"):
+        return f"{error}; open it with the KV Studio that wrote it, or {again} with this one"
+    return str(error)
 
 
 @dataclass
@@ -199,10 +218,11 @@ def read_header(path: str | Path) -> dict:
     try:
         with open(path, "rb") as stream:
             prefix = stream.read(_PREFIX.size)
-            _check_prefix(path, prefix, None)
+            # the size is known without reading the body: a truncated file is refused here already
+            _check_prefix(path, prefix, os.fstat(stream.fileno()).st_size)
             header_bytes = stream.read(_PREFIX.unpack(prefix)[2])
     except OSError as error:
-        raise SavedCacheError(f"cannot read {path}: {error.strerror or error}") from error
+        raise SavedCacheError(f"cannot read {path}: {error.strerror or error}", "unreadable") from error
     return _parse_header(path, header_bytes)
 
 
@@ -216,14 +236,13 @@ def read_saved_cache(path: str | Path, device: torch.device | str = "cpu") -> tu
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise SavedCacheError(f"cannot read {path}: {error.strerror or error}") from error
+        raise SavedCacheError(f"cannot read {path}: {error.strerror or error}", "unreadable") from error
     _check_prefix(path, data[:_PREFIX.size], len(data))
     _, _, header_length, body_length = _PREFIX.unpack(data[:_PREFIX.size])
     end = _PREFIX.size + header_length + body_length
     view = memoryview(data)  # slices of a view copy nothing: the body may be hundreds of MB
     if hashlib.sha256(view[:end]).digest() != data[end:end + _CHECKSUM_BYTES]:
-        raise SavedCacheError(f"{path} is corrupt: its checksum does not match its content (a damaged disk or copy); "
-                              "delete it, the cache will be computed again")
+        raise _checksum_mismatch(path)
     header = _parse_header(path, data[_PREFIX.size:_PREFIX.size + header_length])
     try:
         raw = zstandard.ZstdDecompressor().decompress(view[_PREFIX.size + header_length:end],
@@ -231,30 +250,58 @@ def read_saved_cache(path: str | Path, device: torch.device | str = "cpu") -> tu
         tensors = load(raw)
         state = _state_from(header, tensors, torch.device(device))
     except (zstandard.ZstdError, KeyError, ValueError, RuntimeError, IndexError) as error:
-        raise SavedCacheError(f"{path} is corrupt: its body cannot be read ({type(error).__name__}: {error}); "
-                              "delete it, the cache will be computed again") from error
+        raise SavedCacheError(f"{path} is corrupt: its body cannot be read ({type(error).__name__}: {error})",
+                              "corrupt") from error
     return header, state
+
+
+def checked_header(path: str | Path) -> dict:
+    """The header of a saved cache whose checksum was checked too, reading the file in pieces (a
+    listing checks every file without holding one in memory); raises SavedCacheError as above."""
+    header = read_header(path)  # the prefix, the size and the header
+    path = Path(path).expanduser()
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as stream:
+            left = os.fstat(stream.fileno()).st_size - _CHECKSUM_BYTES
+            while left > 0:
+                piece = stream.read(min(left, 1 << 20))
+                if not piece:
+                    break
+                digest.update(piece)
+                left -= len(piece)
+            stored = stream.read(_CHECKSUM_BYTES)
+    except OSError as error:
+        raise SavedCacheError(f"cannot read {path}: {error.strerror or error}", "unreadable") from error
+    if left or digest.digest() != stored:
+        raise _checksum_mismatch(path)
+    return header
+
+
+def _checksum_mismatch(path: Path) -> SavedCacheError:
+    return SavedCacheError(f"{path} is corrupt: its checksum does not match its content (a damaged disk or copy)",
+                           "corrupt")
 
 
 def _check_prefix(path: Path, prefix: bytes, total: int | None) -> None:
     if len(prefix) < _PREFIX.size:
         if MAGIC.startswith(prefix[:len(MAGIC)]):
-            raise SavedCacheError(f"{path} is truncated: {len(prefix)} bytes, not even a header; it was not "
-                                  "completely written or copied; delete it")
-        raise SavedCacheError(f"{path} is not a KV Studio saved cache")
+            raise SavedCacheError(f"{path} is truncated: {len(prefix)} bytes, not even a header (it was not "
+                                  "completely written or copied)", "truncated")
+        raise SavedCacheError(f"{path} is not a KV Studio saved cache", "not a saved cache")
     magic, version, header_length, body_length = _PREFIX.unpack(prefix)
     if magic != MAGIC:
-        raise SavedCacheError(f"{path} is not a KV Studio saved cache")
+        raise SavedCacheError(f"{path} is not a KV Studio saved cache", "not a saved cache")
     if version != FORMAT_VERSION:
         raise SavedCacheError(f"{path} was written in saved-cache format version {version}; this KV Studio reads "
-                              f"version {FORMAT_VERSION}: compute the cache again (or use the KV Studio that wrote it)")
+                              f"version {FORMAT_VERSION}", f"format version {version}")
     if total is not None:
         expected = _PREFIX.size + header_length + body_length + _CHECKSUM_BYTES
         if total < expected:
-            raise SavedCacheError(f"{path} is truncated: {total} of {expected} bytes; it was not completely written "
-                                  "or copied; delete it, the cache will be computed again")
+            raise SavedCacheError(f"{path} is truncated: {total} of {expected} bytes (it was not completely written "
+                                  "or copied)", "truncated")
         if total > expected:
-            raise SavedCacheError(f"{path} is corrupt: {total - expected} bytes follow its end; delete it")
+            raise SavedCacheError(f"{path} is corrupt: {total - expected} bytes follow its end", "corrupt")
 
 
 def _parse_header(path: Path, header_bytes: bytes) -> dict:
@@ -264,8 +311,7 @@ def _parse_header(path: Path, header_bytes: bytes) -> dict:
             raise ValueError("not a saved-cache header")
         return header
     except (UnicodeDecodeError, ValueError, AttributeError) as error:
-        raise SavedCacheError(f"{path} is corrupt or truncated: its header cannot be read ({error}); "
-                              "delete it") from error
+        raise SavedCacheError(f"{path} is corrupt: its header cannot be read ({error})", "corrupt") from error
 
 
 def _state_from(header: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> RunState:
