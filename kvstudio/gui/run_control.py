@@ -11,6 +11,7 @@ from PySide6.QtCore import Signal, Slot
 
 from ..core.events import Recorder
 from .feature import Feature
+from .form_words import in_form_words
 from .run_summary import describe_run
 from .worker import RunOutcome, RunRequest
 
@@ -75,7 +76,7 @@ class RunControl(Feature):
         window.views.refresh(include_hidden=True)
         request = outcome.request
         if outcome.error:
-            window.show_error(f"{request.policy}: {outcome.error}")
+            window.show_error(f"{request.policy}: {in_form_words(outcome.error, window.form.labels())}")
             window.statusBar().showMessage("run failed")
         else:
             window.statusBar().showMessage(describe_run(request.policy, outcome.result))

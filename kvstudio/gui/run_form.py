@@ -134,6 +134,7 @@ class RunForm(Feature):
         self.storage_form.set_codecs(list(available_codecs()))  # plugins may add codecs too
 
     def _model_loaded(self, info) -> None:
+        self.storage_form.fit_model(info.n_layers)
         self.chat.setEnabled(info.has_chat_template)
         if not info.has_chat_template:
             self.chat.setChecked(False)

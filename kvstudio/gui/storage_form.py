@@ -110,6 +110,13 @@ class StorageForm(QWidget):
         """{"storage": {...}} to add to the policy's parameters; empty for the default (fp, device)."""
         return {} if self.config() == StorageConfig() else {STORAGE_KEY: self.fields()}
 
+    def fit_model(self, n_layers: int) -> None:
+        """A pair needs the layer after it: merging can start at layer 0 to n_layers - 2 of this model
+        (the box refuses more, instead of the run failing later)."""
+        self.merge_from.setMaximum(max(n_layers - 2, 0))
+        self.merge_from.setToolTip(f"the first merged layer (0 to {n_layers - 2} on this model): pairs (L, L+1), "
+                                   "(L+2, L+3), ...")
+
     def set_parameters(self, values: dict | None) -> None:
         values = values or {}
         defaults = StorageConfig()
