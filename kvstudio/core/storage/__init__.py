@@ -182,4 +182,8 @@ def storage_from_options(options: dict) -> tuple[StorageConfig | None, dict]:
                 typed[key] = kind(value) if not isinstance(value, kind) else value
         except ValueError:
             raise CodecError(f"storage option {key}={value}: expected a {kind.__name__}") from None
+    loose = [k for k in typed if k.startswith("merge_")]  # merge settings with nothing merged: refused, not ignored
+    if loose and typed.get("merge", "none") == "none":
+        raise CodecError(f"{loose[0]}={given[loose[0]]} needs merge=minicache in the same variant: without it no "
+                         "layers are merged")
     return StorageConfig(**typed), {k: v for k, v in options.items() if k not in names}
