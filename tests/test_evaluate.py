@@ -257,6 +257,19 @@ def test_sweep_cells_are_runs_in_the_history_with_their_views(tmp_path):
         assert history.events(record["run_id"]) is not None
 
 
+def test_a_variant_cells_run_in_the_history_names_its_storage(tmp_path):
+    engine = engine_for("tiny-llama")
+    history = RunHistory(tmp_path / "history.sqlite3")
+    spec = _needle_spec(policies=("streaming_llm",), budgets=(32,), variants=({}, {"codec": "int8"}))
+    spec.task_options = TaskOptions(lengths=(400,), depths=(0.0,))
+    outcome = Sweep(engine, spec, tmp_path / "s.jsonl", history=history).run()
+    stored = {json.dumps(r["variant"]): history.get(r["run_id"]) for r in outcome.records}
+    assert {k: (v.policy, v.cache) for k, v in stored.items()} == {"{}": ("streaming_llm", "streaming_llm"),
+                                                                   '{"codec": "int8"}': ("streaming_llm",
+                                                                                         "streaming_llm-int8")}
+    assert stored['{"codec": "int8"}'].parameters["storage"] == {"codec": "int8"}
+
+
 def test_qa_file_is_read_with_datasets_and_scored(tmp_path):
     engine = engine_for("tiny-llama")
     spec = SweepSpec("qa", "tiny-llama", ("full",), (), TaskOptions(qa_file=str(QA_FILE), samples=2,
