@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs = commands.add_parser("runs", help="the run history: list, show, export")
     runs_commands = runs.add_subparsers(dest="runs_command", parser_class=_Parser, required=True)
     listing = runs_commands.add_parser("list", help="stored runs, newest first")
-    listing.add_argument("--policy")
+    listing.add_argument("--policy", help="a policy's runs, whatever their storage (h2o), or one cache's "
+                                          "(h2o-int8, full+minicache)")
     listing.add_argument("--model")
     listing.add_argument("--search", help="text in the prompt or the output")
     listing.add_argument("--limit", type=int, default=20)
@@ -376,10 +377,11 @@ def _history_start(args, loaded, policy, prompt, settings):
     if args.no_history:
         return None, None
     from .core.history import HistoryError, RunHistory
+    from .core.storage import stored_parameters
 
     try:
         history = RunHistory()
-        run_id = history.start(loaded.name, policy.name, policy.config.as_dict(), prompt,
+        run_id = history.start(loaded.name, policy.name, stored_parameters(policy), prompt,
                                vars(settings) | {"stop_strings": list(settings.stop_strings)})
         return history, run_id
     except HistoryError as error:
@@ -416,7 +418,7 @@ def command_runs(args) -> int:
             preview = r.prompt_preview[:40].replace("\n", " ")
             if r.kind != "generate":  # a fine-tune session: its data, and the kind in front
                 preview = f"[{r.kind}] {preview}"
-            print(f"{r.id:>5}  {r.created}  {r.shown_status:<11} {r.model:<24} {r.policy:<14} {speed:>13}  "
+            print(f"{r.id:>5}  {r.created}  {r.shown_status:<11} {r.model:<24} {r.cache:<14} {speed:>13}  "
                   f"{peak:<16} {preview!r}")
         return 0
     if args.runs_command == "show":

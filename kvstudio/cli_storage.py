@@ -29,12 +29,14 @@ def add_storage_options(parser: argparse.ArgumentParser) -> None:
                          help="minicache: from --merge-from on, adjacent layers share one direction per token "
                               "(default none)")
     merging.add_argument("--merge-from", type=int, metavar="L", help="first merged layer (default: half depth)")
-    merging.add_argument("--merge-threshold", type=float, default=StorageConfig.merge_threshold, metavar="T",
+    # The three below default to None, so that one given without --merge minicache is refused, not ignored.
+    merging.add_argument("--merge-threshold", type=float, metavar="T",
                          help="retention threshold: tokens whose two states are farther apart than this fraction of "
-                              "the pair's distance range stay unmerged (default 0.05, the paper's; 0 keeps all)")
-    merging.add_argument("--merge-t", type=float, default=StorageConfig.merge_t, metavar="T",
+                              "the pair's distance range stay unmerged; 0 keeps every token unmerged, above 1 merges "
+                              f"every token both layers hold (default {StorageConfig.merge_threshold:g}, the paper's)")
+    merging.add_argument("--merge-t", type=float, metavar="T",
                          help="SLERP interpolation parameter, 0 = the earlier layer's direction, 1 = the later's "
-                              "(default 0.6, the paper's)")
+                              f"(default {StorageConfig.merge_t:g}, the paper's)")
     group.add_argument("--measure-error", action="store_true",
                        help="report the codec's relative error of keys and values and the KL divergence of the "
                             "next-token distribution from the same run stored in fp (runs the sequence twice more)")
@@ -49,11 +51,20 @@ def storage_from_args(args) -> StorageConfig:
                              "give one of them")
     if merge_in_name(args.policy):  # --policy h2o+minicache: the same as --merge minicache
         args.merge = merge_in_name(args.policy)
+    merge_settings = {"--merge-from": args.merge_from, "--merge-threshold": args.merge_threshold,
+                      "--merge-t": args.merge_t}
+    given = [option for option, value in merge_settings.items() if value is not None]
+    if given and args.merge == "none":
+        raise CodecError(f"{given[0]} needs --merge minicache (or --policy {args.policy}+minicache): without it no "
+                         "layers are merged")
+    defaults = StorageConfig()
     args.policy = policy
     config = StorageConfig(codec=codec or args.codec or "fp", group_size=args.group_size, residual=args.residual,
                            tier=args.tier, recall=args.recall, block_size=args.block_size,
                            measure_error=args.measure_error, merge=args.merge, merge_from=args.merge_from,
-                           merge_threshold=args.merge_threshold, merge_t=args.merge_t)
+                           merge_threshold=defaults.merge_threshold if args.merge_threshold is None
+                           else args.merge_threshold,
+                           merge_t=defaults.merge_t if args.merge_t is None else args.merge_t)
     config.validate()
     return config
 

@@ -7,6 +7,7 @@ test_evaluate_default_model.py.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -256,6 +257,19 @@ def test_sweep_cells_are_runs_in_the_history_with_their_views(tmp_path):
         assert history.events(record["run_id"]) is not None
 
 
+def test_a_variant_cells_run_in_the_history_names_its_storage(tmp_path):
+    engine = engine_for("tiny-llama")
+    history = RunHistory(tmp_path / "history.sqlite3")
+    spec = _needle_spec(policies=("streaming_llm",), budgets=(32,), variants=({}, {"codec": "int8"}))
+    spec.task_options = TaskOptions(lengths=(400,), depths=(0.0,))
+    outcome = Sweep(engine, spec, tmp_path / "s.jsonl", history=history).run()
+    stored = {json.dumps(r["variant"]): history.get(r["run_id"]) for r in outcome.records}
+    assert {k: (v.policy, v.cache) for k, v in stored.items()} == {"{}": ("streaming_llm", "streaming_llm"),
+                                                                   '{"codec": "int8"}': ("streaming_llm",
+                                                                                         "streaming_llm-int8")}
+    assert stored['{"codec": "int8"}'].parameters["storage"] == {"codec": "int8"}
+
+
 def test_qa_file_is_read_with_datasets_and_scored(tmp_path):
     engine = engine_for("tiny-llama")
     spec = SweepSpec("qa", "tiny-llama", ("full",), (), TaskOptions(qa_file=str(QA_FILE), samples=2,
@@ -340,6 +354,31 @@ def test_eval_command_writes_records_table_and_figure_then_resumes(capsys, tmp_p
     assert (tmp_path / "heat.png").stat().st_size > 1000
     code, out, err = _cli(capsys, *argv)
     assert code == 0 and "4 already stored" in err and "0 cells computed, 4 reused" in err
+
+
+def test_a_variant_runs_beside_the_plain_cells_and_a_store_of_variants_alone_resumes(capsys, tmp_path):
+    """--variant adds cells: the plain ones (the baseline) run too, unless --no-baseline; a sweep stored
+    without them computes only them when run with them."""
+    store, csv_path = tmp_path / "s.jsonl", tmp_path / "cells.csv"
+    argv = ["eval", "needle", "--model", "tiny-llama", "--policies", "full,h2o", "--budgets", "32", "--lengths",
+            "400", "--depths", "0.5", "--chunk-size", "64", "--store", str(store), "--no-history",
+            "--variant", "merge=minicache,merge_from=1", "--csv", str(csv_path)]
+    code, out, err = _cli(capsys, *argv, "--no-baseline")
+    assert code == 0, err
+    assert "2 cells computed, 0 reused" in err and "plain" not in out  # variants only: no plain row
+    code, out, err = _cli(capsys, *argv)
+    assert code == 0, err
+    assert "4 cells (2 already stored" in err and "2 cells computed, 2 reused" in err
+    rows = [line.split() for line in out.splitlines()]
+    assert rows[0][:3] == ["policy", "budget", "variant"]
+    assert sorted((row[0], row[2]) for row in rows[1:]) == [("full", "merge=minicache"), ("full", "plain"),
+                                                          ("h2o", "merge=minicache"), ("h2o", "plain")]
+    with open(csv_path, newline="") as stream:
+        variants = sorted((row["policy"], row["variant"] if row["variant"] == "{}" else json.loads(row["variant"])["merge"])
+                          for row in csv.DictReader(stream))
+    assert variants == [("full", "minicache"), ("full", "{}"), ("h2o", "minicache"), ("h2o", "{}")]
+    code, _, err = _cli(capsys, "eval", "needle", "--model", "tiny-llama", "--no-history", "--no-baseline")
+    assert code == 2 and "--no-baseline leaves nothing to run: give a --variant" in err
 
 
 @pytest.mark.parametrize("argv, message", [

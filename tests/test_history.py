@@ -282,6 +282,74 @@ def test_cli_runs_list_show_export(capsys, tmp_path):
     assert "stored as run" not in capsys.readouterr().err
 
 
+def stored_id(capsys) -> int:
+    return int(capsys.readouterr().err.split("stored as run ")[1].split()[0])
+
+
+def test_a_runs_storage_is_stored_listed_and_shown(capsys):
+    """A merged or quantized run is not listed as its plain policy: its storage is kept and named."""
+    prompt = ["--model", "tiny-llama", "--prompt", "stored storage", "--max-new-tokens", "3"]
+    assert main(["run", *prompt, "--policy", "full", "--merge", "minicache", "--merge-from", "2",
+                 "--merge-threshold", "0.5"]) == 0
+    merged = stored_id(capsys)
+    assert main(["run", *prompt, "--policy", "h2o", "--budget", "8", "--codec", "int8"]) == 0
+    quantized = stored_id(capsys)
+    assert main(["run", *prompt, "--policy", "h2o", "--budget", "8"]) == 0
+    plain = stored_id(capsys)
+    assert main(["runs", "list"]) == 0
+    rows = {int(line.split()[0]): line.split()[4] for line in capsys.readouterr().out.splitlines()}
+    assert {i: rows[i] for i in (merged, quantized, plain)} == {merged: "full+minicache", quantized: "h2o-int8",
+                                                                plain: "h2o"}
+    assert main(["runs", "show", str(merged)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["policy"] == "full" and shown["cache"] == "full+minicache"
+    assert shown["parameters"]["storage"] == {"merge": "minicache", "merge_from": 2, "merge_threshold": 0.5}
+    assert shown["storage"] == "fp, minicache from layer 2 (threshold 0.5, t 0.6)"
+    assert shown["figures"]["storage"]["merging"]["pairs"] == [[2, 3]]  # what the run reported, kept too
+    assert main(["runs", "show", str(quantized)]) == 0
+    assert json.loads(capsys.readouterr().out)["parameters"]["storage"] == {"codec": "int8"}
+    assert main(["runs", "show", str(plain)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert "storage" not in shown["parameters"] and "storage" not in shown and shown["cache"] == "h2o"
+    # --policy finds a policy's runs whatever their storage, or one cache's by its listed name.
+    for name, expected in (("h2o", {quantized, plain}), ("h2o-int8", {quantized}), ("full+minicache", {merged}),
+                           ("full", {merged})):
+        assert main(["runs", "list", "--policy", name]) == 0
+        listed = {int(line.split()[0]) for line in capsys.readouterr().out.splitlines()}
+        assert listed & {merged, quantized, plain} == expected, name
+
+
+def test_a_cache_name_is_stored_as_its_policy_and_storage(history, llama_engine):
+    """The studio's Compare runs 'h2o-int4' with the form's storage fields: the row keeps 'h2o' and the codec."""
+    form = {"codec": "fp", "group_size": 32, "residual": 0, "tier": "device", "recall": 0, "merge": "none",
+            "merge_from": None, "merge_threshold": 0.05, "merge_t": 0.6}
+    run_id = history.start("tiny-llama", "h2o-int4", {"budget": 8, "storage": form}, "p")
+    record = history.get(run_id)
+    assert (record.policy, record.cache) == ("h2o", "h2o-int4")
+    assert record.parameters == {"budget": 8, "storage": {"codec": "int4", "group_size": 32}}
+    assert [r.id for r in history.list(policy="h2o-int4")] == [run_id] and history.list(policy="h2o-int8") == []
+
+
+def test_rows_stored_before_the_storage_was_kept_still_list(tmp_path):
+    """Version 4 rows: a CLI run without storage, a Compare row named 'h2o-int4', a studio row with every
+    storage field of the form."""
+    form = ('{"storage": {"codec": "fp", "group_size": 64, "residual": 0, "tier": "device", "recall": 0, '
+            '"merge": "minicache", "merge_from": 2, "merge_threshold": 0.5, "merge_t": 0.6}}')
+    path = old_database(
+        tmp_path / "v4.sqlite3", 4,
+        "INSERT INTO runs (created, model, policy, parameters, prompt_sha256, prompt_preview, status) VALUES "
+        "('2026-05-01T00:00:00+00:00', 'tiny-llama', 'full', '{}', 'x', 'p', 'finished'), "
+        "('2026-05-01T00:00:01+00:00', 'tiny-llama', 'h2o-int4', '{\"budget\": 8}', 'x', 'p', 'finished'), "
+        f"('2026-05-01T00:00:02+00:00', 'tiny-llama', 'full', '{form}', 'x', 'p', 'finished')")
+    history = RunHistory(path)
+    try:
+        assert [r.cache for r in history.list()] == ["full+minicache", "h2o-int4", "full"]
+        assert [r.id for r in history.list(policy="h2o-int4")] == [2]
+        assert "storage" not in history.get(1).to_dict() and history.get(3).to_dict()["storage"].startswith("fp, mini")
+    finally:
+        history.close()
+
+
 def test_recall_events_round_trip_and_older_recordings_still_open():
     import io
 

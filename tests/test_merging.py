@@ -218,6 +218,23 @@ def test_eval_variants_carry_merge_settings():
     assert "+minicache" in policy.describe()
 
 
+@pytest.mark.parametrize("option, value", [("--merge-from", "2"), ("--merge-threshold", "0.5"), ("--merge-t", "0.3")])
+def test_merge_settings_without_merging_are_refused(capsys, option, value):
+    """Given without --merge minicache, a merge setting would be ignored and the run plain: it is refused."""
+    code, _, stderr = run_cli(capsys, "run", "--model", "tiny-llama", "--policy", "h2o-int8", "--budget", "8",
+                              option, value, "--prompt", "x", "--max-new-tokens", "1", "--no-history")
+    assert code == 2 and f"{option} needs --merge minicache (or --policy h2o-int8+minicache)" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    code, stdout, stderr = run_cli(capsys, "run", "--model", "tiny-llama", "--policy", "h2o-int8+minicache",
+                                   "--budget", "8", option, value, "--prompt", "x", "--max-new-tokens", "1",
+                                   "--no-history")
+    assert code == 0, stderr
+    assert "h2o-int8+minicache" in stdout
+    code, _, stderr = run_cli(capsys, "eval", "needle", "--model", "tiny-llama", "--policies", "full", "--lengths",
+                              "256", "--no-history", "--variant", f"codec=int8,{option.lstrip('-').replace('-', '_')}={value}")
+    assert code == 2 and "needs merge=minicache in the same variant" in stderr
+
+
 def test_the_run_records_merged_and_retained_entries_for_the_views(llama_engine):
     from kvstudio.core.events import Recorder
 

@@ -60,6 +60,43 @@ def test_merge_settings_reach_the_run_and_the_views(qtbot, window):
     assert form.merge_from.value() == 2
 
 
+def test_the_runs_view_names_a_merged_runs_cache_and_storage(qtbot, window, tmp_path):
+    """A minicache run is listed as full+minicache with its merge settings, not as "full", "defaults";
+    it reopens, compares with a plain run and exports a figure like any other."""
+    from kvstudio.core.plots.render import FigureRequest
+    from kvstudio.core.recordings import unpack_events
+
+    load(qtbot, window)
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)
+    window.form.max_new_tokens.setValue(3)
+    plain = run(qtbot, window, policy="full").request.history_id
+    form = window.form.storage_form
+    form.merge.setCurrentText("minicache")
+    form.merge_from.setValue(2)
+    form.merge_threshold.setValue(0.5)
+    merged = run(qtbot, window, policy="full").request.history_id
+    view = window.runs.view
+    view.refresh()
+    cells = {int(view.table.item(r, 0).text()): (view.table.item(r, 4).text(), view.table.item(r, 6).text())
+             for r in range(view.table.rowCount())}
+    assert cells[merged] == ("full+minicache", "fp, minicache from layer 2 (threshold 0.5, t 0.6)")
+    assert cells[plain] == ("full", "defaults")
+    view.search.setText("policy=full+minicache")
+    view.refresh()
+    assert [view.table.item(r, 0).text() for r in range(view.table.rowCount())] == [str(merged)]
+    view.search.setText("")
+    view.refresh()
+    view.table.selectAll()
+    view.compare_selected()
+    assert f"run {merged}: full+minicache" in view.comparison.text() and f"run {plain}: full<" in view.comparison.text()
+    window.runs.reopen(merged)
+    assert "+minicache" in window.recorder.all("runs")[-1].policy
+    stored = unpack_events(window.history.events(merged))
+    figure = window.figures.export_figure(stored, FigureRequest("occupancy", title=f"run {merged}"),
+                                          tmp_path / "merged.png")
+    assert figure is not None and figure.stat().st_size > 0
+
+
 def test_compare_h2o_against_h2o_merged(qtbot, window):
     load(qtbot, window)
     window.prompt_area.prompt.setPlainText("a b c d e f " * 8)

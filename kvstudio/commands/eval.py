@@ -6,11 +6,13 @@
 
 Progress and an estimate of the time left go to stderr, one line per cell; the summary table to
 stdout. Running the same command again resumes: finished cells are read from the sweep's store.
+Each --variant adds cells beside the plain ones (no variant), which run too unless --no-baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -59,7 +61,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="a policy parameter for every policy that has it, e.g. --option sink=4 (repeatable)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="extra options making one more cell per policy and budget (repeatable): policy "
-                             "parameters or storage settings, e.g. codec=int8 or merge=minicache,merge_from=15")
+                             "parameters or storage settings, e.g. codec=int8 or merge=minicache,merge_from=15; "
+                             "the plain cells (no variant) run too, as the baseline")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="with --variant: run only the variants, not the plain cells")
     grid = parser.add_argument_group("passkey, needle and ruler")
     grid.add_argument("--lengths", type=_ints, default=None, help="context lengths in tokens (default 1024,2048)")
     grid.add_argument("--depths", type=_floats, default=None, help="needle depths 0..1 (default 0,0.25,0.5,0.75,1)")
@@ -139,7 +144,13 @@ def build_spec(args):
         max_context_tokens=args.max_context_tokens)
     language_options = LanguageOptions(tokens=args.tokens, prefix_tokens=args.prefix_tokens, stride=args.stride,
                                        seed=args.seed, text_file=args.text_file)
-    variants = tuple(parse_assignments([v], "--variant") for v in args.variant) or ({},)
+    variants = [parse_assignments([v], "--variant") for v in args.variant]
+    if args.no_baseline and not any(variants):
+        raise KVStudioError("--no-baseline leaves nothing to run: give a --variant, or run the plain cells "
+                            "without --no-baseline")
+    if not args.no_baseline:  # the plain cells: what a variant is compared against
+        variants.insert(0, {})
+    variants = tuple({json.dumps(v, sort_keys=True): v for v in variants}.values())  # a variant given twice: once
     return SweepSpec(args.task, args.model, args.policies, args.budgets, task_options, language_options,
                      parse_assignments(args.option, "--option"), variants, args.chunk_size)
 

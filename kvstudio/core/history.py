@@ -10,6 +10,7 @@ HistoryError with a message saying what to do; callers turn history off and carr
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .errors import KVStudioError
 
 SCHEMA_VERSION = 4
 PREVIEW_CHARS = 200
+STORAGE_KEY = "storage"  # in a row's parameters: the run's storage fields (core.storage.STORAGE_KEY)
 LOCK_TIMEOUT_S = 2.0
 LIST_COLUMNS = ("id, created, model, policy, parameters, prompt_sha256, prompt_preview, output, status, figures, "
                 "settings, error, kind")
@@ -89,13 +91,52 @@ class RunRecord:
             return "cancelled"
         return self.status
 
+    @property
+    def storage(self) -> dict:
+        """The storage fields that differ from the defaults ({} for fp on the device, and for runs
+        stored before the history kept them)."""
+        return self.parameters.get(STORAGE_KEY) or {}
+
+    @property
+    def cache(self) -> str:
+        """The cache the run used, named as a run's summary names it: 'h2o', 'h2o-int8', 'full+minicache'."""
+        from .storage import cache_label
+
+        return cache_label(self.policy, self.storage)
+
     def to_dict(self) -> dict:
-        return {**vars(self), "status": self.shown_status}
+        """The record's fields, with the cache's name beside its policy and its storage in words."""
+        data = {}
+        for key, value in vars(self).items():
+            data[key] = value
+            if key == "policy":
+                data["cache"] = self.cache
+            elif key == "parameters" and self.storage:
+                from .storage import storage_config
+
+                data["storage"] = storage_config(self.storage).describe()
+        return data | {"status": self.shown_status}
+
+
+def stored_policy(policy: str, parameters: dict) -> tuple[str, dict]:
+    """The policy name and parameters a row keeps: a cache name ('h2o-int4', a Compare column's) becomes
+    its policy ('h2o') with the codec under parameters["storage"], which holds only the storage fields
+    that differ from the defaults. So the policy column finds all of a policy's runs, whatever their
+    storage, and RunRecord.cache names the cache back."""
+    from .storage import changed_fields, split_cache_name, storage_config, storage_fields
+
+    fields = storage_fields(policy, parameters.get(STORAGE_KEY))
+    parameters = {k: v for k, v in parameters.items() if k != STORAGE_KEY}
+    if fields:
+        changed = changed_fields(storage_config(fields))
+        parameters |= {STORAGE_KEY: changed} if changed else {}
+    return split_cache_name(policy)[0], parameters
 
 
 def record_from_result(model: str, policy: str, parameters: dict, prompt: str, result) -> RunRecord:
     """A RunRecord for a run that is not in the history (history off), e.g. to export it."""
     data = result.to_dict()
+    policy, parameters = stored_policy(policy, parameters)
     return RunRecord(None, datetime.now(timezone.utc).isoformat(timespec="seconds"), model, policy, parameters,
                      hashlib.sha256(prompt.encode("utf-8")).hexdigest(), prompt[:PREVIEW_CHARS],
                      "cancelled" if result.stop_reason == "cancelled" else "finished", result.text,
@@ -155,6 +196,7 @@ class RunHistory:
               kind: str = "generate") -> int:
         """Record a run as it starts; returns its id."""
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        policy, parameters = stored_policy(policy, parameters)
         digest = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
         with self._writing():
             cursor = self.connection.execute(
@@ -185,7 +227,8 @@ class RunHistory:
             data = result.to_dict()
             figures = {key: data[key] for key in ("prompt_tokens", "tokens_per_second", "prefill_seconds",
                                                   "decode_seconds", "peak_cache_bytes", "evictions",
-                                                  "kept_per_layer", "peak_kept_per_layer", "stop_reason")}
+                                                  "kept_per_layer", "peak_kept_per_layer", "stop_reason",
+                                                  "storage")}
             figures["generated_tokens"] = len(result.token_ids)
             run_status = "cancelled" if result.stop_reason == "cancelled" else "finished"
             values = (run_status, result.text, json.dumps(figures), json.dumps(data["steps"]),
@@ -210,20 +253,27 @@ class RunHistory:
 
     def list(self, policy: str | None = None, model: str | None = None, text: str | None = None,
              limit: int = 50) -> list[RunRecord]:
-        """Newest first, without per-step records."""
+        """Newest first, without per-step records. `policy`: a policy's runs whatever their storage ('h2o'),
+        or one cache's ('h2o-int8', 'full+minicache': what RunRecord.cache names)."""
         clauses, values = [], []
-        for column, value in (("policy", policy), ("model", model)):
-            if value:
-                clauses.append(f"{column} = ?")
-                values.append(value)
+        if model:
+            clauses.append("model = ?")
+            values.append(model)
+        if policy:  # rows from before the storage was kept may name a cache ('h2o-int4') in the policy column
+            base = stored_policy(policy, {})[0]
+            clauses.append("(policy = ? OR policy LIKE ? OR policy LIKE ?)")
+            values += [base, f"{base}-%", f"{base}+%"]
         if text:
             clauses.append("(prompt_preview LIKE ? OR output LIKE ?)")
             values += [f"%{text}%"] * 2
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         # Not the per-step records and memory readings: they are the bulk of a row.
-        rows = self.connection.execute(f"SELECT {LIST_COLUMNS} FROM runs {where} ORDER BY id DESC LIMIT ?",
-                                       (*values, limit))
-        return [self._record(row, with_steps=False) for row in rows]
+        rows = self.connection.execute(f"SELECT {LIST_COLUMNS} FROM runs {where} ORDER BY id DESC", values)
+        records = (self._record(row, with_steps=False) for row in rows)
+        if policy:  # the LIKEs find candidates ('_' matches any letter); the names decide
+            records = (r for r in records if stored_policy(r.policy, {})[0] == base
+                       and (policy == base or r.cache == policy))
+        return list(itertools.islice(records, limit))
 
     def get(self, run_id: int) -> RunRecord:
         row = self.connection.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()

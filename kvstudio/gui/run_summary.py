@@ -36,7 +36,7 @@ def budget_text(parameters: dict) -> str:
 
 
 def parameters_text(parameters: dict) -> str:
-    """A run's parameters besides the budget, as a line: 'sink 4 · window 20 · int4 (group 32, residual 64)'.
+    """A run's parameters besides the budget, as a line: 'sink 4 · window 20 · int4, group 32, residual 64'.
     Unset (None) and off (False) parameters are left out; the storage fields read as one item."""
     parts = []
     for name, value in parameters.items():
@@ -52,12 +52,9 @@ def parameters_text(parameters: dict) -> str:
 
 
 def _storage_text(storage: dict) -> str:
-    codec = storage.get("codec", "fp")
-    details = [f"{label} {storage[key]}" for key, label in (("group_size", "group"), ("residual", "residual"))
-               if codec != "fp" and key in storage]
-    tier = storage.get("tier", "device")
-    if tier != "device":
-        details.append(f"{tier} tier" + (f", recall {storage['recall']}" if storage.get("recall") else ""))
-    if codec == "fp" and not details:
-        return ""
-    return codec + (f" ({', '.join(details)})" if details else "")
+    """The storage as a run's summary words it ('int4, group 32, residual 64', 'fp, minicache from layer 2
+    (threshold 0.5, t 0.6)'); empty for fp on the device."""
+    from ..core.storage import storage_config
+
+    described = storage_config(storage).describe()
+    return "" if described == "fp" else described

@@ -33,7 +33,7 @@ class RunsView(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.history = None
-        self.search = QLineEdit(placeholderText="filter: text in the prompt or output, or policy=NAME")
+        self.search = QLineEdit(placeholderText="filter: text in the prompt or output, or policy=NAME (h2o, h2o-int8)")
         self.refresh_button = QPushButton("Refresh")
         self.open_button = QPushButton("Open views")
         self.open_button.setToolTip("show the run in the token map, evictions, occupancy, memory and attention "
@@ -90,7 +90,7 @@ class RunsView(QWidget):
         for row, record in enumerate(records):
             figures = record.figures
             cells = (str(record.id), record.created.replace("T", " ")[:19], record.shown_status, record.model,
-                     record.policy, budget_text(record.parameters),
+                     record.cache, budget_text(record.parameters),
                      parameters_text(record.parameters) or "defaults",
                      _figure(figures, "tokens_per_second", "{:.1f}"),
                      _figure(figures, "peak_cache_bytes", None), _figure(figures, "evictions", "{}"),
@@ -124,8 +124,8 @@ class RunsView(QWidget):
                 *((label, _figure(first.figures, key, pattern), _figure(second.figures, key, pattern))
                   for label, key, pattern in FIGURES),
                 ("output", first.output, second.output)]
-        lines = [f"<tr><th></th><th align=left>run {first.id}: {first.policy}</th>"
-                 f"<th align=left>run {second.id}: {second.policy}</th></tr>"]
+        lines = [f"<tr><th></th><th align=left>run {first.id}: {first.cache}</th>"
+                 f"<th align=left>run {second.id}: {second.cache}</th></tr>"]
         for label, a, b in rows:
             differs = " style='color:#e0b040'" if a != b and label != "output" else ""
             lines.append(f"<tr><td><b>{label}</b></td><td{differs}>{_html(a)}</td><td{differs}>{_html(b)}</td></tr>")

@@ -19,6 +19,7 @@ from ..atomic import atomic_write, check_writable_folder
 from ..errors import KVStudioError
 from ..units import format_bytes
 
+PLAIN = "plain"  # the summary's variant column for the cells without one (the baseline)
 CSV_COLUMNS = ("task", "subtask", "policy", "budget", "variant", "context_tokens", "depth", "needle_depth", "sample",
                "score", "partial_score", "exact_match", "perplexity", "kl_mean", "kl_max", "peak_cache_bytes",
                "seconds", "run_id", "output", "expected")
@@ -87,13 +88,13 @@ def format_summary(records: list[dict]) -> str:
               ["policy", "budget", "variant", "subtask", "mean score", "partial", "peak cache", "cells", "seconds"])
     lines = []
     for row in rows:
-        variant = " ".join(f"{k}={v}" for k, v in row.variant.items()) or "-"
+        variant = " ".join(f"{k}={v}" for k, v in row.variant.items()) or PLAIN
         figures = ([f"{row.perplexity:.3f}", f"{row.kl_mean:.4f}"] if language else
                    [f"{row.mean_score:.3f}", "-" if row.mean_partial is None else f"{row.mean_partial:.3f}"])
         lines.append([row.policy, "-" if row.budget is None else str(row.budget), variant, row.subtask or "-",
                       *figures, format_bytes(row.peak_cache_bytes), str(row.cells), f"{row.seconds:.1f}"])
     keep = [i for i in range(len(header)) if header[i] not in ("variant", "subtask")
-            or any(line[i] != "-" for line in lines)]
+            or any(line[i] not in ("-", PLAIN) for line in lines)]
     table = [[header[i] for i in keep]] + [[line[i] for i in keep] for line in lines]
     widths = [max(len(line[i]) for line in table) for i in range(len(keep))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table)
@@ -190,7 +191,7 @@ def export_cells(records: list[dict], path: str | Path) -> Path:
             writer.writeheader()
             for record in records:
                 row = {k: record.get(k) for k in CSV_COLUMNS}
-                row["variant"] = json.dumps(record.get("variant") or {}) if record.get("variant") else ""
+                row["variant"] = json.dumps(record.get("variant") or {})  # {}: a plain cell, the baseline
                 row["expected"] = ";".join(record.get("expected") or [])
                 writer.writerow(row)
         return atomic_write(path, write)

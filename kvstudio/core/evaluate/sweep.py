@@ -358,10 +358,11 @@ class Sweep:
         if self.history is None:
             return None
         from ..history import HistoryError
+        from ..storage import stored_parameters
 
         try:
             prompt = self.engine.tokenizer.decode(ids)
-            return self.history.start(self.spec.model, policy.name, policy.config.as_dict(), prompt,
+            return self.history.start(self.spec.model, policy.name, stored_parameters(policy), prompt,
                                       vars(settings) | {"stop_strings": [], "evaluation": {
                                           k: base[k] for k in ("task", "budget", "variant")} | {
                                           "store": str(self.store.path)}})

@@ -87,13 +87,62 @@ def storage_of(policy) -> StorageConfig:
 
 def cache_name(policy) -> str:
     """'h2o-int4' for a policy stored in int4; the policy's name alone for fp on the device tier."""
-    storage = storage_of(policy)
-    name = policy.name if storage.codec == FP else f"{policy.name}-{storage.codec}"
+    return _cache_name(policy.name, storage_of(policy))
+
+
+def _cache_name(policy: str, storage: StorageConfig) -> str:
+    name = policy if storage.codec == FP else f"{policy}-{storage.codec}"
     return name + ("+host" if storage.tier == "host" else "") + ("" if storage.merge == "none" else f"+{storage.merge}")
 
 
-__all__ = ["Codec", "CodecError", "StorageConfig", "attach", "available_codecs", "cache_name", "codec_class",
-           "create_codec", "register_codec", "split_cache_name", "storage_of", "unregister_codec"]
+def cache_label(name: str, fields: dict | None = None) -> str:
+    """'full+minicache', 'h2o-int8+host': the cache a stored run used, from its policy (or cache) name and
+    its "storage" parameters (a run history row's)."""
+    return _cache_name(split_cache_name(name)[0], storage_config(storage_fields(name, fields)))
+
+
+def storage_fields(name: str, fields: dict | None = None) -> dict:
+    """The StorageConfig fields that a cache name ('h2o-int4+minicache') and a "storage" parameter dict
+    set together; the name's codec and merge win (a Compare column's name over the form's settings)."""
+    fields = dict(fields or {})
+    codec = split_cache_name(name)[1]
+    if codec is not None:
+        fields["codec"] = codec
+    if merge_in_name(name):
+        fields["merge"] = merge_in_name(name)
+    return fields
+
+
+def storage_config(fields: dict) -> StorageConfig:
+    """A StorageConfig from stored fields, leaving out names it does not know (a row from a newer version)."""
+    from dataclasses import fields as config_fields
+
+    known = {f.name for f in config_fields(StorageConfig)}
+    return StorageConfig(**{k: v for k, v in fields.items() if k in known})
+
+
+def changed_fields(config: StorageConfig) -> dict:
+    """The fields of `config` that differ from the defaults: what a stored run keeps of its storage
+    (nothing for fp on the device). The merge settings only when merging: otherwise they do nothing."""
+    from dataclasses import asdict
+
+    defaults = asdict(StorageConfig())
+    changed = {k: v for k, v in asdict(config).items() if v != defaults[k]}
+    if config.merge == "none":
+        changed = {k: v for k, v in changed.items() if not k.startswith("merge")}
+    return changed
+
+
+def stored_parameters(policy) -> dict:
+    """A policy's parameters as a run records them: its config, and under "storage" the storage fields
+    that differ from the defaults (build_policy reads them back)."""
+    changed = changed_fields(storage_of(policy))
+    return policy.config.as_dict() | ({STORAGE_KEY: changed} if changed else {})
+
+
+__all__ = ["Codec", "CodecError", "StorageConfig", "attach", "available_codecs", "cache_label", "cache_name",
+           "changed_fields", "codec_class", "create_codec", "register_codec", "split_cache_name", "storage_config",
+           "storage_fields", "storage_of", "stored_parameters", "unregister_codec"]
 
 
 STORAGE_KEY = "storage"  # in a policy's parameter dict (the studio's run requests): the StorageConfig fields
@@ -104,13 +153,10 @@ def build_policy(name: str, parameters: dict):
     (a dict of StorageConfig fields) sets the storage, and a codec in the name overrides its codec."""
     from ..policies import create_policy
 
-    base, codec = split_cache_name(name)
+    base = split_cache_name(name)[0]
     parameters = dict(parameters)
-    fields = dict(parameters.pop(STORAGE_KEY, None) or {})
-    if codec is not None:
-        fields["codec"] = codec
-    if merge_in_name(name):  # 'h2o+minicache': merged, with the form's merge settings where given
-        fields["merge"] = merge_in_name(name)
+    # 'h2o+minicache': merged, with the form's merge settings where given
+    fields = storage_fields(name, parameters.pop(STORAGE_KEY, None))
     policy = create_policy(base, **parameters)
     return attach(policy, StorageConfig(**fields)) if fields else policy
 
@@ -136,4 +182,8 @@ def storage_from_options(options: dict) -> tuple[StorageConfig | None, dict]:
                 typed[key] = kind(value) if not isinstance(value, kind) else value
         except ValueError:
             raise CodecError(f"storage option {key}={value}: expected a {kind.__name__}") from None
+    loose = [k for k in typed if k.startswith("merge_")]  # merge settings with nothing merged: refused, not ignored
+    if loose and typed.get("merge", "none") == "none":
+        raise CodecError(f"{loose[0]}={given[loose[0]]} needs merge=minicache in the same variant: without it no "
+                         "layers are merged")
     return StorageConfig(**typed), {k: v for k, v in options.items() if k not in names}
