@@ -49,9 +49,9 @@ def test_runs_table_shows_the_parameters_and_compare_two_the_outputs(qtbot, wind
     view = window.runs.view
     view.refresh()
     table = view.table
-    assert [cell(table, r, RUNS_COLUMNS, "policy") for r in range(2)] == ["h2o", "streaming_llm"]  # newest first
+    assert [cell(table, r, RUNS_COLUMNS, "policy") for r in range(2)] == ["h2o-int8", "streaming_llm"]  # newest first; the cache
     assert [cell(table, r, RUNS_COLUMNS, "budget") for r in range(2)] == ["32", "24"]
-    assert "int8 (group 8, residual" in cell(table, 0, RUNS_COLUMNS, "parameters")
+    assert "int8, group 8, residual" in cell(table, 0, RUNS_COLUMNS, "parameters")
     assert "sink 4" in cell(table, 1, RUNS_COLUMNS, "parameters")
     assert "chunk_size: 16" in table.item(1, RUNS_COLUMNS.index("parameters")).toolTip()  # and the settings
     table.selectAll()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from PySide6.QtCore import Signal, Slot
 
 from ..core.events import Recorder
+from ..core.storage import STORAGE_KEY, cache_label
 from .feature import Feature
 from .form_words import in_form_words
 from .run_summary import describe_run
@@ -75,10 +76,11 @@ class RunControl(Feature):
         window.last_outcome = outcome
         window.views.refresh(include_hidden=True)
         request = outcome.request
+        name = cache_label(request.policy, request.parameters.get(STORAGE_KEY))  # 'full+minicache', 'h2o-int4'
         if outcome.error:
-            window.show_error(f"{request.policy}: {in_form_words(outcome.error, window.form.labels())}")
+            window.show_error(f"{name}: {in_form_words(outcome.error, window.form.labels())}")
             window.statusBar().showMessage("run failed")
         else:
-            window.statusBar().showMessage(describe_run(request.policy, outcome.result))
+            window.statusBar().showMessage(describe_run(name, outcome.result))
         window.update_buttons()
         self.run_ended.emit(outcome)
