@@ -44,6 +44,9 @@ def test_a_needle_sweep_fills_heatmaps_and_table_and_opens_a_cell_as_a_run(qtbot
         # row-major setting and in pyqtgraph's default alike (a swap once drew lengths down y).
         image = view.heatmap_items[label]
         assert (image.width(), image.height()) == (1, 2)
+    # Score vs budget (a log axis): ticks at the swept budgets, as numbers.
+    ticks = view.by_budget.getAxis("bottom")._tickLevels
+    assert [label for _, label in ticks[0]] == ["32"]
     # Open a cell: its run from the history shows in the live views.
     run_id = view.records[1]["run_id"]
     assert run_id is not None

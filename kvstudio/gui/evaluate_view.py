@@ -9,6 +9,8 @@ same ones `kvstudio eval` prints and exports.
 
 from __future__ import annotations
 
+import math
+
 import traceback
 from pathlib import Path
 
@@ -283,6 +285,11 @@ class EvaluateView(QWidget):
         for plot in (self.by_budget, self.by_bytes, self.ppl_plot, self.kl_plot):
             plot.clear()
         self.curves = {}
+        # Ticks at the swept budgets, as numbers: pyqtgraph's own log-axis ticks between them ran
+        # together ("3·10¹4·10¹5·10¹...") in the narrow pane.
+        budgets = sorted(set(spec.budgets or ()))
+        self.by_budget.getAxis("bottom").setTicks([[(math.log10(b), str(b)) for b in budgets if b > 0]] if budgets
+                                                  else None)
         if spec.task in ("passkey", "needle"):
             self._shape_heatmaps(spec)
 
