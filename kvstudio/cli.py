@@ -517,7 +517,6 @@ DEMO_QUESTION = "In two sentences, what does a KV cache do in a transformer?"
 
 
 def command_demo() -> int:
-    from .core.atomic import check_writable_folder
     from .core.engine import Engine, GenerationSettings
     from .core.models import load_model
     from .core.policies import create_policy

@@ -99,7 +99,6 @@ class PolicyLayer(DynamicLayer):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        storage = cache.storage
         self.store = cache.new_store(layer_idx)
         self.host: HostTier | None = None  # the host tier, made at the first eviction when it is on
         # Cross-layer merging (storage/minicache.py): this layer's side of its pair, or None.

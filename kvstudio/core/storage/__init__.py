@@ -8,182 +8,23 @@
   host.py      the host tier: evicted entries in host memory, Quest block summaries, recall
   minicache.py cross-layer merging: adjacent layers share one direction per token (MiniCache)
   errors.py    --measure-error: the codec's KL to the same run stored in fp
-
-A cache is named `<policy>-<codec>`: `split_cache_name("h2o-int4")` gives ("h2o", "int4").
+  codecs.py    the codec registry (built-ins and plugins' codecs, by name)
+  policy_storage.py  a policy's StorageConfig, cache names ('h2o-int4'), recorded parameters
 """
 
 from __future__ import annotations
 
-from ..registry import BUILT_IN, Registry
 from .base import MERGE_METHODS, Codec, CodecError, StorageConfig
 from .bnb import BnbInt4Codec, BnbInt8Codec
+from .codecs import (BUILT_IN, FP, available_codecs, codec_class, codec_source, create_codec, register_codec,
+                     unregister_codec)
 from .integer import Int4Codec, Int8Codec
+from .policy_storage import (STORAGE_KEY, attach, build_policy, cache_label, cache_name, changed_fields,
+                             merge_in_name, split_cache_name, storage_config, storage_fields, storage_from_options,
+                             storage_of, stored_parameters)
 
-FP = "fp"
-_CODECS: Registry[type[Codec] | None] = Registry("codec", "codecs", CodecError)
-_CODECS.register(FP, None)  # fp has no encoder: the stores hold tensors as they are
-_SUMMARIES = {FP: "the model's own dtype, as computed (bit-identical to no codec)"}
-
-
-def register_codec(codec_class: type[Codec], source: str = BUILT_IN) -> type[Codec]:
-    return _CODECS.register(codec_class.name, codec_class, source)
-
-
-def unregister_codec(name: str) -> None:
-    _CODECS.unregister(name)
-
-
-for _builtin in (Int8Codec, Int4Codec, BnbInt8Codec, BnbInt4Codec):
-    register_codec(_builtin)
-
-
-def available_codecs() -> dict[str, str]:
-    """Codec name -> one-line summary."""
-    return {name: _SUMMARIES.get(name) or (cls.summary if cls else "") for name, cls in _CODECS.classes.items()}
-
-
-def codec_source(name: str) -> str | None:
-    return _CODECS.source_of(name)
-
-
-def codec_class(name: str) -> type[Codec] | None:
-    return _CODECS.get(name)
-
-
-def create_codec(config: StorageConfig) -> Codec | None:
-    """The codec object for a run's storage; None for fp."""
-    cls = codec_class(config.codec)
-    return None if cls is None else cls(group_size=config.group_size)
-
-
-def merge_in_name(name: str) -> str | None:
-    """'h2o+minicache' or 'h2o-int4+minicache' -> 'minicache': cross-layer merging named in a cache's
-    name (storage/minicache.py); None when it names none."""
-    base, plus, method = name.rpartition("+")
-    return method if plus and base and method in MERGE_METHODS and method != "none" else None
-
-
-def split_cache_name(name: str) -> tuple[str, str | None]:
-    """'h2o-int4' -> ('h2o', 'int4'); 'h2o' -> ('h2o', None). The codec is the longest known suffix.
-    A merge suffix ('h2o-int4+minicache') is dropped here; `merge_in_name` reads it."""
-    if merge_in_name(name):
-        name = name.rpartition("+")[0]
-    for codec in sorted(_CODECS.classes, key=len, reverse=True):
-        if name.endswith("-" + codec) and len(name) > len(codec) + 1:
-            return name[: -len(codec) - 1], codec
-    return name, None
-
-
-def attach(policy, config: StorageConfig):
-    """Give a policy object its storage; the cache built for it reads `policy.storage`."""
-    config.validate()
-    policy.storage = config
-    return policy
-
-
-def storage_of(policy) -> StorageConfig:
-    return getattr(policy, "storage", None) or StorageConfig()
-
-
-def cache_name(policy) -> str:
-    """'h2o-int4' for a policy stored in int4; the policy's name alone for fp on the device tier."""
-    return _cache_name(policy.name, storage_of(policy))
-
-
-def _cache_name(policy: str, storage: StorageConfig) -> str:
-    name = policy if storage.codec == FP else f"{policy}-{storage.codec}"
-    return name + ("+host" if storage.tier == "host" else "") + ("" if storage.merge == "none" else f"+{storage.merge}")
-
-
-def cache_label(name: str, fields: dict | None = None) -> str:
-    """'full+minicache', 'h2o-int8+host': the cache a stored run used, from its policy (or cache) name and
-    its "storage" parameters (a run history row's)."""
-    return _cache_name(split_cache_name(name)[0], storage_config(storage_fields(name, fields)))
-
-
-def storage_fields(name: str, fields: dict | None = None) -> dict:
-    """The StorageConfig fields that a cache name ('h2o-int4+minicache') and a "storage" parameter dict
-    set together; the name's codec and merge win (a Compare column's name over the form's settings)."""
-    fields = dict(fields or {})
-    codec = split_cache_name(name)[1]
-    if codec is not None:
-        fields["codec"] = codec
-    if merge_in_name(name):
-        fields["merge"] = merge_in_name(name)
-    return fields
-
-
-def storage_config(fields: dict) -> StorageConfig:
-    """A StorageConfig from stored fields, leaving out names it does not know (a row from a newer version)."""
-    from dataclasses import fields as config_fields
-
-    known = {f.name for f in config_fields(StorageConfig)}
-    return StorageConfig(**{k: v for k, v in fields.items() if k in known})
-
-
-def changed_fields(config: StorageConfig) -> dict:
-    """The fields of `config` that differ from the defaults: what a stored run keeps of its storage
-    (nothing for fp on the device). The merge settings only when merging: otherwise they do nothing."""
-    from dataclasses import asdict
-
-    defaults = asdict(StorageConfig())
-    changed = {k: v for k, v in asdict(config).items() if v != defaults[k]}
-    if config.merge == "none":
-        changed = {k: v for k, v in changed.items() if not k.startswith("merge")}
-    return changed
-
-
-def stored_parameters(policy) -> dict:
-    """A policy's parameters as a run records them: its config, and under "storage" the storage fields
-    that differ from the defaults (build_policy reads them back)."""
-    changed = changed_fields(storage_of(policy))
-    return policy.config.as_dict() | ({STORAGE_KEY: changed} if changed else {})
-
-
-__all__ = ["Codec", "CodecError", "StorageConfig", "attach", "available_codecs", "cache_label", "cache_name",
-           "changed_fields", "codec_class", "create_codec", "register_codec", "split_cache_name", "storage_config",
-           "storage_fields", "storage_of", "stored_parameters", "unregister_codec"]
-
-
-STORAGE_KEY = "storage"  # in a policy's parameter dict (the studio's run requests): the StorageConfig fields
-
-
-def build_policy(name: str, parameters: dict):
-    """A policy from a cache name ('h2o' or 'h2o-int4') and its parameters; parameters["storage"]
-    (a dict of StorageConfig fields) sets the storage, and a codec in the name overrides its codec."""
-    from ..policies import create_policy
-
-    base = split_cache_name(name)[0]
-    parameters = dict(parameters)
-    # 'h2o+minicache': merged, with the form's merge settings where given
-    fields = storage_fields(name, parameters.pop(STORAGE_KEY, None))
-    policy = create_policy(base, **parameters)
-    return attach(policy, StorageConfig(**fields)) if fields else policy
-
-
-def storage_from_options(options: dict) -> tuple[StorageConfig | None, dict]:
-    """Split NAME=VALUE options (an eval variant) into a StorageConfig (the ones named like its fields,
-    typed from text by each field's default) and the rest; (None, options) when none is a storage field."""
-    from dataclasses import fields
-
-    defaults = StorageConfig()
-    names = {f.name for f in fields(StorageConfig)}
-    given = {k: v for k, v in options.items() if k in names}
-    if not given:
-        return None, options
-    typed = {}
-    for key, value in given.items():
-        default = getattr(defaults, key)
-        kind = int if default is None else type(default)  # merge_from: None or a layer number
-        try:
-            if isinstance(value, str) and kind is bool:
-                typed[key] = value.lower() in ("true", "1", "yes")
-            else:
-                typed[key] = kind(value) if not isinstance(value, kind) else value
-        except ValueError:
-            raise CodecError(f"storage option {key}={value}: expected a {kind.__name__}") from None
-    loose = [k for k in typed if k.startswith("merge_")]  # merge settings with nothing merged: refused, not ignored
-    if loose and typed.get("merge", "none") == "none":
-        raise CodecError(f"{loose[0]}={given[loose[0]]} needs merge=minicache in the same variant: without it no "
-                         "layers are merged")
-    return StorageConfig(**typed), {k: v for k, v in options.items() if k not in names}
+__all__ = ["BUILT_IN", "FP", "MERGE_METHODS", "STORAGE_KEY", "BnbInt4Codec", "BnbInt8Codec", "Codec", "CodecError",
+           "Int4Codec", "Int8Codec", "StorageConfig", "attach", "available_codecs", "build_policy", "cache_label",
+           "cache_name", "changed_fields", "codec_class", "codec_source", "create_codec", "merge_in_name",
+           "register_codec", "split_cache_name", "storage_config", "storage_fields", "storage_from_options",
+           "storage_of", "stored_parameters", "unregister_codec"]
