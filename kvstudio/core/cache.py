@@ -99,14 +99,20 @@ class PolicyLayer(DynamicLayer):
         super().__init__()
         self.cache = cache
         self.layer_idx = layer_idx
-        self.store = cache.new_store(layer_idx)
-        self.host: HostTier | None = None  # the host tier, made at the first eviction when it is on
-        # Cross-layer merging (storage/minicache.py): this layer's side of its pair, or None.
-        self.merge = cache.merging.side(layer_idx) if cache.merging is not None else None
-        self.store.keep_step_groups = self.merge is not None  # a codec encodes the merged states again
+        self.empty_storage()
         self.state: LayerState = _new_layer_state(cache.policy, layer_idx)
         self.n_new = 0
         self.attended_this_step = False
+
+    def empty_storage(self) -> None:
+        """A fresh store and no host tier; with merging, this layer's side of its pair (the cache's
+        current merging: PolicyCache.free makes a new one)."""
+        cache = self.cache
+        self.store = cache.new_store(self.layer_idx)
+        self.host: HostTier | None = None  # the host tier, made at the first eviction when it is on
+        # Cross-layer merging (storage/minicache.py): this layer's side of its pair, or None.
+        self.merge = cache.merging.side(self.layer_idx) if cache.merging is not None else None
+        self.store.keep_step_groups = self.merge is not None  # a codec encodes the merged states again
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -380,10 +386,7 @@ class PolicyCache(Cache):
         holding different tokens, so nothing in them can be used again."""
         self.merging = create_merging(self.storage, self.n_layers)  # its flags described the dropped entries
         for layer in self.layers:
-            layer.store = self.new_store(layer.layer_idx)
-            layer.merge = self.merging.side(layer.layer_idx) if self.merging is not None else None
-            layer.store.keep_step_groups = layer.merge is not None
-            layer.host = None
+            layer.empty_storage()
         if self.merging is not None:
             self.merging.connect(self)
         self.current_bytes = self.host_bytes = 0

@@ -51,10 +51,11 @@ class RowPool:
         if self.rows is None:
             self.rows = like.new_empty((max(count, 1), like.shape[-1]))
             self.free = torch.ones(max(count, 1), dtype=torch.bool, device=like.device)
-        available = int(self.free.sum())
-        if available < count:
-            self._grow(self.rows.shape[0] + count - available)
-        slots = self.free.nonzero().squeeze(1)[:count]
+        slots = self.free.nonzero().squeeze(1)  # the free slots: one read from the device
+        if slots.numel() < count:
+            self._grow(self.rows.shape[0] + count - slots.numel())
+            slots = self.free.nonzero().squeeze(1)
+        slots = slots[:count]
         self.rows[slots] = like
         self.free[slots] = False
         self.live += count

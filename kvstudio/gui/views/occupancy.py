@@ -68,6 +68,7 @@ class OccupancyView(LiveView):
         self.merged_per_layer: list[float] = []  # entries held merged, per KV head
         self.bytes_per_layer: list[int] = []
         self.shared_per_layer: list[int] = []  # bytes of shared directions (MiniCache)
+        self.merging = False  # the run merges layers: the narrow bars mean something
         self.totals: list[int] = []
         self.budgets: list[float] = []
         self.last_step = -1
