@@ -19,10 +19,10 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kvstudio.core.engine import Engine, GenerationSettings  # noqa: E402
-from kvstudio.core.events import Recorder  # noqa: E402
-from kvstudio.core.models import load_model  # noqa: E402
-from kvstudio.core.plots.data import attention_row_bytes  # noqa: E402
+from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
+from kvstudio.core.recording.events import Recorder  # noqa: E402
+from kvstudio.core.models.loading import load_model  # noqa: E402
+from kvstudio.core.figures.data import attention_row_bytes  # noqa: E402
 from kvstudio.core.storage import build_policy  # noqa: E402
 from kvstudio.core.units import format_bytes  # noqa: E402
 

@@ -26,11 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from kvstudio.core.engine import Engine  # noqa: E402
-from kvstudio.core.models import load_model  # noqa: E402
+from kvstudio.core.runtime.engine import Engine  # noqa: E402
+from kvstudio.core.models.loading import load_model  # noqa: E402
 from kvstudio.core.policies import create_policy  # noqa: E402
 from kvstudio.core.train import lora  # noqa: E402
-from kvstudio.commands.finetune import format_step  # noqa: E402
+from kvstudio.cli.finetune import format_step  # noqa: E402
 from kvstudio.core.train.data import load_data, passkey_examples  # noqa: E402
 from kvstudio.core.train.log import TrainingLog  # noqa: E402
 from kvstudio.core.train.session import FinetuneSession, FinetuneSettings  # noqa: E402

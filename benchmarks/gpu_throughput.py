@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from kvstudio.core.engine import Engine, GenerationSettings  # noqa: E402
-from kvstudio.core.models import LoadedModel  # noqa: E402
+from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
+from kvstudio.core.models.loading import LoadedModel  # noqa: E402
 from kvstudio.core.policies import create_policy  # noqa: E402
 
 

@@ -28,7 +28,7 @@ from PySide6.QtCore import QSettings, QTimer  # noqa: E402
 from PySide6.QtWidgets import QApplication  # noqa: E402
 
 from kvstudio.core.evaluate import passkey_prompt  # noqa: E402
-from kvstudio.core.models import prepare_load  # noqa: E402
+from kvstudio.core.models.loading import prepare_load  # noqa: E402
 from kvstudio.gui.main_window import MainWindow  # noqa: E402
 
 PROBE_MS = 10

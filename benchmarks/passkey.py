@@ -16,9 +16,9 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kvstudio.core.engine import Engine, GenerationSettings  # noqa: E402
+from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.evaluate import passkey_prompt, passkey_retrieved  # noqa: E402
-from kvstudio.core.models import load_model  # noqa: E402
+from kvstudio.core.models.loading import load_model  # noqa: E402
 from kvstudio.core.policies import available_policies, create_policy  # noqa: E402
 
 PASS_KEY = "57314"

@@ -32,11 +32,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import prompt_of_length  # noqa: E402
-from kvstudio.core.engine import Engine, GenerationSettings  # noqa: E402
-from kvstudio.core.models import load_model  # noqa: E402
+from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
+from kvstudio.core.models.loading import load_model  # noqa: E402
 from kvstudio.core.policies import create_policy  # noqa: E402
 from kvstudio.core.storage import StorageConfig, attach  # noqa: E402
-from kvstudio.core.store.prompt_cache import PromptCache, PromptCacheSession  # noqa: E402
+from kvstudio.core.persist.prompt_cache import PromptCache, PromptCacheSession  # noqa: E402
 from kvstudio.core.units import format_bytes  # noqa: E402
 
 FOLLOW_UP = "\n\nAnother question: what is the first word of the text? Answer:"
@@ -73,7 +73,7 @@ def measure(engine, ids, policy, settings, folder: Path, label: str) -> dict:
 
 
 def _cache_bytes(path: Path) -> int:
-    from kvstudio.core.store.saved_cache import read_header
+    from kvstudio.core.persist.saved_cache import read_header
 
     return read_header(path)["cache_bytes"]
 

@@ -2,7 +2,7 @@
 
 One prompt of one chunk (512 tokens by default) under `full`: first timed whole, then run again and
 cancelled from another thread at a fraction of that time (Stop pressed mid-chunk). Before the
-per-layer check (core/layer_hooks.py) a Stop waited for the chunk's end; now it waits for the layer
+per-layer check (core/runtime/layer_hooks.py) a Stop waited for the chunk's end; now it waits for the layer
 in progress. Prints the chunk's time, the delay from cancel to the run's return for each repeat, and
 their median as a fraction of the chunk.
 
@@ -19,8 +19,8 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kvstudio.core.engine import CancelToken, Engine, GenerationSettings  # noqa: E402
-from kvstudio.core.models import load_model  # noqa: E402
+from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationSettings  # noqa: E402
+from kvstudio.core.models.loading import load_model  # noqa: E402
 from kvstudio.core.policies import create_policy  # noqa: E402
 
 

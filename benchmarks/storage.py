@@ -36,11 +36,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from kvstudio.core.engine import Engine, GenerationSettings  # noqa: E402
-from kvstudio.core.models import load_model  # noqa: E402
+from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
+from kvstudio.core.models.loading import load_model  # noqa: E402
 from kvstudio.core.policies import create_policy  # noqa: E402
 from kvstudio.core.storage import StorageConfig, attach  # noqa: E402
-from kvstudio.core.storage.errors import teacher_forced  # noqa: E402
+from kvstudio.core.evaluate.codec_error import teacher_forced  # noqa: E402
 
 CODECS = ("fp", "int8", "int4")
 

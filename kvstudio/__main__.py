@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from kvstudio.cli.dispatch import main
 
 sys.exit(main())

@@ -17,8 +17,8 @@ def check_policy_invariants(policy, prompt_length, chunk_size, new_tokens, seed,
     evicted entry never returns; the first `sink` tokens stay; a prefill step never ends above the
     budget, and nothing ever holds more than budget + one chunk (or + the decoded tokens).
     """
-    from kvstudio.core.engine import GenerationSettings
-    from kvstudio.core.events import Recorder
+    from kvstudio.core.runtime.engine import GenerationSettings
+    from kvstudio.core.recording.events import Recorder
 
     from .conftest import engine_for
 
@@ -50,7 +50,7 @@ def check_policy_invariants(policy, prompt_length, chunk_size, new_tokens, seed,
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """`kvstudio ARGV` in-process, as a user types it: (exit status, stdout, stderr)."""
-    from kvstudio.cli import main
+    from kvstudio.cli.dispatch import main
 
     try:
         code = main(list(argv))

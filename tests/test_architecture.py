@@ -27,8 +27,8 @@ def test_core_source_never_imports_qt():
 def test_running_the_core_loads_no_qt():
     code = (
         "import sys\n"
-        "from kvstudio.core.engine import Engine, GenerationSettings\n"
-        "from kvstudio.core.models import load_model\n"
+        "from kvstudio.core.runtime.engine import Engine, GenerationSettings\n"
+        "from kvstudio.core.models.loading import load_model\n"
         "from kvstudio.core.policies import create_policy\n"
         "Engine(load_model('tiny-llama')).generate([1, 2, 3], create_policy('window', budget=2),"
         " GenerationSettings(max_new_tokens=3))\n"

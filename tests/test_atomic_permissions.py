@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from kvstudio.core.atomic import atomic_produce, atomic_write
+from kvstudio.core.io.atomic import atomic_produce, atomic_write
 
 
 def _mode(path) -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstudio.core.attention import attention_rows, chunk_mask
-from kvstudio.core.engine import GenerationSettings
-from kvstudio.core.events import Recorder
+from kvstudio.core.runtime.attention import attention_rows, chunk_mask
+from kvstudio.core.runtime.engine import GenerationSettings
+from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies import create_policy
 
 from .helpers import random_ids

@@ -114,7 +114,7 @@ def test_a_bnb_runs_cache_says_why_it_cannot_be_saved():
     """bnb runs need CUDA, so the studio keeps no state for them; Save says why (checked without a GPU)."""
     from types import SimpleNamespace
 
-    from kvstudio.gui.caches_view import _unsaveable
+    from kvstudio.gui.features.caches import _unsaveable
 
     assert "codec 'bnb-int8' are not saved" in _unsaveable(SimpleNamespace(policy="h2o-bnb-int8", parameters={}))
     assert "codec 'bnb-int4'" in _unsaveable(SimpleNamespace(policy="h2o", parameters={"storage": {"codec": "bnb-int4"}}))

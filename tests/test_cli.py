@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvstudio.cli import main
+from kvstudio.cli.dispatch import main
 
 TINY = ["run", "--model", "tiny-llama"]
 
@@ -100,13 +100,13 @@ def test_usage_errors_are_one_line(capsys):
     (["run", "--model", "nope/nope", "--prompt", "x"], "not in the Hugging Face cache"),
 ])
 def test_the_installed_command_fails_without_a_traceback(argv, message):
-    process = subprocess.run([sys.executable, "-m", "kvstudio.cli", *argv], capture_output=True, text=True)
+    process = subprocess.run([sys.executable, "-m", "kvstudio", *argv], capture_output=True, text=True)
     assert process.returncode == 2
     assert message in process.stderr and "Traceback" not in process.stderr
 
 
 def test_run_records_a_memory_snapshot_on_cpu(capsys, tmp_path):
-    from kvstudio.core.snapshots import load_snapshot, timelines
+    from kvstudio.core.recording.snapshots import load_snapshot, timelines
 
     path = tmp_path / "run.pickle"
     code, out, err = run_cli(capsys, *TINY, "--policy", "window", "--budget", "16", "--chunk-size", "8",

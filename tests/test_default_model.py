@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.evaluate import passkey_prompt
 from kvstudio.core.policies import create_policy
 
@@ -57,7 +57,7 @@ def test_pass_key_is_retrieved_with_the_full_cache(default_engine, passkey_ids):
 
 
 def test_pass_key_is_lost_when_streaming_llm_evicts_it(default_engine, passkey_ids):
-    from kvstudio.core.events import Recorder
+    from kvstudio.core.recording.events import Recorder
 
     recorder = Recorder()
     result = default_engine.generate(passkey_ids, create_policy("streaming_llm", budget=64, sink=4),

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kvstudio.core.documents import read_document
+from kvstudio.core.io.documents import read_document
 from kvstudio.core.errors import PromptError
 
 

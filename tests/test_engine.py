@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from kvstudio.core.engine import CancelToken, GenerationSettings, TextStream
+from kvstudio.core.runtime.engine import CancelToken, GenerationSettings, TextStream
 from kvstudio.core.errors import KVStudioError, PromptError
-from kvstudio.core.events import Recorder
+from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies import create_policy
 
 from .helpers import random_ids
@@ -170,7 +170,7 @@ def test_recorder_is_readable_while_a_run_writes(llama_engine):
 
 
 def test_recorder_reads_what_is_new_in_order_after_the_ring_dropped_old_events():
-    from kvstudio.core.events import PrefillProgressEvent
+    from kvstudio.core.recording.events import PrefillProgressEvent
 
     recorder = Recorder(capacity=5)
     for done in range(1, 13):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstudio.core.engine import CancelToken
+from kvstudio.core.runtime.engine import CancelToken
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.evaluate import metrics
 from kvstudio.core.evaluate.figures import save_figure
@@ -24,8 +24,8 @@ from kvstudio.core.evaluate.language import LanguageOptions, evaluate_language, 
 from kvstudio.core.evaluate.results import export_cells, format_summary, needle_grid, pareto_front
 from kvstudio.core.evaluate.sweep import Sweep, SweepSpec
 from kvstudio.core.evaluate.tasks import RULER_SUBTASKS, TaskError, TaskOptions, generation_samples
-from kvstudio.core.history import RunHistory
-from kvstudio.core.models import load_model
+from kvstudio.core.persist.history import RunHistory
+from kvstudio.core.models.loading import load_model
 from kvstudio.core.policies import create_policy
 
 from .conftest import engine_for
@@ -135,7 +135,7 @@ def test_kl_and_perplexity_against_hand_computed_cases():
 
 def test_a_uniform_model_has_the_vocabulary_size_as_perplexity_and_no_kl():
     """A real model whose output layer is zeroed predicts the uniform distribution everywhere."""
-    from kvstudio.core.engine import Engine
+    from kvstudio.core.runtime.engine import Engine
 
     engine = Engine(load_model("tiny-llama", device="cpu"))  # its own copy: the weights are changed
     with torch.no_grad():

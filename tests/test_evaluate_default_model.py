@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.evaluate.tasks import TaskOptions, generation_samples
 from kvstudio.core.policies import create_policy
 

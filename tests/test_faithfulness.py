@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.policies import create_policy
 from kvstudio.core.policies.base import LayerState, LayerView
 from kvstudio.core.policies.pyramidkv import pyramid_budgets

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvstudio.core.engine import Engine
-from kvstudio.core.events import Recorder
-from kvstudio.core.models import load_model
+from kvstudio.core.runtime.engine import Engine
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.models.loading import load_model
 from kvstudio.core.policies import create_policy
 from kvstudio.core.train import lora
 from kvstudio.core.train.data import Example

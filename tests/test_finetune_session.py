@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from kvstudio.cli import main
-from kvstudio.core.engine import CancelToken
-from kvstudio.core.history import RunHistory
+from kvstudio.cli.dispatch import main
+from kvstudio.core.runtime.engine import CancelToken
+from kvstudio.core.persist.history import RunHistory
 from kvstudio.core.policies import create_policy
 from kvstudio.core.train import lora
 from kvstudio.core.train.data import DataError, load_data, read_file

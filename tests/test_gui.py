@@ -10,7 +10,7 @@ from PySide6.QtCore import QMimeData, QSettings, Qt, QUrl
 
 from kvstudio.core.policies import available_policies, register, unregister
 from kvstudio.core.policies.base import Policy
-from kvstudio.gui.compare import COLUMNS
+from kvstudio.gui.features.compare import COLUMNS
 from kvstudio.gui.main_window import MainWindow
 
 pytest.importorskip("pytestqt")
@@ -324,7 +324,7 @@ class Newest(Policy):
 
 
 def test_dropping_a_plugin_installs_it_and_it_runs_without_a_restart(qtbot, window, tmp_path):
-    from kvstudio.core.plugins import user_plugin_dir
+    from kvstudio.core.plugins.loader import user_plugin_dir
 
     load(qtbot, window)
     source = tmp_path / "gui_newest.py"
@@ -359,7 +359,7 @@ def test_a_dropped_python_file_can_be_a_document_instead(qtbot, window, tmp_path
 
 
 def test_plugin_manager_lists_sources_errors_and_reloads_edits(qtbot, window, tmp_path):
-    from kvstudio.core.plugins import user_plugin_dir
+    from kvstudio.core.plugins.loader import user_plugin_dir
     from kvstudio.core.policies import policy_class
 
     folder = user_plugin_dir()
@@ -415,7 +415,7 @@ def test_studio_runs_are_stored_in_the_history(qtbot, window):
 
 
 def test_a_corrupt_history_turns_history_off_and_says_why(qtbot, tmp_path):
-    from kvstudio.core.history import default_path
+    from kvstudio.core.persist.history import default_path
 
     default_path().parent.mkdir(parents=True, exist_ok=True)
     default_path().write_bytes(b"garbage" * 200)
@@ -534,8 +534,8 @@ def test_memory_view_marks_load_prefill_chunks_decode_and_eviction_bursts(qtbot,
 
 
 def test_record_and_view_a_memory_snapshot_in_the_studio(qtbot, window, tmp_path):
-    from kvstudio.core.snapshots import load_snapshot, timelines
-    from kvstudio.gui.snapshot_view import LARGEST
+    from kvstudio.core.recording.snapshots import load_snapshot, timelines
+    from kvstudio.gui.features.snapshot import LARGEST
 
     load(qtbot, window)
     path = tmp_path / "studio.pickle"

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from PySide6.QtCore import QMimeData, QUrl
 
-from kvstudio.core.plugins import user_plugin_dir
+from kvstudio.core.plugins.loader import user_plugin_dir
 
 pytest.importorskip("pytestqt")
 

@@ -14,11 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from kvstudio.cli import main
-from kvstudio.core.atomic import atomic_write
-from kvstudio.core.engine import GenerationSettings
-from kvstudio.core.exports import export_array, export_run
-from kvstudio.core.history import MIGRATIONS, SCHEMA_VERSION, HistoryError, RunHistory
+from kvstudio.cli.dispatch import main
+from kvstudio.core.io.atomic import atomic_write
+from kvstudio.core.runtime.engine import GenerationSettings
+from kvstudio.core.persist.exports import export_array, export_run
+from kvstudio.core.persist.history import MIGRATIONS, SCHEMA_VERSION, HistoryError, RunHistory
 from kvstudio.core.policies import create_policy
 
 from .helpers import random_ids
@@ -111,8 +111,8 @@ def test_a_version_2_database_gains_memory_and_events(tmp_path, llama_engine):
 
 
 def test_a_runs_events_are_stored_and_reopen_into_a_recorder(history, llama_engine):
-    from kvstudio.core.events import Recorder
-    from kvstudio.core.recordings import pack_events, unpack_events
+    from kvstudio.core.recording.events import Recorder
+    from kvstudio.core.recording.packing import pack_events, unpack_events
 
     recorder = Recorder(watch_layers={1})
     prompt = "reopen me " * 8
@@ -137,7 +137,7 @@ def test_a_runs_events_are_stored_and_reopen_into_a_recorder(history, llama_engi
 
 def test_unreadable_stored_events_say_so():
     from kvstudio.core.errors import KVStudioError
-    from kvstudio.core.recordings import unpack_events
+    from kvstudio.core.recording.packing import unpack_events
 
     with pytest.raises(KVStudioError, match="stored views of this run are unreadable"):
         unpack_events(b"not an npz")
@@ -153,7 +153,7 @@ def test_a_newer_schema_is_refused(tmp_path):
 
 
 def test_a_corrupt_database_gives_a_clear_message_and_runs_still_work(capsys):
-    from kvstudio.core.history import default_path
+    from kvstudio.core.persist.history import default_path
 
     path = default_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +190,7 @@ def test_a_locked_database_gives_a_clear_message(history):
 def test_a_crash_mid_run_loses_nothing_stored(tmp_path):
     """A real process, killed with SIGKILL while generating: earlier runs stay, the killed one shows."""
     env = {**os.environ, "KVSTUDIO_DATA_DIR": str(tmp_path)}
-    command = [sys.executable, "-m", "kvstudio.cli", "run", "--model", "tiny-llama", "--prompt", "crash test"]
+    command = [sys.executable, "-m", "kvstudio", "run", "--model", "tiny-llama", "--prompt", "crash test"]
     subprocess.run(command + ["--max-new-tokens", "3"], env=env, check=True, capture_output=True)
     process = subprocess.Popen(command + ["--max-new-tokens", "1000000"], env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -353,8 +353,8 @@ def test_rows_stored_before_the_storage_was_kept_still_list(tmp_path):
 def test_recall_events_round_trip_and_older_recordings_still_open():
     import io
 
-    from kvstudio.core.events import Recorder, RecallEvent, RunStartedEvent
-    from kvstudio.core.recordings import pack_events, unpack_events
+    from kvstudio.core.recording.events import Recorder, RecallEvent, RunStartedEvent
+    from kvstudio.core.recording.packing import pack_events, unpack_events
 
     recorder = Recorder()
     recorder.record(RunStartedEvent("tiny-llama", "h2o", 4, 2, (8,) * 4, ("a", "b"), 4, "host"))

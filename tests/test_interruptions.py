@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstudio.core.history import RunHistory, RunRecord
+from kvstudio.core.persist.history import RunHistory, RunRecord
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -37,7 +37,7 @@ class Slow(Policy):
 
 def start(tmp_path: Path, *argv: str) -> subprocess.Popen:
     env = {**os.environ, "KVSTUDIO_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "kvstudio.cli", "run", "--model", "tiny-llama", *argv],
+    return subprocess.Popen([sys.executable, "-m", "kvstudio", "run", "--model", "tiny-llama", *argv],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -1,4 +1,4 @@
-"""KV-head pooling (GQA's mean-pooled initialisation, core/kv_pooling.py): the identity, the pooled
+"""KV-head pooling (GQA's mean-pooled initialisation, core/models/kv_pooling.py): the identity, the pooled
 weights, the cache it makes, the derived model's spec and name, and refusals."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstudio.core.engine import Engine, GenerationSettings
+from kvstudio.core.runtime.engine import Engine, GenerationSettings
 from kvstudio.core.errors import ModelLoadError
-from kvstudio.core.kv_pooling import split_kv_groups, with_kv_groups
-from kvstudio.core.models import build_tiny_model, load_model
+from kvstudio.core.models.kv_pooling import split_kv_groups, with_kv_groups
+from kvstudio.core.models.loading import build_tiny_model, load_model
 from kvstudio.core.policies import create_policy
-from kvstudio.core.store.fingerprint import model_fingerprint
+from kvstudio.core.persist.fingerprint import model_fingerprint
 
 from .helpers import random_ids, run_cli
 

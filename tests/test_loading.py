@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvstudio.core import models
+from kvstudio.core.models import loading as models
 
 
 def test_a_prepared_folder_loads_with_the_tokenizer_already_parsed(tmp_path):
@@ -27,7 +27,7 @@ def test_a_prepared_folder_loads_with_the_tokenizer_already_parsed(tmp_path):
 
 def test_preparing_imports_the_architecture_code_in_a_fresh_process():
     code = ("import sys\n"
-            "from kvstudio.core.models import prepare_load\n"
+            "from kvstudio.core.models.loading import prepare_load\n"
             "assert 'transformers.models.qwen2.modeling_qwen2' not in sys.modules\n"
             "prepare_load('tiny-qwen2')\n"
             "assert 'transformers.models.qwen2.modeling_qwen2' in sys.modules\n"

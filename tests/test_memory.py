@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import KVStudioError
-from kvstudio.core.events import Recorder
-from kvstudio.core.memory import MemorySampler, read_system_memory
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.recording.memory import MemorySampler, read_system_memory
 from kvstudio.core.policies import create_policy
-from kvstudio.core.snapshots import (MemorySnapshotRecording, SnapshotError, frame_label, load_snapshot,
+from kvstudio.core.recording.snapshots import (MemorySnapshotRecording, SnapshotError, frame_label, load_snapshot,
                                      save_snapshot, timelines)
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 6
@@ -50,7 +50,7 @@ def test_timer_readings_arrive_between_steps(llama_engine):
 
 
 def test_a_long_run_keeps_its_whole_memory_curve_at_bounded_size(llama_engine, monkeypatch):
-    import kvstudio.core.engine as engine_module
+    import kvstudio.core.runtime.engine as engine_module
 
     monkeypatch.setattr(engine_module, "MAX_TIMER_READINGS", 8)
     result = llama_engine.generate(PROMPT * 4, create_policy("window", budget=64), GenerationSettings(
@@ -128,7 +128,7 @@ def test_cpu_snapshot_names_the_frames_that_allocated(cpu_snapshot):
     labels = {a.label for a in timeline.allocations}
     # Allocations are traced to lines of the model and of KV Studio's own cache and attention code.
     assert any("modeling_llama.py" in label for label in labels)
-    assert any("core/cache.py" in label or "core/attention.py" in label for label in labels)
+    assert any("core/runtime/cache.py" in label or "core/runtime/attention.py" in label for label in labels)
     assert all(frame_label(a.frames) == a.label for a in timeline.largest(5))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.policies import BUILT_IN, available_policies, create_policy, source_of
 
 from .helpers import random_ids

@@ -11,12 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.policies import create_policy
 from kvstudio.core.storage import StorageConfig, attach
 from kvstudio.core.storage.minicache import _Range, angular_distance, merge_states, slerp, split_magnitude
-from kvstudio.core.store.layer_tensors import unsaveable_reason
+from kvstudio.core.persist.layer_tensors import unsaveable_reason
 
 from .helpers import random_ids, run_cli
 
@@ -209,7 +209,7 @@ def test_run_reports_merge_settings_and_bytes(capsys, tmp_path):
 
 
 def test_eval_variants_carry_merge_settings():
-    from kvstudio.commands.eval import parse_assignments
+    from kvstudio.cli.eval import parse_assignments
     from kvstudio.core.evaluate.sweep import make_policy
 
     variant = parse_assignments(["merge=minicache,merge_from=2,merge_threshold=0.1"], "--variant")
@@ -236,7 +236,7 @@ def test_merge_settings_without_merging_are_refused(capsys, option, value):
 
 
 def test_the_run_records_merged_and_retained_entries_for_the_views(llama_engine):
-    from kvstudio.core.events import Recorder
+    from kvstudio.core.recording.events import Recorder
 
     recorder = Recorder()
     policy = attach(create_policy("full"), StorageConfig(merge="minicache", merge_from=2, merge_threshold=0.0))
@@ -258,8 +258,8 @@ def test_the_run_records_merged_and_retained_entries_for_the_views(llama_engine)
 
 
 def test_stored_runs_keep_their_merge_events(llama_engine):
-    from kvstudio.core.events import Recorder
-    from kvstudio.core.recordings import pack_events, unpack_events
+    from kvstudio.core.recording.events import Recorder
+    from kvstudio.core.recording.packing import pack_events, unpack_events
 
     recorder = Recorder()
     policy = attach(create_policy("full"), StorageConfig(merge="minicache", merge_from=0, merge_threshold=0.3))

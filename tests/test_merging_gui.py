@@ -63,8 +63,8 @@ def test_merge_settings_reach_the_run_and_the_views(qtbot, window):
 def test_the_runs_view_names_a_merged_runs_cache_and_storage(qtbot, window, tmp_path):
     """A minicache run is listed as full+minicache with its merge settings, not as "full", "defaults";
     it reopens, compares with a plain run and exports a figure like any other."""
-    from kvstudio.core.plots.render import FigureRequest
-    from kvstudio.core.recordings import unpack_events
+    from kvstudio.core.figures.render import FigureRequest
+    from kvstudio.core.recording.packing import unpack_events
 
     load(qtbot, window)
     window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)

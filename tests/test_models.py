@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstudio.core.engine import Engine, GenerationSettings
+from kvstudio.core.runtime.engine import Engine, GenerationSettings
 from kvstudio.core.errors import ModelLoadError
-from kvstudio.core.models import TINY_FAMILIES, load_model
+from kvstudio.core.models.loading import TINY_FAMILIES, load_model
 from kvstudio.core.policies import create_policy
 
 

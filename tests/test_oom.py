@@ -10,10 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from kvstudio.cli import main
-from kvstudio.core.attention import attention_rows
-from kvstudio.core.cache import PolicyCache, StepContext
-from kvstudio.core.oom import culprit, explain, is_out_of_memory
+from kvstudio.cli.dispatch import main
+from kvstudio.core.runtime.attention import attention_rows
+from kvstudio.core.runtime.cache import PolicyCache, StepContext
+from kvstudio.core.runtime.oom import culprit, explain, is_out_of_memory
 from kvstudio.core.policies import create_policy
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

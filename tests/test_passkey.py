@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.evaluate import passkey_prompt, passkey_retrieved
 from kvstudio.core.policies import create_policy
 

@@ -17,7 +17,7 @@ import pyqtgraph as pg  # noqa: E402
 from PySide6.QtGui import QColor, QImage, QPainter  # noqa: E402
 from PySide6.QtSvg import QSvgRenderer  # noqa: E402
 
-from kvstudio.gui.plot_files import render_pdf, render_png, render_svg  # noqa: E402
+from kvstudio.gui.widgets.plot_files import render_pdf, render_png, render_svg  # noqa: E402
 
 CURVE = (255, 0, 255)
 

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstudio.cli import main
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.cli.dispatch import main
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import PolicyConfigError, PolicyError
-from kvstudio.core.plugins import PluginManager
+from kvstudio.core.plugins.loader import PluginManager
 from kvstudio.core.policies import available_policies, create_policy, policy_class
 
 from .conftest import engine_for

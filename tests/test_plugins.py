@@ -16,10 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstudio.cli import main
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.cli.dispatch import main
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import PolicyError
-from kvstudio.core.plugins import PluginManager
+from kvstudio.core.plugins.loader import PluginManager
 from kvstudio.core.policies import BUILT_IN, available_policies, create_policy, policy_class, source_of
 
 from .helpers import check_policy_invariants, random_ids

@@ -7,9 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import PolicyConfigError, PolicyError
-from kvstudio.core.events import Recorder
+from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies import available_policies, create_policy
 from kvstudio.core.policies.base import LayerState, Policy, PolicyConfig, keep_top_scores, parameter
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.policies import create_policy
-from kvstudio.core.rotary import Rerotator
+from kvstudio.core.runtime.rotary import Rerotator
 
 from .helpers import random_ids
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kvstudio.cli import main
-from kvstudio.core.documents import read_document
+from kvstudio.cli.dispatch import main
+from kvstudio.core.io.documents import read_document
 from kvstudio.core.errors import PromptError
-from kvstudio.core.regular_files import read_regular_file
+from kvstudio.core.io.regular_files import read_regular_file
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and /dev/zero are POSIX")
 

@@ -12,13 +12,13 @@ import struct
 import numpy as np
 import pytest
 
-from kvstudio.core.engine import GenerationSettings
-from kvstudio.core.events import Recorder
-from kvstudio.core.history import RunHistory
-from kvstudio.core.plots import colours, data
-from kvstudio.core.plots.render import FigureRequest, draw, token_map_of
+from kvstudio.core.runtime.engine import GenerationSettings
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.persist.history import RunHistory
+from kvstudio.core.figures import colours, data
+from kvstudio.core.figures.render import FigureRequest, draw, token_map_of
 from kvstudio.core.storage import build_policy
-from kvstudio.core.recordings import pack_events, recording_from_dict
+from kvstudio.core.recording.packing import pack_events, recording_from_dict
 
 from .helpers import random_ids, run_cli
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstudio.core.engine import GenerationSettings
-from kvstudio.core.events import Recorder
-from kvstudio.core.models import LoadedModel, byte_tokenizer, load_model
-from kvstudio.core.plugins import PluginManager
+from kvstudio.core.runtime.engine import GenerationSettings
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.models.loading import LoadedModel, byte_tokenizer, load_model
+from kvstudio.core.plugins.loader import PluginManager
 from kvstudio.core.policies import create_policy
-from kvstudio.core.store.saved_cache import (SavedCacheError, check_compatible, checked_header, load_saved_cache,
+from kvstudio.core.persist.saved_cache import (SavedCacheError, check_compatible, checked_header, load_saved_cache,
                                              read_header, read_saved_cache, write_saved_cache)
 
 from .helpers import random_ids
@@ -62,11 +62,11 @@ MERGED = [
 # The restoring process: loads every saved file, continues THEN tokens, reports what it saw.
 CHILD = r"""
 import json, sys
-from kvstudio.core.engine import Engine, GenerationSettings
-from kvstudio.core.events import Recorder
-from kvstudio.core.models import load_model
-from kvstudio.core.plugins import PluginManager
-from kvstudio.core.store.saved_cache import load_saved_cache, policy_from_header, read_header
+from kvstudio.core.runtime.engine import Engine, GenerationSettings
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.models.loading import load_model
+from kvstudio.core.plugins.loader import PluginManager
+from kvstudio.core.persist.saved_cache import load_saved_cache, policy_from_header, read_header
 
 PluginManager([sys.argv[2]], entry_points_enabled=False).load()
 device, dtype = sys.argv[3], sys.argv[4]
@@ -117,7 +117,7 @@ def test_every_policy_continues_bit_identically_in_a_new_process(llama_engine, p
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_continuations_are_bit_identical_on_cuda_in_bfloat16(plugins, tmp_path):
-    from kvstudio.core.engine import Engine
+    from kvstudio.core.runtime.engine import Engine
 
     engine = Engine(load_model("tiny-llama", device="cuda", dtype="bfloat16"))
     _check_continuations(engine, [p for p in POLICIES if p[0] in ("h2o", "snapkv", "streaming_llm", "random")],
@@ -329,7 +329,7 @@ def test_a_quantized_cache_file_holds_codes_not_decoded_keys(llama_engine, tmp_p
 
 def test_bnb_caches_are_refused_with_a_reason():
     from kvstudio.core.storage import StorageConfig
-    from kvstudio.core.store.layer_tensors import unsaveable_reason
+    from kvstudio.core.persist.layer_tensors import unsaveable_reason
 
     reason = unsaveable_reason(StorageConfig(codec="bnb-int4"))
     assert "bitsandbytes codecs need CUDA" in reason and "use --codec int8 or int4" in reason
@@ -367,7 +367,7 @@ def test_a_continued_runs_token_map_starts_from_the_restored_cache(llama_engine)
     once drew every restored token as held), and says so on hover."""
     import numpy as np
 
-    from kvstudio.core.plots.data import TokenMap
+    from kvstudio.core.figures.data import TokenMap
 
     def token_map(recorder: Recorder) -> TokenMap:
         drawn = TokenMap.for_run(recorder.all("runs")[-1])
@@ -389,7 +389,7 @@ def test_a_continued_runs_token_map_starts_from_the_restored_cache(llama_engine)
     gone = int(np.flatnonzero(continued.held_fractions() == 0)[0])
     assert "before the saved cache this run went on from" in continued.describe(gone)
     # Stored in the history and opened again (Runs > Open views), the map is the same.
-    from kvstudio.core.recordings import pack_events, unpack_events
+    from kvstudio.core.recording.packing import pack_events, unpack_events
 
     reopened = token_map(unpack_events(pack_events(continued_recorder)))
     assert np.array_equal(reopened.held_fractions(), continued.held_fractions())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstudio.core.attention import (attention_and_sums, attention_rows, attention_sums, chunk_mask, query_tile,
+from kvstudio.core.runtime.attention import (attention_and_sums, attention_rows, attention_sums, chunk_mask, query_tile,
                                      scoring_scratch_bytes)
-from kvstudio.core.engine import GenerationSettings
-from kvstudio.core.events import Recorder
+from kvstudio.core.runtime.engine import GenerationSettings
+from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies import create_policy
 from kvstudio.core.policies.base import LayerView
 

@@ -1,12 +1,12 @@
-"""Stop inside a prefill chunk (core/layer_hooks.py): a cancel requested while a chunk is between two
+"""Stop inside a prefill chunk (core/runtime/layer_hooks.py): a cancel requested while a chunk is between two
 decoder layers ends the run there, without running the chunk's later layers, and frees the cache the
 half-fed chunk left uneven. Progress moves layer by layer within a chunk. Real tiny-llama (4 layers)."""
 
 from __future__ import annotations
 
-from kvstudio.core.engine import CancelToken, GenerationSettings
-from kvstudio.core.events import Recorder
-from kvstudio.core.layer_hooks import decoder_layers
+from kvstudio.core.runtime.engine import CancelToken, GenerationSettings
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.runtime.layer_hooks import decoder_layers
 from kvstudio.core.policies import create_policy
 
 from .helpers import random_ids

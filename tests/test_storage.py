@@ -8,13 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstudio.core.engine import GenerationSettings, _Run
-from kvstudio.core.events import Recorder
+from kvstudio.core.runtime.engine import GenerationSettings, _Run
+from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies import available_policies, create_policy
 from kvstudio.core.storage import StorageConfig, attach, split_cache_name
 from kvstudio.core.storage.base import CodecError
 from kvstudio.core.storage.integer import Int4Codec, Int8Codec, pack_nibbles, unpack_nibbles
-from kvstudio.core.storage.stores import QuantizedStore
+from kvstudio.core.storage.layer_stores import QuantizedStore
 
 from .conftest import engine_for
 from .helpers import random_ids
@@ -159,8 +159,8 @@ def _head64_engine():
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from kvstudio.core.engine import Engine
-    from kvstudio.core.models import LoadedModel, byte_tokenizer
+    from kvstudio.core.runtime.engine import Engine
+    from kvstudio.core.models.loading import LoadedModel, byte_tokenizer
 
     config = transformers.LlamaConfig(vocab_size=258, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=64,
@@ -238,7 +238,7 @@ def test_backward_through_a_two_chunk_cache_forward_matches_one_pass():
         expected = weight.grad.clone()
         model.zero_grad()
 
-        from kvstudio.core.cache import StepContext
+        from kvstudio.core.runtime.cache import StepContext
 
         cache = engine.new_cache(create_policy("full"))
         total = 0
@@ -304,7 +304,7 @@ def test_int8_stays_close_to_fp_and_reports_its_error():
     assert 0 < errors["key"] < 0.02 and 0 < errors["value"] < 0.02
     assert result.peak_cache_bytes < 0.5 * fp.peak_cache_bytes
 
-    from kvstudio.core.storage.errors import kl_to_fp
+    from kvstudio.core.evaluate.codec_error import kl_to_fp
 
     kl_int8, positions = kl_to_fp(engine, ids + [5, 6, 7], 60, policy, 16)
     int4 = attach(create_policy("full"), StorageConfig(codec="int4", group_size=8))
@@ -391,8 +391,8 @@ def test_bnb_codecs_round_trip_and_run_on_cuda(codec):
     decoded = coder.decode(encoded.per_entry, {}, "key", torch.float16)
     relative = ((decoded.float() - x.float()).norm() / x.float().norm()).item()
     assert relative < (0.02 if codec == "bnb-int8" else 0.15), relative
-    from kvstudio.core.engine import Engine
-    from kvstudio.core.models import load_model
+    from kvstudio.core.runtime.engine import Engine
+    from kvstudio.core.models.loading import load_model
 
     engine = Engine(load_model("tiny-llama", device="cuda"))
     # tiny models have head_dim 16: a block must lie inside one entry, so their rows are refused...
@@ -402,7 +402,7 @@ def test_bnb_codecs_round_trip_and_run_on_cuda(codec):
 
 
 def test_a_plugin_file_adds_a_codec(tmp_path):
-    from kvstudio.core.plugins import PluginManager
+    from kvstudio.core.plugins.loader import PluginManager
     from kvstudio.core.storage import available_codecs
 
     (tmp_path / "int3_codec.py").write_text(
@@ -425,7 +425,7 @@ def test_a_plugin_file_adds_a_codec(tmp_path):
 def test_cli_runs_the_shorthand_and_reports_storage(capsys, tmp_path):
     import json
 
-    from kvstudio.cli import main
+    from kvstudio.cli.dispatch import main
 
     path = tmp_path / "run.json"
     code = main(["run", "--model", "tiny-llama", "--policy", "h2o-int4", "--budget", "16", "--group-size", "8",
@@ -448,8 +448,8 @@ def test_cli_runs_the_shorthand_and_reports_storage(capsys, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream and pinned host memory are CUDA's")
 def test_host_tier_on_cuda_recalls_through_pinned_memory():
-    from kvstudio.core.engine import Engine
-    from kvstudio.core.models import load_model
+    from kvstudio.core.runtime.engine import Engine
+    from kvstudio.core.models.loading import load_model
 
     engine = Engine(load_model("tiny-llama", device="cuda"))
     ids = random_ids(50, seed=10)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PySide6.QtCore import Qt
 
-from kvstudio.gui.compare import COLUMNS
+from kvstudio.gui.features.compare import COLUMNS
 
 from .test_gui import load, run
 

@@ -14,13 +14,13 @@ import pytest
 from PySide6.QtCore import QMimeData, QSettings, Qt, QUrl
 from PySide6.QtWidgets import QTabBar
 
-from kvstudio.core.engine import GenerationSettings
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import PolicyConfigError
-from kvstudio.core.events import Recorder
+from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies import create_policy
-from kvstudio.gui.compare import COLUMNS as COMPARE_COLUMNS
+from kvstudio.gui.features.compare import COLUMNS as COMPARE_COLUMNS
 from kvstudio.gui.main_window import MainWindow
-from kvstudio.gui.runs_view import COLUMNS as RUNS_COLUMNS
+from kvstudio.gui.features.runs import COLUMNS as RUNS_COLUMNS
 from kvstudio.gui.views.output import OutputView
 
 from .test_gui import run
@@ -286,7 +286,7 @@ def test_the_prefill_bar_moves_within_a_chunk(qtbot, window):
 
 
 def test_stop_inside_a_prefill_chunk_ends_the_run_there_and_says_so(qtbot, window):
-    from kvstudio.core.layer_hooks import decoder_layers
+    from kvstudio.core.runtime.layer_hooks import decoder_layers
 
     window.prompt_area.prompt.setPlainText("x" * 400)
     window.form.chunk_size.setValue(400)  # the whole prompt in one chunk

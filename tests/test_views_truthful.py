@@ -10,12 +10,12 @@ from PySide6.QtCore import QPoint, QPointF, QSettings, Qt
 from PySide6.QtGui import QMouseEvent
 from PySide6.QtWidgets import QToolTip
 
-from kvstudio.core.engine import CancelToken, GenerationSettings
-from kvstudio.core.events import Recorder
-from kvstudio.core.plots import colours
-from kvstudio.core.plots.data import TokenMap, attention_image
-from kvstudio.core.plots.render import FigureRequest
-from kvstudio.core.recordings import unpack_events
+from kvstudio.core.runtime.engine import CancelToken, GenerationSettings
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.figures import colours
+from kvstudio.core.figures.data import TokenMap, attention_image
+from kvstudio.core.figures.render import FigureRequest
+from kvstudio.core.recording.packing import unpack_events
 from kvstudio.core.storage import build_policy
 from kvstudio.gui.main_window import MainWindow
 from kvstudio.gui.views.attention_map import NOTHING_YET, to_lut_indices
@@ -236,7 +236,7 @@ def test_attention_hover_log_scale_and_unseen_colour(qtbot, window):
     logged = attention.image.image
     held = values >= 0
     assert not np.array_equal(linear[held], logged[held])
-    from kvstudio.core.plots.data import scale_attention
+    from kvstudio.core.figures.data import scale_attention
 
     assert np.array_equal(logged, to_lut_indices(scale_attention(values, attention.top_weight(), log=True)))
     assert (logged[~held & (values == -2)] == 1).all()  # unseen stays its own colour under any scale
@@ -321,8 +321,8 @@ def test_a_wide_attention_map_keeps_positions_where_they_are(qtbot, llama_engine
 
 
 def test_the_figure_dialog_starts_from_what_is_asked_and_runs_offers_it(qtbot, window):
-    from kvstudio.core.plots.render import DEFAULT_DPI
-    from kvstudio.gui.figure_export import FigureDialog
+    from kvstudio.core.figures.render import DEFAULT_DPI
+    from kvstudio.gui.features.figure_export import FigureDialog
 
     assert window.runs.view.controls.indexOf(window.figures.runs_button) >= 0  # "Figure…" beside Export
     dialog = FigureDialog(window, 4, 4, FigureRequest("attention", layer=2, head=1, log_scale=True))

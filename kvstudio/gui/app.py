@@ -6,7 +6,7 @@ import ctypes.util
 import os
 import sys
 
-from ..core.errors import KVStudioError
+from kvstudio.core.errors import KVStudioError
 
 
 def check_display() -> None:
@@ -35,9 +35,9 @@ def run_studio(model: str | None = "default") -> int:
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
-    from .main_window import MainWindow
+    from kvstudio.gui.main_window import MainWindow
 
-    from ..core.models import prepare_load
+    from kvstudio.core.models.loading import prepare_load
 
     if model:  # imports and tokenizer now, before the window: loading them later froze it
         prepare_load(model)

@@ -12,27 +12,27 @@ from PySide6.QtCore import QEvent, QSettings, Qt, QThread
 from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QSplitter, QTabBar, QToolButton, QVBoxLayout,
                                QWidget)
 
-from ..core.events import Recorder
-from ..core.history import HistoryError, RunHistory
-from ..core.plugins import PluginManager
-from . import gui_thread_gc
-from .bars import message_bar
-from .caches_view import CachesFeature
-from .compare import CompareFeature
-from .evaluate_view import EvaluateFeature
-from .exports_menu import ExportsFeature
-from .figure_export import FiguresFeature
-from .finetune_view import FinetuneFeature
-from .live_views import LiveViews
-from .model_loading import ModelLoading
-from .plugins_view import PluginsFeature, saved_plugin_folders
-from .prompt_area import PromptArea
-from .run_control import RunControl
-from .run_form import RunForm
-from .runs_view import RunsFeature
-from .scrolling import scrolling
-from .snapshot_view import SnapshotFeature
-from .worker import RunOutcome, StudioWorker
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.persist.history import HistoryError, RunHistory
+from kvstudio.core.plugins.loader import PluginManager
+from kvstudio.gui import gui_thread_gc
+from kvstudio.gui.widgets.bars import message_bar
+from kvstudio.gui.features.caches import CachesFeature
+from kvstudio.gui.features.compare import CompareFeature
+from kvstudio.gui.features.evaluate import EvaluateFeature
+from kvstudio.gui.features.exports_menu import ExportsFeature
+from kvstudio.gui.features.figure_export import FiguresFeature
+from kvstudio.gui.features.finetune import FinetuneFeature
+from kvstudio.gui.features.live_views import LiveViews
+from kvstudio.gui.features.model_loading import ModelLoading
+from kvstudio.gui.features.plugins import PluginsFeature, saved_plugin_folders
+from kvstudio.gui.features.prompt_area import PromptArea
+from kvstudio.gui.features.run_control import RunControl
+from kvstudio.gui.features.run_form import RunForm
+from kvstudio.gui.features.runs import RunsFeature
+from kvstudio.gui.widgets.scrolling import scrolling
+from kvstudio.gui.features.snapshot import SnapshotFeature
+from kvstudio.gui.worker import RunOutcome, StudioWorker
 
 # Where docks go: the set-up column on the left, the views as tabs on the right; within a place, in
 # the order the features are installed. The centre (documents, prompt, output) takes what is left.

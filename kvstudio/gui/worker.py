@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 
 from PySide6.QtCore import QObject, Signal, Slot
 
-from ..core.engine import CancelToken, Engine, GenerationSettings
-from ..core.errors import KVStudioError
-from ..core.events import Recorder
-from ..core.models import load_model
-from ..core.oom import explain, is_out_of_memory
-from ..core.plugin_guard import fault_from_traceback
-from ..core.storage import build_policy
-from ..core.recordings import pack_events
-from ..core.snapshots import MemorySnapshotRecording, SnapshotError
+from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationSettings
+from kvstudio.core.errors import KVStudioError
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.models.loading import load_model
+from kvstudio.core.runtime.oom import explain, is_out_of_memory
+from kvstudio.core.plugins.guard import fault_from_traceback
+from kvstudio.core.storage import build_policy
+from kvstudio.core.recording.packing import pack_events
+from kvstudio.core.recording.snapshots import MemorySnapshotRecording, SnapshotError
 
 
 class LoadCancelled(Exception):
@@ -152,8 +152,8 @@ class StudioWorker(QObject):
         self.run_finished.emit(outcome)
 
     def _restore(self, request: RunRequest, policy, outcome: RunOutcome):
-        from ..core.store.saved_cache import SavedCacheError, load_saved_cache
-        from .caches_view import in_studio_words
+        from kvstudio.core.persist.saved_cache import SavedCacheError, load_saved_cache
+        from kvstudio.gui.features.caches import in_studio_words
 
         try:
             header, state, seconds = load_saved_cache(request.start_from, self.engine.loaded, policy)

@@ -12,6 +12,6 @@
   passkey.py      the original filler pass-key prompt (tests/test_passkey.py, benchmarks/passkey.py)
 """
 
-from .passkey import FILLER, passkey_prompt, passkey_retrieved
+from kvstudio.core.evaluate.passkey import FILLER, passkey_prompt, passkey_retrieved
 
 __all__ = ["FILLER", "passkey_prompt", "passkey_retrieved"]

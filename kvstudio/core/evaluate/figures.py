@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_produce, check_writable_folder
-from ..errors import KVStudioError
-from .results import (LOWER_IS_BETTER, needle_grid, pareto_front, running_mean, score_by_budget, score_by_bytes,
+from kvstudio.core.io.atomic import atomic_produce, check_writable_folder
+from kvstudio.core.errors import KVStudioError
+from kvstudio.core.evaluate.results import (LOWER_IS_BETTER, needle_grid, pareto_front, running_mean, score_by_budget, score_by_bytes,
                       series)
 
 FORMATS = (".png", ".svg")

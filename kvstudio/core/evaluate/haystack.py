@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from ..errors import KVStudioError
+from kvstudio.core.errors import KVStudioError
 
 # Stored sweeps name the version their prompts were generated with: change it whenever a change here
 # or in tasks.py changes any prompt, so an old sweep is never resumed with different prompts.

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import CancelToken, Engine, GenerationResult, _Run
-from ..events import Recorder, RunStartedEvent
-from ..policies.base import Policy
-from .haystack import prose_ids
-from .metrics import kl_divergence, perplexity
-from .tasks import TaskError
+from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationResult, _Run
+from kvstudio.core.recording.events import Recorder, RunStartedEvent
+from kvstudio.core.policies.base import Policy
+from kvstudio.core.evaluate.haystack import prose_ids
+from kvstudio.core.evaluate.metrics import kl_divergence, perplexity
+from kvstudio.core.evaluate.tasks import TaskError
 
 REFERENCE_CHUNK = 256  # positions of full-cache logits held at a time (256 x vocab x 4 bytes)
 
@@ -72,7 +72,7 @@ class LanguageResult:
 def text_ids(engine: Engine, options: LanguageOptions) -> list[int]:
     """The evaluated text's token ids: the user's file, or prose, cut to `options.tokens`."""
     if options.text_file:
-        from ..prompts import read_text_file
+        from kvstudio.core.io.prompts import read_text_file
 
         ids = engine.encode(read_text_file(options.text_file))
         if len(ids) < options.tokens:

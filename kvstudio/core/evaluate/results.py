@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_write, check_writable_folder
-from ..errors import KVStudioError
-from ..units import format_bytes
+from kvstudio.core.io.atomic import atomic_write, check_writable_folder
+from kvstudio.core.errors import KVStudioError
+from kvstudio.core.units import format_bytes
 
 PLAIN = "plain"  # the summary's variant column for the cells without one (the baseline)
 CSV_COLUMNS = ("task", "subtask", "policy", "budget", "variant", "context_tokens", "depth", "needle_depth", "sample",

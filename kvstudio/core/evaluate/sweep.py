@@ -26,14 +26,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..engine import CancelToken, Engine, GenerationSettings
-from ..errors import KVStudioError, PolicyConfigError
-from ..events import Recorder
-from ..policies import policy_class
-from ..policies.base import Policy
-from .haystack import GENERATOR_VERSION
-from .language import LanguageOptions, evaluate_language, text_ids
-from .tasks import GENERATION_TASKS, LANGUAGE_TASKS, Sample, TaskOptions, generation_samples
+from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationSettings
+from kvstudio.core.errors import KVStudioError, PolicyConfigError
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.policies import policy_class
+from kvstudio.core.policies.base import Policy
+from kvstudio.core.evaluate.haystack import GENERATOR_VERSION
+from kvstudio.core.evaluate.language import LanguageOptions, evaluate_language, text_ids
+from kvstudio.core.evaluate.tasks import GENERATION_TASKS, LANGUAGE_TASKS, Sample, TaskOptions, generation_samples
 
 STORE_VERSION = 1
 CURVE_DECIMALS = 5  # per-position log-probabilities and KL, as stored
@@ -107,7 +107,7 @@ def accepted_parameters(policy: str) -> set[str]:
 def make_policy(name: str, budget: int | None, shared: dict, variant: dict) -> Policy:
     """The cell's policy: its budget, the shared options it accepts, and every variant option. Variant
     options named like StorageConfig fields (codec, merge, merge_from, ...) set the cell's storage."""
-    from ..storage import attach, storage_from_options
+    from kvstudio.core.storage import attach, storage_from_options
 
     storage, variant = storage_from_options(variant)
     accepted = accepted_parameters(name)
@@ -135,7 +135,7 @@ def _file_digest(path: str) -> str:
 
 
 def default_store_path(spec: SweepSpec) -> Path:
-    from ..plugins import user_data_dir
+    from kvstudio.core.plugins.loader import user_data_dir
 
     return user_data_dir() / "evaluations" / f"{store_task(spec.task)}-{spec.fingerprint()}.jsonl"
 
@@ -357,8 +357,8 @@ class Sweep:
     def _history_start(self, policy: Policy, ids: list[int], settings: GenerationSettings, base: dict) -> int | None:
         if self.history is None:
             return None
-        from ..history import HistoryError
-        from ..storage import stored_parameters
+        from kvstudio.core.persist.history import HistoryError
+        from kvstudio.core.storage import stored_parameters
 
         try:
             prompt = self.engine.tokenizer.decode(ids)
@@ -373,8 +373,8 @@ class Sweep:
     def _history_finish(self, run_id, result, recorder: Recorder) -> None:
         if self.history is None or run_id is None:
             return
-        from ..history import HistoryError
-        from ..recordings import pack_events
+        from kvstudio.core.persist.history import HistoryError
+        from kvstudio.core.recording.packing import pack_events
 
         try:
             self.history.finish(run_id, result, events=pack_events(recorder))
@@ -384,7 +384,7 @@ class Sweep:
     def _history_fail(self, run_id, error: BaseException) -> None:
         if self.history is None or run_id is None:
             return
-        from ..history import HistoryError
+        from kvstudio.core.persist.history import HistoryError
 
         try:
             self.history.finish(run_id, status="failed", error=str(error) or type(error).__name__)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import KVStudioError
-from . import metrics
-from .haystack import Needle, build_context, encode_piece, prose_paragraphs
+from kvstudio.core.errors import KVStudioError
+from kvstudio.core.evaluate import metrics
+from kvstudio.core.evaluate.haystack import Needle, build_context, encode_piece, prose_paragraphs
 
 GENERATION_TASKS = ("passkey", "needle", "ruler", "qa")
 LANGUAGE_TASKS = ("perplexity", "kl")

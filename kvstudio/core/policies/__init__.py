@@ -1,22 +1,22 @@
 """The policy registry: every built-in policy, looked up by name.
 
-Plugins (kvstudio.core.plugins) register into the same table, with the file they came from.
+Plugins (kvstudio.core.plugins.loader) register into the same table, with the file they came from.
 """
 
 from __future__ import annotations
 
-from ..errors import PolicyConfigError
-from ..registry import BUILT_IN, Registry
-from .base import Policy, PolicyConfig
-from .full import FullPolicy
-from .h2o import H2OPolicy
-from .knorm import KeyNormPolicy
-from .pyramidkv import PyramidKVPolicy
-from .random_policy import RandomPolicy
-from .snapkv import SnapKVPolicy
-from .streaming_llm import StreamingLLMPolicy
-from .tova import TOVAPolicy
-from .window import WindowPolicy
+from kvstudio.core.errors import PolicyConfigError
+from kvstudio.core.registry import BUILT_IN, Registry
+from kvstudio.core.policies.base import Policy, PolicyConfig
+from kvstudio.core.policies.full import FullPolicy
+from kvstudio.core.policies.h2o import H2OPolicy
+from kvstudio.core.policies.knorm import KeyNormPolicy
+from kvstudio.core.policies.pyramidkv import PyramidKVPolicy
+from kvstudio.core.policies.random_policy import RandomPolicy
+from kvstudio.core.policies.snapkv import SnapKVPolicy
+from kvstudio.core.policies.streaming_llm import StreamingLLMPolicy
+from kvstudio.core.policies.tova import TOVAPolicy
+from kvstudio.core.policies.window import WindowPolicy
 
 _POLICIES: Registry[type[Policy]] = Registry("policy", "policies", PolicyConfigError)
 
@@ -51,7 +51,7 @@ def policy_class(name: str) -> type[Policy]:
 def create_policy(name: str, **params) -> Policy:
     """Build a policy by name; parameters left as None take the policy's defaults. Its Config,
     validate() and __init__ run under the plugin guard: any fault there is a PolicyError."""
-    from ..plugin_guard import build_policy
+    from kvstudio.core.plugins.guard import build_policy
 
     return build_policy(policy_class(name), {k: v for k, v in params.items() if v is not None})
 

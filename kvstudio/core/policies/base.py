@@ -1,7 +1,7 @@
 """The public contract of a KV-cache policy. Built-in policies and plugins use exactly this.
 
 A policy decides, per layer and per KV head, which cached entries to keep. The engine owns the
-storage (`kvstudio.core.cache`); after every forward step it shows the policy each layer through a
+storage (`kvstudio.core.runtime.cache`); after every forward step it shows the policy each layer through a
 `LayerView` and asks `select()` which entries stay. Write a policy in four parts:
 
 1. **Configuration**: a dataclass subclass of `PolicyConfig`. Declare every parameter with
@@ -64,7 +64,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from ..errors import PolicyConfigError
+from kvstudio.core.errors import PolicyConfigError
 
 Phase = Literal["prefill", "decode"]
 

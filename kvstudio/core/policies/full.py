@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import PolicyConfigError
-from .base import LayerState, LayerView, Policy, PolicyConfig
+from kvstudio.core.errors import PolicyConfigError
+from kvstudio.core.policies.base import LayerState, LayerView, Policy, PolicyConfig
 
 
 @dataclass

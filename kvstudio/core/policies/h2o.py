@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import PolicyConfigError
-from .base import (LayerState, LayerView, Policy, PolicyConfig, keep_all_if_within, keep_top_scores, parameter,
+from kvstudio.core.errors import PolicyConfigError
+from kvstudio.core.policies.base import (LayerState, LayerView, Policy, PolicyConfig, keep_all_if_within, keep_top_scores, parameter,
                    recent_mask)
 
 

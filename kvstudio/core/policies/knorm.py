@@ -10,7 +10,7 @@ newest token.
 
 from __future__ import annotations
 
-from .base import LayerState, LayerView, Policy, keep_all_if_within, keep_top_scores
+from kvstudio.core.policies.base import LayerState, LayerView, Policy, keep_all_if_within, keep_top_scores
 
 
 class KeyNormPolicy(Policy):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import PolicyConfigError
-from .base import parameter
-from .snapkv import SnapKVConfig, SnapKVPolicy
+from kvstudio.core.errors import PolicyConfigError
+from kvstudio.core.policies.base import parameter
+from kvstudio.core.policies.snapkv import SnapKVConfig, SnapKVPolicy
 
 
 @dataclass

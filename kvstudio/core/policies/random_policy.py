@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerState, LayerView, Policy, PolicyConfig, keep_all_if_within, keep_top_scores, parameter
+from kvstudio.core.policies.base import LayerState, LayerView, Policy, PolicyConfig, keep_all_if_within, keep_top_scores, parameter
 
 
 @dataclass

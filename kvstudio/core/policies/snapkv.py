@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import PolicyConfigError
-from .base import LayerState, LayerView, Phase, Policy, PolicyConfig, keep_all_if_within, keep_top_scores, parameter
+from kvstudio.core.errors import PolicyConfigError
+from kvstudio.core.policies.base import LayerState, LayerView, Phase, Policy, PolicyConfig, keep_all_if_within, keep_top_scores, parameter
 
 
 @dataclass

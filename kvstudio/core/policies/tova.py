@@ -10,7 +10,7 @@ prefill chunk (the last prompt token when one chunk covers the prompt).
 
 from __future__ import annotations
 
-from .base import LayerState, LayerView, Phase, Policy, keep_all_if_within, keep_top_scores
+from kvstudio.core.policies.base import LayerState, LayerView, Phase, Policy, keep_all_if_within, keep_top_scores
 
 
 class TOVAPolicy(Policy):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import PolicyConfigError
-from .base import LayerState, LayerView, Policy, PolicyConfig, keep_all_if_within, keep_sinks_and_recent, parameter
+from kvstudio.core.errors import PolicyConfigError
+from kvstudio.core.policies.base import LayerState, LayerView, Policy, PolicyConfig, keep_all_if_within, keep_sinks_and_recent, parameter
 
 
 @dataclass

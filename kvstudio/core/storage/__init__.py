@@ -14,12 +14,12 @@
 
 from __future__ import annotations
 
-from .base import MERGE_METHODS, Codec, CodecError, StorageConfig
-from .bnb import BnbInt4Codec, BnbInt8Codec
-from .codecs import (BUILT_IN, FP, available_codecs, codec_class, codec_source, create_codec, register_codec,
+from kvstudio.core.storage.base import MERGE_METHODS, Codec, CodecError, StorageConfig
+from kvstudio.core.storage.bnb import BnbInt4Codec, BnbInt8Codec
+from kvstudio.core.storage.codecs import (BUILT_IN, FP, available_codecs, codec_class, codec_source, create_codec, register_codec,
                      unregister_codec)
-from .integer import Int4Codec, Int8Codec
-from .policy_storage import (STORAGE_KEY, attach, build_policy, cache_label, cache_name, changed_fields,
+from kvstudio.core.storage.integer import Int4Codec, Int8Codec
+from kvstudio.core.storage.policy_storage import (STORAGE_KEY, attach, build_policy, cache_label, cache_name, changed_fields,
                              merge_in_name, split_cache_name, storage_config, storage_fields, storage_from_options,
                              storage_of, stored_parameters)
 

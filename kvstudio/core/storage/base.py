@@ -4,7 +4,7 @@ Selection (which entries stay) is the policy's job; storage (how they are held) 
 cache is named `<policy>-<codec>` (`h2o-int4`), the naming of the KeysAndValues library.
 
 A codec encodes a *group* of consecutive entries of one layer (all KV heads at once) and decodes
-what it produced. The engine's storage (`kvstudio.core.storage.stores`) does the rest: it keeps
+what it produced. The engine's storage (`kvstudio.core.storage.layer_stores`) does the rest: it keeps
 the newest entries in full precision until they leave the residual window, hands the codec each
 group as it leaves (G entries for a kind in `grouped_kinds`, else whatever left this step), stores the encoded tensors in preallocated per-layer buffers, compacts them in
 place when the policy evicts, and counts their bytes. Write a codec in three parts:
@@ -40,7 +40,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..errors import KVStudioError
+from kvstudio.core.errors import KVStudioError
 
 Kind = Literal["key", "value"]
 TIERS = ("device", "host")
@@ -101,7 +101,7 @@ class StorageConfig:
     merge_t: float = 0.6  # SLERP interpolation parameter (0: the earlier layer's direction, 1: the later's)
 
     def validate(self) -> None:
-        from . import codec_class
+        from kvstudio.core.storage import codec_class
 
         codec_class(self.codec)  # an unknown name raises with the list of codecs
         checks = [

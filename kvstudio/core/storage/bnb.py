@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Codec, CodecError, Encoded
+from kvstudio.core.storage.base import Codec, CodecError, Encoded
 
 
 def _bitsandbytes():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ..registry import BUILT_IN, Registry
-from .base import Codec, CodecError, StorageConfig
-from .bnb import BnbInt4Codec, BnbInt8Codec
-from .integer import Int4Codec, Int8Codec
+from kvstudio.core.registry import BUILT_IN, Registry
+from kvstudio.core.storage.base import Codec, CodecError, StorageConfig
+from kvstudio.core.storage.bnb import BnbInt4Codec, BnbInt8Codec
+from kvstudio.core.storage.integer import Int4Codec, Int8Codec
 
 FP = "fp"
 _CODECS: Registry[type[Codec] | None] = Registry("codec", "codecs", CodecError)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .buffers import EntryBuffers
+from kvstudio.core.storage.buffers import EntryBuffers
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Codec, CodecError, Encoded, Kind
+from kvstudio.core.storage.base import Codec, CodecError, Encoded, Kind
 
 FP16_MAX = 65504.0
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import CodecError
-from .stores import KINDS, _cpu_copies, _Store
+from kvstudio.core.storage.base import CodecError
+from kvstudio.core.storage.layer_stores import KINDS, _cpu_copies, _Store
 
 
 class RowPool:

@@ -65,9 +65,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import CodecError
-from .buffers import EntryBuffers
-from .linked import LinkedStore
+from kvstudio.core.storage.base import CodecError
+from kvstudio.core.storage.buffers import EntryBuffers
+from kvstudio.core.storage.linked import LinkedStore
 
 KINDS = ("key", "value")
 DEFAULT_T = 0.6  # the paper's interpolation parameter (its implementation details)

@@ -7,8 +7,8 @@ A cache is named `<policy>-<codec>` (KeysAndValues' convention), `+host` with th
 
 from __future__ import annotations
 
-from .base import MERGE_METHODS, CodecError, StorageConfig
-from .codecs import FP, _CODECS
+from kvstudio.core.storage.base import MERGE_METHODS, CodecError, StorageConfig
+from kvstudio.core.storage.codecs import FP, _CODECS
 
 def merge_in_name(name: str) -> str | None:
     """'h2o+minicache' or 'h2o-int4+minicache' -> 'minicache': cross-layer merging named in a cache's
@@ -100,7 +100,7 @@ STORAGE_KEY = "storage"  # in a policy's parameter dict (the studio's run reques
 def build_policy(name: str, parameters: dict):
     """A policy from a cache name ('h2o' or 'h2o-int4') and its parameters; parameters["storage"]
     (a dict of StorageConfig fields) sets the storage, and a codec in the name overrides its codec."""
-    from ..policies import create_policy
+    from kvstudio.core.policies import create_policy
 
     base = split_cache_name(name)[0]
     parameters = dict(parameters)

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import KVStudioError
+from kvstudio.core.errors import KVStudioError
 
 SYNTHETIC_PASSKEY = "synthetic-passkey"
 FILE_KINDS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write
-from ..errors import KVStudioError
+from kvstudio.core.io.atomic import atomic_write
+from kvstudio.core.errors import KVStudioError
 
 ADAPTER_INFO = "kvstudio_adapter.json"
 LATEST = "latest.json"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from ..history import RunHistory, RunRecord
-from .log import MemoryReading, TrainingLog, TrainStep, Validation
+from kvstudio.core.persist.history import RunHistory, RunRecord
+from kvstudio.core.train.log import MemoryReading, TrainingLog, TrainStep, Validation
 
 KIND = "finetune"
 MAX_STORED_READINGS = 4000

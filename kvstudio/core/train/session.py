@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import check_writable_folder
-from ..engine import CancelToken, Engine
-from ..errors import KVStudioError
-from ..memory import MemorySampler, read_system_memory, reset_peak
-from ..policies import create_policy
-from ..policies.base import Policy
-from . import lora
-from .data import Dataset, DataError
-from .log import MemoryReading, TrainingLog, TrainStep, Validation
-from .through_cache import GRAD_MODES, SavedTensorMeter, StepCancelled, cancel_in_backward, example_loss
+from kvstudio.core.io.atomic import check_writable_folder
+from kvstudio.core.runtime.engine import CancelToken, Engine
+from kvstudio.core.errors import KVStudioError
+from kvstudio.core.recording.memory import MemorySampler, read_system_memory, reset_peak
+from kvstudio.core.policies import create_policy
+from kvstudio.core.policies.base import Policy
+from kvstudio.core.train import lora
+from kvstudio.core.train.data import Dataset, DataError
+from kvstudio.core.train.log import MemoryReading, TrainingLog, TrainStep, Validation
+from kvstudio.core.train.through_cache import GRAD_MODES, SavedTensorMeter, StepCancelled, cancel_in_backward, example_loss
 
 
 @dataclass
@@ -313,7 +313,7 @@ class FinetuneSession:
 
     def _snapshot_recording(self, step: int):
         if self.snapshot_path and step == self.settings.snapshot_step:
-            from ..snapshots import MemorySnapshotRecording
+            from kvstudio.core.recording.snapshots import MemorySnapshotRecording
 
             self.log.status(f"recording a memory snapshot of step {step}")
             return MemorySnapshotRecording(self.loaded.device)

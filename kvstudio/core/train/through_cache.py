@@ -24,11 +24,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..engine import CancelToken, Engine, _Run
-from ..errors import KVStudioError
-from ..events import Recorder
-from ..policies.base import Policy
-from .data import Example
+from kvstudio.core.runtime.engine import CancelToken, Engine, _Run
+from kvstudio.core.errors import KVStudioError
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.policies.base import Policy
+from kvstudio.core.train.data import Example
 
 GRAD_MODES = ("through", "truncated")
 

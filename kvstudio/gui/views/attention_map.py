@@ -19,13 +19,13 @@ import pyqtgraph as pg
 from PySide6.QtCore import QRectF
 from PySide6.QtWidgets import QComboBox, QLabel, QSpinBox, QToolTip, QVBoxLayout
 
-from ...core.plots.data import (EVICTED, LOG_DECADES, UNSEEN, attention_row, attention_row_bytes,
+from kvstudio.core.figures.data import (EVICTED, LOG_DECADES, UNSEEN, attention_row, attention_row_bytes,
                                 scale_attention, stack_rows)
-from ...core.units import format_bytes
-from ..flow_layout import FlowLayout, labelled
-from .base import LiveView
-from .colors import attention_lut
-from .plot_message import PlotMessage
+from kvstudio.core.units import format_bytes
+from kvstudio.gui.widgets.flow_layout import FlowLayout, labelled
+from kvstudio.gui.views.base import LiveView
+from kvstudio.gui.views.colors import attention_lut
+from kvstudio.gui.views.plot_message import PlotMessage
 
 MAX_ROWS = 1500  # the newest steps kept on screen
 MAX_COLUMNS = 1600  # wider contexts are max-pooled into this many columns

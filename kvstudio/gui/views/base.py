@@ -9,7 +9,7 @@ import time
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QWidget
 
-from ...core.events import Recorder, RunStartedEvent
+from kvstudio.core.recording.events import Recorder, RunStartedEvent
 
 
 class LiveView(QWidget):

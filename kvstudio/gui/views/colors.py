@@ -1,4 +1,4 @@
-"""Colour maps shared by the views (the colours themselves live in kvstudio.core.plots.colours, which
+"""Colour maps shared by the views (the colours themselves live in kvstudio.core.figures.colours, which
 the figure export uses too)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 
-from ...core.plots.colours import ATTENTION_EVICTED_RGBA, ATTENTION_UNSEEN_RGBA, held_colour  # noqa: F401
+from kvstudio.core.figures.colours import ATTENTION_EVICTED_RGBA, ATTENTION_UNSEEN_RGBA, held_colour  # noqa: F401
 
 EVICTED_RGBA = ATTENTION_EVICTED_RGBA  # red: was in the cache, evicted
 UNSEEN_RGBA = ATTENTION_UNSEEN_RGBA  # near-white: not fed yet (the ramp's dark end is a low weight)

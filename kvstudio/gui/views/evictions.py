@@ -10,9 +10,9 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QSpinBox, QVBoxLayout
 
-from ...core.plots.data import padded_range
-from .base import LiveView
-from .plot_message import PlotMessage
+from kvstudio.core.figures.data import padded_range
+from kvstudio.gui.views.base import LiveView
+from kvstudio.gui.views.plot_message import PlotMessage
 
 MAX_POINTS = 200_000  # beyond this the raster keeps the newest
 

@@ -19,9 +19,9 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 
-from ...core.units import MIB, format_bytes
-from .base import LiveView
-from .plot_message import PlotMessage
+from kvstudio.core.units import MIB, format_bytes
+from kvstudio.gui.views.base import LiveView
+from kvstudio.gui.views.plot_message import PlotMessage
 
 # Readings come 20 times a second; redrawing the timeline for each (curves, the followed range, the
 # linked axes) held the GUI thread 10-40 ms at a time during a model load. Five times a second is

@@ -16,10 +16,10 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout
 
-from ...core.plots.data import padded_range
-from ...core.units import MIB
-from .base import LiveView
-from .plot_message import PlotMessage
+from kvstudio.core.figures.data import padded_range
+from kvstudio.core.units import MIB
+from kvstudio.gui.views.base import LiveView
+from kvstudio.gui.views.plot_message import PlotMessage
 
 
 class OccupancyView(LiveView):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPlainTextEdit, QProgressBar, QVBoxLayout
 
-from .base import LiveView
+from kvstudio.gui.views.base import LiveView
 
 
 class OutputView(LiveView):
@@ -55,7 +55,7 @@ class OutputView(LiveView):
 
     def show_prefill(self, progress) -> None:
         """Tokens through every layer, plus the share of the chunk in progress that its layers have
-        done (a long chunk moves the bar layer by layer, core/layer_hooks.py)."""
+        done (a long chunk moves the bar layer by layer, core/runtime/layer_hooks.py)."""
         within = progress.chunk_tokens * progress.layers_done // progress.layers_total if progress.layers_total else 0
         self.prefill.setMaximum(progress.tokens_total)
         self.prefill.setValue(progress.tokens_done + within)

@@ -6,7 +6,7 @@ One layer: green when all its KV heads hold the token, amber when some do, red w
 Grey: the model has not been fed the token yet (prefill not there yet, a Stop mid-prefill, or the
 newest generated token). A blue bar marks where the prompt ends and generated text begins.
 This is the view that shows what a policy threw away. Hovering a token tells its position, text,
-the layers holding it and when it was evicted (kvstudio.core.plots.data.TokenMap, which the figure
+the layers holding it and when it was evicted (kvstudio.core.figures.data.TokenMap, which the figure
 export uses too).
 "Where it lives" colours the chosen layer's tokens (layer 0 under "all layers") by storage tier:
 on the device (held by some KV head), on the host (evicted under the host tier), recalled from the
@@ -23,9 +23,9 @@ from PySide6.QtCore import QEvent, Qt
 from PySide6.QtGui import QColor, QTextCharFormat, QTextCursor
 from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QTextEdit, QToolTip, QVBoxLayout
 
-from ...core.plots import colours
-from ...core.plots.data import TokenMap
-from .base import LiveView
+from kvstudio.core.figures import colours
+from kvstudio.core.figures.data import TokenMap
+from kvstudio.gui.views.base import LiveView
 
 RENDER_INTERVAL_S = 0.1
 TIER_COLOURS = {**colours.TIER_COLOURS, "unfed": colours.UNFED}

@@ -1,0 +1,1 @@
+"""Models: specs, loading (the embedded default, tiny models, folders, GGUF) and KV-head pooling."""

@@ -1,0 +1,455 @@
+"""PolicyCache: a transformers Cache whose layers keep only what a policy selects.
+
+Each layer stores keys and values as (1, kv_heads, n, head_dim) like DynamicLayer, plus each
+entry's token position (kv_heads, n). Different KV heads may hold different tokens, but always the
+same number of them, so tensors stay rectangular.
+
+One forward step goes:
+  engine: cache.begin_step(...)        positions of the new tokens, phase, step number
+  model:  layer.update(k, v)           append (transformers calls this before attention)
+  attention function: cache.after_attention(layer, rows, sums, watched row)
+                                       the policy selects, the layer evicts, right away, so the
+                                       next layer runs with this one already back within budget
+  engine: cache.end_step()             what happened: occupancy, evictions, bytes
+
+`get_seq_length()` is the number of *stored* entries. transformers builds the attention mask from
+it, which is exactly right: every stored entry is older than the new chunk. The token positions the
+model needs for RoPE come from the engine (`position_ids`), never from the cache length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from kvstudio.core.runtime.attention import SCRATCH_BYTES
+from kvstudio.core.errors import PolicyError
+from kvstudio.core.plugins.guard import call_policy, checked_count, returned_wrong_type
+from kvstudio.core.policies.base import LayerState, LayerView, Phase, Policy
+from kvstudio.core.runtime.rotary import Rerotator
+from kvstudio.core.storage import create_codec, storage_of
+from kvstudio.core.storage.host import HostTier, splice
+from kvstudio.core.storage.linked import LinkedStore
+from kvstudio.core.storage.minicache import create_merging
+from kvstudio.core.storage.layer_stores import make_store
+
+
+@dataclass
+class StepContext:
+    step: int
+    phase: Phase
+    positions: torch.Tensor  # (n_new,) long: token index of each new entry in the sequence
+    rope_positions: torch.Tensor  # (n_new,) long: the position_ids the model rotated them with
+    is_last_prefill_chunk: bool = False
+    watched_layers: frozenset[int] = frozenset()
+    token_ids: torch.Tensor | None = None  # (seen,) every token fed so far, this step's included
+
+
+@dataclass
+class Eviction:
+    layer: int
+    positions: torch.Tensor  # (kv_heads, m) long, on the CPU: original positions evicted per head
+
+
+@dataclass
+class AttentionRows:
+    layer: int
+    weights: torch.Tensor  # (query_heads, n) float32, CPU: the newest query over all entries
+    positions: torch.Tensor  # (kv_heads, n) long, CPU: the position of each of those entries
+
+
+@dataclass
+class StepReport:
+    """What one forward step did to the cache."""
+
+    kept_per_layer: list[int]
+    evictions: list[Eviction] = field(default_factory=list)
+    attention: list[AttentionRows] = field(default_factory=list)
+    cache_bytes: int = 0
+
+    recalled: list[Eviction] = field(default_factory=list)  # host-tier entries attention saw this step
+    host_bytes: int = 0
+    merging: dict | None = None  # cross-layer merging after the step (MiniCacheMerging.step_report)
+
+    @property
+    def evicted_count(self) -> int:
+        return sum(e.positions.numel() for e in self.evictions)
+
+
+def _unused_setter(self, value):
+    # transformers' base classes assign None at construction; the store holds the real tensors.
+    if value is not None:
+        raise AttributeError("a PolicyLayer's keys and values live in its store (kvstudio.core.storage)")
+
+
+class PolicyLayer(DynamicLayer):
+    """One layer's storage. The policy decides what stays; this class does the bookkeeping, and the
+    layer's store (kvstudio.core.storage) holds the entries: preallocated, through the run's codec."""
+
+    # What attention sees: (1, kv_heads, n, head_dim), decoded when a codec holds them.
+    keys = property(lambda self: self.store.keys() if self.is_initialized else None, _unused_setter)
+    values = property(lambda self: self.store.values() if self.is_initialized else None, _unused_setter)
+    # Token positions (kv_heads, n), and where each key's rotation stands (differs under rerotate).
+    positions = property(lambda self: self.store.positions() if self.is_initialized else None)
+    rope_positions = property(lambda self: self.store.rope_positions() if self.is_initialized else None)
+
+    def __init__(self, cache: PolicyCache, layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.empty_storage()
+        self.state: LayerState = _new_layer_state(cache.policy, layer_idx)
+        self.n_new = 0
+        self.attended_this_step = False
+
+    def empty_storage(self) -> None:
+        """A fresh store and no host tier; with merging, this layer's side of its pair (the cache's
+        current merging: PolicyCache.free makes a new one)."""
+        cache = self.cache
+        self.store = cache.new_store(self.layer_idx)
+        self.host: HostTier | None = None  # the host tier, made at the first eviction when it is on
+        # Cross-layer merging (storage/minicache.py): this layer's side of its pair, or None.
+        self.merge = cache.merging.side(self.layer_idx) if cache.merging is not None else None
+        self.store.keep_step_groups = self.merge is not None  # a codec encodes the merged states again
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        if self.cache.codec is not None:
+            self.cache.codec.check(key_states.device)  # bnb codecs: CUDA only, said before any work
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.store.entry_count()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise ValueError("PolicyCache holds one sequence (batch size 1)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        context = self.cache.context
+        kv_heads, n_new = key_states.shape[1], key_states.shape[-2]
+        positions = context.positions.unsqueeze(0).expand(kv_heads, n_new)
+        rope = context.rope_positions.unsqueeze(0).expand(kv_heads, n_new) if self.cache.policy.config.rerotate \
+            else positions
+        before = self.store.byte_count()
+        keys, values = self.store.append(key_states[0], value_states[0], positions, rope)
+        if self.merge is not None:
+            self.merge.appended(kv_heads, n_new, key_states.device)
+        self.n_new = n_new
+        self.cache.note_bytes(self.store.byte_count() - before)
+        self.cache.peak_kept_per_layer[self.layer_idx] = max(self.cache.peak_kept_per_layer[self.layer_idx],
+                                                             keys.shape[-2])
+        return keys, values
+
+    def entry_count(self) -> int:
+        return self.get_seq_length()
+
+    def byte_count(self) -> int:
+        """What the layer holds; with merging, as a MiniCache store holds it (storage/minicache.py)."""
+        return self.store.byte_count() - (self.merge.estimated_bytes if self.merge is not None else 0)
+
+    def host_byte_count(self) -> int:
+        return 0 if self.host is None else self.host.byte_count()
+
+    def apply_policy(self, attention: torch.Tensor | None, attention_sums: torch.Tensor | None = None) -> None:
+        cache, context = self.cache, self.cache.context
+        policy = cache.policy
+        view = LayerView(
+            layer_idx=self.layer_idx, n_layers=cache.n_layers, step=context.step, phase=context.phase,
+            keys=self.keys[0], values=self.values[0], positions=self.positions, n_new=self.n_new,
+            budget=cache.budgets[self.layer_idx], attention=attention,
+            is_last_prefill_chunk=context.is_last_prefill_chunk, token_ids=context.token_ids,
+            tokenizer=cache.tokenizer, attention_sums=attention_sums,
+        )
+        keep = call_policy(policy, "select()", self.layer_idx, policy.select, view, self.state)
+        limit = cache.limits[context.phase][self.layer_idx]
+        if keep is None:
+            if limit is not None and view.n_entries > limit:
+                raise PolicyError(f"policy {_label(policy)} kept all {view.n_entries} entries of layer "
+                                  f"{self.layer_idx}, above its budget of {limit}")
+            self.store.release_step()
+            return
+        self._check_selection(keep, view, limit)
+        if keep.shape[1] == view.n_entries:
+            self.store.release_step()
+            return
+        self._evict(keep.to(view.keys.device, torch.long), view)  # int32 indices are accepted; scatter wants long
+
+    def _check_selection(self, keep: torch.Tensor, view: LayerView, limit: int | None) -> None:
+        name, layer = _label(self.cache.policy), self.layer_idx
+        if not isinstance(keep, torch.Tensor):
+            raise returned_wrong_type(self.cache.policy, "select", keep, "None or a tensor of indices", layer)
+        if keep.dim() != 2 or keep.shape[0] != view.kv_heads or keep.dtype not in (torch.long, torch.int32, torch.int64):
+            raise PolicyError(f"policy {name} returned indices of shape {tuple(keep.shape)} and dtype {keep.dtype} "
+                              f"in layer {layer}; expected integer indices of shape ({view.kv_heads}, k)")
+        if keep.shape[1] == 0:
+            raise PolicyError(f"policy {name} kept no entries in layer {layer}; keep at least one")
+        if limit is not None and keep.shape[1] > limit:
+            raise PolicyError(f"policy {name} kept {keep.shape[1]} entries in layer {layer}, above its budget "
+                              f"of {limit}")
+        if not keep.numel() or not self.cache.checks_index_values:
+            return
+        # Reading a value back waits for the device to finish: one read for both checks, and only for
+        # plugins (built-in policies are checked by the test suite instead, and run on a GPU unstalled).
+        outside, unordered = torch.stack([
+            (keep.min() < 0) | (keep.max() >= view.n_entries),
+            (keep[:, 1:] <= keep[:, :-1]).any(),
+        ]).tolist()
+        if outside:
+            raise PolicyError(f"policy {name} returned an index outside 0..{view.n_entries - 1} in layer {layer}")
+        if unordered:
+            raise PolicyError(f"policy {name} returned indices that are not strictly increasing in layer {layer}")
+
+    def _evict(self, keep: torch.Tensor, view: LayerView) -> None:
+        kv_heads, n = self.positions.shape
+        dropped = torch.ones(kv_heads, n, dtype=torch.uint8, device=keep.device)
+        dropped.scatter_(1, keep, 0)
+        # The dropped indices of each row in increasing order: a stable sort puts them first. (A
+        # boolean index would do it too, but it waits for the device to count them.)
+        dropped_index = dropped.argsort(dim=1, descending=True, stable=True)[:, :n - keep.shape[1]]
+        evicted_positions = self.positions.gather(1, dropped_index)
+        if self.cache.storage.tier == "host":
+            self._move_to_host(dropped_index, evicted_positions, view)
+
+        before = self.byte_count()
+        if self.merge is not None:  # a partner reading this layer's rows copies out the ones that go
+            self.merge.before_keep(self, keep)
+        self.store.keep(keep)  # compacts keys, values and positions in place
+        self.state.keep(keep)
+        if self.merge is not None:
+            self.merge.keep(self, keep)
+        self.cache.note_bytes(self.byte_count() - before)
+        self.cache.record_eviction(self.layer_idx, evicted_positions)
+
+        if self.cache.policy.config.rerotate:
+            # The StreamingLLM scheme: kept keys move to positions 0..k-1 in the cache. RoPE is a
+            # rotation, so rotating a key by (new - old) equals having rotated it at `new`.
+            contiguous = torch.arange(keep.shape[1], device=keep.device).unsqueeze(0).expand(kv_heads, -1)
+            old = self.rope_positions  # already compacted: the kept entries' rotations
+            self.store.set_keys(self.cache.rerotator.rotate(self.keys, contiguous - old), contiguous)
+        self.store.release_step()
+
+    def _move_to_host(self, dropped_index: torch.Tensor, positions: torch.Tensor, view: LayerView) -> None:
+        """The host tier: evicted entries (as attention saw them) go to host memory, not away.
+        dropped_index (kv_heads, m): the evicted entries of each head, in increasing order."""
+        if self.host is None:
+            storage = self.cache.storage
+            self.host = HostTier(storage.block_size, storage.recall, view.keys.device)
+        index = dropped_index.unsqueeze(-1).expand(-1, -1, view.keys.shape[-1])
+        before = self.host.byte_count()
+        self.host.add(view.keys.gather(1, index), view.values.gather(1, index), positions)
+        self.cache.note_host_bytes(self.host.byte_count() - before)
+
+    def recall(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """Host blocks the query would attend to, put in front of key/value for this step only."""
+        recalled = None if self.host is None else self.host.recall(query)
+        if recalled is not None:
+            self.cache.record_recall(self.layer_idx, recalled.positions)
+        return splice(key, value, recalled)
+
+
+def _label(policy: Policy) -> str:
+    """'name', or 'name' (plugin FILE) for a plugin's policy: errors say where to look."""
+    from kvstudio.core.plugins.guard import policy_label
+
+    return policy_label(policy)
+
+
+def _new_layer_state(policy: Policy, layer_idx: int) -> LayerState:
+    state = call_policy(policy, "new_layer_state()", layer_idx, policy.new_layer_state, layer_idx)
+    if not isinstance(state, LayerState):
+        raise returned_wrong_type(policy, "new_layer_state", state, "a LayerState", layer_idx)
+    return state
+
+
+def _budgets(policy: Policy, method: str, n_layers: int, *phase) -> list[int | None]:
+    """budget_for / limit_for of every layer, each checked: an int >= 1 or None."""
+    function = getattr(policy, method)
+    return [checked_count(policy, method, call_policy(policy, f"{method}()", i, function, i, n_layers, *phase),
+                          minimum=1, allow_none=True, layer=i) for i in range(n_layers)]
+
+
+class PolicyCache(Cache):
+    """A Cache that applies a policy after every forward step. Batch size 1."""
+
+    def __init__(self, policy: Policy, n_layers: int, rerotator: Rerotator | None = None, tokenizer=None):
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.n_layers = n_layers
+        self.budgets = _budgets(policy, "budget_for", n_layers)
+        # What the engine enforces after each step; fixed for a run, so computed once.
+        self.limits = {phase: _budgets(policy, "limit_for", n_layers, phase) for phase in ("prefill", "decode")}
+        if policy.needs_attention and policy.attention_form not in ("rows", "sums"):
+            raise PolicyError(f"policy {_label(policy)} declares attention_form = {policy.attention_form!r}; "
+                              "it must be 'rows' or 'sums'")
+        if policy.config.rerotate and rerotator is None:
+            raise PolicyError("--rerotate needs a rotary (RoPE) model")
+        self.rerotator = rerotator
+        self.storage = storage_of(policy)  # codec and tier (kvstudio.core.storage); fp on the device by default
+        self.codec = create_codec(self.storage)
+        self.merging = create_merging(self.storage, n_layers)  # cross-layer merging, or None
+        if policy.config.rerotate and self.merging is not None:
+            raise PolicyError("--rerotate moves each layer's kept keys to its own new positions, so two merged layers "
+                              "would need different directions for one token: use --merge without --rerotate")
+        if policy.config.rerotate and self.codec is not None:
+            raise PolicyError(f"--rerotate re-rotates stored keys and works with --codec fp only, "
+                              f"not {self.storage.codec}")
+        if policy.config.rerotate and self.storage.tier == "host":
+            raise PolicyError("--rerotate moves kept keys to new positions, and host entries would come back at "
+                              "their old ones: use --tier host without --rerotate")
+        self.context: StepContext | None = None
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self.host_bytes = 0
+        self.peak_host_bytes = 0
+        self.recalled_total = 0  # host entries brought back, over steps, layers and KV heads
+        self.peak_kept_per_layer = [0] * n_layers
+        self.peak_scoring_bytes = 0  # float32 scratch of the largest attention-scoring pass
+        self.scoring_scratch_bytes = SCRATCH_BYTES  # the bound on one tile of scores ("sums" policies)
+        # Index values a plugin returns are checked (one device read per layer and step); built-in
+        # policies' are not, so a GPU run under them never stalls on a check.
+        from kvstudio.core.policies import BUILT_IN, source_of
+
+        self.checks_index_values = source_of(policy.name) != BUILT_IN
+        # One pass for attention output and H2O-style sums (core.attention.attention_and_sums):
+        # None = where it is faster, on the CPU; on a GPU SDPA's fused kernels win.
+        self.fused_scoring: bool | None = None
+        self._report: StepReport | None = None
+        super().__init__(layers=[PolicyLayer(self, i) for i in range(n_layers)])
+        if self.merging is not None:
+            self.merging.connect(self)
+
+    def new_store(self, layer_idx: int):
+        """An empty store for a layer: through the run's codec, or linked to its partner (merging under fp)."""
+        storage = self.storage
+        if self.merging is not None and self.merging.holds_links(layer_idx, self.codec):
+            return LinkedStore(self.budgets[layer_idx])
+        return make_store(self.codec, storage.group_size, storage.residual, self.budgets[layer_idx],
+                          storage.measure_error)
+
+    # -- the step protocol ------------------------------------------------------------------------
+
+    def begin_step(self, context: StepContext) -> None:
+        self.context = context
+        self._report = StepReport(kept_per_layer=[])
+        for layer in self.layers:
+            layer.attended_this_step = False
+
+    def attention_queries_for(self, layer_idx: int, n_new: int) -> tuple[int, bool]:
+        """(queries the policy needs, whether the newest row is recorded for a viewer)."""
+        wanted = 0
+        if self.policy.needs_attention:
+            wanted = checked_count(self.policy, "attention_queries", call_policy(
+                self.policy, "attention_queries()", layer_idx, self.policy.attention_queries, n_new, self.context.phase),
+                minimum=0, allow_none=False)
+        return min(wanted, n_new), layer_idx in self.context.watched_layers
+
+    def after_attention(self, layer_idx: int, policy_rows: torch.Tensor | None, policy_sums: torch.Tensor | None,
+                        watched_row: torch.Tensor | None):
+        layer = self.layers[layer_idx]
+        if watched_row is not None:
+            # Moved to the CPU at the end of the step, in one wait. A copy of the positions: the
+            # store compacts its buffers in place after this.
+            self._report.attention.append(AttentionRows(layer_idx, watched_row.detach().float(),
+                                                        layer.positions.detach().clone()))
+        layer.attended_this_step = True
+        layer.apply_policy(policy_rows, policy_sums)
+        if self.merging is not None:  # a pair's later layer has attended: merge the step's entries
+            self.merging.after_attention(self, layer_idx)
+
+    def end_step(self) -> StepReport:
+        missing = [layer.layer_idx for layer in self.layers if not layer.attended_this_step]
+        if missing:
+            raise PolicyError(
+                f"layers {missing} did not route attention through KV Studio's attention function, so the "
+                "policy could not run there; this model architecture is not supported yet"
+            )
+        report = self._report
+        # Evictions and watched rows stayed on the device during the step, so the step never
+        # waited for it; now they come to the CPU (the first copy waits, the rest find it idle).
+        for eviction in report.evictions:
+            eviction.positions = eviction.positions.cpu()
+        for rows in report.attention:
+            rows.weights, rows.positions = rows.weights.cpu(), rows.positions.cpu()
+        report.kept_per_layer = [layer.entry_count() for layer in self.layers]
+        report.merging = self.merging.step_report(self) if self.merging is not None else None
+        report.cache_bytes = self.current_bytes
+        report.host_bytes = self.host_bytes
+        self._report = None
+        self.context = None
+        return report
+
+    def free(self) -> None:
+        """Drop every entry: a step abandoned between two layers (core/runtime/layer_hooks.py) left the layers
+        holding different tokens, so nothing in them can be used again."""
+        self.merging = create_merging(self.storage, self.n_layers)  # its flags described the dropped entries
+        for layer in self.layers:
+            layer.empty_storage()
+        if self.merging is not None:
+            self.merging.connect(self)
+        self.current_bytes = self.host_bytes = 0
+        self.context = self._report = None
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def fuses_scoring_on(self, device: torch.device) -> bool:
+        return self.fused_scoring if self.fused_scoring is not None else device.type == "cpu"
+
+    def note_scoring_scratch(self, nbytes: int) -> None:
+        self.peak_scoring_bytes = max(self.peak_scoring_bytes, nbytes)
+
+    def note_bytes(self, delta: int) -> None:
+        self.current_bytes += delta
+        self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+
+    def record_eviction(self, layer_idx: int, positions: torch.Tensor) -> None:
+        self._report.evictions.append(Eviction(layer_idx, positions.detach()))
+
+    def note_host_bytes(self, delta: int) -> None:
+        self.host_bytes += delta
+        self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
+
+    def record_recall(self, layer_idx: int, positions: torch.Tensor) -> None:
+        self._report.recalled.append(Eviction(layer_idx, positions.detach().cpu()))
+        self.recalled_total += positions.numel()
+
+    def recall(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """(key, value, n) with n recalled host entries in front; (key, value, 0) without a host tier."""
+        if self.storage.tier != "host":
+            return key, value, 0
+        return self.layers[layer_idx].recall(query, key, value)
+
+    def host_bytes_per_layer(self) -> list[int]:
+        return [layer.host_byte_count() for layer in self.layers]
+
+    def codec_error(self) -> dict[str, float | None]:
+        """Mean relative error of decoded keys and values over every encoded group (measure_error on)."""
+        sums = {"key": [], "value": []}
+        for layer in self.layers:
+            measured = getattr(layer.store, "mean_relative_error", None)
+            for kind, value in (measured() if measured else {}).items():
+                if value is not None:
+                    sums[kind].append(value)
+        return {kind: (sum(values) / len(values) if values else None) for kind, values in sums.items()}
+
+    def shared_bytes(self) -> int:
+        """Of the cache's bytes, the directions merged layers share (0 without --merge)."""
+        return 0 if self.merging is None else self.merging.shared_bytes()
+
+    def kept_per_layer(self) -> list[int]:
+        return [layer.entry_count() for layer in self.layers]
+
+    def bytes_per_layer(self) -> list[int]:
+        """Keys plus values held by each layer, from the tensors themselves. Safe to call from the
+        memory sampler's thread mid-step: each layer's read sees one consistent pair of tensors."""
+        return [layer.byte_count() for layer in self.layers]
+
+    def positions(self, layer_idx: int) -> torch.Tensor:
+        """Token positions held by a layer, (kv_heads, n)."""
+        return self.layers[layer_idx].positions
+
+    def entries_held(self) -> int:
+        """Entries of the first layer; the same in every layer under uniform budgets."""
+        return self.layers[0].entry_count()

@@ -1,0 +1,571 @@
+"""The generation loop: chunked prefill, decode, sampling, stopping and cancellation.
+
+KV Studio runs its own loop instead of `model.generate` because a policy must act between prefill
+chunks and at every decode step, and because positions must be passed explicitly: once entries are
+evicted, the cache length no longer says how many tokens were seen.
+
+Positions: by default the n-th token of the sequence gets RoPE position n, whatever was evicted
+(what kvpress and KVCache-Factory do). With a policy's `rerotate` on, kept keys are re-rotated to
+0..k-1 after each eviction and the next token gets position k, as in the StreamingLLM paper.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from kvstudio.core.runtime import attention
+from kvstudio.core.runtime.cache import PolicyCache, StepContext, StepReport
+from kvstudio.core.errors import KVStudioError, PromptError
+from kvstudio.core.recording.events import (AttentionEvent, EvictionEvent, MemoryEvent, MergeEvent, PrefillProgressEvent, RecallEvent,
+                     Recorder, RunStartedEvent, StepEvent, TokenEvent)
+from kvstudio.core.runtime.layer_hooks import StepCancelled, layer_callbacks
+from kvstudio.core.recording.memory import MemorySampler, read_system_memory, reset_peak
+from kvstudio.core.models.loading import LoadedModel
+from kvstudio.core.policies.base import Policy
+from kvstudio.core.runtime.rotary import Rerotator
+from kvstudio.core.storage.summary import summarize
+from kvstudio.core.persist import run_state
+from kvstudio.core.persist.run_state import RunState
+
+
+MAX_TIMER_READINGS = 10_000  # per run, kept in its result and history (20 Hz: the first 8 minutes in full)
+
+
+class CancelToken:
+    """Set from any thread; the engine checks it before every forward step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k filter
+    seed: int | None = None
+    chunk_size: int = 512
+    stop_strings: tuple[str, ...] = ()
+    chat_template: bool = False
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
+    memory_sample_hz: float = 20.0  # memory readings between steps, besides the one after each step; 0: off
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_new_tokens >= 0, f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"--temperature must be 0 (greedy) or more, got {self.temperature}"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"--top-k must be 0 (off) or more, got {self.top_k}"),
+            (self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}"),
+            (0 <= self.memory_sample_hz <= 1000,
+             f"--memory-sample-hz must be between 0 (off) and 1000, got {self.memory_sample_hz}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise KVStudioError(message)
+
+
+@dataclass
+class StepRecord:
+    """One forward step of a run, as written to --json."""
+
+    step: int
+    phase: str
+    input_tokens: int
+    seconds: float
+    kept_per_layer: list[int]
+    cache_bytes: int
+    evicted: int
+    token_id: int | None = None
+    text: str | None = None
+    logprob: float | None = None
+    cache_bytes_per_layer: list[int] = field(default_factory=list)
+    process_bytes: int = 0  # resident memory of the process after the step
+    cuda_allocated: int = 0
+    cuda_reserved: int = 0
+    cuda_peak: int = 0
+    device_used: int = 0
+    device_total: int = 0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    policy: str
+    model: str
+    stop_reason: str  # max_new_tokens | eos | stop_string | cancelled
+    prefill_seconds: float
+    decode_seconds: float
+    peak_cache_bytes: int
+    kept_per_layer: list[int]
+    peak_kept_per_layer: list[int]
+    evictions: int
+    steps: list[StepRecord] = field(default_factory=list)
+    memory: list[dict] = field(default_factory=list)  # every memory reading, timer ones included
+    started_unix: float = 0.0  # when the run started (seconds since 1970): places it among other records
+    storage: dict = field(default_factory=dict)  # codec, tier, host bytes, errors (kvstudio.core.storage.summary)
+    cache: PolicyCache | None = field(default=None, repr=False)
+    state: RunState | None = field(default=None, repr=False)  # with keep_state: to save and continue later
+    restored_tokens: int = 0  # tokens that came from a saved cache instead of being computed
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first over the time spent producing them."""
+        decoded = max(len(self.token_ids) - 1, 0)
+        return decoded / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def computed_prompt_tokens(self) -> int:
+        """Prompt tokens the prefill computed: those restored from a saved cache were not."""
+        return max(self.prompt_tokens - self.restored_tokens, 0)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        """Over the computed tokens only: a restored prefix took no model time to speak of."""
+        computed = self.computed_prompt_tokens
+        return computed / self.prefill_seconds if computed and self.prefill_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in asdict(replace(self, cache=None, state=None)).items() if k not in ("cache", "state")}
+        data["tokens_per_second"] = self.tokens_per_second
+        data["prefill_tokens_per_second"] = self.prefill_tokens_per_second
+        return data
+
+
+class Sampler:
+    """Greedy when temperature is 0; otherwise temperature, top-k, then top-p (nucleus) sampling."""
+
+    def __init__(self, settings: GenerationSettings, device: torch.device):
+        self.settings = settings
+        self.generator = None
+        if settings.temperature > 0:
+            self.generator = torch.Generator(device="cpu")
+            self.generator.manual_seed(settings.seed if settings.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor) -> tuple[int, float]:
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        s = self.settings
+        if s.temperature == 0:
+            token = int(torch.argmax(logits))
+            return token, float(logprobs[token])
+        scaled = logits / s.temperature
+        if s.top_k:
+            kth = torch.topk(scaled, min(s.top_k, scaled.shape[-1])).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if s.top_p < 1:
+            sorted_logits, order = torch.sort(scaled, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            # Drop a token when the tokens before it already cover top_p; the first always stays.
+            drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= s.top_p
+            scaled = scaled.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+        probs = torch.softmax(scaled, dim=-1).cpu()
+        token = int(torch.multinomial(probs, 1, generator=self.generator))
+        return token, float(logprobs[token])
+
+
+class TextStream:
+    """Incremental detokenization: the text each new token adds, holding back partial UTF-8.
+
+    Each push decodes only the tokens since the last piece that came out whole, plus those of that
+    piece for context (byte-level and SentencePiece tokenizers decide spaces and multi-byte
+    characters from the neighbours), so a generation costs O(tokens) decoding, not O(tokens^2)
+    from re-decoding everything generated so far at every step. The pieces join to the text a
+    one-shot decode gives.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._pieces: list[str] = []
+        self._prefix_offset = 0  # start of the context window
+        self._read_offset = 0  # tokens before this have been emitted
+        self._tail = ""  # the newest text, enough to find a stop string that ends in the newest piece
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        context = decode(self.ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
+        text = decode(self.ids[self._prefix_offset:], skip_special_tokens=True)
+        if len(text) <= len(context) or text.endswith("\ufffd"):
+            return ""  # nothing new yet, or half a character: wait for the rest of its bytes
+        piece = text[len(context):]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        self._pieces.append(piece)
+        self._tail = (self._tail + piece)[-4096:]
+        return piece
+
+    @property
+    def emitted(self) -> str:
+        """All text emitted so far."""
+        return "".join(self._pieces)
+
+    @emitted.setter
+    def emitted(self, text: str) -> None:
+        """Go on from a restored run: `ids` are already set and `text` is what they emitted. Tokens at
+        the end that emitted nothing yet (half a character) stay unread, so they come out later."""
+        read = len(self.ids)
+        decode = self.tokenizer.decode
+        while read > 0 and len(self.ids) - read < 4 and decode(self.ids[:read], skip_special_tokens=True) != text:
+            read -= 1
+        self._pieces, self._tail = [text], text[-4096:]
+        self._prefix_offset, self._read_offset = max(read - 4, 0), read
+
+    def found_stop(self, stops: tuple[str, ...], piece: str) -> bool:
+        """Whether a stop string now appears. One that does must end inside the newest piece (or it
+        would have been found before), so only the tail is searched: O(piece + stop) per token."""
+        return bool(piece) and any(stop in self._tail[-(len(piece) + len(stop) - 1):] for stop in stops)
+
+
+class Engine:
+    """Runs generation for one loaded model under any policy. Not thread-safe: one run at a time."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model.set_attn_implementation(attention.register())
+        self.rerotator = Rerotator.for_model(self.model)
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+
+    # -- prompts ----------------------------------------------------------------------------------
+
+    def encode(self, prompt: str, chat_template: bool = False) -> list[int]:
+        if chat_template:
+            if not self.loaded.has_chat_template:
+                raise PromptError(f"{self.loaded.name} has no chat template; run without --chat")
+            encoded = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True, tokenize=True)
+            ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
+            return list(ids)
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def new_cache(self, policy: Policy) -> PolicyCache:
+        return PolicyCache(policy, self.loaded.n_layers, self.rerotator, self.tokenizer)
+
+    def prompt_logits(self, ids: list[int], policy: Policy, chunk_size: int) -> torch.Tensor:
+        """Logits at the last prompt position after a chunked prefill under `policy`."""
+        return _Run(self, self.new_cache(policy), Recorder()).prefill(ids, chunk_size)
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        policy: Policy,
+        settings: GenerationSettings | None = None,
+        recorder: Recorder | None = None,
+        cancel: CancelToken | None = None,
+        on_text: Callable[[str], None] | None = None,
+        keep_cache: bool = False,
+        cache: PolicyCache | None = None,
+        start: RunState | None = None,
+        resume: bool = False,
+        keep_state: bool = False,
+        on_prefill_state: Callable[[RunState], None] | None = None,
+    ) -> GenerationResult:
+        """Run `policy` on `prompt`. From a saved `start` (see store/run_state.py): with `resume`, go on
+        generating where it stopped (prompt ignored); without, `prompt` must extend the tokens it fed
+        and only the rest is prefilled. `keep_state` puts the final RunState on the result;
+        `on_prefill_state` receives the state after the prompt and at the last chunk boundary before
+        it (what a prompt cache saves). `cache`: one made by `new_cache(policy)` whose options
+        (scoring scratch bound, fused scoring) the caller set; by default a new one."""
+        settings = settings or GenerationSettings()
+        settings.validate()
+        if start is not None and resume:
+            ids = list(start.token_ids)
+        else:
+            ids = self.encode(prompt, settings.chat_template) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise PromptError("the prompt is empty: give some text")
+        cancel = cancel or CancelToken()
+        # The recorder says which layers' attention rows are watched (it may change mid-run).
+        recorder = recorder or Recorder()
+        cache = cache if cache is not None else self.new_cache(policy)
+        sampler = Sampler(settings, self.loaded.device)
+        stream = TextStream(self.tokenizer)
+        run = _Run(self, cache, recorder)
+        recorder.record(RunStartedEvent(
+            self.loaded.name, policy.describe(), self.loaded.n_layers, self.loaded.n_kv_heads, tuple(cache.budgets),
+            tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
+            self.loaded.n_heads, cache.storage.tier, tuple(ids), len(start.token_ids) if start is not None else 0,
+            run_state.missing_heads(start, self.loaded.n_kv_heads) if start is not None else (),
+        ))
+
+        interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0
+        # Between decoder layers, a prefill chunk can stop and shows its progress (core/runtime/layer_hooks.py).
+        with MemorySampler(interval, lambda: run.record_memory("timer")) as run.memory_sampler, \
+                layer_callbacks(self.model, self.loaded.n_layers, run.before_layer):
+            result = self._generate(run, ids, policy, settings, sampler, stream, cancel, on_text,
+                                    start, resume, keep_state, on_prefill_state)
+        result.memory = [asdict(reading) for reading in run.memory_readings]
+        result.started_unix = run.started_unix
+        if keep_cache:
+            result.cache = cache
+        return result
+
+    def _generate(self, run, ids, policy, settings, sampler, stream, cancel, on_text, start=None, resume=False,
+                  keep_state=False, on_prefill_state=None) -> GenerationResult:
+        recorder = run.recorder
+        prefill_started = time.perf_counter()
+        earlier: list[int] = []  # tokens a resumed run generated before it was saved
+        checkpoint = None
+        if run_state.unsaveable_reason(run.cache.storage) is not None:  # a codec or tier saved caches cannot hold yet
+            on_prefill_state, keep_state = None, False
+        if on_prefill_state is not None:
+            checkpoint = lambda logits: on_prefill_state(run_state.capture(  # noqa: E731
+                run, logits, [], run.seen, prefill_seconds=time.perf_counter() - prefill_started))
+        if start is None:
+            logits = run.prefill(ids, settings.chunk_size, cancel, checkpoint)
+        else:
+            logits, earlier = run_state.start_from(run, start, ids, resume, sampler, stream, settings.chunk_size,
+                                                   cancel, checkpoint)
+        prefill_seconds = time.perf_counter() - prefill_started
+        stop_reason = "max_new_tokens" if logits is not None else "cancelled"
+        if on_prefill_state is not None and logits is not None and not resume:
+            on_prefill_state(run_state.capture(run, logits, [], len(ids), sampler, prefill_seconds))
+
+        generated: list[int] = []
+        decode_started = time.perf_counter()
+        while logits is not None and settings.max_new_tokens > 0:
+            token, logprob = sampler(logits)
+            generated.append(token)
+            piece = stream.push(token)
+            record = run.records[-1]
+            record.token_id, record.text, record.logprob = token, piece, logprob
+            recorder.record(TokenEvent(record.step, len(generated) - 1, token, piece, logprob, record.seconds))
+            if on_text and piece:
+                on_text(piece)
+            if token in self.eos_ids and not settings.ignore_eos:
+                stop_reason = "eos"
+                break
+            if stream.found_stop(settings.stop_strings, piece):
+                stop_reason = "stop_string"
+                break
+            if len(generated) >= settings.max_new_tokens:
+                break
+            if cancel.cancelled:
+                stop_reason = "cancelled"
+                break
+            logits = run.forward([token], "decode")
+        # The first token comes from the prefill's logits; decode time covers the tokens after it.
+        decode_seconds = time.perf_counter() - decode_started if len(generated) > 1 else 0.0
+
+        text = stream.emitted
+        if stop_reason == "stop_string":
+            cut = min(text.index(stop) for stop in settings.stop_strings if stop in text)
+            text = text[:cut]
+        state = None
+        if keep_state and logits is not None:
+            prompt_tokens = start.prompt_tokens if resume else len(ids)
+            state = run_state.capture(run, logits, earlier + generated, prompt_tokens, sampler,
+                                      start.prefill_seconds if resume else prefill_seconds, stream.emitted)
+        if resume:
+            text = text[len(start.generated_text):] if text.startswith(start.generated_text) else text
+        return GenerationResult(
+            text=text, token_ids=generated, prompt_tokens=len(ids), policy=policy.describe(),
+            model=self.loaded.name, stop_reason=stop_reason, prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds, peak_cache_bytes=run.cache.peak_bytes,
+            kept_per_layer=run.cache.kept_per_layer(), peak_kept_per_layer=list(run.cache.peak_kept_per_layer),
+            evictions=sum(r.evicted for r in run.records), steps=run.records, state=state,
+            restored_tokens=len(start.token_ids) if start is not None else 0, storage=summarize(run.cache),
+        )
+
+
+class _Run:
+    """One sequence's forward steps: positions, the step protocol, and what gets recorded."""
+
+    def __init__(self, engine: Engine, cache: PolicyCache, recorder: Recorder):
+        self.engine = engine
+        self.cache = cache
+        self.recorder = recorder
+        self.seen = 0  # tokens fed so far; the next token's position without re-rotation
+        self.first_step = 0  # the first step's number: more than 0 when the run goes on from a saved state
+        self.records: list[StepRecord] = []
+        self.phase = "prefill"
+        self.started = time.perf_counter()
+        self.started_unix = time.time()
+        # Every reading after a step, and timer readings thinned to at most MAX_TIMER_READINGS.
+        self.memory_readings: list[MemoryEvent] = []
+        self.memory_sampler: MemorySampler | None = None
+        self._timer_readings = 0
+        self._memory_lock = threading.Lock()  # the sampler's thread and the engine's both append
+        reset_peak(engine.loaded.device)
+        # Every token fed so far (`token_ids`), in a buffer that doubles when full: appending a
+        # decode step's token copies one id, not the whole sequence.
+        self._token_buffer = torch.empty(1024, dtype=torch.long, device=engine.loaded.device)
+        self._n_tokens = 0
+        self._chunk = None  # during a prefill chunk: (tokens done before it, total, its tokens, CancelToken)
+
+    def prefill(self, ids: list[int], chunk_size: int, cancel: CancelToken | None = None,
+                before_last_chunk: Callable | None = None, offset: int = 0) -> torch.Tensor | None:
+        """Feed the prompt chunk by chunk (the policy evicts between chunks); the last position's
+        logits, or None when cancelled before the prompt was in. `before_last_chunk(logits)` sees the
+        run at the last chunk boundary before the end (a prompt cache saves it there); `offset` says
+        how many prompt tokens a restored state already fed."""
+        logits = None
+        for start in range(0, len(ids), chunk_size):
+            if cancel is not None and cancel.cancelled:
+                return None
+            chunk = ids[start:start + chunk_size]
+            # A state at the last chunk boundary serves prompts that share all but the last chunk.
+            if (before_last_chunk is not None and start > 0 and start + chunk_size >= len(ids)
+                    and (offset + len(ids)) % chunk_size):
+                before_last_chunk(logits)
+            self._chunk = (offset + start, offset + len(ids), len(chunk), cancel)
+            try:
+                logits = self.forward(chunk, "prefill", is_last_prefill_chunk=start + len(chunk) >= len(ids))
+            except StepCancelled:  # Stop between two layers: the half-fed chunk leaves layers unequal
+                self.cache.free()
+                return None
+            finally:
+                self._chunk = None
+            self.recorder.record(PrefillProgressEvent(offset + start + len(chunk), offset + len(ids)))
+        return logits
+
+    def before_layer(self, index: int) -> None:
+        """Before each decoder layer of a prefill chunk: stop there when cancelled, else say how far
+        the chunk got. Decode steps are short: they stop between steps, as before."""
+        if self._chunk is None:
+            return
+        done, total, chunk_tokens, cancel = self._chunk
+        if cancel is not None and cancel.cancelled:
+            raise StepCancelled()
+        if index > 0:
+            self.recorder.record(PrefillProgressEvent(done, total, chunk_tokens, index, self.engine.loaded.n_layers))
+
+    def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False,
+                all_logits: bool = False, keep_logits: torch.Tensor | None = None,
+                grad: bool = False) -> torch.Tensor:
+        """Feed tokens, let the policy evict, record the step; returns the last position's logits.
+
+        `all_logits`: every fed position's, (n, vocab) (the perplexity evaluation scores them all).
+        Fine-tuning (core/train) passes `keep_logits` (indices into the chunk: the logits wanted,
+        (k, vocab) returned) and `grad` (autograd on, so kept keys and values stay in the graph)."""
+        device = self.engine.loaded.device
+        n = len(token_ids)
+        positions = torch.arange(self.seen, self.seen + n, device=device)
+        if self.cache.policy.config.rerotate:
+            held = self.cache.entries_held()
+            rope_positions = torch.arange(held, held + n, device=device)
+        else:
+            rope_positions = positions
+        step = self.first_step + len(self.records)
+        new_ids = torch.tensor(token_ids, device=device)
+        self._append_tokens(new_ids)
+        self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk,
+                                          self.recorder.watch_layers, self.token_ids))
+        started = time.perf_counter()
+        with torch.enable_grad() if grad else torch.inference_mode():
+            output = self.engine.model(
+                input_ids=new_ids.unsqueeze(0),
+                position_ids=rope_positions.unsqueeze(0),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=0 if all_logits else (1 if keep_logits is None else keep_logits),
+                kvstudio_cache=self.cache,
+            )
+        logits = output.logits[0, -1] if keep_logits is None and not all_logits else output.logits[0]
+        report = self.cache.end_step()
+        seconds = time.perf_counter() - started
+        self.seen += n
+        self._record(step, phase, n, seconds, report, prefill_done=is_last_prefill_chunk)
+        return logits
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        """(seen,) long: every token fed so far."""
+        return self._token_buffer[:self._n_tokens]
+
+    @token_ids.setter
+    def token_ids(self, ids: torch.Tensor) -> None:  # a run going on from a restored state
+        self._n_tokens = 0
+        self._append_tokens(ids.to(self._token_buffer.device))
+
+    def _append_tokens(self, new_ids: torch.Tensor) -> None:
+        have, n = self._n_tokens, new_ids.shape[0]
+        if have + n > self._token_buffer.shape[0]:
+            grown = torch.empty(max(2 * self._token_buffer.shape[0], have + n), dtype=torch.long,
+                                device=self._token_buffer.device)
+            grown[:have] = self._token_buffer[:have]
+            self._token_buffer = grown
+        self._token_buffer[have:have + n] = new_ids
+        self._n_tokens = have + n
+
+    def _record(self, step: int, phase: str, n: int, seconds: float, report: StepReport,
+                prefill_done: bool = False) -> None:
+        memory = self.record_memory("step", step, next_phase="decode" if prefill_done else None)
+        record = StepRecord(step, phase, n, seconds, report.kept_per_layer, report.cache_bytes, report.evicted_count,
+                            cache_bytes_per_layer=list(memory.cache_bytes_per_layer),
+                            process_bytes=memory.process_bytes, cuda_allocated=memory.cuda_allocated,
+                            cuda_reserved=memory.cuda_reserved, cuda_peak=memory.cuda_peak,
+                            device_used=memory.device_used, device_total=memory.device_total)
+        self.records.append(record)
+        self.recorder.record(StepEvent(step, phase, n, seconds, tuple(report.kept_per_layer), report.cache_bytes,
+                                       self.cache.peak_bytes, report.evicted_count))
+        for eviction in report.evictions:
+            for head, positions in enumerate(eviction.positions.numpy()):
+                self.recorder.record(EvictionEvent(step, eviction.layer, head, positions))
+        for rows in report.attention:
+            self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))
+        for recall in report.recalled:
+            self.recorder.record(RecallEvent(step, recall.layer, recall.positions.numpy()))
+        if report.merging is not None:
+            self.recorder.record(MergeEvent(step, **report.merging))
+
+    def record_memory(self, source: str, step: int | None = None, next_phase: str | None = None) -> MemoryEvent:
+        """Read memory now and record it. Runs on the engine's thread ("step") or the sampler's
+        ("timer"); the cache's bytes are read from its tensors either way. `next_phase` switches
+        the phase under the same lock, so no timer reading falls between the prompt's last step
+        and decoding with the wrong phase."""
+        with self._memory_lock:  # one reading at a time: readings stay in time order
+            per_layer = tuple(self.cache.bytes_per_layer())
+            system = read_system_memory(self.engine.loaded.device)
+            clock = time.perf_counter()
+            step = self.first_step + len(self.records) if step is None else step
+            event = MemoryEvent(step, clock - self.started, clock, self.phase, source, sum(per_layer), per_layer,
+                                **vars(system), host_cache_bytes=self.cache.host_bytes,
+                                kept_per_layer=tuple(self.cache.kept_per_layer()),
+                                shared_cache_bytes=self.cache.shared_bytes())
+            self.recorder.record(event)
+            self.memory_readings.append(event)
+            if source == "timer":
+                self._timer_readings += 1
+                if self._timer_readings > MAX_TIMER_READINGS:
+                    self._thin_timer_readings()
+            if next_phase is not None:
+                self.phase = next_phase
+        return event
+
+    def _thin_timer_readings(self) -> None:
+        """A long run keeps its whole memory curve at half the resolution: drop every other timer
+        reading and sample half as often from now on, so the readings stay evenly spread in time
+        and bounded in number however long the run goes."""
+        kept, timer_index = [], 0
+        for reading in self.memory_readings:
+            if reading.source == "timer":
+                timer_index += 1
+                if timer_index % 2:
+                    continue
+            kept.append(reading)
+        self.memory_readings = kept
+        self._timer_readings = timer_index // 2
+        if self.memory_sampler is not None:
+            self.memory_sampler.interval_s *= 2

@@ -1,0 +1,310 @@
+"""Saved caches in the studio: "Save cache" after a run, "Continue from a saved cache", and the
+Caches view (a folder of saved caches: restore and continue, delete, reveal the file), with the
+restore time shown beside the prefill time it saved.
+
+`CachesFeature` adds the dock, the Cache menu and a worker on the model's thread that writes
+files (fingerprinting the model reads its weights: that stays off the GUI thread). Continuing runs
+through the window's ordinary run path (`RunRequest.start_from`), so every live view follows it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QObject, QUrl, Signal, Slot
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QPushButton,
+                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+from kvstudio.core.errors import KVStudioError
+from kvstudio.core.units import format_bytes
+from kvstudio.gui.feature import Feature
+from kvstudio.gui.widgets.flow_layout import FlowLayout
+
+COLUMNS = ("file", "saved (UTC)", "model", "policy", "tokens", "on disk", "in memory", "prefill s", "prompt")
+
+
+def default_folder() -> Path:
+    from kvstudio.core.plugins.loader import user_data_dir
+
+    return user_data_dir() / "caches"
+
+
+class CacheWriter(QObject):
+    """Lives on the model's thread: writes a run's state to a file."""
+
+    saved = Signal(str, str)  # path, error ("" when saved)
+
+    def __init__(self, studio_worker):
+        super().__init__()
+        self.studio_worker = studio_worker
+
+    @Slot(object, str)
+    def save(self, outcome, path: str) -> None:
+        from kvstudio.core.storage import build_policy
+        from kvstudio.core.persist.saved_cache import write_saved_cache
+
+        request = outcome.request
+        try:
+            engine = self.studio_worker.engine
+            if engine is None:
+                raise KVStudioError("no model loaded")
+            policy = build_policy(request.policy, request.parameters)  # with its storage ("storage" parameters)
+            write_saved_cache(path, outcome.result.state, engine.loaded, policy, request.settings,
+                              request.prompt or None)
+        except KVStudioError as error:
+            self.saved.emit(path, str(error))
+            return
+        self.saved.emit(path, "")
+
+
+def in_studio_words(error) -> str:
+    """A saved cache's refusal, with what a user of the studio can do about the file."""
+    from kvstudio.core.persist.saved_cache import what_to_do
+
+    return what_to_do(error, "delete it (select it in the Caches view, then Delete)",
+                      "save a run's cache again (Save last run…)")
+
+
+def _unsaveable(request) -> str | None:
+    """Why a run's cache was not kept for saving (its storage), or None."""
+    from kvstudio.core.storage import STORAGE_KEY, StorageConfig, split_cache_name
+    from kvstudio.core.persist.layer_tensors import unsaveable_reason
+
+    fields = dict(request.parameters.get(STORAGE_KEY) or {})
+    codec = split_cache_name(request.policy)[1]  # 'h2o-bnb-int4' (Compare) names its codec
+    if codec is not None:
+        fields["codec"] = codec
+    try:
+        return unsaveable_reason(StorageConfig(**fields))
+    except TypeError:  # not storage fields: nothing to say about them
+        return None
+
+
+class CachesView(QWidget):
+    restore_requested = Signal(str)  # path of a saved cache to continue from
+    save_requested = Signal()
+
+    def __init__(self, folder: Path, parent=None):
+        super().__init__(parent)
+        self.folder = Path(folder)
+        self.folder_label = QLabel("")
+        self.folder_label.setWordWrap(True)  # a long path wraps instead of widening the view
+        self.choose_button = QPushButton("Folder…")
+        self.save_button = QPushButton("Save last run…")
+        self.save_button.setToolTip("save the last run's cache, policy state and sampler state, to continue later")
+        self.restore_button = QPushButton("Continue from selected")
+        self.restore_button.setToolTip("restore the selected cache and go on generating (bit-identical to never "
+                                       "having stopped); double-click a row does the same")
+        self.delete_button = QPushButton("Delete")
+        self.reveal_button = QPushButton("Reveal file")
+        self.refresh_button = QPushButton("Refresh")
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(COLUMNS)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        top = QHBoxLayout()
+        top.addWidget(self.folder_label, 1)
+        top.addWidget(self.choose_button)
+        buttons = FlowLayout()  # wraps when the dock is narrow
+        for button in (self.save_button, self.restore_button, self.delete_button, self.reveal_button,
+                       self.refresh_button):
+            buttons.addWidget(button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(top)
+        layout.addLayout(buttons)
+        layout.addWidget(self.table, 1)
+        layout.addWidget(self.status)
+        self.paths: list[Path] = []
+        self.headers: dict[Path, dict] = {}
+        self.choose_button.clicked.connect(self._choose_folder)
+        self.save_button.clicked.connect(self.save_requested)
+        self.restore_button.clicked.connect(lambda: [self.restore_requested.emit(str(p)) for p in self.selected()[:1]])
+        self.table.cellDoubleClicked.connect(lambda row, _: self.restore_requested.emit(str(self.paths[row])))
+        self.delete_button.clicked.connect(self.delete_selected)
+        self.reveal_button.clicked.connect(self.reveal_selected)
+        self.refresh_button.clicked.connect(self.refresh)
+        self.refresh()
+
+    def set_folder(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.refresh()
+
+    def refresh(self) -> None:
+        from kvstudio.core.persist.saved_cache import SUFFIX, SavedCacheError, read_header
+
+        self.folder_label.setText(f"Saved caches in {self.folder}")
+        files = sorted(self.folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True) \
+            if self.folder.is_dir() else []
+        self.paths, self.headers = files, {}
+        self.table.setRowCount(len(files))
+        for row, path in enumerate(files):
+            try:
+                header = read_header(path)
+            except SavedCacheError as error:
+                cells = (path.name, "", "", "", "", format_bytes(path.stat().st_size), "", "", f"unreadable: {error}")
+            else:
+                self.headers[path] = header
+                cells = (path.name, header["created"][:19].replace("T", " "), header["model"]["name"],
+                         header["policy"]["describe"], str(header["tokens"]["fed"]),
+                         format_bytes(path.stat().st_size), format_bytes(header["cache_bytes"]),
+                         f"{header.get('prefill_seconds', 0):.2f}", header.get("prompt_preview", "").replace("\n", " "))
+            for column, value in enumerate(cells):
+                item = QTableWidgetItem(value)
+                item.setToolTip(value)
+                self.table.setItem(row, column, item)
+        self.table.resizeColumnsToContents()
+
+    def selected(self) -> list[Path]:
+        rows = sorted({index.row() for index in self.table.selectionModel().selectedRows()})
+        return [self.paths[row] for row in rows]
+
+    def delete_selected(self) -> None:
+        from kvstudio.core.persist.saved_cache import MAGIC
+
+        for path in self.selected():
+            try:
+                with open(path, "rb") as stream:
+                    if not MAGIC.startswith(stream.read(len(MAGIC))[:len(MAGIC)]):
+                        self.status.setText(f"not deleted: {path.name} is not a saved cache")
+                        continue
+                path.unlink()
+            except OSError as error:
+                self.status.setText(f"could not delete {path.name}: {error.strerror or error}")
+                continue
+            self.status.setText(f"deleted {path.name}")
+        self.refresh()
+
+    def reveal_selected(self) -> bool:
+        selected = self.selected()
+        folder = selected[0].parent if selected else self.folder
+        return QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+
+    def _choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Saved caches folder", str(self.folder))
+        if folder:
+            self.set_folder(Path(folder))
+
+
+class CachesFeature(Feature):
+    """The Caches dock (tabbed with Runs) and the Cache menu: what each button does."""
+
+    save_to = Signal(object, str)  # RunOutcome, path -> the writer on the model thread
+
+    def __init__(self, window):
+        super().__init__(window)
+        self.view = CachesView(default_folder())
+        self.writer = CacheWriter(window.worker)
+        self.writer.moveToThread(window.thread_)
+
+    def install(self) -> None:
+        window, view = self.window, self.view
+        dock = window.add_dock("Caches", view, "views")
+        menu = window.menu("&Cache")
+        menu.addAction("Save cache of the last run…", lambda: self.save_last_run())
+        menu.addAction("Continue from a saved cache…", self.ask_continue)
+        menu.addAction("Show saved caches", lambda: (dock.show(), dock.raise_()))
+        self.save_to.connect(self.writer.save)
+        self.writer.saved.connect(self.on_saved)
+        view.save_requested.connect(lambda: self.save_last_run())
+        view.restore_requested.connect(self.continue_from)
+        window.run.run_ended.connect(self.on_run_finished)
+
+    def save_last_run(self, path: str | None = None) -> bool:
+        outcome = self.window.last_outcome
+        if outcome is None or outcome.result is None or outcome.result.state is None:
+            reason = None if outcome is None else _unsaveable(outcome.request)
+            self.window.show_error(f"the last run's cache cannot be saved: {reason}" if reason else
+                                   "nothing to save yet: run something first (a run cancelled before its prompt "
+                                   "was in has no cache)")
+            return False
+        try:
+            self.view.folder.mkdir(parents=True, exist_ok=True)  # the view's folder exists once used
+        except OSError as error:
+            self.view.status.setText(f"cannot create {self.view.folder}: {error.strerror or error}")
+        if path is None:
+            suggested = self.view.folder / f"{outcome.request.policy}-{time.strftime('%Y%m%d-%H%M%S')}.kvcache"
+            path, _ = QFileDialog.getSaveFileName(self.window, "Save cache", str(suggested),
+                                                  "Saved caches (*.kvcache)")
+            if not path:
+                return False
+        self.view.status.setText(f"saving {Path(path).name}…")
+        self.save_to.emit(outcome, str(path))
+        return True
+
+    @Slot(str, str)
+    def on_saved(self, path: str, error: str) -> None:
+        if error:
+            self.window.show_error(f"the cache was not saved: {error}")
+            self.view.status.setText("not saved")
+            return
+        self.view.status.setText(f"saved {path}")
+        self.window.statusBar().showMessage(f"saved the cache to {path}")
+        if Path(path).parent == self.view.folder:
+            self.view.refresh()
+
+    def ask_continue(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self.window, "Continue from a saved cache", str(self.view.folder),
+                                              "Saved caches (*.kvcache)")
+        if path:
+            self.continue_from(path)
+
+    @Slot(str)
+    def continue_from(self, path: str) -> bool:
+        """Set the policy and sampling the cache was made with, then run from it."""
+        from kvstudio.core.policies import available_policies
+        from kvstudio.core.storage import STORAGE_KEY, StorageConfig
+        from kvstudio.core.persist.layer_tensors import storage_key
+        from kvstudio.core.persist.saved_cache import SavedCacheError, header_storage, read_header
+
+        window = self.window
+        try:
+            header = read_header(path)
+        except SavedCacheError as error:
+            window.show_error(in_studio_words(error))
+            self.view.status.setText(f"{Path(path).name} was not restored: {error.problem or error}")
+            return False
+        policy = header["policy"]["name"]
+        if policy not in available_policies():
+            window.show_error(f"the cache was computed under policy '{policy}', which is not loaded: install or "
+                              "load its plugin (Plugins view), then try again")
+            return False
+        form = window.form
+        form.policy.setCurrentText(policy)
+        form.policy_form.set_policy(policy, header["policy"]["parameters"])
+        generation = header.get("generation") or {}
+        if header.get("chunk_size"):
+            form.chunk_size.setValue(int(header["chunk_size"]))
+        form.temperature.setValue(float(generation.get("temperature", 0.0)))
+        form.seed.setValue(int(generation.get("seed") or 0))
+        parameters = {k: v for k, v in header["policy"]["parameters"].items() if v is not None}
+        storage = header_storage(header)  # the codec and tier it was stored with: a restore needs the same
+        form.storage_form.set_parameters(storage)
+        if storage != storage_key(StorageConfig()):
+            parameters[STORAGE_KEY] = storage
+        started = window.run.start(policy, parameters, label="continue", start_from=str(path))
+        if started:
+            self.view.status.setText(f"restoring {Path(path).name}…")
+        return started
+
+    @Slot(object)
+    def on_run_finished(self, outcome) -> None:
+        restore, path = outcome.restore, outcome.request.start_from
+        if path is None:
+            return
+        if restore is None:  # the restore itself failed (the banner shows the whole message)
+            self.view.status.setText(f"{Path(path).name} was not restored: {outcome.error or 'the run stopped'}")
+            return
+        if outcome.error:
+            self.view.status.setText(f"restored {restore['tokens']} tokens from {Path(path).name}, then the run "
+                                     f"failed: {outcome.error}")
+            return
+        text = (f"restored {restore['tokens']} tokens in {restore['seconds']:.3f} s "
+                f"(their prefill took {restore['prefill_seconds']:.2f} s) and continued "
+                f"{len(outcome.result.token_ids)} tokens")
+        self.view.status.setText(text)
+        self.window.statusBar().showMessage(f"{self.window.statusBar().currentMessage()} · {text}")

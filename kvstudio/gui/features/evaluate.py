@@ -1,0 +1,527 @@
+"""The Evaluate view: choose a task, policies and budgets; run the sweep on the model's thread with
+Stop; heatmaps and curves fill in as cells finish; double-click a cell to open it as an ordinary run.
+
+The sweep runs in `EvaluateWorker`, a QObject living on the same thread as the studio's model worker
+(one model, one thread): it reads the loaded engine from there. One signal per finished cell (cells
+take seconds), none per token. Everything drawn comes from the cell records the core stores, the
+same ones `kvstudio eval` prints and exports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QObject, Signal, Slot
+from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout,
+                               QLabel, QLineEdit, QListWidget, QProgressBar, QPushButton, QSizePolicy, QSpinBox,
+                               QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+
+from kvstudio.core.runtime.engine import CancelToken
+from kvstudio.core.errors import KVStudioError
+from kvstudio.core.evaluate.language import LanguageOptions
+from kvstudio.core.evaluate.results import export_cells, needle_grid, running_mean, score_by_budget, score_by_bytes
+from kvstudio.core.evaluate.sweep import SweepSpec
+from kvstudio.core.evaluate.tasks import RULER_SUBTASKS, TASKS, TaskOptions
+from kvstudio.core.policies import available_policies
+from kvstudio.gui.widgets import policy_checklist
+from kvstudio.gui.feature import Feature
+
+QA_SAMPLE = Path(__file__).resolve().parents[2] / "resources" / "qa_sample.jsonl"
+TABLE_COLUMNS = ("policy", "budget", "subtask", "tokens", "depth", "score", "peak MiB", "seconds", "run", "output")
+CURVE_WINDOW = 64
+COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
+
+
+def _needle_lookup_table() -> np.ndarray:
+    """256 colours: index 0 is 'not run yet' (grey), 1..255 run red (lost) to yellow to green (found)."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[0] = (70, 70, 70)
+    stops = np.array([(240, 73, 110), (235, 184, 57), (12, 215, 159)], dtype=np.float32)
+    for index in range(1, 256):
+        x = (index - 1) / 254 * 2
+        low = min(int(x), 1)
+        table[index] = stops[low] + (stops[low + 1] - stops[low]) * (x - low)
+    return table
+
+
+LOOKUP = _needle_lookup_table()
+
+
+class EvaluateWorker(QObject):
+    """Runs one sweep at a time on the model's thread."""
+
+    cell_finished = Signal(object)  # a cell record (dict)
+    progress = Signal(object)  # SweepProgress
+    finished = Signal(object, str)  # SweepOutcome or None, error message ("" when none)
+
+    def __init__(self, model_worker):
+        super().__init__()
+        self.model_worker = model_worker
+        self.cancel = CancelToken()
+
+    @Slot(object, object, bool)
+    def run_sweep(self, spec: SweepSpec, history_path, fresh: bool) -> None:
+        from kvstudio.core.evaluate.sweep import Sweep, default_store_path
+        from kvstudio.core.persist.history import HistoryError, RunHistory
+
+        try:
+            engine = self.model_worker.engine
+            if engine is None:
+                raise KVStudioError("no model loaded: load one first")
+            history = None
+            if history_path is not None:
+                try:  # its own connection: SQLite connections stay on the thread that made them
+                    history = RunHistory(history_path)
+                except HistoryError:
+                    history = None
+            store = default_store_path(spec)
+            if fresh:
+                store.unlink(missing_ok=True)
+            sweep = Sweep(engine, spec, store, history=history, cancel=self.cancel)
+            outcome = sweep.run(on_cell=self.cell_finished.emit, on_progress=self.progress.emit)
+            if history is not None:
+                history.close()
+            self.finished.emit(outcome, "")
+        except KVStudioError as error:
+            self.finished.emit(None, str(error))
+        except Exception as error:  # the studio stays usable whatever a sweep does
+            traceback.print_exc()
+            self.finished.emit(None, f"the sweep failed: {type(error).__name__}: {error}")
+
+
+class EvaluateView(QWidget):
+    sweep_requested = Signal(bool)  # fresh: forget the stored cells first
+    sweep_ended = Signal(object, str)  # SweepOutcome or None, error: re-emitted on the GUI thread
+    open_run_requested = Signal(int)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.records: list[dict] = []
+        self.spec: SweepSpec | None = None
+        self._build_controls()
+        self._build_results()
+        layout = QHBoxLayout(self)
+        side = QWidget()
+        side.setLayout(self.controls)
+        side.setMaximumWidth(300)
+        layout.addWidget(side)
+        layout.addWidget(self.results, 1)
+        self._task_chosen(self.task.currentText())
+
+    # -- construction -----------------------------------------------------------------------------
+
+    def _build_controls(self) -> None:
+        self.task = QComboBox()
+        self.task.addItems(TASKS)
+        self.task.setCurrentText("needle")
+        self.policies = QListWidget()
+        self.policies.setMaximumHeight(150)
+        self.set_policies(list(available_policies()))
+        self.budgets = QLineEdit("128,256")
+        self.lengths = QLineEdit("1024,2048")
+        self.depths = QLineEdit("0,0.25,0.5,0.75,1")
+        self.samples = QSpinBox(minimum=0, maximum=10_000, value=1)
+        self.samples.setToolTip("samples per grid point; qa: the first N records (0: all)")
+        self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
+        self.subtasks = QLineEdit(",".join(RULER_SUBTASKS))
+        self.qa_file = QLineEdit(str(QA_SAMPLE))
+        self.tokens = QSpinBox(minimum=16, maximum=1_000_000, value=2048)
+        self.prefix_tokens = QSpinBox(minimum=1, maximum=1_000_000, value=256)
+        self.stride = QSpinBox(minimum=1, maximum=4096, value=16)
+        self.stride.setToolTip("tokens per step after the prefix (1: token by token, the StreamingLLM evaluation)")
+        self.chunk_size = QSpinBox(minimum=1, maximum=65536, value=512)
+        self.start = QPushButton("Run sweep")
+        self.start.setStyleSheet("font-weight: bold;")
+        self.stop = QPushButton("Stop")
+        self.stop.setEnabled(False)
+        self.fresh = QPushButton("Start over")
+        self.fresh.setToolTip("forget this sweep's stored cells and compute them all again")
+        self.progress_bar = QProgressBar()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("task", self.task)
+        form.addRow("policies", self.policies)
+        form.addRow("budgets", self.budgets)
+        self.task_rows = {}
+        for label, widget, tasks in (("lengths", self.lengths, ("passkey", "needle", "ruler")),
+                                     ("depths", self.depths, ("passkey", "needle")),
+                                     ("samples", self.samples, ("passkey", "needle", "ruler", "qa")),
+                                     ("seed", self.seed, ("passkey", "needle", "ruler", "perplexity", "kl")),
+                                     ("subtasks", self.subtasks, ("ruler",)),
+                                     ("QA file", self.qa_file, ("qa",)),
+                                     ("tokens", self.tokens, ("perplexity", "kl")),
+                                     ("prefix", self.prefix_tokens, ("perplexity", "kl")),
+                                     ("stride", self.stride, ("perplexity", "kl"))):
+            form.addRow(label, widget)
+            self.task_rows[label] = (widget, tasks)
+        form.addRow("chunk size", self.chunk_size)
+        buttons = QHBoxLayout()
+        for button in (self.start, self.stop, self.fresh):
+            buttons.addWidget(button)
+        self.controls = QVBoxLayout()
+        self.controls.addLayout(form)
+        self.controls.addLayout(buttons)
+        self.controls.addWidget(self.progress_bar)
+        self.controls.addWidget(self.status)
+        self.controls.addStretch(1)
+        self.task.currentTextChanged.connect(self._task_chosen)
+        self.start.clicked.connect(lambda: self.request_sweep(fresh=False))
+        self.fresh.clicked.connect(lambda: self.request_sweep(fresh=True))
+
+    def _build_results(self) -> None:
+        self.results = QTabWidget()
+        self.heatmaps = pg.GraphicsLayoutWidget()
+        self.heatmap_items: dict[str, pg.ImageItem] = {}
+        self.by_budget = pg.PlotWidget(title="mean score vs budget")
+        self.by_budget.addLegend(offset=(-10, 10))
+        self.by_budget.setLabel("bottom", "budget")
+        self.by_budget.setLogMode(x=True)
+        self.by_bytes = pg.PlotWidget(title="mean score vs peak cache (MiB)")
+        self.by_bytes.addLegend(offset=(-10, 10))
+        self.along = pg.GraphicsLayoutWidget()
+        self.ppl_plot = self.along.addPlot(row=0, col=0, title=f"perplexity ({CURVE_WINDOW}-token window)")
+        self.kl_plot = self.along.addPlot(row=1, col=0, title="KL(full || policy), nats")
+        self.kl_plot.setXLink(self.ppl_plot)
+        for plot in (self.ppl_plot, self.kl_plot):
+            plot.addLegend(offset=(-10, 10))
+            plot.setDownsampling(auto=True, mode="peak")
+            plot.setClipToView(True)
+        self.curves: dict[tuple[str, str], pg.PlotDataItem] = {}
+        self.table = QTableWidget(0, len(TABLE_COLUMNS))
+        self.table.setHorizontalHeaderLabels(TABLE_COLUMNS)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.cellDoubleClicked.connect(self._open_row)
+        self.open_button = QPushButton("Open cell as a run")
+        self.open_button.setToolTip("show the selected cell's run in the live views (token map, evictions, ...)")
+        self.open_button.clicked.connect(lambda: [self._open_row(i.row(), 0)
+                                                  for i in self.table.selectionModel().selectedRows()[:1]])
+        self.export_csv = QPushButton("Export CSV…")
+        self.export_json = QPushButton("Export JSON…")
+        self.export_figure = QPushButton("Export figure (PNG/SVG)…")
+        self.export_csv.clicked.connect(lambda: self._ask_then(self.export_cells_to, "evaluation.csv", "CSV (*.csv)"))
+        self.export_json.clicked.connect(lambda: self._ask_then(self.export_cells_to, "evaluation.json",
+                                                                "JSON (*.json)"))
+        self.export_figure.clicked.connect(lambda: self._ask_then(self.export_figure_to, "evaluation.png",
+                                                                  "Images (*.png *.svg)"))
+        table_tab = QWidget()
+        table_layout = QVBoxLayout(table_tab)
+        table_layout.addWidget(self.table)
+        buttons = QGridLayout()  # two by two: the view fits beside the other docks at 1280 px
+        for index, button in enumerate((self.open_button, self.export_figure, self.export_csv, self.export_json)):
+            # Narrower than their text when the dock is: a clipped label (the tooltip says it whole)
+            # rather than a view that scrolls sideways.
+            button.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Fixed)
+            button.setMinimumWidth(60)
+            button.setToolTip(button.toolTip() or button.text())
+            buttons.addWidget(button, index // 2, index % 2)
+        table_layout.addLayout(buttons)
+        self.results.addTab(self.heatmaps, "Heatmaps")
+        self.results.addTab(self.by_budget, "Score vs budget")
+        self.results.addTab(self.by_bytes, "Score vs cache bytes")
+        self.results.addTab(self.along, "Along the text")
+        self.results.addTab(table_tab, "Cells")
+
+    def set_policies(self, names: list[str]) -> None:
+        policy_checklist.offer(self.policies, names)
+
+    def checked_policies(self) -> list[str]:
+        return policy_checklist.checked_names(self.policies)
+
+    def _task_chosen(self, task: str) -> None:
+        for widget, tasks in self.task_rows.values():
+            widget.setEnabled(task in tasks)
+        language = task in ("perplexity", "kl")
+        self.results.setCurrentWidget(self.along if language else self.heatmaps if task in ("passkey", "needle")
+                                      else self.by_budget)
+
+    # -- starting ---------------------------------------------------------------------------------
+
+    def build_spec(self, model: str) -> SweepSpec:
+        """The sweep the form describes; KVStudioError naming the field that is wrong."""
+        def numbers(widget: QLineEdit, kind, label):
+            try:
+                values = tuple(kind(part) for part in widget.text().split(",") if part.strip())
+            except ValueError:
+                raise KVStudioError(f"{label}: give comma-separated numbers, got '{widget.text()}'") from None
+            return values
+
+        task = self.task.currentText()
+        task_options = TaskOptions(
+            lengths=numbers(self.lengths, int, "lengths"), depths=numbers(self.depths, float, "depths"),
+            samples=self.samples.value(), seed=self.seed.value(),
+            subtasks=tuple(p.strip() for p in self.subtasks.text().split(",") if p.strip()),
+            qa_file=self.qa_file.text().strip() or None)
+        language = LanguageOptions(tokens=self.tokens.value(), prefix_tokens=self.prefix_tokens.value(),
+                                   stride=self.stride.value(), seed=self.seed.value())
+        budgets = numbers(self.budgets, int, "budgets")
+        spec = SweepSpec(task, model, tuple(self.checked_policies()), budgets, task_options, language,
+                         chunk_size=self.chunk_size.value())
+        spec.validate()
+        return spec
+
+    def request_sweep(self, fresh: bool = False) -> None:
+        self.sweep_requested.emit(fresh)  # EvaluateFeature.start checks the window's state and starts the worker
+
+    def begin(self, spec: SweepSpec) -> None:
+        """A sweep starts: empty plots shaped for its series."""
+        self.spec = spec
+        self.records = []
+        self.table.setRowCount(0)
+        self.progress_bar.setRange(0, 0)
+        self.status.setText("starting…")
+        self.start.setEnabled(False)
+        self.fresh.setEnabled(False)
+        self.stop.setEnabled(True)
+        self.heatmaps.clear()
+        self.heatmap_items = {}
+        for plot in (self.by_budget, self.by_bytes, self.ppl_plot, self.kl_plot):
+            plot.clear()
+        self.curves = {}
+        # Ticks at the swept budgets, as numbers: pyqtgraph's own log-axis ticks between them ran
+        # together ("3·10¹4·10¹5·10¹...") in the narrow pane.
+        budgets = sorted(set(spec.budgets or ()))
+        self.by_budget.getAxis("bottom").setTicks([[(math.log10(b), str(b)) for b in budgets if b > 0]] if budgets
+                                                  else None)
+        if spec.task in ("passkey", "needle"):
+            self._shape_heatmaps(spec)
+
+    def _shape_heatmaps(self, spec: SweepSpec) -> None:
+        lengths, depths = list(spec.task_options.lengths), list(spec.task_options.depths)
+        labels = [_label(p, b) for p in spec.policies for b in spec.budgets_for(p)]
+        columns = min(3, len(labels))
+        for index, label in enumerate(labels):
+            plot = self.heatmaps.addPlot(row=index // columns, col=index % columns, title=label)
+            # Rows are depths (y), columns lengths (x), whatever pyqtgraph's global axis order is: the
+            # studio sets row-major, the library's default is column-major, and the labels assume this.
+            image = pg.ImageItem(np.zeros((len(depths), len(lengths)), dtype=np.uint8), levels=(0, 255),
+                                 lut=LOOKUP, axisOrder="row-major")
+            plot.addItem(image)
+            plot.invertY(True)
+            plot.getAxis("bottom").setTicks([[(i + 0.5, f"{n}") for i, n in enumerate(lengths)]])
+            plot.getAxis("left").setTicks([[(i + 0.5, f"{d:.0%}") for i, d in enumerate(depths)]])
+            plot.setLabel("bottom", "context tokens")
+            plot.setMouseEnabled(False, False)
+            self.heatmap_items[label] = image
+
+    # -- cells as they finish ---------------------------------------------------------------------
+
+    @Slot(object)
+    def add_cell(self, record: dict) -> None:
+        self.records.append(record)
+        row = self.table.rowCount()
+        self.table.insertRow(row)
+        depth = record.get("depth")
+        score = record["score"]
+        cells = (record["policy"], "" if record.get("budget") is None else str(record["budget"]),
+                 record.get("subtask") or "", str(record["context_tokens"]), "" if depth is None else f"{depth:g}",
+                 f"{score:.3f}", f"{record['peak_cache_bytes'] / 2**20:.2f}", f"{record['seconds']:.1f}",
+                 "" if record.get("run_id") is None else str(record["run_id"]),
+                 (record.get("output") or "").strip().replace("\n", " "))
+        for column, value in enumerate(cells):
+            self.table.setItem(row, column, QTableWidgetItem(value))
+        self.redraw()
+
+    def redraw(self) -> None:
+        if not self.records:
+            return
+        task = self.records[0]["task"]
+        if task in ("passkey", "needle"):
+            self._draw_heatmaps()
+        if task in ("perplexity", "kl"):
+            self._draw_along()
+        self._draw_budget_and_bytes()
+
+    def _draw_heatmaps(self) -> None:
+        lengths, depths = list(self.spec.task_options.lengths), list(self.spec.task_options.depths)
+        for label, image in self.heatmap_items.items():
+            found_lengths, found_depths, grid = needle_grid(self.records, label)
+            values = np.zeros((len(depths), len(lengths)), dtype=np.uint8)  # rows: depth (y), columns: length (x)
+            for d_index, depth in enumerate(found_depths):
+                for l_index, length in enumerate(found_lengths):
+                    value = grid[d_index, l_index]
+                    if np.isfinite(value) and length in lengths and depth in depths:
+                        values[depths.index(depth), lengths.index(length)] = 1 + int(round(float(value) * 254))
+            image.setImage(values, levels=(0, 255), lut=LOOKUP, autoLevels=False)
+
+    def heatmap_values(self, label: str) -> np.ndarray:
+        """What a heatmap shows (tests): 0 not run yet, 1 lost, 255 found; rows = depths, columns = lengths."""
+        return self.heatmap_items[label].image
+
+    def _draw_budget_and_bytes(self) -> None:
+        for index, (name, (budgets, scores)) in enumerate(score_by_budget(self.records).items()):
+            pairs = sorted((b, s) for b, s in zip(budgets, scores) if b is not None)
+            if not pairs:
+                pairs = [(b, scores[0]) for b in (self.spec.budgets or (1,))]  # no budget: a flat reference
+            self._curve(self.by_budget, ("budget", name), name, index).setData([b for b, _ in pairs],
+                                                                               [s for _, s in pairs])
+        for index, (name, (sizes, scores)) in enumerate(score_by_bytes(self.records).items()):
+            self._curve(self.by_bytes, ("bytes", name), name, index, scatter=True).setData(
+                [s / 2**20 for s in sizes], scores)
+
+    def _draw_along(self) -> None:
+        for index, record in enumerate(self.records):
+            name = _label(record["policy"], record.get("budget"))
+            positions = record.get("positions") or []
+            if not positions:
+                continue
+            ppl = np.exp(-running_mean(record["true_logprobs"], CURVE_WINDOW))
+            self._curve(self.ppl_plot, ("ppl", name), name, index).setData(positions, ppl)
+            self._curve(self.kl_plot, ("kl", name), name, index).setData(positions,
+                                                                         running_mean(record["kl"], CURVE_WINDOW))
+
+    def _curve(self, plot, key, name: str, index: int, scatter: bool = False):
+        if key not in self.curves:  # created once, then only setData
+            colour = COLOURS[index % len(COLOURS)]
+            if scatter:
+                self.curves[key] = plot.plot([], [], pen=None, symbol="o", symbolBrush=colour, name=name)
+            else:
+                self.curves[key] = plot.plot([], [], pen=pg.mkPen(colour, width=2), symbol="o", symbolSize=5,
+                                             symbolBrush=colour, name=name)
+        return self.curves[key]
+
+    @Slot(object)
+    def show_progress(self, progress) -> None:
+        self.progress_bar.setRange(0, progress.total)
+        self.progress_bar.setValue(progress.done)
+        left = "" if progress.seconds_left is None else f" · about {_duration(progress.seconds_left)} left"
+        reused = f" ({progress.reused} from the store)" if progress.reused else ""
+        self.status.setText(f"{progress.done}/{progress.total}{reused}: {progress.current}{left}")
+
+    @Slot(object, str)
+    def finish_sweep(self, outcome, error: str) -> None:
+        """The worker's `finished`, received here on the GUI thread (a queued connection)."""
+        self.end(outcome, error)
+        self.sweep_ended.emit(outcome, error)
+
+    def end(self, outcome, error: str) -> None:
+        self.start.setEnabled(True)
+        self.fresh.setEnabled(True)
+        self.stop.setEnabled(False)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1 if outcome is not None and not outcome.cancelled else 0)
+        if error:
+            self.status.setText(f"failed: {error}")
+        elif outcome.cancelled:
+            self.status.setText(f"stopped: {len(outcome.records)} cells stored; Run sweep resumes")
+        else:
+            self.status.setText(f"done: {outcome.computed} cells computed, {outcome.reused} from the store "
+                                f"({outcome.store})")
+
+    # -- opening and exporting --------------------------------------------------------------------
+
+    def _open_row(self, row: int, _column: int) -> None:
+        item = self.table.item(row, TABLE_COLUMNS.index("run"))
+        if item is None or not item.text():
+            self.status.setText("this cell has no stored run (run history off, or it came from an older store)")
+            return
+        self.open_run_requested.emit(int(item.text()))
+
+    def _ask_then(self, action, suggested: str, file_filter: str) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export", suggested, file_filter)
+        if path:
+            action(Path(path))
+
+    def export_cells_to(self, path: Path) -> Path | None:
+        return self._exporting(lambda: export_cells(self.records, path))
+
+    def export_figure_to(self, path: Path) -> Path | None:
+        from kvstudio.core.evaluate.figures import save_figure
+
+        return self._exporting(lambda: save_figure(self.records, path))
+
+    def _exporting(self, action) -> Path | None:
+        if not self.records:
+            self.status.setText("nothing to export yet: run a sweep first")
+            return None
+        try:
+            path = action()
+        except (KVStudioError, OSError) as error:
+            self.status.setText(f"export failed: {error}")
+            return None
+        self.status.setText(f"exported {path}")
+        return path
+
+
+def _label(policy: str, budget) -> str:
+    return policy if budget is None else f"{policy} @ {budget}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+class EvaluateFeature(Feature):
+    """The Evaluate dock (beside Runs), its worker on the model's thread, and the Evaluate menu."""
+
+    def __init__(self, window):
+        super().__init__(window)
+        self.view = EvaluateView()
+        self.worker = EvaluateWorker(window.worker)
+        self.worker.moveToThread(window.thread_)
+        self.starter = _Starter(self.view)  # its signal reaches the worker's slot queued, on the model's thread
+
+    def install(self) -> None:
+        window, view, worker = self.window, self.view, self.worker
+        self.starter.start.connect(worker.run_sweep)
+        view.sweep_requested.connect(self.start)
+        worker.cell_finished.connect(view.add_cell)
+        worker.progress.connect(view.show_progress)
+        worker.finished.connect(view.finish_sweep)
+        view.sweep_ended.connect(self._finished)
+        view.stop.clicked.connect(lambda: worker.cancel.cancel())  # the token of the sweep running now
+        view.open_run_requested.connect(window.runs.reopen)
+        dock = window.add_dock("Evaluate", view, "views")
+        menu = window.menu("E&valuate")
+        menu.addAction("Show the Evaluate view", lambda: (dock.show(), dock.raise_()))
+        menu.addAction("Export evaluation cells (CSV/JSON)…", lambda: view._ask_then(
+            view.export_cells_to, "evaluation.csv", "CSV or JSON (*.csv *.json)"))
+        menu.addAction("Export evaluation figure (PNG/SVG)…", lambda: view._ask_then(
+            view.export_figure_to, "evaluation.png", "Images (*.png *.svg)"))
+        window.plugins_feature.policies_changed.connect(view.set_policies)
+
+    def start(self, fresh: bool) -> None:
+        window, view = self.window, self.view
+        if window.model_info is None or window.running:
+            window.show_error("load a model first" if window.model_info is None else
+                              "a run is in progress: stop it first, then start the sweep")
+            return
+        try:
+            spec = view.build_spec(window.model_info.spec)  # every option and policy checked here
+        except KVStudioError as error:
+            view.status.setText(str(error))
+            window.show_error(f"evaluation: {error}")
+            return
+        window.hide_error()
+        self.worker.cancel = CancelToken()
+        window.running = True
+        window.update_buttons()
+        view.begin(spec)
+        history_path = window.history.path if window.history is not None else None
+        self.starter.start.emit(spec, history_path, fresh)
+
+    def _finished(self, outcome, error: str) -> None:
+        window = self.window
+        window.running = False
+        window.update_buttons()
+        if error:
+            window.show_error(f"evaluation: {error}")
+        if window.history is not None:
+            window.runs.view.set_history(window.history)
+
+    def closing(self) -> None:
+        """Stop a running sweep before the window waits for the model's thread."""
+        self.worker.cancel.cancel()
+
+
+class _Starter(QObject):
+    """Lives on the GUI thread; emitting `start` queues the sweep on the worker's thread."""
+
+    start = Signal(object, object, bool)  # SweepSpec, history path or None, fresh

@@ -1,0 +1,1 @@
+"""Reusable widgets: forms generated from declared parameters, message bars, layouts, plot files."""

@@ -1,0 +1,168 @@
+"""The policy box's storage fields: codec, group size, residual window, tier and recall, and
+cross-layer merging (MiniCache: from which layer, retention threshold, interpolation t).
+
+They travel with the policy's parameters as parameters["storage"] (kvstudio.core.storage's
+StorageConfig fields), so a run, a comparison and the run history all carry them. Validation is
+StorageConfig's own; its message shows inline like the policy form's, in the form's words. The
+fields are remembered between launches (`save_settings` / `restore_settings`, called by the run
+form that holds them).
+"""
+
+from __future__ import annotations
+
+import json
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpinBox, QWidget
+
+from kvstudio.core.errors import KVStudioError
+from kvstudio.core.storage import STORAGE_KEY, StorageConfig, available_codecs
+from kvstudio.core.storage.base import MERGE_METHODS, TIERS
+from kvstudio.gui.widgets.form_words import in_form_words
+
+# The CLI's option -> this form's label, where they differ (for messages in the form's words).
+OPTION_LABELS = {"group-size": "group size", "recall": "recall blocks", "merge": "merge layers",
+                 "merge-from": "merge from layer", "merge-threshold": "retention threshold", "merge-t": "SLERP t"}
+
+SETTINGS_KEY = "storage"  # QSettings key: the fields as JSON
+# What each remembered field must be to be restored (anything else, e.g. from a hand-edited file, is dropped).
+SETTING_TYPES = {"codec": str, "tier": str, "merge": str, "group_size": int, "residual": int, "recall": int,
+                 "merge_from": int, "merge_threshold": (int, float), "merge_t": (int, float)}
+
+
+class StorageForm(QWidget):
+    changed = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        defaults = StorageConfig()
+        self.codec = QComboBox()
+        self.codec.setToolTip("how kept entries are stored: fp is the model's dtype; int8/int4 quantize keys per "
+                              "channel and values per token (KIVI); bnb-* need CUDA")
+        self.group_size = QSpinBox(minimum=2, maximum=4096, value=defaults.group_size)
+        self.group_size.setToolTip("entries per key group and channels per value group")
+        self.residual = QSpinBox(minimum=0, maximum=1_000_000, value=defaults.residual)
+        self.residual.setToolTip("newest entries kept in full precision until they leave this window")
+        self.tier = QComboBox()
+        self.tier.addItems(TIERS)
+        self.tier.setToolTip("device: evicted entries are dropped; host: they move to host memory and the blocks "
+                             "the current query would attend to come back for the step")
+        self.recall = QSpinBox(minimum=0, maximum=1_000_000, value=defaults.recall)
+        self.recall.setToolTip("host blocks brought back each step (tier host)")
+        self.merge = QComboBox()
+        self.merge.addItems(MERGE_METHODS)
+        self.merge.setToolTip("minicache: from the chosen layer on, adjacent layers share one direction per token "
+                              "(SLERP of their states) and keep their own magnitudes (Liu et al. 2024)")
+        self.merge_from = QSpinBox(minimum=-1, maximum=1024, value=-1)
+        self.merge_from.setSpecialValueText("half depth")
+        self.merge_from.setToolTip("the first merged layer: pairs (L, L+1), (L+2, L+3), ...")
+        self.merge_threshold = QDoubleSpinBox(minimum=0.0, maximum=2.0, decimals=3, singleStep=0.01,
+                                              value=defaults.merge_threshold)
+        self.merge_threshold.setToolTip("retention threshold: tokens whose two states are farther apart than this "
+                                        "fraction of the pair's distance range stay unmerged (0.05: the paper's; "
+                                        "0 keeps every token unmerged; above 1 merges all)")
+        self.merge_t = QDoubleSpinBox(minimum=0.0, maximum=1.0, decimals=2, singleStep=0.05, value=defaults.merge_t)
+        self.merge_t.setToolTip("SLERP interpolation: 0 = the earlier layer's direction, 1 = the later's (0.6: the "
+                                "paper's)")
+        self.error = QLabel("")
+        self.error.setWordWrap(True)
+        self.error.setStyleSheet("color: #d33;")
+        layout = QFormLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        for label, editor in (("codec", self.codec), ("group size", self.group_size), ("residual", self.residual),
+                              ("tier", self.tier), ("recall blocks", self.recall), ("merge layers", self.merge),
+                              ("merge from layer", self.merge_from), ("retention threshold", self.merge_threshold),
+                              ("SLERP t", self.merge_t)):
+            layout.addRow(label, editor)
+        layout.addRow(self.error)
+        self.set_codecs(list(available_codecs()))
+        for spin in (self.group_size, self.residual, self.recall, self.merge_from, self.merge_threshold, self.merge_t):
+            spin.valueChanged.connect(self._on_change)
+        for combo in (self.codec, self.tier, self.merge):
+            combo.currentIndexChanged.connect(self._on_change)
+        self._on_change()
+
+    def set_codecs(self, names: list[str]) -> None:
+        """The codecs offered (after a plugin reload), keeping the one chosen."""
+        chosen = self.codec.currentText() or "fp"
+        self.codec.blockSignals(True)
+        self.codec.clear()
+        self.codec.addItems(names)
+        self.codec.setCurrentText(chosen if chosen in names else "fp")
+        self.codec.blockSignals(False)
+
+    def config(self) -> StorageConfig:
+        return StorageConfig(codec=self.codec.currentText() or "fp", group_size=self.group_size.value(),
+                             residual=self.residual.value(), tier=self.tier.currentText(), recall=self.recall.value(),
+                             merge=self.merge.currentText(),
+                             merge_from=None if self.merge_from.value() < 0 else self.merge_from.value(),
+                             merge_threshold=round(self.merge_threshold.value(), 3), merge_t=round(self.merge_t.value(), 2))
+
+    def fields(self) -> dict:
+        """The StorageConfig fields this form sets. The merge settings travel even with merge off:
+        Compare's "h2o+minicache" takes them from here."""
+        config = self.config()
+        return {"codec": config.codec, "group_size": config.group_size, "residual": config.residual,
+                "tier": config.tier, "recall": config.recall, "merge": config.merge, "merge_from": config.merge_from,
+                "merge_threshold": config.merge_threshold, "merge_t": config.merge_t}
+
+    def parameters(self) -> dict:
+        """{"storage": {...}} to add to the policy's parameters; empty for the default (fp, device)."""
+        return {} if self.config() == StorageConfig() else {STORAGE_KEY: self.fields()}
+
+    def fit_model(self, n_layers: int) -> None:
+        """A pair needs the layer after it: merging can start at layer 0 to n_layers - 2 of this model
+        (the box refuses more, instead of the run failing later)."""
+        self.merge_from.setMaximum(max(n_layers - 2, 0))
+        self.merge_from.setToolTip(f"the first merged layer (0 to {n_layers - 2} on this model): pairs (L, L+1), "
+                                   "(L+2, L+3), ...")
+
+    def set_parameters(self, values: dict | None) -> None:
+        values = values or {}
+        defaults = StorageConfig()
+        self.codec.setCurrentText(values.get("codec", defaults.codec))
+        self.group_size.setValue(values.get("group_size", defaults.group_size))
+        self.residual.setValue(values.get("residual", defaults.residual))
+        self.tier.setCurrentText(values.get("tier", defaults.tier))
+        self.recall.setValue(values.get("recall", defaults.recall))
+        self.merge.setCurrentText(values.get("merge", defaults.merge))
+        merge_from = values.get("merge_from", defaults.merge_from)
+        self.merge_from.setValue(-1 if merge_from is None else merge_from)
+        self.merge_threshold.setValue(values.get("merge_threshold", defaults.merge_threshold))
+        self.merge_t.setValue(values.get("merge_t", defaults.merge_t))
+
+    def save_settings(self, settings) -> None:
+        settings.setValue(SETTINGS_KEY, json.dumps(self.fields()))
+
+    def restore_settings(self, settings) -> None:
+        """The fields as last saved; a value that is not readable leaves the defaults (a codec that is not
+        loaded now stays unselected, and an invalid combination shows its message inline, as typed)."""
+        saved = settings.value(SETTINGS_KEY)
+        try:
+            values = json.loads(saved) if isinstance(saved, str) else None
+        except ValueError:
+            values = None
+        if isinstance(values, dict):
+            known = {k: v for k, v in values.items() if isinstance(v, SETTING_TYPES.get(k, ()))}
+            self.set_parameters(known)
+
+    def validate(self) -> str | None:
+        try:
+            self.config().validate()
+        except KVStudioError as error:
+            message = in_form_words(str(error), OPTION_LABELS)
+            self.error.setText(message)
+            return message
+        self.error.setText("")
+        return None
+
+    def _on_change(self, *_):
+        self.recall.setEnabled(self.tier.currentText() == "host")
+        quantized = self.codec.currentText() not in ("", "fp")
+        self.group_size.setEnabled(quantized)
+        self.residual.setEnabled(quantized)
+        merging = self.merge.currentText() != "none"
+        for editor in (self.merge_from, self.merge_threshold, self.merge_t):
+            editor.setEnabled(merging)
+        self.validate()
+        self.changed.emit()
