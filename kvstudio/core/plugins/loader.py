@@ -33,7 +33,7 @@ from kvstudio.core.storage import register_codec, unregister_codec
 from kvstudio.core.storage.base import Codec
 
 ENTRY_POINT_GROUP = "kvstudio.policies"
-REPOSITORY_PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+REPOSITORY_PLUGINS = Path(__file__).resolve().parents[3] / "plugins"
 
 
 @dataclass

@@ -16,7 +16,8 @@ import re
 import traceback
 from pathlib import Path
 
-_CORE = Path(__file__).resolve().parent
+_CORE = Path(__file__).resolve().parents[1]
+_RUNTIME = _CORE / "runtime"
 _ALLOCATION = re.compile(r"tried to allocate (\d+ bytes|[0-9.]+ ?[KMGT]i?B)", re.I)
 
 
@@ -58,11 +59,11 @@ def culprit(error: BaseException) -> str:
         path = Path(frame.filename)
         if any(frame.filename.startswith(f) for f in plugin_files) or _CORE / "policies" in path.parents:
             return "policy"
-        if path == _CORE / "engine.py" and frame.name == "encode":
+        if path == _RUNTIME / "engine.py" and frame.name == "encode":
             return "tokenize"
-        if path == _CORE / "cache.py":
+        if path == _RUNTIME / "cache.py":
             return "cache"
-        if path == _CORE / "attention.py":
+        if path == _RUNTIME / "attention.py":
             return "attention"
         if "transformers" in path.parts or "torch" in path.parts:
             continue

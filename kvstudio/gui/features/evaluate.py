@@ -31,7 +31,7 @@ from kvstudio.core.policies import available_policies
 from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
 
-QA_SAMPLE = Path(__file__).resolve().parents[2] / "resources" / "qa_sample.jsonl"
+QA_SAMPLE = Path(__file__).resolve().parents[3] / "resources" / "qa_sample.jsonl"
 TABLE_COLUMNS = ("policy", "budget", "subtask", "tokens", "depth", "score", "peak MiB", "seconds", "run", "output")
 CURVE_WINDOW = 64
 COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
