@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, Q
 from kvstudio.core.io.documents import Document, read_document
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.models.kv_pooling import split_kv_groups, with_kv_groups
-from kvstudio.core.models.loading import TINY_FAMILIES
+from kvstudio.core.models.tiny import TINY_FAMILIES
 
 # default+kv1: SmolLM2 with its 3 KV heads mean-pooled into 1 (GQA's initialisation; core/models/kv_pooling.py)
 BUILTIN_MODELS = ["default", "default+kv1"] + [f"tiny-{family}" for family in TINY_FAMILIES]
