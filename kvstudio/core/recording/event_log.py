@@ -9,11 +9,12 @@ Memory. The numerous events are stored columnar, not one Python object each:
 - recalls and attention rows: one row each and their arrays' values in chunked arrays (attention
   weights float32, positions int64).
 The chunked arrays grow by new chunks (never by copying what is held); the rows table grows by
-doubling. Measured on a tiny-llama `window` run of 3,000 steps (budget 8; 24,000 eviction events of one
-position each, benchmarks/event_log.py): about 40 bytes per eviction event held (32 for its row, 8 for
-its position; the rest is the tables' unused room), 1.0 MB for the whole run - against roughly 400 bytes
-per event as a Python EvictionEvent with its own NumPy array. A default-model run (90 eviction events a
-step) thus holds about 3.6 kB of evictions per step, 36 MB over 10,000 steps.
+doubling. Measured on a tiny-llama `window` run of 3,000 steps (budget 8: 24,000 eviction events, nearly
+all of one position; benchmarks/event_log.py): 40 bytes used per eviction event (32 for its row, 8 for
+its position), 54 allocated with the tables' free room - 1.3 MB for the whole run, against about 260
+bytes per event as a Python EvictionEvent with its own NumPy array (what the ring buffers held). A
+default-model run (90 eviction events a step) thus holds about 4-5 kB of evictions per step, under
+50 MB over 10,000 steps; attention rows, when recorded, are their float32/int64 values plus 48 bytes.
 The few small events (run started, tokens, steps, memory readings, prefill progress, merges) are
 kept as the event objects themselves, in lists.
 
@@ -304,6 +305,11 @@ class EventLog:
             values = {name: getattr(store, name).concatenated() for name in ("positions", "weights")
                       if hasattr(store, name)}
             return store.table.rows(), values
+
+    def nbytes_of(self, kind: str) -> int:
+        """Bytes a columnar kind holds allocated (its rows and values, free room included); 0 for a small kind."""
+        with self._lock:
+            return self._kinds[kind].nbytes
 
     @property
     def nbytes(self) -> int:
