@@ -1,1 +1,1 @@
-"""What a run records: its event types, the event log that keeps every event, the live recorder in front of it, memory readings and snapshots, the packed recording."""
+"""What a run records: its events, the log that keeps them all, the live recorder, memory readings, the packed recording."""

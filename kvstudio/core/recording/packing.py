@@ -17,8 +17,9 @@ import numpy as np
 
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.recording.event_log import EventLog
-from kvstudio.core.recording.events import (AttentionEvent, EvictionEvent, MemoryEvent, MergeEvent, PrefillProgressEvent,
-                                            RecallEvent, Recorder, RunStartedEvent, StepEvent, TokenEvent)
+from kvstudio.core.recording.events import (AttentionEvent, EvictionEvent, MemoryEvent, MergeEvent,
+                                            PrefillProgressEvent, RecallEvent, Recorder, RunStartedEvent, StepEvent,
+                                            TokenEvent)
 
 FORMAT_VERSION = 1
 _SMALL = {"runs": RunStartedEvent, "tokens": TokenEvent, "steps": StepEvent, "memory": MemoryEvent,
