@@ -10,8 +10,6 @@ same ones `kvstudio eval` prints and exports.
 from __future__ import annotations
 
 import math
-
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from kvstudio.core.evaluate.tasks import RULER_SUBTASKS, TASKS, TaskOptions
 from kvstudio.core.policies import available_policies
 from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
+from kvstudio.gui.tasks import banner_text
 
 QA_SAMPLE = Path(__file__).resolve().parents[2] / "resources" / "qa_sample.jsonl"
 TABLE_COLUMNS = ("policy", "budget", "subtask", "tokens", "depth", "score", "peak MiB", "seconds", "run", "output")
@@ -87,11 +86,8 @@ class EvaluateWorker(QObject):
             if history is not None:
                 history.close()
             self.finished.emit(outcome, "")
-        except KVStudioError as error:
-            self.finished.emit(None, str(error))
         except Exception as error:  # the studio stays usable whatever a sweep does
-            traceback.print_exc()
-            self.finished.emit(None, f"the sweep failed: {type(error).__name__}: {error}")
+            self.finished.emit(None, banner_text(error, chunk_size=spec.chunk_size))
 
 
 class EvaluateView(QWidget):
