@@ -142,7 +142,7 @@ class DocumentList(QGroupBox):
         self.documents: dict[int, Document] = {}
         self.token_counts: dict[int, int] = {}
         self._next_key = 0
-        self.open.clicked.connect(self._open_files)
+        self.open.clicked.connect(self.open_files)
         self.remove.clicked.connect(self._remove_selected)
 
     def add_path(self, path: str | Path) -> bool:
@@ -242,7 +242,7 @@ class DocumentList(QGroupBox):
                 parts.append(self.documents[item.data(Qt.UserRole)].text)
         return "\n\n".join(parts)
 
-    def _open_files(self) -> None:
+    def open_files(self) -> None:
         paths, _ = QFileDialog.getOpenFileNames(self, "Add documents", "",
                                                 "Documents (*.txt *.md *.py *.json *.jsonl *.pdf)")
         for path in paths:
