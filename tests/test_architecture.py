@@ -36,3 +36,13 @@ def test_running_the_core_loads_no_qt():
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_import_contracts_hold():
+    """The layers in pyproject.toml's [tool.importlinter] (docs/architecture.md): a cycle or an import
+    against the direction fails here, with lint-imports' report of the offending chain."""
+    root = Path(__file__).resolve().parents[1]
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint_imports), "--config", str(root / "pyproject.toml")], cwd=root,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -7,7 +7,8 @@ import torch
 
 from kvstudio.core.runtime.engine import Engine, GenerationSettings
 from kvstudio.core.errors import ModelLoadError
-from kvstudio.core.models.loading import TINY_FAMILIES, load_model
+from kvstudio.core.models.loading import load_model
+from kvstudio.core.models.tiny import TINY_FAMILIES
 from kvstudio.core.policies import create_policy
 
 

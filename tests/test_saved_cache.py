@@ -15,7 +15,8 @@ import torch
 
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.recording.events import Recorder
-from kvstudio.core.models.loading import LoadedModel, byte_tokenizer, load_model
+from kvstudio.core.models.loading import LoadedModel, load_model
+from kvstudio.core.models.tiny import byte_tokenizer
 from kvstudio.core.plugins.loader import PluginManager
 from kvstudio.core.policies import create_policy
 from kvstudio.core.persist.saved_cache import (SavedCacheError, check_compatible, checked_header, load_saved_cache,

@@ -160,7 +160,8 @@ def _head64_engine():
     from transformers import AutoModelForCausalLM
 
     from kvstudio.core.runtime.engine import Engine
-    from kvstudio.core.models.loading import LoadedModel, byte_tokenizer
+    from kvstudio.core.models.loading import LoadedModel
+    from kvstudio.core.models.tiny import byte_tokenizer
 
     config = transformers.LlamaConfig(vocab_size=258, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=64,

@@ -1,1 +1,1 @@
-"""The studio window. Qt lives only here; everything shown comes from the core's Recorder."""
+"""The studio window: app and window, the one error -> banner path of long work (tasks.py), features/, views/, widgets/."""

@@ -20,7 +20,7 @@ from kvstudio.core.errors import KVStudioError
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.models.loading import load_model
 from kvstudio.core.runtime.oom import explain, is_out_of_memory
-from kvstudio.core.plugins.guard import fault_from_traceback
+from kvstudio.gui.tasks import banner_text
 from kvstudio.core.storage import build_policy
 from kvstudio.core.recording.packing import pack_events
 from kvstudio.core.recording.snapshots import MemorySnapshotRecording, SnapshotError
@@ -137,17 +137,8 @@ class StudioWorker(QObject):
             finally:  # a failed run's snapshot is the one that shows why
                 if request.snapshot_path:
                     self._save_snapshot(recording, outcome, request.snapshot_path)
-        except KVStudioError as error:  # plugin faults too: the guard makes them PolicyErrors
-            outcome.error = str(error)
         except (Exception, SystemExit) as error:  # the studio stays usable whatever a run does
-            if is_out_of_memory(error):  # say what ran out: the cache, a chunk's activations, the policy
-                outcome.error = explain(error, "run", chunk_size=request.settings.chunk_size, studio=True,
-                                        policy=f"'{request.policy}'")
-            elif (fault := fault_from_traceback(error)) is not None:  # plugin code the guard does not wrap
-                outcome.error = str(fault)
-            else:
-                traceback.print_exc()
-                outcome.error = f"the run failed: {type(error).__name__}: {error}"
+            outcome.error = banner_text(error, chunk_size=request.settings.chunk_size, policy=f"'{request.policy}'")
         outcome.events = pack_events(request.recorder)  # here, not on the GUI thread: it compresses
         self.run_finished.emit(outcome)
 

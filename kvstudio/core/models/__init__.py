@@ -1,1 +1,2 @@
-"""Models: specs, loading (the embedded default, tiny models, folders, GGUF) and KV-head pooling."""
+"""Models: specs and loading (loading.py), the embedded default (default_model.py), tiny models built in code
+(tiny.py), devices and dtypes (devices.py), KV-head pooling (kv_pooling.py)."""

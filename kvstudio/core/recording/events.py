@@ -1,172 +1,62 @@
-"""Events a run emits, and the Recorder that the GUI and the CLI read them from.
+"""The Recorder a run records into and the GUI and the CLI read from; the event types (event_types.py),
+re-exported here where their callers have always imported them.
 
-The engine records into bounded ring buffers under a lock; readers ask for what is new since the
-sequence number they last saw (`since`), at their own pace (the GUI at 20-30 Hz). Running
-aggregates (peaks, totals) survive the ring buffers dropping old events.
-
-Costs: token, step and eviction events are a few small objects per step. Attention rows, the only
-large events, exist only for the layers in `watch_layers`; with nothing watched none are computed.
+The Recorder is a thin live front of the run's EventLog (`recorder.log`, event_log.py), which keeps
+every event: `all(kind)`, packing (the history, exports, figures) and reopened runs read the whole
+log. Live readers ask for what is new since the sequence number they last saw (`since`), at their
+own pace (the GUI at 20-30 Hz); that read is a bounded ring over the log's newest events: at most
+`capacity` per kind. A reader that falls more than `capacity` events of a kind behind skips the
+older ones (the live view may skip; the stored copy never does). Running aggregates (peaks,
+totals) count every event.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
-from dataclasses import dataclass
-from typing import Literal
 
-import numpy as np
+from kvstudio.core.recording.event_log import EventLog
+from kvstudio.core.recording.event_types import (EVENT_KINDS, AttentionEvent, EvictionEvent, MemoryEvent, MergeEvent,
+                                                 Phase, PrefillProgressEvent, RecallEvent, RunStartedEvent, StepEvent,
+                                                 TokenEvent)
 
-Phase = Literal["load", "prefill", "decode"]
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    step: int
-    index: int  # 0 for the first generated token
-    token_id: int
-    text: str  # the new text this token completed (may be empty mid UTF-8 sequence)
-    logprob: float  # log-probability under the model's unmodified distribution
-    seconds: float  # wall time of the forward step that produced it
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    step: int
-    phase: Phase
-    input_tokens: int  # tokens fed in this forward step (chunk size at prefill, 1 at decode)
-    seconds: float
-    kept_per_layer: tuple[int, ...]
-    cache_bytes: int  # after this step's evictions
-    peak_cache_bytes: int  # the most the cache has held so far, including mid-step before eviction
-    evicted: int  # entries evicted in this step, over layers and KV heads
-
-
-@dataclass(frozen=True)
-class EvictionEvent:
-    step: int
-    layer: int
-    kv_head: int
-    positions: np.ndarray  # token positions evicted, int64
-
-
-@dataclass(frozen=True)
-class AttentionEvent:
-    step: int
-    layer: int
-    weights: np.ndarray  # (query_heads, n) float32: the step's newest query over the held entries
-    positions: np.ndarray  # (kv_heads, n) int64: token position of each held entry
-
-
-@dataclass(frozen=True)
-class RunStartedEvent:
-    """What a viewer needs before the first step: the prompt as the model sees it."""
-
-    model: str
-    policy: str
-    n_layers: int
-    n_kv_heads: int
-    budgets: tuple[int | None, ...]  # per layer
-    prompt_tokens: tuple[str, ...]  # the text of each prompt token, in order
-    n_heads: int = 0  # query heads
-    storage_tier: str = "device"  # "host": evicted entries live on in host memory (kvstudio.core.storage)
-    prompt_token_ids: tuple[int, ...] = ()  # the prompt's ids: a stored run can be re-plotted or re-run from them
-    restored_tokens: int = 0  # tokens fed before this run, from a saved cache (the token map shows them fed)
-    # Per layer, per restored position: how many KV heads no longer hold it (evicted before the cache was
-    # saved), so the token map starts from the restored cache's true state; () when nothing was restored.
-    restored_missing_heads: tuple = ()
-
-
-@dataclass(frozen=True)
-class MemoryEvent:
-    step: int  # the step just finished ("step" readings) or in progress ("timer" readings)
-    seconds: float  # since the run started
-    clock: float  # time.perf_counter() at the reading: puts loads and runs on one timeline
-    phase: Phase
-    source: str  # "step": right after the step's evictions; "timer": the sampler, mid-step
-    cache_bytes: int  # exact, from the cache's tensors
-    cache_bytes_per_layer: tuple[int, ...]
-    process_bytes: int  # resident set size of this process
-    cuda_allocated: int = 0  # torch's allocator; 0 without CUDA
-    cuda_reserved: int = 0
-    cuda_peak: int = 0  # the most allocated since the run started
-    device_used: int = 0  # the whole GPU, all processes (NVML or the CUDA driver)
-    device_total: int = 0
-    host_cache_bytes: int = 0  # the host tier's evicted entries (cache_bytes counts the device's only)
-    kept_per_layer: tuple[int, ...] = ()  # entries held per layer at the reading: moves within a long chunk
-    shared_cache_bytes: int = 0  # of cache_bytes: directions merged layers share (MiniCache, --merge)
-
-
-@dataclass(frozen=True)
-class RecallEvent:
-    step: int
-    layer: int
-    positions: np.ndarray  # (kv_heads, r) int64: host-tier entries that attention saw again this step
-
-
-@dataclass(frozen=True)
-class MergeEvent:
-    """Cross-layer merging (kvstudio.core.storage.minicache) after one step, for every layer."""
-
-    step: int
-    merged_entries_per_layer: tuple[int, ...]  # entries (over KV heads) held merged; 0 outside pairs
-    shared_bytes_per_layer: tuple[int, ...]  # directions shared with the paired layer, where held (minicache.py)
-    retained: tuple[np.ndarray, ...]  # per layer: positions the retention rule kept unmerged this step
-
-
-@dataclass(frozen=True)
-class PrefillProgressEvent:
-    tokens_done: int  # prompt tokens through every layer
-    tokens_total: int
-    # Within the chunk in progress (core/runtime/layer_hooks.py): its tokens, and how many of the model's
-    # layers have run on it. 0 between chunks.
-    chunk_tokens: int = 0
-    layers_done: int = 0
-    layers_total: int = 0
-
-
-EVENT_KINDS = {TokenEvent: "tokens", StepEvent: "steps", EvictionEvent: "evictions",
-               AttentionEvent: "attention", PrefillProgressEvent: "prefill", RunStartedEvent: "runs",
-               MemoryEvent: "memory", RecallEvent: "recalls", MergeEvent: "merges"}
+__all__ = ["EVENT_KINDS", "AttentionEvent", "EvictionEvent", "MemoryEvent", "MergeEvent", "Phase",
+           "PrefillProgressEvent", "RecallEvent", "Recorder", "RunStartedEvent", "StepEvent", "TokenEvent"]
 
 
 class Recorder:
-    """Thread-safe store of a run's events. One Recorder per run."""
+    """Thread-safe store of a run's events. One Recorder per run.
 
-    def __init__(self, capacity: int = 20_000, watch_layers: tuple[int, ...] | frozenset[int] = ()):
+    `capacity`: the most events of one kind a `since` read hands back (the live ring); None for no
+    bound (a reopened run's views read it whole). The log behind it is never bounded.
+    """
+
+    def __init__(self, capacity: int | None = 20_000, watch_layers: tuple[int, ...] | frozenset[int] = (),
+                 log: EventLog | None = None):
         # Read by the engine at every step, so a viewer may change it mid-run (one assignment of
         # an immutable frozenset: safe across threads).
         self.watch_layers = frozenset(watch_layers)
-        self._lock = threading.Lock()
-        self._buffers = {kind: deque(maxlen=capacity) for kind in EVENT_KINDS.values()}
-        self._sequence = 0
+        self.capacity = capacity
+        self.log = log if log is not None else EventLog()
+        self._lock = threading.Lock()  # the aggregates: steps and memory readings come from two threads
         self.peak_cache_bytes = 0
         self.evicted_total = 0
         self.tokens_total = 0
 
     def record(self, event) -> None:
-        kind = EVENT_KINDS[type(event)]
         with self._lock:
-            self._sequence += 1
-            self._buffers[kind].append((self._sequence, event))
-            if kind == "steps":
+            self.log.append(event)
+            if isinstance(event, StepEvent):
                 self.peak_cache_bytes = max(self.peak_cache_bytes, event.peak_cache_bytes)
                 self.evicted_total += event.evicted
-            elif kind == "tokens":
+            elif isinstance(event, TokenEvent):
                 self.tokens_total += 1
 
     def since(self, kind: str, sequence: int = 0) -> tuple[list, int]:
-        """Events of `kind` recorded after `sequence`, and the sequence number to ask with next."""
-        with self._lock:
-            # Newest first until the reader's mark: the cost is what is new, not the buffer's size
-            # (the engine waits on this lock, and viewers ask at 25 Hz for every kind).
-            items = []
-            for seq, event in reversed(self._buffers[kind]):
-                if seq <= sequence:
-                    break
-                items.append(event)
-            items.reverse()
-            return items, self._sequence
+        """Events of `kind` recorded after `sequence` (the newest `capacity` of them at most), and the
+        sequence number to ask with next. The cost is what is new, not the log's size (the engine
+        waits on the log's lock, and viewers ask at 25 Hz for every kind)."""
+        return self.log.since(kind, sequence, limit=self.capacity)
 
     def all(self, kind: str) -> list:
-        return self.since(kind, 0)[0]
+        """Every event of `kind` the run recorded, in order (the whole log, not the live ring)."""
+        return self.log.all(kind)

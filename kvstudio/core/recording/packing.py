@@ -4,6 +4,7 @@ The format is a compressed NumPy .npz (no pickle; loaded with allow_pickle=False
 with the small events (run start, tokens, steps, memory readings) and flat arrays for the large
 ones (evicted positions, host-tier recalls, attention rows), which would be slow and big as JSON.
 Arrays added later (recalls) are optional on reading: older recordings simply have none.
+What is packed is the run's whole event log (event_log.py), never only the live views' ring.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import asdict
 import numpy as np
 
 from kvstudio.core.errors import KVStudioError
-from kvstudio.core.recording.events import (AttentionEvent, EvictionEvent, MemoryEvent, MergeEvent, PrefillProgressEvent, RecallEvent,
-                     Recorder,
-                     RunStartedEvent, StepEvent, TokenEvent)
+from kvstudio.core.recording.event_log import EventLog
+from kvstudio.core.recording.events import (AttentionEvent, EvictionEvent, MemoryEvent, MergeEvent,
+                                            PrefillProgressEvent, RecallEvent, Recorder, RunStartedEvent, StepEvent,
+                                            TokenEvent)
 
 FORMAT_VERSION = 1
 _SMALL = {"runs": RunStartedEvent, "tokens": TokenEvent, "steps": StepEvent, "memory": MemoryEvent,
@@ -26,36 +28,42 @@ _TUPLES = {"runs": ("budgets", "prompt_tokens", "prompt_token_ids", "restored_mi
            "memory": ("cache_bytes_per_layer", "kept_per_layer")}
 
 
-def pack_events(recorder: Recorder) -> bytes:
+def pack_events(recorder: Recorder | EventLog) -> bytes:
+    """Every event of the run's log (not only the live ring's), packed; the large kinds straight from
+    the log's columns, without making an event object each."""
+    log = recorder.log if isinstance(recorder, Recorder) else recorder
     header = {"version": FORMAT_VERSION}
     for kind in _SMALL:
-        header[kind] = [asdict(event) for event in recorder.all(kind)]
+        header[kind] = [asdict(event) for event in log.all(kind)]
     header["prefill"] = header["prefill"][-1:]  # only where it got to
     header["merges"] = [{"step": m.step, "merged": list(m.merged_entries_per_layer),  # cross-layer merging
                          "shared": list(m.shared_bytes_per_layer), "retained": [r.tolist() for r in m.retained]}
-                        for m in recorder.all("merges")]
+                        for m in log.all("merges")]
 
-    evictions = recorder.all("evictions")
-    attention = recorder.all("attention")
-    recalls = recorder.all("recalls")
+    evictions, eviction_values = log.columns("evictions")
+    recalls, recall_values = log.columns("recalls")
+    attention, attention_values = log.columns("attention")
     arrays = {
-        "recall_ids": np.array([(r.step, r.layer, *r.positions.shape) for r in recalls], dtype=np.int64).reshape(-1, 4),
-        "recall_positions": _concat([r.positions.astype(np.int64).ravel() for r in recalls], np.int64),
-        "eviction_ids": np.array([(e.step, e.layer, e.kv_head, len(e.positions)) for e in evictions],
-                                 dtype=np.int64).reshape(-1, 4),
-        "eviction_positions": _concat([e.positions.astype(np.int64) for e in evictions], np.int64),
-        "attention_ids": np.array([(a.step, a.layer, *a.weights.shape, *a.positions.shape) for a in attention],
-                                  dtype=np.int64).reshape(-1, 6),
-        "attention_weights": _concat([a.weights.astype(np.float32).ravel() for a in attention], np.float32),
-        "attention_positions": _concat([a.positions.astype(np.int64).ravel() for a in attention], np.int64),
+        "recall_ids": _stack(recalls, ("step", "layer", "kv_heads", "count")),
+        "recall_positions": recall_values["positions"],
+        "eviction_ids": _stack(evictions, ("step", "layer", "kv_head", "count")),
+        "eviction_positions": eviction_values["positions"],
+        "attention_ids": _stack(attention, ("step", "layer", "query_heads", "n", "kv_heads", "held")),
+        "attention_weights": attention_values["weights"],
+        "attention_positions": attention_values["positions"],
     }
     buffer = io.BytesIO()
     np.savez_compressed(buffer, header=np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8), **arrays)
     return buffer.getvalue()
 
 
+def _stack(rows: np.ndarray, fields: tuple[str, ...]) -> np.ndarray:
+    """The stored id table: one int64 row per event, `fields` of the log's rows as its columns."""
+    return np.stack([rows[name].astype(np.int64) for name in fields], axis=1).reshape(-1, len(fields))
+
+
 def unpack_events(blob: bytes) -> Recorder:
-    """A Recorder holding the stored events, in their recorded order within each kind."""
+    """A Recorder whose log holds every stored event, in their recorded order within each kind."""
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             header = json.loads(bytes(data["header"]).decode("utf-8"))
@@ -91,16 +99,12 @@ def unpack_events(blob: bytes) -> Recorder:
         positions = arrays["attention_positions"][positions_at:positions_at + kv_heads * held].reshape(kv_heads, held)
         weights_at, positions_at = weights_at + q_heads * n, positions_at + kv_heads * held
         events.append(AttentionEvent(int(step), int(layer), weights, positions))
-    recorder = Recorder(capacity=max(20_000, len(events)),
-                        watch_layers={int(layer) for layer in arrays["attention_ids"][:, 1]})
+    # No live ring bound: a reopened run's views read it whole.
+    recorder = Recorder(capacity=None, watch_layers={int(layer) for layer in arrays["attention_ids"][:, 1]})
     # The run's start first: viewers begin a run with it; the rest by kind, each in its own order.
     for event in sorted(events, key=lambda e: not isinstance(e, RunStartedEvent)):
         recorder.record(event)
     return recorder
-
-
-def _concat(parts: list[np.ndarray], dtype) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 # -- as JSON: an exported run carries its recording, so it can be re-plotted from the file alone ------
@@ -145,8 +149,7 @@ def recording_from_dict(data: dict) -> Recorder:
                    for r in data.get("recalls", [])]
     except (KeyError, TypeError, ValueError) as error:
         raise KVStudioError(f"the run's recording is malformed ({type(error).__name__}: {error})") from None
-    recorder = Recorder(capacity=max(20_000, len(events)),
-                        watch_layers={int(a.layer) for a in events if isinstance(a, AttentionEvent)})
+    recorder = Recorder(capacity=None, watch_layers={int(a.layer) for a in events if isinstance(a, AttentionEvent)})
     for event in sorted(events, key=lambda e: not isinstance(e, RunStartedEvent)):
         recorder.record(event)
     return recorder

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLab
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.units import format_bytes
 from kvstudio.gui.feature import Feature
+from kvstudio.gui.tasks import banner_text
 from kvstudio.gui.widgets.flow_layout import FlowLayout
 
 COLUMNS = ("file", "saved (UTC)", "model", "policy", "tokens", "on disk", "in memory", "prefill s", "prompt")
@@ -53,8 +54,8 @@ class CacheWriter(QObject):
             policy = build_policy(request.policy, request.parameters)  # with its storage ("storage" parameters)
             write_saved_cache(path, outcome.result.state, engine.loaded, policy, request.settings,
                               request.prompt or None)
-        except KVStudioError as error:
-            self.saved.emit(path, str(error))
+        except Exception as error:  # the studio stays usable whatever a save does
+            self.saved.emit(path, banner_text(error))
             return
         self.saved.emit(path, "")
 

@@ -10,8 +10,6 @@ same ones `kvstudio eval` prints and exports.
 from __future__ import annotations
 
 import math
-
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from kvstudio.core.evaluate.tasks import RULER_SUBTASKS, TASKS, TaskOptions
 from kvstudio.core.policies import available_policies
 from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
+from kvstudio.gui.tasks import banner_text
 
 QA_SAMPLE = Path(__file__).resolve().parents[3] / "resources" / "qa_sample.jsonl"
 TABLE_COLUMNS = ("policy", "budget", "subtask", "tokens", "depth", "score", "peak MiB", "seconds", "run", "output")
@@ -87,11 +86,8 @@ class EvaluateWorker(QObject):
             if history is not None:
                 history.close()
             self.finished.emit(outcome, "")
-        except KVStudioError as error:
-            self.finished.emit(None, str(error))
         except Exception as error:  # the studio stays usable whatever a sweep does
-            traceback.print_exc()
-            self.finished.emit(None, f"the sweep failed: {type(error).__name__}: {error}")
+            self.finished.emit(None, banner_text(error, chunk_size=spec.chunk_size))
 
 
 class EvaluateView(QWidget):
@@ -206,10 +202,10 @@ class EvaluateView(QWidget):
         self.export_csv = QPushButton("Export CSV…")
         self.export_json = QPushButton("Export JSON…")
         self.export_figure = QPushButton("Export figure (PNG/SVG)…")
-        self.export_csv.clicked.connect(lambda: self._ask_then(self.export_cells_to, "evaluation.csv", "CSV (*.csv)"))
-        self.export_json.clicked.connect(lambda: self._ask_then(self.export_cells_to, "evaluation.json",
+        self.export_csv.clicked.connect(lambda: self.ask_then(self.export_cells_to, "evaluation.csv", "CSV (*.csv)"))
+        self.export_json.clicked.connect(lambda: self.ask_then(self.export_cells_to, "evaluation.json",
                                                                 "JSON (*.json)"))
-        self.export_figure.clicked.connect(lambda: self._ask_then(self.export_figure_to, "evaluation.png",
+        self.export_figure.clicked.connect(lambda: self.ask_then(self.export_figure_to, "evaluation.png",
                                                                   "Images (*.png *.svg)"))
         table_tab = QWidget()
         table_layout = QVBoxLayout(table_tab)
@@ -424,7 +420,7 @@ class EvaluateView(QWidget):
             return
         self.open_run_requested.emit(int(item.text()))
 
-    def _ask_then(self, action, suggested: str, file_filter: str) -> None:
+    def ask_then(self, action, suggested: str, file_filter: str) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export", suggested, file_filter)
         if path:
             action(Path(path))
@@ -481,9 +477,9 @@ class EvaluateFeature(Feature):
         dock = window.add_dock("Evaluate", view, "views")
         menu = window.menu("E&valuate")
         menu.addAction("Show the Evaluate view", lambda: (dock.show(), dock.raise_()))
-        menu.addAction("Export evaluation cells (CSV/JSON)…", lambda: view._ask_then(
+        menu.addAction("Export evaluation cells (CSV/JSON)…", lambda: view.ask_then(
             view.export_cells_to, "evaluation.csv", "CSV or JSON (*.csv *.json)"))
-        menu.addAction("Export evaluation figure (PNG/SVG)…", lambda: view._ask_then(
+        menu.addAction("Export evaluation figure (PNG/SVG)…", lambda: view.ask_then(
             view.export_figure_to, "evaluation.png", "Images (*.png *.svg)"))
         window.plugins_feature.policies_changed.connect(view.set_policies)
 

@@ -12,7 +12,6 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 
-import torch
 from PySide6.QtCore import QObject, Signal, Slot
 
 from kvstudio.core.runtime.engine import CancelToken
@@ -22,6 +21,7 @@ from kvstudio.core.train import lora
 from kvstudio.core.train.data import load_data
 from kvstudio.core.train.log import TrainingLog
 from kvstudio.core.train.session import FinetuneSession, FinetuneSettings
+from kvstudio.gui.tasks import banner_text
 
 
 @dataclass
@@ -86,13 +86,8 @@ class FinetuneRunner(QObject):
                                       snapshot_path=request.snapshot_path)
             outcome.result = session.run()
             outcome.snapshot = session.snapshot
-        except KVStudioError as error:
-            outcome.error = str(error)
-        except (torch.OutOfMemoryError, MemoryError):
-            outcome.error = "out of memory: lower the sequence length, the chunk size or the budget"
         except Exception as error:  # the studio stays usable whatever a session does
-            traceback.print_exc()
-            outcome.error = f"the fine-tune session failed: {type(error).__name__}: {error}"
+            outcome.error = banner_text(error, chunk_size=request.settings.chunk_size, policy=f"'{request.policy}'")
         self.finished.emit(outcome)
 
     @Slot(str)

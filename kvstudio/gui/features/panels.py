@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, Q
 from kvstudio.core.io.documents import Document, read_document
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.models.kv_pooling import split_kv_groups, with_kv_groups
-from kvstudio.core.models.loading import TINY_FAMILIES
+from kvstudio.core.models.tiny import TINY_FAMILIES
 
 # default+kv1: SmolLM2 with its 3 KV heads mean-pooled into 1 (GQA's initialisation; core/models/kv_pooling.py)
 BUILTIN_MODELS = ["default", "default+kv1"] + [f"tiny-{family}" for family in TINY_FAMILIES]
@@ -142,7 +142,7 @@ class DocumentList(QGroupBox):
         self.documents: dict[int, Document] = {}
         self.token_counts: dict[int, int] = {}
         self._next_key = 0
-        self.open.clicked.connect(self._open_files)
+        self.open.clicked.connect(self.open_files)
         self.remove.clicked.connect(self._remove_selected)
 
     def add_path(self, path: str | Path) -> bool:
@@ -242,7 +242,7 @@ class DocumentList(QGroupBox):
                 parts.append(self.documents[item.data(Qt.UserRole)].text)
         return "\n\n".join(parts)
 
-    def _open_files(self) -> None:
+    def open_files(self) -> None:
         paths, _ = QFileDialog.getOpenFileNames(self, "Add documents", "",
                                                 "Documents (*.txt *.md *.py *.json *.jsonl *.pdf)")
         for path in paths:

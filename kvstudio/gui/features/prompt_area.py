@@ -38,7 +38,7 @@ class PromptArea(Feature):
         self.count_tokens.connect(window.worker.count_tokens)
         window.worker.tokens_counted.connect(self.on_tokens_counted)
         window.loading.model_loaded.connect(self._count_all)
-        window.menu("&File").addAction("Open documents…", self.documents._open_files)
+        window.menu("&File").addAction("Open documents…", self.documents.open_files)
         window.setAcceptDrops(True)  # the window hands its drag and drop events to drag_entered / dropped
 
     def full_prompt(self) -> str:
