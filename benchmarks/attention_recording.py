@@ -23,7 +23,7 @@ from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E40
 from kvstudio.core.recording.events import Recorder  # noqa: E402
 from kvstudio.core.models.loading import load_model  # noqa: E402
 from kvstudio.core.figures.data import attention_row_bytes  # noqa: E402
-from kvstudio.core.storage import build_policy  # noqa: E402
+from kvstudio.core.spec import build_policy  # noqa: E402
 from kvstudio.core.units import format_bytes  # noqa: E402
 
 from common import prompt_of_length  # noqa: E402

@@ -21,7 +21,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kvstudio.core.models.loading import load_model  # noqa: E402
-from kvstudio.core.policies import create_policy  # noqa: E402
+from kvstudio.core.spec import create_policy  # noqa: E402
 from kvstudio.core.recording.events import EvictionEvent, Recorder  # noqa: E402
 from kvstudio.core.recording.packing import pack_events  # noqa: E402
 from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402

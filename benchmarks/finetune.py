@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from kvstudio.core.runtime.engine import Engine  # noqa: E402
 from kvstudio.core.models.loading import load_model  # noqa: E402
-from kvstudio.core.policies import create_policy  # noqa: E402
+from kvstudio.core.spec import create_policy  # noqa: E402
 from kvstudio.core.train import lora  # noqa: E402
 from kvstudio.cli.finetune import format_step  # noqa: E402
 from kvstudio.core.train.data import load_data, passkey_examples  # noqa: E402

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.models.loading import LoadedModel  # noqa: E402
-from kvstudio.core.policies import create_policy  # noqa: E402
+from kvstudio.core.spec import create_policy  # noqa: E402
 
 
 def measured_bandwidth(device) -> float:

@@ -21,7 +21,7 @@ from common import prompt_of_length  # noqa: E402
 
 from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.models.loading import load_model  # noqa: E402
-from kvstudio.core.policies import create_policy  # noqa: E402
+from kvstudio.core.spec import create_policy  # noqa: E402
 
 LENGTHS = (1000, 2000, 4000, 8000)
 

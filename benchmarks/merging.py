@@ -33,7 +33,7 @@ from kvstudio.core.runtime.engine import Engine  # noqa: E402
 from kvstudio.core.evaluate.haystack import prose_ids  # noqa: E402
 from kvstudio.core.models.kv_pooling import with_kv_groups  # noqa: E402
 from kvstudio.core.models.loading import load_model  # noqa: E402
-from kvstudio.core.policies import create_policy  # noqa: E402
+from kvstudio.core.spec import create_policy  # noqa: E402
 from kvstudio.core.storage import StorageConfig, attach  # noqa: E402
 from kvstudio.core.evaluate.codec_error import teacher_forced  # noqa: E402
 from kvstudio.core.storage.minicache import angular_distance, split_magnitude  # noqa: E402

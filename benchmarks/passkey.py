@@ -19,7 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.evaluate import passkey_prompt, passkey_retrieved  # noqa: E402
 from kvstudio.core.models.loading import load_model  # noqa: E402
-from kvstudio.core.policies import available_policies, create_policy  # noqa: E402
+from kvstudio.core.policies import available_policies
+from kvstudio.core.spec import create_policy  # noqa: E402
 
 PASS_KEY = "57314"
 

@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.models.loading import load_model  # noqa: E402
-from kvstudio.core.policies import BUILT_IN, available_policies, create_policy, source_of  # noqa: E402
+from kvstudio.core.policies import BUILT_IN, available_policies, source_of
+from kvstudio.core.spec import create_policy  # noqa: E402
 from kvstudio.core.units import format_bytes  # noqa: E402
 
 

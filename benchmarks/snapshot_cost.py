@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.models.loading import load_model  # noqa: E402
-from kvstudio.core.policies import create_policy  # noqa: E402
+from kvstudio.core.spec import create_policy  # noqa: E402
 from kvstudio.core.recording.snapshots import MemorySnapshotRecording, save_snapshot, timelines  # noqa: E402
 from kvstudio.core.units import format_bytes  # noqa: E402
 

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.models.loading import load_model  # noqa: E402
-from kvstudio.core.policies import create_policy  # noqa: E402
+from kvstudio.core.spec import create_policy  # noqa: E402
 from kvstudio.core.storage import StorageConfig, attach  # noqa: E402
 from kvstudio.core.evaluate.codec_error import teacher_forced  # noqa: E402
 

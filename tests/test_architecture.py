@@ -29,7 +29,7 @@ def test_running_the_core_loads_no_qt():
         "import sys\n"
         "from kvstudio.core.runtime.engine import Engine, GenerationSettings\n"
         "from kvstudio.core.models.loading import load_model\n"
-        "from kvstudio.core.policies import create_policy\n"
+        "from kvstudio.core.spec import create_policy\n"
         "Engine(load_model('tiny-llama')).generate([1, 2, 3], create_policy('window', budget=2),"
         " GenerationSettings(max_new_tokens=3))\n"
         f"print([m for m in sys.modules if m.split('.')[0] in {QT_MODULES!r}])\n"
@@ -43,6 +43,6 @@ def test_import_contracts_hold():
     against the direction fails here, with lint-imports' report of the offending chain."""
     root = Path(__file__).resolve().parents[1]
     lint_imports = Path(sys.executable).with_name("lint-imports")
-    result = subprocess.run([str(lint_imports), "--config", str(root / "pyproject.toml")], cwd=root,
+    result = subprocess.run([str(lint_imports), str(root / "pyproject.toml")], cwd=root,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

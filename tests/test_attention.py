@@ -8,7 +8,7 @@ import torch
 from kvstudio.core.runtime.attention import attention_rows, chunk_mask
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.recording.events import Recorder
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 
 from .helpers import random_ids
 

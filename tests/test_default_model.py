@@ -7,7 +7,7 @@ import torch
 
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.evaluate import passkey_prompt
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import torch
 from kvstudio.core.runtime.engine import CancelToken, GenerationSettings, TextStream
 from kvstudio.core.errors import KVStudioError, PromptError
 from kvstudio.core.recording.events import Recorder
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 
 from .helpers import random_ids
 

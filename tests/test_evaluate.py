@@ -26,7 +26,7 @@ from kvstudio.core.evaluate.sweep import Sweep, SweepSpec
 from kvstudio.core.evaluate.tasks import RULER_SUBTASKS, TaskError, TaskOptions, generation_samples
 from kvstudio.core.persist.history import RunHistory
 from kvstudio.core.models.loading import load_model
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 
 from .conftest import engine_for
 from .helpers import run_cli

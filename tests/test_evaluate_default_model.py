@@ -10,7 +10,7 @@ import pytest
 
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.evaluate.tasks import TaskOptions, generation_samples
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 
 pytestmark = pytest.mark.slow
 

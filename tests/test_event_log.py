@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.recording.event_log import ChunkedValues, EventLog
 from kvstudio.core.recording.events import AttentionEvent, EvictionEvent, RecallEvent, Recorder, StepEvent
 from kvstudio.core.recording.packing import pack_events, unpack_events

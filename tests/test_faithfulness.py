@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kvstudio.core.runtime.engine import GenerationSettings
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.policies.base import LayerState, LayerView
 from kvstudio.core.policies.pyramidkv import pyramid_budgets
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from kvstudio.core.runtime.engine import Engine
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.models.loading import load_model
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.train import lora
 from kvstudio.core.train.data import Example
 from kvstudio.core.train.through_cache import example_loss

@@ -11,7 +11,7 @@ import torch
 from kvstudio.cli.dispatch import main
 from kvstudio.core.runtime.engine import CancelToken
 from kvstudio.core.persist.history import RunHistory
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.train import lora
 from kvstudio.core.train.data import DataError, load_data, read_file
 from kvstudio.core.train.log import PhaseMark, TrainingLog

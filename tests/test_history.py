@@ -19,7 +19,7 @@ from kvstudio.core.io.atomic import atomic_write
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.persist.exports import export_array, export_run
 from kvstudio.core.persist.history import MIGRATIONS, SCHEMA_VERSION, HistoryError, RunHistory
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 
 from .helpers import random_ids
 

@@ -11,7 +11,7 @@ from kvstudio.core.errors import ModelLoadError
 from kvstudio.core.models.kv_pooling import split_kv_groups, with_kv_groups
 from kvstudio.core.models.loading import load_model
 from kvstudio.core.models.tiny import build_tiny_model
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.persist.fingerprint import model_fingerprint
 
 from .helpers import random_ids, run_cli

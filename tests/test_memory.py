@@ -13,7 +13,7 @@ from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.recording.memory import MemorySampler, read_system_memory
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.recording.snapshots import (MemorySnapshotRecording, SnapshotError, frame_label, load_snapshot,
                                      save_snapshot, timelines)
 

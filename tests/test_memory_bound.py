@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from kvstudio.core.runtime.engine import GenerationSettings
-from kvstudio.core.policies import BUILT_IN, available_policies, create_policy, source_of
+from kvstudio.core.policies import BUILT_IN, available_policies, source_of
+from kvstudio.core.spec import create_policy
 
 from .helpers import random_ids
 

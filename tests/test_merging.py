@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import KVStudioError
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.storage import StorageConfig, attach
 from kvstudio.core.storage.minicache import _Range, angular_distance, merge_states, slerp, split_magnitude
-from kvstudio.core.persist.layer_tensors import unsaveable_reason
+from kvstudio.core.runtime.layer_tensors import unsaveable_reason
 
 from .helpers import random_ids, run_cli
 

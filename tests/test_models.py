@@ -9,7 +9,7 @@ from kvstudio.core.runtime.engine import Engine, GenerationSettings
 from kvstudio.core.errors import ModelLoadError
 from kvstudio.core.models.loading import load_model
 from kvstudio.core.models.tiny import TINY_FAMILIES
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 
 
 def test_tiny_models_are_deterministic_and_of_their_family():

@@ -14,7 +14,7 @@ from kvstudio.cli.dispatch import main
 from kvstudio.core.runtime.attention import attention_rows
 from kvstudio.core.runtime.cache import PolicyCache, StepContext
 from kvstudio.core.runtime.oom import culprit, explain, is_out_of_memory
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 HUGE = 2**40  # entries: with 2 heads of 16 float32 dims, far beyond any machine's memory

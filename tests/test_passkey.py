@@ -14,7 +14,7 @@ import pytest
 
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.evaluate import passkey_prompt, passkey_retrieved
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 
 pytestmark = pytest.mark.slow
 

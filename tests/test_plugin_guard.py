@@ -21,7 +21,8 @@ from kvstudio.cli.dispatch import main
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import PolicyConfigError, PolicyError
 from kvstudio.core.plugins.loader import PluginManager
-from kvstudio.core.policies import available_policies, create_policy, policy_class
+from kvstudio.core.policies import available_policies, policy_class
+from kvstudio.core.spec import create_policy
 
 from .conftest import engine_for
 from .helpers import random_ids

@@ -20,7 +20,8 @@ from kvstudio.cli.dispatch import main
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import PolicyError
 from kvstudio.core.plugins.loader import PluginManager
-from kvstudio.core.policies import BUILT_IN, available_policies, create_policy, policy_class, source_of
+from kvstudio.core.policies import BUILT_IN, available_policies, policy_class, source_of
+from kvstudio.core.spec import create_policy
 
 from .helpers import check_policy_invariants, random_ids
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import PolicyConfigError, PolicyError
 from kvstudio.core.recording.events import Recorder
-from kvstudio.core.policies import available_policies, create_policy
+from kvstudio.core.policies import available_policies
+from kvstudio.core.spec import create_policy
 from kvstudio.core.policies.base import LayerState, Policy, PolicyConfig, keep_top_scores, parameter
 
 from .conftest import engine_for

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvstudio.core.runtime.engine import GenerationSettings
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.runtime.rotary import Rerotator
 
 from .helpers import random_ids

@@ -17,7 +17,7 @@ from kvstudio.core.recording.events import Recorder
 from kvstudio.core.persist.history import RunHistory
 from kvstudio.core.figures import colours, data
 from kvstudio.core.figures.render import FigureRequest, draw, token_map_of
-from kvstudio.core.storage import build_policy
+from kvstudio.core.spec import build_policy
 from kvstudio.core.recording.packing import pack_events, recording_from_dict
 
 from .helpers import random_ids, run_cli

@@ -18,7 +18,7 @@ from kvstudio.core.recording.events import Recorder
 from kvstudio.core.models.loading import LoadedModel, load_model
 from kvstudio.core.models.tiny import byte_tokenizer
 from kvstudio.core.plugins.loader import PluginManager
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.persist.saved_cache import (SavedCacheError, check_compatible, checked_header, load_saved_cache,
                                              read_header, read_saved_cache, write_saved_cache)
 
@@ -330,7 +330,7 @@ def test_a_quantized_cache_file_holds_codes_not_decoded_keys(llama_engine, tmp_p
 
 def test_bnb_caches_are_refused_with_a_reason():
     from kvstudio.core.storage import StorageConfig
-    from kvstudio.core.persist.layer_tensors import unsaveable_reason
+    from kvstudio.core.runtime.layer_tensors import unsaveable_reason
 
     reason = unsaveable_reason(StorageConfig(codec="bnb-int4"))
     assert "bitsandbytes codecs need CUDA" in reason and "use --codec int8 or int4" in reason

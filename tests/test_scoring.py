@@ -9,7 +9,7 @@ from kvstudio.core.runtime.attention import (attention_and_sums, attention_rows,
                                      scoring_scratch_bytes)
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.recording.events import Recorder
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.policies.base import LayerView
 
 from .helpers import random_ids

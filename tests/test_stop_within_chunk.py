@@ -7,7 +7,7 @@ from __future__ import annotations
 from kvstudio.core.runtime.engine import CancelToken, GenerationSettings
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.runtime.layer_hooks import decoder_layers
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 
 from .helpers import random_ids
 

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from kvstudio.core.runtime.engine import GenerationSettings, _Run
 from kvstudio.core.recording.events import Recorder
-from kvstudio.core.policies import available_policies, create_policy
+from kvstudio.core.policies import available_policies
+from kvstudio.core.spec import create_policy
 from kvstudio.core.storage import StorageConfig, attach, split_cache_name
 from kvstudio.core.storage.base import CodecError
 from kvstudio.core.storage.integer import Int4Codec, Int8Codec, pack_nibbles, unpack_nibbles

@@ -17,7 +17,7 @@ from PySide6.QtWidgets import QTabBar
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.errors import PolicyConfigError
 from kvstudio.core.recording.events import Recorder
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.gui.features.compare import COLUMNS as COMPARE_COLUMNS
 from kvstudio.gui.main_window import MainWindow
 from kvstudio.gui.features.runs import COLUMNS as RUNS_COLUMNS

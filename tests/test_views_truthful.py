@@ -16,7 +16,7 @@ from kvstudio.core.figures import colours
 from kvstudio.core.figures.data import TokenMap, attention_image
 from kvstudio.core.figures.render import FigureRequest
 from kvstudio.core.recording.packing import unpack_events
-from kvstudio.core.storage import build_policy
+from kvstudio.core.spec import build_policy
 from kvstudio.gui.main_window import MainWindow
 from kvstudio.gui.views.attention_map import NOTHING_YET, to_lut_indices
 from kvstudio.gui.views.colors import attention_lut

@@ -93,7 +93,7 @@ def _save(args) -> int:
     from kvstudio.core.runtime.engine import Engine, GenerationSettings
     from kvstudio.core.models.loading import load_model
     from kvstudio.cli.storage_options import storage_from_args
-    from kvstudio.core.persist.layer_tensors import unsaveable_reason
+    from kvstudio.core.runtime.layer_tensors import unsaveable_reason
     from kvstudio.core.persist.saved_cache import SavedCacheError, write_saved_cache
 
     storage = storage_from_args(args)
@@ -245,7 +245,7 @@ def open_prompt_cache(folder: str, engine, policy, settings, prompt: str):
     if not folder:
         return None
     from kvstudio.core.storage import storage_of
-    from kvstudio.core.persist.layer_tensors import unsaveable_reason
+    from kvstudio.core.runtime.layer_tensors import unsaveable_reason
     from kvstudio.core.persist.prompt_cache import PromptCache, PromptCacheSession
 
     reason = unsaveable_reason(storage_of(policy))

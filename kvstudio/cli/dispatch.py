@@ -256,9 +256,9 @@ def _policy_from_args(args):
         options = ", ".join("--" + name.replace("_", "-") for name in foreign)
         known = ", ".join("--" + name.replace("_", "-") for name in sorted(accepted))
         raise PolicyConfigError(f"{options} does not apply to policy '{cls.name}' (its options: {known})")
-    from kvstudio.core.plugins.guard import build_policy
+    from kvstudio.core.spec import CacheSpec
 
-    return build_policy(cls, given)
+    return CacheSpec(cls.name, given).build()
 
 
 def _prompt_from_args(args) -> str:
@@ -519,7 +519,7 @@ DEMO_QUESTION = "In two sentences, what does a KV cache do in a transformer?"
 def command_demo() -> int:
     from kvstudio.core.runtime.engine import Engine, GenerationSettings
     from kvstudio.core.models.loading import load_model
-    from kvstudio.core.policies import create_policy
+    from kvstudio.core.spec import create_policy
 
     print("KV Studio demo: the embedded default model answers a question under StreamingLLM (budget 64).",
           file=sys.stderr)

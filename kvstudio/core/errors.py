@@ -24,3 +24,29 @@ class PolicyError(KVStudioError):
 
 class PromptError(KVStudioError):
     """A prompt or prompt file cannot be used."""
+
+
+class SavedCacheError(KVStudioError):
+    """A saved cache cannot be written, read or used here; the message says which and why.
+    `problem`, for a file that cannot be read at all, says what is wrong with it in a word or two
+    (listings show it): 'truncated', 'corrupt', 'format version 2', 'not a saved cache', 'unreadable'."""
+
+    def __init__(self, message: str, problem: str | None = None):
+        super().__init__(message)
+        self.problem = problem
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
+    try:
+        import torch
+
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    if isinstance(error, RuntimeError):
+        text = str(error)
+        return "can't allocate memory" in text or "out of memory" in text.lower()
+    return False

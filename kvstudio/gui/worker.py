@@ -21,7 +21,7 @@ from kvstudio.core.recording.events import Recorder
 from kvstudio.core.models.loading import load_model
 from kvstudio.core.runtime.oom import explain, is_out_of_memory
 from kvstudio.gui.tasks import banner_text
-from kvstudio.core.storage import build_policy
+from kvstudio.core.spec import build_policy
 from kvstudio.core.recording.packing import pack_events
 from kvstudio.core.recording.snapshots import MemorySnapshotRecording, SnapshotError
 

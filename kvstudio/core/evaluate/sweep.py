@@ -31,6 +31,8 @@ from kvstudio.core.errors import KVStudioError, PolicyConfigError
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies import policy_class
 from kvstudio.core.policies.base import Policy
+from kvstudio.core.spec import CacheSpec
+from kvstudio.core.storage import StorageConfig, storage_from_options
 from kvstudio.core.evaluate.haystack import GENERATOR_VERSION
 from kvstudio.core.evaluate.language import LanguageOptions, evaluate_language, text_ids
 from kvstudio.core.evaluate.tasks import GENERATION_TASKS, LANGUAGE_TASKS, Sample, TaskOptions, generation_samples
@@ -107,8 +109,6 @@ def accepted_parameters(policy: str) -> set[str]:
 def make_policy(name: str, budget: int | None, shared: dict, variant: dict) -> Policy:
     """The cell's policy: its budget, the shared options it accepts, and every variant option. Variant
     options named like StorageConfig fields (codec, merge, merge_from, ...) set the cell's storage."""
-    from kvstudio.core.storage import attach, storage_from_options
-
     storage, variant = storage_from_options(variant)
     accepted = accepted_parameters(name)
     foreign = sorted(set(variant) - accepted)
@@ -119,8 +119,7 @@ def make_policy(name: str, budget: int | None, shared: dict, variant: dict) -> P
     params.update(variant)
     if budget is not None:
         params["budget"] = budget
-    policy = policy_class(name)(**params)
-    return attach(policy, storage) if storage is not None else policy
+    return CacheSpec(name, params, storage if storage is not None else StorageConfig()).build()
 
 
 def _file_digest(path: str) -> str:

@@ -26,8 +26,8 @@ import torch
 
 from kvstudio.core.persist.fingerprint import model_fingerprint, tokenizer_sha256
 from kvstudio.core.storage import StorageConfig, storage_of
-from kvstudio.core.persist.layer_tensors import CODEC, storage_key
-from kvstudio.core.persist.run_state import RunState
+from kvstudio.core.runtime.layer_tensors import CODEC, storage_key
+from kvstudio.core.runtime.run_state import RunState
 from kvstudio.core.persist.saved_cache import SUFFIX, SavedCacheError, load_saved_cache, write_saved_cache
 
 

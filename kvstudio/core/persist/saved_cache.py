@@ -41,10 +41,13 @@ from typing import Any
 import torch
 
 from kvstudio.core.io.atomic import atomic_write, check_writable_folder
-from kvstudio.core.errors import KVStudioError
+from kvstudio.core.errors import SavedCacheError  # noqa: F401  (raised here; callers name it from here too)
+from kvstudio.core.policies import available_policies
+from kvstudio.core.spec import CacheSpec
+from kvstudio.core.storage import CodecError, StorageConfig
 from kvstudio.core.persist.fingerprint import model_fingerprint, tokenizer_sha256
-from kvstudio.core.persist.layer_tensors import CODEC, storage_key
-from kvstudio.core.persist.run_state import LayerSnapshot, RunState
+from kvstudio.core.runtime.layer_tensors import CODEC, describe_storage, storage_key  # noqa: F401
+from kvstudio.core.runtime.run_state import LayerSnapshot, RunState
 
 MAGIC = b"KVSCACHE"
 FORMAT_VERSION = 1
@@ -53,16 +56,6 @@ PREVIEW_CHARS = 200
 ZSTD_LEVEL = 3
 _PREFIX = struct.Struct("<8sIQQ")  # magic, version, header length, body length
 _CHECKSUM_BYTES = 32
-
-
-class SavedCacheError(KVStudioError):
-    """A saved cache cannot be written, read or used here; the message says which and why.
-    `problem`, for a file that cannot be read at all, says what is wrong with it in a word or two
-    (listings show it): 'truncated', 'corrupt', 'format version 2', 'not a saved cache', 'unreadable'."""
-
-    def __init__(self, message: str, problem: str | None = None):
-        super().__init__(message)
-        self.problem = problem
 
 
 def what_to_do(error: SavedCacheError, delete: str, again: str) -> str:
@@ -380,17 +373,13 @@ def check_compatible(header: dict, loaded, policy=None, chunk_size: int | None =
 def policy_from_header(header: dict):
     """The policy a saved cache was computed under, from the registry (a plugin's must be loaded:
     a name in a file never loads code), with the storage it was stored in."""
-    from kvstudio.core.policies import available_policies
-    from kvstudio.core.storage import CodecError, StorageConfig, attach
-
     saved = header["policy"]
     if saved["name"] not in available_policies():
         where = f" (it came from plugin {saved['source']})" if saved.get("source") not in (None, "built-in") else ""
         raise SavedCacheError(f"the cache was computed under policy '{saved['name']}', which is not loaded{where}; "
                               "load its plugin (--plugins DIR) and try again")
-    policy = available_policies()[saved["name"]](**saved["parameters"])
     try:
-        return attach(policy, StorageConfig(**header_storage(header)))
+        return CacheSpec(saved["name"], saved["parameters"], StorageConfig(**header_storage(header))).build()
     except CodecError as error:
         raise SavedCacheError(f"the cache was stored with {describe_storage(header_storage(header))}, which cannot "
                               f"be used here: {error}") from error
@@ -398,26 +387,12 @@ def policy_from_header(header: dict):
 
 def _legacy_storage(codec: str) -> dict:
     """The storage of a file written before storage was saved: its codec, on the device tier."""
-    from kvstudio.core.storage import StorageConfig
-
     return storage_key(StorageConfig(codec=codec))
 
 
 def header_storage(header: dict) -> dict:
     """The storage a saved cache was stored in (codec, group size, residual, tier, recall, block size)."""
     return header.get("storage") or _legacy_storage(header.get("codec", CODEC))
-
-
-def describe_storage(storage: dict) -> str:
-    """'int4 (group 64, residual 0) on the device tier', for messages."""
-    text = storage["codec"] if storage["codec"] == CODEC else \
-        f"{storage['codec']} (group {storage['group_size']}, residual {storage['residual']})"
-    if storage.get("merge", "none") != "none":
-        start = "half depth" if storage["merge_from"] is None else f"layer {storage['merge_from']}"
-        text += f", {storage['merge']} from {start} (threshold {storage['merge_threshold']:g}, t {storage['merge_t']:g})"
-    if storage["tier"] == "host":
-        return f"{text} with the host tier (recall {storage['recall']} blocks of {storage['block_size']})"
-    return f"{text} on the {storage['tier']} tier"
 
 
 def load_saved_cache(path: str | Path, loaded, policy=None, chunk_size: int | None = None) -> tuple[dict, RunState, float]:

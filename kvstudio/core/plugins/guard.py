@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kvstudio.core.errors import PolicyConfigError, PolicyError
-from kvstudio.core.runtime.oom import is_out_of_memory
+from kvstudio.core.errors import is_out_of_memory
 
 PARAMETER_TYPES = (int, float, bool, str)
 

@@ -1,6 +1,7 @@
 """The policy registry: every built-in policy, looked up by name.
 
 Plugins (kvstudio.core.plugins.loader) register into the same table, with the file they came from.
+A policy object is made by kvstudio.core.spec (CacheSpec.build, create_policy), under the plugin guard.
 """
 
 from __future__ import annotations
@@ -48,13 +49,5 @@ def policy_class(name: str) -> type[Policy]:
     return _POLICIES.get(name)
 
 
-def create_policy(name: str, **params) -> Policy:
-    """Build a policy by name; parameters left as None take the policy's defaults. Its Config,
-    validate() and __init__ run under the plugin guard: any fault there is a PolicyError."""
-    from kvstudio.core.plugins.guard import build_policy
-
-    return build_policy(policy_class(name), {k: v for k, v in params.items() if v is not None})
-
-
-__all__ = ["Policy", "PolicyConfig", "available_policies", "create_policy", "policy_class", "register",
+__all__ = ["Policy", "PolicyConfig", "available_policies", "policy_class", "register",
            "source_of", "unregister"]

@@ -29,8 +29,8 @@ from kvstudio.core.models.loading import LoadedModel
 from kvstudio.core.policies.base import Policy
 from kvstudio.core.runtime.rotary import Rerotator
 from kvstudio.core.storage.summary import summarize
-from kvstudio.core.persist import run_state
-from kvstudio.core.persist.run_state import RunState
+from kvstudio.core.runtime import run_state
+from kvstudio.core.runtime.run_state import RunState
 
 
 MAX_TIMER_READINGS = 10_000  # per run, kept in its result and history (20 Hz: the first 8 minutes in full)

@@ -16,25 +16,11 @@ import re
 import traceback
 from pathlib import Path
 
+from kvstudio.core.errors import is_out_of_memory  # noqa: F401  (callers name it here, beside explain)
+
 _CORE = Path(__file__).resolve().parents[1]
 _RUNTIME = _CORE / "runtime"
 _ALLOCATION = re.compile(r"tried to allocate (\d+ bytes|[0-9.]+ ?[KMGT]i?B)", re.I)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, MemoryError):
-        return True
-    try:
-        import torch
-
-        if isinstance(error, torch.OutOfMemoryError):
-            return True
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    if isinstance(error, RuntimeError):
-        text = str(error)
-        return "can't allocate memory" in text or "out of memory" in text.lower()
-    return False
 
 
 def _allocation(error: BaseException) -> str:

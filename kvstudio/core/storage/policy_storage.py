@@ -89,25 +89,12 @@ def changed_fields(config: StorageConfig) -> dict:
 
 def stored_parameters(policy) -> dict:
     """A policy's parameters as a run records them: its config, and under "storage" the storage fields
-    that differ from the defaults (build_policy reads them back)."""
+    that differ from the defaults (kvstudio.core.spec reads them back)."""
     changed = changed_fields(storage_of(policy))
     return policy.config.as_dict() | ({STORAGE_KEY: changed} if changed else {})
 
 
 STORAGE_KEY = "storage"  # in a policy's parameter dict (the studio's run requests): the StorageConfig fields
-
-
-def build_policy(name: str, parameters: dict):
-    """A policy from a cache name ('h2o' or 'h2o-int4') and its parameters; parameters["storage"]
-    (a dict of StorageConfig fields) sets the storage, and a codec in the name overrides its codec."""
-    from kvstudio.core.policies import create_policy
-
-    base = split_cache_name(name)[0]
-    parameters = dict(parameters)
-    # 'h2o+minicache': merged, with the form's merge settings where given
-    fields = storage_fields(name, parameters.pop(STORAGE_KEY, None))
-    policy = create_policy(base, **parameters)
-    return attach(policy, StorageConfig(**fields)) if fields else policy
 
 
 def storage_from_options(options: dict) -> tuple[StorageConfig | None, dict]:

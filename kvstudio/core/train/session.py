@@ -26,7 +26,7 @@ from kvstudio.core.io.atomic import check_writable_folder
 from kvstudio.core.runtime.engine import CancelToken, Engine
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.recording.memory import MemorySampler, read_system_memory, reset_peak
-from kvstudio.core.policies import create_policy
+from kvstudio.core.spec import create_policy
 from kvstudio.core.policies.base import Policy
 from kvstudio.core.train import lora
 from kvstudio.core.train.data import Dataset, DataError

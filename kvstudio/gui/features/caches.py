@@ -43,7 +43,7 @@ class CacheWriter(QObject):
 
     @Slot(object, str)
     def save(self, outcome, path: str) -> None:
-        from kvstudio.core.storage import build_policy
+        from kvstudio.core.spec import build_policy
         from kvstudio.core.persist.saved_cache import write_saved_cache
 
         request = outcome.request
@@ -71,7 +71,7 @@ def in_studio_words(error) -> str:
 def _unsaveable(request) -> str | None:
     """Why a run's cache was not kept for saving (its storage), or None."""
     from kvstudio.core.storage import STORAGE_KEY, StorageConfig, split_cache_name
-    from kvstudio.core.persist.layer_tensors import unsaveable_reason
+    from kvstudio.core.runtime.layer_tensors import unsaveable_reason
 
     fields = dict(request.parameters.get(STORAGE_KEY) or {})
     codec = split_cache_name(request.policy)[1]  # 'h2o-bnb-int4' (Compare) names its codec
@@ -259,7 +259,7 @@ class CachesFeature(Feature):
         """Set the policy and sampling the cache was made with, then run from it."""
         from kvstudio.core.policies import available_policies
         from kvstudio.core.storage import STORAGE_KEY, StorageConfig
-        from kvstudio.core.persist.layer_tensors import storage_key
+        from kvstudio.core.runtime.layer_tensors import storage_key
         from kvstudio.core.persist.saved_cache import SavedCacheError, header_storage, read_header
 
         window = self.window

@@ -15,7 +15,8 @@ from PySide6.QtWidgets import (QHBoxLayout, QHeaderView, QLabel, QListWidget, QM
                                QToolButton, QVBoxLayout, QWidget, QWidgetAction)
 
 from kvstudio.core.policies import available_policies, policy_class
-from kvstudio.core.storage import STORAGE_KEY, build_policy, split_cache_name
+from kvstudio.core.storage import STORAGE_KEY, split_cache_name
+from kvstudio.core.spec import build_policy
 from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.widgets.form_words import in_form_words

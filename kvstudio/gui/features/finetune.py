@@ -17,6 +17,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog
                                QWidget)
 
 from kvstudio.core.persist.history import HistoryError
+from kvstudio.core.spec import CacheSpec
 from kvstudio.core.train import records
 from kvstudio.core.train.data import SYNTHETIC_PASSKEY
 from kvstudio.core.train.log import TrainingLog
@@ -319,9 +320,7 @@ class FinetuneFeature(Feature):
         if history is None:
             return
         try:
-            from kvstudio.core.policies import policy_class
-
-            policy = policy_class(request.policy)(**request.parameters)
+            policy = CacheSpec(request.policy, request.parameters).build()
             request.history_id = records.start(history, self.window.model_info.spec, policy, request.data,
                                                request.settings.as_dict(), request.out_dir)
         except HistoryError as error:

@@ -16,7 +16,7 @@ from PySide6.QtCore import QObject, Signal, Slot
 
 from kvstudio.core.runtime.engine import CancelToken
 from kvstudio.core.errors import KVStudioError
-from kvstudio.core.policies import policy_class
+from kvstudio.core.spec import CacheSpec
 from kvstudio.core.train import lora
 from kvstudio.core.train.data import load_data
 from kvstudio.core.train.log import TrainingLog
@@ -73,7 +73,7 @@ class FinetuneRunner(QObject):
             if engine is None:
                 raise KVStudioError("no model loaded: load one first")
             self.adapter_changed.emit("")  # a session starts from the base model and leaves it so
-            policy = policy_class(request.policy)(**request.parameters)
+            policy = CacheSpec(request.policy, request.parameters).build()
             request.log.status("preparing the data…")
             dataset = load_data(request.data, engine.tokenizer, request.seq_len, seed=request.settings.seed,
                                 text_field=request.text_field, prompt_field=request.prompt_field,

@@ -13,7 +13,8 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
                                QWidget)
 
 from kvstudio.core.errors import KVStudioError
-from kvstudio.core.policies import create_policy, policy_class
+from kvstudio.core.policies import policy_class
+from kvstudio.core.spec import create_policy
 from kvstudio.core.policies.base import ParameterSpec
 from kvstudio.gui.widgets.form_words import in_form_words
 

@@ -105,3 +105,15 @@ def layer_bytes(tensors: dict[str, torch.Tensor], numbers: dict | None = None) -
     if numbers and "bytes" in numbers:
         return numbers["bytes"]
     return sum(tensors[name].nbytes for name in ("keys", "values") if name in tensors)
+
+
+def describe_storage(storage: dict) -> str:
+    """'int4 (group 64, residual 0) on the device tier', for messages."""
+    text = storage["codec"] if storage["codec"] == CODEC else \
+        f"{storage['codec']} (group {storage['group_size']}, residual {storage['residual']})"
+    if storage.get("merge", "none") != "none":
+        start = "half depth" if storage["merge_from"] is None else f"layer {storage['merge_from']}"
+        text += f", {storage['merge']} from {start} (threshold {storage['merge_threshold']:g}, t {storage['merge_t']:g})"
+    if storage["tier"] == "host":
+        return f"{text} with the host tier (recall {storage['recall']} blocks of {storage['block_size']})"
+    return f"{text} on the {storage['tier']} tier"

@@ -23,8 +23,11 @@ from typing import Any
 
 import torch
 
-from kvstudio.core.persist.layer_tensors import (layer_bytes, layer_codec, layer_state, layer_tensors, restore_layer,  # noqa: F401
-                            storage_key, unsaveable_reason)
+from kvstudio.core.errors import SavedCacheError
+from kvstudio.core.recording.events import PrefillProgressEvent
+from kvstudio.core.runtime.cache import StepReport
+from kvstudio.core.runtime.layer_tensors import (layer_bytes, layer_codec, layer_state, layer_tensors, restore_layer,  # noqa: F401
+                            describe_storage, storage_key, unsaveable_reason)
 
 
 @dataclass
@@ -119,7 +122,6 @@ def restore(run, state: RunState, sampler=None) -> None:
     device = run.engine.loaded.device
     cache = run.cache
     if state.storage and state.storage != storage_key(cache.storage):
-        from kvstudio.core.persist.saved_cache import SavedCacheError, describe_storage
 
         raise SavedCacheError(f"wrong storage: the state was stored as {describe_storage(state.storage)} and this "
                               f"run stores {describe_storage(storage_key(cache.storage))}")
@@ -153,9 +155,7 @@ def start_from(run, start: RunState, ids: list[int], resume: bool, sampler, stre
     """Start `run` from a saved state: (the logits to sample the next token from, tokens generated
     before the save). With `resume` the generation goes on; otherwise `ids` (the new prompt) must
     begin with the tokens the state fed, and only the rest is prefilled, chunk by chunk from there."""
-    from kvstudio.core.persist.saved_cache import SavedCacheError
 
-    from kvstudio.core.recording.events import PrefillProgressEvent
 
     restore(run, start, sampler if resume else None)
     run.recorder.record(PrefillProgressEvent(len(start.token_ids), len(ids)))  # what the views show as prefilled
@@ -177,8 +177,6 @@ def start_from(run, start: RunState, ids: list[int], resume: bool, sampler, stre
 def _saved_logits(run, start: RunState, phase: str) -> torch.Tensor:
     """The saved logits, with the step that computed them recorded again (no input, no eviction):
     the run's records and views start where the saved run stood, and step numbers stay the same."""
-    from kvstudio.core.persist.saved_cache import SavedCacheError
-    from kvstudio.core.runtime.cache import StepReport
 
     if start.logits is None:
         raise SavedCacheError("the saved cache holds no logits to go on from; run without it")
