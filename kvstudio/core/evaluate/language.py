@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationResult, _Run
+from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationResult
+from kvstudio.core.runtime.session import RunSession
 from kvstudio.core.recording.events import Recorder, RunStartedEvent
 from kvstudio.core.policies.base import Policy
 from kvstudio.core.evaluate.haystack import prose_ids
@@ -106,7 +107,7 @@ def evaluate_language(engine: Engine, ids: list[int], policy: Policy, options: L
     recorder = recorder or Recorder()
     loaded = engine.loaded
     cache = engine.new_cache(policy)
-    run = _Run(engine, cache, recorder)
+    run = RunSession(engine, cache, recorder)
     recorder.record(RunStartedEvent(
         loaded.name, policy.describe(), loaded.n_layers, loaded.n_kv_heads, tuple(cache.budgets),
         tuple(engine.tokenizer.convert_tokens_to_string([t]) for t in engine.tokenizer.convert_ids_to_tokens(ids)),

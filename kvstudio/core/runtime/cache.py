@@ -146,6 +146,39 @@ class PolicyLayer(DynamicLayer):
     def entry_count(self) -> int:
         return self.get_seq_length()
 
+    # -- the rest of transformers' layer contract -------------------------------------------------
+
+    def reset(self) -> None:
+        """Empty the layer and its policy state; the layer object stays (transformers' Cache.reset)."""
+        self.cache.note_bytes(-self.store.byte_count())
+        self.cache.note_host_bytes(-self.host_byte_count())
+        self.empty_storage()
+        self.state = _new_layer_state(self.cache.policy, self.layer_idx)
+        self.n_new = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "a PolicyCache cannot crop: after evictions its KV heads hold different tokens, so 'the last n "
+            "tokens' is not one slice of the layer (assisted or speculative decoding needs a DynamicCache)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a PolicyCache holds one sequence: beam search and batch expansion need a DynamicCache")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a PolicyCache holds one sequence: selecting batch rows needs a DynamicCache")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("a PolicyCache holds one sequence: beam search needs a DynamicCache")
+
+    def offload(self) -> None:
+        raise NotImplementedError("a PolicyCache keeps its entries in its stores; use the host tier (--tier host) "
+                                  "instead of transformers' offloading")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("a PolicyCache keeps its entries in its stores; use the host tier (--tier host) "
+                                  "instead of transformers' offloading")
+
     def byte_count(self) -> int:
         """What the layer holds; with merging, as a MiniCache store holds it (storage/minicache.py)."""
         return self.store.byte_count() - (self.merge.estimated_bytes if self.merge is not None else 0)

@@ -4,50 +4,32 @@ KV Studio runs its own loop instead of `model.generate` because a policy must ac
 chunks and at every decode step, and because positions must be passed explicitly: once entries are
 evicted, the cache length no longer says how many tokens were seen.
 
-Positions: by default the n-th token of the sequence gets RoPE position n, whatever was evicted
-(what kvpress and KVCache-Factory do). With a policy's `rerotate` on, kept keys are re-rotated to
-0..k-1 after each eviction and the next token gets position k, as in the StreamingLLM paper.
+Each run is a RunSession (session.py): positions, the step protocol and what gets recorded.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from kvstudio.core.runtime import attention
-from kvstudio.core.runtime.cache import PolicyCache, StepContext, StepReport
 from kvstudio.core.errors import KVStudioError, PromptError
-from kvstudio.core.recording.events import (AttentionEvent, EvictionEvent, MemoryEvent, MergeEvent, PrefillProgressEvent, RecallEvent,
-                     Recorder, RunStartedEvent, StepEvent, TokenEvent)
-from kvstudio.core.runtime.layer_hooks import StepCancelled, layer_callbacks
-from kvstudio.core.recording.memory import MemorySampler, read_system_memory, reset_peak
 from kvstudio.core.models.loading import LoadedModel
 from kvstudio.core.policies.base import Policy
+from kvstudio.core.recording.events import Recorder, RunStartedEvent, TokenEvent
+from kvstudio.core.recording.memory import MemorySampler
+from kvstudio.core.runtime import attention, run_state
+from kvstudio.core.runtime.cache import PolicyCache
+from kvstudio.core.runtime.layer_hooks import layer_callbacks
 from kvstudio.core.runtime.rotary import Rerotator
-from kvstudio.core.storage.summary import summarize
-from kvstudio.core.runtime import run_state
 from kvstudio.core.runtime.run_state import RunState
+# The session is the public way to drive steps; CancelToken and StepRecord are named from here too.
+from kvstudio.core.runtime.session import CancelToken, RunSession, StepRecord  # noqa: F401
+from kvstudio.core.storage.summary import summarize
 
 
-MAX_TIMER_READINGS = 10_000  # per run, kept in its result and history (20 Hz: the first 8 minutes in full)
-
-
-class CancelToken:
-    """Set from any thread; the engine checks it before every forward step."""
-
-    def __init__(self):
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
 
 @dataclass
@@ -76,29 +58,6 @@ class GenerationSettings:
         for ok, message in checks:
             if not ok:
                 raise KVStudioError(message)
-
-
-@dataclass
-class StepRecord:
-    """One forward step of a run, as written to --json."""
-
-    step: int
-    phase: str
-    input_tokens: int
-    seconds: float
-    kept_per_layer: list[int]
-    cache_bytes: int
-    evicted: int
-    token_id: int | None = None
-    text: str | None = None
-    logprob: float | None = None
-    cache_bytes_per_layer: list[int] = field(default_factory=list)
-    process_bytes: int = 0  # resident memory of the process after the step
-    cuda_allocated: int = 0
-    cuda_reserved: int = 0
-    cuda_peak: int = 0
-    device_used: int = 0
-    device_total: int = 0
 
 
 @dataclass
@@ -264,7 +223,7 @@ class Engine:
 
     def prompt_logits(self, ids: list[int], policy: Policy, chunk_size: int) -> torch.Tensor:
         """Logits at the last prompt position after a chunked prefill under `policy`."""
-        return _Run(self, self.new_cache(policy), Recorder()).prefill(ids, chunk_size)
+        return RunSession(self, self.new_cache(policy), Recorder()).prefill(ids, chunk_size)
 
     def generate(
         self,
@@ -301,7 +260,7 @@ class Engine:
         cache = cache if cache is not None else self.new_cache(policy)
         sampler = Sampler(settings, self.loaded.device)
         stream = TextStream(self.tokenizer)
-        run = _Run(self, cache, recorder)
+        run = RunSession(self, cache, recorder)
         recorder.record(RunStartedEvent(
             self.loaded.name, policy.describe(), self.loaded.n_layers, self.loaded.n_kv_heads, tuple(cache.budgets),
             tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
@@ -387,185 +346,3 @@ class Engine:
             evictions=sum(r.evicted for r in run.records), steps=run.records, state=state,
             restored_tokens=len(start.token_ids) if start is not None else 0, storage=summarize(run.cache),
         )
-
-
-class _Run:
-    """One sequence's forward steps: positions, the step protocol, and what gets recorded."""
-
-    def __init__(self, engine: Engine, cache: PolicyCache, recorder: Recorder):
-        self.engine = engine
-        self.cache = cache
-        self.recorder = recorder
-        self.seen = 0  # tokens fed so far; the next token's position without re-rotation
-        self.first_step = 0  # the first step's number: more than 0 when the run goes on from a saved state
-        self.records: list[StepRecord] = []
-        self.phase = "prefill"
-        self.started = time.perf_counter()
-        self.started_unix = time.time()
-        # Every reading after a step, and timer readings thinned to at most MAX_TIMER_READINGS.
-        self.memory_readings: list[MemoryEvent] = []
-        self.memory_sampler: MemorySampler | None = None
-        self._timer_readings = 0
-        self._memory_lock = threading.Lock()  # the sampler's thread and the engine's both append
-        reset_peak(engine.loaded.device)
-        # Every token fed so far (`token_ids`), in a buffer that doubles when full: appending a
-        # decode step's token copies one id, not the whole sequence.
-        self._token_buffer = torch.empty(1024, dtype=torch.long, device=engine.loaded.device)
-        self._n_tokens = 0
-        self._chunk = None  # during a prefill chunk: (tokens done before it, total, its tokens, CancelToken)
-
-    def prefill(self, ids: list[int], chunk_size: int, cancel: CancelToken | None = None,
-                before_last_chunk: Callable | None = None, offset: int = 0) -> torch.Tensor | None:
-        """Feed the prompt chunk by chunk (the policy evicts between chunks); the last position's
-        logits, or None when cancelled before the prompt was in. `before_last_chunk(logits)` sees the
-        run at the last chunk boundary before the end (a prompt cache saves it there); `offset` says
-        how many prompt tokens a restored state already fed."""
-        logits = None
-        for start in range(0, len(ids), chunk_size):
-            if cancel is not None and cancel.cancelled:
-                return None
-            chunk = ids[start:start + chunk_size]
-            # A state at the last chunk boundary serves prompts that share all but the last chunk.
-            if (before_last_chunk is not None and start > 0 and start + chunk_size >= len(ids)
-                    and (offset + len(ids)) % chunk_size):
-                before_last_chunk(logits)
-            self._chunk = (offset + start, offset + len(ids), len(chunk), cancel)
-            try:
-                logits = self.forward(chunk, "prefill", is_last_prefill_chunk=start + len(chunk) >= len(ids))
-            except StepCancelled:  # Stop between two layers: the half-fed chunk leaves layers unequal
-                self.cache.free()
-                return None
-            finally:
-                self._chunk = None
-            self.recorder.record(PrefillProgressEvent(offset + start + len(chunk), offset + len(ids)))
-        return logits
-
-    def before_layer(self, index: int) -> None:
-        """Before each decoder layer of a prefill chunk: stop there when cancelled, else say how far
-        the chunk got. Decode steps are short: they stop between steps, as before."""
-        if self._chunk is None:
-            return
-        done, total, chunk_tokens, cancel = self._chunk
-        if cancel is not None and cancel.cancelled:
-            raise StepCancelled()
-        if index > 0:
-            self.recorder.record(PrefillProgressEvent(done, total, chunk_tokens, index, self.engine.loaded.n_layers))
-
-    def forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False,
-                all_logits: bool = False, keep_logits: torch.Tensor | None = None,
-                grad: bool = False) -> torch.Tensor:
-        """Feed tokens, let the policy evict, record the step; returns the last position's logits.
-
-        `all_logits`: every fed position's, (n, vocab) (the perplexity evaluation scores them all).
-        Fine-tuning (core/train) passes `keep_logits` (indices into the chunk: the logits wanted,
-        (k, vocab) returned) and `grad` (autograd on, so kept keys and values stay in the graph)."""
-        device = self.engine.loaded.device
-        n = len(token_ids)
-        positions = torch.arange(self.seen, self.seen + n, device=device)
-        if self.cache.policy.config.rerotate:
-            held = self.cache.entries_held()
-            rope_positions = torch.arange(held, held + n, device=device)
-        else:
-            rope_positions = positions
-        step = self.first_step + len(self.records)
-        new_ids = torch.tensor(token_ids, device=device)
-        self._append_tokens(new_ids)
-        self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk,
-                                          self.recorder.watch_layers, self.token_ids))
-        started = time.perf_counter()
-        with torch.enable_grad() if grad else torch.inference_mode():
-            output = self.engine.model(
-                input_ids=new_ids.unsqueeze(0),
-                position_ids=rope_positions.unsqueeze(0),
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=0 if all_logits else (1 if keep_logits is None else keep_logits),
-                kvstudio_cache=self.cache,
-            )
-        logits = output.logits[0, -1] if keep_logits is None and not all_logits else output.logits[0]
-        report = self.cache.end_step()
-        seconds = time.perf_counter() - started
-        self.seen += n
-        self._record(step, phase, n, seconds, report, prefill_done=is_last_prefill_chunk)
-        return logits
-
-    @property
-    def token_ids(self) -> torch.Tensor:
-        """(seen,) long: every token fed so far."""
-        return self._token_buffer[:self._n_tokens]
-
-    @token_ids.setter
-    def token_ids(self, ids: torch.Tensor) -> None:  # a run going on from a restored state
-        self._n_tokens = 0
-        self._append_tokens(ids.to(self._token_buffer.device))
-
-    def _append_tokens(self, new_ids: torch.Tensor) -> None:
-        have, n = self._n_tokens, new_ids.shape[0]
-        if have + n > self._token_buffer.shape[0]:
-            grown = torch.empty(max(2 * self._token_buffer.shape[0], have + n), dtype=torch.long,
-                                device=self._token_buffer.device)
-            grown[:have] = self._token_buffer[:have]
-            self._token_buffer = grown
-        self._token_buffer[have:have + n] = new_ids
-        self._n_tokens = have + n
-
-    def _record(self, step: int, phase: str, n: int, seconds: float, report: StepReport,
-                prefill_done: bool = False) -> None:
-        memory = self.record_memory("step", step, next_phase="decode" if prefill_done else None)
-        record = StepRecord(step, phase, n, seconds, report.kept_per_layer, report.cache_bytes, report.evicted_count,
-                            cache_bytes_per_layer=list(memory.cache_bytes_per_layer),
-                            process_bytes=memory.process_bytes, cuda_allocated=memory.cuda_allocated,
-                            cuda_reserved=memory.cuda_reserved, cuda_peak=memory.cuda_peak,
-                            device_used=memory.device_used, device_total=memory.device_total)
-        self.records.append(record)
-        self.recorder.record(StepEvent(step, phase, n, seconds, tuple(report.kept_per_layer), report.cache_bytes,
-                                       self.cache.peak_bytes, report.evicted_count))
-        for eviction in report.evictions:
-            for head, positions in enumerate(eviction.positions.numpy()):
-                self.recorder.record(EvictionEvent(step, eviction.layer, head, positions))
-        for rows in report.attention:
-            self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))
-        for recall in report.recalled:
-            self.recorder.record(RecallEvent(step, recall.layer, recall.positions.numpy()))
-        if report.merging is not None:
-            self.recorder.record(MergeEvent(step, **report.merging))
-
-    def record_memory(self, source: str, step: int | None = None, next_phase: str | None = None) -> MemoryEvent:
-        """Read memory now and record it. Runs on the engine's thread ("step") or the sampler's
-        ("timer"); the cache's bytes are read from its tensors either way. `next_phase` switches
-        the phase under the same lock, so no timer reading falls between the prompt's last step
-        and decoding with the wrong phase."""
-        with self._memory_lock:  # one reading at a time: readings stay in time order
-            per_layer = tuple(self.cache.bytes_per_layer())
-            system = read_system_memory(self.engine.loaded.device)
-            clock = time.perf_counter()
-            step = self.first_step + len(self.records) if step is None else step
-            event = MemoryEvent(step, clock - self.started, clock, self.phase, source, sum(per_layer), per_layer,
-                                **vars(system), host_cache_bytes=self.cache.host_bytes,
-                                kept_per_layer=tuple(self.cache.kept_per_layer()),
-                                shared_cache_bytes=self.cache.shared_bytes())
-            self.recorder.record(event)
-            self.memory_readings.append(event)
-            if source == "timer":
-                self._timer_readings += 1
-                if self._timer_readings > MAX_TIMER_READINGS:
-                    self._thin_timer_readings()
-            if next_phase is not None:
-                self.phase = next_phase
-        return event
-
-    def _thin_timer_readings(self) -> None:
-        """A long run keeps its whole memory curve at half the resolution: drop every other timer
-        reading and sample half as often from now on, so the readings stay evenly spread in time
-        and bounded in number however long the run goes."""
-        kept, timer_index = [], 0
-        for reading in self.memory_readings:
-            if reading.source == "timer":
-                timer_index += 1
-                if timer_index % 2:
-                    continue
-            kept.append(reading)
-        self.memory_readings = kept
-        self._timer_readings = timer_index // 2
-        if self.memory_sampler is not None:
-            self.memory_sampler.interval_s *= 2

@@ -10,8 +10,8 @@ What a continuation needs to be bit-identical to never having stopped:
   - the last logits (the next token is sampled from them when nothing is pending),
   - the sampler's RNG state and the step counter.
 
-`capture` copies all of it off a running `_Run` (copies: the run may go on changing its cache);
-`restore` puts it into a fresh `_Run` of the same engine and policy. The file format lives in
+`capture` copies all of it off a running `RunSession` (copies: the run may go on changing its cache);
+`restore` puts it into a fresh `RunSession` of the same engine and policy. The file format lives in
 `saved_cache.py`; this module knows nothing about files.
 """
 
@@ -182,5 +182,5 @@ def _saved_logits(run, start: RunState, phase: str) -> torch.Tensor:
         raise SavedCacheError("the saved cache holds no logits to go on from; run without it")
     run.first_step = start.steps - 1
     report = StepReport(kept_per_layer=run.cache.kept_per_layer(), cache_bytes=run.cache.current_bytes)
-    run._record(start.steps - 1, phase, 0, 0.0, report, prefill_done=phase == "prefill")
+    run.record_step(start.steps - 1, phase, 0, 0.0, report, prefill_done=phase == "prefill")
     return start.logits.to(run.engine.loaded.device)

@@ -1,6 +1,6 @@
 """One example's loss, fed chunk by chunk through the engine's PolicyCache with autograd on.
 
-The policy evicts between chunks exactly as in generation (the same `_Run.forward`, positions and
+The policy evicts between chunks exactly as in generation (the same `RunSession.forward`, positions and
 step protocol). Selection is not differentiated (the attention rows a policy scores are computed
 under no_grad); the kept keys and values are graph nodes, so the loss of a later chunk reaches an
 earlier chunk only through the entries the policy kept.
@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kvstudio.core.runtime.engine import CancelToken, Engine, _Run
+from kvstudio.core.runtime.engine import CancelToken, Engine
+from kvstudio.core.runtime.session import RunSession
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies.base import Policy
@@ -100,7 +101,7 @@ def example_loss(engine: Engine, example: Example, policy: Policy, chunk_size: i
     if total == 0:
         raise KVStudioError("an example has no target tokens to compute a loss on")
     device = engine.loaded.device
-    run = _Run(engine, engine.new_cache(policy), recorder or Recorder())
+    run = RunSession(engine, engine.new_cache(policy), recorder or Recorder())
     on_phase = on_phase or (lambda phase: None)
     loss_sum, pending = 0.0, []
     forward_seconds = backward_seconds = 0.0

@@ -1,0 +1,36 @@
+"""PolicyLayer honours the transformers layer contract it inherits from DynamicLayer: reset() empties
+it, and what it cannot do raises NotImplementedError with the reason (never an AttributeError)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvstudio.core.runtime.engine import GenerationSettings
+from kvstudio.core.spec import create_policy
+
+
+def _filled_cache(engine, policy_name="h2o", **params):
+    policy = create_policy(policy_name, **params)
+    result = engine.generate(list(range(3, 60)), policy, GenerationSettings(max_new_tokens=4, chunk_size=16),
+                             keep_cache=True)
+    cache = result.cache
+    assert cache.get_seq_length() > 0 and cache.current_bytes > 0
+    return cache
+
+
+def test_reset_empties_every_layer_and_its_bytes(llama_engine):
+    cache = _filled_cache(llama_engine, budget=16)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert all(layer.get_seq_length() == 0 and not layer.is_initialized for layer in cache.layers)
+    assert cache.current_bytes == 0 and sum(cache.bytes_per_layer()) == 0
+    assert cache.kept_per_layer() == [0] * len(cache.layers)
+
+
+@pytest.mark.parametrize("call", [lambda c: c.crop(-1), lambda c: c.batch_repeat_interleave(2),
+                                  lambda c: c.batch_select_indices(__import__("torch").tensor([0])),
+                                  lambda c: c.layers[0].reorder_cache(None), lambda c: c.layers[0].offload()])
+def test_what_a_policy_cache_cannot_do_says_why(llama_engine, call):
+    cache = _filled_cache(llama_engine, "window", budget=16)
+    with pytest.raises(NotImplementedError, match="PolicyCache"):
+        call(cache)
