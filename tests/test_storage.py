@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstudio.core.runtime.engine import GenerationSettings, _Run
+from kvstudio.core.runtime.engine import GenerationSettings
+from kvstudio.core.runtime.session import RunSession
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies import available_policies
 from kvstudio.core.spec import create_policy
@@ -97,7 +98,7 @@ def test_store_bytes_count_codes_scales_window_and_live_groups():
 def _stepped(engine, policy, ids, prompt_tokens, chunk, after_step):
     """Teacher-force `ids` through a fresh cache, calling after_step(cache, seen) after every step."""
     cache = engine.new_cache(policy)
-    run = _Run(engine, cache, Recorder())
+    run = RunSession(engine, cache, Recorder())
     seen = 0
     for start in range(0, prompt_tokens, chunk):
         piece = ids[start:min(start + chunk, prompt_tokens)]
@@ -205,7 +206,7 @@ def _logits_along(engine, policy, ids, prompt_tokens, chunk, out_of_place=False)
     if out_of_place:  # today's storage: torch.cat on append, index_select on eviction
         for layer in cache.layers:
             layer.store.entries.out_of_place = True
-    run = _Run(engine, cache, Recorder())
+    run = RunSession(engine, cache, Recorder())
     rows = [run.prefill(ids[:prompt_tokens], chunk)]
     rows += [run.forward([token], "decode") for token in ids[prompt_tokens:]]
     return torch.stack(rows), cache
