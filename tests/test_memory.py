@@ -50,9 +50,9 @@ def test_timer_readings_arrive_between_steps(llama_engine):
 
 
 def test_a_long_run_keeps_its_whole_memory_curve_at_bounded_size(llama_engine, monkeypatch):
-    import kvstudio.core.runtime.engine as engine_module
+    import kvstudio.core.runtime.session as session_module
 
-    monkeypatch.setattr(engine_module, "MAX_TIMER_READINGS", 8)
+    monkeypatch.setattr(session_module, "MAX_TIMER_READINGS", 8)
     result = llama_engine.generate(PROMPT * 4, create_policy("window", budget=64), GenerationSettings(
         max_new_tokens=200, chunk_size=16, memory_sample_hz=1000, ignore_eos=True))
     timer = [r for r in result.memory if r["source"] == "timer"]

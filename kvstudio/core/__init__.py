@@ -1,1 +1,2 @@
-"""The engine of KV Studio. Nothing below this package imports Qt (a test enforces it)."""
+"""Everything that computes: runs, policies, storage, recording, files, evaluation, training. No Qt below here
+(import contracts in pyproject.toml; docs/architecture.md)."""

@@ -9,6 +9,7 @@
   results.py      tables, summaries, CSV/JSON exports of the stored cells
   figures.py      needle heatmaps, score vs budget, score vs cache bytes, perplexity/KL curves
                   (matplotlib without pyplot: PNG and SVG, no GUI toolkit)
+  codec_error.py  --measure-error: a codec's KL to the same run stored in fp
   passkey.py      the original filler pass-key prompt (tests/test_passkey.py, benchmarks/passkey.py)
 """
 

@@ -4,10 +4,9 @@
   integer.py   int8 / int4, KIVI's groups (keys per channel, values per token)
   bnb.py       bnb-int8 / bnb-int4, bitsandbytes blockwise (CUDA only)
   buffers.py   preallocated per-layer buffers, written and compacted in place
-  stores.py    one layer's storage (fp or through a codec), what PolicyLayer delegates to
+  layer_stores.py  one layer's storage (fp or through a codec), what PolicyLayer delegates to
   host.py      the host tier: evicted entries in host memory, Quest block summaries, recall
   minicache.py cross-layer merging: adjacent layers share one direction per token (MiniCache)
-  errors.py    --measure-error: the codec's KL to the same run stored in fp
   codecs.py    the codec registry (built-ins and plugins' codecs, by name)
   policy_storage.py  a policy's StorageConfig, cache names ('h2o-int4'), recorded parameters
 """
