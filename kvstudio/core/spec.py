@@ -19,7 +19,7 @@ from kvstudio.core.plugins.guard import build_policy as guarded_construction
 from kvstudio.core.policies import policy_class
 from kvstudio.core.policies.base import Policy
 from kvstudio.core.storage.base import StorageConfig
-from kvstudio.core.storage.policy_storage import (STORAGE_KEY, attach, cache_name, changed_fields, split_cache_name,
+from kvstudio.core.storage.policy_storage import (STORAGE_KEY, attach, cache_name_for, changed_fields, split_cache_name,
                                                   storage_config, storage_fields, storage_of)
 
 
@@ -54,7 +54,7 @@ class CacheSpec:
     @property
     def name(self) -> str:
         """'h2o-int4+host': the policy with its codec, tier and merging (KeysAndValues' naming)."""
-        return cache_name(_Named(self.policy, self.storage))
+        return cache_name_for(self.policy, self.storage)
 
     def record(self) -> tuple[str, dict]:
         """(policy name, parameters) as the run history and eval variants store them: the storage fields
@@ -72,14 +72,6 @@ class CacheSpec:
         given = {k: v for k, v in self.parameters.items() if v is not None}
         policy = guarded_construction(policy_class(self.policy), given)
         return attach(policy, self.storage) if self.storage != StorageConfig() else policy
-
-
-@dataclass(frozen=True)
-class _Named:
-    """What cache_name reads of a policy: its name and its storage."""
-
-    name: str
-    storage: StorageConfig
 
 
 def create_policy(name: str, **parameters) -> Policy:

@@ -153,20 +153,16 @@ class _ListKind:
         return 0  # counted only for the columnar kinds: these are few (see the module's docstring)
 
 
-class _EvictionKind:
-    """Eviction events, columnar: a row each and their positions in one chunked int64 array."""
+class _ColumnarKind:
+    """A kind of numerous events, columnar: one fixed-width row each (FIELDS, starting with the
+    sequence number) in a RowTable, and their arrays' values in named ChunkedValues."""
 
-    FIELDS = [("sequence", "i8"), ("step", "i4"), ("layer", "i4"), ("kv_head", "i4"), ("count", "i4"),
-              ("start", "i8")]
+    FIELDS: list[tuple[str, str]]
+    VALUES: dict[str, type]  # name -> dtype of each chunked value array
 
     def __init__(self):
         self.table = RowTable(self.FIELDS)
-        self.positions = ChunkedValues(np.int64)
-
-    def append(self, sequence: int, event: EvictionEvent) -> None:
-        positions = np.asarray(event.positions, dtype=np.int64)
-        start = self.positions.append(positions)
-        self.table.append((sequence, event.step, event.layer, event.kv_head, positions.size, start))
+        self.values = {name: ChunkedValues(dtype) for name, dtype in self.VALUES.items()}
 
     def __len__(self) -> int:
         return self.table.size
@@ -174,89 +170,76 @@ class _EvictionKind:
     def first_after(self, sequence: int) -> int:
         return int(np.searchsorted(self.table.column("sequence"), sequence, side="right"))
 
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes + sum(values.nbytes for values in self.values.values())
+
+
+class _EvictionKind(_ColumnarKind):
+    """Eviction events: a row each and their positions in one chunked int64 array."""
+
+    FIELDS = [("sequence", "i8"), ("step", "i4"), ("layer", "i4"), ("kv_head", "i4"), ("count", "i4"),
+              ("start", "i8")]
+    VALUES = {"positions": np.int64}
+
+    def append(self, sequence: int, event: EvictionEvent) -> None:
+        positions = np.asarray(event.positions, dtype=np.int64)
+        start = self.values["positions"].append(positions)
+        self.table.append((sequence, event.step, event.layer, event.kv_head, positions.size, start))
+
     def read(self, start: int, stop: int) -> list:
-        rows = self.table.rows(start, stop)
-        return [EvictionEvent(step, layer, head, self.positions.read(at, count))
+        rows, positions = self.table.rows(start, stop), self.values["positions"]
+        return [EvictionEvent(step, layer, head, positions.read(at, count))
                 for step, layer, head, count, at in zip(rows["step"].tolist(), rows["layer"].tolist(),
                                                        rows["kv_head"].tolist(), rows["count"].tolist(),
                                                        rows["start"].tolist())]
 
-    @property
-    def nbytes(self) -> int:
-        return self.table.nbytes + self.positions.nbytes
 
-
-class _RecallKind:
-    """Host-tier recalls, columnar: a row each, their (kv_heads, count) positions in a chunked array."""
+class _RecallKind(_ColumnarKind):
+    """Host-tier recalls: a row each, their (kv_heads, count) positions in a chunked array."""
 
     FIELDS = [("sequence", "i8"), ("step", "i4"), ("layer", "i4"), ("kv_heads", "i4"), ("count", "i4"),
               ("start", "i8")]
-
-    def __init__(self):
-        self.table = RowTable(self.FIELDS)
-        self.positions = ChunkedValues(np.int64)
+    VALUES = {"positions": np.int64}
 
     def append(self, sequence: int, event: RecallEvent) -> None:
         positions = np.asarray(event.positions, dtype=np.int64)
         if positions.ndim != 2:
             positions = positions.reshape(-1, positions.shape[-1] if positions.ndim else 0)
-        start = self.positions.append(positions)
+        start = self.values["positions"].append(positions)
         self.table.append((sequence, event.step, event.layer, *positions.shape, start))
 
-    def __len__(self) -> int:
-        return self.table.size
-
-    def first_after(self, sequence: int) -> int:
-        return int(np.searchsorted(self.table.column("sequence"), sequence, side="right"))
-
     def read(self, start: int, stop: int) -> list:
-        rows = self.table.rows(start, stop)
-        return [RecallEvent(step, layer, self.positions.read(at, heads * count).reshape(heads, count))
+        rows, positions = self.table.rows(start, stop), self.values["positions"]
+        return [RecallEvent(step, layer, positions.read(at, heads * count).reshape(heads, count))
                 for step, layer, heads, count, at in zip(rows["step"].tolist(), rows["layer"].tolist(),
                                                         rows["kv_heads"].tolist(), rows["count"].tolist(),
                                                         rows["start"].tolist())]
 
-    @property
-    def nbytes(self) -> int:
-        return self.table.nbytes + self.positions.nbytes
 
-
-class _AttentionKind:
-    """Attention rows, columnar: a row each, float32 weights (query_heads, n) and int64 positions
+class _AttentionKind(_ColumnarKind):
+    """Attention rows: a row each, float32 weights (query_heads, n) and int64 positions
     (kv_heads, held) in two chunked arrays."""
 
     FIELDS = [("sequence", "i8"), ("step", "i4"), ("layer", "i4"), ("query_heads", "i4"), ("n", "i4"),
               ("kv_heads", "i4"), ("held", "i4"), ("weights_start", "i8"), ("positions_start", "i8")]
-
-    def __init__(self):
-        self.table = RowTable(self.FIELDS)
-        self.weights = ChunkedValues(np.float32)
-        self.positions = ChunkedValues(np.int64)
+    VALUES = {"weights": np.float32, "positions": np.int64}
 
     def append(self, sequence: int, event: AttentionEvent) -> None:
         weights = np.asarray(event.weights, dtype=np.float32)
         positions = np.asarray(event.positions, dtype=np.int64)
-        weights_at, positions_at = self.weights.append(weights), self.positions.append(positions)
+        weights_at = self.values["weights"].append(weights)
+        positions_at = self.values["positions"].append(positions)
         self.table.append((sequence, event.step, event.layer, *weights.shape, *positions.shape, weights_at,
                            positions_at))
 
-    def __len__(self) -> int:
-        return self.table.size
-
-    def first_after(self, sequence: int) -> int:
-        return int(np.searchsorted(self.table.column("sequence"), sequence, side="right"))
-
     def read(self, start: int, stop: int) -> list:
-        rows = self.table.rows(start, stop)
-        return [AttentionEvent(step, layer, self.weights.read(w_at, q * n).reshape(q, n),
-                               self.positions.read(p_at, kv * held).reshape(kv, held))
+        rows, weights, positions = self.table.rows(start, stop), self.values["weights"], self.values["positions"]
+        return [AttentionEvent(step, layer, weights.read(w_at, q * n).reshape(q, n),
+                               positions.read(p_at, kv * held).reshape(kv, held))
                 for step, layer, q, n, kv, held, w_at, p_at in zip(
                     *(rows[name].tolist() for name in ("step", "layer", "query_heads", "n", "kv_heads", "held",
                                                        "weights_start", "positions_start")))]
-
-    @property
-    def nbytes(self) -> int:
-        return self.table.nbytes + self.weights.nbytes + self.positions.nbytes
 
 
 _COLUMNAR = {"evictions": _EvictionKind, "recalls": _RecallKind, "attention": _AttentionKind}
@@ -302,9 +285,7 @@ class EventLog:
         array; fields as in the kind's FIELDS) and each value array whole, in recorded order."""
         with self._lock:
             store = self._kinds[kind]
-            values = {name: getattr(store, name).concatenated() for name in ("positions", "weights")
-                      if hasattr(store, name)}
-            return store.table.rows(), values
+            return store.table.rows(), {name: values.concatenated() for name, values in store.values.items()}
 
     def nbytes_of(self, kind: str) -> int:
         """Bytes a columnar kind holds allocated (its rows and values, free room included); 0 for a small kind."""

@@ -41,10 +41,11 @@ def storage_of(policy) -> StorageConfig:
 
 def cache_name(policy) -> str:
     """'h2o-int4' for a policy stored in int4; the policy's name alone for fp on the device tier."""
-    return _cache_name(policy.name, storage_of(policy))
+    return cache_name_for(policy.name, storage_of(policy))
 
 
-def _cache_name(policy: str, storage: StorageConfig) -> str:
+def cache_name_for(policy: str, storage: StorageConfig) -> str:
+    """'h2o-int4+host' from a policy's name and a storage."""
     name = policy if storage.codec == FP else f"{policy}-{storage.codec}"
     return name + ("+host" if storage.tier == "host" else "") + ("" if storage.merge == "none" else f"+{storage.merge}")
 
@@ -52,7 +53,7 @@ def _cache_name(policy: str, storage: StorageConfig) -> str:
 def cache_label(name: str, fields: dict | None = None) -> str:
     """'full+minicache', 'h2o-int8+host': the cache a stored run used, from its policy (or cache) name and
     its "storage" parameters (a run history row's)."""
-    return _cache_name(split_cache_name(name)[0], storage_config(storage_fields(name, fields)))
+    return cache_name_for(split_cache_name(name)[0], storage_config(storage_fields(name, fields)))
 
 
 def storage_fields(name: str, fields: dict | None = None) -> dict:
