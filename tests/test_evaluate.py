@@ -385,7 +385,7 @@ def test_a_variant_runs_beside_the_plain_cells_and_a_store_of_variants_alone_res
     (["--depths", "0,2"], "--depths must be fractions between 0 and 1"),
     (["--budgets", "0"], "--budgets must be positive"),
     (["--option", "sink"], "--option 'sink' is not NAME=VALUE"),
-    (["--option", "sink=x"], "--option sink=x: --sink takes a int"),
+    (["--option", "sink=x"], "--option sink=x: --sink takes an int"),
     (["--plot", "x.gif"], "a figure is a .png or .svg file"),
     (["--policies", "full,bogus"], "unknown policy 'bogus'"),
 ])

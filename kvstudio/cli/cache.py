@@ -15,13 +15,13 @@ import json
 import sys
 from pathlib import Path
 
+from kvstudio.cli.options import add_policy_options, policy_from_args, prompt_from_args
+from kvstudio.cli.output import format_summary, progress, write_json_atomic
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.units import format_bytes
 
 
 def add_parser(subparsers) -> None:
-    from kvstudio.cli.dispatch import _policy_options
-
     cache = subparsers.add_parser("cache", help="saved caches: save, load and continue, list, show, rm")
     commands = cache.add_subparsers(dest="cache_command", parser_class=type(cache), required=True)
 
@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
     save.add_argument("--top-p", type=float, default=1.0)
     save.add_argument("--top-k", type=int, default=0)
     save.add_argument("--seed", type=int, help="seed for sampling")
-    _policy_options(save)
+    add_policy_options(save)
     from kvstudio.cli.storage_options import add_storage_options
 
     add_storage_options(save)  # a cache is saved as its codec and tier hold it (`--policy h2o-int4` works too)
@@ -80,15 +80,10 @@ def run(args) -> int:
                                          "save the cache again (kvstudio cache save)"), error.problem) from error
 
 
-def _progress(message: str, fraction) -> None:
-    print(f"[kvstudio] {message}", file=sys.stderr, flush=True)
-
-
 # --- save / load ------------------------------------------------------------------------------
 
 
 def _save(args) -> int:
-    from kvstudio.cli.dispatch import _policy_from_args, _prompt_from_args
     from kvstudio.core.io.atomic import check_writable_folder
     from kvstudio.core.runtime.engine import Engine, GenerationSettings
     from kvstudio.core.models.loading import load_model
@@ -100,15 +95,15 @@ def _save(args) -> int:
     reason = unsaveable_reason(storage)
     if reason is not None:
         raise SavedCacheError(f"nothing saved: {reason}")
-    policy = _policy_from_args(args)
+    policy = policy_from_args(args)
     policy.storage = storage
-    prompt = _prompt_from_args(args)
+    prompt = prompt_from_args(args)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, chunk_size=args.chunk_size,
                                   chat_template=args.chat, memory_sample_hz=0)
     settings.validate()
     check_writable_folder(args.path, SavedCacheError)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, progress=_progress)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress)
     engine = Engine(loaded)
     result = engine.generate(prompt, policy, settings, keep_state=True,
                              on_text=lambda piece: print(piece, end="", flush=True))
@@ -124,7 +119,6 @@ def _save(args) -> int:
 
 
 def _load(args) -> int:
-    from kvstudio.cli.dispatch import format_summary, write_json_atomic
     from kvstudio.core.io.atomic import check_writable_folder
     from kvstudio.core.runtime.engine import Engine, GenerationSettings
     from kvstudio.core.models.loading import load_model
@@ -144,7 +138,7 @@ def _load(args) -> int:
     )
     settings.validate()
     loaded = load_model(args.model or header["model"]["spec"], device=args.device, dtype=args.dtype,
-                        progress=_progress)
+                        progress=progress)
     header, state, seconds = load_saved_cache(args.path, loaded, policy)
     engine = Engine(loaded)
     print(f"[kvstudio] restored {len(state.token_ids)} tokens under {policy.describe()} in {seconds:.3f} s "

@@ -30,6 +30,8 @@ from kvstudio.core.runtime.interruptions import (EXIT_BROKEN_PIPE, EXIT_TERMINAT
 from kvstudio.core.units import format_bytes  # noqa: E402
 from kvstudio.cli.storage_options import add_storage_options, format_storage, measure_error, storage_from_args  # noqa: E402
 from kvstudio.cli.model_options import add_kv_groups_option, apply_kv_groups  # noqa: E402
+from kvstudio.cli.options import add_policy_options, policy_from_args, prompt_from_args  # noqa: E402
+from kvstudio.cli.output import format_summary, open_history, progress, warn, write_json_atomic, write_snapshot  # noqa: E402
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -40,31 +42,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _policy_options(parser: argparse.ArgumentParser) -> None:
-    """One option per parameter any policy declares; a name means the same thing in every policy."""
-    from kvstudio.core.policies import available_policies
-
-    group = parser.add_argument_group("policy parameters (each applies to the policies that declare it)")
-    seen = {}
-    for policy in available_policies().values():
-        for spec in policy.Config.parameters():
-            users = seen.setdefault(spec.name, [spec, []])[1]
-            users.append(policy.name)
-    for name, (spec, users) in seen.items():
-        help_text = f"{spec.help} [{', '.join(users)}]"
-        try:
-            if spec.type is bool:
-                group.add_argument(spec.option, dest=f"policy_{name}", action="store_true", default=None,
-                                   help=help_text)
-            else:
-                group.add_argument(spec.option, dest=f"policy_{name}", type=spec.type, default=None,
-                                   metavar=spec.type.__name__.upper().replace("STR", "TEXT"),
-                                   choices=spec.choices, help=help_text)
-        except argparse.ArgumentError:  # a plugin parameter named like a run option (--model, --seed)
-            print(f"kvstudio: warning: parameter {spec.option} of {', '.join(users)} clashes with a "
-                  "`kvstudio run` option and cannot be set from the command line", file=sys.stderr)
 
 
 def _plugin_folders(argv: list[str]) -> list[str]:
@@ -126,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="memory readings per second between steps (default 20; 0: only after each step)")
     run.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load policy plugins "
                      "from DIR (repeatable; plugins/, the user plugin folder and KVSTUDIO_PLUGIN_PATH always are)")
-    _policy_options(run)
+    add_policy_options(run)
     add_storage_options(run)
 
     policies = commands.add_parser("policies", help="list the policies with their parameters and defaults")
@@ -240,55 +217,22 @@ def _plugin_problem(record) -> str:
 # --- commands -----------------------------------------------------------------------------------
 
 
-def _progress(message: str, fraction) -> None:
-    print(f"[kvstudio] {message}", file=sys.stderr, flush=True)
-
-
-def _policy_from_args(args):
-    from kvstudio.core.errors import PolicyConfigError
-    from kvstudio.core.policies import policy_class
-
-    cls = policy_class(args.policy)
-    accepted = {spec.name for spec in cls.Config.parameters()}
-    given = {k.removeprefix("policy_"): v for k, v in vars(args).items() if k.startswith("policy_") and v is not None}
-    foreign = sorted(set(given) - accepted)
-    if foreign:
-        options = ", ".join("--" + name.replace("_", "-") for name in foreign)
-        known = ", ".join("--" + name.replace("_", "-") for name in sorted(accepted))
-        raise PolicyConfigError(f"{options} does not apply to policy '{cls.name}' (its options: {known})")
-    from kvstudio.core.spec import CacheSpec
-
-    return CacheSpec(cls.name, given).build()
-
-
-def _prompt_from_args(args) -> str:
-    from kvstudio.core.io.documents import read_document
-    from kvstudio.core.errors import PromptError
-
-    if args.prompt_file:  # the studio's reader: a PDF by its suffix, any other name as text
-        return read_document(args.prompt_file, what="prompt file", any_suffix=True).text
-    if args.prompt is None:
-        raise PromptError("no prompt: give --prompt TEXT or --prompt-file PATH")
-    if not args.prompt.strip():
-        raise PromptError("--prompt is empty")
-    return args.prompt
-
-
 def command_run(args) -> int:
     from kvstudio.cli.cache import finish_prompt_cache, open_prompt_cache
     from kvstudio.core.io.atomic import check_writable_folder
     from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationSettings
     from kvstudio.core.recording.events import Recorder
-    from kvstudio.core.runtime.interruptions import OUTPUT_CLOSED, end_status, partial_output
-    from kvstudio.core.recording.packing import pack_events
+    from kvstudio.core.persist.run_book import RunBook
+    from kvstudio.core.runtime.interruptions import OUTPUT_CLOSED
     from kvstudio.core.recording.snapshots import MemorySnapshotRecording
+    from kvstudio.core.spec import CacheSpec
 
     # Check everything the user typed before spending seconds on loading a model.
     apply_kv_groups(args)  # --kv-groups G: the model spec SPEC+kvG
     storage = storage_from_args(args)  # also reads the `--policy h2o-int4` shorthand
-    policy = _policy_from_args(args)
+    policy = policy_from_args(args)
     policy.storage = storage
-    prompt = _prompt_from_args(args)
+    prompt = prompt_from_args(args)
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, chunk_size=args.chunk_size, stop_strings=tuple(args.stop), chat_template=args.chat,
@@ -309,16 +253,17 @@ def command_run(args) -> int:
 
         _, checkpoint, _ = load_adapter(loaded, args.adapter)
         print(f"[kvstudio] adapter {checkpoint}", file=sys.stderr, flush=True)
-        # The summary, --json and the history name the adapter: base and adapted runs stay apart.
-        loaded.name = f"{loaded.name}+lora:{checkpoint.parent.name}/{checkpoint.name}"
+        loaded.name = f"{loaded.name}+lora:{loaded.adapter}"  # the summary and --json name it, as the history does
     print(f"[kvstudio] {loaded.describe()}; policy {policy.describe()}", file=sys.stderr, flush=True)
     engine = Engine(loaded)
-    history, run_id = _history_start(args, loaded, policy, prompt, settings)
     recording = MemorySnapshotRecording(loaded.device) if args.memory_snapshot else contextlib.nullcontext()
     from kvstudio.cli.runs_plot import watched_layers
 
     # What the history keeps to reopen the run's views in the studio (and to plot them).
     recorder = Recorder(watch_layers=watched_layers(args.attention_layers, loaded.n_layers))
+    book = RunBook(open_history(args.no_history), model=loaded.identity, cache=CacheSpec.of(policy), prompt=prompt,
+                   settings=settings.record(), recorder=recorder, on_warning=warn)
+    book.start()
     output = TextOutput(CancelToken())  # a closed stdout cancels the run
     try:
         prompt_cache = open_prompt_cache(args.prompt_cache, engine, policy, settings, prompt)
@@ -326,76 +271,34 @@ def command_run(args) -> int:
             result = _generate_reporting_oom(engine, prompt, policy, settings, recorder, output,
                                              **(prompt_cache.generate_options() if prompt_cache else {}))
     except BaseException as error:
-        if history is not None:  # cancelled (Ctrl-C), interrupted (SIGTERM) or failed, keeping what it made
-            status, message = end_status(error)
-            _history_call(history.finish, run_id, status=status, error=message, events=pack_events(recorder),
-                          partial=partial_output(recorder))
+        book.fail(error)  # cancelled (Ctrl-C), interrupted (SIGTERM) or failed, keeping what it made
         if args.memory_snapshot and recording.snapshot is not None:  # what led to the failure
-            _write_snapshot(recording, args.memory_snapshot)
+            write_snapshot(recording, args.memory_snapshot)
         raise
     finish_prompt_cache(prompt_cache)
     if args.memory_snapshot:
-        _write_snapshot(recording, args.memory_snapshot, result)
+        write_snapshot(recording, args.memory_snapshot, result)
     if storage.measure_error:
         measure_error(engine, result, policy, settings, prompt)
-    if history is not None:
-        _history_call(history.finish, run_id, result, events=pack_events(recorder),
-                      error=OUTPUT_CLOSED if output.closed else None)
+    book.finish(result, error=OUTPUT_CLOSED if output.closed else None)
     print()
     print(format_summary(result))
     if prompt_cache is not None:
         print(f"prompt cache: {prompt_cache.status}")
     if format_storage(result):
         print(format_storage(result))
-    if history is not None:
-        print(f"[kvstudio] stored as run {run_id} (kvstudio runs show {run_id})", file=sys.stderr)
+    if book.run_id is not None and book.history is not None:
+        print(f"[kvstudio] stored as run {book.run_id} (kvstudio runs show {book.run_id})", file=sys.stderr)
     if args.json:
         data = result.to_dict()
         data["policy"] = policy.name
         data["policy_parameters"] = policy.config.as_dict()
-        data["settings"] = vars(settings) | {"stop_strings": list(settings.stop_strings)}
+        data["settings"] = settings.record()
         if prompt_cache is not None:
             data["prompt_cache"] = prompt_cache.status
         write_json_atomic(Path(args.json), data)
         print(f"[kvstudio] wrote {args.json}", file=sys.stderr)
     return EXIT_BROKEN_PIPE if output.closed else 0
-
-
-def _write_snapshot(recording, path: str, result=None) -> None:
-    from kvstudio.core.recording.snapshots import timelines
-
-    recording.save(path, result)
-    found = timelines(recording.snapshot)
-    events = sum(len(t.allocations) for t in found)
-    peak = max((t.peak_bytes for t in found), default=0)
-    print(f"[kvstudio] wrote memory snapshot {path}: {events} allocations, peak {format_bytes(peak)} during the run "
-          "(open it in the studio: Memory > Open memory snapshot, or at pytorch.org/memory_viz)", file=sys.stderr)
-
-
-def _history_start(args, loaded, policy, prompt, settings):
-    """Open the history and record the run's start; (None, None) when history is off or unusable."""
-    if args.no_history:
-        return None, None
-    from kvstudio.core.persist.history import HistoryError, RunHistory
-    from kvstudio.core.storage import stored_parameters
-
-    try:
-        history = RunHistory()
-        run_id = history.start(loaded.name, policy.name, stored_parameters(policy), prompt,
-                               vars(settings) | {"stop_strings": list(settings.stop_strings)})
-        return history, run_id
-    except HistoryError as error:
-        print(f"kvstudio: warning: {error}", file=sys.stderr)
-        return None, None
-
-
-def _history_call(method, *args, **kwargs) -> None:
-    from kvstudio.core.persist.history import HistoryError
-
-    try:
-        method(*args, **kwargs)
-    except HistoryError as error:
-        print(f"kvstudio: warning: {error}", file=sys.stderr)
 
 
 def command_runs(args) -> int:
@@ -439,7 +342,7 @@ def _load_reporting_oom(args):
 
     try:
         return load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantize,
-                          progress=_progress)
+                          progress=progress)
     except Exception as error:
         if is_out_of_memory(error):
             raise KVStudioError(explain(error, "load", model=args.model)) from error
@@ -461,37 +364,6 @@ def _generate_reporting_oom(engine, prompt, policy, settings, recorder=None, out
             raise KVStudioError(explain(error, "run", chunk_size=settings.chunk_size,
                                         policy=policy_label(policy))) from error
         raise
-
-
-def format_summary(result) -> str:
-    kept = result.kept_per_layer
-    kept_text = str(kept[0]) + " in every layer" if len(set(kept)) == 1 else ", ".join(map(str, kept))
-    lines = [
-        "--- summary",
-        f"model {result.model}, policy {result.policy}, stop: {result.stop_reason}",
-        _prefill_line(result),
-        f"generated {len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s",
-        f"peak cache {format_bytes(result.peak_cache_bytes)}, entries kept per layer: {kept_text}",
-        f"evictions: {result.evictions}",
-    ]
-    return "\n".join(lines)
-
-
-def _prefill_line(result) -> str:
-    """A rate only for what the prefill computed: a prompt restored from a saved cache was not."""
-    restored, computed = result.restored_tokens, result.computed_prompt_tokens
-    if restored and not computed:
-        return f"prompt {result.prompt_tokens} tokens, prefill restored from the cache in {result.prefill_seconds:.3f} s"
-    rate = f"{result.prefill_seconds:.2f} s ({result.prefill_tokens_per_second:.0f} tokens/s)"
-    if restored:
-        return f"prompt {result.prompt_tokens} tokens: {restored} restored from the cache, {computed} prefilled in {rate}"
-    return f"prompt {result.prompt_tokens} tokens, prefill {rate}"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    from kvstudio.core.io.atomic import atomic_write
-
-    atomic_write(path, lambda stream: json.dump(data, stream, indent=1))
 
 
 def command_policies(plugins) -> int:
@@ -523,7 +395,7 @@ def command_demo() -> int:
 
     print("KV Studio demo: the embedded default model answers a question under StreamingLLM (budget 64).",
           file=sys.stderr)
-    loaded = load_model("default", progress=_progress)
+    loaded = load_model("default", progress=progress)
     engine = Engine(loaded)
     policy = create_policy("streaming_llm", budget=64, sink=4)
     print(f"\n> {DEMO_QUESTION}\n")

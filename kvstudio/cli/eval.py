@@ -100,8 +100,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def parse_assignments(items: list[str], what: str) -> dict:
-    """NAME=VALUE pairs typed by the policy parameter of that name (any policy's)."""
+    """NAME=VALUE pairs typed by the policy parameter of that name (any policy's); storage fields and
+    unknown names stay text, typed when the sweep is planned (policy_storage.storage_from_options)."""
     from kvstudio.core.errors import PolicyConfigError
+    from kvstudio.core.params import parse_text
     from kvstudio.core.policies import available_policies
 
     specs = {spec.name: spec for policy in available_policies().values() for spec in policy.Config.parameters()}
@@ -116,15 +118,7 @@ def parse_assignments(items: list[str], what: str) -> dict:
             if spec is None:
                 values[name] = text  # checked against each policy when the sweep is planned
                 continue
-            try:
-                if spec.type is bool:
-                    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError
-                    values[name] = text.lower() in ("true", "1", "yes")
-                else:
-                    values[name] = spec.type(text)
-            except ValueError:
-                raise PolicyConfigError(f"{what} {name}={text}: {spec.option} takes a {spec.type.__name__}") from None
+            values[name] = parse_text(spec, text, f"{what} {name}={text}", PolicyConfigError)
     return values
 
 

@@ -12,12 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from kvstudio.cli.options import add_policy_options, policy_from_args
+from kvstudio.cli.output import open_history, progress, warn, write_json_atomic
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.units import format_bytes
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
-    from kvstudio.cli.dispatch import _policy_options
     from kvstudio.core.train.data import SYNTHETIC_PASSKEY
     from kvstudio.core.train.through_cache import GRAD_MODES
 
@@ -61,7 +62,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--snapshot-step", type=int, default=1, help="which step --memory-snapshot records")
     parser.add_argument("--memory-sample-hz", type=float, default=20.0)
     parser.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load policy plugins")
-    _policy_options(parser)
+    add_policy_options(parser)
     return parser
 
 
@@ -98,7 +99,6 @@ def format_step(event, total_steps: int) -> str | None:
 def run(args) -> int:
     import torch
 
-    from kvstudio.cli.dispatch import _policy_from_args, _progress, write_json_atomic
     from kvstudio.core.io.atomic import check_writable_folder
     from kvstudio.core.runtime.engine import Engine
     from kvstudio.core.models.loading import load_model
@@ -106,13 +106,14 @@ def run(args) -> int:
     from kvstudio.core.train.data import load_data
     from kvstudio.core.train.lora import check_qlora
     from kvstudio.core.train.log import Status, TrainingLog
+    from kvstudio.core.spec import CacheSpec
     from kvstudio.core.train.session import FinetuneSession
 
     # Everything typed is checked before seconds go into loading a model.
     from kvstudio.cli.model_options import apply_kv_groups
 
     apply_kv_groups(args)  # --kv-groups G: the model spec SPEC+kvG
-    policy = _policy_from_args(args)
+    policy = policy_from_args(args)
     settings = settings_from_args(args)
     if args.qlora and not torch.cuda.is_available():
         raise KVStudioError("--qlora needs CUDA (4-bit base weights through bitsandbytes); this machine has none: "
@@ -126,7 +127,7 @@ def run(args) -> int:
             check_writable_folder(path)
 
     loaded = load_model(args.model, device=args.device, dtype=args.dtype,
-                        quantization="4bit" if args.qlora else None, progress=_progress)
+                        quantization="4bit" if args.qlora else None, progress=progress)
     check_qlora(loaded, settings.lora)
     print(f"[kvstudio] {loaded.describe()}; policy {policy.describe()}; grad mode {settings.grad_mode}",
           file=sys.stderr, flush=True)
@@ -146,24 +147,23 @@ def run(args) -> int:
     engine = Engine(loaded)
     session = FinetuneSession(engine, policy, dataset, settings, out, log=log, resume=args.resume,
                               snapshot_path=args.memory_snapshot)
-    history, run_id = _history_start(args, loaded, policy, dataset, settings, out)
+    book = records.book(open_history(args.no_history), loaded.identity, CacheSpec.of(policy), dataset.description,
+                        settings.as_dict(), str(out), on_warning=warn)
+    book.start()
     try:
         result = session.run()
     except KeyboardInterrupt:
-        if history is not None:
-            _quietly(records.fail, history, run_id, "interrupted (Ctrl+C); " + session._kept_text(), "cancelled")
+        book.fail("interrupted (Ctrl+C); " + session.kept_text(), "cancelled")
         raise
     except BaseException as error:
-        if history is not None:
-            _quietly(records.fail, history, run_id, str(error) or type(error).__name__)
+        book.fail(error)
         raise
-    if history is not None:
-        _quietly(records.finish, history, run_id, result, log)
+    records.finish(book, result, log)
     print(f"--- {result.status}: {len(result.steps)} steps; val loss under {result.policy}: "
           f"{_num(result.initial_val_loss_policy)} -> {_num(result.final_val_loss_policy)}, under full: "
           f"{_num(result.initial_val_loss_full)} -> {_num(result.final_val_loss_full)}; adapter {result.adapter}")
-    if history is not None:
-        print(f"[kvstudio] stored as run {run_id} (kvstudio runs show {run_id})", file=sys.stderr)
+    if book.history is not None and book.run_id is not None:
+        print(f"[kvstudio] stored as run {book.run_id} (kvstudio runs show {book.run_id})", file=sys.stderr)
     if args.memory_snapshot and session.snapshot is not None:
         print(f"[kvstudio] wrote memory snapshot of step {settings.snapshot_step} to {args.memory_snapshot}",
               file=sys.stderr)
@@ -175,26 +175,3 @@ def run(args) -> int:
 
 def _num(value) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _history_start(args, loaded, policy, dataset, settings, out):
-    if args.no_history:
-        return None, None
-    from kvstudio.core.persist.history import HistoryError, RunHistory
-    from kvstudio.core.train import records
-
-    try:
-        history = RunHistory()
-        return history, records.start(history, loaded.name, policy, dataset.description, settings.as_dict(), str(out))
-    except HistoryError as error:
-        print(f"kvstudio: warning: {error}", file=sys.stderr)
-        return None, None
-
-
-def _quietly(function, *args) -> None:
-    from kvstudio.core.persist.history import HistoryError
-
-    try:
-        function(*args)
-    except HistoryError as error:
-        print(f"kvstudio: warning: {error}", file=sys.stderr)

@@ -8,38 +8,32 @@ from __future__ import annotations
 import argparse
 
 from kvstudio.core.storage import StorageConfig, available_codecs, merge_in_name, split_cache_name
-from kvstudio.core.storage.base import MERGE_METHODS, CodecError
+from kvstudio.core.storage.base import CodecError
+
+
+# Options that take None on the command line, so that one given where it does nothing is refused, not
+# ignored: a codec besides `--policy h2o-int4`'s, a merge setting without --merge minicache.
+GIVEN_OR_NONE = ("codec", "merge_threshold", "merge_t")
 
 
 def add_storage_options(parser: argparse.ArgumentParser) -> None:
+    """One option per StorageConfig field, from its declaration (help, choices, default)."""
     group = parser.add_argument_group("cache storage (how the kept entries are held; `--policy h2o-int4` works too)")
-    group.add_argument("--codec", help=f"{', '.join(available_codecs())} (default fp: the model's dtype)")
-    group.add_argument("--group-size", type=int, default=64,
-                       help="entries per key group and channels per value group, KIVI-style (default 64)")
-    group.add_argument("--residual", type=int, default=0,
-                       help="newest entries kept in full precision until they leave this window; keys wait until "
-                            "their whole group has left it (default 0: values are quantized at once)")
-    group.add_argument("--tier", default="device", help="device: evicted entries are dropped (default); "
-                                                        "host: they move to host memory and can be recalled")
-    group.add_argument("--recall", type=int, default=0,
-                       help="host blocks the current query brings back each step (with --tier host)")
-    group.add_argument("--block-size", type=int, default=16, help="entries per host block (default 16)")
     merging = parser.add_argument_group("cross-layer merging (MiniCache, Liu et al. 2024; any policy and codec)")
-    merging.add_argument("--merge", default="none", choices=MERGE_METHODS,
-                         help="minicache: from --merge-from on, adjacent layers share one direction per token "
-                              "(default none)")
-    merging.add_argument("--merge-from", type=int, metavar="L", help="first merged layer (default: half depth)")
-    # The three below default to None, so that one given without --merge minicache is refused, not ignored.
-    merging.add_argument("--merge-threshold", type=float, metavar="T",
-                         help="retention threshold: tokens whose two states are farther apart than this fraction of "
-                              "the pair's distance range stay unmerged; 0 keeps every token unmerged, above 1 merges "
-                              f"every token both layers hold (default {StorageConfig.merge_threshold:g}, the paper's)")
-    merging.add_argument("--merge-t", type=float, metavar="T",
-                         help="SLERP interpolation parameter, 0 = the earlier layer's direction, 1 = the later's "
-                              f"(default {StorageConfig.merge_t:g}, the paper's)")
-    group.add_argument("--measure-error", action="store_true",
-                       help="report the codec's relative error of keys and values and the KL divergence of the "
-                            "next-token distribution from the same run stored in fp (runs the sequence twice more)")
+    for spec in StorageConfig.parameters():
+        target = merging if spec.name.startswith("merge") else group
+        # The float settings' help names the paper's value, which is their default.
+        shows_default = spec.default is not None and not isinstance(spec.default, float)
+        help_text = spec.help + (f" (default {spec.default})" if shows_default else "")
+        if spec.name == "codec":
+            help_text = f"{', '.join(available_codecs())}; {spec.help} (default fp)"
+        if spec.type is bool:
+            target.add_argument(spec.option, dest=spec.name, action="store_true", help=spec.help)
+            continue
+        target.add_argument(spec.option, dest=spec.name, type=spec.type, choices=spec.choices,
+                            default=None if spec.name in GIVEN_OR_NONE else spec.default,
+                            metavar=spec.metavar or (None if spec.choices else spec.type.__name__.upper().replace(
+                                "STR", "TEXT")), help=help_text)
 
 
 def storage_from_args(args) -> StorageConfig:
@@ -57,14 +51,10 @@ def storage_from_args(args) -> StorageConfig:
     if given and args.merge == "none":
         raise CodecError(f"{given[0]} needs --merge minicache (or --policy {args.policy}+minicache): without it no "
                          "layers are merged")
-    defaults = StorageConfig()
     args.policy = policy
-    config = StorageConfig(codec=codec or args.codec or "fp", group_size=args.group_size, residual=args.residual,
-                           tier=args.tier, recall=args.recall, block_size=args.block_size,
-                           measure_error=args.measure_error, merge=args.merge, merge_from=args.merge_from,
-                           merge_threshold=defaults.merge_threshold if args.merge_threshold is None
-                           else args.merge_threshold,
-                           merge_t=defaults.merge_t if args.merge_t is None else args.merge_t)
+    values = {spec.name: getattr(args, spec.name) for spec in StorageConfig.parameters()}
+    values["codec"] = codec or args.codec
+    config = StorageConfig(**{name: value for name, value in values.items() if value is not None})
     config.validate()
     return config
 

@@ -18,7 +18,7 @@ from PySide6.QtCore import QObject, Signal, Slot
 from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationSettings
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.recording.events import Recorder
-from kvstudio.core.models.loading import load_model
+from kvstudio.core.models.loading import load_model, model_identity
 from kvstudio.core.runtime.oom import explain, is_out_of_memory
 from kvstudio.gui.tasks import banner_text
 from kvstudio.core.spec import build_policy
@@ -39,6 +39,7 @@ class RunRequest:
     recorder: Recorder
     label: str = ""  # e.g. which run of a comparison
     history_id: int | None = None  # its row in the run history, when history is on
+    book: object = None  # the RunBook keeping that row (gui/features/runs.py)
     snapshot_path: str | None = None  # record a memory snapshot of the run into this file
     start_from: str | None = None  # a saved cache (.kvcache) to restore and continue from
 
@@ -52,6 +53,12 @@ class ModelInfo:
     n_kv_heads: int
     has_chat_template: bool
     device: str
+    adapter: str = ""  # the LoRA adapter generation runs use (lora.adapter_name), "" for the base model
+
+    @property
+    def identity(self) -> str:
+        """The model as the run history names it, the same way the CLI does (LoadedModel.identity)."""
+        return model_identity(self.spec, self.adapter)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationSettings
 from kvstudio.core.errors import KVStudioError, PolicyConfigError
+from kvstudio.core.persist.run_book import RunBook
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies import policy_class
 from kvstudio.core.policies.base import Policy
@@ -310,20 +311,16 @@ class Sweep:
         settings = GenerationSettings(max_new_tokens=sample.max_new_tokens, chunk_size=self.spec.chunk_size,
                                       memory_sample_hz=0)
         recorder = Recorder()
-        run_id = self._history_start(policy, sample.ids, settings, base)
-        try:
+        with self._book(policy, sample.ids, settings, base, recorder) as book:
             result = self.engine.generate(sample.ids, policy, settings, recorder=recorder, cancel=self.cancel)
-        except BaseException as error:
-            self._history_fail(run_id, error)
-            raise
-        self._history_finish(run_id, result, recorder)
+            book.finish(result)
         if result.stop_reason == "cancelled":
             return None
         return {**base, "subtask": sample.subtask, "context_tokens": sample.context_tokens,
                 "depth": sample.extra.get("asked_depth"), "needle_depth": sample.depth, "sample": sample.sample,
                 **sample.score(result.text), "output": result.text, "expected": sample.expected,
                 "peak_cache_bytes": result.peak_cache_bytes,
-                "seconds": round(result.prefill_seconds + result.decode_seconds, 3), "run_id": run_id}
+                "seconds": round(result.prefill_seconds + result.decode_seconds, 3), "run_id": book.run_id}
 
     def _language_cell(self, policy: Policy, base: dict) -> dict | None:
         options = self.spec.language_options
@@ -331,14 +328,10 @@ class Sweep:
             self._text_ids = text_ids(self.engine, options)
         recorder = Recorder()
         settings = GenerationSettings(max_new_tokens=0, chunk_size=self.spec.chunk_size, memory_sample_hz=0)
-        run_id = self._history_start(policy, self._text_ids, settings, base)
-        try:
+        with self._book(policy, self._text_ids, settings, base, recorder) as book:
             result = evaluate_language(self.engine, self._text_ids, policy, options, self.spec.chunk_size,
                                        cancel=self.cancel, recorder=recorder)
-        except BaseException as error:
-            self._history_fail(run_id, error)
-            raise
-        self._history_finish(run_id, result.run, recorder)
+            book.finish(result.run)
         if result.cancelled:
             return None
         headline = result.perplexity if self.spec.task == "perplexity" else result.mean_kl
@@ -346,49 +339,25 @@ class Sweep:
                 "score": headline, "perplexity": result.perplexity, "kl_mean": result.mean_kl,
                 "kl_max": max(result.kl, default=float("nan")), "prefix_tokens": options.prefix_tokens,
                 "stride": options.stride, "peak_cache_bytes": result.peak_cache_bytes,
-                "seconds": round(result.seconds, 3), "run_id": run_id,
+                "seconds": round(result.seconds, 3), "run_id": book.run_id,
                 "positions": result.positions,
                 "true_logprobs": [round(v, CURVE_DECIMALS) for v in result.true_logprobs],
                 "kl": [round(v, CURVE_DECIMALS) for v in result.kl]}
 
     # -- the run history --------------------------------------------------------------------------
 
-    def _history_start(self, policy: Policy, ids: list[int], settings: GenerationSettings, base: dict) -> int | None:
-        if self.history is None:
-            return None
-        from kvstudio.core.persist.history import HistoryError
-        from kvstudio.core.storage import stored_parameters
+    def _book(self, policy: Policy, ids: list[int], settings: GenerationSettings, base: dict,
+              recorder: Recorder) -> RunBook:
+        """A cell's row in the history, an ordinary run with its evaluation named in the settings. A
+        history that fails to write is off for the rest of the sweep; the store still has every cell."""
+        return RunBook(self.history, model=self.engine.loaded.identity, cache=CacheSpec.of(policy),
+                       prompt=self.engine.tokenizer.decode(ids) if self.history is not None else "",
+                       settings=settings.record() | {"evaluation": {k: base[k] for k in ("task", "budget", "variant")}
+                                                     | {"store": str(self.store.path)}},
+                       recorder=recorder, on_warning=self._history_failed)
 
-        try:
-            prompt = self.engine.tokenizer.decode(ids)
-            return self.history.start(self.spec.model, policy.name, stored_parameters(policy), prompt,
-                                      vars(settings) | {"stop_strings": [], "evaluation": {
-                                          k: base[k] for k in ("task", "budget", "variant")} | {
-                                          "store": str(self.store.path)}})
-        except HistoryError:
-            self.history = None  # the sweep goes on without history; its store still has every cell
-            return None
-
-    def _history_finish(self, run_id, result, recorder: Recorder) -> None:
-        if self.history is None or run_id is None:
-            return
-        from kvstudio.core.persist.history import HistoryError
-        from kvstudio.core.recording.packing import pack_events
-
-        try:
-            self.history.finish(run_id, result, events=pack_events(recorder))
-        except HistoryError:
-            self.history = None
-
-    def _history_fail(self, run_id, error: BaseException) -> None:
-        if self.history is None or run_id is None:
-            return
-        from kvstudio.core.persist.history import HistoryError
-
-        try:
-            self.history.finish(run_id, status="failed", error=str(error) or type(error).__name__)
-        except HistoryError:
-            self.history = None
+    def _history_failed(self, message: str) -> None:
+        self.history = None
 
 
 def _describe(cell: Cell) -> str:

@@ -30,6 +30,12 @@ from kvstudio.core.models.progress import Progress, say
 from kvstudio.core.models.tiny import TINY_FAMILIES, build_tiny_model
 
 
+def model_identity(spec: str, adapter: str = "") -> str:
+    """A model as the run history names it: the spec it was loaded from (what `--model` takes back)
+    and the LoRA adapter applied to it, so base and adapted runs stay apart."""
+    return spec + (f"+lora:{adapter}" if adapter else "")
+
+
 @dataclass
 class LoadedModel:
     """A model ready for the engine, plus what a user should be told about it."""
@@ -41,6 +47,11 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     quantization: str | None = None
+    adapter: str = ""  # the LoRA checkpoint applied ("session/step-000040"), set by core/train/lora.py
+
+    @property
+    def identity(self) -> str:
+        return model_identity(self.spec, self.adapter)
 
     @property
     def config(self):

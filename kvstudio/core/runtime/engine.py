@@ -59,6 +59,10 @@ class GenerationSettings:
             if not ok:
                 raise KVStudioError(message)
 
+    def record(self) -> dict:
+        """The settings as the run history and --json store them (plain JSON values)."""
+        return vars(self) | {"stop_strings": list(self.stop_strings)}
+
 
 @dataclass
 class GenerationResult:

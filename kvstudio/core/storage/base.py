@@ -41,6 +41,7 @@ from typing import ClassVar, Literal
 import torch
 
 from kvstudio.core.errors import KVStudioError
+from kvstudio.core.params import ParameterSpec, check_value, declared, parameter
 
 Kind = Literal["key", "value"]
 TIERS = ("device", "host")
@@ -82,44 +83,57 @@ class Codec(ABC):
 
 @dataclass
 class StorageConfig:
-    """How a run's cache is stored: codec, its options, and where evicted entries go."""
+    """How a run's cache is stored: codec, its options, and where evicted entries go.
 
-    codec: str = "fp"
-    group_size: int = 64  # entries per key group (keys per channel) and channels per value group
+    Each field is declared once (core/params.py): its help, range and choices drive `kvstudio run`'s
+    options (cli/storage_options.py), the studio's storage fields (gui/widgets/storage_form.py) and
+    eval variants typed as text (policy_storage.storage_from_options)."""
+
+    codec: str = parameter("fp", help="how kept entries are stored: fp is the model's dtype; int8/int4 quantize "
+                                      "keys per channel and values per token (KIVI); bnb-* need CUDA")
+    group_size: int = parameter(64, minimum=2, maximum=4096,
+                                help="entries per key group and channels per value group, KIVI-style")
     # Newest entries kept in full precision until they leave this window. 0 (the default) is what holds
     # the byte targets under bounded policies: values are then quantized the step they arrive and only
     # the incomplete key group (at most group_size - 1 keys) waits in full precision.
-    residual: int = 0
-    tier: str = "device"  # device: evicted entries are dropped; host: they move to host memory
-    recall: int = 0  # host blocks brought back for each step (tier host)
-    block_size: int = 16  # entries per host block (one summary each)
-    measure_error: bool = False  # record the codec's relative error of keys and values
+    residual: int = parameter(0, minimum=0, maximum=1_000_000,
+                              help="newest entries kept in full precision until they leave this window; keys wait "
+                                   "until their whole group has left it (0: values are quantized at once)")
+    tier: str = parameter("device", choices=TIERS, help="device: evicted entries are dropped; host: they move to "
+                                                        "host memory and can be recalled")
+    recall: int = parameter(0, minimum=0, maximum=1_000_000, label="recall blocks",
+                            help="host blocks the current query brings back each step (tier host)")
+    block_size: int = parameter(16, minimum=1, maximum=1_000_000, help="entries per host block (one summary each)")
+    measure_error: bool = parameter(False, help="report the codec's relative error of keys and values and the KL "
+                                                "divergence of the next-token distribution from the same run stored "
+                                                "in fp (runs the sequence twice more)")
     # Cross-layer merging (storage/minicache.py): adjacent layers from merge_from on share directions.
-    merge: str = "none"  # none | minicache
-    merge_from: int | None = None  # the first merged layer; None: half depth
-    merge_threshold: float = 0.05  # retention threshold: 0 keeps every token unmerged, above 1 merges all
-    merge_t: float = 0.6  # SLERP interpolation parameter (0: the earlier layer's direction, 1: the later's)
+    merge: str = parameter("none", choices=MERGE_METHODS, label="merge layers",
+                           help="minicache: from merge_from on, adjacent layers share one direction per token (SLERP "
+                                "of their states) and keep their own magnitudes (Liu et al. 2024)")
+    merge_from: int | None = parameter(None, minimum=0, maximum=1024, label="merge from layer", metavar="L",
+                                       help="the first merged layer (None: half depth): pairs (L, L+1), (L+2, L+3), ...")
+    merge_threshold: float = parameter(0.05, minimum=0.0, maximum=2.0, label="retention threshold", metavar="T",
+                                       help="tokens whose two states are farther apart than this fraction of the "
+                                            "pair's distance range stay unmerged; 0 keeps every token unmerged, above "
+                                            "1 merges every token both layers hold (0.05: the paper's)")
+    merge_t: float = parameter(0.6, minimum=0.0, maximum=1.0, label="SLERP t", metavar="T",
+                               help="SLERP interpolation parameter, 0 = the earlier layer's direction, 1 = the "
+                                    "later's (0.6: the paper's)")
+
+    @classmethod
+    def parameters(cls) -> list[ParameterSpec]:
+        return declared(cls)
 
     def validate(self) -> None:
         from kvstudio.core.storage import codec_class
 
         codec_class(self.codec)  # an unknown name raises with the list of codecs
-        checks = [
-            (self.group_size >= 2, f"--group-size must be at least 2, got {self.group_size}"),
-            (self.residual >= 0, f"--residual must be 0 or more, got {self.residual}"),
-            (self.tier in TIERS, f"--tier must be one of {', '.join(TIERS)}, got {self.tier!r}"),
-            (self.recall >= 0, f"--recall must be 0 or more, got {self.recall}"),
-            (self.recall == 0 or self.tier == "host", "--recall N needs --tier host (evicted entries are "
-                                                      "dropped on the device tier, so there is nothing to recall)"),
-            (self.block_size >= 1, f"--block-size must be at least 1, got {self.block_size}"),
-            (self.merge in MERGE_METHODS, f"--merge must be one of {', '.join(MERGE_METHODS)}, got {self.merge!r}"),
-            (self.merge_from is None or self.merge_from >= 0, f"--merge-from must be 0 or more, got {self.merge_from}"),
-            (self.merge_threshold >= 0, f"--merge-threshold must be 0 or more, got {self.merge_threshold}"),
-            (0 <= self.merge_t <= 1, f"--merge-t must be between 0 and 1, got {self.merge_t}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise CodecError(message)
+        for spec in self.parameters():
+            setattr(self, spec.name, check_value(spec, getattr(self, spec.name), CodecError))
+        if self.recall and self.tier != "host":
+            raise CodecError("--recall N needs --tier host (evicted entries are dropped on the device tier, so there "
+                             "is nothing to recall)")
 
     def describe(self) -> str:
         parts = [self.codec]

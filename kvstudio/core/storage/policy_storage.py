@@ -7,6 +7,7 @@ A cache is named `<policy>-<codec>` (KeysAndValues' convention), `+host` with th
 
 from __future__ import annotations
 
+from kvstudio.core.params import parse_text
 from kvstudio.core.storage.base import MERGE_METHODS, CodecError, StorageConfig
 from kvstudio.core.storage.codecs import FP, _CODECS
 
@@ -100,27 +101,16 @@ STORAGE_KEY = "storage"  # in a policy's parameter dict (the studio's run reques
 
 def storage_from_options(options: dict) -> tuple[StorageConfig | None, dict]:
     """Split NAME=VALUE options (an eval variant) into a StorageConfig (the ones named like its fields,
-    typed from text by each field's default) and the rest; (None, options) when none is a storage field."""
-    from dataclasses import fields
-
-    defaults = StorageConfig()
-    names = {f.name for f in fields(StorageConfig)}
-    given = {k: v for k, v in options.items() if k in names}
+    typed from text by each field's declaration: "on" is True, "none" is None where None is accepted)
+    and the rest; (None, options) when none is a storage field."""
+    specs = {spec.name: spec for spec in StorageConfig.parameters()}
+    given = {k: v for k, v in options.items() if k in specs}
     if not given:
         return None, options
-    typed = {}
-    for key, value in given.items():
-        default = getattr(defaults, key)
-        kind = int if default is None else type(default)  # merge_from: None or a layer number
-        try:
-            if isinstance(value, str) and kind is bool:
-                typed[key] = value.lower() in ("true", "1", "yes")
-            else:
-                typed[key] = kind(value) if not isinstance(value, kind) else value
-        except ValueError:
-            raise CodecError(f"storage option {key}={value}: expected a {kind.__name__}") from None
+    typed = {key: parse_text(specs[key], value, f"storage option {key}={value}", CodecError)
+             for key, value in given.items()}
     loose = [k for k in typed if k.startswith("merge_")]  # merge settings with nothing merged: refused, not ignored
     if loose and typed.get("merge", "none") == "none":
         raise CodecError(f"{loose[0]}={given[loose[0]]} needs merge=minicache in the same variant: without it no "
                          "layers are merged")
-    return StorageConfig(**typed), {k: v for k, v in options.items() if k not in names}
+    return StorageConfig(**typed), {k: v for k, v in options.items() if k not in specs}

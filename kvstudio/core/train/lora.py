@@ -117,6 +117,7 @@ def detach(loaded) -> None:
     peft_model = _attached.pop(loaded.model, None)
     if peft_model is not None:
         peft_model.unload()
+    loaded.adapter = ""
     loaded.model.eval()
 
 
@@ -171,6 +172,11 @@ def check_matches(loaded, checkpoint: Path) -> dict:
     return info
 
 
+def adapter_name(checkpoint: Path) -> str:
+    """How runs name the adapter they used: its session folder and checkpoint ("passkey/step-000040")."""
+    return f"{checkpoint.parent.name}/{checkpoint.name}"
+
+
 def load_adapter(loaded, folder: str | Path, trainable: bool = False):
     """Inject a saved adapter into the loaded model; returns (PeftModel, checkpoint folder, info)."""
     from peft import PeftModel
@@ -187,7 +193,8 @@ def load_adapter(loaded, folder: str | Path, trainable: bool = False):
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise AdapterError(f"the adapter in {checkpoint} does not fit {loaded.name}: {first}") from error
     _attached[loaded.model] = peft_model
-    if not trainable:
+    if not trainable:  # generation runs now use it: the history and summaries name it (LoadedModel.identity)
+        loaded.adapter = adapter_name(checkpoint)
         loaded.model.eval()
     return peft_model, checkpoint, info
 

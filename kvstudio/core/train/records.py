@@ -1,6 +1,7 @@
 """Fine-tune sessions in the run history: one row of kind "finetune" per session.
 
-The row is written when the session starts (status running) and completed when it ends: the
+The row is kept by a RunBook (core/persist/run_book.py), as every run's is: written when the
+session starts (status running) and completed when it ends: the
 curves (`steps`: one record per optimizer step; `figures["val"]`: the validations), the memory
 timeline, the adapter folder (as the row's output) and the figures a list shows. A failed session
 keeps its row, marked failed with the message. `session_from_record` turns a row back into what
@@ -12,18 +13,22 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from kvstudio.core.persist.history import RunHistory, RunRecord
+from kvstudio.core.persist.run_book import RunBook
+from kvstudio.core.spec import CacheSpec
 from kvstudio.core.train.log import MemoryReading, TrainingLog, TrainStep, Validation
 
 KIND = "finetune"
 MAX_STORED_READINGS = 4000
 
 
-def start(history: RunHistory, model: str, policy, data: str, settings: dict, out_dir: str) -> int:
-    return history.start(model, policy.name, policy.config.as_dict(), data, settings | {"out_dir": out_dir},
-                         kind=KIND)
+def book(history: RunHistory | None, model: str, cache: CacheSpec, data: str, settings: dict, out_dir: str,
+         on_warning=None) -> RunBook:
+    """The session's RunBook (not started): `model` is LoadedModel.identity, `data` the data's description."""
+    return RunBook(history, model=model, cache=cache, prompt=data, settings=settings | {"out_dir": out_dir},
+                   kind=KIND, on_warning=on_warning)
 
 
-def finish(history: RunHistory, run_id: int, result, log: TrainingLog | None = None) -> None:
+def finish(book: RunBook, result, log: TrainingLog | None = None) -> None:
     figures = {
         "steps_done": result.steps[-1].step if result.steps else 0,
         "initial_val_loss_policy": result.initial_val_loss_policy,
@@ -40,12 +45,7 @@ def finish(history: RunHistory, run_id: int, result, log: TrainingLog | None = N
     memory = [asdict(r) for r in log.all("memory")] if log is not None else []
     if len(memory) > MAX_STORED_READINGS:
         memory = memory[:: len(memory) // MAX_STORED_READINGS + 1]
-    history.finish_figures(run_id, result.status, result.adapter or "", figures, [asdict(s) for s in result.steps],
-                           memory)
-
-
-def fail(history: RunHistory, run_id: int, message: str, status: str = "failed") -> None:
-    history.finish_figures(run_id, status, "", {}, [], [], error=message)
+    book.finish_session(result.status, result.adapter or "", figures, [asdict(s) for s in result.steps], memory)
 
 
 def log_from_record(record: RunRecord) -> TrainingLog:

@@ -186,7 +186,7 @@ class FinetuneSession:
         except (torch.OutOfMemoryError, MemoryError) as error:
             raise KVStudioError(f"out of memory in fine-tune step {self.log.step + 1}: lower --seq-len, "
                                 "--chunk-size or the budget, or use --grad-mode truncated; "
-                                f"{self._kept_text()}") from error
+                                f"{self.kept_text()}") from error
         finally:
             self._zero_grad()
             for handle in self._hooks:
@@ -196,7 +196,7 @@ class FinetuneSession:
             lora.detach(self.loaded)
             self.log.enter("done")
         if status == "cancelled":
-            self.log.status(f"stopped during step {self.log.step + 1}; {self._kept_text()}")
+            self.log.status(f"stopped during step {self.log.step + 1}; {self.kept_text()}")
         return FinetuneResult(
             status=status, model=self.loaded.name, policy=self.policy.describe(),
             policy_parameters=self.policy.config.as_dict(), data=self.dataset.description,
@@ -223,7 +223,8 @@ class FinetuneSession:
         if self.last_checkpoint is None or self.last_checkpoint.step != settings.steps:
             self._save(settings.steps)
 
-    def _kept_text(self) -> str:
+    def kept_text(self) -> str:
+        """What a stopped session leaves behind, in words (for its messages and its history row)."""
         if self.last_checkpoint is None:
             return "no adapter was saved yet"
         return f"the adapter saved at step {self.last_checkpoint.step} is intact in {self.last_checkpoint.folder}"

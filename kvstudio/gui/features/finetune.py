@@ -16,12 +16,13 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog
                                QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea, QSpinBox, QVBoxLayout,
                                QWidget)
 
-from kvstudio.core.persist.history import HistoryError
+from kvstudio.core.errors import KVStudioError
+from kvstudio.core.models.loading import model_identity
 from kvstudio.core.spec import CacheSpec
 from kvstudio.core.train import records
 from kvstudio.core.train.data import SYNTHETIC_PASSKEY
 from kvstudio.core.train.log import TrainingLog
-from kvstudio.core.train.lora import LoraSettings
+from kvstudio.core.train.lora import LoraSettings, adapter_name
 from kvstudio.core.train.session import FinetuneSettings
 from kvstudio.core.train.through_cache import GRAD_MODES
 from kvstudio.gui.features.finetune_plots import FinetuneCurves
@@ -221,6 +222,7 @@ class FinetuneFeature(Feature):
         self.remove_adapter.connect(self.runner.remove_adapter)
         self.runner.finished.connect(self.on_finished)
         self.runner.adapter_changed.connect(self.adapter_row.show_adapter)
+        self.runner.adapter_changed.connect(self._name_adapter)
         self.runner.adapter_failed.connect(window.show_error)
         self.panel.start_requested.connect(self.start)
         self.panel.stop_requested.connect(self.stop)
@@ -229,6 +231,11 @@ class FinetuneFeature(Feature):
         window.loading.model_loaded.connect(lambda _info: self.adapter_row.show_adapter(""))  # a new model: no adapter
         # The Set-up panel's Stop stops a session too (the window enables it while anything runs).
         window.form.stop_button.clicked.connect(lambda: self.running and self.stop())
+
+    def _name_adapter(self, folder: str) -> None:
+        """Runs name the adapter they use in the history, as the CLI's do (ModelInfo.identity)."""
+        if self.window.model_info is not None:
+            self.window.model_info.adapter = adapter_name(Path(folder)) if folder else ""
 
     def closing(self) -> None:
         if self.running:
@@ -316,29 +323,24 @@ class FinetuneFeature(Feature):
         self.panel.set_running(running)
 
     def _history_start(self, request: FinetuneRequest) -> None:
-        history = self.window.history
-        if history is None:
-            return
         try:
-            policy = CacheSpec(request.policy, request.parameters).build()
-            request.history_id = records.start(history, self.window.model_info.spec, policy, request.data,
-                                               request.settings.as_dict(), request.out_dir)
-        except HistoryError as error:
-            self.window.show_error(str(error))
-        except Exception:  # bad policy parameters: the runner reports them
-            pass
+            cache = CacheSpec.parse(request.policy, request.parameters)
+        except KVStudioError:  # bad storage settings: the runner reports them when it builds the policy
+            return
+        # A session trains from the base model (the runner takes any applied adapter off first).
+        request.book = records.book(self.window.history, model_identity(self.window.model_info.spec), cache,
+                                    request.data, request.settings.as_dict(), request.out_dir,
+                                    on_warning=self.window.show_error)
+        request.history_id = request.book.start()
 
     def _history_finish(self, outcome: FinetuneOutcome) -> None:
-        history, run_id = self.window.history, outcome.request.history_id
-        if history is None or run_id is None:
+        book = outcome.request.book
+        if book is None:
             return
-        try:
-            if outcome.result is not None:
-                records.finish(history, run_id, outcome.result, outcome.request.log)
-            else:
-                records.fail(history, run_id, outcome.error or "failed")
-        except HistoryError as error:
-            self.window.show_error(str(error))
+        if outcome.result is not None:
+            records.finish(book, outcome.result, outcome.request.log)
+        else:
+            book.fail(outcome.error or "failed")
         self.window.runs.view.refresh()
 
     # -- stored sessions --------------------------------------------------------------------------

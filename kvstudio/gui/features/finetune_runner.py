@@ -41,6 +41,7 @@ class FinetuneRequest:
     resume: bool = False
     snapshot_path: str | None = None
     history_id: int | None = None
+    book: object = None  # the RunBook keeping its row (records.book)
 
 
 @dataclass

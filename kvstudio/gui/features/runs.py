@@ -13,8 +13,9 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QLabel, QLineEdit
 
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.persist.exports import export_run
-from kvstudio.core.persist.history import HistoryError
+from kvstudio.core.persist.run_book import RunBook
 from kvstudio.core.recording.packing import unpack_events
+from kvstudio.core.spec import CacheSpec
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.widgets.flow_layout import FlowLayout
 from kvstudio.gui.features.run_summary import budget_text, parameters_text
@@ -200,25 +201,25 @@ class RunsFeature(Feature):
         window = self.window
         if window.history is None:
             return
-        try:
-            request.history_id = window.history.start(
-                window.model_info.spec, request.policy, request.parameters, request.prompt,
-                vars(request.settings) | {"stop_strings": list(request.settings.stop_strings)})
-        except HistoryError as error:
-            window.history = None
-            window.show_error(str(error))
+        request.book = RunBook(window.history, model=window.model_info.identity,
+                               cache=CacheSpec.parse(request.policy, request.parameters), prompt=request.prompt,
+                               settings=request.settings.record(), recorder=request.recorder,
+                               on_warning=self._history_failed)
+        request.history_id = request.book.start()
 
     def record_finish(self, outcome) -> None:
-        window = self.window
-        if window.history is None or outcome.request.history_id is None:
+        book = outcome.request.book
+        if book is None:
             return
-        try:
-            window.history.finish(outcome.request.history_id, outcome.result, error=outcome.error,
-                                  events=outcome.events)
-        except HistoryError as error:
-            window.history = None
-            window.show_error(str(error))
-        self.view.set_history(window.history)
+        if outcome.result is not None:
+            book.finish(outcome.result, error=outcome.error, events=outcome.events)
+        else:
+            book.fail(outcome.error or "failed", events=outcome.events)
+        self.view.set_history(self.window.history)
+
+    def _history_failed(self, message: str) -> None:
+        self.window.history = None
+        self.window.show_error(message)
 
     @Slot(int)
     def open(self, run_id: int) -> None:

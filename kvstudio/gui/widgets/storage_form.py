@@ -17,12 +17,12 @@ from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QS
 
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.storage import STORAGE_KEY, StorageConfig, available_codecs
-from kvstudio.core.storage.base import MERGE_METHODS, TIERS
 from kvstudio.gui.widgets.form_words import in_form_words
 
+SPECS = {spec.name: spec for spec in StorageConfig.parameters()}  # each field's declaration: range, help, label
 # The CLI's option -> this form's label, where they differ (for messages in the form's words).
-OPTION_LABELS = {"group-size": "group size", "recall": "recall blocks", "merge": "merge layers",
-                 "merge-from": "merge from layer", "merge-threshold": "retention threshold", "merge-t": "SLERP t"}
+OPTION_LABELS = {spec.option.removeprefix("--"): spec.form_label for spec in SPECS.values()
+                 if spec.form_label != spec.option.removeprefix("--")}
 
 SETTINGS_KEY = "storage"  # QSettings key: the fields as JSON
 # What each remembered field must be to be restored (anything else, e.g. from a hand-edited file, is dropped).
@@ -35,45 +35,30 @@ class StorageForm(QWidget):
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        defaults = StorageConfig()
         self.codec = QComboBox()
-        self.codec.setToolTip("how kept entries are stored: fp is the model's dtype; int8/int4 quantize keys per "
-                              "channel and values per token (KIVI); bnb-* need CUDA")
-        self.group_size = QSpinBox(minimum=2, maximum=4096, value=defaults.group_size)
-        self.group_size.setToolTip("entries per key group and channels per value group")
-        self.residual = QSpinBox(minimum=0, maximum=1_000_000, value=defaults.residual)
-        self.residual.setToolTip("newest entries kept in full precision until they leave this window")
+        self.group_size = _spin_box(QSpinBox, SPECS["group_size"])
+        self.residual = _spin_box(QSpinBox, SPECS["residual"])
         self.tier = QComboBox()
-        self.tier.addItems(TIERS)
-        self.tier.setToolTip("device: evicted entries are dropped; host: they move to host memory and the blocks "
-                             "the current query would attend to come back for the step")
-        self.recall = QSpinBox(minimum=0, maximum=1_000_000, value=defaults.recall)
-        self.recall.setToolTip("host blocks brought back each step (tier host)")
+        self.tier.addItems(SPECS["tier"].choices)
+        self.recall = _spin_box(QSpinBox, SPECS["recall"])
         self.merge = QComboBox()
-        self.merge.addItems(MERGE_METHODS)
-        self.merge.setToolTip("minicache: from the chosen layer on, adjacent layers share one direction per token "
-                              "(SLERP of their states) and keep their own magnitudes (Liu et al. 2024)")
-        self.merge_from = QSpinBox(minimum=-1, maximum=1024, value=-1)
+        self.merge.addItems(SPECS["merge"].choices)
+        self.merge_from = _spin_box(QSpinBox, SPECS["merge_from"])
+        self.merge_from.setMinimum(-1)  # below the range: None, merging from half depth
+        self.merge_from.setValue(-1)
         self.merge_from.setSpecialValueText("half depth")
-        self.merge_from.setToolTip("the first merged layer: pairs (L, L+1), (L+2, L+3), ...")
-        self.merge_threshold = QDoubleSpinBox(minimum=0.0, maximum=2.0, decimals=3, singleStep=0.01,
-                                              value=defaults.merge_threshold)
-        self.merge_threshold.setToolTip("retention threshold: tokens whose two states are farther apart than this "
-                                        "fraction of the pair's distance range stay unmerged (0.05: the paper's; "
-                                        "0 keeps every token unmerged; above 1 merges all)")
-        self.merge_t = QDoubleSpinBox(minimum=0.0, maximum=1.0, decimals=2, singleStep=0.05, value=defaults.merge_t)
-        self.merge_t.setToolTip("SLERP interpolation: 0 = the earlier layer's direction, 1 = the later's (0.6: the "
-                                "paper's)")
+        self.merge_threshold = _spin_box(QDoubleSpinBox, SPECS["merge_threshold"], decimals=3, singleStep=0.01)
+        self.merge_t = _spin_box(QDoubleSpinBox, SPECS["merge_t"], decimals=2, singleStep=0.05)
+        for name in ("codec", "tier", "merge"):
+            getattr(self, name).setToolTip(SPECS[name].help)
         self.error = QLabel("")
         self.error.setWordWrap(True)
         self.error.setStyleSheet("color: #d33;")
         layout = QFormLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        for label, editor in (("codec", self.codec), ("group size", self.group_size), ("residual", self.residual),
-                              ("tier", self.tier), ("recall blocks", self.recall), ("merge layers", self.merge),
-                              ("merge from layer", self.merge_from), ("retention threshold", self.merge_threshold),
-                              ("SLERP t", self.merge_t)):
-            layout.addRow(label, editor)
+        for name in ("codec", "group_size", "residual", "tier", "recall", "merge", "merge_from", "merge_threshold",
+                     "merge_t"):
+            layout.addRow(SPECS[name].form_label, getattr(self, name))
         layout.addRow(self.error)
         self.set_codecs(list(available_codecs()))
         for spin in (self.group_size, self.residual, self.recall, self.merge_from, self.merge_threshold, self.merge_t):
@@ -166,3 +151,11 @@ class StorageForm(QWidget):
             editor.setEnabled(merging)
         self.validate()
         self.changed.emit()
+
+
+def _spin_box(kind, spec, **options):
+    """A spin box over the declared range, at the default, with the declaration's help as its tooltip."""
+    box = kind(minimum=spec.minimum, maximum=spec.maximum, **options)
+    box.setValue(spec.default if spec.default is not None else spec.minimum)
+    box.setToolTip(spec.help)
+    return box
