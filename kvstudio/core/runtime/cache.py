@@ -461,8 +461,7 @@ class PolicyCache(Cache):
         """Mean relative error of decoded keys and values over every encoded group (measure_error on)."""
         sums = {"key": [], "value": []}
         for layer in self.layers:
-            measured = getattr(layer.store, "mean_relative_error", None)
-            for kind, value in (measured() if measured else {}).items():
+            for kind, value in layer.store.mean_relative_error().items():
                 if value is not None:
                     sums[kind].append(value)
         return {kind: (sum(values) / len(values) if values else None) for kind, values in sums.items()}

@@ -18,11 +18,12 @@ from kvstudio.core.storage.bnb import BnbInt4Codec, BnbInt8Codec
 from kvstudio.core.storage.codecs import (BUILT_IN, FP, available_codecs, codec_class, codec_source, create_codec, register_codec,
                      unregister_codec)
 from kvstudio.core.storage.integer import Int4Codec, Int8Codec
+from kvstudio.core.storage.layer_stores import LayerStore
 from kvstudio.core.storage.policy_storage import (STORAGE_KEY, attach, cache_label, cache_name, changed_fields,
                              merge_in_name, split_cache_name, storage_config, storage_fields, storage_from_options,
                              storage_of, stored_parameters)
 
-__all__ = ["BUILT_IN", "FP", "MERGE_METHODS", "STORAGE_KEY", "BnbInt4Codec", "BnbInt8Codec", "Codec", "CodecError",
+__all__ = ["BUILT_IN", "FP", "MERGE_METHODS", "STORAGE_KEY", "BnbInt4Codec", "BnbInt8Codec", "Codec", "CodecError", "LayerStore",
            "Int4Codec", "Int8Codec", "StorageConfig", "attach", "available_codecs", "cache_label",
            "cache_name", "changed_fields", "codec_class", "codec_source", "create_codec", "merge_in_name",
            "register_codec", "split_cache_name", "storage_config", "storage_fields", "storage_from_options",

@@ -1,5 +1,8 @@
 """One layer's storage: what PolicyLayer delegates appending, evicting and byte counting to.
 
+`LayerStore` is the contract (an abstract class: what a store must do, and the buffers, counting
+and saving every store shares); the stores are:
+
 `FpStore` holds keys and values as the model produced them (the `fp` codec), in preallocated
 buffers: bit-identical to concatenating tensors, without the per-step copy.
 
@@ -26,6 +29,8 @@ saved cache holds exactly what the store held (core.store.layer_tensors).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from kvstudio.core.storage.base import Codec, CodecError, Encoded
@@ -34,12 +39,54 @@ from kvstudio.core.storage.buffers import EntryBuffers
 KINDS = ("key", "value")
 
 
-class _Store:
-    """What both stores share: the per-entry buffers, with token positions and rotation positions."""
+class LayerStore(ABC):
+    """The per-layer store contract: what PolicyLayer (core/runtime/cache.py) asks of one layer's
+    storage. A store holds, per KV head, the same number n of entries: keys and values
+    (kv_heads, n, head_dim) and each entry's token position and rotation position (kv_heads, n).
+
+    To write one, implement the abstract methods; the shared buffers (`entries`), counting and
+    saving come with this class. `byte_count` must count every byte the store holds, whatever the
+    encoding: the views and the memory targets report it as the cache's size.
+    """
+
+    # With cross-layer merging a codec encodes the merged states again, so the step's groups stay
+    # available until the merge has run (QuantizedStore reads it; PolicyLayer sets it).
+    keep_step_groups = False
 
     def __init__(self, capacity_hint: int | None):
         self.entries = EntryBuffers(capacity_hint)
         self._bytes = 0
+
+    @abstractmethod
+    def keys(self) -> torch.Tensor:
+        """Every held key as attention reads it, (1, kv_heads, n, head_dim) in the model's dtype."""
+
+    @abstractmethod
+    def values(self) -> torch.Tensor:
+        """Every held value, (1, kv_heads, n, head_dim)."""
+
+    @abstractmethod
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               rope_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add n new entries (keys, values (kv_heads, n, head_dim); positions (kv_heads, n)); returns
+        the whole layer's keys and values, (1, kv_heads, N, head_dim), for this step's attention."""
+
+    @abstractmethod
+    def keep(self, keep: torch.Tensor) -> None:
+        """Keep only the entries at `keep` (kv_heads, m) indices, in that order; drop the rest."""
+
+    @abstractmethod
+    def overwrite(self, kind: str, index: torch.Tensor, rows: torch.Tensor, where: torch.Tensor) -> None:
+        """Write rows (kv_heads, m, head_dim) of `kind` over the entries at `index` where `where`
+        (cross-layer merging writes each layer's restored states; storage/minicache.py)."""
+
+    @abstractmethod
+    def set_keys(self, keys: torch.Tensor, rope_positions: torch.Tensor) -> None:
+        """Replace every held key (after re-rotation), (1, kv_heads, n, head_dim)."""
+
+    def mean_relative_error(self) -> dict[str, float | None]:
+        """The codec's mean relative error of keys and values (None: not measured, or nothing encoded)."""
+        return {kind: None for kind in KINDS}
 
     # -- what PolicyLayer reads --------------------------------------------------------------------
 
@@ -67,7 +114,7 @@ class _Store:
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, numbers): everything held, as exact CPU copies, and the counters beside them."""
         tensors = {f"entries.{name}": self.entries.view(name) for name in self.entries.tensors}
-        return _cpu_copies(tensors), {}
+        return cpu_copies(tensors), {}
 
     def load_state(self, tensors: dict[str, torch.Tensor], numbers: dict, device) -> None:
         """The inverse of `state()`, into a fresh store."""
@@ -77,11 +124,11 @@ class _Store:
                 self.entries.append(fields, next(iter(fields.values())).shape[1])
 
 
-def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}
 
 
-class FpStore(_Store):
+class FpStore(LayerStore):
     """Keys and values in the model's dtype, in preallocated buffers."""
 
     def keys(self) -> torch.Tensor:
@@ -237,7 +284,7 @@ class _Window:
         return self.rows[:, :self.length].numel() * self.rows.element_size()
 
 
-class QuantizedStore(_Store):
+class QuantizedStore(LayerStore):
     """Keys and values through a codec, with a full-precision window of the newest positions."""
 
     def __init__(self, codec: Codec, group_size: int, residual: int, capacity_hint: int | None,
@@ -464,7 +511,7 @@ class QuantizedStore(_Store):
                 table_tensors, numbers[f"table.{kind}"] = table.state()
                 tensors.update({f"table.{kind}.{name}": t for name, t in table_tensors.items()})
         numbers["error_sums"], numbers["error_counts"] = dict(self.error_sums), dict(self.error_counts)
-        return _cpu_copies(tensors), numbers
+        return cpu_copies(tensors), numbers
 
     def load_state(self, tensors, numbers, device) -> None:
         super().load_state(tensors, numbers, device)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from kvstudio.core.storage.base import CodecError
-from kvstudio.core.storage.layer_stores import KINDS, _cpu_copies, _Store
+from kvstudio.core.storage.layer_stores import KINDS, cpu_copies, LayerStore
 
 
 class RowPool:
@@ -93,7 +93,7 @@ class RowPool:
         self.rows, self.free = rows, free
 
 
-class LinkedStore(_Store):
+class LinkedStore(LayerStore):
     """Layer b of a pair under fp: pool rows for its own entries, a magnitude and a link for merged ones."""
 
     def __init__(self, capacity_hint: int | None):
@@ -196,7 +196,7 @@ class LinkedStore(_Store):
             tensors[f"entries.{kind}_linked"] = linked
             tensors[f"entries.{kind}_magnitude"] = self.entries.view(f"{kind}_magnitude")
             tensors[f"entries.{kind}_rows"] = torch.where(linked.unsqueeze(-1), torch.zeros_like(rows), rows)
-        return _cpu_copies(tensors), {}
+        return cpu_copies(tensors), {}
 
     def load_state(self, tensors: dict[str, torch.Tensor], numbers: dict, device) -> None:
         """The inverse of `state()`, into a fresh store: own rows go back into the pools."""
