@@ -14,14 +14,13 @@ import copy
 import torch
 
 from kvstudio.core.storage.base import StorageConfig
+from kvstudio.core.recording.events import Recorder
+from kvstudio.core.runtime.session import RunSession
 
 
 def teacher_forced(engine, ids: list[int], prompt_tokens: int, policy, chunk_size: int):
     """Feed `ids` (prefill of the first prompt_tokens, then one decode step each); returns the
     (positions, vocab) float32 log-probabilities and the run (its step records and cache)."""
-    from kvstudio.core.runtime.session import RunSession
-    from kvstudio.core.recording.events import Recorder
-
     run = RunSession(engine, engine.new_cache(policy), Recorder())
     rows = [run.prefill(ids[:prompt_tokens], chunk_size)]
     for token in ids[prompt_tokens:]:

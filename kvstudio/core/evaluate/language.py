@@ -29,6 +29,7 @@ from kvstudio.core.policies.base import Policy
 from kvstudio.core.evaluate.haystack import prose_ids
 from kvstudio.core.evaluate.metrics import kl_divergence, perplexity
 from kvstudio.core.evaluate.tasks import TaskError
+from kvstudio.core.io.prompts import read_text_file
 
 REFERENCE_CHUNK = 256  # positions of full-cache logits held at a time (256 x vocab x 4 bytes)
 
@@ -73,8 +74,6 @@ class LanguageResult:
 def text_ids(engine: Engine, options: LanguageOptions) -> list[int]:
     """The evaluated text's token ids: the user's file, or prose, cut to `options.tokens`."""
     if options.text_file:
-        from kvstudio.core.io.prompts import read_text_file
-
         ids = engine.encode(read_text_file(options.text_file))
         if len(ids) < options.tokens:
             raise TaskError(f"{options.text_file} has {len(ids)} tokens, fewer than --tokens {options.tokens}")

@@ -37,6 +37,7 @@ from kvstudio.core.storage import StorageConfig, storage_from_options
 from kvstudio.core.evaluate.haystack import GENERATOR_VERSION
 from kvstudio.core.evaluate.language import LanguageOptions, evaluate_language, text_ids
 from kvstudio.core.evaluate.tasks import GENERATION_TASKS, LANGUAGE_TASKS, Sample, TaskOptions, generation_samples
+from kvstudio.core.plugins.loader import user_data_dir
 
 STORE_VERSION = 1
 CURVE_DECIMALS = 5  # per-position log-probabilities and KL, as stored
@@ -135,8 +136,6 @@ def _file_digest(path: str) -> str:
 
 
 def default_store_path(spec: SweepSpec) -> Path:
-    from kvstudio.core.plugins.loader import user_data_dir
-
     return user_data_dir() / "evaluations" / f"{store_task(spec.task)}-{spec.fingerprint()}.jsonl"
 
 

@@ -18,6 +18,8 @@ from kvstudio.core.io.atomic import atomic_produce, check_writable_folder
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.units import MIB
 from kvstudio.core.figures import colours, data
+from kvstudio.core.figures.token_html import token_map_html
+from kvstudio.core.io.atomic import atomic_write
 
 VIEWS = ("token-map", "attention", "occupancy", "evictions", "memory")
 FORMATS = (".png", ".svg", ".pdf", ".html")
@@ -113,11 +115,7 @@ def save_view(recorder, request: FigureRequest, path: str | Path) -> Path:
     check_request(recorder, request)
     request = _resolve_layer(recorder, request)
     if suffix == ".html":
-        from kvstudio.core.figures.token_html import token_map_html
-
         html = token_map_html(recorder, request.layer, caption(recorder.all("runs")[-1], request))
-        from kvstudio.core.io.atomic import atomic_write
-
         return atomic_write(path, lambda stream: stream.write(html))
     figure = draw(recorder, request)
 

@@ -28,6 +28,7 @@ from kvstudio.core.models.default_model import DEFAULT_MODEL_NAME, DEFAULT_MODEL
 from kvstudio.core.models.devices import quantization_config, resolve_device, resolve_dtype
 from kvstudio.core.models.progress import Progress, say
 from kvstudio.core.models.tiny import TINY_FAMILIES, build_tiny_model
+from kvstudio.core.models.kv_pooling import describe_groups, pool_kv_heads, split_kv_groups
 
 
 def model_identity(spec: str, adapter: str = "") -> str:
@@ -116,8 +117,6 @@ def load_model(
 
 
 def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress) -> LoadedModel:
-    from kvstudio.core.models.kv_pooling import split_kv_groups
-
     full_spec, (spec, kv_groups) = spec, split_kv_groups(spec)
     if kv_groups is not None and quant_config is not None:
         raise ModelLoadError("--kv-groups pools the K/V weights, which quantized (bitsandbytes) weights cannot be; "
@@ -137,8 +136,6 @@ def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
         model, tokenizer = _load_pretrained(folder, torch_dtype, torch_device, quant_config, progress)
 
     if kv_groups is not None:  # a derived model: KV heads mean-pooled at load time (GQA's initialisation)
-        from kvstudio.core.models.kv_pooling import describe_groups, pool_kv_heads
-
         pool_kv_heads(model, kv_groups)
         name = f"{name} ({describe_groups(kv_groups)})"
     if quant_config is None:
@@ -163,8 +160,6 @@ def import_model_code(spec: str = "default") -> None:
     """
     import importlib
     import json
-
-    from kvstudio.core.models.kv_pooling import split_kv_groups
 
     spec = split_kv_groups(spec)[0]  # a pooled model runs its base model's code
     try:
@@ -192,8 +187,6 @@ def prepare_load(spec: str = "default") -> None:
     studio calls this before its window opens, so loading the model it starts with never stalls
     the window. Only folders already on disk are touched: nothing is converted here. Never raises."""
     import_model_code(spec)
-    from kvstudio.core.models.kv_pooling import split_kv_groups
-
     spec = split_kv_groups(spec)[0]
     try:
         if spec == "default":

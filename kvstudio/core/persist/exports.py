@@ -15,6 +15,7 @@ import numpy as np
 
 from kvstudio.core.io.atomic import atomic_write, check_writable_folder
 from kvstudio.core.errors import KVStudioError
+from kvstudio.core.recording.packing import recording_to_dict
 
 CSV_COLUMNS = ("step", "phase", "input_tokens", "seconds", "token_id", "text", "logprob", "cache_bytes",
                "evicted", "kept_total", "kept_per_layer", "cache_bytes_per_layer", "process_bytes", "cuda_allocated",
@@ -45,8 +46,6 @@ def export_run(record, path: str | Path, recording=None) -> Path:
     if path.suffix == ".json":
         data = record.to_dict()
         if recording is not None:
-            from kvstudio.core.recording.packing import recording_to_dict
-
             data["recording"] = recording_to_dict(recording)
             started = data["recording"]["runs"][-1:] or [{}]
             data["prompt_token_ids"] = list(started[0].get("prompt_token_ids", ()))

@@ -18,6 +18,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kvstudio.core.errors import KVStudioError
+from kvstudio.core.plugins.loader import user_data_dir
+from kvstudio.core.storage import cache_label, changed_fields, split_cache_name, storage_config, storage_fields
 
 SCHEMA_VERSION = 4
 PREVIEW_CHARS = 200
@@ -100,8 +102,6 @@ class RunRecord:
     @property
     def cache(self) -> str:
         """The cache the run used, named as a run's summary names it: 'h2o', 'h2o-int8', 'full+minicache'."""
-        from kvstudio.core.storage import cache_label
-
         return cache_label(self.policy, self.storage)
 
     def to_dict(self) -> dict:
@@ -112,8 +112,6 @@ class RunRecord:
             if key == "policy":
                 data["cache"] = self.cache
             elif key == "parameters" and self.storage:
-                from kvstudio.core.storage import storage_config
-
                 data["storage"] = storage_config(self.storage).describe()
         return data | {"status": self.shown_status}
 
@@ -123,8 +121,6 @@ def stored_policy(policy: str, parameters: dict) -> tuple[str, dict]:
     its policy ('h2o') with the codec under parameters["storage"], which holds only the storage fields
     that differ from the defaults. So the policy column finds all of a policy's runs, whatever their
     storage, and RunRecord.cache names the cache back."""
-    from kvstudio.core.storage import changed_fields, split_cache_name, storage_config, storage_fields
-
     fields = storage_fields(policy, parameters.get(STORAGE_KEY))
     parameters = {k: v for k, v in parameters.items() if k != STORAGE_KEY}
     if fields:
@@ -145,8 +141,6 @@ def record_from_result(model: str, policy: str, parameters: dict, prompt: str, r
 
 
 def default_path() -> Path:
-    from kvstudio.core.plugins.loader import user_data_dir
-
     return user_data_dir() / "history.sqlite3"
 
 

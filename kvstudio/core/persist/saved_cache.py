@@ -48,6 +48,8 @@ from kvstudio.core.storage import CodecError, StorageConfig
 from kvstudio.core.persist.fingerprint import model_fingerprint, tokenizer_sha256
 from kvstudio.core.runtime.layer_tensors import CODEC, describe_storage, storage_key  # noqa: F401
 from kvstudio.core.runtime.run_state import LayerSnapshot, RunState
+from kvstudio.core.policies import source_of
+from kvstudio.core.storage import storage_of
 
 MAGIC = b"KVSCACHE"
 FORMAT_VERSION = 1
@@ -80,8 +82,6 @@ class SavedCacheInfo:
 
 
 def build_header(state: RunState, loaded, policy, settings=None, prompt_text: str | None = None) -> dict:
-    from kvstudio.core.policies import source_of
-
     return {
         "format": "kvstudio-saved-cache",
         "version": FORMAT_VERSION,
@@ -346,8 +346,6 @@ def check_compatible(header: dict, loaded, policy=None, chunk_size: int | None =
         raise SavedCacheError(f"{name}wrong model dtype: the cache holds {saved.get('dtype')} tensors and the model "
                               f"runs in {here['dtype']}; load it with --dtype {saved.get('dtype')}")
     if policy is not None:
-        from kvstudio.core.storage import storage_of
-
         saved_storage, run_storage = header_storage(header), storage_key(storage_of(policy))
         if saved_storage != run_storage:
             raise SavedCacheError(f"{name}wrong storage: the cache was stored as {describe_storage(saved_storage)} and "

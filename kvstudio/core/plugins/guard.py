@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 from kvstudio.core.errors import PolicyConfigError, PolicyError
 from kvstudio.core.errors import is_out_of_memory
+from kvstudio.core.policies import BUILT_IN, available_policies, source_of
+from kvstudio.core.policies.base import PolicyConfig
 
 PARAMETER_TYPES = (int, float, bool, str)
 
@@ -50,8 +52,6 @@ def policy_name(policy) -> str:
 
 def policy_source(policy) -> str | None:
     """The plugin file or folder a policy came from; None for a built-in or an unregistered class."""
-    from kvstudio.core.policies import BUILT_IN, source_of
-
     source = source_of(policy_name(policy))
     return None if source in (None, BUILT_IN) else source
 
@@ -177,8 +177,6 @@ def returned_wrong_type(policy, method: str, value, expected: str, layer: int | 
 
 def describe_problem(cls) -> str | None:
     """Why the policy's Config cannot be turned into CLI options and a form; None when it can."""
-    from kvstudio.core.policies.base import PolicyConfig
-
     config = getattr(cls, "Config", None)
     if not (inspect.isclass(config) and issubclass(config, PolicyConfig) and dataclasses.is_dataclass(config)):
         return f"its Config must be a dataclass subclass of PolicyConfig, got {config!r}"
@@ -233,8 +231,6 @@ def fault_from_traceback(error: BaseException, plugin_sources: list[str] | None 
     overridden describe()): a PolicyFault naming the innermost plugin frame in its traceback, or
     None when no plugin code was involved. `plugin_sources` defaults to every registered plugin."""
     if plugin_sources is None:
-        from kvstudio.core.policies import BUILT_IN, available_policies, source_of
-
         plugin_sources = [source for name in available_policies() if (source := source_of(name)) != BUILT_IN]
     files = [str(Path(s)) for s in plugin_sources if s and not s.startswith("entry point")]
     innermost = None

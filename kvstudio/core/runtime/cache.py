@@ -34,6 +34,8 @@ from kvstudio.core.storage.host import HostTier, splice
 from kvstudio.core.storage.linked import LinkedStore
 from kvstudio.core.storage.minicache import create_merging
 from kvstudio.core.storage.layer_stores import make_store
+from kvstudio.core.plugins.guard import policy_label
+from kvstudio.core.policies import BUILT_IN, source_of
 
 
 @dataclass
@@ -285,8 +287,6 @@ class PolicyLayer(DynamicLayer):
 
 def _label(policy: Policy) -> str:
     """'name', or 'name' (plugin FILE) for a plugin's policy: errors say where to look."""
-    from kvstudio.core.plugins.guard import policy_label
-
     return policy_label(policy)
 
 
@@ -343,8 +343,6 @@ class PolicyCache(Cache):
         self.scoring_scratch_bytes = SCRATCH_BYTES  # the bound on one tile of scores ("sums" policies)
         # Index values a plugin returns are checked (one device read per layer and step); built-in
         # policies' are not, so a GPU run under them never stalls on a check.
-        from kvstudio.core.policies import BUILT_IN, source_of
-
         self.checks_index_values = source_of(policy.name) != BUILT_IN
         # One pass for attention output and H2O-style sums (core.attention.attention_and_sums):
         # None = where it is faster, on the CPU; on a GPU SDPA's fused kernels win.

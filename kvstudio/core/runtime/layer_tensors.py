@@ -17,6 +17,7 @@ must equal the run's, or the cache is refused.
 from __future__ import annotations
 
 import torch
+from kvstudio.core.storage.host import HostTier
 
 CODEC = "fp"  # full precision, the model's dtype: the storage of a file written before codecs were saved
 STORAGE_FIELDS = ("codec", "group_size", "residual", "tier", "recall", "block_size")
@@ -93,8 +94,6 @@ def restore_layer(layer, tensors: dict[str, torch.Tensor], device: torch.device,
     if layer.merge is not None and merge_tensors:
         layer.merge.load_state(merge_tensors, (numbers or {}).get("merge", {}), device)
     if host_tensors:
-        from kvstudio.core.storage.host import HostTier
-
         storage = layer.cache.storage
         layer.host = HostTier(storage.block_size, storage.recall, device)
         layer.host.load_state(host_tensors)

@@ -17,6 +17,8 @@ import traceback
 from pathlib import Path
 
 from kvstudio.core.errors import is_out_of_memory  # noqa: F401  (callers name it here, beside explain)
+from kvstudio.core.policies import BUILT_IN, available_policies, source_of
+from kvstudio.core.units import format_bytes
 
 _CORE = Path(__file__).resolve().parents[1]
 _RUNTIME = _CORE / "runtime"
@@ -30,8 +32,6 @@ def _allocation(error: BaseException) -> str:
         return ""
     amount = match.group(1)
     if amount.endswith("bytes"):
-        from kvstudio.core.units import format_bytes
-
         amount = format_bytes(int(amount.split()[0]))
     return f" (it tried to allocate {amount})"
 
@@ -60,8 +60,6 @@ def culprit(error: BaseException) -> str:
 
 
 def _plugin_files() -> list[str]:
-    from kvstudio.core.policies import BUILT_IN, available_policies, source_of
-
     return [source for name in available_policies() if (source := source_of(name)) not in (None, BUILT_IN)
             and not source.startswith("entry point")]
 

@@ -32,6 +32,7 @@ from kvstudio.core.train import lora
 from kvstudio.core.train.data import Dataset, DataError
 from kvstudio.core.train.log import MemoryReading, TrainingLog, TrainStep, Validation
 from kvstudio.core.train.through_cache import GRAD_MODES, SavedTensorMeter, StepCancelled, cancel_in_backward, example_loss
+from kvstudio.core.recording.snapshots import MemorySnapshotRecording
 
 
 @dataclass
@@ -314,8 +315,6 @@ class FinetuneSession:
 
     def _snapshot_recording(self, step: int):
         if self.snapshot_path and step == self.settings.snapshot_step:
-            from kvstudio.core.recording.snapshots import MemorySnapshotRecording
-
             self.log.status(f"recording a memory snapshot of step {step}")
             return MemorySnapshotRecording(self.loaded.device)
         return contextlib.nullcontext()
