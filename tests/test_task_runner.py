@@ -31,8 +31,8 @@ def test_out_of_memory_in_a_run_and_a_save_reads_the_same(qtbot, window, monkeyp
     window.form.max_new_tokens.setValue(2)
     window.form.policy.setCurrentText("full")
     window.run.request_run()
-    qtbot.waitUntil(lambda: not window.running, timeout=30_000)
-    assert window.last_outcome.error is None
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    assert window.state.last_outcome.error is None
     expected = explain(RuntimeError(OOM), "run", studio=True)
     assert "out of memory during the run (it tried to allocate 2.00 GiB)" in expected
     import kvstudio.core.persist.saved_cache as saved_cache
@@ -42,10 +42,10 @@ def test_out_of_memory_in_a_run_and_a_save_reads_the_same(qtbot, window, monkeyp
     assert expected in window.error_text.text()
     monkeypatch.setattr(window.worker.engine, "generate", _raise(RuntimeError(OOM)))
     window.run.request_run()
-    qtbot.waitUntil(lambda: not window.running, timeout=30_000)
-    assert expected in window.error_text.text() and expected in window.last_outcome.error
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    assert expected in window.error_text.text() and expected in window.state.last_outcome.error
     monkeypatch.setattr(window.worker.engine, "generate", _raise(KeyError("oops")))
     window.run.request_run()
-    qtbot.waitUntil(lambda: not window.running, timeout=30_000)
-    assert window.last_outcome.error == "internal error: KeyError: 'oops'"
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    assert window.state.last_outcome.error == "internal error: KeyError: 'oops'"
     assert "\n" not in window.error_text.text() and window.form.run_button.isEnabled()

@@ -195,6 +195,10 @@ class RunsFeature(Feature):
         """Rows of this kind open with `open_run(run_id)` instead of in the live views."""
         self.openers[kind] = open_run
 
+    def history_changed(self) -> None:
+        """Rows were written to the history outside a run (a sweep's cells, a fine-tune session): show them."""
+        self.view.set_history(self.window.history)
+
     def record_start(self, request) -> None:
         """A row for the run starting now; its id goes into the request."""
         window = self.window
@@ -202,7 +206,7 @@ class RunsFeature(Feature):
             return
         try:
             request.history_id = window.history.start(
-                window.model_info.spec, request.policy, request.parameters, request.prompt,
+                window.state.model_info.spec, request.policy, request.parameters, request.prompt,
                 vars(request.settings) | {"stop_strings": list(request.settings.stop_strings)})
         except HistoryError as error:
             window.history = None
@@ -231,7 +235,7 @@ class RunsFeature(Feature):
     def reopen(self, run_id: int) -> None:
         """Show a stored run in the live views, as its events were recorded."""
         window = self.window
-        if window.running:
+        if window.state.busy:
             window.show_error("a run is in progress: stop it first, then open the stored run")
             return
         blob = window.history.events(run_id) if window.history is not None else None
@@ -250,7 +254,7 @@ class RunsFeature(Feature):
             return
         run = started[-1]
         window.hide_error()
-        window.recorder = recorder
+        window.state.recorder = recorder
         self.shown_run_title = f"run {run_id}"  # figure captions name the run shown
         window.views.show_stored_run(recorder, run)
         window.statusBar().showMessage(f"showing run {run_id} from the history: {run.model}, {run.policy}")
