@@ -27,7 +27,7 @@ from kvstudio.core.persist.history import HistoryError, RunHistory
 from kvstudio.core.policies import available_policies
 from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
-from kvstudio.gui.task_runner import Task, TaskState
+from kvstudio.gui.task_runner import RunningTask, Task
 
 QA_SAMPLE = Path(__file__).resolve().parents[3] / "resources" / "qa_sample.jsonl"
 TABLE_COLUMNS = ("policy", "budget", "subtask", "tokens", "depth", "score", "peak MiB", "seconds", "run", "output")
@@ -445,7 +445,7 @@ class EvaluateFeature(Feature):
     def __init__(self, window):
         super().__init__(window)
         self.view = EvaluateView()
-        self.task: TaskState | None = None  # the sweep in progress, or the last one
+        self.task: RunningTask | None = None  # the sweep in progress, or the last one
 
     def install(self) -> None:
         window, view = self.window, self.view
@@ -487,6 +487,12 @@ class EvaluateFeature(Feature):
     def stop(self) -> None:
         if self.task is not None:
             self.task.request_interruption()
+
+    def update_buttons(self) -> None:
+        # Stop is the sweep's own (begin/end set it); starting waits while anything holds the model.
+        free = not self.window.state.busy
+        self.view.start.setEnabled(free)
+        self.view.fresh.setEnabled(free)
 
     def _finished(self, outcome, error: str) -> None:
         self.view.end(outcome, error)

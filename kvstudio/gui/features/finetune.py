@@ -31,7 +31,7 @@ from kvstudio.gui.feature import Feature
 from kvstudio.gui.features.finetune_task import (FinetuneOutcome, FinetuneRequest, apply_adapter_task,
                                                  finetune_task, remove_adapter_task)
 from kvstudio.gui.features.live_views import REFRESH_HZ
-from kvstudio.gui.task_runner import TaskState
+from kvstudio.gui.task_runner import RunningTask
 
 DATA_SOURCES = {"synthetic pass key": SYNTHETIC_PASSKEY, "checked documents": "documents", "a file…": "file"}
 
@@ -201,7 +201,7 @@ class FinetuneFeature(Feature):
         self.panel = FinetunePanel()
         self.curves = FinetuneCurves()
         self.adapter_row = AdapterRow()
-        self.task: TaskState | None = None  # the session in progress, or the last one
+        self.task: RunningTask | None = None  # the session in progress, or the last one
         self.last_outcome: FinetuneOutcome | None = None
         # Its own timer, at the window's rate: the curves read what is new, as the other live views do.
         self.timer = QTimer(self, interval=1000 // REFRESH_HZ)

@@ -15,7 +15,7 @@ from PySide6.QtWidgets import QWidget
 from kvstudio.core.recording.events import Recorder
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.features.panels import ModelPanel
-from kvstudio.gui.task_runner import TaskState
+from kvstudio.gui.task_runner import RunningTask
 from kvstudio.gui.worker import load_task
 
 RECENT_MODELS = 8
@@ -25,7 +25,7 @@ class ModelLoading(Feature):
     def __init__(self, window):
         super().__init__(window)
         self.panel = ModelPanel()
-        self.task: TaskState | None = None  # the load in progress, or the last one
+        self.task: RunningTask | None = None  # the load in progress, or the last one
 
     def install(self) -> None:
         self.window.form.add_box(self.panel)

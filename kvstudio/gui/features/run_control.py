@@ -18,7 +18,7 @@ from kvstudio.gui.feature import Feature
 from kvstudio.gui.widgets.form_words import in_form_words
 from kvstudio.gui.features.run_summary import describe_run
 from kvstudio.gui.features.run_task import RunOutcome, RunRequest, run_task
-from kvstudio.gui.task_runner import TaskState
+from kvstudio.gui.task_runner import RunningTask
 
 
 class RunControl(Feature):
@@ -26,7 +26,7 @@ class RunControl(Feature):
 
     def __init__(self, window):
         super().__init__(window)
-        self.task: TaskState | None = None  # the run in progress, or the last one
+        self.task: RunningTask | None = None  # the run in progress, or the last one
 
     def install(self) -> None:
         window = self.window

@@ -182,6 +182,7 @@ class RunsFeature(Feature):
         super().__init__(window)
         self.view = RunsView()
         self.openers: dict[str, object] = {}  # record kind -> how to open it (fine-tune sessions, ...)
+        self.shown_run_title = ""  # "run 12" while a stored run is shown: figure captions name it
 
     def install(self) -> None:
         window = self.window
@@ -190,6 +191,11 @@ class RunsFeature(Feature):
         self.view.export_requested.connect(self._export_stored_run)
         self.view.open_requested.connect(self.open)
         window.run.run_ended.connect(self.record_finish)
+
+    def add_button(self, button) -> None:
+        """Another feature's button among the view's controls, before the last (figures of the selected runs)."""
+        controls = self.view.controls
+        controls.insertWidget(controls.count() - 1, button)
 
     def add_opener(self, kind: str, open_run) -> None:
         """Rows of this kind open with `open_run(run_id)` instead of in the live views."""
@@ -255,7 +261,7 @@ class RunsFeature(Feature):
         run = started[-1]
         window.hide_error()
         window.state.recorder = recorder
-        self.shown_run_title = f"run {run_id}"  # figure captions name the run shown
+        self.shown_run_title = f"run {run_id}"
         window.views.show_stored_run(recorder, run)
         window.statusBar().showMessage(f"showing run {run_id} from the history: {run.model}, {run.policy}")
 
