@@ -78,7 +78,7 @@ def window(request, qtbot, tmp_path, studio_folders):
     marker = request.node.get_closest_marker("studio_model")
     if marker is not None:
         win.loading.request_load(marker.args[0], "cpu", "auto")
-        qtbot.waitUntil(lambda: win.model_info is not None, timeout=30_000)
+        qtbot.waitUntil(lambda: win.state.model_info is not None, timeout=30_000)
     yield win
     win.close()
     win.plugins.unload()  # the policy registry is process-wide: leave it as the test found it

@@ -25,9 +25,9 @@ def _run(qtbot, win, new_tokens: int):
     win.form.policy.setCurrentText("h2o")
     win.form.policy_form.set_values({"budget": 24})
     win.run.request_run()
-    qtbot.waitUntil(lambda: not win.running, timeout=30_000)
-    assert win.last_outcome.error is None, win.last_outcome.error
-    return win.last_outcome.result
+    qtbot.waitUntil(lambda: not win.state.busy, timeout=30_000)
+    assert win.state.last_outcome.error is None, win.state.last_outcome.error
+    return win.state.last_outcome.result
 
 
 def test_save_list_continue_and_delete(qtbot, window):
@@ -44,8 +44,8 @@ def test_save_list_continue_and_delete(qtbot, window):
     window.form.temperature.setValue(0.0)  # the cache's own sampling comes back with it
     view.table.selectRow(0)
     view.restore_button.click()
-    qtbot.waitUntil(lambda: not window.running, timeout=30_000)
-    outcome = window.last_outcome
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    outcome = window.state.last_outcome
     assert outcome.error is None, outcome.error
     assert window.form.temperature.value() == pytest.approx(0.7)
     assert outcome.result.token_ids == whole.token_ids[4:]
@@ -75,8 +75,8 @@ def test_a_stored_cache_continues_under_the_storage_it_was_saved_with(qtbot, win
     storage_form.set_parameters({})  # back to fp: continuing sets the cache's storage again
     window.form.max_new_tokens.setValue(4)
     assert window.caches.continue_from(str(path)), window.error_text.text()
-    qtbot.waitUntil(lambda: not window.running, timeout=30_000)
-    outcome = window.last_outcome
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    outcome = window.state.last_outcome
     assert outcome.error is None, outcome.error
     assert storage_form.codec.currentText() == storage.get("codec", "fp")
     assert storage_form.tier.currentText() == storage.get("tier", "device")
@@ -95,7 +95,7 @@ def test_a_corrupt_cache_is_refused_and_the_studio_stays_usable(qtbot, window):
     data[-40] ^= 0xFF
     path.write_bytes(bytes(data))
     window.caches.continue_from(str(path))
-    qtbot.waitUntil(lambda: not window.running, timeout=30_000)
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
     assert "is corrupt: its checksum does not match" in window.error_text.text()
     assert window.error_banner.isVisible()
     # the studio computes nothing again: the banner says what the user can do here, the status what happened
@@ -105,7 +105,7 @@ def test_a_corrupt_cache_is_refused_and_the_studio_stays_usable(qtbot, window):
     assert window.caches.view.status.text().startswith("bad.kvcache was not restored: ")
     assert "is corrupt" in window.caches.view.status.text()
     assert _run(qtbot, window, 2).token_ids  # a plain run still works
-    window.last_outcome = None
+    window.state.last_outcome = None
     assert not window.caches.save_last_run(str(path))
     assert "nothing to save yet" in window.error_text.text()
 
@@ -128,7 +128,7 @@ def test_a_continued_run_says_its_prefill_was_restored_not_a_rate(qtbot, window)
     qtbot.waitUntil(lambda: path.exists(), timeout=10_000)
     window.form.max_new_tokens.setValue(1)  # one token: no decode speed, so the prefill's would be shown
     assert window.caches.continue_from(str(path))
-    qtbot.waitUntil(lambda: not window.running, timeout=30_000)
-    assert window.last_outcome.error is None, window.last_outcome.error
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    assert window.state.last_outcome.error is None, window.state.last_outcome.error
     message = window.statusBar().currentMessage()
     assert "prefill restored from the cache in" in message and "tokens/s" not in message

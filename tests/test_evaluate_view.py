@@ -28,8 +28,8 @@ def test_a_needle_sweep_fills_heatmaps_and_table_and_opens_a_cell_as_a_run(qtbot
     view = window.evaluate.view
     _choose(view)
     view.start.click()
-    assert window.running and not window.form.run_button.isEnabled()
-    qtbot.waitUntil(lambda: not window.running, timeout=120_000)
+    assert window.state.busy and not window.form.run_button.isEnabled()
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=120_000)
     assert "done: 4 cells computed" in view.status.text(), view.status.text()
     assert view.table.rowCount() == 4 and len(view.records) == 4
     # Heatmaps: one per series, every cell drawn (0 would mean "not run yet").
@@ -53,7 +53,7 @@ def test_a_needle_sweep_fills_heatmaps_and_table_and_opens_a_cell_as_a_run(qtbot
     view.table.selectRow(1)
     view.open_button.click()
     assert window.views.showing_stored_run and f"showing run {run_id}" in window.statusBar().currentMessage()
-    assert window.recorder.all("runs")[-1].policy.startswith("streaming_llm(budget=32")
+    assert window.state.recorder.all("runs")[-1].policy.startswith("streaming_llm(budget=32")
     # Exports.
     assert view.export_cells_to(tmp_path / "cells.json") is not None
     assert len(json.loads((tmp_path / "cells.json").read_text())) == 4
@@ -67,12 +67,12 @@ def test_stop_keeps_finished_cells_and_the_next_sweep_resumes(qtbot, window):
     view.start.click()
     qtbot.waitUntil(lambda: len(view.records) >= 1, timeout=60_000)
     view.stop.click()
-    qtbot.waitUntil(lambda: not window.running, timeout=60_000)
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=60_000)
     assert view.status.text().startswith("stopped:"), view.status.text()
     done = len(view.records)
     assert 1 <= done < 6
     view.start.click()
-    qtbot.waitUntil(lambda: not window.running, timeout=120_000)
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=120_000)
     assert f"{6 - done} cells computed, {done} from the store" in view.status.text(), view.status.text()
     assert len(view.records) == 6
 
@@ -81,11 +81,11 @@ def test_bad_options_are_reported_and_nothing_starts(qtbot, window):
     view = window.evaluate.view
     _choose(view, depths="0,2")
     view.start.click()
-    assert not window.running
+    assert not window.state.busy
     assert "depths must be fractions" in window.error_text.text()
     _choose(view, budgets="x")
     view.start.click()
-    assert not window.running and "budgets: give comma-separated numbers" in view.status.text()
+    assert not window.state.busy and "budgets: give comma-separated numbers" in view.status.text()
 
 
 def test_perplexity_curves_fill_in(qtbot, window):
@@ -95,7 +95,7 @@ def test_perplexity_curves_fill_in(qtbot, window):
     view.prefix_tokens.setValue(40)
     view.stride.setValue(8)
     view.start.click()
-    qtbot.waitUntil(lambda: not window.running, timeout=120_000)
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=120_000)
     assert len(view.records) == 2, view.status.text()
     # The data set on the curves (getData() is what survives clipping to a view that, in a dock
     # tabbed behind others, may never have been laid out).

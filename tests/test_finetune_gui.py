@@ -38,7 +38,7 @@ def test_a_session_from_the_panel_reaches_the_curves_and_the_history(qtbot, wind
     handle = window.worker.engine.model.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident()))
     try:
         assert window.finetune.start(), window.error_text.text()
-        assert window.running and not window.form.run_button.isEnabled() and panel.stop.isEnabled()
+        assert window.state.busy and not window.form.run_button.isEnabled() and panel.stop.isEnabled()
         qtbot.waitUntil(lambda: not window.finetune.running, timeout=300_000)
     finally:
         handle.remove()
@@ -86,7 +86,7 @@ def test_bad_input_in_the_panel_is_reported_and_nothing_starts(qtbot, window, tm
     panel = set_up(window, tmp_path, steps=1)
     panel.out_dir.setText("")
     assert not window.finetune.start()
-    assert "output folder" in window.error_text.text() and not window.running
+    assert "output folder" in window.error_text.text() and not window.state.busy
     panel.out_dir.setText(str(tmp_path / "adapter"))
     panel.source.setCurrentText("a file…")
     panel.file.setText(str(tmp_path / "missing.jsonl"))

@@ -21,17 +21,17 @@ pytestmark = pytest.mark.usefixtures("studio_folders")  # never the real user pl
 
 def load(qtbot, win, spec="tiny-llama"):
     win.loading.request_load(spec, "cpu", "auto")
-    qtbot.waitUntil(lambda: win.model_info is not None and win.model_info.spec == spec, timeout=20_000)
+    qtbot.waitUntil(lambda: win.state.model_info is not None and win.state.model_info.spec == spec, timeout=20_000)
 
 
 def run(qtbot, win, policy="streaming_llm", timeout=30_000, **parameters):
     win.form.policy.setCurrentText(policy)
     win.form.policy_form.set_values(parameters)
     win.run.request_run()
-    assert win.running, win.error_text.text()
-    qtbot.waitUntil(lambda: not win.running, timeout=timeout)
+    assert win.state.busy, win.error_text.text()
+    qtbot.waitUntil(lambda: not win.state.busy, timeout=timeout)
     win.views.refresh()
-    return win.last_outcome
+    return win.state.last_outcome
 
 
 def test_a_run_reaches_every_view(qtbot, window):
@@ -146,10 +146,10 @@ def start_long_run(qtbot, window):
 
 def test_stop_cancels_within_a_step(qtbot, window):
     start_long_run(qtbot, window)
-    qtbot.waitUntil(lambda: len(window.recorder.all("tokens")) >= 5, timeout=10_000)
+    qtbot.waitUntil(lambda: len(window.state.recorder.all("tokens")) >= 5, timeout=10_000)
     window.run.stop()
-    qtbot.waitUntil(lambda: not window.running, timeout=5000)
-    result = window.last_outcome.result
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=5000)
+    result = window.state.last_outcome.result
     assert result.stop_reason == "cancelled"
     assert len(result.token_ids) < 100_000
     assert window.form.run_button.isEnabled() and not window.form.stop_button.isEnabled()
@@ -161,8 +161,8 @@ def test_loading_during_a_run_is_refused_with_a_reason(qtbot, window):
     window.loading.request_load("tiny-qwen2", "cpu", "auto")
     assert "a run is in progress" in window.error_text.text()
     window.run.stop()
-    qtbot.waitUntil(lambda: not window.running, timeout=5000)
-    assert window.loading.panel.load.isEnabled() and window.model_info.spec == "tiny-llama"
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=5000)
+    assert window.loading.panel.load.isEnabled() and window.state.model_info.spec == "tiny-llama"
 
 
 class _Exploding(Policy):
@@ -199,10 +199,10 @@ def test_a_model_that_fails_to_load_shows_why(qtbot, window):
 
 def test_loading_can_be_cancelled(qtbot, window):
     window.loading.request_load("tiny-qwen2", "cpu", "auto")
-    window.worker.cancel_load()
+    window.loading.cancel()
     qtbot.waitUntil(lambda: window.error_banner.isVisible(), timeout=10_000)
     assert "loading cancelled" in window.error_text.text()
-    assert window.model_info is None and window.worker.engine is None
+    assert window.state.model_info is None and window.worker.engine is None
 
 
 def test_policy_form_is_generated_from_declared_parameters(qtbot, window):
@@ -225,7 +225,7 @@ def test_invalid_parameters_block_the_run_with_the_reason(qtbot, window):
     window.form.policy.setCurrentText("streaming_llm")
     window.form.policy_form.set_values({"budget": 2, "sink": 4})
     window.run.request_run()
-    assert not window.running
+    assert not window.state.busy
     assert "larger than the sink" in window.error_text.text()
 
 
@@ -237,7 +237,7 @@ def test_closing_during_a_run_ends_the_worker_cleanly(qtbot, tmp_path, capfd):
     win.form.max_new_tokens.setValue(100_000)
     win.form.policy.setCurrentText("full")
     win.run.request_run()
-    qtbot.waitUntil(lambda: len(win.recorder.all("tokens")) >= 3, timeout=10_000)
+    qtbot.waitUntil(lambda: len(win.state.recorder.all("tokens")) >= 3, timeout=10_000)
     win.close()
     assert win.thread_.isFinished()
     assert "Traceback" not in capfd.readouterr().err
@@ -270,7 +270,7 @@ def test_compare_runs_each_policy_and_shows_them_side_by_side(qtbot, window):
     window.form.policy.setCurrentText("window")
     window.form.policy_form.set_values({"budget": 16})
     window.compare.request(["full", "window", "h2o"])
-    qtbot.waitUntil(lambda: window.compare.view.table.rowCount() == 3 and not window.running, timeout=30_000)
+    qtbot.waitUntil(lambda: window.compare.view.table.rowCount() == 3 and not window.state.busy, timeout=30_000)
     table = window.compare.view.table
     assert [table.item(r, 0).text() for r in range(3)] == ["full", "window", "h2o"]
     evictions = COLUMNS.index("evictions")
@@ -285,16 +285,16 @@ def test_changing_the_watched_layer_mid_run_follows_it(qtbot, window):
     window.views.attention_view.layer.setValue(1)
     window.prompt_area.prompt.setPlainText("z" * 30)
     outcome = run(qtbot, window, "full")
-    assert {e.layer for e in window.recorder.all("attention")} == {1}
+    assert {e.layer for e in window.state.recorder.all("attention")} == {1}
     window.views.attention_view.layer.setValue(3)
-    assert window.recorder.watch_layers == frozenset({3})
+    assert window.state.recorder.watch_layers == frozenset({3})
     assert outcome.error is None
 
 
 def test_error_banner_for_a_run_without_a_model(qtbot, window):
     window.prompt_area.prompt.setPlainText("hello")
     window.run.request_run()
-    assert not window.running and "load a model first" in window.error_text.text()
+    assert not window.state.busy and "load a model first" in window.error_text.text()
 
 
 def test_closing_an_idle_window_stops_its_thread(qtbot, window):

@@ -88,9 +88,9 @@ def run(qtbot, win, policy, **parameters):
     win.form.policy.setCurrentText(policy)
     win.form.policy_form.set_values(parameters)
     win.run.request_run()
-    assert win.running, win.error_text.text()
-    qtbot.waitUntil(lambda: not win.running, timeout=30_000)
-    return win.last_outcome
+    assert win.state.busy, win.error_text.text()
+    qtbot.waitUntil(lambda: not win.state.busy, timeout=30_000)
+    return win.state.last_outcome
 
 
 def runs_view_statuses(win) -> list[str]:
@@ -127,7 +127,7 @@ def test_a_validate_that_raises_is_shown_under_the_form_and_blocks_the_run(qtbot
     assert "policy 'bad_validate'" in message and "ValueError: this validate is broken" in message
     assert "bad_validate.py line 9" in message
     window.run.request_run()
-    assert not window.running and "this validate is broken" in window.error_text.text()
+    assert not window.state.busy and "this validate is broken" in window.error_text.text()
 
 
 def test_stop_is_cancelled_in_the_runs_view(qtbot, window):
@@ -135,9 +135,9 @@ def test_stop_is_cancelled_in_the_runs_view(qtbot, window):
     window.form.policy.setCurrentText("window")
     window.form.policy_form.set_values({"budget": 8})
     window.run.request_run()
-    qtbot.waitUntil(lambda: window.recorder is not None and len(window.recorder.all("tokens")) >= 3, timeout=20_000)
+    qtbot.waitUntil(lambda: window.state.recorder is not None and len(window.state.recorder.all("tokens")) >= 3, timeout=20_000)
     window.run.stop()
-    qtbot.waitUntil(lambda: not window.running, timeout=20_000)
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=20_000)
     assert runs_view_statuses(window) == ["cancelled"]
     assert "stopped by the user" in window.runs.view.table.item(0, 2).toolTip()
 

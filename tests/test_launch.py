@@ -14,11 +14,11 @@ from kvstudio.gui.app import run_studio
 
 def loaded():
     windows = [w for w in QApplication.topLevelWidgets() if type(w).__name__ == "MainWindow"]
-    if not windows or windows[0].model_info is None:
+    if not windows or windows[0].state.model_info is None:
         QTimer.singleShot(50, loaded)
         return
     window = windows[0]
-    print("loaded", window.model_info.description, "|", window.loading.panel.spec.currentText(), flush=True)
+    print("loaded", window.state.model_info.description, "|", window.loading.panel.spec.currentText(), flush=True)
     window.close()
     QApplication.instance().quit()
 

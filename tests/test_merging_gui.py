@@ -90,7 +90,7 @@ def test_the_runs_view_names_a_merged_runs_cache_and_storage(qtbot, window, tmp_
     view.compare_selected()
     assert f"run {merged}: full+minicache" in view.comparison.text() and f"run {plain}: full<" in view.comparison.text()
     window.runs.reopen(merged)
-    assert "+minicache" in window.recorder.all("runs")[-1].policy
+    assert "+minicache" in window.state.recorder.all("runs")[-1].policy
     stored = unpack_events(window.history.events(merged))
     figure = window.figures.export_figure(stored, FigureRequest("occupancy", title=f"run {merged}"),
                                           tmp_path / "merged.png")
@@ -110,10 +110,10 @@ def test_compare_h2o_against_h2o_merged(qtbot, window):
         item = view.choices.item(index)
         item.setCheckState(Qt.Checked if item.text() in ("h2o", "h2o+minicache") else Qt.Unchecked)
     window.compare.request(view.checked())
-    qtbot.waitUntil(lambda: view.table.rowCount() == 2 and not window.running, timeout=30_000)
+    qtbot.waitUntil(lambda: view.table.rowCount() == 2 and not window.state.busy, timeout=30_000)
     rows = {view.table.item(r, 0).text(): float(view.table.item(r, 3).text()) for r in range(2)}
     assert set(rows) == {"h2o", "h2o+minicache"} and all(peak > 0 for peak in rows.values())
-    merged = window.last_outcome.result  # the last run is the merged one, with the form's merge settings
+    merged = window.state.last_outcome.result  # the last run is the merged one, with the form's merge settings
     assert merged.storage["merge"] == "minicache" and merged.storage["merging"]["pairs"] == [[0, 1], [2, 3]]
     assert sum(merged.storage["merging"]["merged_entries_per_layer"]) > 0
 
@@ -124,8 +124,8 @@ def test_kv_groups_in_the_model_panel_load_a_derived_model(qtbot, window):
     panel.spec.setCurrentText("tiny-llama")
     panel.kv_groups.setValue(1)
     panel.load.click()
-    qtbot.waitUntil(lambda: window.model_info is not None, timeout=20_000)
-    assert window.model_info.spec == "tiny-llama+kv1" and window.model_info.n_kv_heads == 1
+    qtbot.waitUntil(lambda: window.state.model_info is not None, timeout=20_000)
+    assert window.state.model_info.spec == "tiny-llama+kv1" and window.state.model_info.n_kv_heads == 1
     assert "tiny-llama (1 KV group)" in panel.status.text()
     panel.spec.setCurrentText("tiny-llama+kv2")
     panel.load.click()  # two different group counts: refused in the panel, nothing loads
@@ -136,9 +136,9 @@ def test_the_model_box_names_the_model_that_loaded(qtbot, window):
     panel = window.loading.panel
     panel.spec.setCurrentText("default")  # the box says one thing; a load asked elsewhere (a script, --model) wins
     window.loading.request_load("tiny-llama+kv1", "cpu", "auto")
-    qtbot.waitUntil(lambda: window.model_info is not None, timeout=20_000)
+    qtbot.waitUntil(lambda: window.state.model_info is not None, timeout=20_000)
     assert (panel.spec.currentText(), panel.kv_groups.value()) == ("tiny-llama", 1)
     panel.kv_groups.setValue(0)
     panel.load.click()  # what the box now says loads the base model again
-    qtbot.waitUntil(lambda: window.model_info.spec == "tiny-llama", timeout=20_000)
+    qtbot.waitUntil(lambda: window.state.model_info.spec == "tiny-llama", timeout=20_000)
     assert (panel.spec.currentText(), panel.kv_groups.value()) == ("tiny-llama", 0)

@@ -46,7 +46,7 @@ def test_storage_fields_reach_the_run_and_the_views(qtbot, window):
     # Invalid storage blocks the run with StorageConfig's own reason.
     form.tier.setCurrentText("device")
     window.run.request_run()
-    assert not window.running and "Recall blocks needs tier host" in window.error_text.text()
+    assert not window.state.busy and "Recall blocks needs tier host" in window.error_text.text()
 
 
 def test_compare_h2o_fp_against_h2o_int4(qtbot, window):
@@ -61,7 +61,7 @@ def test_compare_h2o_fp_against_h2o_int4(qtbot, window):
         item = view.choices.item(index)
         item.setCheckState(Qt.Checked if item.text() in ("h2o-fp", "h2o-int4") else Qt.Unchecked)
     window.compare.request(view.checked())
-    qtbot.waitUntil(lambda: view.table.rowCount() == 2 and not window.running, timeout=30_000)
+    qtbot.waitUntil(lambda: view.table.rowCount() == 2 and not window.state.busy, timeout=30_000)
     peak = COLUMNS.index("peak cache MiB")
     rows = {view.table.item(r, 0).text(): float(view.table.item(r, peak).text()) for r in range(2)}
     assert set(rows) == {"h2o-fp", "h2o-int4"}
@@ -109,10 +109,10 @@ def test_recall_events_are_stored_and_reopen_with_the_run(qtbot, window):
     window.form.storage_form.set_parameters({"tier": "host", "recall": 2})
     outcome = run(qtbot, window, policy="h2o", budget=24)
     assert outcome.error is None, outcome.error
-    live = [(r.step, r.layer, r.positions.tolist()) for r in window.recorder.all("recalls")]
+    live = [(r.step, r.layer, r.positions.tolist()) for r in window.state.recorder.all("recalls")]
     assert live
     window.runs.reopen(outcome.request.history_id)
-    reopened = window.recorder.all("recalls")
+    reopened = window.state.recorder.all("recalls")
     assert [(r.step, r.layer, r.positions.tolist()) for r in reopened] == live
     window.views.refresh(include_hidden=True)
     view = window.views.token_view

@@ -80,7 +80,7 @@ def test_compare_is_readable_with_tall_maps_outputs_and_progress(qtbot, window, 
 
     def finished():
         statuses.add(view.status.text())
-        return view.table.rowCount() == 3 and not window.running
+        return view.table.rowCount() == 3 and not window.state.busy
 
     window.compare.request(["full", "window", "h2o"])
     qtbot.waitUntil(finished, timeout=60_000)
@@ -233,7 +233,7 @@ def test_form_messages_name_the_form_labels_and_the_cli_keeps_its_flags(qtbot, w
     assert "--" not in window.form.policy_form.error.text() + storage.error.text()
     window.prompt_area.prompt.setPlainText("hello")
     window.run.request_run()
-    assert not window.running
+    assert not window.state.busy
     assert window.error_text.text() == "policy parameters: Recent 200 is larger than budget 128"
     with pytest.raises(PolicyConfigError, match="--recent 200 is larger than --budget 128"):
         create_policy("h2o", budget=128, recent=200)  # the CLI's words stay
@@ -251,10 +251,10 @@ def test_the_status_counts_tokens_in_words_and_gives_a_measured_rate(qtbot, wind
     # Stopped mid-generation: whatever count it reached, its plural is right and its rate was measured.
     window.form.max_new_tokens.setValue(100_000)
     window.run.request_run()
-    qtbot.waitUntil(lambda: len(window.recorder.all("tokens")) >= 1, timeout=10_000)
+    qtbot.waitUntil(lambda: len(window.state.recorder.all("tokens")) >= 1, timeout=10_000)
     window.run.stop()
-    qtbot.waitUntil(lambda: not window.running, timeout=10_000)
-    result = window.last_outcome.result
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=10_000)
+    result = window.state.last_outcome.result
     status = window.statusBar().currentMessage()
     count = len(result.token_ids)
     assert result.stop_reason == "cancelled" and f" · {count:,} token{'' if count == 1 else 's'} · " in status
@@ -293,7 +293,7 @@ def test_stop_inside_a_prefill_chunk_ends_the_run_there_and_says_so(qtbot, windo
     window.form.max_new_tokens.setValue(5)
     layers = decoder_layers(window.worker.engine.model, 4)
     # Stop arrives while the chunk is at layer 2 (what the Stop button does, from the model's thread here).
-    handle = layers[2].register_forward_pre_hook(lambda *_: window.worker.cancel_run())
+    handle = layers[2].register_forward_pre_hook(lambda *_: window.run.stop())
     try:
         outcome = run(qtbot, window, "window", budget=16)
     finally:

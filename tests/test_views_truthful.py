@@ -63,7 +63,7 @@ def test_compare_and_reopened_maps_show_the_final_state(qtbot, window, tmp_path)
     window.form.policy.setCurrentText("h2o")
     window.form.policy_form.set_values({"budget": 16})
     window.compare.request(["full", "h2o"])
-    qtbot.waitUntil(lambda: len(window.compare.view.map_views) == 2 and not window.running, timeout=60_000)
+    qtbot.waitUntil(lambda: len(window.compare.view.map_views) == 2 and not window.state.busy, timeout=60_000)
     full_map, h2o_map = window.compare.view.map_views
     for view in (full_map, h2o_map):  # at once, without waiting for a timer or a click
         assert view.drawn_colours() == final_colours(view.recorder)
@@ -73,7 +73,7 @@ def test_compare_and_reopened_maps_show_the_final_state(qtbot, window, tmp_path)
     assert h2o_map.summary.text().startswith("h2o: ")
     assert full_map.drawn_colours().count(red) == 0
     # Reopened from the history: the same final state, drawn without touching "colour by".
-    run_id = window.last_outcome.request.history_id
+    run_id = window.state.last_outcome.request.history_id
     window.runs.view.refresh()
     window.runs.open(run_id)
     stored = unpack_events(window.history.events(run_id))
@@ -188,8 +188,8 @@ def test_attention_for_every_layer_or_a_message(qtbot, window):
     window.form.chunk_size.setValue(16)
     run(qtbot, window, "h2o", budget=20)
     window.views.refresh(include_hidden=True)
-    steps = len(window.last_outcome.result.steps)
-    recorder = window.recorder
+    steps = len(window.state.last_outcome.result.steps)
+    recorder = window.state.recorder
     for layer in range(4):
         attention.layer.setValue(layer)
         window.views.refresh(include_hidden=True)
@@ -260,7 +260,7 @@ def test_empty_states_and_ranges(qtbot, window):
     assert evictions.counts_message.text() == "" and evictions.raster_message.text() == ""
     assert memory.messages[0].text() == ""
     # Occupancy from a reading taken within a step later than the last one finished (a long chunk).
-    recorder = window.recorder
+    recorder = window.state.recorder
     last = recorder.all("steps")[-1]
     reading = next(m for m in recorder.all("memory") if m.kept_per_layer)
     from dataclasses import replace
@@ -280,7 +280,7 @@ def test_figures_from_the_studio_match_the_command_line(qtbot, window, tmp_path,
     outcome = run(qtbot, window, "h2o", budget=16)
     run_id = outcome.request.history_id
     request = FigureRequest("token-map", title=f"run {run_id}", width_px=800)
-    studio = window.figures.export_figure(window.recorder, request, tmp_path / "studio.png")
+    studio = window.figures.export_figure(window.state.recorder, request, tmp_path / "studio.png")
     code, _, err = run_cli(capsys, "runs", "plot", str(run_id), "--view", "token-map", str(tmp_path / "cli.png"),
                            "--width", "800")
     assert code == 0, err
@@ -288,7 +288,7 @@ def test_figures_from_the_studio_match_the_command_line(qtbot, window, tmp_path,
     assert window.figures.current_request("attention").layer == window.views.attention_view.layer.value()
     # A view the run has no data for: said in the banner, nothing written.
     window.views.attention_view.layer.setValue(0)
-    assert window.figures.export_figure(window.recorder, FigureRequest("attention", layer=0),
+    assert window.figures.export_figure(window.state.recorder, FigureRequest("attention", layer=0),
                                         tmp_path / "none.png") is None
     assert "layer 0 was not recorded" in window.error_text.text() and not (tmp_path / "none.png").exists()
     # The screen plots export as PDF too.

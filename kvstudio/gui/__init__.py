@@ -1,1 +1,2 @@
-"""The studio window: app and window, the one error -> banner path of long work (tasks.py), features/, views/, widgets/."""
+"""The studio window: app and window, shared state (state.py), the task runner for long work (task_runner.py)
+and its one error -> banner path (tasks.py), the model's thread (worker.py), features/, views/, widgets/."""

@@ -2,10 +2,13 @@
 
 A feature builds its widgets in its constructor, then `install()` puts them into the window: its
 docks (`window.add_dock`), its menu actions (`window.menu`), its bars, and its connections to the
-worker and to other features (reached as window attributes: `window.form`, `window.views`, ...).
+studio's state (`window.state`: what holds the model's thread, the loaded model), to other features
+through their public methods and signals (reached as window attributes: `window.form`,
+`window.views`, ...). Long work goes through `window.runner` (task_runner.py).
 The window calls the other hooks at the right moments: `restore_settings` after every feature is
-installed, `save_settings` before a run and on close, `update_buttons` whenever what may start
-changes, and `closing` when the window closes, before it joins the model's thread.
+installed, `save_settings` before a run and on close, `update_buttons` whenever the state's
+`busy_changed` or `model_changed` fires, and `closing` when the window closes, before it interrupts
+the tasks still running and joins the model's thread.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class Feature(QObject):
         """Remember what the user set, for the next launch (nothing by default)."""
 
     def update_buttons(self) -> None:
-        """Enable what may start now (the window's `running` and `model_info` say what runs)."""
+        """Enable what may start now (`window.state.busy` and `window.state.model_info` say what runs)."""
 
     def closing(self) -> None:
         """The window is closing: stop what this feature runs on the model's thread."""

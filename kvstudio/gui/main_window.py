@@ -1,8 +1,9 @@
 """The studio window: it only assembles the features (kvstudio.gui.feature) and holds what they share.
 
-Shared: the settings, the plugin manager, the run history, the model's worker thread, the loaded
-model, whether something runs, the current run's Recorder and its last outcome, the error banner and
-the status bar. Everything else (set-up panels, live views, compare, runs, exports, snapshots,
+Shared: the settings, the plugin manager, the run history, the model's worker thread and the task
+runner that queues long work on it, the studio's evented state (state.py: what holds the model's
+thread, the loaded model, the current run's Recorder and last outcome), the error banner and the
+status bar. Everything else (set-up panels, live views, compare, runs, exports, snapshots,
 plugins, caches, evaluation, fine-tuning) is a feature module that owns its docks, menus and settings.
 """
 
@@ -12,7 +13,6 @@ from PySide6.QtCore import QEvent, QSettings, Qt, QThread
 from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QSplitter, QTabBar, QToolButton, QVBoxLayout,
                                QWidget)
 
-from kvstudio.core.recording.events import Recorder
 from kvstudio.core.persist.history import HistoryError, RunHistory
 from kvstudio.core.plugins.loader import PluginManager
 from kvstudio.gui import gui_thread_gc
@@ -32,7 +32,9 @@ from kvstudio.gui.features.run_form import RunForm
 from kvstudio.gui.features.runs import RunsFeature
 from kvstudio.gui.widgets.scrolling import scrolling
 from kvstudio.gui.features.snapshot import SnapshotFeature
-from kvstudio.gui.worker import RunOutcome, StudioWorker
+from kvstudio.gui.state import StudioState
+from kvstudio.gui.task_runner import TaskRunner
+from kvstudio.gui.worker import StudioWorker
 
 # Where docks go: the set-up column on the left, the views as tabs on the right; within a place, in
 # the order the features are installed. The centre (documents, prompt, output) takes what is left.
@@ -52,10 +54,7 @@ class MainWindow(QMainWindow):
         self.plugins = plugins or PluginManager(saved_plugin_folders(self.settings))
         self.plugins.load()
         self.history, history_problem = _open_history()
-        self.model_info = None
-        self.recorder: Recorder | None = None
-        self.running = False
-        self.last_outcome: RunOutcome | None = None
+        self.state = StudioState(self)
         self.docks: dict[str, QDockWidget] = {}
         self._shown_once = False
         self._placed: list[tuple[str, QDockWidget]] = []
@@ -66,6 +65,7 @@ class MainWindow(QMainWindow):
         self.worker = StudioWorker()  # no parent: it is moved to its thread
         self.worker.moveToThread(self.thread_)
         self.thread_.start()
+        self.runner = TaskRunner(self.state, self.worker, self.thread_, parent=self)
         self._build_centre()
         self.menu("&File")  # first in the menu bar; features fill it
 
@@ -95,6 +95,9 @@ class MainWindow(QMainWindow):
         self.resize(1560, 960)
         self.restore_settings()
 
+        # Connected after every feature's own handlers: buttons are set from what those handlers leave.
+        self.state.busy_changed.connect(self.update_buttons)
+        self.state.model_changed.connect(self.update_buttons)
         self.update_buttons()
         if self.plugins.errors:
             self.statusBar().showMessage(f"{len(self.plugins.errors)} plugin(s) failed to load: see the Plugins view")
@@ -185,7 +188,7 @@ class MainWindow(QMainWindow):
 
     # -- shared behaviour ---------------------------------------------------------------------------
 
-    def update_buttons(self) -> None:
+    def update_buttons(self, *_changed) -> None:
         for feature in self.features:
             feature.update_buttons()
 
@@ -226,8 +229,7 @@ class MainWindow(QMainWindow):
         self.save_settings()
         for feature in self.features:
             feature.closing()
-        self.worker.cancel_run()
-        self.worker.cancel_load()
+        self.runner.interrupt_all()
         self.thread_.quit()
         self.thread_.wait()
         if not self._released_gc:  # a window can be closed more than once

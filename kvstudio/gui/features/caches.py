@@ -2,25 +2,29 @@
 Caches view (a folder of saved caches: restore and continue, delete, reveal the file), with the
 restore time shown beside the prefill time it saved.
 
-`CachesFeature` adds the dock, the Cache menu and a worker on the model's thread that writes
-files (fingerprinting the model reads its weights: that stays off the GUI thread). Continuing runs
-through the window's ordinary run path (`RunRequest.start_from`), so every live view follows it.
+`CachesFeature` adds the dock and the Cache menu; a save is a task on the model's thread
+(fingerprinting the model reads its weights: that stays off the GUI thread). It does not claim the
+studio's busy state: it only reads a finished run's state, and Run stays available meanwhile (a
+run asked for waits in the thread's queue). Continuing runs through the window's ordinary run path
+(`RunRequest.start_from`), so every live view follows it.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QUrl, Signal, Slot
+from PySide6.QtCore import QUrl, Signal, Slot
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QPushButton,
                                QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
-from kvstudio.core.errors import KVStudioError
+from kvstudio.core.persist import saved_cache
+from kvstudio.core.spec import build_policy
 from kvstudio.core.units import format_bytes
 from kvstudio.gui.feature import Feature
-from kvstudio.gui.tasks import banner_text
+from kvstudio.gui.task_runner import Task
 from kvstudio.gui.widgets.flow_layout import FlowLayout
 
 COLUMNS = ("file", "saved (UTC)", "model", "policy", "tokens", "on disk", "in memory", "prefill s", "prompt")
@@ -32,32 +36,16 @@ def default_folder() -> Path:
     return user_data_dir() / "caches"
 
 
-class CacheWriter(QObject):
-    """Lives on the model's thread: writes a run's state to a file."""
+def save_task(outcome, path: str) -> Task:
+    """Writing a finished run's state to `path`, as a task (not exclusive: see the module's docstring)."""
+    request = outcome.request
 
-    saved = Signal(str, str)  # path, error ("" when saved)
+    def work(engine, _state):
+        policy = build_policy(request.policy, request.parameters)  # with its storage ("storage" parameters)
+        saved_cache.write_saved_cache(path, outcome.result.state, engine.loaded, policy, request.settings,
+                                      request.prompt or None)
 
-    def __init__(self, studio_worker):
-        super().__init__()
-        self.studio_worker = studio_worker
-
-    @Slot(object, str)
-    def save(self, outcome, path: str) -> None:
-        from kvstudio.core.spec import build_policy
-        from kvstudio.core.persist.saved_cache import write_saved_cache
-
-        request = outcome.request
-        try:
-            engine = self.studio_worker.engine
-            if engine is None:
-                raise KVStudioError("no model loaded")
-            policy = build_policy(request.policy, request.parameters)  # with its storage ("storage" parameters)
-            write_saved_cache(path, outcome.result.state, engine.loaded, policy, request.settings,
-                              request.prompt or None)
-        except Exception as error:  # the studio stays usable whatever a save does
-            self.saved.emit(path, banner_text(error))
-            return
-        self.saved.emit(path, "")
+    return Task("cache save", work, exclusive=False)
 
 
 def in_studio_words(error) -> str:
@@ -194,13 +182,9 @@ class CachesView(QWidget):
 class CachesFeature(Feature):
     """The Caches dock (tabbed with Runs) and the Cache menu: what each button does."""
 
-    save_to = Signal(object, str)  # RunOutcome, path -> the writer on the model thread
-
     def __init__(self, window):
         super().__init__(window)
         self.view = CachesView(default_folder())
-        self.writer = CacheWriter(window.worker)
-        self.writer.moveToThread(window.thread_)
 
     def install(self) -> None:
         window, view = self.window, self.view
@@ -209,14 +193,12 @@ class CachesFeature(Feature):
         menu.addAction("Save cache of the last run…", lambda: self.save_last_run())
         menu.addAction("Continue from a saved cache…", self.ask_continue)
         menu.addAction("Show saved caches", lambda: (dock.show(), dock.raise_()))
-        self.save_to.connect(self.writer.save)
-        self.writer.saved.connect(self.on_saved)
         view.save_requested.connect(lambda: self.save_last_run())
         view.restore_requested.connect(self.continue_from)
         window.run.run_ended.connect(self.on_run_finished)
 
     def save_last_run(self, path: str | None = None) -> bool:
-        outcome = self.window.last_outcome
+        outcome = self.window.state.last_outcome
         if outcome is None or outcome.result is None or outcome.result.state is None:
             reason = None if outcome is None else _unsaveable(outcome.request)
             self.window.show_error(f"the last run's cache cannot be saved: {reason}" if reason else
@@ -234,10 +216,11 @@ class CachesFeature(Feature):
             if not path:
                 return False
         self.view.status.setText(f"saving {Path(path).name}…")
-        self.save_to.emit(outcome, str(path))
+        saving = self.window.runner.start(save_task(outcome, str(path)))
+        saving.done.connect(lambda _: self.on_saved(str(path), ""))
+        saving.failed.connect(partial(self.on_saved, str(path)))
         return True
 
-    @Slot(str, str)
     def on_saved(self, path: str, error: str) -> None:
         if error:
             self.window.show_error(f"the cache was not saved: {error}")

@@ -245,8 +245,8 @@ class CompareFeature(Feature):
         if not policies:
             window.show_error("check at least one policy to compare")
             return
-        if window.model_info is None or window.running:
-            window.show_error("load a model first" if window.model_info is None
+        if window.state.model_info is None or window.state.busy:
+            window.show_error("load a model first" if window.state.model_info is None
                               else "a run is in progress: stop it first")
             return
         self.view.clear()
@@ -283,7 +283,7 @@ class CompareFeature(Feature):
             return
         position = f"{self.done + 1} of {self.total}"
         if self.window.run.start(policy, parameters, label="compare"):
-            self.view.start_policy(policy, self.window.recorder)
+            self.view.start_policy(policy, self.window.state.recorder)
             self.view.show_progress(f"running {position}: {policy}…")
         else:
             self.queue = []
@@ -311,7 +311,8 @@ class CompareFeature(Feature):
         self.total = self.done = 0
 
     def update_buttons(self) -> None:
-        self.view.start.setEnabled(not self.window.running and self.window.model_info is not None)
+        state = self.window.state
+        self.view.start.setEnabled(not state.busy and state.model_info is not None)
 
     def closing(self) -> None:
         self.queue = []

@@ -1,10 +1,9 @@
 """The Evaluate view: choose a task, policies and budgets; run the sweep on the model's thread with
 Stop; heatmaps and curves fill in as cells finish; double-click a cell to open it as an ordinary run.
 
-The sweep runs in `EvaluateWorker`, a QObject living on the same thread as the studio's model worker
-(one model, one thread): it reads the loaded engine from there. One signal per finished cell (cells
-take seconds), none per token. Everything drawn comes from the cell records the core stores, the
-same ones `kvstudio eval` prints and exports.
+The sweep is a task on the model's thread (task_runner.py; one model, one thread): each finished cell
+is a partial result (cells take seconds), nothing is sent per token. Everything drawn comes from
+the cell records the core stores, the same ones `kvstudio eval` prints and exports.
 """
 
 from __future__ import annotations
@@ -14,21 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QObject, Signal, Slot
+from PySide6.QtCore import Signal, Slot
 from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout,
                                QLabel, QLineEdit, QListWidget, QProgressBar, QPushButton, QSizePolicy, QSpinBox,
                                QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
-from kvstudio.core.runtime.engine import CancelToken
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.evaluate.language import LanguageOptions
 from kvstudio.core.evaluate.results import export_cells, needle_grid, running_mean, score_by_budget, score_by_bytes
-from kvstudio.core.evaluate.sweep import SweepSpec
+from kvstudio.core.evaluate.sweep import Sweep, SweepSpec, default_store_path
 from kvstudio.core.evaluate.tasks import RULER_SUBTASKS, TASKS, TaskOptions
+from kvstudio.core.persist.history import HistoryError, RunHistory
 from kvstudio.core.policies import available_policies
 from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
-from kvstudio.gui.tasks import banner_text
+from kvstudio.gui.task_runner import RunningTask, Task
 
 QA_SAMPLE = Path(__file__).resolve().parents[3] / "resources" / "qa_sample.jsonl"
 TABLE_COLUMNS = ("policy", "budget", "subtask", "tokens", "depth", "score", "peak MiB", "seconds", "run", "output")
@@ -51,48 +50,43 @@ def _needle_lookup_table() -> np.ndarray:
 LOOKUP = _needle_lookup_table()
 
 
-class EvaluateWorker(QObject):
-    """Runs one sweep at a time on the model's thread."""
+def sweep_task(spec: SweepSpec, history_path, fresh: bool) -> Task:
+    """The sweep as a task: each finished cell a partial result, its progress as status and percent.
+    `fresh`: forget the stored cells first."""
+    def work(engine, state):
+        history = None
+        if history_path is not None:
+            try:  # its own connection: SQLite connections stay on the thread that made them
+                history = RunHistory(history_path)
+            except HistoryError:
+                history = None
+        store = default_store_path(spec)
+        if fresh:
+            store.unlink(missing_ok=True)
 
-    cell_finished = Signal(object)  # a cell record (dict)
-    progress = Signal(object)  # SweepProgress
-    finished = Signal(object, str)  # SweepOutcome or None, error message ("" when none)
-
-    def __init__(self, model_worker):
-        super().__init__()
-        self.model_worker = model_worker
-        self.cancel = CancelToken()
-
-    @Slot(object, object, bool)
-    def run_sweep(self, spec: SweepSpec, history_path, fresh: bool) -> None:
-        from kvstudio.core.evaluate.sweep import Sweep, default_store_path
-        from kvstudio.core.persist.history import HistoryError, RunHistory
+        def progress(step):
+            state.set_progress_value(100 * step.done / step.total if step.total else 0)
+            state.set_status(progress_text(step))
 
         try:
-            engine = self.model_worker.engine
-            if engine is None:
-                raise KVStudioError("no model loaded: load one first")
-            history = None
-            if history_path is not None:
-                try:  # its own connection: SQLite connections stay on the thread that made them
-                    history = RunHistory(history_path)
-                except HistoryError:
-                    history = None
-            store = default_store_path(spec)
-            if fresh:
-                store.unlink(missing_ok=True)
-            sweep = Sweep(engine, spec, store, history=history, cancel=self.cancel)
-            outcome = sweep.run(on_cell=self.cell_finished.emit, on_progress=self.progress.emit)
+            return Sweep(engine, spec, store, history=history, cancel=state.cancel).run(
+                on_cell=state.set_partial_result, on_progress=progress)
+        finally:
             if history is not None:
                 history.close()
-            self.finished.emit(outcome, "")
-        except Exception as error:  # the studio stays usable whatever a sweep does
-            self.finished.emit(None, banner_text(error, chunk_size=spec.chunk_size))
+
+    return Task("evaluation", work, explain={"chunk_size": spec.chunk_size})
+
+
+def progress_text(progress) -> str:
+    """'3/8 (2 from the store): needle @ 128 · about 2 min left'."""
+    left = "" if progress.seconds_left is None else f" · about {_duration(progress.seconds_left)} left"
+    reused = f" ({progress.reused} from the store)" if progress.reused else ""
+    return f"{progress.done}/{progress.total}{reused}: {progress.current}{left}"
 
 
 class EvaluateView(QWidget):
     sweep_requested = Signal(bool)  # fresh: forget the stored cells first
-    sweep_ended = Signal(object, str)  # SweepOutcome or None, error: re-emitted on the GUI thread
     open_run_requested = Signal(int)
 
     def __init__(self, parent=None):
@@ -383,19 +377,10 @@ class EvaluateView(QWidget):
                                              symbolBrush=colour, name=name)
         return self.curves[key]
 
-    @Slot(object)
-    def show_progress(self, progress) -> None:
-        self.progress_bar.setRange(0, progress.total)
-        self.progress_bar.setValue(progress.done)
-        left = "" if progress.seconds_left is None else f" · about {_duration(progress.seconds_left)} left"
-        reused = f" ({progress.reused} from the store)" if progress.reused else ""
-        self.status.setText(f"{progress.done}/{progress.total}{reused}: {progress.current}{left}")
-
-    @Slot(object, str)
-    def finish_sweep(self, outcome, error: str) -> None:
-        """The worker's `finished`, received here on the GUI thread (a queued connection)."""
-        self.end(outcome, error)
-        self.sweep_ended.emit(outcome, error)
+    @Slot(float)
+    def show_progress(self, percent: float) -> None:
+        self.progress_bar.setRange(0, 100)
+        self.progress_bar.setValue(round(percent))
 
     def end(self, outcome, error: str) -> None:
         self.start.setEnabled(True)
@@ -455,24 +440,17 @@ def _duration(seconds: float) -> str:
 
 
 class EvaluateFeature(Feature):
-    """The Evaluate dock (beside Runs), its worker on the model's thread, and the Evaluate menu."""
+    """The Evaluate dock (beside Runs), its sweep as a task on the model's thread, and the Evaluate menu."""
 
     def __init__(self, window):
         super().__init__(window)
         self.view = EvaluateView()
-        self.worker = EvaluateWorker(window.worker)
-        self.worker.moveToThread(window.thread_)
-        self.starter = _Starter(self.view)  # its signal reaches the worker's slot queued, on the model's thread
+        self.task: RunningTask | None = None  # the sweep in progress, or the last one
 
     def install(self) -> None:
-        window, view, worker = self.window, self.view, self.worker
-        self.starter.start.connect(worker.run_sweep)
+        window, view = self.window, self.view
         view.sweep_requested.connect(self.start)
-        worker.cell_finished.connect(view.add_cell)
-        worker.progress.connect(view.show_progress)
-        worker.finished.connect(view.finish_sweep)
-        view.sweep_ended.connect(self._finished)
-        view.stop.clicked.connect(lambda: worker.cancel.cancel())  # the token of the sweep running now
+        view.stop.clicked.connect(self.stop)
         view.open_run_requested.connect(window.runs.reopen)
         dock = window.add_dock("Evaluate", view, "views")
         menu = window.menu("E&valuate")
@@ -484,40 +462,40 @@ class EvaluateFeature(Feature):
         window.plugins_feature.policies_changed.connect(view.set_policies)
 
     def start(self, fresh: bool) -> None:
-        window, view = self.window, self.view
-        if window.model_info is None or window.running:
-            window.show_error("load a model first" if window.model_info is None else
+        window, view, state = self.window, self.view, self.window.state
+        if state.model_info is None or state.busy:
+            window.show_error("load a model first" if state.model_info is None else
                               "a run is in progress: stop it first, then start the sweep")
             return
         try:
-            spec = view.build_spec(window.model_info.spec)  # every option and policy checked here
+            spec = view.build_spec(state.model_info.spec)  # every option and policy checked here
         except KVStudioError as error:
             view.status.setText(str(error))
             window.show_error(f"evaluation: {error}")
             return
         window.hide_error()
-        self.worker.cancel = CancelToken()
-        window.running = True
-        window.update_buttons()
         view.begin(spec)
         history_path = window.history.path if window.history is not None else None
-        self.starter.start.emit(spec, history_path, fresh)
+        self.task = window.runner.start(sweep_task(spec, history_path, fresh))
+        self.task.partial_result.connect(view.add_cell)
+        self.task.progress_changed.connect(view.show_progress)
+        self.task.status_changed.connect(view.status.setText)
+        self.task.done.connect(lambda outcome: self._finished(outcome, ""))
+        self.task.failed.connect(lambda error: self._finished(None, error))
+
+    @Slot()
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.request_interruption()
+
+    def update_buttons(self) -> None:
+        # Stop is the sweep's own (begin/end set it); starting waits while anything holds the model.
+        free = not self.window.state.busy
+        self.view.start.setEnabled(free)
+        self.view.fresh.setEnabled(free)
 
     def _finished(self, outcome, error: str) -> None:
-        window = self.window
-        window.running = False
-        window.update_buttons()
+        self.view.end(outcome, error)
         if error:
-            window.show_error(f"evaluation: {error}")
-        if window.history is not None:
-            window.runs.view.set_history(window.history)
-
-    def closing(self) -> None:
-        """Stop a running sweep before the window waits for the model's thread."""
-        self.worker.cancel.cancel()
-
-
-class _Starter(QObject):
-    """Lives on the GUI thread; emitting `start` queues the sweep on the worker's thread."""
-
-    start = Signal(object, object, bool)  # SweepSpec, history path or None, fresh
+            self.window.show_error(f"evaluation: {error}")
+        self.window.runs.history_changed()  # the sweep's cells were stored as runs

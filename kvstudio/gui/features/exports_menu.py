@@ -57,7 +57,7 @@ class ExportsFeature(Feature):
 
     def export_run(self, path: Path) -> Path | None:
         window = self.window
-        outcome = window.last_outcome
+        outcome = window.state.last_outcome
         if outcome is None or outcome.result is None:
             window.show_error("nothing to export yet: run something first")
             return None
@@ -65,8 +65,8 @@ class ExportsFeature(Feature):
         if window.history is not None and request.history_id is not None:
             record = window.history.get(request.history_id)
         else:
-            record = record_from_result(window.model_info.spec, request.policy, request.parameters, request.prompt,
-                                        outcome.result)
+            record = record_from_result(window.state.model_info.spec, request.policy, request.parameters,
+                                        request.prompt, outcome.result)
         return self.report(export_run, record, path, request.recorder)  # JSON carries the recording
 
     def export_attention(self, path: Path) -> Path | None:

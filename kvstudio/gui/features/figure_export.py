@@ -67,7 +67,7 @@ class FiguresFeature(Feature):
         self.runs_button = QPushButton("Figure…")
         self.runs_button.setToolTip("export a view of the selected run as PNG, SVG, PDF (token map: HTML too), "
                                     "with a caption; the same figure `kvstudio runs plot` draws")
-        window.runs.view.controls.insertWidget(window.runs.view.controls.count() - 1, self.runs_button)
+        window.runs.add_button(self.runs_button)
         self.runs_button.clicked.connect(self.ask_for_selected_run)
 
     # -- what the views show now: the dialog's defaults ---------------------------------------------------
@@ -82,10 +82,11 @@ class FiguresFeature(Feature):
                              log_scale=attention.scale.currentText() == "log", dpi=DEFAULT_DPI)
 
     def shown_title(self) -> str:
-        outcome = self.window.last_outcome
-        if outcome is not None and outcome.request.recorder is self.window.recorder and outcome.request.history_id:
+        outcome = self.window.state.last_outcome
+        current = outcome is not None and outcome.request.recorder is self.window.state.recorder
+        if current and outcome.request.history_id:
             return f"run {outcome.request.history_id}"
-        return getattr(self.window.runs, "shown_run_title", "") if self.window.views.showing_stored_run else ""
+        return self.window.runs.shown_run_title if self.window.views.showing_stored_run else ""
 
     # -- exporting ------------------------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class FiguresFeature(Feature):
         return self.window.exports.report(save_view, recorder, request, Path(path))
 
     def ask_for_shown_run(self) -> None:
-        recorder = self.window.recorder
+        recorder = self.window.state.recorder
         if recorder is None or not recorder.all("runs"):
             self.window.show_error("no run is shown: run something, or open one from the Runs view")
             return

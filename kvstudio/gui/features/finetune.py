@@ -4,12 +4,14 @@
 folder, Start/Stop), a "Fine-tune curves" dock (finetune_plots.py), an adapter row in the model
 panel (apply a saved adapter to generation runs, or go back to the base model), and opens stored
 sessions from the Runs view. Training runs under the policy chosen in the Set-up panel, on the
-worker's thread (finetune_runner.py), with the same Stop as generation.
+model's thread (finetune_task.py), with the same Stop as generation.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from functools import partial
 
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
@@ -27,8 +29,10 @@ from kvstudio.core.train.session import FinetuneSettings
 from kvstudio.core.train.through_cache import GRAD_MODES
 from kvstudio.gui.features.finetune_plots import FinetuneCurves
 from kvstudio.gui.feature import Feature
-from kvstudio.gui.features.finetune_runner import FinetuneOutcome, FinetuneRequest, FinetuneRunner
+from kvstudio.gui.features.finetune_task import (FinetuneOutcome, FinetuneRequest, apply_adapter_task,
+                                                 finetune_task, remove_adapter_task)
 from kvstudio.gui.features.live_views import REFRESH_HZ
+from kvstudio.gui.task_runner import RunningTask
 
 DATA_SOURCES = {"synthetic pass key": SYNTHETIC_PASSKEY, "checked documents": "documents", "a file…": "file"}
 
@@ -191,20 +195,14 @@ class AdapterRow(QWidget):
 
 
 class FinetuneFeature(Feature):
-    """Connects the panel, the views and the runner on the model thread; talks to the window."""
-
-    train = Signal(object)  # FinetuneRequest, queued to the runner
-    apply_adapter = Signal(str)
-    remove_adapter = Signal()
+    """Connects the panel, the views and the session's task on the model thread; talks to the window."""
 
     def __init__(self, window):
         super().__init__(window)
         self.panel = FinetunePanel()
         self.curves = FinetuneCurves()
         self.adapter_row = AdapterRow()
-        self.runner = FinetuneRunner(window.worker)  # no parent: it moves to the model's thread
-        self.runner.moveToThread(window.thread_)
-        self.running = False
+        self.task: RunningTask | None = None  # the session in progress, or the last one
         self.last_outcome: FinetuneOutcome | None = None
         # Its own timer, at the window's rate: the curves read what is new, as the other live views do.
         self.timer = QTimer(self, interval=1000 // REFRESH_HZ)
@@ -213,33 +211,27 @@ class FinetuneFeature(Feature):
         window = self.window
         window.add_dock("Fine-tune", self.panel, "side", object_name="finetune", scrolls=False)  # it scrolls itself
         window.add_dock("Fine-tune curves", self.curves, "views", object_name="finetune_curves")
-        window.loading.panel.layout().addRow("adapter", self.adapter_row)
+        window.loading.add_row("adapter", self.adapter_row)
         self.timer.timeout.connect(self.refresh)
         self.timer.start()
         window.runs.add_opener(records.KIND, self.open_stored)  # stored sessions open here
-        self.train.connect(self.runner.train)
-        self.apply_adapter.connect(self.runner.apply_adapter)
-        self.remove_adapter.connect(self.runner.remove_adapter)
-        self.runner.finished.connect(self.on_finished)
-        self.runner.adapter_changed.connect(self.adapter_row.show_adapter)
-        self.runner.adapter_changed.connect(self._name_adapter)
-        self.runner.adapter_failed.connect(window.show_error)
         self.panel.start_requested.connect(self.start)
         self.panel.stop_requested.connect(self.stop)
         self.adapter_row.apply_requested.connect(self.request_adapter)
         self.adapter_row.remove_requested.connect(self.request_base_model)
-        window.loading.model_loaded.connect(lambda _info: self.adapter_row.show_adapter(""))  # a new model: no adapter
+        window.state.model_changed.connect(lambda _info: self.adapter_row.show_adapter(""))  # a new model: no adapter
         # The Set-up panel's Stop stops a session too (the window enables it while anything runs).
         window.form.stop_button.clicked.connect(lambda: self.running and self.stop())
 
+    @property
+    def running(self) -> bool:
+        """Whether a session is in progress."""
+        return self.task is not None and self.task.running
+
     def _name_adapter(self, folder: str) -> None:
         """Runs name the adapter they use in the history, as the CLI's do (ModelInfo.identity)."""
-        if self.window.model_info is not None:
-            self.window.model_info.adapter = adapter_name(Path(folder)) if folder else ""
-
-    def closing(self) -> None:
-        if self.running:
-            self.runner.cancel.cancel()  # the window then waits for the model thread: within one step
+        if self.window.state.model_info is not None:
+            self.window.state.model_info.adapter = adapter_name(Path(folder)) if folder else ""
 
     # -- sessions ---------------------------------------------------------------------------------
 
@@ -250,9 +242,9 @@ class FinetuneFeature(Feature):
         out_dir = panel.out_dir.text().strip()
         source = panel.data_source()
         documents = [d.text for d in _checked_documents(window.prompt_area.documents)]
-        if window.model_info is None:
+        if window.state.model_info is None:
             problem = "load a model first"
-        elif window.running:
+        elif window.state.busy:
             problem = "a run is in progress: stop it first"
         elif not out_dir:
             problem = "choose an output folder for the adapter checkpoints"
@@ -284,23 +276,32 @@ class FinetuneFeature(Feature):
                                   snapshot_path=str(Path(out_dir) / "step-1-memory.pickle")
                                   if panel.snapshot.isChecked() else None)
         self._history_start(request)
-        self.curves.follow(log, f"{window.model_info.spec}, {policy}, {settings.grad_mode}")
-        self._set_running(True)
-        self.runner.reset_cancel()
-        self.train.emit(request)
+        self.curves.follow(log, f"{window.state.model_info.spec}, {policy}, {settings.grad_mode}")
+        outcome = FinetuneOutcome(request)
+        self.task = window.runner.start(finetune_task(outcome))
+        self.task.done.connect(self.on_finished)
+        self.task.failed.connect(partial(self._failed, outcome))
+        self.adapter_row.show_adapter("")  # a session starts from the base model and leaves it so
+        self._name_adapter("")
+        self.panel.set_running(True)
         window.docks["Fine-tune curves"].raise_()
         window.statusBar().showMessage(f"fine-tuning under {policy}…")
         return True
 
     @Slot()
     def stop(self) -> None:
-        self.runner.cancel.cancel()
+        if self.task is not None:
+            self.task.request_interruption()
         self.panel.status.setText("stopping: the step in progress is dropped, the last saved adapter stays")
+
+    def _failed(self, outcome: FinetuneOutcome, message: str) -> None:
+        outcome.error = message
+        self.on_finished(outcome)
 
     @Slot(object)
     def on_finished(self, outcome: FinetuneOutcome) -> None:
         self.last_outcome = outcome
-        self._set_running(False)
+        self.panel.set_running(False)
         self.curves.refresh()
         self._history_finish(outcome)
         if outcome.error:
@@ -314,13 +315,7 @@ class FinetuneFeature(Feature):
         self.panel.status.setText(text)
         self.window.statusBar().showMessage(text)
         if outcome.snapshot is not None:
-            self.window.snapshots.view.show_snapshot(outcome.snapshot, Path(outcome.request.snapshot_path).name)
-
-    def _set_running(self, running: bool) -> None:
-        self.running = running
-        self.window.running = running  # the window's Run, Load and Compare wait for the session
-        self.window.update_buttons()
-        self.panel.set_running(running)
+            self.window.snapshots.show_written(outcome.snapshot, outcome.request.snapshot_path)
 
     def _history_start(self, request: FinetuneRequest) -> None:
         try:
@@ -328,7 +323,7 @@ class FinetuneFeature(Feature):
         except KVStudioError:  # bad storage settings: the runner reports them when it builds the policy
             return
         # A session trains from the base model (the runner takes any applied adapter off first).
-        request.book = records.book(self.window.history, model_identity(self.window.model_info.spec), cache,
+        request.book = records.book(self.window.history, model_identity(self.window.state.model_info.spec), cache,
                                     request.data, request.settings.as_dict(), request.out_dir,
                                     on_warning=self.window.show_error)
         request.history_id = request.book.start()
@@ -341,7 +336,7 @@ class FinetuneFeature(Feature):
             records.finish(book, outcome.result, outcome.request.log)
         else:
             book.fail(outcome.error or "failed")
-        self.window.runs.view.refresh()
+        self.window.runs.history_changed()
 
     # -- stored sessions --------------------------------------------------------------------------
 
@@ -363,18 +358,25 @@ class FinetuneFeature(Feature):
 
     @Slot(str)
     def request_adapter(self, folder: str) -> None:
-        if self.window.model_info is None or self.window.running:
-            self.window.show_error("load a model first" if self.window.model_info is None
+        state = self.window.state
+        if state.model_info is None or state.busy:
+            self.window.show_error("load a model first" if state.model_info is None
                                    else "a run is in progress: stop it first")
             return
-        self.apply_adapter.emit(folder)
+        self._change_adapter(apply_adapter_task(folder))
 
     @Slot()
     def request_base_model(self) -> None:
-        if self.window.running:
+        if self.window.state.busy:
             self.window.show_error("a run is in progress: stop it first")
             return
-        self.remove_adapter.emit()
+        self._change_adapter(remove_adapter_task())
+
+    def _change_adapter(self, task) -> None:
+        changing = self.window.runner.start(task)
+        changing.done.connect(self.adapter_row.show_adapter)  # the folder applied; "" for the base model
+        changing.done.connect(self._name_adapter)
+        changing.failed.connect(self.window.show_error)
 
     def refresh(self) -> None:
         if self.curves.isVisible() or self.running:

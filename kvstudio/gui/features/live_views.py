@@ -44,7 +44,7 @@ class LiveViews(Feature):
                             ("Occupancy", self.occupancy_view), ("Evictions", self.evictions_view),
                             ("Memory", self.memory_view)):
             window.add_dock(title, view, "views")
-        window.loading.model_loaded.connect(self._model_loaded)
+        window.state.model_changed.connect(self._model_loaded)
         self.timer.timeout.connect(self.refresh)
         self.timer.start()
 
@@ -64,12 +64,16 @@ class LiveViews(Feature):
 
     def follow_new_run(self, recorder: Recorder) -> None:
         """A run of the loaded model starts: back to its shape if a stored run was shown."""
-        info = self.window.model_info
+        info = self.window.state.model_info
         if self.showing_stored_run:
             self.shape(info.n_layers, info.n_heads)
             self.showing_stored_run = False
         for view in self.live_views:
             view.follow(recorder)
+
+    def follow_load(self, recorder: Recorder) -> None:
+        """A model is loading: the memory timeline shows what it allocates (the run views keep the last run)."""
+        self.memory_view.follow(recorder)
 
     def show_stored_run(self, recorder: Recorder, run) -> None:
         """Show a stored run's recorded events, shaped as the model it ran on (`run`: its start event)."""

@@ -37,7 +37,7 @@ class PromptArea(Feature):
         self.documents.refused.connect(window.show_error)
         self.count_tokens.connect(window.worker.count_tokens)
         window.worker.tokens_counted.connect(self.on_tokens_counted)
-        window.loading.model_loaded.connect(self._count_all)
+        window.state.model_changed.connect(self._count_all)
         window.menu("&File").addAction("Open documents…", self.documents.open_files)
         window.setAcceptDrops(True)  # the window hands its drag and drop events to drag_entered / dropped
 
@@ -65,7 +65,7 @@ class PromptArea(Feature):
     # -- token counts -------------------------------------------------------------------------------
 
     def _document_added(self, key, document) -> None:
-        if self.window.model_info is not None:
+        if self.window.state.model_info is not None:
             self.count_tokens.emit(key, document.text)
 
     def _count_all(self, _info) -> None:

@@ -1,11 +1,14 @@
-"""Starting and stopping runs: Run and Stop, the request to the worker, what the status bar says after.
+"""Starting and stopping runs: Run and Stop, the run's task on the model's thread, what the status bar
+says after.
 
 `start()` is the one way a run begins (Run, each policy of a comparison, continuing from a saved
 cache). When a run ends, `run_ended` carries its outcome to the other features (history first: it is
-installed before the ones that react to a result).
+installed before the ones that react to a result); the studio is no longer busy by then.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 from PySide6.QtCore import Signal, Slot
 
@@ -14,18 +17,19 @@ from kvstudio.core.storage import STORAGE_KEY, cache_label
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.widgets.form_words import in_form_words
 from kvstudio.gui.features.run_summary import describe_run
-from kvstudio.gui.worker import RunOutcome, RunRequest
+from kvstudio.gui.features.run_task import RunOutcome, RunRequest, run_task
+from kvstudio.gui.task_runner import RunningTask
 
 
 class RunControl(Feature):
-    start_run = Signal(object)  # RunRequest -> the worker (queued)
-    run_ended = Signal(object)  # RunOutcome, after the window's state and the views are up to date
+    run_ended = Signal(object)  # RunOutcome, after the studio's state and the views are up to date
+
+    def __init__(self, window):
+        super().__init__(window)
+        self.task: RunningTask | None = None  # the run in progress, or the last one
 
     def install(self) -> None:
         window = self.window
-        self.start_run.connect(window.worker.run)
-        window.worker.run_finished.connect(self.on_run_finished)
-        window.worker.run_status.connect(window.statusBar().showMessage)
         window.form.run_button.clicked.connect(self.request_run)
         window.form.stop_button.clicked.connect(self.stop)
 
@@ -36,11 +40,11 @@ class RunControl(Feature):
         self.start(form.policy.currentText(), form.parameters(), label="")
 
     def start(self, policy: str, parameters: dict, label: str, start_from: str | None = None) -> bool:
-        window, form = self.window, self.window.form
+        window, form, state = self.window, self.window.form, self.window.state
         problem = None
-        if window.model_info is None:
+        if state.model_info is None:
             problem = "load a model first"
-        elif window.running:
+        elif state.busy:
             problem = "a run is in progress: stop it first"
         elif not window.prompt_area.full_prompt().strip() and start_from is None:
             problem = "the prompt is empty: type one or drop a document"
@@ -50,30 +54,36 @@ class RunControl(Feature):
             window.show_error(problem)
             return False
         window.hide_error()
-        window.recorder = Recorder()
-        window.views.follow_new_run(window.recorder)
-        window.running = True
-        window.update_buttons()
-        window.worker.reset_cancel()
+        state.recorder = Recorder()
+        window.views.follow_new_run(state.recorder)
         request = RunRequest(window.prompt_area.full_prompt(), policy, parameters, form.generation_settings(),
-                             window.recorder, label, snapshot_path=window.snapshots.take_armed_path(),
+                             state.recorder, label, snapshot_path=window.snapshots.take_armed_path(),
                              start_from=start_from)
         window.runs.record_start(request)
-        self.start_run.emit(request)
+        outcome = RunOutcome(request)
+        self.task = window.runner.start(run_task(outcome))
+        self.task.status_changed.connect(window.statusBar().showMessage)
+        self.task.done.connect(self.on_run_finished)
+        self.task.failed.connect(partial(self._failed, outcome))
         window.statusBar().showMessage(f"running {policy}…")
         window.save_settings()
         return True
 
     @Slot()
     def stop(self) -> None:
+        """Stop the run in progress within a step (safe from any thread: it only sets a token)."""
         self.window.compare.drop_queue()
-        self.window.worker.cancel_run()
+        if self.task is not None:
+            self.task.request_interruption()
+
+    def _failed(self, outcome: RunOutcome, message: str) -> None:
+        outcome.error = message
+        self.on_run_finished(outcome)
 
     @Slot(object)
     def on_run_finished(self, outcome: RunOutcome) -> None:
         window = self.window
-        window.running = False
-        window.last_outcome = outcome
+        window.state.last_outcome = outcome
         window.views.refresh(include_hidden=True)
         request = outcome.request
         name = cache_label(request.policy, request.parameters.get(STORAGE_KEY))  # 'full+minicache', 'h2o-int4'
@@ -82,5 +92,4 @@ class RunControl(Feature):
             window.statusBar().showMessage("run failed")
         else:
             window.statusBar().showMessage(describe_run(name, outcome.result))
-        window.update_buttons()
         self.run_ended.emit(outcome)

@@ -78,7 +78,7 @@ class RunForm(Feature):
         self.dock_layout.insertWidget(0, scrolling(self.column, sideways=False), 1)
         self.window.add_dock("Set-up", self.dock_widget, "side", object_name="setup", scrolls=False)
         self.policy.currentTextChanged.connect(self._policy_chosen)
-        self.window.loading.model_loaded.connect(self._model_loaded)
+        self.window.state.model_changed.connect(self._model_loaded)
         self.window.plugins_feature.policies_changed.connect(self._policies_changed)
 
     def add_box(self, box: QWidget) -> None:
@@ -107,8 +107,9 @@ class RunForm(Feature):
         return self.policy_form.labels() | OPTION_LABELS
 
     def update_buttons(self) -> None:
-        self.run_button.setEnabled(not self.window.running and self.window.model_info is not None)
-        self.stop_button.setEnabled(self.window.running)
+        state = self.window.state
+        self.run_button.setEnabled(not state.busy and state.model_info is not None)
+        self.stop_button.setEnabled(bool(state.busy))
 
     # -- policies -----------------------------------------------------------------------------------
 

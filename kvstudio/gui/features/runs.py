@@ -183,6 +183,7 @@ class RunsFeature(Feature):
         super().__init__(window)
         self.view = RunsView()
         self.openers: dict[str, object] = {}  # record kind -> how to open it (fine-tune sessions, ...)
+        self.shown_run_title = ""  # "run 12" while a stored run is shown: figure captions name it
 
     def install(self) -> None:
         window = self.window
@@ -192,16 +193,25 @@ class RunsFeature(Feature):
         self.view.open_requested.connect(self.open)
         window.run.run_ended.connect(self.record_finish)
 
+    def add_button(self, button) -> None:
+        """Another feature's button among the view's controls, before the last (figures of the selected runs)."""
+        controls = self.view.controls
+        controls.insertWidget(controls.count() - 1, button)
+
     def add_opener(self, kind: str, open_run) -> None:
         """Rows of this kind open with `open_run(run_id)` instead of in the live views."""
         self.openers[kind] = open_run
+
+    def history_changed(self) -> None:
+        """Rows were written to the history outside a run (a sweep's cells, a fine-tune session): show them."""
+        self.view.set_history(self.window.history)
 
     def record_start(self, request) -> None:
         """A row for the run starting now; its id goes into the request."""
         window = self.window
         if window.history is None:
             return
-        request.book = RunBook(window.history, model=window.model_info.identity,
+        request.book = RunBook(window.history, model=window.state.model_info.identity,
                                cache=CacheSpec.parse(request.policy, request.parameters), prompt=request.prompt,
                                settings=request.settings.record(), recorder=request.recorder,
                                on_warning=self._history_failed)
@@ -232,7 +242,7 @@ class RunsFeature(Feature):
     def reopen(self, run_id: int) -> None:
         """Show a stored run in the live views, as its events were recorded."""
         window = self.window
-        if window.running:
+        if window.state.busy:
             window.show_error("a run is in progress: stop it first, then open the stored run")
             return
         blob = window.history.events(run_id) if window.history is not None else None
@@ -251,8 +261,8 @@ class RunsFeature(Feature):
             return
         run = started[-1]
         window.hide_error()
-        window.recorder = recorder
-        self.shown_run_title = f"run {run_id}"  # figure captions name the run shown
+        window.state.recorder = recorder
+        self.shown_run_title = f"run {run_id}"
         window.views.show_stored_run(recorder, run)
         window.statusBar().showMessage(f"showing run {run_id} from the history: {run.model}, {run.policy}")
 

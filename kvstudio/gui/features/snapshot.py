@@ -257,7 +257,7 @@ class SnapshotFeature(Feature):
             window.show_error(f"no memory snapshot: {error}")
             return
         self.armed_path = path
-        device = window.model_info.device if window.model_info is not None else ""
+        device = window.state.model_info.device if window.state.model_info is not None else ""
         slower = " (on CPU the profiler makes the run several times slower)" if "cpu" in device else ""
         window.statusBar().showMessage(f"the next run will be recorded into {path}{slower}")
         self.view.summary.setText(f"The next run will be recorded into {path}{slower}.")
