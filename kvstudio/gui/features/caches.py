@@ -26,13 +26,16 @@ from kvstudio.core.units import format_bytes
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.task_runner import Task
 from kvstudio.gui.widgets.flow_layout import FlowLayout
+from kvstudio.core.persist.saved_cache import MAGIC, SUFFIX, SavedCacheError, header_storage, read_header, what_to_do
+from kvstudio.core.plugins.loader import user_data_dir
+from kvstudio.core.policies import available_policies
+from kvstudio.core.runtime.layer_tensors import storage_key, unsaveable_reason
+from kvstudio.core.storage import STORAGE_KEY, StorageConfig, split_cache_name
 
 COLUMNS = ("file", "saved (UTC)", "model", "policy", "tokens", "on disk", "in memory", "prefill s", "prompt")
 
 
 def default_folder() -> Path:
-    from kvstudio.core.plugins.loader import user_data_dir
-
     return user_data_dir() / "caches"
 
 
@@ -50,17 +53,12 @@ def save_task(outcome, path: str) -> Task:
 
 def in_studio_words(error) -> str:
     """A saved cache's refusal, with what a user of the studio can do about the file."""
-    from kvstudio.core.persist.saved_cache import what_to_do
-
     return what_to_do(error, "delete it (select it in the Caches view, then Delete)",
                       "save a run's cache again (Save last run…)")
 
 
 def _unsaveable(request) -> str | None:
     """Why a run's cache was not kept for saving (its storage), or None."""
-    from kvstudio.core.storage import STORAGE_KEY, StorageConfig, split_cache_name
-    from kvstudio.core.runtime.layer_tensors import unsaveable_reason
-
     fields = dict(request.parameters.get(STORAGE_KEY) or {})
     codec = split_cache_name(request.policy)[1]  # 'h2o-bnb-int4' (Compare) names its codec
     if codec is not None:
@@ -124,8 +122,6 @@ class CachesView(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
-        from kvstudio.core.persist.saved_cache import SUFFIX, SavedCacheError, read_header
-
         self.folder_label.setText(f"Saved caches in {self.folder}")
         files = sorted(self.folder.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True) \
             if self.folder.is_dir() else []
@@ -153,8 +149,6 @@ class CachesView(QWidget):
         return [self.paths[row] for row in rows]
 
     def delete_selected(self) -> None:
-        from kvstudio.core.persist.saved_cache import MAGIC
-
         for path in self.selected():
             try:
                 with open(path, "rb") as stream:
@@ -240,11 +234,6 @@ class CachesFeature(Feature):
     @Slot(str)
     def continue_from(self, path: str) -> bool:
         """Set the policy and sampling the cache was made with, then run from it."""
-        from kvstudio.core.policies import available_policies
-        from kvstudio.core.storage import STORAGE_KEY, StorageConfig
-        from kvstudio.core.runtime.layer_tensors import storage_key
-        from kvstudio.core.persist.saved_cache import SavedCacheError, header_storage, read_header
-
         window = self.window
         try:
             header = read_header(path)

@@ -28,6 +28,7 @@ from kvstudio.core.policies import available_policies
 from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.task_runner import RunningTask, Task
+from kvstudio.core.evaluate.figures import save_figure
 
 QA_SAMPLE = Path(__file__).resolve().parents[3] / "resources" / "qa_sample.jsonl"
 TABLE_COLUMNS = ("policy", "budget", "subtask", "tokens", "depth", "score", "peak MiB", "seconds", "run", "output")
@@ -414,8 +415,6 @@ class EvaluateView(QWidget):
         return self._exporting(lambda: export_cells(self.records, path))
 
     def export_figure_to(self, path: Path) -> Path | None:
-        from kvstudio.core.evaluate.figures import save_figure
-
         return self._exporting(lambda: save_figure(self.records, path))
 
     def _exporting(self, action) -> Path | None:

@@ -14,6 +14,7 @@ from kvstudio.core.errors import KVStudioError
 from kvstudio.core.persist.exports import export_array, export_run
 from kvstudio.core.persist.history import record_from_result
 from kvstudio.gui.feature import Feature
+from kvstudio.gui.widgets.plot_files import FORMATS, render_plot
 
 
 class ExportsFeature(Feature):
@@ -77,8 +78,6 @@ class ExportsFeature(Feature):
         return self.report(export_array, attention.image_values, path)
 
     def export_plot(self, title: str, path: Path, width_px: int | None = None) -> Path | None:
-        from kvstudio.gui.widgets.plot_files import FORMATS, render_plot
-
         if path.suffix.lower() not in FORMATS:
             self.window.show_error(f"a plot is exported as .png, .svg or .pdf, not '{path.suffix or path.name}'")
             return None

@@ -2,6 +2,7 @@
 plural, and a speed only where one was measured (a Stop after one token measured no decoding)."""
 
 from __future__ import annotations
+from kvstudio.core.storage import storage_config
 
 
 def plural(count: int, noun: str) -> str:
@@ -54,7 +55,5 @@ def parameters_text(parameters: dict) -> str:
 def _storage_text(storage: dict) -> str:
     """The storage as a run's summary words it ('int4, group 32, residual 64', 'fp, minicache from layer 2
     (threshold 0.5, t 0.6)'); empty for fp on the device."""
-    from kvstudio.core.storage import storage_config
-
     described = storage_config(storage).describe()
     return "" if described == "fp" else described
