@@ -22,6 +22,7 @@ from kvstudio.core.recording.events import Recorder, RunStartedEvent, TokenEvent
 from kvstudio.core.recording.memory import MemorySampler
 from kvstudio.core.runtime import attention, run_state
 from kvstudio.core.runtime.cache import PolicyCache
+from kvstudio.core.runtime.cache_keyword import cache_keyword
 from kvstudio.core.runtime.layer_hooks import layer_callbacks
 from kvstudio.core.runtime.rotary import Rerotator
 from kvstudio.core.runtime.run_state import RunState
@@ -200,6 +201,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model.set_attn_implementation(attention.register())
         self.rerotator = Rerotator.for_model(self.model)
+        self.cache_keyword = cache_keyword(self.model)  # `cache` from transformers 5.24, `past_key_values` before
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}

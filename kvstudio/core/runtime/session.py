@@ -154,7 +154,7 @@ class RunSession:
             output = self.engine.model(
                 input_ids=new_ids.unsqueeze(0),
                 position_ids=rope_positions.unsqueeze(0),
-                past_key_values=self.cache,
+                **{self.engine.cache_keyword: self.cache},
                 use_cache=True,
                 logits_to_keep=0 if all_logits else (1 if keep_logits is None else keep_logits),
                 kvstudio_cache=self.cache,
