@@ -221,7 +221,7 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------------
 
     def new_cache(self, policy: Policy) -> PolicyCache:
-        return PolicyCache(policy, self.loaded.n_layers, self.rerotator, self.tokenizer)
+        return PolicyCache(policy, self.loaded.n_layers, self.rerotator, self.tokenizer, self.loaded.layer_kinds)
 
     def prompt_logits(self, ids: list[int], policy: Policy, chunk_size: int) -> torch.Tensor:
         """Logits at the last prompt position after a chunked prefill under `policy`."""
