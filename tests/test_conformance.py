@@ -91,3 +91,23 @@ def test_sliding_layers_drop_what_left_the_window_as_their_own_reason():
 
 def test_policy_cache_without_kinds_is_all_global():
     assert PolicyCache(create_policy("full"), n_layers=2).layer_kinds == [LayerKind(FULL)] * 2
+
+
+def test_run_summary_and_json_name_the_layer_kinds():
+    from kvstudio.cli.dispatch import format_summary
+
+    engine = family_engine("gemma2")
+    result = engine.generate(PROMPT, create_policy("full"), GenerationSettings(max_new_tokens=2, chunk_size=16))
+    assert result.layer_kinds["summary"] == f"4 layers: 2 sliding (window {WINDOW}), 2 global"
+    assert result.to_dict()["layer_kinds"]["layers"][0] == {"kind": "sliding", "window": WINDOW}
+    summary = format_summary(result)
+    assert f"layers: 4 layers: 2 sliding (window {WINDOW}), 2 global" in summary and "left the window: " in summary
+
+
+def test_rerotate_is_refused_on_layers_without_rope():
+    from kvstudio.core.errors import PolicyError
+
+    engine = family_engine("cohere2")  # its global layer has no RoPE
+    assert [k.rope for k in engine.loaded.layer_kinds] == [True, True, True, False]
+    with pytest.raises(PolicyError, match="use no RoPE"):
+        engine.new_cache(create_policy("streaming_llm", budget=12, rerotate=True))

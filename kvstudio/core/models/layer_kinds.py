@@ -29,6 +29,7 @@ class LayerKind:
     kind: str  # full | sliding | chunked | state (linear attention, SSM, convolution) | none (no cache)
     window: int | None = None  # sliding: W; chunked: the chunk size
     transformers_type: str = "full_attention"
+    rope: bool = True  # False: the layer's keys carry no rotary position (Cohere 2 / Exaone 4 global, SmolLM3 NoPE)
 
     @property
     def is_attention(self) -> bool:
@@ -61,9 +62,29 @@ def _types_and_windows(config) -> tuple[list[str], list[int | None]]:
     return list(types), windows
 
 
+def _nope_layers(config, kinds: list[str]) -> set[int]:
+    """Layers whose attention applies no RoPE (read from each family's modeling code)."""
+    family = getattr(config, "model_type", "")
+    if family in ("cohere2", "exaone4") and getattr(config, "sliding_window", None) is not None:
+        return {i for i, name in enumerate(kinds) if name != "sliding_attention"}
+    flags = getattr(config, "no_rope_layers", None)  # SmolLM3: 1 = RoPE, 0 = NoPE
+    if flags is not None:
+        return {i for i, use in enumerate(flags) if not use}
+    return set()
+
+
 def layer_kinds(config) -> list[LayerKind]:
     """One LayerKind per decoder layer."""
+    import dataclasses
+
     config = text_config(config)
+    types, _ = _types_and_windows(config)
+    nope = _nope_layers(config, types)
+    return [dataclasses.replace(kind, rope=False) if i in nope else kind
+            for i, kind in enumerate(_kinds(config))]
+
+
+def _kinds(config) -> list[LayerKind]:
     kinds = []
     for name, window in zip(*_types_and_windows(config)):
         if name in _ATTENTION:

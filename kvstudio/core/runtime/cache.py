@@ -402,6 +402,10 @@ class PolicyCache(Cache):
                               "it must be 'rows' or 'sums'")
         if policy.config.rerotate and rerotator is None:
             raise PolicyError("--rerotate needs a rotary (RoPE) model")
+        nope = [i for i, kind in enumerate(self.layer_kinds) if not kind.rope]
+        if policy.config.rerotate and nope:
+            raise PolicyError(f"--rerotate re-rotates every layer's kept keys, but layers {nope} of this model use no "
+                              "RoPE (their keys carry no position): run without --rerotate")
         self.rerotator = rerotator
         self.storage = storage_of(policy)  # codec and tier (kvstudio.core.storage); fp on the device by default
         self.codec = create_codec(self.storage)

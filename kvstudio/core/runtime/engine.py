@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from kvstudio.core.errors import KVStudioError, PromptError
+from kvstudio.core.models.layer_kinds import kinds_record
 from kvstudio.core.models.loading import LoadedModel
 from kvstudio.core.policies.base import Policy
 from kvstudio.core.recording.events import Recorder, RunStartedEvent, TokenEvent
@@ -82,6 +83,8 @@ class GenerationResult:
     cache: PolicyCache | None = field(default=None, repr=False)
     state: RunState | None = field(default=None, repr=False)  # with keep_state: to save and continue later
     restored_tokens: int = 0  # tokens that came from a saved cache instead of being computed
+    left_window: int = 0  # entries dropped because they left a sliding layer's window (not evictions)
+    layer_kinds: dict = field(default_factory=dict)  # {"summary": "4 layers: ...", "layers": [{kind, window}]}
 
     @property
     def tokens_per_second(self) -> float:
@@ -347,4 +350,5 @@ class Engine:
             kept_per_layer=run.cache.kept_per_layer(), peak_kept_per_layer=list(run.cache.peak_kept_per_layer),
             evictions=sum(r.evicted for r in run.records), steps=run.records, state=state,
             restored_tokens=len(start.token_ids) if start is not None else 0, storage=summarize(run.cache),
+            left_window=sum(r.left_window for r in run.records), layer_kinds=kinds_record(run.cache.layer_kinds),
         )
