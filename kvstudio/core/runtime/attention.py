@@ -1,7 +1,12 @@
 """The attention function KV Studio registers with transformers.
 
-Output always comes from transformers' own SDPA path, so under the `full` policy a run is the same
-computation as `model.generate`. Attention *weights* are computed separately and only for the rows
+Under the `full` policy a run is the same computation as transformers' own forward with its own
+cache (tests/test_conformance.py, every family of the matrix, max |delta logit| <= 1e-4 in fp32).
+Each layer's visibility comes from its entries' original token positions (causal AND, on sliding
+layers, position > query position - W), never from their index in the compacted cache. Plain layers
+go through transformers' SDPA with that mask; soft-capped (Gemma 2) and sink (GPT-OSS) layers through
+KV Studio's own tiled pass (`attention_and_sums`), since SDPA raises on the first and would silently
+drop the second. Policy scores use the same logits (after soft-capping, sinks in the denominator). Attention *weights* are computed separately and only for the rows
 somebody asked for: the newest queries a policy needs, and the newest query of a watched layer.
 SDPA kernels never return weights, and switching the model to eager to get them would cost a full
 (q x n) matrix per head per layer on every step. Most policies need only an aggregate of those
@@ -9,8 +14,8 @@ rows (H2O: each entry's attention summed over the new queries); that is computed
 bounded scratch (`attention_sums`), so the (heads x queries x keys) matrix of a long chunk never
 exists.
 
-Outside a KV Studio run (no `kvstudio_cache` keyword) the function is exactly SDPA, so a model with
-it registered still works with `model.generate`.
+Outside a KV Studio run (no `kvstudio_cache` keyword) the function is SDPA (eager for soft-capped
+and sink layers), so a model with it registered still works with `model.generate`.
 """
 
 from __future__ import annotations
