@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
+from kvstudio.core.runtime.cache_keyword import cache_kwargs  # noqa: E402
 from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.models.loading import load_model  # noqa: E402
 from kvstudio.core.spec import create_policy  # noqa: E402
@@ -86,7 +87,7 @@ def peer_quantized_cache(engine, ids: list[int], prompt_tokens: int, reference: 
         seen = 0
         for chunk in feed:
             positions = torch.arange(seen, seen + len(chunk))[None]
-            out = model(input_ids=torch.tensor([chunk]), position_ids=positions, past_key_values=cache,
+            out = model(input_ids=torch.tensor([chunk]), position_ids=positions, **cache_kwargs(model, cache),
                         use_cache=True, logits_to_keep=1)
             seen += len(chunk)
             rows.append(out.logits[0, -1])

@@ -249,7 +249,7 @@ def test_backward_through_a_two_chunk_cache_forward_matches_one_pass():
             chunk = ids[:, start:start + 12]
             positions = torch.arange(start, start + 12)
             cache.begin_step(StepContext(start // 12, "prefill", positions, positions))
-            logits = model(input_ids=chunk, position_ids=positions[None], past_key_values=cache, use_cache=True,
+            logits = model(input_ids=chunk, position_ids=positions[None], **{engine.cache_keyword: cache}, use_cache=True,
                            kvstudio_cache=cache).logits
             cache.end_step()
             if start:

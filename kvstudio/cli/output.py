@@ -26,8 +26,10 @@ def format_summary(result) -> str:
         _prefill_line(result),
         f"generated {len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tokens/s",
         f"peak cache {format_bytes(result.peak_cache_bytes)}, entries kept per layer: {kept_text}",
-        f"evictions: {result.evictions}",
+        f"evictions: {result.evictions}" + (f", left the window: {result.left_window}" if result.left_window else ""),
     ]
+    if result.layer_kinds:
+        lines.insert(2, f"layers: {result.layer_kinds['summary']}")
     return "\n".join(lines)
 
 

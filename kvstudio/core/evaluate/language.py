@@ -91,7 +91,7 @@ def full_cache_logprobs(engine: Engine, ids: list[int], chunk: int = REFERENCE_C
     with torch.inference_mode():
         for start in range(0, len(ids), chunk):
             piece = torch.tensor(ids[start:start + chunk], device=device).unsqueeze(0)
-            logits = engine.model(input_ids=piece, past_key_values=cache, use_cache=True, logits_to_keep=0).logits
+            logits = engine.model(input_ids=piece, **{engine.cache_keyword: cache}, use_cache=True, logits_to_keep=0).logits
             yield torch.log_softmax(logits[0].float(), dim=-1)
 
 

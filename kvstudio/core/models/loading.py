@@ -25,10 +25,13 @@ from kvstudio.core.errors import ModelLoadError
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.recording.memory import MemorySampler, system_reading
 from kvstudio.core.models.default_model import DEFAULT_MODEL_NAME, DEFAULT_MODEL_REVISION, default_model_folder, models_cache_dir
+from kvstudio.core.models.layer_kinds import text_config
 from kvstudio.core.models.devices import quantization_config, resolve_device, resolve_dtype
 from kvstudio.core.models.progress import Progress, say
+from kvstudio.core.models.support import check_supported
 from kvstudio.core.models.tiny import TINY_FAMILIES, build_tiny_model
 from kvstudio.core.models.kv_pooling import describe_groups, pool_kv_heads, split_kv_groups
+from kvstudio.core.models.layer_kinds import layer_kinds
 
 
 def model_identity(spec: str, adapter: str = "") -> str:
@@ -60,7 +63,7 @@ class LoadedModel:
 
     @property
     def n_layers(self) -> int:
-        return self.config.num_hidden_layers
+        return text_config(self.config).num_hidden_layers
 
     @property
     def n_heads(self) -> int:
@@ -73,6 +76,11 @@ class LoadedModel:
     @property
     def head_dim(self) -> int:
         return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.n_heads
+
+    @property
+    def layer_kinds(self) -> list:
+        """What each decoder layer computes: global, sliding (with its window), ... (layer_kinds.py)."""
+        return layer_kinds(self.config)
 
     @property
     def has_chat_template(self) -> bool:
@@ -141,6 +149,7 @@ def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
     if quant_config is None:
         model = model.to(device=torch_device, dtype=torch_dtype)
     model.eval()
+    check_supported(model)  # one clear line now, not a different model or an error when a run starts
     say(progress, f"loaded {name}", 1.0)
     return LoadedModel(model, tokenizer, full_spec, name, torch_device, torch_dtype, quantization)
 

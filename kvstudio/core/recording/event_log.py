@@ -179,20 +179,21 @@ class _EvictionKind(_ColumnarKind):
     """Eviction events: a row each and their positions in one chunked int64 array."""
 
     FIELDS = [("sequence", "i8"), ("step", "i4"), ("layer", "i4"), ("kv_head", "i4"), ("count", "i4"),
-              ("start", "i8")]
+              ("start", "i8"), ("window", "i1")]  # window: 1 when the entries left a sliding window
     VALUES = {"positions": np.int64}
 
     def append(self, sequence: int, event: EvictionEvent) -> None:
         positions = np.asarray(event.positions, dtype=np.int64)
         start = self.values["positions"].append(positions)
-        self.table.append((sequence, event.step, event.layer, event.kv_head, positions.size, start))
+        self.table.append((sequence, event.step, event.layer, event.kv_head, positions.size, start,
+                           event.reason == "window"))
 
     def read(self, start: int, stop: int) -> list:
         rows, positions = self.table.rows(start, stop), self.values["positions"]
-        return [EvictionEvent(step, layer, head, positions.read(at, count))
-                for step, layer, head, count, at in zip(rows["step"].tolist(), rows["layer"].tolist(),
-                                                       rows["kv_head"].tolist(), rows["count"].tolist(),
-                                                       rows["start"].tolist())]
+        return [EvictionEvent(step, layer, head, positions.read(at, count), "window" if window else "policy")
+                for step, layer, head, count, at, window in zip(
+                    rows["step"].tolist(), rows["layer"].tolist(), rows["kv_head"].tolist(), rows["count"].tolist(),
+                    rows["start"].tolist(), rows["window"].tolist())]
 
 
 class _RecallKind(_ColumnarKind):

@@ -33,7 +33,8 @@ class StepEvent:
     kept_per_layer: tuple[int, ...]
     cache_bytes: int  # after this step's evictions
     peak_cache_bytes: int  # the most the cache has held so far, including mid-step before eviction
-    evicted: int  # entries evicted in this step, over layers and KV heads
+    evicted: int  # entries the policy evicted in this step, over layers and KV heads
+    left_window: int = 0  # entries that left a sliding layer's window this step (not in `evicted`)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class EvictionEvent:
     layer: int
     kv_head: int
     positions: np.ndarray  # token positions evicted, int64
+    # "policy": the policy evicted them; "window": they left a sliding layer's window (can never be
+    # attended again). Histories stored before reasons existed read back as "policy".
+    reason: str = "policy"
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ class Recorder:
         self._lock = threading.Lock()  # the aggregates: steps and memory readings come from two threads
         self.peak_cache_bytes = 0
         self.evicted_total = 0
+        self.left_window_total = 0  # entries that left sliding windows (not evictions)
         self.tokens_total = 0
 
     def record(self, event) -> None:
@@ -48,6 +49,7 @@ class Recorder:
             if isinstance(event, StepEvent):
                 self.peak_cache_bytes = max(self.peak_cache_bytes, event.peak_cache_bytes)
                 self.evicted_total += event.evicted
+                self.left_window_total += event.left_window
             elif isinstance(event, TokenEvent):
                 self.tokens_total += 1
 

@@ -48,6 +48,7 @@ def pack_events(recorder: Recorder | EventLog) -> bytes:
         "recall_positions": recall_values["positions"],
         "eviction_ids": _stack(evictions, ("step", "layer", "kv_head", "count")),
         "eviction_positions": eviction_values["positions"],
+        "eviction_window": evictions["window"].astype(np.int8),  # 1: left a sliding window (absent before)
         "attention_ids": _stack(attention, ("step", "layer", "query_heads", "n", "kv_heads", "held")),
         "attention_weights": attention_values["weights"],
         "attention_positions": attention_values["positions"],
@@ -84,9 +85,11 @@ def unpack_events(blob: bytes) -> Recorder:
         events.append(MergeEvent(fields["step"], tuple(fields["merged"]), tuple(fields["shared"]),
                                  tuple(np.array(r, dtype=np.int64) for r in fields["retained"])))
     offset = 0
-    for step, layer, head, count in arrays["eviction_ids"]:
+    windows = arrays.get("eviction_window", np.zeros(len(arrays["eviction_ids"]), dtype=np.int8))
+    for (step, layer, head, count), window in zip(arrays["eviction_ids"], windows):
         events.append(EvictionEvent(int(step), int(layer), int(head),
-                                    arrays["eviction_positions"][offset:offset + count]))
+                                    arrays["eviction_positions"][offset:offset + count],
+                                    "window" if window else "policy"))
         offset += count
     offset = 0
     for step, layer, kv_heads, count in arrays.get("recall_ids", np.zeros((0, 4), dtype=np.int64)):
@@ -117,8 +120,8 @@ def recording_to_dict(recorder: Recorder) -> dict:
     data = {"version": FORMAT_VERSION}
     for kind in _SMALL:
         data[kind] = [asdict(event) for event in recorder.all(kind)]
-    data["evictions"] = [{"step": e.step, "layer": e.layer, "kv_head": e.kv_head, "positions": e.positions.tolist()}
-                         for e in recorder.all("evictions")]
+    data["evictions"] = [{"step": e.step, "layer": e.layer, "kv_head": e.kv_head, "positions": e.positions.tolist(),
+                          "reason": e.reason} for e in recorder.all("evictions")]
     data["attention"] = [{"step": a.step, "layer": a.layer, "weights": a.weights.astype(np.float32).tolist(),
                           "positions": a.positions.tolist()} for a in recorder.all("attention")]
     data["recalls"] = [{"step": r.step, "layer": r.layer, "positions": r.positions.tolist()}
@@ -140,8 +143,8 @@ def recording_from_dict(data: dict) -> Recorder:
                     if name in fields:
                         fields[name] = tuple(fields[name])
                 events.append(cls(**fields))
-        events += [EvictionEvent(e["step"], e["layer"], e["kv_head"], np.array(e["positions"], dtype=np.int64))
-                   for e in data.get("evictions", [])]
+        events += [EvictionEvent(e["step"], e["layer"], e["kv_head"], np.array(e["positions"], dtype=np.int64),
+                                 e.get("reason", "policy")) for e in data.get("evictions", [])]
         events += [AttentionEvent(a["step"], a["layer"], np.array(a["weights"], dtype=np.float32).reshape(
                        len(a["weights"]), -1), np.array(a["positions"], dtype=np.int64).reshape(len(a["positions"]), -1))
                    for a in data.get("attention", [])]

@@ -1,7 +1,12 @@
 """The attention function KV Studio registers with transformers.
 
-Output always comes from transformers' own SDPA path, so under the `full` policy a run is the same
-computation as `model.generate`. Attention *weights* are computed separately and only for the rows
+Under the `full` policy a run is the same computation as transformers' own forward with its own
+cache (tests/test_conformance.py, every family of the matrix, max |delta logit| <= 1e-4 in fp32).
+Each layer's visibility comes from its entries' original token positions (causal AND, on sliding
+layers, position > query position - W), never from their index in the compacted cache. Plain layers
+go through transformers' SDPA with that mask; soft-capped (Gemma 2) and sink (GPT-OSS) layers through
+KV Studio's own tiled pass (`attention_and_sums`), since SDPA raises on the first and would silently
+drop the second. Policy scores use the same logits (after soft-capping, sinks in the denominator). Attention *weights* are computed separately and only for the rows
 somebody asked for: the newest queries a policy needs, and the newest query of a watched layer.
 SDPA kernels never return weights, and switching the model to eager to get them would cost a full
 (q x n) matrix per head per layer on every step. Most policies need only an aggregate of those
@@ -9,13 +14,14 @@ rows (H2O: each entry's attention summed over the new queries); that is computed
 bounded scratch (`attention_sums`), so the (heads x queries x keys) matrix of a long chunk never
 exists.
 
-Outside a KV Studio run (no `kvstudio_cache` keyword) the function is exactly SDPA, so a model with
-it registered still works with `model.generate`.
+Outside a KV Studio run (no `kvstudio_cache` keyword) the function is SDPA (eager for soft-capped
+and sink layers), so a model with it registered still works with `model.generate`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -25,17 +31,65 @@ from transformers.masking_utils import sdpa_mask
 ATTENTION_NAME = "kvstudio"
 
 
-def chunk_mask(q_len: int, k_len: int, device) -> torch.Tensor | None:
-    """The causal mask of a chunk of q_len new queries over k_len stored + new keys.
+@dataclass
+class LogitRule:
+    """What a layer's attention logits are beyond q.k x scaling, for the output and the policy's scores
+    alike: which entries each query may see (from the entries' original token positions, so a
+    compacted cache is masked exactly as transformers masks the whole sequence), soft-capping
+    (Gemma 2: tanh(s / c) * c before the mask) and learned sinks (GPT-OSS: one logit per query head
+    in the softmax's denominator, with no value).
 
-    Every stored entry is older than the chunk, so the mask is all-visible over the first
-    k_len - q_len keys and causal over the last q_len. None where SDPA needs no mask: a single
-    query, or no stored entries (SDPA's own is_causal then applies).
-    """
+    key_positions (rows, k) long, rows = the stored KV heads or 1 (the same tokens for all heads);
+    query_positions (q,) long. Without positions, every key but the chunk's own is older than the
+    chunk (a run's stored entries always are)."""
+
+    key_positions: torch.Tensor | None = None
+    query_positions: torch.Tensor | None = None
+    window: int | None = None  # sliding layers: a query at p sees positions p-W+1..p
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None  # (query heads,)
+
+    @property
+    def needs_own_path(self) -> bool:
+        """SDPA has neither soft-capping nor sinks: such layers are computed here (SDPA raises on the
+        first and would silently drop the second)."""
+        return self.softcap is not None or self.sinks is not None
+
+    def hidden(self, start: int, stop: int, visible: int) -> torch.Tensor | None:
+        """(rows, stop-start, visible) bool, True where query start..stop-1 may not see key j; None
+        where every one of those keys is visible."""
+        if self.key_positions is None:
+            return None
+        keys = self.key_positions[:, None, :visible]
+        queries = self.query_positions[start:stop].to(keys.device)[None, :, None]
+        hidden = keys > queries
+        if self.window is not None:
+            hidden |= keys <= queries - self.window
+        return hidden
+
+
+def chunk_mask(q_len: int, k_len: int, device) -> torch.Tensor | None:
+    """The causal mask of a chunk of q_len new queries over k_len keys whose first k_len - q_len are
+    all older than the chunk; None where SDPA needs no mask (one query, or no older keys)."""
     if q_len == 1 or q_len == k_len:
         return None
     visible = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
     return visible[None, None]
+
+
+def visibility_mask(rule: LogitRule, heads: int, q_len: int, k_len: int) -> torch.Tensor | None:
+    """SDPA's boolean mask (True: attend), (1, heads or 1, q_len, k_len), from the entries' positions;
+    None where SDPA needs none: one query with no window (every stored entry is older), or no
+    stored entries (SDPA's own is_causal then applies)."""
+    if rule.key_positions is None:
+        return chunk_mask(q_len, k_len, rule.query_positions.device if rule.query_positions is not None else None)
+    if rule.window is None and (q_len == 1 or q_len == k_len):
+        return None
+    visible = ~rule.hidden(0, q_len, k_len)  # (rows, q, k)
+    rows = visible.shape[0]
+    if rows > 1 and rows != heads:
+        visible = visible.repeat_interleave(heads // rows, dim=0)
+    return visible[None]
 
 
 # The most float32 scratch one tile of scores may take: heads x tile queries x keys x 4 bytes. At 2k
@@ -45,14 +99,16 @@ def chunk_mask(q_len: int, k_len: int, device) -> torch.Tensor | None:
 SCRATCH_BYTES = 4 * 2**20
 
 
-def _scores_softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | None, start: int, stop: int) -> torch.Tensor:
+def _scores_softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | None, start: int, stop: int,
+                    rule: LogitRule | None = None) -> torch.Tensor:
     """Softmax weights of queries start..stop-1 (of the chunk's q_len) over the keys they can see:
     (heads, stop-start, visible), where visible = k_len - q_len + stop. Keys after that are in the
     future of every query of the tile, so their weights are zero and are not computed at all (on a
     one-chunk prompt that halves the work).
 
     query (1, heads, q_len, d), key (1, kv_heads, k_len, d), not GQA-repeated. The last q_len keys
-    belong to the queries' own chunk and are masked causally, as in the model's forward.
+    belong to the queries' own chunk and are masked causally, as in the model's forward; `rule`
+    adds the layer's window (from positions), soft-capping and sinks.
     """
     _, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -64,21 +120,33 @@ def _scores_softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | Non
     q = query[0, :, start:stop].float().reshape(kv_heads, group * n, head_dim)
     keys = key[0, :, :visible].float()
     scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scaling).view(kv_heads, group, n, visible)
-    if n > 1:  # query i of the tile sits at storage index visible - n + i; the last one sees every key
+    if rule is not None and rule.softcap is not None:
+        scores = torch.tanh(scores / rule.softcap) * rule.softcap
+    hidden = rule.hidden(start, stop, visible) if rule is not None else None
+    if hidden is not None:  # (rows, n, visible), rows = kv_heads or 1
+        scores = scores.masked_fill(hidden[:, None], float("-inf"))
+    elif n > 1:  # query i of the tile sits at storage index visible - n + i; the last one sees every key
         query_index = torch.arange(visible - n, visible, device=key.device)
         future = torch.arange(visible, device=key.device)[None, :] > query_index[:, None]
         scores.masked_fill_(future, float("-inf"))
+    if rule is not None and rule.sinks is not None:
+        # The sink's logit joins the softmax's denominator and has no value: its column is dropped.
+        sinks = rule.sinks.float().view(kv_heads, group, 1, 1).expand(kv_heads, group, n, 1)
+        combined = torch.cat([scores, sinks], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        return torch.softmax(combined, dim=-1)[..., :-1].reshape(heads, n, visible)
     return torch.softmax(scores, dim=-1).view(heads, n, visible)
 
 
-def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None, n_queries: int) -> torch.Tensor:
+def attention_rows(query: torch.Tensor, key: torch.Tensor, scaling: float | None, n_queries: int,
+                   rule: LogitRule | None = None) -> torch.Tensor:
     """Softmax attention of the newest `n_queries` queries over all keys, float32: (heads, n_queries, k_len).
 
     The whole rows: for policies that really want them (`attention_form = "rows"`) and the viewer's
     newest row. Scratch is the result itself, heads x n_queries x k_len x 4 bytes.
     """
     q_len = query.shape[2]
-    return _scores_softmax(query, key, scaling, q_len - n_queries, q_len)  # the last query sees every key
+    return _scores_softmax(query, key, scaling, q_len - n_queries, q_len, rule)
 
 
 def query_tile(heads: int, k_len: int, scratch_bytes: int = SCRATCH_BYTES) -> int:
@@ -87,7 +155,7 @@ def query_tile(heads: int, k_len: int, scratch_bytes: int = SCRATCH_BYTES) -> in
 
 
 def attention_sums(query: torch.Tensor, key: torch.Tensor, scaling: float | None, n_queries: int,
-                   scratch_bytes: int = SCRATCH_BYTES) -> torch.Tensor:
+                   scratch_bytes: int = SCRATCH_BYTES, rule: LogitRule | None = None) -> torch.Tensor:
     """Sum over the newest `n_queries` queries of their softmax weights, float32: (heads, k_len).
 
     What H2O, SnapKV and most scorers consume. Computed in query tiles that each fit in
@@ -98,13 +166,14 @@ def attention_sums(query: torch.Tensor, key: torch.Tensor, scaling: float | None
     tile = query_tile(heads, k_len, scratch_bytes)
     total = torch.zeros(heads, k_len, dtype=torch.float32, device=query.device)
     for start in range(q_len - n_queries, q_len, tile):
-        weights = _scores_softmax(query, key, scaling, start, min(start + tile, q_len))
+        weights = _scores_softmax(query, key, scaling, start, min(start + tile, q_len), rule)
         total[:, :weights.shape[-1]] += weights.sum(dim=1)
     return total
 
 
 def attention_and_sums(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
-                       n_queries: int, scratch_bytes: int = SCRATCH_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
+                       n_queries: int, scratch_bytes: int = SCRATCH_BYTES, rule: LogitRule | None = None,
+                       dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention output of every query and `attention_sums` of the newest `n_queries`, from one
     pass of scores: each tile's softmax weights are multiplied by the values and summed for the
     policy, so nothing is computed twice. Output (1, q_len, heads, d_v) in the query's dtype, as
@@ -123,23 +192,23 @@ def attention_and_sums(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     first_scored = q_len - n_queries
     for start in range(0, q_len, tile):
         stop = min(start + tile, q_len)
-        weights = _scores_softmax(query, key, scaling, start, stop)  # (heads, t, visible)
+        weights = _scores_softmax(query, key, scaling, start, stop, rule)  # (heads, t, visible)
         visible = weights.shape[-1]
-        tile_output = torch.bmm(weights.view(kv_heads, group * (stop - start), visible), values[:, :visible])
+        weighted = torch.nn.functional.dropout(weights, p=dropout) if dropout else weights
+        tile_output = torch.bmm(weighted.reshape(kv_heads, group * (stop - start), visible), values[:, :visible])
         output[:, :, start:stop] = tile_output.view(kv_heads, group, stop - start, d_v)
         if stop > first_scored:
-            sums[:, :visible] += weights[:, max(first_scored - start, 0):].sum(dim=1)
+            with torch.no_grad():
+                sums[:, :visible] += weights[:, max(first_scored - start, 0):].sum(dim=1)
     output = output.view(heads, q_len, d_v).to(query.dtype).transpose(0, 1).unsqueeze(0).contiguous()
     return output, sums
 
 
-def _fusable(kvstudio_cache, query: torch.Tensor, form: str, policy_queries: int, kwargs: dict) -> bool:
+def _fusable(kvstudio_cache, query: torch.Tensor, form: str, policy_queries: int) -> bool:
     """Whether one pass should give both the output and the policy's sums (see attention_and_sums).
-    Not while training (SDPA's output is what autograd differentiates) and not for attention
-    variants (soft-capping, sliding windows, sinks) that only transformers' own path implements."""
+    Not while training (SDPA's output is what autograd differentiates)."""
     q_len = query.shape[2]
-    plain = all(kwargs.get(name) is None for name in ("softcap", "sliding_window", "s_aux"))
-    return (plain and form == "sums" and q_len > 1 and policy_queries == q_len and not torch.is_grad_enabled()
+    return (form == "sums" and q_len > 1 and policy_queries == q_len and not torch.is_grad_enabled()
             and kvstudio_cache.fuses_scoring_on(query.device))
 
 
@@ -150,34 +219,75 @@ def scoring_scratch_bytes(heads: int, k_len: int, n_queries: int, form: str,
     return heads * rows * k_len * 4
 
 
+def eager_attention(query, key, value, attention_mask, scaling, dropout, softcap, sinks):
+    """Attention with soft-capping and/or sinks over a transformers mask (bool, True = attend, or
+    additive float; None = every key), any batch size: outside a KV Studio run, where SDPA cannot
+    compute these layers. Output (b, q, heads, d_v)."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    key = key.repeat_interleave(heads // kv_heads, dim=1)
+    value = value.repeat_interleave(heads // kv_heads, dim=1)
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[..., :key.shape[2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if sinks is not None:
+        column = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+        combined = torch.cat([scores, column], dim=-1)
+        weights = torch.softmax(combined - combined.max(dim=-1, keepdim=True).values, dim=-1)[..., :-1]
+    else:
+        weights = torch.softmax(scores, dim=-1)
+    if dropout:
+        weights = torch.nn.functional.dropout(weights, p=dropout)
+    output = torch.matmul(weights.to(value.dtype), value)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def layer_rule(kvstudio_cache, layer_idx: int, recalled: int, kwargs: dict) -> LogitRule:
+    """The layer's logits as the model defines them: positions from the cache (recalled host entries
+    in front), the window of the layer's kind, and the soft-cap and sinks the model passes."""
+    key_positions, window = kvstudio_cache.key_positions(layer_idx, recalled)
+    return LogitRule(key_positions, kvstudio_cache.context.positions, window, kwargs.get("softcap"),
+                     kwargs.get("s_aux"))
+
+
 def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        kvstudio_cache=None, **kwargs):
     if kvstudio_cache is None:
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            return eager_attention(query, key, value, attention_mask, scaling, dropout, kwargs.get("softcap"),
+                                   kwargs.get("s_aux"))
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     # The host tier (kvstudio.core.storage.host) puts recalled entries in front, for this step only.
     key, value, recalled = kvstudio_cache.recall(module.layer_idx, query, key, value)
     q_len, k_len = query.shape[2], key.shape[2]
     layer_idx = module.layer_idx
+    # The mask transformers built is sized for the first layer of each kind and knows nothing of
+    # evicted entries: each layer's visibility comes from its own entries' original positions.
+    rule = layer_rule(kvstudio_cache, layer_idx, recalled, kwargs)
     policy_queries, watched = kvstudio_cache.attention_queries_for(layer_idx, q_len)
     form = kvstudio_cache.policy.attention_form
     rows = sums = watched_row = None
-    if policy_queries and _fusable(kvstudio_cache, query, form, policy_queries, kwargs):
-        output, sums = attention_and_sums(query, key, value, scaling, policy_queries,
-                                          kvstudio_cache.scoring_scratch_bytes)
+    if rule.needs_own_path or (policy_queries and _fusable(kvstudio_cache, query, form, policy_queries)):
+        wanted = policy_queries if form == "sums" else 0
+        output, sums = attention_and_sums(query, key, value, scaling, wanted, kvstudio_cache.scoring_scratch_bytes,
+                                          rule, dropout)
+        sums = sums if wanted else None
     else:
-        # The mask transformers built is sized for layer 0; layers with other budgets hold a
-        # different number of entries, so each layer's mask is made from its own shapes.
-        mask = chunk_mask(q_len, k_len, query.device)
+        mask = visibility_mask(rule, query.shape[1], q_len, k_len)
+        sdpa_kwargs = {name: item for name, item in kwargs.items() if name != "sliding_window"}
         output, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout,
-                                           **kwargs)
+                                           **sdpa_kwargs)
     with torch.no_grad():
         if policy_queries and form == "rows":
-            rows = attention_rows(query, key, scaling, policy_queries)
+            rows = attention_rows(query, key, scaling, policy_queries, rule)
         elif policy_queries and sums is None:
-            sums = attention_sums(query, key, scaling, policy_queries, kvstudio_cache.scoring_scratch_bytes)
+            sums = attention_sums(query, key, scaling, policy_queries, kvstudio_cache.scoring_scratch_bytes, rule)
         if watched:
-            watched_row = rows[:, -1] if rows is not None else attention_rows(query, key, scaling, 1)[:, 0]
+            watched_row = rows[:, -1] if rows is not None else attention_rows(query, key, scaling, 1, rule)[:, 0]
     if policy_queries:
         kvstudio_cache.note_scoring_scratch(scoring_scratch_bytes(query.shape[1], k_len, policy_queries, form,
                                                                   kvstudio_cache.scoring_scratch_bytes))

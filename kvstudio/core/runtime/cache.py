@@ -12,9 +12,17 @@ One forward step goes:
                                        next layer runs with this one already back within budget
   engine: cache.end_step()             what happened: occupancy, evictions, bytes
 
-`get_seq_length()` is the number of *stored* entries. transformers builds the attention mask from
-it, which is exactly right: every stored entry is older than the new chunk. The token positions the
-model needs for RoPE come from the engine (`position_ids`), never from the cache length.
+`get_seq_length()` is the number of tokens the layer has absorbed (what transformers' own layers
+say, and what its default position ids and mask offsets read), not the number of stored entries
+(`entry_count()`). The token positions the model needs for RoPE come from the engine
+(`position_ids`), never from the cache length, and the attention function builds each layer's mask
+from its entries' original positions (core/runtime/attention.py), so the mask transformers builds is
+not used inside a run.
+
+Sliding-window layers (core/models/layer_kinds.py): after attention, entries that have left the
+layer's window (position <= next position - W) can never be attended again; they are dropped and
+reported with reason "window", apart from the policy's evictions (reason "policy"). The policy then
+acts on what is left: it only ever sees entries inside the window.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvstudio.core.runtime.attention import SCRATCH_BYTES
 from kvstudio.core.errors import PolicyError
+from kvstudio.core.models.layer_kinds import FULL, LayerKind
 from kvstudio.core.plugins.guard import call_policy, checked_count, returned_wrong_type
 from kvstudio.core.policies.base import LayerState, LayerView, Phase, Policy
 from kvstudio.core.runtime.rotary import Rerotator
@@ -49,10 +58,14 @@ class StepContext:
     token_ids: torch.Tensor | None = None  # (seen,) every token fed so far, this step's included
 
 
+POLICY, WINDOW = "policy", "window"  # why entries left a layer: the policy chose, or they left its sliding window
+
+
 @dataclass
 class Eviction:
     layer: int
     positions: torch.Tensor  # (kv_heads, m) long, on the CPU: original positions evicted per head
+    reason: str = POLICY  # POLICY or WINDOW
 
 
 @dataclass
@@ -77,7 +90,13 @@ class StepReport:
 
     @property
     def evicted_count(self) -> int:
-        return sum(e.positions.numel() for e in self.evictions)
+        """Entries the policy evicted (not those that left a sliding window)."""
+        return sum(e.positions.numel() for e in self.evictions if e.reason == POLICY)
+
+    @property
+    def left_window_count(self) -> int:
+        """Entries dropped because they left a sliding layer's window."""
+        return sum(e.positions.numel() for e in self.evictions if e.reason == WINDOW)
 
 
 def _unused_setter(self, value):
@@ -103,8 +122,11 @@ class PolicyLayer(DynamicLayer):
         self.layer_idx = layer_idx
         self.empty_storage()
         self.state: LayerState = _new_layer_state(cache.policy, layer_idx)
+        self.kind: LayerKind = cache.layer_kinds[layer_idx]
+        self.window = self.kind.window if self.kind.kind != FULL else None
         self.n_new = 0
         self.attended_this_step = False
+        self.recalled_positions: torch.Tensor | None = None  # host entries put in front this step
 
     def empty_storage(self) -> None:
         """A fresh store and no host tier; with merging, this layer's side of its pair (the cache's
@@ -123,7 +145,14 @@ class PolicyLayer(DynamicLayer):
         self.is_initialized = True
 
     def get_seq_length(self) -> int:
-        return self.store.entry_count()
+        """Tokens absorbed (transformers' meaning); `entry_count()` is what the layer holds."""
+        return self.cache.tokens_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # transformers' mask is not used inside a run (the attention function masks by position): keep
+        # it the size of what the layer holds.
+        held = self.entry_count()
+        return held + query_length, max(self.cache.tokens_seen - held, 0)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if key_states.shape[0] != 1:
@@ -146,7 +175,7 @@ class PolicyLayer(DynamicLayer):
         return keys, values
 
     def entry_count(self) -> int:
-        return self.get_seq_length()
+        return self.store.entry_count() if self.is_initialized else 0
 
     # -- the rest of transformers' layer contract -------------------------------------------------
 
@@ -158,6 +187,7 @@ class PolicyLayer(DynamicLayer):
         self.state = _new_layer_state(self.cache.policy, self.layer_idx)
         self.n_new = 0
         self.is_initialized = False
+        self.cache.tokens_seen = 0  # the cache's count: transformers resets every layer together
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -188,16 +218,44 @@ class PolicyLayer(DynamicLayer):
     def host_byte_count(self) -> int:
         return 0 if self.host is None else self.host.byte_count()
 
-    def apply_policy(self, attention: torch.Tensor | None, attention_sums: torch.Tensor | None = None) -> None:
+    def drop_outside_window(self, attention: torch.Tensor | None, attention_sums: torch.Tensor | None):
+        """A sliding layer: drop the entries no later query can see (position <= next position - W),
+        reported as having left the window. Each head's entries are in position order, so those are a
+        prefix of its row; heads keep the same count (tensors stay rectangular): where per-head
+        selection left heads with different numbers of such entries, the surplus stays until it too
+        can go, masked by position meanwhile (never attended). Returns the policy's attention rows
+        and sums for the entries that stay."""
+        if self.window is None or not self.entry_count():
+            return attention, attention_sums
+        positions = self.positions
+        threshold = self.cache.context.positions[-1] + 1 - self.window  # the next query sees positions > threshold
+        outside = positions <= threshold
+        n = positions.shape[1]
+        # One read of the device per sliding layer and step: how many go, and that they are a prefix.
+        drop, scattered = torch.stack([outside.sum(dim=1).min(),
+                                       (outside[:, 1:] & ~outside[:, :-1]).any().long()]).tolist()
+        if drop == 0 or scattered:  # (scattered: never in position order; the mask still hides them)
+            return attention, attention_sums
+        keep = torch.arange(drop, n, device=positions.device).unsqueeze(0).expand(positions.shape[0], -1)
+        self._evict(keep, self._view(None, None), reason=WINDOW)
+        self.n_new = min(self.n_new, n - drop)
+        return _columns(attention, keep), _columns(attention_sums, keep)
+
+    def _view(self, attention, attention_sums) -> LayerView:
         cache, context = self.cache, self.cache.context
-        policy = cache.policy
-        view = LayerView(
+        return LayerView(
             layer_idx=self.layer_idx, n_layers=cache.n_layers, step=context.step, phase=context.phase,
             keys=self.keys[0], values=self.values[0], positions=self.positions, n_new=self.n_new,
             budget=cache.budgets[self.layer_idx], attention=attention,
             is_last_prefill_chunk=context.is_last_prefill_chunk, token_ids=context.token_ids,
             tokenizer=cache.tokenizer, attention_sums=attention_sums,
         )
+
+    def apply_policy(self, attention: torch.Tensor | None, attention_sums: torch.Tensor | None = None) -> None:
+        cache, context = self.cache, self.cache.context
+        policy = cache.policy
+        attention, attention_sums = self.drop_outside_window(attention, attention_sums)
+        view = self._view(attention, attention_sums)
         keep = call_policy(policy, "select()", self.layer_idx, policy.select, view, self.state)
         limit = cache.limits[context.phase][self.layer_idx]
         if keep is None:
@@ -237,7 +295,7 @@ class PolicyLayer(DynamicLayer):
         if unordered:
             raise PolicyError(f"policy {name} returned indices that are not strictly increasing in layer {layer}")
 
-    def _evict(self, keep: torch.Tensor, view: LayerView) -> None:
+    def _evict(self, keep: torch.Tensor, view: LayerView, reason: str = POLICY) -> None:
         kv_heads, n = self.positions.shape
         dropped = torch.ones(kv_heads, n, dtype=torch.uint8, device=keep.device)
         dropped.scatter_(1, keep, 0)
@@ -245,18 +303,24 @@ class PolicyLayer(DynamicLayer):
         # boolean index would do it too, but it waits for the device to count them.)
         dropped_index = dropped.argsort(dim=1, descending=True, stable=True)[:, :n - keep.shape[1]]
         evicted_positions = self.positions.gather(1, dropped_index)
-        if self.cache.storage.tier == "host":
+        if self.cache.storage.tier == "host" and reason == POLICY:  # out-of-window entries are gone for good
             self._move_to_host(dropped_index, evicted_positions, view)
 
         before = self.byte_count()
         if self.merge is not None:  # a partner reading this layer's rows copies out the ones that go
             self.merge.before_keep(self, keep)
         self.store.keep(keep)  # compacts keys, values and positions in place
-        self.state.keep(keep)
+        if reason == WINDOW:
+            # The oldest entries of every row went. The policy's per-entry state may not cover this
+            # step's new entries yet (select() grows it), so it loses the same prefix.
+            drop = view.n_entries - keep.shape[1]
+            self.state.per_entry = {name: tensor[:, drop:] for name, tensor in self.state.per_entry.items()}
+        else:
+            self.state.keep(keep)
         if self.merge is not None:
             self.merge.keep(self, keep)
         self.cache.note_bytes(self.byte_count() - before)
-        self.cache.record_eviction(self.layer_idx, evicted_positions)
+        self.cache.record_eviction(self.layer_idx, evicted_positions, reason)
 
         if self.cache.policy.config.rerotate:
             # The StreamingLLM scheme: kept keys move to positions 0..k-1 in the cache. RoPE is a
@@ -280,9 +344,22 @@ class PolicyLayer(DynamicLayer):
     def recall(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
         """Host blocks the query would attend to, put in front of key/value for this step only."""
         recalled = None if self.host is None else self.host.recall(query)
+        self.recalled_positions = None if recalled is None else recalled.positions
         if recalled is not None:
             self.cache.record_recall(self.layer_idx, recalled.positions)
         return splice(key, value, recalled)
+
+
+def _columns(scores: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor | None:
+    """Attention rows (heads, q, n) or sums (heads, n) of query heads, cut to the kept entries of
+    their KV head: keep (kv_rows, k), kv_rows = the KV heads or 1."""
+    if scores is None:
+        return None
+    heads = scores.shape[0]
+    index = keep.repeat_interleave(heads // keep.shape[0], dim=0) if keep.shape[0] != heads else keep
+    if scores.dim() == 3:
+        index = index[:, None, :].expand(-1, scores.shape[1], -1)
+    return scores.gather(-1, index)
 
 
 def _label(policy: Policy) -> str:
@@ -307,10 +384,16 @@ def _budgets(policy: Policy, method: str, n_layers: int, *phase) -> list[int | N
 class PolicyCache(Cache):
     """A Cache that applies a policy after every forward step. Batch size 1."""
 
-    def __init__(self, policy: Policy, n_layers: int, rerotator: Rerotator | None = None, tokenizer=None):
+    def __init__(self, policy: Policy, n_layers: int, rerotator: Rerotator | None = None, tokenizer=None,
+                 layer_kinds: list[LayerKind] | None = None):
         self.policy = policy
         self.tokenizer = tokenizer
         self.n_layers = n_layers
+        # What each layer computes (core/models/layer_kinds.py); every layer global when not given.
+        self.layer_kinds = list(layer_kinds) if layer_kinds is not None else [LayerKind(FULL)] * n_layers
+        if len(self.layer_kinds) != n_layers:
+            raise ValueError(f"{len(self.layer_kinds)} layer kinds for {n_layers} layers")
+        self.tokens_seen = 0  # tokens absorbed: get_seq_length() (the session sets it before each step)
         self.budgets = _budgets(policy, "budget_for", n_layers)
         # What the engine enforces after each step; fixed for a run, so computed once.
         self.limits = {phase: _budgets(policy, "limit_for", n_layers, phase) for phase in ("prefill", "decode")}
@@ -319,6 +402,10 @@ class PolicyCache(Cache):
                               "it must be 'rows' or 'sums'")
         if policy.config.rerotate and rerotator is None:
             raise PolicyError("--rerotate needs a rotary (RoPE) model")
+        nope = [i for i, kind in enumerate(self.layer_kinds) if not kind.rope]
+        if policy.config.rerotate and nope:
+            raise PolicyError(f"--rerotate re-rotates every layer's kept keys, but layers {nope} of this model use no "
+                              "RoPE (their keys carry no position): run without --rerotate")
         self.rerotator = rerotator
         self.storage = storage_of(policy)  # codec and tier (kvstudio.core.storage); fp on the device by default
         self.codec = create_codec(self.storage)
@@ -405,6 +492,7 @@ class PolicyCache(Cache):
         for rows in report.attention:
             rows.weights, rows.positions = rows.weights.cpu(), rows.positions.cpu()
         report.kept_per_layer = [layer.entry_count() for layer in self.layers]
+        self.tokens_seen += int(self.context.positions.shape[0])
         report.merging = self.merging.step_report(self) if self.merging is not None else None
         report.cache_bytes = self.current_bytes
         report.host_bytes = self.host_bytes
@@ -435,8 +523,8 @@ class PolicyCache(Cache):
         self.current_bytes += delta
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
 
-    def record_eviction(self, layer_idx: int, positions: torch.Tensor) -> None:
-        self._report.evictions.append(Eviction(layer_idx, positions.detach()))
+    def record_eviction(self, layer_idx: int, positions: torch.Tensor, reason: str = POLICY) -> None:
+        self._report.evictions.append(Eviction(layer_idx, positions.detach(), reason))
 
     def note_host_bytes(self, delta: int) -> None:
         self.host_bytes += delta
@@ -475,6 +563,15 @@ class PolicyCache(Cache):
         """Keys plus values held by each layer, from the tensors themselves. Safe to call from the
         memory sampler's thread mid-step: each layer's read sees one consistent pair of tensors."""
         return [layer.byte_count() for layer in self.layers]
+
+    def key_positions(self, layer_idx: int, recalled: int = 0) -> tuple[torch.Tensor, int | None]:
+        """The positions of the keys attention sees in a layer, (rows, n) with recalled host entries
+        in front, and the layer's window (None: a global layer)."""
+        layer = self.layers[layer_idx]
+        positions = layer.positions
+        if recalled:
+            positions = torch.cat([layer.recalled_positions.to(positions.device), positions], dim=1)
+        return positions, layer.window
 
     def positions(self, layer_idx: int) -> torch.Tensor:
         """Token positions held by a layer, (kv_heads, n)."""

@@ -16,12 +16,14 @@ from typing import Callable
 import torch
 
 from kvstudio.core.errors import KVStudioError, PromptError
+from kvstudio.core.models.layer_kinds import kinds_record
 from kvstudio.core.models.loading import LoadedModel
 from kvstudio.core.policies.base import Policy
 from kvstudio.core.recording.events import Recorder, RunStartedEvent, TokenEvent
 from kvstudio.core.recording.memory import MemorySampler
 from kvstudio.core.runtime import attention, run_state
 from kvstudio.core.runtime.cache import PolicyCache
+from kvstudio.core.runtime.cache_keyword import cache_keyword
 from kvstudio.core.runtime.layer_hooks import layer_callbacks
 from kvstudio.core.runtime.rotary import Rerotator
 from kvstudio.core.runtime.run_state import RunState
@@ -85,6 +87,8 @@ class GenerationResult:
     cache: PolicyCache | None = field(default=None, repr=False)
     state: RunState | None = field(default=None, repr=False)  # with keep_state: to save and continue later
     restored_tokens: int = 0  # tokens that came from a saved cache instead of being computed
+    left_window: int = 0  # entries dropped because they left a sliding layer's window (not evictions)
+    layer_kinds: dict = field(default_factory=dict)  # {"summary": "4 layers: ...", "layers": [{kind, window}]}
 
     @property
     def tokens_per_second(self) -> float:
@@ -204,6 +208,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model.set_attn_implementation(attention.register())
         self.rerotator = Rerotator.for_model(self.model)
+        self.cache_keyword = cache_keyword(self.model)  # `cache` from transformers 5.24, `past_key_values` before
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
@@ -223,7 +228,7 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------------
 
     def new_cache(self, policy: Policy) -> PolicyCache:
-        return PolicyCache(policy, self.loaded.n_layers, self.rerotator, self.tokenizer)
+        return PolicyCache(policy, self.loaded.n_layers, self.rerotator, self.tokenizer, self.loaded.layer_kinds)
 
     def prompt_logits(self, ids: list[int], policy: Policy, chunk_size: int) -> torch.Tensor:
         """Logits at the last prompt position after a chunked prefill under `policy`."""
@@ -349,4 +354,5 @@ class Engine:
             kept_per_layer=run.cache.kept_per_layer(), peak_kept_per_layer=list(run.cache.peak_kept_per_layer),
             evictions=sum(r.evicted for r in run.records), steps=run.records, state=state,
             restored_tokens=len(start.token_ids) if start is not None else 0, storage=summarize(run.cache),
+            left_window=sum(r.left_window for r in run.records), layer_kinds=kinds_record(run.cache.layer_kinds),
         )

@@ -58,6 +58,7 @@ class StepRecord:
     cuda_peak: int = 0
     device_used: int = 0
     device_total: int = 0
+    left_window: int = 0  # entries dropped because they left a sliding layer's window (not in `evicted`)
 
 
 class RunSession:
@@ -149,12 +150,13 @@ class RunSession:
         self._append_tokens(new_ids)
         self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk,
                                           self.recorder.watch_layers, self.token_ids))
+        self.cache.tokens_seen = self.seen  # get_seq_length(): tokens absorbed before this step
         started = time.perf_counter()
         with torch.enable_grad() if grad else torch.inference_mode():
             output = self.engine.model(
                 input_ids=new_ids.unsqueeze(0),
                 position_ids=rope_positions.unsqueeze(0),
-                past_key_values=self.cache,
+                **{self.engine.cache_keyword: self.cache},
                 use_cache=True,
                 logits_to_keep=0 if all_logits else (1 if keep_logits is None else keep_logits),
                 kvstudio_cache=self.cache,
@@ -193,13 +195,14 @@ class RunSession:
                             cache_bytes_per_layer=list(memory.cache_bytes_per_layer),
                             process_bytes=memory.process_bytes, cuda_allocated=memory.cuda_allocated,
                             cuda_reserved=memory.cuda_reserved, cuda_peak=memory.cuda_peak,
-                            device_used=memory.device_used, device_total=memory.device_total)
+                            device_used=memory.device_used, device_total=memory.device_total,
+                            left_window=report.left_window_count)
         self.records.append(record)
         self.recorder.record(StepEvent(step, phase, n, seconds, tuple(report.kept_per_layer), report.cache_bytes,
-                                       self.cache.peak_bytes, report.evicted_count))
+                                       self.cache.peak_bytes, report.evicted_count, report.left_window_count))
         for eviction in report.evictions:
             for head, positions in enumerate(eviction.positions.numpy()):
-                self.recorder.record(EvictionEvent(step, eviction.layer, head, positions))
+                self.recorder.record(EvictionEvent(step, eviction.layer, head, positions, eviction.reason))
         for rows in report.attention:
             self.recorder.record(AttentionEvent(step, rows.layer, rows.weights.numpy(), rows.positions.numpy()))
         for recall in report.recalled:
