@@ -38,3 +38,15 @@ def test_preparing_imports_the_architecture_code_in_a_fresh_process():
 @pytest.mark.parametrize("spec", ["/no/such/folder", "tiny-nonsense", "default"])
 def test_preparing_never_raises(spec):
     models.prepare_load(spec)
+
+
+def test_the_model_line_names_its_layer_kinds_when_they_are_not_all_global():
+    import torch
+
+    from kvstudio.core.models.loading import LoadedModel
+    from kvstudio.core.models.tiny_families import build_family_model
+
+    mixed = LoadedModel(build_family_model("gemma3_text"), None, "folder", "g3", torch.device("cpu"), torch.float32)
+    assert "(4 layers: 3 sliding (window 8), 1 global; 4 query / 2 KV heads)" in mixed.describe()
+    plain = LoadedModel(build_family_model("llama"), None, "folder", "l", torch.device("cpu"), torch.float32)
+    assert "(4 layers, 4 query / 2 KV heads)" in plain.describe()

@@ -31,7 +31,7 @@ from kvstudio.core.models.progress import Progress, say
 from kvstudio.core.models.support import check_supported
 from kvstudio.core.models.tiny import TINY_FAMILIES, build_tiny_model
 from kvstudio.core.models.kv_pooling import describe_groups, pool_kv_heads, split_kv_groups
-from kvstudio.core.models.layer_kinds import layer_kinds
+from kvstudio.core.models.layer_kinds import describe_kinds, layer_kinds
 
 
 def model_identity(spec: str, adapter: str = "") -> str:
@@ -87,8 +87,11 @@ class LoadedModel:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     def describe(self) -> str:
+        """One line for the CLI's log and the studio's model panel; layer kinds named when not all global."""
+        kinds = describe_kinds(self.layer_kinds)
+        layers = f"{self.n_layers} layers," if kinds.endswith("all global") else kinds + ";"
         return (
-            f"{self.name} ({self.n_layers} layers, {self.n_heads} query / {self.n_kv_heads} KV heads) "
+            f"{self.name} ({layers} {self.n_heads} query / {self.n_kv_heads} KV heads) "
             f"on {self.device}, {str(self.dtype).removeprefix('torch.')}"
             + (f", {self.quantization} weights" if self.quantization else "")
         )
