@@ -6,6 +6,7 @@
   kvstudio finetune ...    LoRA fine-tuning with the policy's cache in the loop (cli/finetune.py)
   kvstudio demo            a short streamed demo on the default model, in the terminal
   kvstudio eval TASK ...   policies x budgets on a task (needle, ruler, perplexity, kl, qa), resumable
+  kvstudio check-model SPEC  is the model computed exactly? the engine under full against transformers
   kvstudio runs ...        the run history: list, show, export, plot (cli/runs_plot.py: figures)
 
 Every error a user can cause ends in one line on stderr and exit status 2, never a traceback.
@@ -130,10 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs_plot.add_parser(runs_commands)
     # Subcommands that live in their own modules (kvstudio/cli/).
-    from kvstudio.cli import cache as cache_command, eval as eval_command
+    from kvstudio.cli import cache as cache_command, check_model, eval as eval_command
 
     eval_command.add_parser(commands)
     cache_command.add_parser(commands)
+    check_model.add_parser(commands)
     return parser
 
 
@@ -176,6 +178,10 @@ def _dispatch(args, plugins) -> int:
             from kvstudio.cli import eval as eval_command
 
             return eval_command.run(args)
+        if args.command == "check-model":
+            from kvstudio.cli import check_model
+
+            return check_model.run(args)
         from kvstudio.gui.app import run_studio
 
         return run_studio(None if args.studio_model == "none" else args.studio_model)
