@@ -17,12 +17,6 @@ from pathlib import Path
 from kvstudio.cli.model_options import add_kv_groups_option, apply_kv_groups
 from kvstudio.cli.output import progress, write_json_atomic
 
-CHECK_PROMPT = ("The quick brown fox jumps over the lazy dog. A cache keeps what attention needs; a policy decides "
-                "which entries stay, and a sliding window forgets what is too far behind.")
-# The largest logit difference that counts as exact: float32 rounding, and half-precision rounding.
-TOLERANCES = {"float32": 1e-4, "float64": 1e-8}
-HALF_TOLERANCE = 5e-2
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("check-model", help="compare the engine under `full` with transformers on your "
@@ -32,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="float32", help="float32 (default: differences are rounding only), "
                                                           "bfloat16, float16, auto")
-    parser.add_argument("--prompt", default=CHECK_PROMPT, help="the text both are fed (default: two sentences)")
+    parser.add_argument("--prompt", default=None, help="the text both are fed (default: two sentences)")
     parser.add_argument("--chunk-size", type=int, default=8, help="the chunked comparison's chunk size (default 8)")
     parser.add_argument("--decode-steps", type=int, default=6, help="decode steps compared (default 6)")
     parser.add_argument("--tolerance", type=float, help="max |delta logit| that counts as exact (default 1e-4 in "
@@ -43,12 +37,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from kvstudio.core.errors import KVStudioError
-    from kvstudio.core.evaluate.conformance import compare_with_transformers, reference_logits
+    from kvstudio.core.evaluate.conformance import CHECK_PROMPT, check_model
     from kvstudio.core.io.atomic import check_writable_folder
     from kvstudio.core.models.layer_kinds import describe_kinds, kinds_record
     from kvstudio.core.models.loading import load_model
-    from kvstudio.core.runtime.engine import Engine, GenerationSettings
-    from kvstudio.core.spec import create_policy
+    from kvstudio.core.runtime.engine import Engine
 
     apply_kv_groups(args)
     if args.chunk_size < 1 or args.decode_steps < 0:
@@ -56,41 +49,24 @@ def run(args) -> int:
     if args.json:
         check_writable_folder(args.json)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress)
-    engine = Engine(loaded)
-    ids = engine.encode(args.prompt)
-    if len(ids) < 2:
-        raise KVStudioError("--prompt needs at least two tokens to compare a prompt and its decode steps")
+    print("[kvstudio] comparing the engine under full with transformers' own forward and cache",
+          file=sys.stderr, flush=True)
+    result = check_model(Engine(loaded), args.prompt or CHECK_PROMPT, args.chunk_size, args.decode_steps, args.tolerance)
     dtype = str(loaded.dtype).removeprefix("torch.")
-    tolerance = args.tolerance if args.tolerance is not None else TOLERANCES.get(dtype, HALF_TOLERANCE)
-    print(f"[kvstudio] comparing {len(ids)} prompt tokens and {args.decode_steps} decode steps with "
-          "transformers' own forward and cache", file=sys.stderr, flush=True)
-    reference = reference_logits(loaded.model, ids, args.decode_steps)
-    checks = [compare_with_transformers(engine, ids, size, args.decode_steps, reference)
-              for size in dict.fromkeys((len(ids), min(args.chunk_size, len(ids))))]
-    full = engine.generate(ids, create_policy("full"), GenerationSettings(max_new_tokens=0, memory_sample_hz=0))
-    bytes_per_token = full.peak_cache_bytes / len(ids)
-    exact = all(check.max_delta <= tolerance for check in checks)
-
     kinds = loaded.layer_kinds
     print(f"model {loaded.name}: {describe_kinds(kinds)}; {loaded.n_heads} query / {loaded.n_kv_heads} KV heads, "
-          f"head size {loaded.head_dim}; cache {bytes_per_token:,.0f} bytes per token under full ({dtype})")
-    for check in checks:
-        how = "one chunk" if check.chunk_size == len(ids) else f"chunks of {check.chunk_size}"
-        print(f"  {how:>15}: max |delta logit| prompt {check.prompt_max_delta:.2e}, decode {check.decode_max_delta:.2e}")
-    if exact:
-        print(f"exact: every logit within {tolerance:g} of transformers' own")
-    else:
-        worst = max(checks, key=lambda c: c.max_delta)
-        where = "the prompt" if worst.prompt_max_delta >= worst.decode_max_delta else "the decode steps"
-        print(f"differs: max |delta logit| {worst.max_delta:.3g} > {tolerance:g}, largest in {where}; runs of this "
-              "model under a policy are not the model transformers computes")
+          f"head size {loaded.head_dim}; cache {result.bytes_per_token:,.0f} bytes per token under full ({dtype})")
+    lines = result.lines()
+    for line in lines[:-1]:
+        print(f"  {line}")
+    print(lines[-1])
     if args.json:
         write_json_atomic(Path(args.json), {
-            "model": loaded.identity, "dtype": dtype, "exact": exact, "tolerance": tolerance,
+            "model": loaded.identity, "dtype": dtype, "exact": result.exact, "tolerance": result.tolerance,
             "layer_kinds": kinds_record(kinds), "n_heads": loaded.n_heads, "n_kv_heads": loaded.n_kv_heads,
-            "head_dim": loaded.head_dim, "cache_bytes_per_token": bytes_per_token, "prompt_tokens": len(ids),
+            "head_dim": loaded.head_dim, "cache_bytes_per_token": result.bytes_per_token,
+            "prompt_tokens": result.prompt_tokens,
             "checks": [{"chunk_size": c.chunk_size, "prompt_max_delta": c.prompt_max_delta,
-                        "decode_max_delta": c.decode_max_delta} for c in checks]})
+                        "decode_max_delta": c.decode_max_delta} for c in result.checks]})
         print(f"[kvstudio] wrote {args.json}", file=sys.stderr)
-    return 0 if exact else 1
-
+    return 0 if result.exact else 1

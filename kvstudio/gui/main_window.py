@@ -24,6 +24,7 @@ from kvstudio.gui.features.exports_menu import ExportsFeature
 from kvstudio.gui.features.figure_export import FiguresFeature
 from kvstudio.gui.features.finetune import FinetuneFeature
 from kvstudio.gui.features.live_views import LiveViews
+from kvstudio.gui.features.model_check import ModelCheckFeature
 from kvstudio.gui.features.model_loading import ModelLoading
 from kvstudio.gui.features.plugins import PluginsFeature, saved_plugin_folders
 from kvstudio.gui.features.prompt_area import PromptArea
@@ -84,9 +85,10 @@ class MainWindow(QMainWindow):
         self.caches = CachesFeature(self)
         self.evaluate = EvaluateFeature(self)
         self.finetune = FinetuneFeature(self)
+        self.model_check = ModelCheckFeature(self)
         self.features = [self.loading, self.form, self.prompt_area, self.views, self.run, self.snapshots,
                          self.compare, self.runs, self.exports, self.figures, self.plugins_feature, self.caches,
-                         self.evaluate, self.finetune]
+                         self.evaluate, self.finetune, self.model_check]
         for feature in self.features:
             feature.install()
         self.menu("&File").addSeparator()

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvstudio.core.errors import KVStudioError
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.runtime.cache_keyword import cache_kwargs
+from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.runtime.session import RunSession
 from kvstudio.core.spec import create_policy
 
@@ -83,3 +85,57 @@ def compare_with_transformers(engine, ids: list[int], chunk_size: int, decode_st
     prompt_delta = float((ref_prompt - got_prompt.to(ref_prompt.device)).abs().max())
     decode_delta = max((float((r - g.to(r.device)).abs().max()) for r, g in zip(ref_steps, got_steps)), default=0.0)
     return Conformance(prompt_delta, decode_delta, tokens, chunk_size)
+
+
+# What `kvstudio check-model` and the studio's Check model feed both sides by default.
+CHECK_PROMPT = ("The quick brown fox jumps over the lazy dog. A cache keeps what attention needs; a policy decides "
+                "which entries stay, and a sliding window forgets what is too far behind.")
+# The largest logit difference that counts as exact: float32 rounding; half precision rounds far more.
+TOLERANCES = {"float32": TOLERANCE, "float64": 1e-8}
+HALF_TOLERANCE = 5e-2
+
+
+@dataclass
+class ModelCheck:
+    """A user's model checked: the comparisons (one chunk, then chunks), the tolerance they were held to,
+    and the cache's bytes per token under `full`."""
+
+    checks: list[Conformance]
+    tolerance: float
+    prompt_tokens: int
+    bytes_per_token: float
+
+    @property
+    def exact(self) -> bool:
+        return all(check.max_delta <= self.tolerance for check in self.checks)
+
+    def lines(self) -> list[str]:
+        """Each comparison, then the verdict: exact, or where it differs."""
+        lines = []
+        for check in self.checks:
+            how = "one chunk" if check.chunk_size == self.prompt_tokens else f"chunks of {check.chunk_size}"
+            lines.append(f"{how}: max |delta logit| prompt {check.prompt_max_delta:.2e}, "
+                         f"decode {check.decode_max_delta:.2e}")
+        if self.exact:
+            lines.append(f"exact: every logit within {self.tolerance:g} of transformers' own")
+        else:
+            worst = max(self.checks, key=lambda c: c.max_delta)
+            where = "the prompt" if worst.prompt_max_delta >= worst.decode_max_delta else "the decode steps"
+            lines.append(f"differs: max |delta logit| {worst.max_delta:.3g} > {self.tolerance:g}, largest in {where}; "
+                         "runs of this model under a policy are not the model transformers computes")
+        return lines
+
+
+def check_model(engine, prompt: str = CHECK_PROMPT, chunk_size: int = 8, decode_steps: int = 6,
+                tolerance: float | None = None) -> ModelCheck:
+    """Compare the engine with transformers on `prompt`, in one chunk and in chunks of `chunk_size`."""
+    ids = engine.encode(prompt)
+    if len(ids) < 2:
+        raise KVStudioError("the prompt needs at least two tokens to compare a prompt and its decode steps")
+    dtype = str(engine.loaded.dtype).removeprefix("torch.")
+    tolerance = tolerance if tolerance is not None else TOLERANCES.get(dtype, HALF_TOLERANCE)
+    reference = reference_logits(engine.model, ids, decode_steps)
+    checks = [compare_with_transformers(engine, ids, size, decode_steps, reference)
+              for size in dict.fromkeys((len(ids), min(chunk_size, len(ids))))]
+    full = engine.generate(ids, create_policy("full"), GenerationSettings(max_new_tokens=0, memory_sample_hz=0))
+    return ModelCheck(checks, tolerance, len(ids), full.peak_cache_bytes / len(ids))
