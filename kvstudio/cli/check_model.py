@@ -52,7 +52,7 @@ def run(args) -> int:
     print("[kvstudio] comparing the engine under full with transformers' own forward and cache",
           file=sys.stderr, flush=True)
     result = check_model(Engine(loaded), args.prompt or CHECK_PROMPT, args.chunk_size, args.decode_steps, args.tolerance)
-    dtype = str(loaded.dtype).removeprefix("torch.")
+    dtype = result.dtype
     kinds = loaded.layer_kinds
     print(f"model {loaded.name}: {describe_kinds(kinds)}; {loaded.n_heads} query / {loaded.n_kv_heads} KV heads, "
           f"head size {loaded.head_dim}; cache {result.bytes_per_token:,.0f} bytes per token under full ({dtype})")

@@ -104,6 +104,7 @@ class ModelCheck:
     tolerance: float
     prompt_tokens: int
     bytes_per_token: float
+    dtype: str  # the model's, as "float32": the tolerance depends on it
 
     @property
     def exact(self) -> bool:
@@ -138,4 +139,4 @@ def check_model(engine, prompt: str = CHECK_PROMPT, chunk_size: int = 8, decode_
     checks = [compare_with_transformers(engine, ids, size, decode_steps, reference)
               for size in dict.fromkeys((len(ids), min(chunk_size, len(ids))))]
     full = engine.generate(ids, create_policy("full"), GenerationSettings(max_new_tokens=0, memory_sample_hz=0))
-    return ModelCheck(checks, tolerance, len(ids), full.peak_cache_bytes / len(ids))
+    return ModelCheck(checks, tolerance, len(ids), full.peak_cache_bytes / len(ids), dtype)

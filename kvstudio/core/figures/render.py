@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kvstudio.core.io.atomic import atomic_produce, check_writable_folder
+from kvstudio.core.io.atomic import atomic_produce, atomic_write, check_writable_folder
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.units import MIB
 from kvstudio.core.figures import colours, data
 from kvstudio.core.figures.token_html import token_map_html
-from kvstudio.core.io.atomic import atomic_write
 
 VIEWS = ("token-map", "attention", "occupancy", "evictions", "memory")
 FORMATS = (".png", ".svg", ".pdf", ".html")

@@ -25,13 +25,12 @@ from kvstudio.core.errors import ModelLoadError
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.recording.memory import MemorySampler, system_reading
 from kvstudio.core.models.default_model import DEFAULT_MODEL_NAME, DEFAULT_MODEL_REVISION, default_model_folder, models_cache_dir
-from kvstudio.core.models.layer_kinds import text_config
+from kvstudio.core.models.layer_kinds import describe_kinds, layer_kinds, text_config
 from kvstudio.core.models.devices import quantization_config, resolve_device, resolve_dtype
 from kvstudio.core.models.progress import Progress, say
 from kvstudio.core.models.support import check_supported
 from kvstudio.core.models.tiny import TINY_FAMILIES, build_tiny_model
 from kvstudio.core.models.kv_pooling import describe_groups, pool_kv_heads, split_kv_groups
-from kvstudio.core.models.layer_kinds import describe_kinds, layer_kinds
 
 
 def model_identity(spec: str, adapter: str = "") -> str:

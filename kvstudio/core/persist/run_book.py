@@ -60,8 +60,8 @@ class RunBook:
         """Write the row (status running); its id, or None when history is off or unwritable."""
         if self.history is not None:
             policy, parameters = self.cache.record()
-            self._write(lambda: setattr(self, "run_id", self.history.start(
-                self.model, policy, parameters, self.prompt, self.settings, kind=self.kind)))
+            self.run_id = self._write(lambda: self.history.start(self.model, policy, parameters, self.prompt,
+                                                                 self.settings, kind=self.kind))
         return self.run_id
 
     def finish(self, result, *, error: str | None = None, events: bytes | None = None) -> None:
@@ -99,10 +99,12 @@ class RunBook:
     def _events(self) -> bytes | None:
         return pack_events(self.recorder) if self.recorder is not None else None
 
-    def _write(self, write: Callable[[], None]) -> None:
+    def _write(self, write: Callable[[], object]):
+        """What `write` returned; None, with the book off and one warning, when the history failed."""
         try:
-            write()
+            return write()
         except HistoryError as error:
             self.history = None
             if self.on_warning is not None:
                 self.on_warning(str(error))
+            return None

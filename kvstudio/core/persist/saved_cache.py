@@ -42,14 +42,12 @@ import torch
 
 from kvstudio.core.io.atomic import atomic_write, check_writable_folder
 from kvstudio.core.errors import SavedCacheError  # noqa: F401  (raised here; callers name it from here too)
-from kvstudio.core.policies import available_policies
+from kvstudio.core.policies import available_policies, source_of
 from kvstudio.core.spec import CacheSpec
-from kvstudio.core.storage import CodecError, StorageConfig
+from kvstudio.core.storage import CodecError, StorageConfig, storage_of
 from kvstudio.core.persist.fingerprint import model_fingerprint, tokenizer_sha256
 from kvstudio.core.runtime.layer_tensors import CODEC, describe_storage, storage_key  # noqa: F401
 from kvstudio.core.runtime.run_state import LayerSnapshot, RunState
-from kvstudio.core.policies import source_of
-from kvstudio.core.storage import storage_of
 
 MAGIC = b"KVSCACHE"
 FORMAT_VERSION = 1

@@ -29,8 +29,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from kvstudio.core.errors import PolicyConfigError, PolicyError
-from kvstudio.core.errors import is_out_of_memory
+from kvstudio.core.errors import PolicyConfigError, PolicyError, is_out_of_memory
 from kvstudio.core.policies import BUILT_IN, available_policies, source_of
 from kvstudio.core.policies.base import PolicyConfig
 

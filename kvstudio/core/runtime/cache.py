@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from kvstudio.core.runtime.attention import SCRATCH_BYTES
 from kvstudio.core.errors import PolicyError
 from kvstudio.core.models.layer_kinds import FULL, LayerKind
-from kvstudio.core.plugins.guard import call_policy, checked_count, returned_wrong_type
+from kvstudio.core.plugins.guard import call_policy, checked_count, policy_label, returned_wrong_type
 from kvstudio.core.policies.base import LayerState, LayerView, Phase, Policy
 from kvstudio.core.runtime.rotary import Rerotator
 from kvstudio.core.storage import create_codec, storage_of
@@ -43,7 +43,6 @@ from kvstudio.core.storage.host import HostTier, splice
 from kvstudio.core.storage.linked import LinkedStore
 from kvstudio.core.storage.minicache import create_merging
 from kvstudio.core.storage.layer_stores import make_store
-from kvstudio.core.plugins.guard import policy_label
 from kvstudio.core.policies import BUILT_IN, source_of
 
 

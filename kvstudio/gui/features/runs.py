@@ -203,7 +203,7 @@ class RunsFeature(Feature):
         self.openers[kind] = open_run
 
     def history_changed(self) -> None:
-        """Rows were written to the history outside a run (a sweep's cells, a fine-tune session): show them."""
+        """Rows were written to the history (a run ended, a sweep's cells, a fine-tune session): show them."""
         self.view.set_history(self.window.history)
 
     def record_start(self, request) -> None:
@@ -225,7 +225,7 @@ class RunsFeature(Feature):
             book.finish(outcome.result, error=outcome.error, events=outcome.events)
         else:
             book.fail(outcome.error or "failed", events=outcome.events)
-        self.view.set_history(self.window.history)
+        self.history_changed()
 
     def _history_failed(self, message: str) -> None:
         self.window.history = None
