@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvstudio-installed
 
-.PHONY: run test test-fast bench clean-venv
+.PHONY: run test test-fast bench clean-venv test-transformers
 
 # The environment: created once, refreshed when pyproject.toml changes.
 $(STAMP): pyproject.toml Makefile
@@ -30,6 +30,23 @@ test: $(STAMP)
 # Everything but the tests that use the embedded default model.
 test-fast: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q -m "not slow"
+
+# The conformance tests (exact logits for every family, the cache keyword) on another transformers
+# release, in a venv of its own: `make test-transformers TRANSFORMERS=5.23.0` for the lowest the
+# project accepts, the newest 5.x for the other end of the pin.
+TRANSFORMERS ?= 5.23.0
+TF_VENV      := .venv-transformers-$(TRANSFORMERS)
+$(TF_VENV)/.installed: pyproject.toml Makefile
+	test -x $(TF_VENV)/bin/python || $(PYTHON) -m venv $(TF_VENV)
+	$(TF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TF_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(TF_VENV)/bin/python -m pip install -q -e ".[test]" "transformers==$(TRANSFORMERS)"
+	touch $@
+
+test-transformers: $(TF_VENV)/.installed
+	$(TF_VENV)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	QT_QPA_PLATFORM=offscreen $(TF_VENV)/bin/python -m pytest -q -p no:cacheprovider -W error::FutureWarning \
+		tests/test_conformance.py tests/test_cache_keyword.py tests/test_check_model.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py

@@ -2,7 +2,7 @@
 
 Runs a short prompt through transformers alone (its own cache, eager attention) and through the engine
 under `full`, in one chunk and in small chunks, and compares the logits of every prompt position and
-of every decode step (core/evaluate/conformance.py). Prints the model's layer kinds, heads and head
+of every decode step, and each layer's attention output (core/evaluate/conformance.py). Prints the model's layer kinds, heads and head
 sizes, the cache's bytes per token, each comparison's max |delta logit| and the verdict: exact within
 the tolerance, or where it differs. A model KV Studio cannot compute is refused when it loads, with
 the reason.
@@ -67,6 +67,7 @@ def run(args) -> int:
             "head_dim": loaded.head_dim, "cache_bytes_per_token": result.bytes_per_token,
             "prompt_tokens": result.prompt_tokens,
             "checks": [{"chunk_size": c.chunk_size, "prompt_max_delta": c.prompt_max_delta,
-                        "decode_max_delta": c.decode_max_delta} for c in result.checks]})
+                        "decode_max_delta": c.decode_max_delta, "attention_output_max_delta": c.layer_max_delta}
+                       for c in result.checks]})
         print(f"[kvstudio] wrote {args.json}", file=sys.stderr)
     return 0 if result.exact else 1
