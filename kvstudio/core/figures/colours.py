@@ -6,7 +6,8 @@ EVICTED = "#dc4632"  # red: was in the cache, evicted
 UNFED = "#d9d9d9"  # light grey: a token the model has not been fed yet (prefill not there yet, or stopped)
 UNFED_TEXT = "#777777"
 TIER_COLOURS = {"device": "#5cc850", "host": "#6a9ae6", "recalled": "#b47ae6", "evicted": EVICTED,
-                "retained": "#e6c84a"}  # retained: kept unmerged by MiniCache (core/storage/minicache.py)
+                "retained": "#e6c84a",  # retained: kept unmerged by MiniCache (core/storage/minicache.py)
+                "window": "#a8896c"}  # left a sliding layer's window: gone, but not by the policy
 
 # The attention image: viridis for weights; red where the entry was evicted; near-white where the
 # token was not seen yet, so "not there yet" never reads as a low weight (viridis' low end is dark).

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvstudio.core.errors import KVStudioError
+from kvstudio.core.recording.event_types import WINDOW
 
 EVICTED, UNSEEN = -1.0, -2.0  # markers in an attention image (weights are >= 0)
 LOG_DECADES = 3.0  # the log scale shows this many decades below the top weight
@@ -34,6 +35,8 @@ class TokenMap:
         capacity = max(2 * len(self.tokens), 64)
         self.evicted_heads = np.zeros((self.n_layers, capacity), dtype=np.int16)
         self.evicted_step = np.full((self.n_layers, capacity), -1, dtype=np.int32)  # when its last head went
+        # True where the entry's last head went because it left a sliding layer's window (not the policy)
+        self.left_window = np.zeros((self.n_layers, capacity), dtype=bool)
         self.recalled: dict[int, np.ndarray] = {}  # layer -> positions recalled at its latest recall
         self.retained: dict[int, set[int]] = {}  # layer -> positions MiniCache's retention rule kept unmerged
         self.storage_tier = "device"  # "host": evicted entries live on in host memory
@@ -61,6 +64,7 @@ class TokenMap:
                 self._ensure_capacity(int(eviction.positions.max()) + 1)
             self.evicted_heads[eviction.layer, eviction.positions] += 1
             self.evicted_step[eviction.layer, eviction.positions] = eviction.step
+            self.left_window[eviction.layer, eviction.positions] = eviction.reason == WINDOW
         for recall in events.get("recalls", ()):
             self.recalled[recall.layer] = np.unique(recall.positions)
         for merge in events.get("merges", ()):
@@ -74,7 +78,9 @@ class TokenMap:
             grown[:, : self.evicted_heads.shape[1]] = self.evicted_heads
             steps = np.full((self.n_layers, positions * 2), -1, dtype=np.int32)
             steps[:, : self.evicted_step.shape[1]] = self.evicted_step
-            self.evicted_heads, self.evicted_step = grown, steps
+            window = np.zeros((self.n_layers, positions * 2), dtype=bool)
+            window[:, : self.left_window.shape[1]] = self.left_window
+            self.evicted_heads, self.evicted_step, self.left_window = grown, steps, window
 
     @property
     def fed_count(self) -> int:
@@ -101,10 +107,11 @@ class TokenMap:
 
     def tiers(self, layer: int) -> list[str]:
         """Per token of `layer`: device, retained (held unmerged under MiniCache), host, recalled,
-        evicted, or unfed."""
+        evicted (by the policy), window (left a sliding layer's window), or unfed."""
         on_device = self.heads_holding(layer) > 0
         gone = "host" if self.storage_tier == "host" else "evicted"
         tiers = np.where(on_device, "device", gone).astype(object)
+        tiers[~on_device & self.left_window[layer, :len(tiers)]] = "window"
         recalled = self.recalled.get(layer)
         if recalled is not None and len(recalled):
             tiers[recalled[recalled < len(tiers)]] = "recalled"
@@ -129,13 +136,20 @@ class TokenMap:
         if layer is None:
             holding = int(self.layers_holding()[position])
             lines.append(f"held by {holding} of {self.n_layers} layers")
-            gone = np.flatnonzero(self.evicted_heads[:, position] >= self.kv_heads)
-            if gone.size:
-                lines.append(f"evicted from {_layer_list(gone)} {_when(steps[gone])}")
+            gone = self.evicted_heads[:, position] >= self.kv_heads
+            window = self.left_window[:, position]
+            evicted, left = np.flatnonzero(gone & ~window), np.flatnonzero(gone & window)
+            if evicted.size:
+                lines.append(f"evicted from {_layer_list(evicted)} {_when(steps[evicted])}")
+            if left.size:
+                lines.append(f"left the sliding window of {_layer_list(left)} {_when(steps[left])}")
         else:
             heads = int(self.heads_holding(layer)[position])
             lines.append(f"layer {layer}: held by {heads} of {self.kv_heads} KV heads")
-            if heads < self.kv_heads:
+            if heads == 0 and self.left_window[layer, position]:
+                lines.append(f"left the layer's sliding window {_when(steps[layer:layer + 1])}: it can never be "
+                             "attended there again")
+            elif heads < self.kv_heads:
                 lines.append(f"evicted {_when(steps[layer:layer + 1])}")
         return "\n".join(lines)
 
@@ -236,6 +250,19 @@ class Occupancy:
     per_layer: list[int]  # entries held per layer now (mid-step readings included)
     budgets: list[float]  # per layer; NaN where the layer has none
     totals: list[int]  # entries held over all layers, after each step
+    windows: list[float] = None  # per layer: a sliding layer's window; NaN for a global one
+
+    @property
+    def has_windows(self) -> bool:
+        return bool(self.windows) and not np.all(np.isnan(self.windows))
+
+
+def layer_windows(run) -> list[float]:
+    """Per layer of a run: its sliding window, NaN where it has none (runs recorded before windows: all NaN)."""
+    windows = tuple(getattr(run, "windows", ()) or ())
+    if len(windows) != run.n_layers:
+        windows = (None,) * run.n_layers
+    return [float(w) if w is not None else float("nan") for w in windows]
 
 
 def occupancy(runs: list, steps: list, memory: list) -> Occupancy:
@@ -249,7 +276,7 @@ def occupancy(runs: list, steps: list, memory: list) -> Occupancy:
         if kept and reading.step > last_step:
             per_layer = list(kept)
     budgets = [float(b) if b is not None else float("nan") for b in run.budgets]
-    return Occupancy(per_layer, budgets, [sum(s.kept_per_layer) for s in steps])
+    return Occupancy(per_layer, budgets, [sum(s.kept_per_layer) for s in steps], layer_windows(run))
 
 
 def eviction_points(evictions: list, layer: int) -> tuple[np.ndarray, np.ndarray]:

@@ -227,9 +227,13 @@ def _occupancy(figure, events, request: FigureRequest) -> None:
     if not np.all(np.isnan(occupancy.budgets)):
         per_layer.stairs(occupancy.budgets, np.append(layers - 0.5, layers[-1] + 0.5), color="#e6503c",
                          linewidth=2, label="budget")
+    if occupancy.has_windows:
+        per_layer.stairs(occupancy.windows, np.append(layers - 0.5, layers[-1] + 0.5), color=colours.TIER_COLOURS["window"],
+                         linewidth=2, linestyle="--", label="sliding window")
     per_layer.set_xlabel("layer")
     per_layer.set_ylabel("entries")
-    per_layer.set_ylim(*data.padded_range(list(occupancy.per_layer) + [b for b in occupancy.budgets if b == b]))
+    limits = [b for b in occupancy.budgets + occupancy.windows if b == b]
+    per_layer.set_ylim(*data.padded_range(list(occupancy.per_layer) + limits))
     per_layer.legend(fontsize=7)
     totals.plot(np.arange(len(occupancy.totals)), occupancy.totals, color="#508cdc", linewidth=1.5)
     totals.set_xlabel("step")

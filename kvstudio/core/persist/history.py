@@ -220,7 +220,7 @@ class RunHistory:
         else:
             data = result.to_dict()
             figures = {key: data[key] for key in ("prompt_tokens", "tokens_per_second", "prefill_seconds",
-                                                  "decode_seconds", "peak_cache_bytes", "evictions",
+                                                  "decode_seconds", "peak_cache_bytes", "evictions", "left_window",
                                                   "kept_per_layer", "peak_kept_per_layer", "stop_reason",
                                                   "storage")}
             figures["generated_tokens"] = len(result.token_ids)

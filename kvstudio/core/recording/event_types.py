@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 
 Phase = Literal["load", "prefill", "decode"]
+POLICY, WINDOW = "policy", "window"  # why entries left a layer: the policy chose, or they left its sliding window
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class EvictionEvent:
     positions: np.ndarray  # token positions evicted, int64
     # "policy": the policy evicted them; "window": they left a sliding layer's window (can never be
     # attended again). Histories stored before reasons existed read back as "policy".
-    reason: str = "policy"
+    reason: str = POLICY
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class RunStartedEvent:
     # Per layer, per restored position: how many KV heads no longer hold it (evicted before the cache was
     # saved), so the token map starts from the restored cache's true state; () when nothing was restored.
     restored_missing_heads: tuple = ()
+    # Per layer: a sliding layer's window W (entries older than W tokens leave it), None for a global
+    # one; () for runs recorded before windows were (the views then draw none).
+    windows: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from kvstudio.core.errors import PolicyError
 from kvstudio.core.models.layer_kinds import FULL, LayerKind
 from kvstudio.core.plugins.guard import call_policy, checked_count, policy_label, returned_wrong_type
 from kvstudio.core.policies.base import LayerState, LayerView, Phase, Policy
+from kvstudio.core.recording.event_types import POLICY, WINDOW
 from kvstudio.core.runtime.rotary import Rerotator
 from kvstudio.core.storage import create_codec, storage_of
 from kvstudio.core.storage.host import HostTier, splice
@@ -57,7 +58,6 @@ class StepContext:
     token_ids: torch.Tensor | None = None  # (seen,) every token fed so far, this step's included
 
 
-POLICY, WINDOW = "policy", "window"  # why entries left a layer: the policy chose, or they left its sliding window
 
 
 @dataclass

@@ -275,6 +275,7 @@ class Engine:
             tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
             self.loaded.n_heads, cache.storage.tier, tuple(ids), len(start.token_ids) if start is not None else 0,
             run_state.missing_heads(start, self.loaded.n_kv_heads) if start is not None else (),
+            self.loaded.layer_windows,
         ))
 
         interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0

@@ -23,7 +23,8 @@ from kvstudio.gui.features.run_summary import budget_text, parameters_text
 COLUMNS = ("id", "when (UTC)", "status", "model", "policy", "budget", "parameters", "tokens/s", "peak MiB",
            "evictions", "prompt", "output")
 FIGURES = (("tokens/s", "tokens_per_second", "{:.1f}"), ("peak cache MiB", "peak_cache_bytes", None),
-           ("evictions", "evictions", "{}"), ("prompt tokens", "prompt_tokens", "{}"),
+           ("evictions", "evictions", "{}"), ("left the window", "left_window", "{}"),
+           ("prompt tokens", "prompt_tokens", "{}"),
            ("prefill s", "prefill_seconds", "{:.2f}"), ("stop", "stop_reason", "{}"))
 
 
@@ -94,7 +95,7 @@ class RunsView(QWidget):
                      record.cache, budget_text(record.parameters),
                      parameters_text(record.parameters) or "defaults",
                      _figure(figures, "tokens_per_second", "{:.1f}"),
-                     _figure(figures, "peak_cache_bytes", None), _figure(figures, "evictions", "{}"),
+                     _figure(figures, "peak_cache_bytes", None), _evictions_text(figures),
                      record.prompt_preview.replace("\n", " "), record.output.replace("\n", " "))
             for column, value in enumerate(cells):
                 self.table.setItem(row, column, QTableWidgetItem(value))
@@ -165,6 +166,12 @@ def _settings_tip(record) -> str:
 
 def _html(text: str) -> str:
     return html.escape(text).replace("\n", "<br>")
+
+
+def _evictions_text(figures: dict) -> str:
+    """The policy's evictions, and apart from them the entries that left sliding windows."""
+    text = _figure(figures, "evictions", "{}")
+    return text + (f" (+{figures['left_window']} left the window)" if figures.get("left_window") else "")
 
 
 def _figure(figures: dict, key: str, pattern: str | None) -> str:

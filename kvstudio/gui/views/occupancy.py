@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
+from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout
 
-from kvstudio.core.figures.data import padded_range
+from kvstudio.core.figures.colours import TIER_COLOURS
+from kvstudio.core.figures.data import layer_windows, padded_range
 from kvstudio.core.units import MIB
 from kvstudio.gui.views.base import LiveView
 from kvstudio.gui.views.plot_message import PlotMessage
@@ -38,6 +40,10 @@ class OccupancyView(LiveView):
         self.merged_bars = pg.BarGraphItem(x=[], height=[], width=0.5, brush=(40, 70, 140))
         self.per_layer.addItem(self.merged_bars)
         self.per_layer.addItem(self.budget_line)
+        # A sliding layer's window (dashed): it never holds more than that, whatever the budget.
+        self.window_line = pg.PlotDataItem(pen=pg.mkPen(TIER_COLOURS["window"], width=2, style=Qt.DashLine),
+                                           stepMode="center")
+        self.per_layer.addItem(self.window_line)
         self.total = pg.PlotWidget(title="entries held, all layers, per step")
         self.total.setLabel("bottom", "step")
         self.total_curve = self.total.plot(pen=pg.mkPen((80, 140, 220), width=2))
@@ -71,6 +77,7 @@ class OccupancyView(LiveView):
         self.merging = False  # the run merges layers: the narrow bars mean something
         self.totals: list[int] = []
         self.budgets: list[float] = []
+        self.windows: list[float] = []  # per layer: a sliding layer's window, NaN for global layers
         self.last_step = -1
 
     def start(self, run):
@@ -81,6 +88,8 @@ class OccupancyView(LiveView):
         layers = np.arange(run.n_layers)
         self.budgets = [b if b is not None else np.nan for b in run.budgets]
         self.budget_line.setData(np.append(layers - 0.5, layers[-1] + 0.5), self.budgets)
+        self.windows = layer_windows(run)
+        self.window_line.setData(np.append(layers - 0.5, layers[-1] + 0.5), self.windows)
         self.bars.setOpts(x=layers)
         self.merged_bars.setOpts(x=layers)
         self._draw_per_layer()
@@ -122,6 +131,7 @@ class OccupancyView(LiveView):
             self.bars.setOpts(height=heights)
             self.merged_bars.setOpts(height=[b / MIB for b in self.shared_per_layer])
             self.budget_line.setVisible(False)
+            self.window_line.setVisible(False)
             self.per_layer.setTitle("cache MiB held per layer")
             self.caption.setText(f"Bars: the bytes each layer's store holds.{merged}")
             self.per_layer.setYRange(*padded_range(heights), padding=0)
@@ -129,6 +139,11 @@ class OccupancyView(LiveView):
         self.bars.setOpts(height=self.kept_per_layer)
         self.merged_bars.setOpts(height=self.merged_per_layer)
         self.budget_line.setVisible(True)
+        has_windows = not np.all(np.isnan(self.windows)) if self.windows else False
+        self.window_line.setVisible(has_windows)
         self.per_layer.setTitle("entries held per layer")
-        self.caption.setText(f"Bars: entries each layer holds; red line: its budget.{merged}")
-        self.per_layer.setYRange(*padded_range(list(self.kept_per_layer) + list(self.budgets)), padding=0)
+        windows = (" Dashed brown: a sliding layer's window (older entries leave it, whatever the budget)."
+                   if has_windows else "")
+        self.caption.setText(f"Bars: entries each layer holds; red line: its budget.{windows}{merged}")
+        limits = [v for v in list(self.budgets) + list(self.windows) if v == v]
+        self.per_layer.setYRange(*padded_range(list(self.kept_per_layer) + limits), padding=0)

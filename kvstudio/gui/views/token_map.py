@@ -168,7 +168,8 @@ class TokenMapView(LiveView):
 
     def _show_key(self) -> None:
         if self.by_tier.isChecked():
-            pairs = [(TIER_COLOURS[t], t if t != "unfed" else "not fed yet") for t in TIER_COLOURS]
+            words = {"unfed": "not fed yet", "window": "left the window"}
+            pairs = [(TIER_COLOURS[t], words.get(t, t)) for t in TIER_COLOURS]
         else:
             pairs = colours.held_key("layers" if self.chosen_layer() is None else "heads")
         swatches = "  ".join(f"<span style='background:{c}'>&nbsp;&nbsp;&nbsp;</span> {label}" for c, label in pairs)
