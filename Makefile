@@ -33,7 +33,7 @@ test-fast: $(STAMP)
 
 # The conformance tests (exact logits for every family, the cache keyword) on another transformers
 # release, in a venv of its own: `make test-transformers TRANSFORMERS=5.23.0` for the lowest the
-# project accepts, the newest 5.x for the other end of the pin.
+# project accepts, the newest for the other end of the pin (pyproject.toml says which passed).
 TRANSFORMERS ?= 5.23.0
 TF_VENV      := .venv-transformers-$(TRANSFORMERS)
 $(TF_VENV)/.installed: pyproject.toml Makefile

@@ -88,7 +88,7 @@ def _save(args) -> int:
     from kvstudio.core.runtime.engine import Engine, GenerationSettings
     from kvstudio.core.models.loading import load_model
     from kvstudio.cli.storage_options import storage_from_args
-    from kvstudio.core.runtime.layer_tensors import unsaveable_reason
+    from kvstudio.core.runtime.layer_tensors import cache_unsaveable_reason, unsaveable_reason
     from kvstudio.core.persist.saved_cache import SavedCacheError, write_saved_cache
 
     storage = storage_from_args(args)
@@ -105,6 +105,9 @@ def _save(args) -> int:
     check_writable_folder(args.path, SavedCacheError)
     loaded = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress)
     engine = Engine(loaded)
+    reason = cache_unsaveable_reason(engine.new_cache(policy))  # what the model's layers hold, before any work
+    if reason is not None:
+        raise SavedCacheError(f"nothing saved: {reason}")
     result = engine.generate(prompt, policy, settings, keep_state=True,
                              on_text=lambda piece: print(piece, end="", flush=True))
     if result.state is None:

@@ -35,7 +35,8 @@ class Conformance:
     decode_max_delta: float  # over every decode step's logits
     decode_tokens: list[int] = field(default_factory=list)  # the tokens both were fed (reference greedy)
     chunk_size: int = 0
-    layer_max_delta: list[float] = field(default_factory=list)  # each layer's attention output, prompt and decode
+    # Each layer's attention output, prompt and decode; None for a layer without attention (state layers)
+    layer_max_delta: list[float | None] = field(default_factory=list)
 
     @property
     def max_delta(self) -> float:
@@ -43,7 +44,13 @@ class Conformance:
 
     def first_layer_over(self, tolerance: float) -> int | None:
         """The first layer whose attention output differs by more than `tolerance`, or None."""
-        return next((i for i, delta in enumerate(self.layer_max_delta) if delta > tolerance), None)
+        return next((i for i, delta in enumerate(self.layer_max_delta) if delta is not None and delta > tolerance), None)
+
+    @property
+    def worst_layer(self) -> int | None:
+        """The layer whose attention output differs most, or None when no layer was compared."""
+        compared = [i for i, delta in enumerate(self.layer_max_delta) if delta is not None]
+        return max(compared, key=self.layer_max_delta.__getitem__) if compared else None
 
     def exact(self, tolerance: float = TOLERANCE) -> bool:
         return self.max_delta <= tolerance
@@ -77,14 +84,11 @@ def attention_outputs(model, n_layers: int):
             handle.remove()
 
 
-def _layer_deltas(reference: list[list[torch.Tensor]], got: list[list[torch.Tensor]]) -> list[float]:
-    """Per layer, the max |delta| between two runs' attention outputs over every position fed."""
-    deltas = []
-    for ref, mine in zip(reference, got):
-        if not ref or not mine:
-            continue
-        deltas.append(float((torch.cat(ref) - torch.cat(mine)).abs().max()))
-    return deltas
+def _layer_deltas(reference: list[list[torch.Tensor]], got: list[list[torch.Tensor]]) -> list[float | None]:
+    """Per layer, the max |delta| between two runs' attention outputs over every position fed; None for
+    a layer without attention."""
+    return [float((torch.cat(ref) - torch.cat(mine)).abs().max()) if ref and mine else None
+            for ref, mine in zip(reference, got)]
 
 
 @dataclass
@@ -98,8 +102,10 @@ class Reference:
     layer_outputs: list[list[torch.Tensor]]
 
 
-def reference_logits(model, ids: list[int], decode_steps: int) -> Reference:
-    """transformers alone: its own cache, eager attention, the prompt in one forward, then greedy steps."""
+def reference_logits(model, ids: list[int], decode_steps: int, chunk_size: int | None = None) -> Reference:
+    """transformers alone: its own cache, eager attention, the prompt in one forward (or in chunks of
+    `chunk_size`: for layers whose own chunked forward differs from one forward, Mamba's PyTorch scan),
+    then greedy steps."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -108,8 +114,11 @@ def reference_logits(model, ids: list[int], decode_steps: int) -> Reference:
     try:
         cache = DynamicCache(config=model.config)
         with attention_outputs(model, text_config(model.config).num_hidden_layers) as outputs, torch.inference_mode():
-            prompt = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=0,
-                           **cache_kwargs(model, cache)).logits[0].float()
+            size = chunk_size or len(ids)
+            prompt = torch.cat([model(input_ids=torch.tensor([ids[start:start + size]], device=device), use_cache=True,
+                                      position_ids=torch.arange(start, min(start + size, len(ids)), device=device)[None],
+                                      logits_to_keep=0, **cache_kwargs(model, cache)).logits[0].float()
+                                for start in range(0, len(ids), size)])
             steps, tokens, last = [], [], prompt[-1]
             for _ in range(decode_steps):
                 token = int(last.argmax())
@@ -159,9 +168,9 @@ HALF_TOLERANCE = 5e-2
 
 
 def _layers_part(check: Conformance) -> str:
-    if not check.layer_max_delta:
+    worst = check.worst_layer
+    if worst is None:
         return ""
-    worst = max(range(len(check.layer_max_delta)), key=check.layer_max_delta.__getitem__)
     return f"; attention output max |delta| {check.layer_max_delta[worst]:.2e} (layer {worst})"
 
 
@@ -192,7 +201,9 @@ class ModelCheck:
         if self.exact:
             lines.append(f"exact: every logit within {self.tolerance:g} of transformers' own")
         else:
-            worst = max(self.checks, key=lambda c: (c.max_delta, max(c.layer_max_delta, default=0.0)))
+            failing = [c for c in self.checks
+                       if c.max_delta > self.tolerance or c.first_layer_over(self.tolerance) is not None]
+            worst = max(failing, key=lambda c: c.max_delta)
             where = "the prompt" if worst.prompt_max_delta >= worst.decode_max_delta else "the decode steps"
             first = worst.first_layer_over(self.tolerance)
             layer = f", first in layer {first}'s attention output" if first is not None else ""

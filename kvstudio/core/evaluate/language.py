@@ -110,7 +110,7 @@ def evaluate_language(engine: Engine, ids: list[int], policy: Policy, options: L
     recorder.record(RunStartedEvent(
         loaded.name, policy.describe(), loaded.n_layers, loaded.n_kv_heads, tuple(cache.budgets),
         tuple(engine.tokenizer.convert_tokens_to_string([t]) for t in engine.tokenizer.convert_ids_to_tokens(ids)),
-        loaded.n_heads, windows=loaded.layer_windows))
+        loaded.n_heads, windows=loaded.layer_windows, state_layers=loaded.state_layers))
     reference = _Rows(full_cache_logprobs(engine, ids))
     started = time.perf_counter()
     positions, true_logprobs, kls = [], [], []

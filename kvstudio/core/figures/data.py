@@ -40,11 +40,16 @@ class TokenMap:
         self.recalled: dict[int, np.ndarray] = {}  # layer -> positions recalled at its latest recall
         self.retained: dict[int, set[int]] = {}  # layer -> positions MiniCache's retention rule kept unmerged
         self.storage_tier = "device"  # "host": evicted entries live on in host memory
+        # Layers that hold entries (state layers hold recurrent state instead: they neither hold nor evict)
+        self.attention_layers = np.ones(self.n_layers, dtype=bool)
 
     @classmethod
     def for_run(cls, run) -> TokenMap:
         token_map = cls(run.n_layers, run.n_kv_heads, run.prompt_tokens, getattr(run, "restored_tokens", 0))
         token_map.storage_tier = getattr(run, "storage_tier", "device")
+        for layer in getattr(run, "state_layers", ()):
+            if layer < token_map.n_layers:
+                token_map.attention_layers[layer] = False
         # A run that goes on from a saved cache: what was evicted before the save is evicted here too.
         for layer, missing in enumerate(getattr(run, "restored_missing_heads", ())[:token_map.n_layers]):
             missing = np.asarray(missing, dtype=np.int16)
@@ -86,9 +91,16 @@ class TokenMap:
     def fed_count(self) -> int:
         return min(self.fed, len(self.tokens))
 
+    @property
+    def entry_layers(self) -> int:
+        """Layers that hold entries (all but state layers)."""
+        return max(int(self.attention_layers.sum()), 1)
+
     def layers_holding(self) -> np.ndarray:
-        """Per token: how many layers still hold it (a layer holds it while one of its KV heads does)."""
-        return (self.evicted_heads[:, : len(self.tokens)] < self.kv_heads).sum(axis=0)
+        """Per token: how many layers still hold it (a layer holds it while one of its KV heads does);
+        state layers are not counted."""
+        held = self.evicted_heads[:, : len(self.tokens)] < self.kv_heads
+        return (held & self.attention_layers[:, None]).sum(axis=0)
 
     def heads_holding(self, layer: int) -> np.ndarray:
         """Per token: how many KV heads of `layer` still hold it."""
@@ -98,7 +110,7 @@ class TokenMap:
         """Per token, in [0, 1], what decides its colour: the share of layers (layer None) or of the
         layer's KV heads holding it; NaN for a token not fed yet."""
         if layer is None:
-            fractions = self.layers_holding() / self.n_layers
+            fractions = self.layers_holding() / self.entry_layers
         else:
             fractions = self.heads_holding(layer) / self.kv_heads
         fractions = fractions.astype(np.float64)
@@ -135,7 +147,10 @@ class TokenMap:
         steps = self.evicted_step[:, position]
         if layer is None:
             holding = int(self.layers_holding()[position])
-            lines.append(f"held by {holding} of {self.n_layers} layers")
+            state = self.n_layers - self.entry_layers
+            kind = " attention" if state else ""
+            lines.append(f"held by {holding} of {self.entry_layers}{kind} layers"
+                         + (f" ({state} state layers absorbed it)" if state else ""))
             gone = self.evicted_heads[:, position] >= self.kv_heads
             window = self.left_window[:, position]
             evicted, left = np.flatnonzero(gone & ~window), np.flatnonzero(gone & window)
@@ -143,6 +158,9 @@ class TokenMap:
                 lines.append(f"evicted from {_layer_list(evicted)} {_when(steps[evicted])}")
             if left.size:
                 lines.append(f"left the sliding window of {_layer_list(left)} {_when(steps[left])}")
+        elif not self.attention_layers[layer]:
+            lines.append(f"layer {layer} holds recurrent or convolution state, not entries: the token was absorbed "
+                         "into it")
         else:
             heads = int(self.heads_holding(layer)[position])
             lines.append(f"layer {layer}: held by {heads} of {self.kv_heads} KV heads")
@@ -265,6 +283,21 @@ def layer_windows(run) -> list[float]:
     return [float(w) if w is not None else float("nan") for w in windows]
 
 
+def layer_budgets(run) -> list[float]:
+    """Per layer of a run: its budget, NaN where it has none (and on state layers, which hold no entries)."""
+    state = set(getattr(run, "state_layers", ()) or ())
+    return [float(b) if b is not None and i not in state else float("nan") for i, b in enumerate(run.budgets)]
+
+
+def state_layers_text(run) -> str:
+    """'Layers 0, 2 hold recurrent or convolution state (no entries).', or '' when there are none."""
+    state = list(getattr(run, "state_layers", ()) or ())
+    if not state:
+        return ""
+    return (f"{_layer_list(np.array(state)).capitalize()} hold{'s' if len(state) == 1 else ''} recurrent or convolution "
+            "state, not entries (their bytes: show bytes).")
+
+
 def occupancy(runs: list, steps: list, memory: list) -> Occupancy:
     run = runs[-1]
     per_layer = list(steps[-1].kept_per_layer) if steps else [0] * run.n_layers
@@ -275,7 +308,7 @@ def occupancy(runs: list, steps: list, memory: list) -> Occupancy:
         kept = getattr(reading, "kept_per_layer", ())
         if kept and reading.step > last_step:
             per_layer = list(kept)
-    budgets = [float(b) if b is not None else float("nan") for b in run.budgets]
+    budgets = layer_budgets(run)
     return Occupancy(per_layer, budgets, [sum(s.kept_per_layer) for s in steps], layer_windows(run))
 
 

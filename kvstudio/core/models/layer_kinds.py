@@ -114,3 +114,23 @@ def describe_kinds(kinds: list[LayerKind]) -> str:
 def kinds_record(kinds: list[LayerKind]) -> dict:
     """For --json and run records: the summary line and each layer's kind and window."""
     return {"summary": describe_kinds(kinds), "layers": [{"kind": k.kind, "window": k.window} for k in kinds]}
+
+
+# The kinds of transformers' layer_types KV Studio leaves to transformers' own layers.
+SUPPORTED_STATE_TYPES = ("conv", "linear_attention")
+
+
+def unsupported_state_types(kinds: list[LayerKind]) -> list[str]:
+    """The state layers' transformers types that KV Studio cannot hold (none when it can run the model)."""
+    available = _state_layer_classes()
+    return sorted({k.transformers_type for k in kinds if k.kind == STATE and k.transformers_type not in available})
+
+
+def _state_layer_classes() -> dict[str, type]:
+    """transformers' own cache layer for each supported state type (an older release may lack them)."""
+    try:
+        from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, LinearAttentionCacheLayerMixin
+    except ImportError:
+        return {}
+    return {name: cls for name, cls in DYNAMIC_LAYER_TYPE_MAPPING.items()
+            if name in SUPPORTED_STATE_TYPES and issubclass(cls, LinearAttentionCacheLayerMixin)}

@@ -25,7 +25,7 @@ from kvstudio.core.errors import ModelLoadError
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.recording.memory import MemorySampler, system_reading
 from kvstudio.core.models.default_model import DEFAULT_MODEL_NAME, DEFAULT_MODEL_REVISION, default_model_folder, models_cache_dir
-from kvstudio.core.models.layer_kinds import SLIDING, describe_kinds, layer_kinds, text_config
+from kvstudio.core.models.layer_kinds import SLIDING, STATE, describe_kinds, layer_kinds, text_config
 from kvstudio.core.models.devices import quantization_config, resolve_device, resolve_dtype
 from kvstudio.core.models.progress import Progress, say
 from kvstudio.core.models.support import check_supported
@@ -80,6 +80,11 @@ class LoadedModel:
     def layer_kinds(self) -> list:
         """What each decoder layer computes: global, sliding (with its window), ... (layer_kinds.py)."""
         return layer_kinds(self.config)
+
+    @property
+    def state_layers(self) -> tuple[int, ...]:
+        """Layers that hold recurrent or convolution state, not attention entries."""
+        return tuple(i for i, kind in enumerate(self.layer_kinds) if kind.kind == STATE)
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:

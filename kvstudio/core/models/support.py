@@ -1,9 +1,10 @@
 """Whether KV Studio can run a model exactly, decided when it loads: one clear line when it cannot.
 
 A model is refused when
-- some of its layers are not attention (linear attention, SSM or convolution state: Qwen3-Next,
-  LFM2, Jamba, Mamba ...) or are chunked attention (Llama 4): KV Studio's cache holds attention
-  entries only, and would be silently different there;
+- some of its layers are neither attention nor a state KV Studio leaves to transformers' own cache
+  layers (linear attention and convolution state, as in Qwen3-Next and LFM2, are left to them:
+  core/runtime/state_layers.py; SSM and hybrid layers are refused), or are chunked attention
+  (Llama 4): KV Studio would be silently different there;
 - its attention never goes through transformers' attention interface (Falcon, Bloom, GPT-Neo, MPT
   ... run their own attention code): KV Studio's function, and so the policy, would never run. This
   is checked twice: transformers' own test of the modeling code, then one two-token forward that
@@ -15,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from kvstudio.core.errors import ModelLoadError
-from kvstudio.core.models.layer_kinds import CHUNKED, NONE, layer_kinds, text_config
+from kvstudio.core.models.layer_kinds import (CHUNKED, NONE, STATE, SUPPORTED_STATE_TYPES, layer_kinds, text_config,
+                                              unsupported_state_types)
 
 PROBE_NAME = "kvstudio_probe"
 
@@ -32,11 +34,14 @@ def kinds_refusal(model) -> str | None:
     """Why the model's layer kinds cannot be computed exactly, or None."""
     family = _model_type(model)
     kinds = layer_kinds(model.config)
-    state = [i for i, k in enumerate(kinds) if not k.is_attention and k.kind != NONE]
+    unsupported = unsupported_state_types(kinds)
+    state = [i for i, k in enumerate(kinds) if k.kind == STATE and k.transformers_type in unsupported]
+    state += [i for i, k in enumerate(kinds) if not k.is_attention and k.kind not in (NONE, STATE)]
     if state:
         names = sorted({kinds[i].transformers_type for i in state})
-        return (f"{family} is not supported: layers {_layer_list(state)} are {'/'.join(names)} layers (recurrent or "
-                f"convolution state, not attention entries), which KV Studio's cache cannot hold yet")
+        return (f"{family} is not supported: layers {_layer_list(sorted(state))} are {'/'.join(names)} layers, which "
+                f"KV Studio cannot hold yet (it leaves {' and '.join(SUPPORTED_STATE_TYPES)} layers to transformers' own "
+                "cache layers)")
     chunked = [i for i, k in enumerate(kinds) if k.kind == CHUNKED]
     if chunked:
         return (f"{family} is not supported: layers {_layer_list(chunked)} use chunked attention "

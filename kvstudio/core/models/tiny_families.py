@@ -57,6 +57,19 @@ def _configs(window: int) -> dict:
         "glm": lambda: t.GlmConfig(**c, head_dim=16),
         "lfm2": lambda: t.Lfm2Config(**{k: v for k, v in c.items() if k != "intermediate_size"},
                                      intermediate_size=128, full_attn_idxs=[1, 3]),
+        # Linear attention (Gated DeltaNet) in layers 0-2, global attention in layer 3, as Qwen3-Next's 3:1
+        "qwen3_next": lambda: t.Qwen3NextConfig(**c, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                                                linear_value_head_dim=16, linear_num_key_heads=2,
+                                                linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                                                moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                                layer_types=["linear_attention"] * 3 + ["full_attention"]),
+        # Mamba layers (left to transformers as linear-attention state) between attention layers 1 and 3
+        "jamba": lambda: t.JambaConfig(**{k: v for k, v in c.items() if k != "max_position_embeddings"},
+                                       attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                       num_experts=2, mamba_d_state=8, mamba_expand=2, use_mamba_kernels=False),
+        # Every layer both Mamba and attention at once: refused (a PolicyLayer cannot also hold the state)
+        "falcon_h1": lambda: t.FalconH1Config(**c, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+                                              mamba_d_state=8, mamba_n_groups=1, head_dim=16),
         "falcon": lambda: t.FalconConfig(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=4,
                                          num_attention_heads=4, bos_token_id=256, eos_token_id=257),
     }

@@ -77,6 +77,9 @@ class RunStartedEvent:
     # Per layer: a sliding layer's window W (entries older than W tokens leave it), None for a global
     # one; () for runs recorded before windows were (the views then draw none).
     windows: tuple = ()
+    # Layers that hold recurrent or convolution state instead of entries (linear attention, Mamba,
+    # convolution: core/runtime/state_layers.py); the policy never acts there
+    state_layers: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,10 @@ Sliding-window layers (core/models/layer_kinds.py): after attention, entries tha
 layer's window (position <= next position - W) can never be attended again; they are dropped and
 reported with reason "window", apart from the policy's evictions (reason "policy"). The policy then
 acts on what is left: it only ever sees entries inside the window.
+
+Layers that are not attention (linear attention, convolution state) are transformers' own layers
+(core/runtime/state_layers.py): `attention_layers` are the PolicyLayers, `layers` all of them, in
+the model's order; a state layer holds no entries and its bytes are counted after each step.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from kvstudio.core.plugins.guard import call_policy, checked_count, policy_label
 from kvstudio.core.policies.base import LayerState, LayerView, Phase, Policy
 from kvstudio.core.recording.event_types import POLICY, WINDOW
 from kvstudio.core.runtime.rotary import Rerotator
+from kvstudio.core.runtime.state_layers import state_bytes
 from kvstudio.core.storage import create_codec, storage_of
 from kvstudio.core.storage.host import HostTier, splice
 from kvstudio.core.storage.linked import LinkedStore
@@ -384,7 +389,7 @@ class PolicyCache(Cache):
     """A Cache that applies a policy after every forward step. Batch size 1."""
 
     def __init__(self, policy: Policy, n_layers: int, rerotator: Rerotator | None = None, tokenizer=None,
-                 layer_kinds: list[LayerKind] | None = None):
+                 layer_kinds: list[LayerKind] | None = None, state_layers: dict[int, object] | None = None):
         self.policy = policy
         self.tokenizer = tokenizer
         self.n_layers = n_layers
@@ -434,7 +439,13 @@ class PolicyCache(Cache):
         # None = where it is faster, on the CPU; on a GPU SDPA's fused kernels win.
         self.fused_scoring: bool | None = None
         self._report: StepReport | None = None
-        super().__init__(layers=[PolicyLayer(self, i) for i in range(n_layers)])
+        state_layers = state_layers or {}
+        if state_layers and self.merging is not None:
+            raise PolicyError(f"--merge pairs adjacent attention layers, and layers {sorted(state_layers)} of this model "
+                              "hold recurrent or convolution state: run without --merge")
+        super().__init__(layers=[state_layers[i] if i in state_layers else PolicyLayer(self, i) for i in range(n_layers)])
+        self.attention_layers: list[PolicyLayer] = [layer for layer in self.layers if isinstance(layer, PolicyLayer)]
+        self.state_layer_bytes = 0  # what the state layers held at the last step's end
         if self.merging is not None:
             self.merging.connect(self)
 
@@ -451,7 +462,7 @@ class PolicyCache(Cache):
     def begin_step(self, context: StepContext) -> None:
         self.context = context
         self._report = StepReport(kept_per_layer=[])
-        for layer in self.layers:
+        for layer in self.attention_layers:
             layer.attended_this_step = False
 
     def attention_queries_for(self, layer_idx: int, n_new: int) -> tuple[int, bool]:
@@ -477,7 +488,7 @@ class PolicyCache(Cache):
             self.merging.after_attention(self, layer_idx)
 
     def end_step(self) -> StepReport:
-        missing = [layer.layer_idx for layer in self.layers if not layer.attended_this_step]
+        missing = [layer.layer_idx for layer in self.attention_layers if not layer.attended_this_step]
         if missing:
             raise PolicyError(
                 f"layers {missing} did not route attention through KV Studio's attention function, so the "
@@ -490,7 +501,8 @@ class PolicyCache(Cache):
             eviction.positions = eviction.positions.cpu()
         for rows in report.attention:
             rows.weights, rows.positions = rows.weights.cpu(), rows.positions.cpu()
-        report.kept_per_layer = [layer.entry_count() for layer in self.layers]
+        report.kept_per_layer = self.kept_per_layer()
+        self._count_state_bytes()
         self.tokens_seen += int(self.context.positions.shape[0])
         report.merging = self.merging.step_report(self) if self.merging is not None else None
         report.cache_bytes = self.current_bytes
@@ -503,11 +515,14 @@ class PolicyCache(Cache):
         """Drop every entry: a step abandoned between two layers (core/runtime/layer_hooks.py) left the layers
         holding different tokens, so nothing in them can be used again."""
         self.merging = create_merging(self.storage, self.n_layers)  # its flags described the dropped entries
-        for layer in self.layers:
+        for layer in self.attention_layers:
             layer.empty_storage()
+        for layer in self.layers:
+            if not isinstance(layer, PolicyLayer):
+                layer.reset()  # a state absorbed part of the abandoned step: it cannot be used again either
         if self.merging is not None:
             self.merging.connect(self)
-        self.current_bytes = self.host_bytes = 0
+        self.current_bytes = self.host_bytes = self.state_layer_bytes = 0
         self.context = self._report = None
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -521,6 +536,12 @@ class PolicyCache(Cache):
     def note_bytes(self, delta: int) -> None:
         self.current_bytes += delta
         self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+
+    def _count_state_bytes(self) -> None:
+        """State layers grow (or are replaced) inside transformers' code: their bytes are read once per step."""
+        now = sum(state_bytes(layer) for layer in self.layers if not isinstance(layer, PolicyLayer))
+        self.note_bytes(now - self.state_layer_bytes)
+        self.state_layer_bytes = now
 
     def record_eviction(self, layer_idx: int, positions: torch.Tensor, reason: str = POLICY) -> None:
         self._report.evictions.append(Eviction(layer_idx, positions.detach(), reason))
@@ -540,12 +561,12 @@ class PolicyCache(Cache):
         return self.layers[layer_idx].recall(query, key, value)
 
     def host_bytes_per_layer(self) -> list[int]:
-        return [layer.host_byte_count() for layer in self.layers]
+        return [layer.host_byte_count() if isinstance(layer, PolicyLayer) else 0 for layer in self.layers]
 
     def codec_error(self) -> dict[str, float | None]:
         """Mean relative error of decoded keys and values over every encoded group (measure_error on)."""
         sums = {"key": [], "value": []}
-        for layer in self.layers:
+        for layer in self.attention_layers:
             for kind, value in layer.store.mean_relative_error().items():
                 if value is not None:
                     sums[kind].append(value)
@@ -556,12 +577,14 @@ class PolicyCache(Cache):
         return 0 if self.merging is None else self.merging.shared_bytes()
 
     def kept_per_layer(self) -> list[int]:
-        return [layer.entry_count() for layer in self.layers]
+        """Entries each layer holds; 0 for a state layer (it holds state, not entries)."""
+        return [layer.entry_count() if isinstance(layer, PolicyLayer) else 0 for layer in self.layers]
 
     def bytes_per_layer(self) -> list[int]:
-        """Keys plus values held by each layer, from the tensors themselves. Safe to call from the
-        memory sampler's thread mid-step: each layer's read sees one consistent pair of tensors."""
-        return [layer.byte_count() for layer in self.layers]
+        """Keys plus values held by each layer (a state layer: its states), from the tensors themselves.
+        Safe to call from the memory sampler's thread mid-step: each layer's read sees one consistent
+        pair of tensors."""
+        return [layer.byte_count() if isinstance(layer, PolicyLayer) else state_bytes(layer) for layer in self.layers]
 
     def key_positions(self, layer_idx: int, recalled: int = 0) -> tuple[torch.Tensor, int | None]:
         """The positions of the keys attention sees in a layer, (rows, n) with recalled host entries
@@ -577,5 +600,5 @@ class PolicyCache(Cache):
         return self.layers[layer_idx].positions
 
     def entries_held(self) -> int:
-        """Entries of the first layer; the same in every layer under uniform budgets."""
-        return self.layers[0].entry_count()
+        """Entries of the first attention layer; the same in every layer under uniform budgets."""
+        return self.attention_layers[0].entry_count()

@@ -25,7 +25,9 @@ from kvstudio.core.runtime import attention, run_state
 from kvstudio.core.runtime.cache import PolicyCache
 from kvstudio.core.runtime.cache_keyword import cache_keyword
 from kvstudio.core.runtime.layer_hooks import layer_callbacks
+from kvstudio.core.runtime.layer_tensors import cache_unsaveable_reason
 from kvstudio.core.runtime.rotary import Rerotator
+from kvstudio.core.runtime.state_layers import state_layers
 from kvstudio.core.runtime.run_state import RunState
 # The session is the public way to drive steps; CancelToken and StepRecord are named from here too.
 from kvstudio.core.runtime.session import CancelToken, RunSession, StepRecord  # noqa: F401
@@ -228,7 +230,9 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------------
 
     def new_cache(self, policy: Policy) -> PolicyCache:
-        return PolicyCache(policy, self.loaded.n_layers, self.rerotator, self.tokenizer, self.loaded.layer_kinds)
+        kinds = self.loaded.layer_kinds
+        return PolicyCache(policy, self.loaded.n_layers, self.rerotator, self.tokenizer, kinds,
+                           state_layers(self.model.config, kinds))
 
     def prompt_logits(self, ids: list[int], policy: Policy, chunk_size: int) -> torch.Tensor:
         """Logits at the last prompt position after a chunked prefill under `policy`."""
@@ -275,7 +279,7 @@ class Engine:
             tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
             self.loaded.n_heads, cache.storage.tier, tuple(ids), len(start.token_ids) if start is not None else 0,
             run_state.missing_heads(start, self.loaded.n_kv_heads) if start is not None else (),
-            self.loaded.layer_windows,
+            self.loaded.layer_windows, self.loaded.state_layers,
         ))
 
         interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0
@@ -296,7 +300,7 @@ class Engine:
         prefill_started = time.perf_counter()
         earlier: list[int] = []  # tokens a resumed run generated before it was saved
         checkpoint = None
-        if run_state.unsaveable_reason(run.cache.storage) is not None:  # a codec or tier saved caches cannot hold yet
+        if cache_unsaveable_reason(run.cache) is not None:  # a codec, or state layers, saved caches cannot hold yet
             on_prefill_state, keep_state = None, False
         if on_prefill_state is not None:
             checkpoint = lambda logits: on_prefill_state(run_state.capture(  # noqa: E731

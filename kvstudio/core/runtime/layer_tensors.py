@@ -49,6 +49,17 @@ def unsaveable_reason(storage) -> str | None:
     return None
 
 
+STATE_LAYERS_UNSAVEABLE = ("saved caches hold attention entries, and this model's recurrent or convolution state layers "
+                           "cannot be saved yet")
+
+
+def cache_unsaveable_reason(cache) -> str | None:
+    """Why a PolicyCache cannot be saved (its storage, or layers that hold state), or None."""
+    if len(cache.attention_layers) < len(cache.layers):
+        return STATE_LAYERS_UNSAVEABLE
+    return unsaveable_reason(cache.storage)
+
+
 def layer_state(layer) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors copied to the CPU, JSON-safe numbers) of everything a layer holds; ({}, {}) when empty.
     Per-entry rows keep their plain names (keys, values, positions, rope_positions under fp)."""

@@ -18,7 +18,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout
 
 from kvstudio.core.figures.colours import TIER_COLOURS
-from kvstudio.core.figures.data import layer_windows, padded_range
+from kvstudio.core.figures.data import layer_budgets, layer_windows, padded_range, state_layers_text
 from kvstudio.core.units import MIB
 from kvstudio.gui.views.base import LiveView
 from kvstudio.gui.views.plot_message import PlotMessage
@@ -86,7 +86,7 @@ class OccupancyView(LiveView):
         self.bytes_per_layer, self.shared_per_layer = [0] * run.n_layers, [0] * run.n_layers
         self.merging = False
         layers = np.arange(run.n_layers)
-        self.budgets = [b if b is not None else np.nan for b in run.budgets]
+        self.budgets = layer_budgets(run)
         self.budget_line.setData(np.append(layers - 0.5, layers[-1] + 0.5), self.budgets)
         self.windows = layer_windows(run)
         self.window_line.setData(np.append(layers - 0.5, layers[-1] + 0.5), self.windows)
@@ -144,6 +144,7 @@ class OccupancyView(LiveView):
         self.per_layer.setTitle("entries held per layer")
         windows = (" Dashed brown: a sliding layer's window (older entries leave it, whatever the budget)."
                    if has_windows else "")
-        self.caption.setText(f"Bars: entries each layer holds; red line: its budget.{windows}{merged}")
+        state = f" {state_layers_text(self.run)}" if state_layers_text(self.run) else ""
+        self.caption.setText(f"Bars: entries each layer holds; red line: its budget.{windows}{merged}{state}")
         limits = [v for v in list(self.budgets) + list(self.windows) if v == v]
         self.per_layer.setYRange(*padded_range(list(self.kept_per_layer) + limits), padding=0)
