@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvstudio.cli.model_options import add_kv_groups_option, apply_kv_groups
+from kvstudio.cli.model_options import add_device_map_option, add_kv_groups_option, apply_kv_groups, device_map_from
 from kvstudio.cli.output import progress, write_json_atomic
 
 
@@ -24,6 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("model", help="default, tiny-llama|..., a model folder, or a hub id in the local HF cache")
     add_kv_groups_option(parser)
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
+    add_device_map_option(parser)
     parser.add_argument("--dtype", default="float32", help="float32 (default: differences are rounding only), "
                                                           "bfloat16, float16, auto")
     parser.add_argument("--prompt", default=None, help="the text both are fed (default: two sentences)")
@@ -48,7 +49,8 @@ def run(args) -> int:
         raise KVStudioError("--chunk-size must be at least 1 and --decode-steps 0 or more")
     if args.json:
         check_writable_folder(args.json)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype, progress=progress,
+                        device_map=device_map_from(args))
     print("[kvstudio] comparing the engine under full with transformers' own forward and cache",
           file=sys.stderr, flush=True)
     result = check_model(Engine(loaded), args.prompt or CHECK_PROMPT, args.chunk_size, args.decode_steps, args.tolerance)

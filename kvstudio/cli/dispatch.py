@@ -30,7 +30,8 @@ from kvstudio.core.runtime.interruptions import (EXIT_BROKEN_PIPE, EXIT_TERMINAT
                                  silence_stdout, sigterm_raises)
 from kvstudio.core.units import format_bytes  # noqa: E402
 from kvstudio.cli.storage_options import add_storage_options, format_storage, measure_error, storage_from_args  # noqa: E402
-from kvstudio.cli.model_options import add_kv_groups_option, apply_kv_groups  # noqa: E402
+from kvstudio.cli.model_options import (add_device_map_option, add_kv_groups_option, apply_kv_groups,  # noqa: E402
+                                        device_map_from)
 from kvstudio.cli.options import add_policy_options, policy_from_args, prompt_from_args  # noqa: E402
 from kvstudio.cli.output import format_summary, open_history, progress, warn, write_json_atomic, write_snapshot  # noqa: E402
 
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "folder, or a hub id already in the local HF cache")
     add_kv_groups_option(run)
     run.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N")
+    add_device_map_option(run)
     run.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     run.add_argument("--quantize", choices=("4bit", "8bit"), help="load weights in 4/8 bit with bitsandbytes (CUDA)")
     run.add_argument("--adapter", metavar="DIR", help="apply a LoRA adapter saved by `kvstudio finetune` (its --out "
@@ -347,8 +349,10 @@ def _load_reporting_oom(args):
     from kvstudio.core.runtime.oom import explain, is_out_of_memory
 
     try:
+        if args.device_map is not None and args.quantize:
+            raise KVStudioError("--device-map and --quantize together are not supported: drop one")
         return load_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantize,
-                          progress=progress)
+                          progress=progress, device_map=device_map_from(args))
     except Exception as error:
         if is_out_of_memory(error):
             raise KVStudioError(explain(error, "load", model=args.model)) from error

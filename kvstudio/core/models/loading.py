@@ -82,6 +82,11 @@ class LoadedModel:
         return layer_kinds(self.config)
 
     @property
+    def devices(self) -> list[torch.device]:
+        """Every device the weights live on: one, unless loaded with a device map."""
+        return model_devices(self.model)
+
+    @property
     def state_layers(self) -> tuple[int, ...]:
         """Layers that hold recurrent or convolution state, not attention entries."""
         return tuple(i for i, kind in enumerate(self.layer_kinds) if kind.kind == STATE)
@@ -116,12 +121,17 @@ def load_model(
     quantization: str | None = None,
     progress: Progress | None = None,
     recorder: Recorder | None = None,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load the model a spec names. Raises ModelLoadError with a message a user can act on.
-    With a recorder, memory is read during the load (phase "load") for the memory timeline."""
+    With a recorder, memory is read during the load (phase "load") for the memory timeline.
+    `device_map` ("auto", or module name -> device): the model's layers spread over several devices
+    by accelerate, for a model larger than one GPU; each cache layer then lives on its layer's device."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     quant_config = quantization_config(quantization, torch_device)
+    if device_map is not None:
+        return _load_mapped(spec, device_map, torch_dtype, progress)
     if recorder is None:
         return _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
     started = time.perf_counter()
@@ -164,6 +174,28 @@ def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
     check_supported(model)  # one clear line now, not a different model or an error when a run starts
     say(progress, f"loaded {name}", 1.0)
     return LoadedModel(model, tokenizer, full_spec, name, torch_device, torch_dtype, quantization)
+
+
+def _load_mapped(spec: str, device_map: str | dict, torch_dtype, progress) -> LoadedModel:
+    """A model folder spread over devices by accelerate (`device_map`): inputs go to the device of its
+    input embeddings, and the engine's memory readings cover every device it uses."""
+    if spec.startswith("tiny-") or split_kv_groups(spec)[1] is not None:
+        raise ModelLoadError("--device-map loads a model folder (or the default model) as it is: tiny models are "
+                             "built in memory and --kv-groups rewrites the weights; drop --device-map")
+    folder = default_model_folder(progress) if spec == "default" else _local_folder_for(spec)
+    name = DEFAULT_MODEL_NAME if spec == "default" else spec
+    model, tokenizer = _load_pretrained(folder, torch_dtype, None, None, progress, device_map=device_map)
+    model.eval()
+    check_supported(model)
+    device = model.get_input_embeddings().weight.device
+    say(progress, f"loaded {name} over {', '.join(str(d) for d in model_devices(model))}", 1.0)
+    return LoadedModel(model, tokenizer, spec, name, device, torch_dtype)
+
+
+def model_devices(model) -> list[torch.device]:
+    """Every device the model's weights live on, in a stable order (weights offloaded to disk sit on
+    the meta device between forwards: not a device memory is read on)."""
+    return sorted({p.device for p in model.parameters() if p.device.type != "meta"}, key=str)
 
 
 # --- imports ahead of a load -------------------------------------------------------------------
@@ -269,13 +301,17 @@ def _local_folder_for(spec: str) -> Path:
         ) from error
 
 
-def _load_pretrained(folder: Path, dtype, device, quant_config, progress):
+def _load_pretrained(folder: Path, dtype, device, quant_config, progress, device_map=None):
     from transformers import AutoModelForCausalLM
 
     say(progress, f"loading {folder}", 0.9)
     try:
         tokenizer = _tokenizer_for(folder)
         extra = {"quantization_config": quant_config, "device_map": str(device)} if quant_config else {}
+        if device_map is not None:
+            extra = {"device_map": device_map}
+            if isinstance(device_map, dict) and "disk" in device_map.values():  # weights read from disk per forward
+                extra["offload_folder"] = str(models_cache_dir() / "offload" / folder.name)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load the model in {folder}: {error}") from error

@@ -39,13 +39,16 @@ class SystemMemory:
     device_total: int = 0
 
 
-def read_system_memory(device: torch.device) -> SystemMemory:
+def read_system_memory(device: torch.device, devices: list[torch.device] | None = None) -> SystemMemory:
+    """The process, and on CUDA the allocator's and the whole device's figures: summed over `devices`
+    when the model is spread over several GPUs (a device map), else `device`'s."""
     process = process_resident_bytes()
-    if device.type != "cuda":
+    cuda = [d for d in (devices or [device]) if d.type == "cuda"]
+    if not cuda:
         return SystemMemory(process)
-    used, total = _device_used_total(device)
-    return SystemMemory(process, torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device),
-                        torch.cuda.max_memory_allocated(device), used, total)
+    readings = [(torch.cuda.memory_allocated(d), torch.cuda.memory_reserved(d), torch.cuda.max_memory_allocated(d),
+                 *_device_used_total(d)) for d in cuda]
+    return SystemMemory(process, *(sum(column) for column in zip(*readings)))
 
 
 def system_reading(device: torch.device, phase: str, source: str = "timer", step: int = 0,
@@ -54,10 +57,11 @@ def system_reading(device: torch.device, phase: str, source: str = "timer", step
     return MemoryEvent(step, seconds, time.perf_counter(), phase, source, 0, (), **vars(read_system_memory(device)))
 
 
-def reset_peak(device: torch.device) -> None:
-    """Start a run's CUDA peak from what is allocated now."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def reset_peak(device: torch.device, devices: list[torch.device] | None = None) -> None:
+    """Start a run's CUDA peak from what is allocated now (on every device the model uses)."""
+    for each in devices or [device]:
+        if each.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(each)
 
 
 def _device_used_total(device: torch.device) -> tuple[int, int]:

@@ -77,12 +77,14 @@ def chunk_mask(q_len: int, k_len: int, device) -> torch.Tensor | None:
     return visible[None, None]
 
 
-def visibility_mask(rule: LogitRule, heads: int, q_len: int, k_len: int) -> torch.Tensor | None:
+def visibility_mask(rule: LogitRule, heads: int, q_len: int, k_len: int, device=None) -> torch.Tensor | None:
     """SDPA's boolean mask (True: attend), (1, heads or 1, q_len, k_len), from the entries' positions;
     None where SDPA needs none: one query with no window (every stored entry is older), or no
     stored entries (SDPA's own is_causal then applies)."""
     if rule.key_positions is None:
-        return chunk_mask(q_len, k_len, rule.query_positions.device if rule.query_positions is not None else None)
+        # on the layer's device (`device`: the query's), which differs from the input's under a device map
+        return chunk_mask(q_len, k_len, device if device is not None else
+                          rule.query_positions.device if rule.query_positions is not None else None)
     if rule.window is None and (q_len == 1 or q_len == k_len):
         return None
     visible = ~rule.hidden(0, q_len, k_len)  # (rows, q, k)
@@ -277,7 +279,7 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
                                           rule, dropout)
         sums = sums if wanted else None
     else:
-        mask = visibility_mask(rule, query.shape[1], q_len, k_len)
+        mask = visibility_mask(rule, query.shape[1], q_len, k_len, query.device)
         sdpa_kwargs = {name: item for name, item in kwargs.items() if name != "sliding_window"}
         output, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout,
                                            **sdpa_kwargs)

@@ -208,6 +208,7 @@ class Engine:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        self.devices = loaded.devices  # several under a device map: memory readings cover each
         self.model.set_attn_implementation(attention.register())
         self.rerotator = Rerotator.for_model(self.model)
         self.cache_keyword = cache_keyword(self.model)  # `cache` from transformers 5.24, `past_key_values` before

@@ -85,7 +85,7 @@ class RunSession:
         self.memory_sampler: MemorySampler | None = None
         self._timer_readings = 0
         self._memory_lock = threading.Lock()  # the sampler's thread and the engine's both append
-        reset_peak(engine.loaded.device)
+        reset_peak(engine.loaded.device, engine.devices)
         # Every token fed so far (`token_ids`), in a buffer that doubles when full: appending a
         # decode step's token copies one id, not the whole sequence.
         self._token_buffer = torch.empty(1024, dtype=torch.long, device=engine.loaded.device)
@@ -217,7 +217,7 @@ class RunSession:
         and decoding with the wrong phase."""
         with self._memory_lock:  # one reading at a time: readings stay in time order
             per_layer = tuple(self.cache.bytes_per_layer())
-            system = read_system_memory(self.engine.loaded.device)
+            system = read_system_memory(self.engine.loaded.device, self.engine.devices)
             clock = time.perf_counter()
             step = self.first_step + len(self.records) if step is None else step
             event = MemoryEvent(step, clock - self.started, clock, self.phase, source, sum(per_layer), per_layer,
