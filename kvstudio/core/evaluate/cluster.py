@@ -215,14 +215,25 @@ class WorkerPool:
         if spec.model != self.model:
             raise KVStudioError(f"the workers hold '{self.model}', the sweep is of '{spec.model}'")
         self.spec = spec
-        results = self.ray.get([w.actor.prepare.remote(spec, index == 0) for index, w in enumerate(self.workers)])
-        reference = None
-        for worker, report in zip(self.workers, results):
+        asked = [(w, w.actor.prepare.remote(spec, index == 0)) for index, w in enumerate(self.workers)]
+        reference, cells = None, None
+        for worker, ref in asked:
+            try:
+                report = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as error:  # died since the last sweep: the others go on
+                self.warnings.append(f"{worker.where} is gone: {_first_line(error)}")
+                self.workers.remove(worker)
+                continue
             worker.report = report
             check_report(report, worker.where, reference)
             reference = reference or {"where": worker.where, "report": report}
+            cells = cells if cells is not None else report["cells"]
+        if reference is None:
+            raise KVStudioError(f"no worker is left: {'; '.join(self.warnings)}")
         self.reference = reference
-        return results[0]["cells"]
+        if cells is None:  # the worker asked for them had died
+            cells = self.ray.get(self.workers[0].actor.prepare.remote(spec, True))["cells"]
+        return cells
 
     def replace(self, dead: Worker) -> tuple[Worker, object]:
         """A new worker for a dead one, and the reference to its preparation for the current sweep."""
@@ -265,6 +276,15 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _exit_detail(error: BaseException) -> str:
+    """What Ray knows of why a worker's process ended (killed, out of memory, a crash), in short."""
+    text = " ".join(str(error).split())
+    marker = "Worker exit detail:"
+    if marker in text:
+        return text.split(marker, 1)[1].strip().split(". ")[0].rstrip(".")
+    return "its process ended"
+
+
 def _resources_text(resources: dict) -> str:
     return ", ".join(f"{resources.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
 
@@ -296,6 +316,7 @@ class ClusterSweep:
         self.cancel = cancel or CancelToken()
         self.cells = pool.prepare(spec)
         self.failures: dict[str, str] = {}  # cell key -> why it failed
+        self.retried: list[tuple[str, str]] = []  # (cell key, why): cells given to another worker
 
     def stored(self) -> list[dict]:
         task = self.spec.task
@@ -339,10 +360,10 @@ class ClusterSweep:
                     for job in running.values():
                         job.worker.actor.cancel.remote()
                     cancel_sent = True
-                if not running and not starting:
+                if not running:  # replacements still starting are not waited for: they join the next sweep
                     if not queue or self.cancel.cancelled:
                         break
-                    if not idle:
+                    if not idle and not starting:
                         raise KVStudioError(f"no worker is left ({'; '.join(self.pool.warnings) or 'all died'}); "
                                             f"{len(self.store.cells)} cells are stored in {self.store.path}: run "
                                             "the sweep again to resume")
@@ -358,7 +379,8 @@ class ClusterSweep:
                     try:
                         outcome = ray.get(ref)
                     except ray.exceptions.RayActorError as error:  # the worker died under the cell
-                        deaths.setdefault(key, []).append(f"{job.worker.where} died: {_first_line(error)}")
+                        deaths.setdefault(key, []).append(f"{job.worker.where} died ({_exit_detail(error)})")
+                        self.retried.append((key, deaths[key][-1]))
                         new, prepared = self.pool.replace(job.worker)
                         starting[prepared] = new
                         if len(deaths[key]) >= 2:
