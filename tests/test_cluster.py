@@ -222,3 +222,24 @@ def test_without_ray_the_command_says_how_to_install_it(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "eval", "needle", "--model", "tiny-llama", "--no-history", "--ray", "auto")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "needs Ray, which is not installed here: pip install 'kvstudio[cluster]'" in err
+
+
+@pytest.mark.studio_model("tiny-llama")
+def test_the_studio_runs_a_sweep_on_a_ray_address_stops_and_resumes(cluster, qtbot, window):
+    from kvstudio.gui.features.evaluate_cluster import RAY
+
+    from .test_evaluate_view import _choose, stop_after_a_cell_then_resume
+
+    view = window.evaluate.view
+    _choose(view, depths="0,0.5,1")
+    assert not view.run_on.address.isEnabled()  # this machine, until a Ray address is chosen
+    view.run_on.where.setCurrentText(RAY)
+    assert view.run_on.address.isEnabled()
+    view.run_on.address.setText("auto")
+    view.run_on.workers.setValue(2)
+    stop_after_a_cell_then_resume(qtbot, window, view, cells=6)
+    assert (view.heatmap_values("full") >= 1).all()
+    # A cell computed on a worker opens as an ordinary run from this machine's history.
+    computed = [r for r in view.records if r.get("run_id") is not None][-1]
+    window.runs.reopen(computed["run_id"])
+    assert window.views.showing_stored_run

@@ -62,20 +62,48 @@ def connected(address: str) -> Iterator[object]:
     if ray.is_initialized():
         yield ray
         return
+    _init(ray, address)
+    try:
+        yield ray
+    finally:
+        close_pools()
+        ray.shutdown()
+
+
+def ensure_connected(address: str):
+    """Ray, connected to `address` unless it is already connected, and left connected (the studio:
+    its workers stay for the next sweep; Ray disconnects when the process ends)."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        _init(ray, address)
+    return ray
+
+
+def _init(ray, address: str) -> None:
     try:
         if address == "local":
             ray.init(include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise KVStudioError(f"--ray {address}: no Ray cluster there ({first}); start one with `ray start --head` "
-                            "and give its address, or --ray local to start one on this machine") from None
-    try:
-        yield ray
-    finally:
-        close_pools()
-        ray.shutdown()
+        raise KVStudioError(f"--ray {address}: no Ray cluster there ({_first_line(error)}); start one with "
+                            "`ray start --head` and give its address, or --ray local to start one on this "
+                            "machine") from None
+
+
+@dataclass
+class ClusterTarget:
+    """Where the studio's sweep runs: a Ray address and a number of workers (None: the default)."""
+
+    address: str = "auto"
+    workers: int | None = None
+
+
+def open_cluster_sweep(target: ClusterTarget, spec: SweepSpec, store_path, history=None,
+                       cancel: CancelToken | None = None) -> ClusterSweep:
+    """Connected, the workers started (or kept from the last sweep) and checked, the sweep planned."""
+    ensure_connected(target.address)
+    return ClusterSweep(shared_pool(spec.model, "auto", "auto", target.workers), spec, store_path, history, cancel)
 
 
 _pools: dict[tuple, "WorkerPool"] = {}
@@ -86,11 +114,19 @@ def shared_pool(model: str, device: str = "auto", dtype: str = "auto", workers: 
     """The pool of these settings that an earlier sweep of this connection started (its workers hold
     the model already: the studio's second sweep starts at once), or a new one. Plugins changed
     since then (another bundle) make a new pool."""
+    device = worker_device(device)  # "auto" and what it means on this cluster are one pool
     key = (model, device, dtype, workers, cpus_per_worker, tuple(p.digest for p in shipping.bundle()))
     pool = _pools.get(key)
     if pool is None or not pool.workers:
         pool = _pools[key] = WorkerPool(model, device, dtype, workers, cpus_per_worker)
     return pool
+
+
+def worker_device(device: str) -> str:
+    """What "auto" means on the workers: a GPU each when the cluster has GPUs, else the CPU."""
+    if device != "auto":
+        return device
+    return "cuda" if import_ray().cluster_resources().get("GPU", 0) >= 1 else "cpu"
 
 
 def close_pools() -> None:
@@ -324,87 +360,15 @@ class ClusterSweep:
 
     def run(self, on_cell: Callable[[dict], None] | None = None,
             on_progress: Callable[[SweepProgress], None] | None = None) -> SweepOutcome:
-        ray, task = self.pool.ray, self.spec.task
-        started = time.perf_counter()
-        reused = 0
+        task = self.spec.task
         for cell in self.cells:
-            if cell.key(task) in self.store.cells:
-                reused += 1
-                if on_cell:
-                    on_cell(as_task(self.store.cells[cell.key(task)], task))
-        queue = deque(c for c in self.cells if c.key(task) not in self.store.cells)
-        deaths: dict[str, list[str]] = {}
-        running: dict[object, _Running] = {}
-        starting: dict[object, Worker] = {}
-        idle = deque(self.pool.workers)
-        computed, weight_done, first_sent = 0, 0, None
-        weight_left = sum(c.weight for c in queue)
-        interrupted = cancel_sent = False
-
-        def progress(current: str) -> None:
-            if on_progress is None:
-                return
-            now = time.perf_counter()
-            rate = weight_done / (now - first_sent) if weight_done and first_sent else 0.0  # the cluster's
-            on_progress(SweepProgress(reused + computed, len(self.cells), reused,
-                                      weight_left / rate if rate else None, current, now - started))
-
-        while True:
+            if cell.key(task) in self.store.cells and on_cell:
+                on_cell(as_task(self.store.cells[cell.key(task)], task))
+        state = _Run(self, on_cell, on_progress)
+        interrupted = False
+        while not state.finished():
             try:
-                while queue and idle and not self.cancel.cancelled:
-                    worker, cell = idle.popleft(), queue.popleft()
-                    running[worker.actor.compute.remote(cell.key(task))] = _Running(worker, cell)
-                    first_sent = first_sent or time.perf_counter()
-                    progress(f"{_describe(cell)} on {worker.where}")
-                if self.cancel.cancelled and not cancel_sent:
-                    for job in running.values():
-                        job.worker.actor.cancel.remote()
-                    cancel_sent = True
-                if not running:  # replacements still starting are not waited for: they join the next sweep
-                    if not queue or self.cancel.cancelled:
-                        break
-                    if not idle and not starting:
-                        raise KVStudioError(f"no worker is left ({'; '.join(self.pool.warnings) or 'all died'}); "
-                                            f"{len(self.store.cells)} cells are stored in {self.store.path}: run "
-                                            "the sweep again to resume")
-                ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=POLL_S)
-                for ref in ready:
-                    if ref in starting:
-                        worker = starting.pop(ref)
-                        if self.pool.joined(worker, ref):
-                            idle.append(worker)
-                        continue
-                    job = running.pop(ref)
-                    key = job.cell.key(task)
-                    try:
-                        outcome = ray.get(ref)
-                    except ray.exceptions.RayActorError as error:  # the worker died under the cell
-                        deaths.setdefault(key, []).append(f"{job.worker.where} died ({_exit_detail(error)})")
-                        self.retried.append((key, deaths[key][-1]))
-                        new, prepared = self.pool.replace(job.worker)
-                        starting[prepared] = new
-                        if len(deaths[key]) >= 2:
-                            self._fail(job, "; ".join(deaths[key]))
-                            weight_left -= job.cell.weight
-                        else:
-                            queue.appendleft(job.cell)  # first in line: the next free worker, never the dead one
-                        continue
-                    except ray.exceptions.RayError as error:
-                        outcome = {"status": "failed", "error": _first_line(error)}
-                    idle.append(job.worker)
-                    if outcome["status"] == "cancelled":
-                        continue
-                    if outcome["status"] != "finished":
-                        self._fail(job, outcome.get("error") or outcome["status"], outcome.get("row"),
-                                   outcome["status"])
-                        weight_left -= job.cell.weight
-                        continue
-                    record = self._store(job, outcome)
-                    computed += 1
-                    weight_done += job.cell.weight
-                    weight_left -= job.cell.weight
-                    if on_cell:
-                        on_cell(record)
+                state.step()
             except KeyboardInterrupt:
                 if interrupted:
                     raise
@@ -412,22 +376,20 @@ class ClusterSweep:
                 self.cancel.cancel()
         records = self.stored()
         cancelled = len(records) + len(self.failures) < len(self.cells)
-        if on_progress:
-            on_progress(SweepProgress(len(records), len(self.cells), reused, 0.0,
-                                      "cancelled" if cancelled else "done", time.perf_counter() - started))
+        state.progress("cancelled" if cancelled else "done", done=len(records), left=0.0)
         if interrupted:
             raise KeyboardInterrupt
-        return SweepOutcome(records, computed, reused, cancelled, self.store.path, dict(self.failures))
+        return SweepOutcome(records, state.computed, state.reused, cancelled, self.store.path, dict(self.failures))
 
     # -- what comes back ----------------------------------------------------------------------------
 
-    def _store(self, job: _Running, outcome: dict) -> dict:
+    def store_cell(self, job: _Running, outcome: dict) -> dict:
         """History row first (its id goes into the record), then the store's line: as a local sweep."""
         record = {**outcome["record"], "run_id": self._history_row(job, outcome["row"])}
         self.store.add(job.cell.key(self.spec.task), record)
         return as_task(record, self.spec.task)
 
-    def _fail(self, job: _Running, reason: str, row: dict | None = None, status: str = "failed") -> None:
+    def fail_cell(self, job: _Running, reason: str, row: dict | None = None, status: str = "failed") -> None:
         key = job.cell.key(self.spec.task)
         self.failures[key] = reason
         self.store.add_failure(key, reason)
@@ -452,6 +414,107 @@ class ClusterSweep:
 
     def _history_failed(self, message: str) -> None:
         self.history = None
+
+
+class _Run:
+    """One run of a ClusterSweep: which cells wait, which worker computes which, what is done."""
+
+    def __init__(self, sweep: ClusterSweep, on_cell, on_progress):
+        self.sweep, self.on_cell, self.on_progress = sweep, on_cell, on_progress
+        self.ray, self.task = sweep.pool.ray, sweep.spec.task
+        self.started = time.perf_counter()
+        self.queue = deque(c for c in sweep.cells if c.key(self.task) not in sweep.store.cells)  # plan order
+        self.reused = len(sweep.cells) - len(self.queue)
+        self.idle = deque(sweep.pool.workers)
+        self.running: dict[object, _Running] = {}  # a compute's reference -> who computes what
+        self.starting: dict[object, Worker] = {}  # a replacement's preparation -> the replacement
+        self.deaths: dict[str, list[str]] = {}  # cell key -> the workers that died computing it
+        self.computed = self.weight_done = 0
+        self.weight_left = sum(c.weight for c in self.queue)
+        self.first_sent: float | None = None
+        self.cancel_sent = False
+
+    def finished(self) -> bool:
+        """Nothing runs and nothing more will be sent; replacements still starting are not waited
+        for (they join the next sweep)."""
+        if self.running:
+            return False
+        if not self.queue or self.sweep.cancel.cancelled:
+            return True
+        if not self.idle and not self.starting:
+            raise KVStudioError(f"no worker is left ({'; '.join(self.sweep.pool.warnings) or 'all died'}); "
+                                f"{len(self.sweep.store.cells)} cells are stored in {self.sweep.store.path}: run "
+                                "the sweep again to resume")
+        return False
+
+    def step(self) -> None:
+        self.dispatch()
+        if self.sweep.cancel.cancelled and not self.cancel_sent:
+            for job in self.running.values():
+                job.worker.actor.cancel.remote()
+            self.cancel_sent = True
+        ready, _ = self.ray.wait([*self.running, *self.starting], num_returns=1, timeout=POLL_S)
+        for ref in ready:
+            if ref in self.starting:
+                worker = self.starting.pop(ref)
+                if self.sweep.pool.joined(worker, ref):
+                    self.idle.append(worker)
+            else:
+                self.returned(ref, self.running.pop(ref))
+
+    def dispatch(self) -> None:
+        """A cell to every free worker (one each: a worker computes one cell at a time)."""
+        while self.queue and self.idle and not self.sweep.cancel.cancelled:
+            worker, cell = self.idle.popleft(), self.queue.popleft()
+            self.running[worker.actor.compute.remote(cell.key(self.task))] = _Running(worker, cell)
+            self.first_sent = self.first_sent or time.perf_counter()
+            self.progress(f"{_describe(cell)} on {worker.where}")
+
+    def returned(self, ref, job: _Running) -> None:
+        try:
+            outcome = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as error:  # the worker died under the cell
+            self.died(job, error)
+            return
+        except self.ray.exceptions.RayError as error:
+            outcome = {"status": "failed", "error": _first_line(error)}
+        self.idle.append(job.worker)
+        self.dispatch()  # the worker's next cell first: the writes below need no worker waiting for them
+        if outcome["status"] == "cancelled":
+            return
+        self.weight_left -= job.cell.weight
+        if outcome["status"] != "finished":
+            self.sweep.fail_cell(job, outcome.get("error") or outcome["status"], outcome.get("row"), outcome["status"])
+            return
+        record = self.sweep.store_cell(job, outcome)
+        self.computed += 1
+        self.weight_done += job.cell.weight
+        if self.on_cell:
+            self.on_cell(record)
+
+    def died(self, job: _Running, error: BaseException) -> None:
+        """A new worker for the dead one; the cell to another worker, or recorded failed the second time."""
+        key = job.cell.key(self.task)
+        reasons = self.deaths.setdefault(key, [])
+        reasons.append(f"{job.worker.where} died ({_exit_detail(error)})")
+        self.sweep.retried.append((key, reasons[-1]))
+        new, prepared = self.sweep.pool.replace(job.worker)
+        self.starting[prepared] = new
+        if len(reasons) >= 2:
+            self.sweep.fail_cell(job, "; ".join(reasons))
+            self.weight_left -= job.cell.weight
+        else:
+            self.queue.appendleft(job.cell)  # first in line: the next free worker, never the dead one
+
+    def progress(self, current: str, done: int | None = None, left: float | None = None) -> None:
+        """Time left from the cluster's throughput: prompt tokens done per second since the first cell."""
+        if self.on_progress is None:
+            return
+        now = time.perf_counter()
+        if left is None and self.weight_done and self.first_sent:
+            left = self.weight_left / (self.weight_done / (now - self.first_sent))
+        self.on_progress(SweepProgress(self.reused + self.computed if done is None else done, len(self.sweep.cells),
+                                       self.reused, left, current, now - self.started))
 
 
 def _cache_of(cell: Cell, spec: SweepSpec) -> CacheSpec:
