@@ -25,6 +25,7 @@ and stops the running cells at their next step; what finished is kept.
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ from kvstudio.core.spec import CacheSpec
 
 INSTALL = "pip install 'kvstudio[cluster]'"
 START_TIMEOUT_S = 900.0  # a large model on a busy cluster takes minutes to load
+PROBE_TIMEOUT_S = 5.0
 POLL_S = 0.2  # how often Stop is looked at while cells run
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}  # workers never reach for a hub
 
@@ -80,15 +82,28 @@ def ensure_connected(address: str):
 
 
 def _init(ray, address: str) -> None:
+    hint = "start one with `ray start --head` and give its address, or --ray local to start one on this machine"
+    _probe(address, hint)
     try:
         if address == "local":
             ray.init(include_dashboard=False, log_to_driver=False)
         else:
             ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise KVStudioError(f"--ray {address}: no Ray cluster there ({_first_line(error)}); start one with "
-                            "`ray start --head` and give its address, or --ray local to start one on this "
-                            "machine") from None
+        found = ("no Ray cluster is running on this machine" if address == "auto"
+                 else f"no Ray cluster there ({_first_line(error)})")
+        raise KVStudioError(f"--ray {address}: {found}; {hint}") from None
+
+
+def _probe(address: str, hint: str) -> None:
+    """host:port is tried first: Ray itself waits minutes for an address where nothing answers."""
+    host, separator, port = address.rpartition(":")
+    if address in ("auto", "local") or address.startswith("ray://") or not separator or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        raise KVStudioError(f"--ray {address}: nothing answers there ({error.strerror or error}); {hint}") from None
 
 
 @dataclass

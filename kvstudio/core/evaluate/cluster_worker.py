@@ -65,7 +65,8 @@ class WorkerSweep(Sweep):
         self.book: DeferredBook | None = None
 
     def _book(self, policy, ids, settings, base, recorder) -> DeferredBook:
-        self.book = DeferredBook(super()._book(policy, ids, settings, base, recorder), self.engine.tokenizer.decode(ids))
+        prompt = self.engine.tokenizer.decode(ids)
+        self.book = DeferredBook(super()._book(policy, ids, settings, base, recorder), prompt)
         return self.book
 
     def compute(self, key: str) -> dict:
