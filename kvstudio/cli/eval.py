@@ -19,6 +19,7 @@ import sys
 from kvstudio.core.errors import KVStudioError
 
 EXIT_INTERRUPTED = 130
+EXIT_CELLS_FAILED = 1  # the sweep went on past them; a rerun tries them again
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -96,6 +97,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     out.add_argument("--fresh", action="store_true", help="start over: ignore (and replace) the stored cells")
     out.add_argument("--no-history", action="store_true", help="do not store the cells' runs in the run history")
     parser.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load policy plugins")
+    from kvstudio.cli.eval_cluster import add_options
+
+    add_options(parser)  # --ray ADDRESS, --ray-workers N, --ray-cpus N
     return parser
 
 
@@ -164,9 +168,6 @@ def run(args) -> int:
         if not path.lower().endswith(FORMATS):
             raise KVStudioError(f"--plot {path}: a figure is a .png or .svg file")
 
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
-                        progress=lambda message, _: print(f"[kvstudio] {message}", file=sys.stderr, flush=True))
-    engine = Engine(loaded)
     history = None if args.no_history else _open_history()
     from kvstudio.core.evaluate.sweep import Sweep, default_store_path
 
@@ -175,9 +176,20 @@ def run(args) -> int:
         from pathlib import Path
 
         Path(store).expanduser().unlink(missing_ok=True)
-    sweep = Sweep(engine, spec, store, history=history)
+    if args.ray and not args.stored_only:  # stored cells are reported from here, without a cluster
+        from kvstudio.cli.eval_cluster import cluster_sweep
+
+        with cluster_sweep(args, spec, store, history) as (sweep, described):
+            return _run_sweep(args, sweep, described)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
+                        progress=lambda message, _: print(f"[kvstudio] {message}", file=sys.stderr, flush=True))
+    return _run_sweep(args, Sweep(Engine(loaded), spec, store, history=history), loaded.describe())
+
+
+def _run_sweep(args, sweep, described: str) -> int:
+    """A planned sweep (here or on a cluster): run its missing cells, or report the stored ones."""
     reused = len(sweep.stored())
-    print(f"[eval] {loaded.describe()}; {args.task}: {len(sweep.cells)} cells ({reused} already stored in "
+    print(f"[eval] {described}; {args.task}: {len(sweep.cells)} cells ({reused} already stored in "
           f"{sweep.store.path})", file=sys.stderr, flush=True)
     if args.stored_only:
         from kvstudio.core.evaluate.sweep import SweepOutcome
@@ -248,11 +260,22 @@ def _report(args, outcome) -> int:
         if outcome.records:
             save_figure(outcome.records, path)
             print(f"[eval] wrote figure {path}", file=sys.stderr)
+    for key, reason in outcome.failed.items():
+        print(f"[eval] failed: {_cell_name(key)}: {reason}", file=sys.stderr)
     if outcome.cancelled:
         print("[eval] the sweep stopped before its last cell; run the same command again to resume",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    if outcome.failed:
+        print(f"[eval] {len(outcome.failed)} cells failed (recorded in the store and the run history); the same "
+              "command tries them again", file=sys.stderr)
+        return EXIT_CELLS_FAILED
     return 0
+
+
+def _cell_name(key: str) -> str:
+    cell = json.loads(key)
+    return ", ".join(f"{name} {value}" for name, value in cell.items() if value not in (None, {}) and name != "task")
 
 
 

@@ -6,6 +6,8 @@
   metrics.py      exact match, token F1, partial digits, string matches, KL, perplexity
   sweep.py        policies x budgets (x variants) x task samples: each cell stored as it finishes,
                   so a cancelled or crashed sweep resumes where it stopped
+  cluster.py      the same sweep's cells on Ray workers (the `cluster` extra), stored here as they
+                  finish; cluster_worker.py is what runs on each worker
   results.py      tables, summaries, CSV/JSON exports of the stored cells
   figures.py      needle heatmaps, score vs budget, score vs cache bytes, perplexity/KL curves
                   (matplotlib without pyplot: PNG and SVG, no GUI toolkit)

@@ -226,6 +226,7 @@ class SweepOutcome:
     reused: int
     cancelled: bool
     store: Path
+    failed: dict = field(default_factory=dict)  # cell key -> why (a cluster cell whose worker died twice)
 
 
 class Sweep:

@@ -21,10 +21,12 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormL
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.evaluate.language import LanguageOptions
 from kvstudio.core.evaluate.results import export_cells, needle_grid, running_mean, score_by_budget, score_by_bytes
+from kvstudio.core.evaluate.cluster import ClusterTarget, open_cluster_sweep
 from kvstudio.core.evaluate.sweep import Sweep, SweepSpec, default_store_path
 from kvstudio.core.evaluate.tasks import RULER_SUBTASKS, TASKS, TaskOptions
 from kvstudio.core.persist.history import HistoryError, RunHistory
 from kvstudio.core.policies import available_policies
+from kvstudio.gui.features.evaluate_cluster import RunOnForm
 from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.task_runner import RunningTask, Task
@@ -51,9 +53,9 @@ def _needle_lookup_table() -> np.ndarray:
 LOOKUP = _needle_lookup_table()
 
 
-def sweep_task(spec: SweepSpec, history_path, fresh: bool) -> Task:
+def sweep_task(spec: SweepSpec, history_path, fresh: bool, cluster: ClusterTarget | None = None) -> Task:
     """The sweep as a task: each finished cell a partial result, its progress as status and percent.
-    `fresh`: forget the stored cells first."""
+    `fresh`: forget the stored cells first. `cluster`: the cells run on its workers instead."""
     def work(engine, state):
         history = None
         if history_path is not None:
@@ -70,8 +72,12 @@ def sweep_task(spec: SweepSpec, history_path, fresh: bool) -> Task:
             state.set_status(progress_text(step))
 
         try:
-            return Sweep(engine, spec, store, history=history, cancel=state.cancel).run(
-                on_cell=state.set_partial_result, on_progress=progress)
+            if cluster is None:
+                sweep = Sweep(engine, spec, store, history=history, cancel=state.cancel)
+            else:
+                state.set_status(f"starting the Ray workers ({cluster.address}); each loads {spec.model} once…")
+                sweep = open_cluster_sweep(cluster, spec, store, history=history, cancel=state.cancel)
+            return sweep.run(on_cell=state.set_partial_result, on_progress=progress)
         finally:
             if history is not None:
                 history.close()
@@ -152,6 +158,8 @@ class EvaluateView(QWidget):
             form.addRow(label, widget)
             self.task_rows[label] = (widget, tasks)
         form.addRow("chunk size", self.chunk_size)
+        self.run_on = RunOnForm()
+        form.addRow("run on", self.run_on)
         buttons = QHBoxLayout()
         for button in (self.start, self.stop, self.fresh):
             buttons.addWidget(button)
@@ -393,6 +401,9 @@ class EvaluateView(QWidget):
             self.status.setText(f"failed: {error}")
         elif outcome.cancelled:
             self.status.setText(f"stopped: {len(outcome.records)} cells stored; Run sweep resumes")
+        elif outcome.failed:
+            self.status.setText(f"done: {outcome.computed} cells computed, {len(outcome.failed)} failed (Run sweep "
+                                f"tries them again): {next(iter(outcome.failed.values()))}")
         else:
             self.status.setText(f"done: {outcome.computed} cells computed, {outcome.reused} from the store "
                                 f"({outcome.store})")
@@ -475,7 +486,7 @@ class EvaluateFeature(Feature):
         window.hide_error()
         view.begin(spec)
         history_path = window.history.path if window.history is not None else None
-        self.task = window.runner.start(sweep_task(spec, history_path, fresh))
+        self.task = window.runner.start(sweep_task(spec, history_path, fresh, view.run_on.target()))
         self.task.partial_result.connect(view.add_cell)
         self.task.progress_changed.connect(view.show_progress)
         self.task.status_changed.connect(view.status.setText)
