@@ -130,10 +130,7 @@ def write_saved_cache(path: str | Path, state: RunState, loaded, policy, setting
         stream.write(content)
         stream.write(hashlib.sha256(content).digest())
 
-    try:
-        atomic_write(path, write, binary=True)
-    except OSError as error:
-        raise SavedCacheError(f"cannot write the saved cache {path}: {error.strerror or error}") from error
+    atomic_write(path, write, binary=True, error=SavedCacheError)
     return SavedCacheInfo(path, len(content) + _CHECKSUM_BYTES, state.cache_bytes, time.perf_counter() - started)
 
 
