@@ -36,7 +36,10 @@ def _report_of(line: str) -> str:
 
 
 def test_unexpected_errors_are_one_line_without_a_traceback():
-    text = banner_text(ValueError("first line\nsecond line"))
+    try:
+        raise ValueError("first line\nsecond line")
+    except ValueError as error:
+        text = banner_text(error)
     assert text.startswith("internal error: ValueError: first line; details in ") and "\n" not in text
     report = _report_of(text)
     assert "Traceback" in report and "ValueError: first line" in report and "torch: " in report

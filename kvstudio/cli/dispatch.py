@@ -162,7 +162,7 @@ def check_arguments(argv: list[str]) -> None:
             argument.encode("utf-8")
         except UnicodeEncodeError:
             shown = argument.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise KVStudioError(f"argument {number} ({shown!r}) is not UTF-8 text: KV Studio reads its arguments "
+            raise KVStudioError(f"argument {number} ('{shown}') is not UTF-8 text: KV Studio reads its arguments "
                                 "as UTF-8; rename the file, or put the text in a UTF-8 file (--prompt-file)") from None
 
 

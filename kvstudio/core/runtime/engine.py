@@ -140,9 +140,10 @@ class Sampler:
         if s.temperature == 0:
             token = int(torch.argmax(logits))
             return token, float(logprobs[token])
-        # From the largest logit down: a tiny temperature then sends the others to -inf (never inf - inf =
-        # nan), which is the greedy limit it approaches.
-        scaled = (logits - logits.max()) / s.temperature
+        # From the largest logit down, in float64: a tiny temperature then sends the others to -inf and
+        # keeps the largest at 0 (never inf - inf or 0 / 0 = nan: float32 would round 1e-46 to 0), which
+        # is the greedy limit it approaches.
+        scaled = (logits.double() - logits.max()) / s.temperature
         if s.top_k:
             kth = torch.topk(scaled, min(s.top_k, scaled.shape[-1])).values[-1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
