@@ -7,6 +7,7 @@ line, and the studio is ready again after the failure. pytest-qt, offscreen, tin
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QThread
@@ -29,9 +30,19 @@ def _raise(error):
     return fail
 
 
+def _report_of(line: str) -> str:
+    """The report file an internal error's line names: its traceback and the versions."""
+    return Path(line.split("; details in ", 1)[1]).read_text()
+
+
 def test_unexpected_errors_are_one_line_without_a_traceback():
-    text = banner_text(ValueError("first line\nsecond line"))
-    assert text == "internal error: ValueError: first line"
+    try:
+        raise ValueError("first line\nsecond line")
+    except ValueError as error:
+        text = banner_text(error)
+    assert text.startswith("internal error: ValueError: first line; details in ") and "\n" not in text
+    report = _report_of(text)
+    assert "Traceback" in report and "ValueError: first line" in report and "torch: " in report
 
 
 @pytest.mark.studio_model("tiny-llama")
@@ -56,7 +67,7 @@ def test_out_of_memory_in_a_run_and_a_save_reads_the_same(qtbot, window, monkeyp
     monkeypatch.setattr(window.worker.engine, "generate", _raise(KeyError("oops")))
     window.run.request_run()
     qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
-    assert window.state.last_outcome.error == "internal error: KeyError: 'oops'"
+    assert window.state.last_outcome.error.startswith("internal error: KeyError: 'oops'; details in ")
     assert "\n" not in window.error_text.text() and window.form.run_button.isEnabled()
 
 
@@ -135,15 +146,15 @@ def test_stop_interrupts_the_work_and_a_stop_before_it_begins_is_kept(qtbot, run
     assert _ended(qtbot, second, second_end) == (True, None)
 
 
-def test_a_failure_is_the_banners_line_and_nothing_else(qtbot, runner, capfd):
+def test_a_failure_is_the_banners_line_and_nothing_else(qtbot, runner):
     def raises(error):
         def work(_engine, _state):
             raise error
         return work
 
-    assert _ended(qtbot, runner.start(Task("run", raises(ValueError("first line\nsecond")), needs_model=False))) \
-        == (None, "internal error: ValueError: first line")
-    assert "Traceback" in capfd.readouterr().err  # the traceback goes to stderr, never to the banner
+    result, line = _ended(qtbot, runner.start(Task("run", raises(ValueError("first line\nsecond")), needs_model=False)))
+    assert result is None and line.startswith("internal error: ValueError: first line; details in ")
+    assert "Traceback" in _report_of(line)  # the traceback goes to the report file, never to the banner
     assert _ended(qtbot, runner.start(Task("run", raises(KVStudioError("the budget is too small")),
                                            needs_model=False))) == (None, "the budget is too small")
     assert _ended(qtbot, runner.start(Task("run", raises(SystemExit(3)), needs_model=False)))[1] \

@@ -9,7 +9,9 @@
   kvstudio check-model SPEC  is the model computed exactly? the engine under full against transformers
   kvstudio runs ...        the run history: list, show, export, plot (cli/runs_plot.py: figures)
 
-Every error a user can cause ends in one line on stderr and exit status 2, never a traceback.
+Every error a user can cause ends in one line on stderr and exit status 2, never a traceback. What
+is left is a bug: the last net in `main` prints it as one line "internal error: ...; details in
+FILE" (a report with the traceback under the data folder) and exits with status 1.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from kvstudio.cli.model_options import (add_device_map_option, add_kv_groups_opt
 from kvstudio.cli.options import add_policy_options, policy_from_args, prompt_from_args  # noqa: E402
 from kvstudio.cli.output import format_summary, open_history, progress, warn, write_json_atomic, write_snapshot  # noqa: E402
 
+EXIT_INTERNAL = 1  # a bug in KV Studio: one line, and a report file
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -144,6 +147,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        return _main(argv)
+    except Exception as error:  # the last net: a bug in KV Studio, as one line and a report file
+        from kvstudio.core.persist.internal_errors import internal_error_line
+
+        print(f"kvstudio: {internal_error_line(error, 'kvstudio ' + ' '.join(argv[:2]))}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def check_arguments(argv: list[str]) -> None:
+    """Arguments are text in UTF-8. Bytes that are not (a file name in another encoding, a paste)
+    reach Python as lone surrogates, which fail wherever the text is stored or encoded later; they
+    are refused here, naming the argument."""
+    for number, argument in enumerate(argv, 1):
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = argument.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise KVStudioError(f"argument {number} ('{shown}') is not UTF-8 text: KV Studio reads its arguments "
+                                "as UTF-8; rename the file, or put the text in a UTF-8 file (--prompt-file)") from None
+
+
+def _main(argv: list[str]) -> int:
+    try:
+        check_arguments(argv)
         # Plugins first: their policies and parameters become choices and options of the parser.
         plugins = load_plugins(_plugin_folders(argv))
     except KVStudioError as error:
@@ -329,6 +356,8 @@ def command_runs(args) -> int:
             preview = r.prompt_preview[:40].replace("\n", " ")
             if r.kind != "generate":  # a fine-tune session: its data, and the kind in front
                 preview = f"[{r.kind}] {preview}"
+            if r.damaged:  # shown, not hidden: `runs show` has what could be read
+                preview = f"[damaged: {', '.join(r.damaged)}] {preview}"
             print(f"{r.id:>5}  {r.created}  {r.shown_status:<11} {r.model:<24} {r.cache:<14} {speed:>13}  "
                   f"{peak:<16} {preview!r}")
         return 0

@@ -30,6 +30,22 @@ def configure_plots() -> None:
     pg.setConfigOptions(imageAxisOrder="row-major", antialias=False)
 
 
+def install_last_net(window) -> None:
+    """The studio's last net: an exception that escapes a slot (a click, a file opened, a drop) and
+    that nothing caught becomes the banner's one line ("internal error: ...; details in FILE", or a
+    KVStudioError's own message), and the window carries on. Qt hands such exceptions to
+    sys.excepthook; the default one prints a traceback to a terminal the user may not have."""
+    from kvstudio.gui.tasks import banner_text
+
+    def hook(kind, error, trace):
+        if not isinstance(error, Exception):  # Ctrl-C in the terminal, a real exit: as Python does
+            sys.__excepthook__(kind, error, trace)
+            return
+        window.show_error(banner_text(error.with_traceback(trace), stage="studio"))
+
+    sys.excepthook = hook
+
+
 def run_studio(model: str | None = "default") -> int:
     check_display()
     from PySide6.QtCore import QTimer
@@ -45,6 +61,7 @@ def run_studio(model: str | None = "default") -> int:
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("KV Studio")
     window = MainWindow()
+    install_last_net(window)
     window.show()
     if model:
         window.loading.panel.spec.setCurrentText(model)

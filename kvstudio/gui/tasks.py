@@ -4,16 +4,15 @@ Every worker that runs long work on the model's thread (a run, an evaluation swe
 session, saving a cache) turns whatever it raised into the banner's text here, so the same failure
 reads the same wherever it happened: a KVStudioError is its own line; out of memory is explained
 (what ran out and what to change, core/runtime/oom.py); a fault in plugin code the guard did not wrap
-names the plugin file and line; anything else is one line "internal error: ...", with its traceback
-on stderr (never in the banner).
+names the plugin file and line; anything else is one line "internal error: ...; details in FILE",
+its traceback in a report file under the data folder (core/persist/internal_errors.py), never in
+the banner.
 """
 
 from __future__ import annotations
 
-import sys
-import traceback
-
 from kvstudio.core.errors import KVStudioError
+from kvstudio.core.persist.internal_errors import internal_error_line
 from kvstudio.core.plugins.guard import fault_from_traceback
 from kvstudio.core.runtime.oom import explain, is_out_of_memory
 
@@ -29,6 +28,4 @@ def banner_text(error: BaseException, *, stage: str = "run", chunk_size: int | N
     fault = fault_from_traceback(error)  # plugin code the guard does not wrap
     if fault is not None:
         return str(fault)
-    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
-    first_line = (str(error).strip().splitlines() or [""])[0]
-    return f"internal error: {type(error).__name__}" + (f": {first_line}" if first_line else "")
+    return internal_error_line(error, f"the studio's {stage} task")

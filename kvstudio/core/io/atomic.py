@@ -2,7 +2,9 @@
 
 Everything KV Studio saves (run exports, JSON, CSV, arrays) is written to a temporary file beside
 the target, flushed to disk, then renamed over the target in one step. An interruption at any
-point leaves the previous file as it was and no temporary file behind.
+point leaves the previous file as it was and no temporary file behind. A write that fails (disk
+full, the file-size limit, a folder where the file should go) is one KVStudioError naming the file
+and saying that what was there is unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from kvstudio.core.errors import KVStudioError
 def check_writable_folder(path: str | Path, error: type[KVStudioError] = KVStudioError) -> None:
     """Refuse, before any work, a file whose folder is missing or read-only (raises `error`)."""
     path = Path(path)
+    if path.expanduser().is_dir():
+        raise error(f"cannot write {path}: it is a folder; give a file name (e.g. {Path(path, 'run.json')})")
     folder = path.expanduser().resolve().parent
     if not folder.is_dir():
         raise error(f"cannot write {path}: the folder does not exist ({folder})")
@@ -49,9 +53,26 @@ def _give_plain_permissions(temporary: str | Path, path: Path) -> None:
     os.chmod(temporary, mode)
 
 
-def atomic_write(path: str | Path, write: Callable, binary: bool = False) -> Path:
-    """Call write(handle) on a temporary file, then replace `path` with it."""
+def _failed(path: Path, problem: OSError, error: type[KVStudioError]) -> KVStudioError:
+    kept = "the file there is unchanged" if path.is_file() else "nothing was written"
+    return error(f"could not write {path}: {problem.strerror or problem}; {kept}")
+
+
+def atomic_write(path: str | Path, write: Callable, binary: bool = False,
+                 error: type[KVStudioError] = KVStudioError) -> Path:
+    """Call write(handle) on a temporary file, then replace `path` with it. A failing write raises
+    `error`, and leaves what was at `path` as it was."""
     path = Path(path).expanduser()
+    try:
+        _write_and_replace(path, write, binary)
+    except OSError as problem:
+        raise _failed(path, problem, error) from problem
+    return path
+
+
+def _write_and_replace(path: Path, write: Callable, binary: bool) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(21, "it is a folder; give a file name")
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8",
@@ -64,12 +85,22 @@ def atomic_write(path: str | Path, write: Callable, binary: bool = False) -> Pat
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return path
 
 
 def atomic_produce(path: str | Path, produce: Callable[[Path], None]) -> Path:
-    """For writers that want a file name (image exporters): produce(temporary path), then rename."""
+    """For writers that want a file name (image exporters): produce(temporary path), then rename.
+    A failing write raises KVStudioError, as atomic_write does."""
     path = Path(path).expanduser()
+    try:
+        _produce_and_replace(path, produce)
+    except OSError as problem:
+        raise _failed(path, problem, KVStudioError) from problem
+    return path
+
+
+def _produce_and_replace(path: Path, produce: Callable[[Path], None]) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(21, "it is a folder; give a file name")
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
@@ -81,4 +112,3 @@ def atomic_produce(path: str | Path, produce: Callable[[Path], None]) -> Path:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return path

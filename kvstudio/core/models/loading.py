@@ -15,13 +15,16 @@ Nothing here ever downloads: every `from_pretrained` call is `local_files_only=T
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kvstudio.core.errors import ModelLoadError
+from kvstudio.core.errors import ModelLoadError, is_out_of_memory
+from kvstudio.core.io.regular_files import read_regular_file
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.recording.memory import MemorySampler, system_reading
 from kvstudio.core.models.default_model import DEFAULT_MODEL_NAME, DEFAULT_MODEL_REVISION, default_model_folder, models_cache_dir
@@ -112,6 +115,7 @@ class LoadedModel:
 
 
 LOAD_SAMPLE_INTERVAL_S = 0.05
+MAX_CONFIG_BYTES = 16 * 2**20  # a model's config.json is kilobytes
 
 
 def load_model(
@@ -158,12 +162,12 @@ def _load(spec, torch_device, torch_dtype, quantization, quant_config, progress)
         name = spec
     else:
         if spec == "default":
-            folder = default_model_folder(progress)
+            model, tokenizer = _load_default(torch_dtype, torch_device, quant_config, progress)
             name = DEFAULT_MODEL_NAME
         else:
             folder = _local_folder_for(spec)
             name = spec
-        model, tokenizer = _load_pretrained(folder, torch_dtype, torch_device, quant_config, progress)
+            model, tokenizer = _load_pretrained(folder, torch_dtype, torch_device, quant_config, progress)
 
     if kv_groups is not None:  # a derived model: KV heads mean-pooled at load time (GQA's initialisation)
         pool_kv_heads(model, kv_groups)
@@ -301,20 +305,95 @@ def _local_folder_for(spec: str) -> Path:
         ) from error
 
 
+def _load_default(dtype, device, quant_config, progress):
+    """The embedded default model from its converted folder; a damaged folder (a truncated
+    safetensors file, a config or tokenizer gone wrong) is ours to mend: it is converted again."""
+    folder = default_model_folder(progress)
+    try:
+        return _load_pretrained(folder, dtype, device, quant_config, progress)
+    except ModelLoadError as error:
+        say(progress, f"the converted default model in {folder} is damaged ({error}); converting it again", 0.0)
+        shutil.rmtree(folder, ignore_errors=True)
+        return _load_pretrained(default_model_folder(progress), dtype, device, quant_config, progress)
+
+
+def _first_line(error: BaseException) -> str:
+    """transformers and safetensors explain on several lines; the first says what is wrong."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(" .:")
+
+
+def read_model_config(folder: Path) -> dict:
+    """config.json of a model folder, checked as far as KV Studio depends on it: a JSON object whose
+    model_type this transformers knows. Raises ModelLoadError naming the file and what is wrong."""
+    from transformers import CONFIG_MAPPING
+
+    path = folder / "config.json"
+    try:
+        config = json.loads(read_regular_file(path, MAX_CONFIG_BYTES, "model config", ModelLoadError))
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise ModelLoadError(f"{path} is not valid JSON ({_first_line(error)}): the model folder is damaged; "
+                             "copy it again") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path} is nested too deeply to be a model config") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not the object of a model config: the "
+                             "model folder is damaged; copy it again")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelLoadError(f"{path} names no model_type: give a Hugging Face model folder saved by "
+                             "save_pretrained")
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise ModelLoadError(f"{path}: model_type '{model_type}' is not an architecture transformers "
+                             f"{transformers.__version__} knows; a newer transformers may, or the config is wrong")
+    return config
+
+
+def _folder_tokenizer(folder: Path):
+    try:
+        return _tokenizer_for(folder)
+    except Exception as error:  # noqa: BLE001 - every tokenizer failure means: this folder has none that works
+        if is_out_of_memory(error):
+            raise
+        if not any(folder.glob("tokenizer*")):
+            raise ModelLoadError(f"{folder} holds no tokenizer (no tokenizer.json or tokenizer_config.json): copy "
+                                 "the model's tokenizer files into it") from error
+        raise ModelLoadError(f"the tokenizer in {folder} cannot be read ({_first_line(error)}): copy the "
+                             "model's tokenizer files again") from error
+
+
 def _load_pretrained(folder: Path, dtype, device, quant_config, progress, device_map=None):
     from transformers import AutoModelForCausalLM
 
     say(progress, f"loading {folder}", 0.9)
+    read_model_config(folder)
+    tokenizer = _folder_tokenizer(folder)
+    extra = {"quantization_config": quant_config, "device_map": str(device)} if quant_config else {}
+    if device_map is not None:
+        extra = {"device_map": device_map}
+        if isinstance(device_map, dict) and "disk" in device_map.values():  # weights read from disk per forward
+            extra["offload_folder"] = str(models_cache_dir() / "offload" / folder.name)
     try:
-        tokenizer = _tokenizer_for(folder)
-        extra = {"quantization_config": quant_config, "device_map": str(device)} if quant_config else {}
-        if device_map is not None:
-            extra = {"device_map": device_map}
-            if isinstance(device_map, dict) and "disk" in device_map.values():  # weights read from disk per forward
-                extra["offload_folder"] = str(models_cache_dir() / "offload" / folder.name)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
-    except (OSError, ValueError, KeyError) as error:
-        raise ModelLoadError(f"could not load the model in {folder}: {error}") from error
+    except Exception as error:  # noqa: BLE001 - transformers and safetensors raise many kinds for a bad folder
+        if is_out_of_memory(error):
+            raise
+        if type(error).__name__ == "SafetensorError":
+            raise ModelLoadError(f"the weights in {folder} are damaged ({_first_line(error)}): a .safetensors "
+                                 "file is truncated or not one; copy the model folder again") from error
+        raise ModelLoadError(f"could not load the model in {folder}: {_first_line(error)}") from error
+    check_vocabulary(model, tokenizer, str(folder))
     return model, tokenizer
+
+
+def check_vocabulary(model, tokenizer, where: str) -> None:
+    """Every id the tokenizer can produce must have a row in the model's embedding, or the first
+    prompt that uses one fails deep in the forward pass (an IndexError)."""
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelLoadError(f"{where}: its tokenizer has {len(tokenizer)} tokens and the model's embedding only "
+                             f"{rows} rows: the tokenizer belongs to another model; put the model's own beside it")
 
 

@@ -7,4 +7,5 @@ continue bit-identically) and the prompt cache (saved caches keyed by prompt, re
   fingerprint.py    cheap fingerprints of a model and a tokenizer, to refuse a cache made by another
   saved_cache.py    the file: safetensors + JSON header, zstandard, checksum, atomic; every refusal
   prompt_cache.py   a folder of saved caches named by (model, policy, chunk size, prompt tokens)
+  internal_errors.py  the last net: an unexpected exception as one line and a report file under the data folder
 """

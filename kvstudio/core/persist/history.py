@@ -5,6 +5,11 @@ committed transaction, in WAL mode: a crash mid-run loses nothing already stored
 run marked "running" (shown as interrupted). The schema is versioned with `PRAGMA user_version`;
 opening an older database migrates it in one transaction. A corrupt or locked database raises
 HistoryError with a message saying what to do; callers turn history off and carry on.
+
+Reading validates what a row holds: a JSON column that does not parse, or parses to the wrong kind
+(a list where the parameters' object belongs), reads as empty and is named in `RunRecord.damaged`,
+so one damaged row is shown (and its text kept) instead of making the whole history unreadable.
+An id SQLite cannot hold is simply not in the history.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ SCHEMA_VERSION = 4
 PREVIEW_CHARS = 200
 STORAGE_KEY = "storage"  # in a row's parameters: the run's storage fields (core.storage.STORAGE_KEY)
 LOCK_TIMEOUT_S = 2.0
+SQLITE_MAX_ID = 2**63 - 1  # SQLite's INTEGER; a larger id is in no row
+# The JSON columns of a row and the kind each must hold.
+JSON_COLUMNS = {"parameters": dict, "figures": dict, "steps": list, "settings": dict, "memory": list}
 LIST_COLUMNS = ("id, created, model, policy, parameters, prompt_sha256, prompt_preview, output, status, figures, "
                 "settings, error, kind")
 
@@ -84,6 +92,7 @@ class RunRecord:
     error: str | None = None
     memory: list = field(default_factory=list)  # every memory reading of the run
     kind: str = "generate"  # generate | finetune
+    damaged: list = field(default_factory=list)  # columns whose stored value was unreadable (read as empty)
 
     @property
     def shown_status(self) -> str:
@@ -108,6 +117,8 @@ class RunRecord:
         """The record's fields, with the cache's name beside its policy and its storage in words."""
         data = {}
         for key, value in vars(self).items():
+            if key == "damaged" and not value:
+                continue
             data[key] = value
             if key == "policy":
                 data["cache"] = self.cache
@@ -147,7 +158,15 @@ def default_path() -> Path:
 class RunHistory:
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # the data folder is a file, or cannot be made
+            why = "it is a file, not a folder" if self.path.parent.is_file() else error.strerror or str(error)
+            raise HistoryError(f"the run history cannot be kept in {self.path.parent}: {why}; history is off. "
+                               "Move that file away, or set KVSTUDIO_DATA_DIR to a folder") from error
+        if self.path.is_dir():
+            raise HistoryError(f"the run history {self.path} is a folder, not a database; history is off. Move it "
+                               "away to start a new history")
         try:
             self.connection = sqlite3.connect(self.path, timeout=LOCK_TIMEOUT_S)
             self.connection.row_factory = sqlite3.Row
@@ -236,6 +255,8 @@ class RunHistory:
                                         (run_id, events))
 
     def delete(self, run_id: int) -> bool:
+        if not 0 <= run_id <= SQLITE_MAX_ID:
+            return False
         with self._writing():
             self.connection.execute("DELETE FROM run_events WHERE run_id = ?", (run_id,))
             return self.connection.execute("DELETE FROM runs WHERE id = ?", (run_id,)).rowcount > 0
@@ -261,8 +282,10 @@ class RunHistory:
             clauses.append("(prompt_preview LIKE ? OR output LIKE ?)")
             values += [f"%{text}%"] * 2
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        # Not the per-step records and memory readings: they are the bulk of a row.
-        rows = self.connection.execute(f"SELECT {LIST_COLUMNS} FROM runs {where} ORDER BY id DESC", values)
+        with self._reading():
+            # Not the per-step records and memory readings: they are the bulk of a row.
+            rows = self.connection.execute(f"SELECT {LIST_COLUMNS} FROM runs {where} ORDER BY id DESC",
+                                           values).fetchall()
         records = (self._record(row, with_steps=False) for row in rows)
         if policy:  # the LIKEs find candidates ('_' matches any letter); the names decide
             records = (r for r in records if stored_policy(r.policy, {})[0] == base
@@ -270,26 +293,76 @@ class RunHistory:
         return list(itertools.islice(records, limit))
 
     def get(self, run_id: int) -> RunRecord:
-        row = self.connection.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = None
+        if 0 <= run_id <= SQLITE_MAX_ID:
+            with self._reading():
+                row = self.connection.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise HistoryError(f"no run {run_id} in the history (`kvstudio runs list` shows the ids)")
         return self._record(row, with_steps=True)
 
     def events(self, run_id: int) -> bytes | None:
         """The run's packed events (recordings.unpack_events), or None when none were stored."""
-        row = self.connection.execute("SELECT data FROM run_events WHERE run_id = ?", (run_id,)).fetchone()
-        return None if row is None else bytes(row["data"])
+        if not 0 <= run_id <= SQLITE_MAX_ID:
+            return None
+        with self._reading():
+            row = self.connection.execute("SELECT data FROM run_events WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None or not isinstance(row["data"], bytes) else bytes(row["data"])
+
+    def _reading(self):
+        return _Reading(self)
 
     @staticmethod
     def _record(row, with_steps: bool) -> RunRecord:
-        return RunRecord(
-            id=row["id"], created=row["created"], model=row["model"], policy=row["policy"],
-            parameters=json.loads(row["parameters"]), prompt_sha256=row["prompt_sha256"],
-            prompt_preview=row["prompt_preview"], status=row["status"], output=row["output"],
-            figures=json.loads(row["figures"]), steps=json.loads(row["steps"]) if with_steps else [],
-            settings=json.loads(row["settings"]), error=row["error"],
-            memory=json.loads(row["memory"]) if with_steps else [], kind=row["kind"],
+        damaged = []
+        columns = row.keys()
+
+        def text(name: str, default: str = "") -> str:
+            value = row[name] if name in columns else default
+            if isinstance(value, str):
+                return value
+            damaged.append(name)
+            return default if value is None else str(value)
+
+        def parsed(name: str):
+            kind = JSON_COLUMNS[name]
+            if name not in columns:  # list() leaves the bulky columns out: not damage
+                return kind()
+            try:
+                value = json.loads(row[name])
+            except (TypeError, ValueError, RecursionError):
+                value = None
+            if not isinstance(value, kind):
+                damaged.append(name)
+                return kind()
+            return value
+
+        error = row["error"]
+        record = RunRecord(
+            id=row["id"], created=text("created"), model=text("model"), policy=text("policy"),
+            parameters=parsed("parameters"), prompt_sha256=text("prompt_sha256"),
+            prompt_preview=text("prompt_preview"), status=text("status", "failed"), output=text("output"),
+            figures=parsed("figures"), steps=parsed("steps") if with_steps else [],
+            settings=parsed("settings"), error=error if error is None or isinstance(error, str) else str(error),
+            memory=parsed("memory") if with_steps else [], kind=text("kind", "generate"),
         )
+        record.damaged = damaged
+        return record
+
+
+class _Reading:
+    """A read that turns SQLite's failures (a page damaged after the database was opened) into HistoryError."""
+
+    def __init__(self, history: RunHistory):
+        self.history = history
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace):
+        if isinstance(error, sqlite3.DatabaseError):
+            raise self.history._corrupt(error) from error
+        return False
 
 
 class _Writing:
@@ -303,6 +376,6 @@ class _Writing:
 
     def __exit__(self, kind, error, trace):
         self.history.connection.__exit__(kind, error, trace)
-        if isinstance(error, sqlite3.OperationalError):
+        if isinstance(error, sqlite3.DatabaseError):  # locked, disk full, or a page damaged since the open
             raise HistoryError(f"could not write the run history {self.history.path}: {error}") from error
         return False

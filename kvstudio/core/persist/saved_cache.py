@@ -39,8 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from typing_extensions import NotRequired, TypedDict
 
 from kvstudio.core.io.atomic import atomic_write, check_writable_folder
+from kvstudio.core.io.shapes import FiniteNumber, Integer, shape_problem
 from kvstudio.core.errors import SavedCacheError  # noqa: F401  (raised here; callers name it from here too)
 from kvstudio.core.policies import available_policies, source_of
 from kvstudio.core.spec import CacheSpec
@@ -74,6 +76,69 @@ class SavedCacheInfo:
     file_bytes: int
     memory_bytes: int  # keys and values in memory, as the run held them
     seconds: float
+
+
+# --- the header's shape: what reading, listing and restoring rely on (checked when it is read) ----------
+
+
+class _Model(TypedDict):
+    name: str
+    spec: str
+    config_sha256: str
+    weights_sha256: str
+    dtype: str
+
+
+class _Tokenizer(TypedDict):
+    sha256: str
+
+
+class _Policy(TypedDict):
+    name: str
+    parameters: dict[str, Any]
+    describe: str
+    source: NotRequired[str | None]
+
+
+class _Tokens(TypedDict):
+    fed: Integer
+    prompt: Integer
+
+
+class _Layer(TypedDict):
+    cache: list[str]
+    state: list[str]
+    state_on_device: dict[str, bool]
+    extra: Any  # a policy's own state, decoded against the body's tensors (a bad one: "corrupt")
+    extra_tensors: Integer
+    storage: NotRequired[dict[str, Any]]
+
+
+class _Body(TypedDict):
+    raw_bytes: Integer
+
+
+class _Header(TypedDict):
+    format: str
+    created: str
+    model: _Model
+    tokenizer: _Tokenizer
+    policy: _Policy
+    codec: str
+    storage: NotRequired[dict[str, str | Integer | FiniteNumber | bool | None] | None]
+    storage_counters: NotRequired[dict[str, Any]]
+    chunk_size: Integer | None
+    generation: NotRequired[dict[str, Any] | None]
+    tokens: _Tokens
+    prompt_preview: NotRequired[str]
+    generated_text: NotRequired[str]
+    steps: Integer
+    cache_bytes: Integer
+    peak_bytes: Integer
+    peak_kept_per_layer: list[Integer]
+    prefill_seconds: FiniteNumber
+    layers: list[_Layer]
+    body: _Body
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -130,10 +195,7 @@ def write_saved_cache(path: str | Path, state: RunState, loaded, policy, setting
         stream.write(content)
         stream.write(hashlib.sha256(content).digest())
 
-    try:
-        atomic_write(path, write, binary=True)
-    except OSError as error:
-        raise SavedCacheError(f"cannot write the saved cache {path}: {error.strerror or error}") from error
+    atomic_write(path, write, binary=True, error=SavedCacheError)
     return SavedCacheInfo(path, len(content) + _CHECKSUM_BYTES, state.cache_bytes, time.perf_counter() - started)
 
 
@@ -240,7 +302,8 @@ def read_saved_cache(path: str | Path, device: torch.device | str = "cpu") -> tu
                                                      max_output_size=header["body"]["raw_bytes"])
         tensors = load(raw)
         state = _state_from(header, tensors, torch.device(device))
-    except (zstandard.ZstdError, KeyError, ValueError, RuntimeError, IndexError) as error:
+    except (zstandard.ZstdError, KeyError, ValueError, RuntimeError, IndexError, TypeError, AttributeError) as error:
+        # The header's shape was checked; what is left is the body, and a policy state that does not fit it.
         raise SavedCacheError(f"{path} is corrupt: its body cannot be read ({type(error).__name__}: {error})",
                               "corrupt") from error
     return header, state
@@ -300,9 +363,12 @@ def _parse_header(path: Path, header_bytes: bytes) -> dict:
         header = json.loads(header_bytes.decode())
         if header.get("format") != "kvstudio-saved-cache":
             raise ValueError("not a saved-cache header")
-        return header
-    except (UnicodeDecodeError, ValueError, AttributeError) as error:
+    except (UnicodeDecodeError, ValueError, AttributeError, RecursionError) as error:
         raise SavedCacheError(f"{path} is corrupt: its header cannot be read ({error})", "corrupt") from error
+    problem = shape_problem(header, _Header)
+    if problem is not None:  # the checksum held, so the file was written this way: not by KV Studio
+        raise SavedCacheError(f"{path} is corrupt: its header is not what KV Studio writes ({problem})", "corrupt")
+    return header
 
 
 def _state_from(header: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> RunState:
@@ -376,6 +442,9 @@ def policy_from_header(header: dict):
                               "load its plugin (--plugins DIR) and try again")
     try:
         return CacheSpec(saved["name"], saved["parameters"], StorageConfig(**header_storage(header))).build()
+    except TypeError as error:  # a storage field this KV Studio does not have
+        raise SavedCacheError(f"the cache's storage {header_storage(header)} is not one this KV Studio knows "
+                              f"({error})", "corrupt") from error
     except CodecError as error:
         raise SavedCacheError(f"the cache was stored with {describe_storage(header_storage(header))}, which cannot "
                               f"be used here: {error}") from error

@@ -19,6 +19,7 @@ numbers. The studio still warns before opening one, since the format is a pickle
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import time
@@ -234,7 +235,64 @@ def load_snapshot(path: str | Path) -> dict:
             and isinstance(snapshot.get("segments"), list)):
         raise SnapshotError(f"{path.name} is a pickle but not a memory snapshot: it has no 'segments' and "
                             "'device_traces'")
+    problem = snapshot_problem(snapshot)
+    if problem is not None:
+        raise SnapshotError(f"{path.name} is shaped like a memory snapshot but {problem}: it was not written by "
+                            "PyTorch or KV Studio, or was changed since; record it again")
     return snapshot
+
+
+def _kind(value) -> str:
+    return "missing" if value is None else f"a {type(value).__name__}"
+
+
+def snapshot_problem(snapshot: dict) -> str | None:
+    """What in a snapshot the timeline reads is missing or of the wrong kind, in words; None when all is
+    well. Checked when a file is read, so drawing it never meets a KeyError or a string for a size."""
+    for device, trace in enumerate(snapshot["device_traces"]):
+        if not isinstance(trace, list):
+            return f"device_traces[{device}] is {_kind(trace)}, not a list of events"
+        for index, entry in enumerate(trace):
+            where = f"device_traces[{device}][{index}]"
+            if not isinstance(entry, dict):
+                return f"{where} is {_kind(entry)}, not an event"
+            action = entry.get("action")
+            if not isinstance(action, str):
+                return f"{where}.action is {_kind(action)}, not a word"
+            if "time_us" in entry and not _is_number(entry["time_us"]):  # the first event's is the origin
+                return f"{where}.time_us is {_kind(entry['time_us'])}, not a number"
+            if action not in ("alloc", "free_completed"):
+                continue  # the timeline skips every other action
+            for key in ("addr", "size"):
+                if not _is_integer(entry.get(key)):
+                    return f"{where}.{key} is {_kind(entry.get(key))}, not an integer"
+            frames = entry.get("frames", [])
+            if not isinstance(frames, list) or not all(_is_frame(frame) for frame in frames):
+                return f"{where}.frames is not a list of frames (filename, line, name)"
+    ours = snapshot.get(KVSTUDIO_KEY, {})
+    if not isinstance(ours, dict):
+        return f"its '{KVSTUDIO_KEY}' entry is {_kind(ours)}, not a table"
+    if not isinstance(ours.get("device", ""), str):
+        return f"{KVSTUDIO_KEY}.device is {_kind(ours.get('device'))}, not a name"
+    marks = ours.get("marks", [])
+    if not isinstance(marks, list) or not all(
+            isinstance(mark, dict) and isinstance(mark.get("label"), str) and _is_number(mark.get("time_us"))
+            for mark in marks):
+        return f"{KVSTUDIO_KEY}.marks is not a list of marks (time_us, label)"
+    return None
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**64  # what torch writes
+
+
+def _is_number(value) -> bool:
+    return _is_integer(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _is_frame(frame) -> bool:
+    return (isinstance(frame, dict) and isinstance(frame.get("filename", ""), str)
+            and isinstance(frame.get("name", ""), str) and _is_integer(frame.get("line", 0)))
 
 
 # -- reading a snapshot: the allocation timeline ---------------------------------------------------

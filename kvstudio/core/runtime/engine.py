@@ -9,6 +9,8 @@ Each run is a RunSession (session.py): positions, the step protocol and what get
 
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
@@ -36,6 +38,10 @@ from kvstudio.core.storage.summary import summarize
 
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MIN_SAMPLE_HZ = 0.001  # a reading every ~17 minutes; a slower rate overflows the timer's wait
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 64
@@ -52,12 +58,15 @@ class GenerationSettings:
     def validate(self) -> None:
         checks = [
             (self.max_new_tokens >= 0, f"--max-new-tokens must be 0 or more, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"--temperature must be 0 (greedy) or more, got {self.temperature}"),
+            (0 <= self.temperature < math.inf, f"--temperature must be 0 (greedy) or a finite number above it, "
+                                               f"got {self.temperature}"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"--top-k must be 0 (off) or more, got {self.top_k}"),
+            (self.seed is None or SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+             f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (64 bits), got {self.seed}"),
             (self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}"),
-            (0 <= self.memory_sample_hz <= 1000,
-             f"--memory-sample-hz must be between 0 (off) and 1000, got {self.memory_sample_hz}"),
+            (self.memory_sample_hz == 0 or MIN_SAMPLE_HZ <= self.memory_sample_hz <= 1000,
+             f"--memory-sample-hz must be 0 (off) or between {MIN_SAMPLE_HZ} and 1000, got {self.memory_sample_hz}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -133,7 +142,10 @@ class Sampler:
         if s.temperature == 0:
             token = int(torch.argmax(logits))
             return token, float(logprobs[token])
-        scaled = logits / s.temperature
+        # From the largest logit down, in float64: a tiny temperature then sends the others to -inf and
+        # keeps the largest at 0 (never inf - inf or 0 / 0 = nan: float32 would round 1e-46 to 0), which
+        # is the greedy limit it approaches.
+        scaled = (logits.double() - logits.max()) / s.temperature
         if s.top_k:
             kth = torch.topk(scaled, min(s.top_k, scaled.shape[-1])).values[-1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))

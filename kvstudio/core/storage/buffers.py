@@ -1,11 +1,12 @@
 """Preallocated per-layer buffers that entries are written into and compacted in place.
 
 The rule (what paged/static caches do, e.g. vLLM's PagedAttention, Kwon et al. 2023,
-arXiv:2309.06180, and transformers' StaticCache): allocate a layer's storage once for budget +
-chunk entries, write each step's new entries into the free tail, and when the policy evicts, move
-only the kept entries that sit after the first hole down over it. Nothing concatenates the whole
-cache per step; an unbounded policy (`full`) grows the allocation geometrically (x2), so the copy
-on growth costs O(1) amortized per entry.
+arXiv:2309.06180, and transformers' StaticCache): write each step's new entries into the free tail,
+and when the policy evicts, move only the kept entries that sit after the first hole down over it.
+Nothing concatenates the whole cache per step. The allocation grows with what the layer holds,
+geometrically (x2, so the copy on growth costs O(1) amortized per entry), and a bounded policy's
+stops at budget + the largest append (a chunk): its true peak. It is never sized by the budget
+alone: a budget of 10^9 on a 5-token prompt holds 64 entries, not 10^9 (memory by need).
 
 Every tensor has the entry axis at dim 1: (kv_heads, capacity, ...). Different fields (keys,
 values, positions, a codec's codes and scales) share one entry count and compact together.
@@ -18,6 +19,9 @@ exact-size tensors built out of place (cat / index_select); values are the same 
 from __future__ import annotations
 
 import torch
+
+
+MIN_CAPACITY = 64  # entries: the first allocation of a layer, so short decodes do not regrow every step
 
 
 class EntryBuffers:
@@ -62,8 +66,9 @@ class EntryBuffers:
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        first = self.capacity == 0
-        capacity = max(needed, (self.capacity_hint or 0) + (needed if first else 0), 2 * self.capacity)
+        capacity = max(needed, 2 * self.capacity, MIN_CAPACITY)
+        if self.capacity_hint is not None:  # a bounded policy never holds more than budget + this append
+            capacity = min(capacity, max(needed, self.capacity_hint + needed - self.count))
         for name, old in self.tensors.items():
             grown = torch.empty((old.shape[0], capacity, *old.shape[2:]), dtype=old.dtype, device=old.device,
                                 pin_memory=self.pin_memory)

@@ -1,0 +1,35 @@
+"""A long session: 200 runs in a row in the studio (tiny-llama; every built-in policy, the fp, int8
+and int4 codecs, Compare, stored runs reopened and exported). Bounds, after a warm-up of 20 runs:
+process memory grows by less than 40 MB, live Qt objects (QObjects under the window, top-level
+widgets, plot items) by fewer than 50, every run has its row in the history, no run failed, and
+the idle window handles an event within 50 ms. benchmarks/soak.py runs 1,000 and prints the rate."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.soak_session import soak
+
+pytest.importorskip("pytestqt")
+
+RUNS = 200
+WARM_UP = 20
+RSS_BOUND_MB = 40
+QT_OBJECTS_BOUND = 50
+
+
+@pytest.mark.studio_model("tiny-llama")
+def test_two_hundred_runs_leave_memory_and_qt_objects_flat(qtbot, window, tmp_path):
+    qtbot.waitUntil(lambda: window.state.model_info is not None, timeout=30_000)
+    figures = soak(window, lambda predicate: qtbot.waitUntil(predicate, timeout=60_000), RUNS, tmp_path)
+    assert figures.runs == RUNS and not figures.errors, figures.errors[:3]
+    stored = {record.id for record in window.history.list(limit=10**6)}
+    assert len(figures.history_ids) == RUNS and set(figures.history_ids) <= stored
+    assert (tmp_path / "soak-run.json").is_file()
+    rss, objects = figures.growth("rss_mb", WARM_UP), figures.growth("qt_objects", WARM_UP)
+    print(f"soak: {RUNS} runs in {figures.seconds:.1f} s; after {WARM_UP}: rss +{rss:.1f} MB, Qt objects "
+          f"{objects:+d}, python objects {figures.growth('python_objects', WARM_UP):+d}; "
+          f"idle response {figures.respond_ms:.1f} ms")
+    assert rss < RSS_BOUND_MB, figures.readings
+    assert objects < QT_OBJECTS_BOUND, figures.readings
+    assert figures.respond_ms < 50
