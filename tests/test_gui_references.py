@@ -28,3 +28,16 @@ def test_a_studio_run_measures_its_loss_and_records_a_command_that_reruns_it(qtb
     assert provenance["device"] == "cpu" and provenance["dtype"] == "float32"
     assert provenance["command"].startswith("kvstudio run --model tiny-llama --policy window --budget 12 ")
     assert "--ignore-eos --measure-loss --prompt 'the quick brown fox jumps" in provenance["command"]
+    # The live curve: one point per step, the mean over layers of what the step measured.
+    view = window.views.loss_view
+    view.refresh()
+    expected = [sum(s.attention_loss) / len(s.attention_loss) for s in result.steps]
+    assert view.steps == [s.step for s in result.steps]
+    assert view.means == [pytest.approx(m) for m in expected] and max(view.means) > 0
+    assert view.latest == result.steps[-1].attention_loss
+    # A stored run reopens with its curve: the steps' losses travel with its packed events.
+    from kvstudio.core.recording.packing import unpack_events
+
+    stored = unpack_events(window.history.events(outcome.request.history_id))
+    window.views.show_stored_run(stored, stored.since("runs", 0)[0][-1])
+    assert view.means == [pytest.approx(m) for m in expected]

@@ -24,7 +24,7 @@ from kvstudio.core.recording.events import (AttentionEvent, EvictionEvent, Memor
 FORMAT_VERSION = 1
 _SMALL = {"runs": RunStartedEvent, "tokens": TokenEvent, "steps": StepEvent, "memory": MemoryEvent,
           "prefill": PrefillProgressEvent}
-_TUPLES = {"runs": ("budgets", "prompt_tokens", "prompt_token_ids", "restored_missing_heads"), "steps": ("kept_per_layer",),
+_TUPLES = {"runs": ("budgets", "prompt_tokens", "prompt_token_ids", "restored_missing_heads"), "steps": ("kept_per_layer", "attention_loss"),
            "memory": ("cache_bytes_per_layer", "kept_per_layer")}
 
 

@@ -200,7 +200,8 @@ class RunSession:
                             left_window=report.left_window_count, attention_loss=report.attention_loss)
         self.records.append(record)
         self.recorder.record(StepEvent(step, phase, n, seconds, tuple(report.kept_per_layer), report.cache_bytes,
-                                       self.cache.peak_bytes, report.evicted_count, report.left_window_count))
+                                       self.cache.peak_bytes, report.evicted_count, report.left_window_count,
+                                       tuple(report.attention_loss)))
         for eviction in report.evictions:
             for head, positions in enumerate(eviction.positions.numpy()):
                 self.recorder.record(EvictionEvent(step, eviction.layer, head, positions, eviction.reason))
