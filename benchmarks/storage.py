@@ -11,14 +11,15 @@ transformers' QuantizedCache (quanto backend, 4 bits, q_group_size 64, its defau
 under full on the same tokens: bytes (packed data, scales, shifts and its residual) and KL. Then
 the decode ms/token of `full` in preallocated buffers against the same run with torch.cat storage
 (the storage before this change), after a short and a long prompt (generated, --new-tokens). Ends with
-bytes_ratio_int8_vs_fp=, bytes_ratio_int4_vs_fp=, kl_int4_vs_fp= (under h2o).
+bytes_ratio_int8_vs_fp_B=, bytes_ratio_int4_vs_fp_B=, kl_int4_vs_fp_B= for each h2o budget B (default 256
+and 1024; the first also without the suffix, the names of before).
 
 For each codec run it also says what the peak held, as fractions of the fp peak: encoded rows (codes
 and per-token scales), full-precision windows (with residual 0: the incomplete key group, at most
 group size - 1 keys a layer) and group tables (per-channel key scales of every group still held: under
 h2o the heavy hitters it keeps are spread over the whole prompt, so most groups stay live).
 
-usage: python benchmarks/storage.py [--model SPEC] [--budget 256] [--prompt-tokens 2000]
+usage: python benchmarks/storage.py [--model SPEC] [--budgets 256,1024] [--prompt-tokens 2000]
                                     [--new-tokens 32] [--short 1000] [--long 8000] [--codecs fp,int8,int4]
 """
 
@@ -141,7 +142,8 @@ def cat_storage(engine: Engine) -> Engine:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--budgets", type=lambda text: [int(b) for b in text.split(",") if b.strip()],
+                        default=[256, 1024], help="h2o budgets, one row each per codec (default 256,1024)")
     parser.add_argument("--prompt-tokens", type=int, default=2000)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--group-size", type=int, default=64)
@@ -154,14 +156,14 @@ def main() -> int:
     engine, at_peak = peak_parts(Engine(load_model(args.model)))
     loaded = engine.loaded
     print(f"model {loaded.describe()}; prompt {args.prompt_tokens} tokens of prose, {args.new_tokens} new tokens, "
-          f"h2o budget {args.budget}, group size {args.group_size}, residual 0")
+          f"h2o budgets {', '.join(map(str, args.budgets))}, group size {args.group_size}, residual 0")
     ids = prose_ids(engine, args.prompt_tokens + args.new_tokens - 1)
-    policies = {"h2o": {"budget": args.budget}, "full": {}}
+    policies = {f"h2o@{budget}": ("h2o", {"budget": budget}) for budget in args.budgets} | {"full": ("full", {})}
     figures: dict[tuple[str, str], dict] = {}
-    for name, params in policies.items():
+    for name, (policy_name, params) in policies.items():
         reference = None
         for codec in args.codecs.split(","):
-            policy = attach(create_policy(name, **params), StorageConfig(codec=codec, group_size=args.group_size))
+            policy = attach(create_policy(policy_name, **params), StorageConfig(codec=codec, group_size=args.group_size))
             started = time.perf_counter()
             logprobs, run = teacher_forced(engine, ids, args.prompt_tokens, policy, 512)
             reference = logprobs if codec == "fp" else reference
@@ -178,14 +180,14 @@ def main() -> int:
         if name == "full":
             peer = peer_quantized_cache(engine, ids, args.prompt_tokens, reference)
 
-    print(f"\n{'cache':<12} {'peak bytes':>12} {'ratio':>7} {'decode ms/tok':>14} {'ratio':>7} {'KL to fp':>10}")
+    print(f"\n{'cache':<17} {'peak bytes':>12} {'ratio':>7} {'decode ms/tok':>14} {'ratio':>7} {'KL to fp':>10}")
     for (name, codec), row in figures.items():
         fp = figures[(name, "fp")]
-        print(f"{name + '-' + codec:<12} {row['bytes']:>12,} {row['bytes'] / fp['bytes']:>7.3f} {row['ms']:>14.2f} "
+        print(f"{name + '-' + codec:<17} {row['bytes']:>12,} {row['bytes'] / fp['bytes']:>7.3f} {row['ms']:>14.2f} "
               f"{row['ms'] / fp['ms']:>7.3f} {row['kl']:>10.5f}")
     if peer is not None:
         peer_bytes, peer_kl = peer
-        print(f"{'quanto-int4':<12} {peer_bytes:>12,} {peer_bytes / figures[('full', 'fp')]['bytes']:>7.3f} "
+        print(f"{'quanto-int4':<17} {peer_bytes:>12,} {peer_bytes / figures[('full', 'fp')]['bytes']:>7.3f} "
               f"{'':>14} {'':>7} {peer_kl:>10.5f}   (transformers QuantizedCache, full, residual 128)")
 
     print("\nfull, decode ms/token: preallocated buffers vs torch.cat storage")
@@ -202,9 +204,16 @@ def main() -> int:
               f"ratio {preallocated / concatenated:.3f}")
         print(f"decode_ms_ratio_prealloc_vs_cat_{length}={preallocated / concatenated:.3f}")
 
-    print(f"bytes_ratio_int8_vs_fp={figures[('h2o', 'int8')]['bytes'] / figures[('h2o', 'fp')]['bytes']:.3f}")
-    print(f"bytes_ratio_int4_vs_fp={figures[('h2o', 'int4')]['bytes'] / figures[('h2o', 'fp')]['bytes']:.3f}")
-    print(f"kl_int4_vs_fp={figures[('h2o', 'int4')]['kl']:.5f}")
+    for budget in args.budgets:  # the first budget's figures also under the names of before (one budget)
+        name = f"h2o@{budget}"
+        suffixes = [f"_{budget}"] + ([""] if budget == args.budgets[0] else [])
+        for suffix in suffixes:
+            for codec in ("int8", "int4"):
+                if (name, codec) in figures:
+                    ratio = figures[(name, codec)]["bytes"] / figures[(name, "fp")]["bytes"]
+                    print(f"bytes_ratio_{codec}_vs_fp{suffix}={ratio:.3f}")
+            if (name, "int4") in figures:
+                print(f"kl_int4_vs_fp{suffix}={figures[(name, 'int4')]['kl']:.5f}")
     return 0
 
 

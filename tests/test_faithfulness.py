@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kvstudio.core.runtime.engine import GenerationSettings
 from kvstudio.core.spec import create_policy
 from kvstudio.core.policies.base import LayerState, LayerView
-from kvstudio.core.policies.pyramidkv import pyramid_budgets
+from kvstudio.core.policies.pyramidkv import kvcache_factory_budgets, kvcache_factory_limits, pyramid_budgets
 
 from .helpers import random_ids
 
@@ -46,19 +46,33 @@ def kept_after_prefill(setting, policy):
     return [result.cache.positions(layer).tolist() for layer in range(engine.loaded.n_layers)]
 
 
-def per_kv_head(scores, kv_heads=2):
-    """(query_heads, ...) -> (kv_heads, ...): mean over each GQA group."""
-    return scores.view(kv_heads, scores.shape[0] // kv_heads, *scores.shape[1:]).mean(dim=1)
+def per_kv_head(scores, kv_heads=2, aggregation="mean"):
+    """(query_heads, ...) -> (kv_heads, ...): each GQA group's heads (h // group) combined, written out
+    head by head so it does not share the policies' code."""
+    group = scores.shape[0] // kv_heads
+    combined = []
+    for kv_head in range(kv_heads):
+        heads = [scores[kv_head * group + g] for g in range(group)]
+        total = heads[0].clone()
+        for head in heads[1:]:
+            total = torch.maximum(total, head) if aggregation == "max" else total + head
+        combined.append(total / group if aggregation == "mean" else total)
+    return torch.stack(combined)
 
 
 def top(scores, k):
     return sorted(torch.sort(scores, descending=True, stable=True).indices[:k].tolist())
 
 
-def test_h2o_keeps_recent_plus_most_accumulated_attention(setting):
-    kept = kept_after_prefill(setting, create_policy("h2o", budget=BUDGET, recent=6))
+AGGREGATIONS = ["mean", "max", "sum"]
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_h2o_keeps_recent_plus_most_accumulated_attention(setting, aggregation):
+    kept = kept_after_prefill(setting, create_policy("h2o", budget=BUDGET, recent=6, gqa_aggregation=aggregation))
     for layer, attention in enumerate(setting[2]):
-        accumulated = per_kv_head(attention.sum(dim=1))  # column sums: attention received from every query
+        # column sums: attention received from every query, each group's heads combined
+        accumulated = per_kv_head(attention.sum(dim=1), aggregation=aggregation)
         for head in range(2):
             heavy = top(accumulated[head, : N - 6], BUDGET - 6)
             assert kept[layer][head] == heavy + list(range(N - 6, N))
@@ -71,8 +85,19 @@ def test_tova_keeps_what_the_last_query_attends_to_averaged_over_all_heads(setti
         assert kept[layer] == [expected, expected]
 
 
-def _snapkv_reference(attention, budget, window, kernel, pooling):
-    votes = per_kv_head(attention[:, -window:, : N - window].sum(dim=1))
+@pytest.mark.parametrize("aggregation", ["max", "sum"])
+def test_tova_combines_each_group_then_averages_the_kv_heads(setting, aggregation):
+    kept = kept_after_prefill(setting, create_policy("tova", budget=BUDGET, gqa_aggregation=aggregation))
+    changed = False
+    for layer, attention in enumerate(setting[2]):
+        expected = top(per_kv_head(attention[:, -1], aggregation=aggregation).mean(dim=0), BUDGET)
+        assert kept[layer] == [expected, expected]
+        changed |= expected != top(attention[:, -1].mean(dim=0), BUDGET)
+    assert changed or aggregation == "sum"  # sum ranks as mean does here (equal group sizes); max need not
+
+
+def _snapkv_reference(attention, budget, window, kernel, pooling, aggregation="mean"):
+    votes = per_kv_head(attention[:, -window:, : N - window].sum(dim=1), aggregation=aggregation)
     pool = F.avg_pool1d if pooling == "avgpool" else F.max_pool1d
     pooled = pool(votes.unsqueeze(1), kernel_size=kernel, padding=kernel // 2, stride=1).squeeze(1)
     return [top(pooled[head], budget - window) + list(range(N - window, N)) for head in range(2)]
@@ -86,23 +111,58 @@ def test_snapkv_keeps_the_windows_pooled_votes_plus_the_window(setting, pooling,
         assert kept[layer] == _snapkv_reference(attention, BUDGET, 4, kernel, pooling)
 
 
-def test_pyramid_budgets_follow_kvcache_factory_and_keep_the_total():
-    # Hand-computed: s = 40 - 8 = 32, min = 32 // 20 = 1, max = 63, step = 62 // 3 = 20:
-    # 71, 51, 31, 11 (sum 164); the 4 extra are spread evenly: 70, 50, 30, 10.
-    assert pyramid_budgets(40, 8, 4, 20) == [70, 50, 30, 10]
+@pytest.mark.parametrize("aggregation", ["max", "sum"])
+def test_snapkv_combines_a_groups_window_votes_before_pooling(setting, aggregation):
+    kept = kept_after_prefill(setting, create_policy("snapkv", budget=BUDGET, observation_window=4,
+                                                     gqa_aggregation=aggregation))
+    for layer, attention in enumerate(setting[2]):
+        assert kept[layer] == _snapkv_reference(attention, BUDGET, 4, 5, "avgpool", aggregation)
+
+
+def test_pyramid_budgets_as_kvcache_factory_computes_them():
+    # Hand-computed from PyramidKVCluster.update_kv with C = 40, W = 8, L = 4, beta = 20:
+    # s = 32, min = 32 // 20 = 1, max = 2 * 32 - 1 = 63, steps = 62 // 3 = 20: W + 63 - 20 l.
+    assert kvcache_factory_budgets(40, 8, 4, 20) == [71, 51, 31, 11]
+    assert pyramid_budgets(40, 8, 4, 20) == [71, 51, 31, 11]  # the default schedule
+    assert kvcache_factory_budgets(40, 8, 4, 20, prompt_length=200) == [71, 51, 31, 11]
+    assert kvcache_factory_budgets(40, 8, 4, 20, prompt_length=71) == [71, 51, 31, 11]  # max = q - W exactly
+    # q = 68 >= 2s: max = 63 >= q - W = 60, so max = 60, min = 64 - 60 = 4, steps = 56 // 3 = 18.
+    assert kvcache_factory_budgets(40, 8, 4, 20, prompt_length=68) == [68, 50, 32, 14]
+    # C <= q = 60 < 2s = 64: every layer keeps C, as SnapKV; q = 30 < C: nothing is compressed.
+    assert kvcache_factory_budgets(40, 8, 4, 20, prompt_length=60) == [40] * 4
+    assert kvcache_factory_budgets(40, 8, 4, 20, prompt_length=30) == [30] * 4
+    # C = 128, W = 32, 30 layers: s = 96, min = 4, max = 188, steps = 184 // 29 = 6: 220, 214, ..., 46.
+    assert kvcache_factory_budgets(128, 32, 30, 20) == [220 - 6 * layer for layer in range(30)]
+    # The engine's limit is the most a layer keeps over every prompt length: layer 2 keeps 32 at
+    # q = 68 and 40 at q = 60 (C everywhere), more than its 31 at long prompts.
+    assert kvcache_factory_limits(40, 8, 4, 20) == (71, 51, 40, 40)
+
+
+def test_even_pyramid_budgets_keep_the_total():
+    # Hand-computed: 71, 51, 31, 11 (sum 164); the 4 extra are spread evenly: 70, 50, 30, 10.
+    assert pyramid_budgets(40, 8, 4, 20, "even") == [70, 50, 30, 10]
     for budget, window, layers in [(128, 32, 30), (64, 32, 30), (512, 32, 30), (256, 8, 24), (100, 4, 7)]:
-        budgets = pyramid_budgets(budget, window, layers, 20)
+        budgets = pyramid_budgets(budget, window, layers, 20, "even")
         assert sum(budgets) == budget * layers
         assert all(a >= b for a, b in zip(budgets, budgets[1:]))
         assert budgets[-1] > window
 
 
-def test_pyramidkv_selects_like_snapkv_with_its_layer_budgets(setting):
-    kept = kept_after_prefill(setting, create_policy("pyramidkv", budget=BUDGET, observation_window=4))
-    budgets = pyramid_budgets(BUDGET, 4, 4, 20)
-    assert [len(k[0]) for k in kept] == budgets
+@pytest.mark.parametrize("schedule, budget, expected", [
+    # s = 12, min = 0, max = 24 < N - W = 44: the whole pyramid, W + 24 - 8 l (the top keeps the window).
+    ("kvcache-factory", BUDGET, [28, 20, 12, 4]),
+    # budget 28: s = 24, 2s = 48 <= N; max = 47 >= N - W = 44, so max 44, min 4, steps 13: 48, 35, 22, 9.
+    ("kvcache-factory", 28, [48, 35, 22, 9]),
+    ("kvcache-factory", 30, [30] * 4),  # N = 48 < 2s = 52: C on every layer
+    ("even", BUDGET, pyramid_budgets(BUDGET, 4, 4, 20, "even")),
+])
+def test_pyramidkv_selects_like_snapkv_with_its_layer_budgets(setting, schedule, budget, expected):
+    kept = kept_after_prefill(setting, create_policy("pyramidkv", budget=budget, observation_window=4,
+                                                     schedule=schedule))
+    assert [len(k[0]) for k in kept] == expected
     for layer, attention in enumerate(setting[2]):
-        assert kept[layer] == _snapkv_reference(attention, budgets[layer], 4, 5, "avgpool")
+        if expected[layer] < N:  # (a layer keeping all N compressed nothing)
+            assert kept[layer] == _snapkv_reference(attention, expected[layer], 4, 5, "avgpool")
 
 
 def test_knorm_keeps_the_lowest_key_norms(setting):

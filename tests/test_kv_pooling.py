@@ -89,7 +89,34 @@ def test_groups_that_do_not_divide_the_kv_heads_are_refused(capsys):
         load_model("tiny-llama+kv3", device="cpu")
     code, stdout, stderr = run_cli(capsys, "run", "--model", "tiny-llama", "--kv-groups", "3", "--prompt", "hi",
                                    "--no-history")
-    assert code == 2 and "G must divide them (choose one of 1, 2)" in stderr
+    assert code == 2 and "choose one of 1, 2, 4" in stderr
     code, stdout, stderr = run_cli(capsys, "run", "--model", "tiny-llama", "--kv-groups", "1", "--prompt", "hi there",
                                    "--max-new-tokens", "2", "--no-history")
     assert code == 0 and "model tiny-llama (1 KV group)" in stdout
+
+
+def test_expanding_to_the_query_heads_computes_the_same_with_a_cache_per_query_head():
+    base, expanded = load_model("tiny-llama", device="cpu"), load_model("tiny-llama+kv4", device="cpu")
+    torch.testing.assert_close(_logits(expanded), _logits(base), atol=1e-5, rtol=0)
+    assert expanded.n_kv_heads == 4 and expanded.name == "tiny-llama (4 KV groups)"
+    settings = GenerationSettings(max_new_tokens=3, chunk_size=64, memory_sample_hz=0)
+    prompt = random_ids(48, seed=2)
+    policy = create_policy("snapkv", budget=16, observation_window=4)
+    engine = Engine(expanded)
+    result = engine.generate(prompt, policy, settings, keep_cache=True)
+    narrow = Engine(base).generate(prompt, create_policy("snapkv", budget=16, observation_window=4), settings)
+    assert result.peak_cache_bytes == 2 * narrow.peak_cache_bytes  # honest bytes: 4 heads held, not 2
+    # Each query head selected on its own votes: SnapKV's rule with groups of one, from eager attention.
+    base.model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = base.model(torch.tensor([prompt]), output_attentions=True).attentions
+    finally:
+        base.model.set_attn_implementation("sdpa")
+    for layer, attention in enumerate(attentions):
+        votes = attention[0, :, -4:, :44].float().sum(dim=1)  # (query heads, entries before the window)
+        pooled = torch.nn.functional.avg_pool1d(votes.unsqueeze(1), 5, padding=2, stride=1).squeeze(1)
+        kept = result.cache.positions(layer)[:, :16].tolist()  # the prompt's entries (decoded ones follow)
+        for head in range(4):
+            chosen = sorted(torch.sort(pooled[head], descending=True, stable=True).indices[:12].tolist())
+            assert kept[head] == chosen + [44, 45, 46, 47]

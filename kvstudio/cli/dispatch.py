@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--seed", type=int, help="seed for sampling")
     run.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    run.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens, whatever the "
+                     "model says (benchmarks)")
+    run.add_argument("--measure-loss", action="store_true", help="measure the attention mass that falls on evicted "
+                     "entries, per layer and step, against a shadow cache of every key (it costs a full cache of keys)")
     run.add_argument("--json", metavar="PATH", help="write the run (text, figures, per-step records) as JSON")
     run.add_argument("--no-history", action="store_true", help="do not store this run in the run history")
     run.add_argument("--prompt-cache", metavar="DIR", help="restore the prompt's cache from DIR when saved there "
@@ -129,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=20)
     show = runs_commands.add_parser("show", help="one run in full")
     show.add_argument("id", type=int)
+    show.add_argument("--command", dest="print_command", action="store_true", help="print only a command that reruns it: the command "
+                      "line it was run with, or for a studio run the `kvstudio run` command that does the same")
     export = runs_commands.add_parser("export", help="one run as .json (everything) or .csv (per step)")
     export.add_argument("id", type=int)
     export.add_argument("path")
@@ -271,7 +277,7 @@ def command_run(args) -> int:
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, chunk_size=args.chunk_size, stop_strings=tuple(args.stop), chat_template=args.chat,
-        memory_sample_hz=args.memory_sample_hz,
+        memory_sample_hz=args.memory_sample_hz, ignore_eos=args.ignore_eos, measure_loss=args.measure_loss,
     )
     settings.validate()
     for path in (args.json, args.memory_snapshot):
@@ -296,8 +302,11 @@ def command_run(args) -> int:
 
     # What the history keeps to reopen the run's views in the studio (and to plot them).
     recorder = Recorder(watch_layers=watched_layers(args.attention_layers, loaded.n_layers))
+    from kvstudio.core.persist.provenance import environment
+
+    provenance = environment(loaded.device, loaded.dtype)
     book = RunBook(open_history(args.no_history), model=loaded.identity, cache=CacheSpec.of(policy), prompt=prompt,
-                   settings=settings.record(), recorder=recorder, on_warning=warn)
+                   settings=settings.record(), recorder=recorder, on_warning=warn, provenance=provenance)
     book.start()
     output = TextOutput(CancelToken())  # a closed stdout cancels the run
     try:
@@ -329,6 +338,7 @@ def command_run(args) -> int:
         data["policy"] = policy.name
         data["policy_parameters"] = policy.config.as_dict()
         data["settings"] = settings.record()
+        data["provenance"] = provenance
         if prompt_cache is not None:
             data["prompt_cache"] = prompt_cache.status
         write_json_atomic(Path(args.json), data)
@@ -362,6 +372,14 @@ def command_runs(args) -> int:
                   f"{peak:<16} {preview!r}")
         return 0
     if args.runs_command == "show":
+        if args.print_command:
+            from kvstudio.core.persist.provenance import command_of_record
+
+            command, note = command_of_record(history.get(args.id))
+            print(command)
+            if note:
+                print(f"[kvstudio] {note}", file=sys.stderr)
+            return 0
         print(json.dumps({k: v for k, v in history.get(args.id).to_dict().items()
                           if k not in ("steps", "memory")}, indent=1))
         return 0

@@ -41,6 +41,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    from kvstudio.core.evaluate.protocols import DEFAULT_PROTOCOL, PROTOCOLS
     from kvstudio.core.evaluate.tasks import RULER_SUBTASKS, TASKS
 
     parser = subparsers.add_parser("eval", help="evaluate policies x budgets on a task (needle, ruler, perplexity, "
@@ -58,6 +59,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--budgets", type=_ints, default=(128,), help="comma-separated budgets (default 128); "
                         "a policy that keeps everything (full) runs once")
     parser.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size (default 512)")
+    parser.add_argument("--protocol", default=DEFAULT_PROTOCOL, choices=PROTOCOLS,
+                        help=f"how the question meets the policy (default {DEFAULT_PROTOCOL}): bounded = the whole prompt in "
+                             "--chunk-size chunks; question-aware = one prefill chunk, question included, then "
+                             "compression (KVCache-Factory, SnapKV's paper); question-agnostic = the context "
+                             "compressed before the question is fed (kvpress), one compressed context per question set")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="generate each sample's whole answer length whatever the model says (benchmarks)")
+    parser.add_argument("--measure-loss", action="store_true",
+                        help="each cell's attention loss: the mass on evicted entries against a shadow cache of "
+                             "every key (it costs a full cache of keys per cell)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="a policy parameter for every policy that has it, e.g. --option sink=4 (repeatable)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
@@ -150,7 +161,8 @@ def build_spec(args):
         variants.insert(0, {})
     variants = tuple({json.dumps(v, sort_keys=True): v for v in variants}.values())  # a variant given twice: once
     return SweepSpec(args.task, args.model, args.policies, args.budgets, task_options, language_options,
-                     parse_assignments(args.option, "--option"), variants, args.chunk_size)
+                     parse_assignments(args.option, "--option"), variants, args.chunk_size, args.protocol,
+                     args.measure_loss, args.ignore_eos)
 
 
 def run(args) -> int:
@@ -189,7 +201,8 @@ def run(args) -> int:
 def _run_sweep(args, sweep, described: str) -> int:
     """A planned sweep (here or on a cluster): run its missing cells, or report the stored ones."""
     reused = len(sweep.stored())
-    print(f"[eval] {described}; {args.task}: {len(sweep.cells)} cells ({reused} already stored in "
+    protocol = "" if args.task in ("perplexity", "kl") else f", protocol {sweep.spec.protocol}"
+    print(f"[eval] {described}; {args.task}{protocol}: {len(sweep.cells)} cells ({reused} already stored in "
           f"{sweep.store.path})", file=sys.stderr, flush=True)
     if args.stored_only:
         from kvstudio.core.evaluate.sweep import SweepOutcome

@@ -10,7 +10,9 @@ import argparse
 def add_kv_groups_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-groups", type=int, metavar="G",
                         help="pool the model's KV heads into G groups (mean of each group's K/V projections, as in "
-                             "GQA's uptraining); G must divide the KV heads. Same as the model spec SPEC+kvG")
+                             "GQA's uptraining) when G divides the KV heads; or expand them, when G is a multiple "
+                             "dividing the query heads: G = the query heads gives each query head its own cache "
+                             "(KVCache-Factory's published layout; 3x the entries on SmolLM2). Same as SPEC+kvG")
 
 
 def apply_kv_groups(args) -> None:

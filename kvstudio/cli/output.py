@@ -30,6 +30,9 @@ def format_summary(result) -> str:
     ]
     if result.layer_kinds:
         lines.insert(2, f"layers: {result.layer_kinds['summary']}")
+    if result.attention_loss is not None:
+        lines.append(f"attention loss {result.attention_loss:.4f} (the mass on evicted entries, mean over layers and "
+                     f"generated tokens; the shadow cache of every key held {format_bytes(result.shadow_bytes)})")
     return "\n".join(lines)
 
 

@@ -35,6 +35,7 @@ class ModelInfo:
     has_chat_template: bool
     device: str
     adapter: str = ""  # the LoRA adapter generation runs use (lora.adapter_name), "" for the base model
+    dtype: str = ""  # what the weights compute in (float32, bfloat16, ...): the run history's provenance
 
     @property
     def identity(self) -> str:
@@ -74,7 +75,8 @@ class StudioWorker(QObject):
         self.engine = None  # free the previous model before holding the new one
         self.engine = Engine(loaded)
         return ModelInfo(spec, loaded.describe(), loaded.n_layers, loaded.n_heads, loaded.n_kv_heads,
-                         loaded.has_chat_template, str(loaded.device))
+                         loaded.has_chat_template, str(loaded.device),
+                         dtype=str(loaded.dtype).removeprefix("torch."))
 
 
 def load_task(worker: StudioWorker, spec: str, device: str, dtype: str, recorder) -> Task:

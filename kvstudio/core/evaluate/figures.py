@@ -15,8 +15,8 @@ import numpy as np
 
 from kvstudio.core.io.atomic import atomic_produce, check_writable_folder
 from kvstudio.core.errors import KVStudioError
-from kvstudio.core.evaluate.results import (LOWER_IS_BETTER, needle_grid, pareto_front, running_mean, score_by_budget, score_by_bytes,
-                      series)
+from kvstudio.core.evaluate.results import (LOWER_IS_BETTER, needle_grid, pareto_front, protocol_of, running_mean,
+                                            score_by_budget, score_by_bytes, series)
 
 FORMATS = (".png", ".svg")
 
@@ -129,4 +129,8 @@ def save_figure(records: list[dict], path: str | Path, kind: str | None = None, 
     else:
         figure = _figure(11, 4.2)
         budget_and_bytes(figure, records)
+    protocols = sorted({p for p in map(protocol_of, records) if p is not None})
+    if protocols:  # a generation task's figure says how the question met the policy
+        figure.suptitle(f"protocol{'s' if len(protocols) > 1 else ''}: {', '.join(protocols)}", fontsize=9,
+                        x=0.01, ha="left")
     return atomic_produce(path, lambda temporary: figure.savefig(temporary, format=path.suffix[1:].lower()))

@@ -80,6 +80,7 @@ class Context:
     ids: list[int]
     needle_positions: list[int] = field(default_factory=list)  # token index where each needle starts
     haystack_tokens: int = 0
+    question_start: int | None = None  # token index where the question begins (after the context)
 
     def depth_of(self, index: int, prefix_tokens: int) -> float:
         """Where needle `index` really sits, as a fraction of the haystack."""
@@ -116,8 +117,8 @@ def build_context(tokenizer, length: int, instruction: str, needles: list[Needle
         positions[i] = len(ids)
         ids += needle_ids[i]
         previous = cut
-    ids += hay[previous:] + tail
-    return Context(ids, positions, room)
+    ids += hay[previous:]
+    return Context(ids + tail, positions, room, question_start=len(ids))
 
 
 def _sentence_cut(tokenizer, hay: list[int], target: int) -> int:

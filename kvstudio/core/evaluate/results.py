@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvstudio.core.evaluate.protocols import DEFAULT_PROTOCOL
 from kvstudio.core.io.atomic import atomic_write, check_writable_folder
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.units import format_bytes
@@ -22,15 +23,18 @@ from kvstudio.core.units import format_bytes
 PLAIN = "plain"  # the summary's variant column for the cells without one (the baseline)
 CSV_COLUMNS = ("task", "subtask", "policy", "budget", "variant", "context_tokens", "depth", "needle_depth", "sample",
                "score", "partial_score", "exact_match", "perplexity", "kl_mean", "kl_max", "peak_cache_bytes",
-               "seconds", "run_id", "output", "expected")
+               "seconds", "run_id", "output", "expected", "protocol", "attention_loss")
 CURVES = ("positions", "true_logprobs", "kl")  # per-position lists of the language tasks (JSON only)
 LOWER_IS_BETTER = ("perplexity", "kl")
 
 
 def series_label(record: dict) -> str:
-    """How a record's policy is named in legends and tables: policy, budget and variant."""
+    """How a record's policy is named in legends and tables: policy, budget and variant (and the protocol
+    when it is not the default, so one figure can hold a sweep under two protocols)."""
     label = record["policy"] if record.get("budget") is None else f"{record['policy']} @ {record['budget']}"
-    return label + "".join(f" {k}={v}" for k, v in (record.get("variant") or {}).items())
+    protocol = protocol_of(record) if "task" in record else None
+    suffix = f" [{protocol}]" if protocol not in (None, DEFAULT_PROTOCOL) else ""
+    return label + "".join(f" {k}={v}" for k, v in (record.get("variant") or {}).items()) + suffix
 
 
 def policy_label(record: dict) -> str:
@@ -53,22 +57,33 @@ class Row:
     mean_partial: float | None = None
     perplexity: float | None = None
     kl_mean: float | None = None
+    protocol: str | None = None  # generation tasks: how the question met the policy (protocols.py)
+    attention_loss: float | None = None  # with --measure-loss: the mean over the cells
+
+
+def protocol_of(record: dict) -> str | None:
+    """A generation cell's protocol; cells stored before protocols existed ran bounded."""
+    if record["task"] in LOWER_IS_BETTER:
+        return None
+    return record.get("protocol") or DEFAULT_PROTOCOL
 
 
 def summary_rows(records: list[dict]) -> list[Row]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in records:
         key = (record["task"], record["policy"], record.get("budget"), json.dumps(record.get("variant") or {}),
-               record.get("subtask"))
+               record.get("subtask"), protocol_of(record))
         groups[key].append(record)
     rows = []
-    for (task, policy, budget, variant, subtask), cells in groups.items():
+    for (task, policy, budget, variant, subtask, protocol), cells in groups.items():
         partial = [c["partial_score"] for c in cells if c.get("partial_score") is not None]
+        losses = [c["attention_loss"] for c in cells if c.get("attention_loss") is not None]
         rows.append(Row(task, policy, budget, json.loads(variant), subtask, _mean(c["score"] for c in cells),
                         len(cells), max(c["peak_cache_bytes"] for c in cells), sum(c["seconds"] for c in cells),
                         _mean(partial) if partial else None,
                         _mean(c["perplexity"] for c in cells) if "perplexity" in cells[0] else None,
-                        _mean(c["kl_mean"] for c in cells) if "kl_mean" in cells[0] else None))
+                        _mean(c["kl_mean"] for c in cells) if "kl_mean" in cells[0] else None,
+                        protocol, _mean(losses) if losses else None))
     return rows
 
 
@@ -85,15 +100,19 @@ def format_summary(records: list[dict]) -> str:
     language = rows[0].task in LOWER_IS_BETTER
     header = (["policy", "budget", "variant", "subtask", "perplexity", "mean KL", "peak cache", "cells", "seconds"]
               if language else
-              ["policy", "budget", "variant", "subtask", "mean score", "partial", "peak cache", "cells", "seconds"])
+              ["policy", "budget", "variant", "subtask", "protocol", "mean score", "partial", "attention loss",
+               "peak cache", "cells", "seconds"])
     lines = []
     for row in rows:
         variant = " ".join(f"{k}={v}" for k, v in row.variant.items()) or PLAIN
         figures = ([f"{row.perplexity:.3f}", f"{row.kl_mean:.4f}"] if language else
-                   [f"{row.mean_score:.3f}", "-" if row.mean_partial is None else f"{row.mean_partial:.3f}"])
+                   [row.protocol, f"{row.mean_score:.3f}", "-" if row.mean_partial is None else f"{row.mean_partial:.3f}",
+                    "-" if row.attention_loss is None else f"{row.attention_loss:.4f}"])
         lines.append([row.policy, "-" if row.budget is None else str(row.budget), variant, row.subtask or "-",
                       *figures, format_bytes(row.peak_cache_bytes), str(row.cells), f"{row.seconds:.1f}"])
-    keep = [i for i in range(len(header)) if header[i] not in ("variant", "subtask")
+    # The protocol always shows (a generation task's scores mean little without it); the other optional
+    # columns only where a row has something in them.
+    keep = [i for i in range(len(header)) if header[i] not in ("variant", "subtask", "attention loss")
             or any(line[i] not in ("-", PLAIN) for line in lines)]
     table = [[header[i] for i in keep]] + [[line[i] for i in keep] for line in lines]
     widths = [max(len(line[i]) for line in table) for i in range(len(keep))]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationSettings
 from kvstudio.core.errors import KVStudioError, PolicyConfigError
+from kvstudio.core.persist.provenance import environment
 from kvstudio.core.persist.run_book import RunBook
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies import policy_class
@@ -36,6 +37,8 @@ from kvstudio.core.spec import CacheSpec
 from kvstudio.core.storage import StorageConfig, storage_from_options
 from kvstudio.core.evaluate.haystack import GENERATOR_VERSION
 from kvstudio.core.evaluate.language import LanguageOptions, evaluate_language, text_ids
+from kvstudio.core.evaluate.protocols import (DEFAULT_PROTOCOL, QUESTION_AGNOSTIC, CompressedContexts, check_protocol,
+                                              protocol_settings)
 from kvstudio.core.evaluate.tasks import GENERATION_TASKS, LANGUAGE_TASKS, Sample, TaskOptions, generation_samples
 from kvstudio.core.plugins.loader import user_data_dir
 
@@ -54,6 +57,9 @@ class SweepSpec:
     policy_options: dict = field(default_factory=dict)  # shared parameters (sink, window, ...), where accepted
     variants: tuple[dict, ...] = ({},)  # codecs / merge settings: extra options per cell (see the docstring)
     chunk_size: int = 512
+    protocol: str = DEFAULT_PROTOCOL  # how a prompt's question meets the policy (protocols.py)
+    measure_loss: bool = False  # each generation cell's attention loss (runtime/attention_loss.py)
+    ignore_eos: bool = False  # every answer runs its sample's whole max_new_tokens (timings comparable)
 
     def validate(self) -> None:
         if self.task in GENERATION_TASKS:
@@ -68,6 +74,10 @@ class SweepSpec:
             raise KVStudioError(f"--budgets must be positive token counts, got {list(self.budgets)}")
         if self.chunk_size < 1:
             raise KVStudioError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+        check_protocol(self.protocol)
+        if self.task in LANGUAGE_TASKS and (self.protocol != DEFAULT_PROTOCOL or self.measure_loss or self.ignore_eos):
+            raise KVStudioError(f"{self.task} feeds a text, not a question: --protocol, --measure-loss and --ignore-eos "
+                                f"apply to the tasks that generate ({', '.join(GENERATION_TASKS)})")
         needs_budget = [name for name in self.policies if policy_class(name).requires_budget]
         if needs_budget and not self.budgets:
             raise KVStudioError(f"{', '.join(needs_budget)} need budgets: give --budgets 64,128,...")
@@ -95,13 +105,18 @@ class SweepSpec:
             options.pop(name, None)  # per cell: a grid can grow too
         key = {"version": STORE_VERSION, "generator": GENERATOR_VERSION, "task": store_task(self.task), "model": self.model, "options": options,
                "policy_options": self.policy_options, "chunk_size": self.chunk_size}
+        if self.protocol != DEFAULT_PROTOCOL:  # (stores of bounded sweeps, written before protocols, stay theirs)
+            key["protocol"] = self.protocol
+        if self.ignore_eos:  # longer answers: other cells
+            key["ignore_eos"] = True
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return {"task": self.task, "model": self.model, "policies": list(self.policies),
                 "budgets": list(self.budgets), "task_options": asdict(self.task_options),
                 "language_options": asdict(self.language_options), "policy_options": self.policy_options,
-                "variants": list(self.variants), "chunk_size": self.chunk_size}
+                "variants": list(self.variants), "chunk_size": self.chunk_size, "protocol": self.protocol,
+                "measure_loss": self.measure_loss, "ignore_eos": self.ignore_eos}
 
 
 def accepted_parameters(policy: str) -> set[str]:
@@ -241,6 +256,9 @@ class Sweep:
         self.history = history
         self.cancel = cancel or CancelToken()
         self._text_ids: list[int] | None = None
+        self._contexts = CompressedContexts()  # question-agnostic: each context compressed once per policy
+        loaded = engine.loaded
+        self.provenance = environment(loaded.device, loaded.dtype)  # every cell's versions, device, command
         self.cells = self._plan()
 
     def _plan(self) -> list[Cell]:
@@ -256,18 +274,23 @@ class Sweep:
     def stored(self) -> list[dict]:
         """The cells of this plan already in the store, in plan order."""
         task = self.spec.task
-        return [as_task(self.store.cells[c.key(task)], task) for c in self.cells if c.key(task) in self.store.cells]
+        return [as_task(self.store.cells[c.key(task)], task) for c in self.cells if self._has(c.key(task))]
+
+    def _has(self, key: str) -> bool:
+        """Whether the store holds the cell as this sweep wants it (with its loss when measured)."""
+        cell = self.store.cells.get(key)
+        return cell is not None and (not self.spec.measure_loss or "attention_loss" in cell)
 
     def run(self, on_cell: Callable[[dict], None] | None = None,
             on_progress: Callable[[SweepProgress], None] | None = None) -> SweepOutcome:
         task = self.spec.task
         records, computed, reused = [], 0, 0
         spent, weight_done = 0.0, 0
-        weight_left = sum(c.weight for c in self.cells if c.key(task) not in self.store.cells)
+        weight_left = sum(c.weight for c in self.cells if not self._has(c.key(task)))
         started = time.perf_counter()
         for index, cell in enumerate(self.cells):
             key = cell.key(task)
-            if key in self.store.cells:
+            if self._has(key):
                 record = as_task(self.store.cells[key], task)
                 records.append(record)
                 reused += 1
@@ -302,24 +325,34 @@ class Sweep:
     def _run_cell(self, cell: Cell) -> dict | None:
         policy = make_policy(cell.policy, cell.budget, self.spec.policy_options, cell.variant)
         base = {"task": self.spec.task, "policy": cell.policy, "budget": cell.budget, "variant": cell.variant,
-                "policy_description": policy.describe(), "model": self.spec.model}
+                "policy_description": policy.describe(), "model": self.spec.model, "provenance": self.provenance}
         if cell.sample is None:
             return self._language_cell(policy, base)
         return self._generation_cell(cell.sample, policy, base)
 
     def _generation_cell(self, sample: Sample, policy: Policy, base: dict) -> dict | None:
-        settings = GenerationSettings(max_new_tokens=sample.max_new_tokens, chunk_size=self.spec.chunk_size,
-                                      memory_sample_hz=0)
+        spec = self.spec
+        settings = protocol_settings(spec.protocol, GenerationSettings(
+            max_new_tokens=sample.max_new_tokens, chunk_size=spec.chunk_size, memory_sample_hz=0,
+            measure_loss=spec.measure_loss, ignore_eos=spec.ignore_eos), sample.ids, sample.question_start)
         recorder = Recorder()
+        context_peak, reused = 0, False
         with self._book(policy, sample.ids, settings, base, recorder) as book:
-            result = self.engine.generate(sample.ids, policy, settings, recorder=recorder, cancel=self.cancel)
+            if spec.protocol == QUESTION_AGNOSTIC and not spec.measure_loss:  # (the loss needs every key: no reuse)
+                result, context_peak, reused = self._contexts.generate(
+                    self.engine, json.dumps(CacheSpec.of(policy).record(), sort_keys=True, default=str), sample.ids,
+                    policy, settings, recorder=recorder, cancel=self.cancel)
+            else:
+                result = self.engine.generate(sample.ids, policy, settings, recorder=recorder, cancel=self.cancel)
             book.finish(result)
         if result.stop_reason == "cancelled":
             return None
-        return {**base, "subtask": sample.subtask, "context_tokens": sample.context_tokens,
+        measured = {"attention_loss": result.attention_loss} if spec.measure_loss else {}
+        return {**base, "protocol": spec.protocol, "subtask": sample.subtask, "context_tokens": sample.context_tokens,
                 "depth": sample.extra.get("asked_depth"), "needle_depth": sample.depth, "sample": sample.sample,
                 **sample.score(result.text), "output": result.text, "expected": sample.expected,
-                "peak_cache_bytes": result.peak_cache_bytes,
+                "peak_cache_bytes": max(result.peak_cache_bytes, context_peak), **measured,
+                "context_reused": reused,
                 "seconds": round(result.prefill_seconds + result.decode_seconds, 3), "run_id": book.run_id}
 
     def _language_cell(self, policy: Policy, base: dict) -> dict | None:
@@ -354,7 +387,7 @@ class Sweep:
                        prompt=self.engine.tokenizer.decode(ids) if self.history is not None else "",
                        settings=settings.record() | {"evaluation": {k: base[k] for k in ("task", "budget", "variant")}
                                                      | {"store": str(self.store.path)}},
-                       recorder=recorder, on_warning=self._history_failed)
+                       recorder=recorder, on_warning=self._history_failed, provenance=self.provenance)
 
     def _history_failed(self, message: str) -> None:
         self.history = None

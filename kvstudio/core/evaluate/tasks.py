@@ -91,6 +91,7 @@ class Sample:
     sample: int = 0
     subtask: str | None = None
     extra: dict = field(default_factory=dict)
+    question_start: int | None = None  # where the question begins in `ids` (the protocols split there)
 
     def grid_key(self) -> dict:
         """What identifies the sample inside its task (with the policy and budget: a sweep cell)."""
@@ -158,7 +159,8 @@ def _retrieval_sample(task: str, tokenizer, length: int, depth: float, index: in
     prefix = len(tokenizer(instruction, add_special_tokens=True)["input_ids"])
     return Sample(task, context.ids, [key], max_new_tokens=10, scorer="digits", context_tokens=length,
                   depth=round(context.depth_of(0, prefix), 4), sample=index,
-                  extra={"asked_depth": depth, "needle_position": context.needle_positions[0]})
+                  extra={"asked_depth": depth, "needle_position": context.needle_positions[0]},
+                  question_start=context.question_start)
 
 
 # --- RULER-style tasks --------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def _niah(tokenizer, length, index, seed, subtask, n_keys, n_values, n_queries) 
     prefix = len(tokenizer(NIAH_INSTRUCTION, add_special_tokens=True)["input_ids"])
     return Sample("ruler", context.ids, expected, max_new_tokens=12 * len(expected) + 4, scorer="strings",
                   context_tokens=length, depth=round(context.depth_of(0, prefix), 4), sample=index, subtask=subtask,
-                  extra={"needle_positions": context.needle_positions})
+                  extra={"needle_positions": context.needle_positions}, question_start=context.question_start)
 
 
 def _variable_tracking(tokenizer, length, index, seed, hops: int = 4) -> Sample:
@@ -215,7 +217,7 @@ def _variable_tracking(tokenizer, length, index, seed, hops: int = 4) -> Sample:
                             question, seed=rng.randrange(2**31))
     return Sample("ruler", context.ids, names, max_new_tokens=8 * len(names), scorer="strings",
                   context_tokens=length, sample=index, subtask="variable_tracking",
-                  extra={"needle_positions": context.needle_positions})
+                  extra={"needle_positions": context.needle_positions}, question_start=context.question_start)
 
 
 def _common_words(tokenizer, length, index, seed, n_common: int = 10) -> Sample:
@@ -260,7 +262,8 @@ def _common_words(tokenizer, length, index, seed, n_common: int = 10) -> Sample:
     context = build_context(tokenizer, length, instruction, [], question, seed=0, haystack_ids=ids +
                             encode_piece(tokenizer, " ") * max(room - len(ids), 0))
     return Sample("ruler", context.ids, common, max_new_tokens=60, scorer="strings", context_tokens=length,
-                  sample=index, subtask="common_words", extra={"repeats": repeats})
+                  sample=index, subtask="common_words", extra={"repeats": repeats},
+                  question_start=context.question_start)
 
 
 RULER_BUILDERS = {
@@ -313,11 +316,24 @@ def qa_samples(tokenizer, options: TaskOptions) -> list[Sample]:
         if not answers:
             raise TaskError(f"{options.qa_file}: record {index} has no answer in '{options.answers_field}'")
         context = _truncate_middle(tokenizer, str(record[options.context_field]), options.max_context_tokens)
-        ids = list(tokenizer(QA_PROMPT.format(context=context, question=record[options.question_field]),
-                             add_special_tokens=True)["input_ids"])
+        prompt = QA_PROMPT.format(context=context, question=record[options.question_field])
+        ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         samples.append(Sample("qa", ids, answers, max_new_tokens=24, scorer="qa", context_tokens=len(ids),
-                              sample=index, extra={"question": str(record[options.question_field])}))
+                              sample=index, extra={"question": str(record[options.question_field])},
+                              question_start=_qa_question_start(tokenizer, prompt, context, ids)))
     return samples
+
+
+def _qa_question_start(tokenizer, prompt: str, context: str, ids: list[int]) -> int:
+    """Where the question part of a QA prompt begins in its ids: after the longest run of tokens the
+    prompt shares with its instruction and context alone (the prompt is tokenized whole, as before,
+    so the boundary is a token boundary of the same ids)."""
+    head = prompt[:prompt.index(context) + len(context)]
+    head_ids = tokenizer(head, add_special_tokens=True)["input_ids"]
+    shared = 0
+    while shared < min(len(head_ids), len(ids)) and head_ids[shared] == ids[shared]:
+        shared += 1
+    return max(shared, 1)
 
 
 def _truncate_middle(tokenizer, text: str, max_tokens: int) -> str:

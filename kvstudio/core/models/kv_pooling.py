@@ -13,6 +13,13 @@ few percent of pre-training steps; here the pooled model is used as is, or fine-
 G must divide the model's KV heads (pooling to as many groups as it has is the identity). The
 cache shrinks by G / kv_heads: each layer stores G heads.
 
+The other way: G a multiple of the KV heads that divides the query heads *expands* them, each KV
+head's projection repeated for G / kv_heads query heads (what transformers' `repeat_kv` does at every
+step, done once in the weights). The model computes exactly what it did, but its cache holds G heads
+and each selects its own entries: with G = the query heads (`default+kv9` on SmolLM2, 3x the
+entries and bytes), every query head keeps its own cache, the layout of KVCache-Factory's published
+tables (its query_head granularity, keys and values repeated before compression).
+
 A pooled model is named by a spec suffix, `default+kv1`, `tiny-llama+kv1`, `PATH+kv2`
 (`split_kv_groups`), so it is a model like any other: run, eval, finetune, compare, saved caches
 (its config and weights fingerprint differently).
@@ -59,13 +66,26 @@ def _pool_rows(tensor: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
     return grouped.mean(dim=1).reshape(groups * head_dim, *rest)
 
 
+def _expand_rows(tensor: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    """(heads * head_dim, ...) rows -> (groups * head_dim, ...): each head repeated groups / heads times,
+    in repeat_kv's order (KV head h serves query heads h * r .. h * r + r - 1)."""
+    head_dim = tensor.shape[0] // heads
+    rest = tensor.shape[1:]
+    return tensor.reshape(heads, head_dim, *rest).repeat_interleave(groups // heads, dim=0).reshape(
+        groups * head_dim, *rest)
+
+
+def _regroup_rows(tensor: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    return _pool_rows(tensor, heads, groups) if groups < heads else _expand_rows(tensor, heads, groups)
+
+
 def _pooled_linear(linear: torch.nn.Linear, heads: int, groups: int) -> torch.nn.Linear:
     pooled = torch.nn.Linear(linear.in_features, linear.out_features // heads * groups, bias=linear.bias is not None,
                              device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
-        pooled.weight.copy_(_pool_rows(linear.weight, heads, groups))
+        pooled.weight.copy_(_regroup_rows(linear.weight, heads, groups))
         if linear.bias is not None:
-            pooled.bias.copy_(_pool_rows(linear.bias, heads, groups))
+            pooled.bias.copy_(_regroup_rows(linear.bias, heads, groups))
     return pooled
 
 
@@ -80,9 +100,12 @@ def pool_kv_heads(model, groups: int) -> None:
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    if groups < 1 or kv_heads % groups:
-        raise ModelLoadError(f"--kv-groups {groups}: this model has {kv_heads} KV heads, and G must divide them "
-                             f"(choose one of {', '.join(str(g) for g in range(1, kv_heads + 1) if kv_heads % g == 0)})")
+    choices = [g for g in range(1, heads + 1) if kv_heads % g == 0 or (g % kv_heads == 0 and heads % g == 0)]
+    if groups not in choices:
+        raise ModelLoadError(f"--kv-groups {groups}: this model has {kv_heads} KV heads and {heads} query heads; G "
+                             f"divides the KV heads (pooling) or is a multiple of them dividing the query heads "
+                             f"(each query head's own entries at {heads}): choose one of "
+                             f"{', '.join(map(str, choices))}")
     if groups == kv_heads:
         return  # the identity
     modules = _attention_modules(model)
@@ -114,7 +137,7 @@ def _pool_fused(module, heads: int, kv_heads: int, groups: int) -> None:
 
     def pooled(tensor):
         queries, keys, values = tensor[:q_rows], tensor[q_rows:q_rows + kv_rows], tensor[q_rows + kv_rows:]
-        return torch.cat([queries, _pool_rows(keys, kv_heads, groups), _pool_rows(values, kv_heads, groups)])
+        return torch.cat([queries, _regroup_rows(keys, kv_heads, groups), _regroup_rows(values, kv_heads, groups)])
 
     fused = torch.nn.Linear(linear.in_features, q_rows + 2 * groups * head_dim, bias=linear.bias is not None,
                             device=linear.weight.device, dtype=linear.weight.dtype)

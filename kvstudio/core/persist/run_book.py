@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Callable
 
 from kvstudio.core.persist.history import HistoryError, RunHistory
+from kvstudio.core.persist.provenance import PROVENANCE_KEY, environment
 from kvstudio.core.recording.packing import pack_events
 from kvstudio.core.runtime.interruptions import end_status, partial_output
 from kvstudio.core.spec import CacheSpec
@@ -31,13 +32,16 @@ from kvstudio.core.spec import CacheSpec
 class RunBook:
     def __init__(self, history: RunHistory | None, *, model: str, cache: CacheSpec, prompt: str,
                  settings: dict | None = None, kind: str = "generate", recorder=None,
-                 on_warning: Callable[[str], None] | None = None):
+                 on_warning: Callable[[str], None] | None = None, provenance: dict | None = None):
         """`model`: LoadedModel.identity. `prompt`: what the row previews (a fine-tune session's data
         description). `recorder`: the run's Recorder, whose events are stored with the row and whose
-        text and figures a run that fails keeps."""
+        text and figures a run that fails keeps. `provenance`: provenance.environment(...) of the run
+        (by default the versions, git and command line of this process), kept in the row's settings."""
         self.history = history
         self.model, self.cache, self.prompt = model, cache, prompt
         self.settings, self.kind, self.recorder = settings or {}, kind, recorder
+        if PROVENANCE_KEY not in self.settings:
+            self.settings = self.settings | {PROVENANCE_KEY: provenance if provenance is not None else environment()}
         self.on_warning = on_warning
         self.run_id: int | None = None
         self.ended = False

@@ -44,7 +44,7 @@ from typing_extensions import NotRequired, TypedDict
 from kvstudio.core.io.atomic import atomic_write, check_writable_folder
 from kvstudio.core.io.shapes import FiniteNumber, Integer, shape_problem
 from kvstudio.core.errors import SavedCacheError  # noqa: F401  (raised here; callers name it from here too)
-from kvstudio.core.policies import available_policies, source_of
+from kvstudio.core.policies import available_policies, completed_record, source_of
 from kvstudio.core.spec import CacheSpec
 from kvstudio.core.storage import CodecError, StorageConfig, storage_of
 from kvstudio.core.persist.fingerprint import model_fingerprint, tokenizer_sha256
@@ -420,10 +420,11 @@ def check_compatible(header: dict, loaded, policy=None, chunk_size: int | None =
             raise SavedCacheError(f"{name}wrong policy: the cache was computed under '{saved_policy['name']}', this run "
                                   f"uses '{policy.name}'; use that policy or compute the cache again")
         given = _plain(policy.config.as_dict())
-        if saved_policy["parameters"] != given:
-            differ = ", ".join(f"{k} {saved_policy['parameters'].get(k)} (saved) vs {given.get(k)}"
-                               for k in sorted(set(given) | set(saved_policy["parameters"]))
-                               if saved_policy["parameters"].get(k) != given.get(k))
+        saved_parameters = completed_record(saved_policy["name"], saved_policy["parameters"])
+        if saved_parameters != given:
+            differ = ", ".join(f"{k} {saved_parameters.get(k)} (saved) vs {given.get(k)}"
+                               for k in sorted(set(given) | set(saved_parameters))
+                               if saved_parameters.get(k) != given.get(k))
             raise SavedCacheError(f"{name}wrong policy parameters for '{policy.name}': {differ}; compute the cache "
                                   "again")
     if chunk_size is not None and header.get("chunk_size") not in (None, chunk_size):
@@ -441,7 +442,8 @@ def policy_from_header(header: dict):
         raise SavedCacheError(f"the cache was computed under policy '{saved['name']}', which is not loaded{where}; "
                               "load its plugin (--plugins DIR) and try again")
     try:
-        return CacheSpec(saved["name"], saved["parameters"], StorageConfig(**header_storage(header))).build()
+        return CacheSpec(saved["name"], completed_record(saved["name"], saved["parameters"]),
+                         StorageConfig(**header_storage(header))).build()
     except TypeError as error:  # a storage field this KV Studio does not have
         raise SavedCacheError(f"the cache's storage {header_storage(header)} is not one this KV Studio knows "
                               f"({error})", "corrupt") from error

@@ -41,6 +41,15 @@ for _builtin in (FullPolicy, WindowPolicy, StreamingLLMPolicy, H2OPolicy, TOVAPo
     register(_builtin)
 
 
+def completed_record(name: str, parameters: dict) -> dict:
+    """A record's parameters (a history row's, a saved cache's) with the parameters it predates filled in
+    with the values its run had (`PolicyConfig.former_values`); unknown policies are left as they are."""
+    known = _POLICIES.classes.get(name)
+    if known is None:
+        return dict(parameters)
+    return {**{k: v for k, v in known.Config.former_values.items() if k not in parameters}, **parameters}
+
+
 def available_policies() -> dict[str, type[Policy]]:
     return dict(_POLICIES.classes)
 
@@ -49,5 +58,5 @@ def policy_class(name: str) -> type[Policy]:
     return _POLICIES.get(name)
 
 
-__all__ = ["Policy", "PolicyConfig", "available_policies", "policy_class", "register",
+__all__ = ["Policy", "PolicyConfig", "available_policies", "completed_record", "policy_class", "register",
            "source_of", "unregister"]

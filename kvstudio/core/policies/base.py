@@ -44,8 +44,10 @@ What a token is: `view.token_ids[view.positions]` gives the token id of every en
 `view.tokenizer` turns ids into text, for policies that care what they keep (punctuation, special
 tokens).
 
-GQA: attention comes per query head. `view.attention_per_kv_head()` averages the query heads of
-each group onto their KV head (mean, the convention kvpress and SnapKV use); policies choose.
+GQA: attention comes per query head. `view.attention_per_kv_head()` combines the query heads of
+each group onto their KV head: mean by default (the convention kvpress and SnapKV use), or max or
+sum (KVCache-Factory's `gqa_score_agg`). Policies that score with attention declare their config as
+an `AttentionScoringConfig`, whose `gqa_aggregation` parameter says which, and pass it on.
 
 Positions: `view.positions` are the entries' token positions in the sequence, shape (kv_heads, n).
 By default kept keys stay rotated at those positions; with `rerotate=True` the engine re-rotates
@@ -81,6 +83,11 @@ class PolicyConfig:
     rerotate: bool = parameter(False, help="re-rotate kept keys to contiguous positions after evictions "
                                            "(StreamingLLM paper); off keeps original positions")
 
+    # Parameters added after runs of this policy were first recorded (history rows, saved caches), with
+    # the value a record that lacks them ran with: a record is completed with these before it is
+    # compared or rebuilt, so old rows rerun as they ran and old saved caches still match.
+    former_values: ClassVar[dict[str, Any]] = {}
+
     def __post_init__(self):
         self.validate()
 
@@ -98,6 +105,32 @@ class PolicyConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+GQA_AGGREGATIONS = ("mean", "max", "sum")
+
+
+@dataclass
+class AttentionScoringConfig(PolicyConfig):
+    """The parameters of a policy that scores entries with attention: how a group's query heads combine."""
+
+    gqa_aggregation: str = parameter("mean", help="how the query heads of a GQA group combine into their KV "
+                                     "head's scores: mean, max or sum (KVCache-Factory's gqa_score_agg)",
+                                     choices=GQA_AGGREGATIONS)
+    former_values: ClassVar[dict[str, Any]] = {"gqa_aggregation": "mean"}
+
+
+def combine_query_heads(scores: torch.Tensor, kv_heads: int, aggregation: str = "mean") -> torch.Tensor:
+    """(query_heads, ...) scores -> (kv_heads, ...): each GQA group's query heads (query head h serves
+    KV head h // group, as repeat_kv lays them out) combined by `aggregation` (mean, max or sum)."""
+    grouped = scores.view(kv_heads, scores.shape[0] // kv_heads, *scores.shape[1:])
+    if aggregation == "mean":
+        return grouped.mean(dim=1)
+    if aggregation == "max":
+        return grouped.amax(dim=1)
+    if aggregation == "sum":
+        return grouped.sum(dim=1)
+    raise PolicyConfigError(f"unknown GQA aggregation '{aggregation}': choose one of {', '.join(GQA_AGGREGATIONS)}")
 
 
 # --- what a policy sees -------------------------------------------------------------------------
@@ -130,23 +163,22 @@ class LayerView:
     def kv_heads(self) -> int:
         return self.keys.shape[0]
 
-    def attention_per_kv_head(self) -> torch.Tensor:
-        """Attention averaged over the query heads of each GQA group: (kv_heads, n_queries, n)."""
+    def attention_per_kv_head(self, aggregation: str = "mean") -> torch.Tensor:
+        """Attention of the query heads of each GQA group combined (mean, max or sum): (kv_heads, n_queries, n)."""
         if self.attention is None:
             raise RuntimeError("this policy did not declare needs_attention = True")
-        heads, queries, n = self.attention.shape
-        return self.attention.view(self.kv_heads, heads // self.kv_heads, queries, n).mean(dim=1)
+        return combine_query_heads(self.attention, self.kv_heads, aggregation)
 
-    def attention_sums_per_kv_head(self) -> torch.Tensor:
-        """Each entry's attention summed over the queries, averaged over the query heads of each GQA
-        group: (kv_heads, n). From `attention_sums`, or from the rows when a policy received those."""
+    def attention_sums_per_kv_head(self, aggregation: str = "mean") -> torch.Tensor:
+        """Each entry's attention summed over the queries, then the query heads of each GQA group
+        combined (mean, max or sum): (kv_heads, n). From `attention_sums`, or from the rows when a
+        policy received those."""
         sums = self.attention_sums
         if sums is None:
             if self.attention is None:
                 raise RuntimeError("this policy did not declare needs_attention = True")
             sums = self.attention.sum(dim=1)
-        heads, n = sums.shape
-        return sums.view(self.kv_heads, heads // self.kv_heads, n).mean(dim=1)
+        return combine_query_heads(sums, self.kv_heads, aggregation)
 
 
 class LayerState:

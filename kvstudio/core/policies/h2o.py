@@ -8,8 +8,8 @@ accumulated attention, up to the budget. It is the paper's greedy online algorit
 step by step and eviction happens between prefill chunks and at every decode step, so an evicted
 entry never comes back and stops collecting score.
 
-GQA: the attention of a group's query heads is averaged onto their KV head before accumulating;
-each KV head selects on its own scores.
+GQA: the attention of a group's query heads is combined onto their KV head (`gqa_aggregation`: mean
+by default, max or sum) each step, before accumulating; each KV head selects on its own scores.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvstudio.core.errors import PolicyConfigError
-from kvstudio.core.policies.base import (LayerState, LayerView, Policy, PolicyConfig, keep_all_if_within, keep_top_scores, parameter,
-                   recent_mask)
+from kvstudio.core.policies.base import (AttentionScoringConfig, LayerState, LayerView, Policy, keep_all_if_within,
+                                        keep_top_scores, parameter, recent_mask)
 
 
 @dataclass
-class H2OConfig(PolicyConfig):
+class H2OConfig(AttentionScoringConfig):
     recent: int | None = parameter(None, help="newest entries always kept (default: half the budget)", minimum=0)
 
     def validate(self) -> None:
@@ -43,7 +43,7 @@ class H2OPolicy(Policy):
 
     def select(self, view: LayerView, state: LayerState):
         accumulated = state.grow("accumulated", view.kv_heads, view.n_entries, device=view.keys.device)
-        accumulated += view.attention_sums_per_kv_head()
+        accumulated += view.attention_sums_per_kv_head(self.config.gqa_aggregation)
         if keep_all_if_within(view):
             return None
         return keep_top_scores(accumulated, view.budget, recent_mask(view.n_entries, self.config.recent,

@@ -13,7 +13,9 @@ entries held so far. When one chunk covers the prompt this is exactly the paper'
 chunks it is what keeps memory bounded, at the price of earlier chunks being judged by nearer
 queries. Pooling runs over stored order, where earlier evictions may already have left gaps.
 
-GQA: a group's query heads are averaged onto their KV head; each KV head selects on its own.
+GQA: a group's query heads are combined onto their KV head (`gqa_aggregation`: mean by default, max
+or sum), after the window's sums and before pooling, as KVCache-Factory does; each KV head selects on
+its own.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from kvstudio.core.errors import PolicyConfigError
-from kvstudio.core.policies.base import LayerState, LayerView, Phase, Policy, PolicyConfig, keep_all_if_within, keep_top_scores, parameter
+from kvstudio.core.policies.base import (AttentionScoringConfig, LayerState, LayerView, Phase, Policy, keep_top_scores,
+                                        parameter)
 
 
 @dataclass
-class SnapKVConfig(PolicyConfig):
+class SnapKVConfig(AttentionScoringConfig):
     observation_window: int = parameter(32, help="last prompt queries whose attention scores the rest", minimum=1)
     kernel_size: int = parameter(5, help="pooling kernel over neighbouring entries (odd)", minimum=1)
     pooling: str = parameter("avgpool", help="how scores are smoothed", choices=("avgpool", "maxpool"))
@@ -70,36 +73,42 @@ class SnapKVPolicy(Policy):
             return budget + self.config.compress_every if self.config.compress_every else None
         return budget
 
+    def compression_budget(self, view: LayerView, state: LayerState) -> int:
+        """What this layer keeps when it compresses now (PyramidKV's schedule overrides it)."""
+        return view.budget
+
     def select(self, view: LayerView, state: LayerState):
         if view.phase == "prefill":
-            if keep_all_if_within(view):
+            budget = self.compression_budget(view, state)
+            if view.n_entries <= budget:
                 return None
-            return self._compress(view, view.attention_sums_per_kv_head())
+            return self._compress(view, view.attention_sums_per_kv_head(self.config.gqa_aggregation), budget)
         if not self.config.compress_every:
             return None
         # Decoding: gather the votes of the queries since the last compression.
         observed = state.grow("observed", view.kv_heads, view.n_entries, device=view.keys.device)
-        observed += view.attention_sums_per_kv_head()  # one query at decode: its row
+        observed += view.attention_sums_per_kv_head(self.config.gqa_aggregation)  # one query at decode: its row
         state.extra["steps"] = state.extra.get("steps", 0) + 1
-        if state.extra["steps"] < self.config.compress_every or keep_all_if_within(view):
+        budget = self.compression_budget(view, state)
+        if state.extra["steps"] < self.config.compress_every or view.n_entries <= budget:
             return None
         window = min(self.config.observation_window, state.extra["steps"])
         votes = observed[:, : view.n_entries - window].clone()
         observed.zero_()
         state.extra["steps"] = 0
-        return self._keep(view, self._pool(votes), window)
+        return self._keep(view, self._pool(votes), window, budget)
 
-    def _compress(self, view: LayerView, window_sums: torch.Tensor) -> torch.Tensor:
+    def _compress(self, view: LayerView, window_sums: torch.Tensor, budget: int) -> torch.Tensor:
         """window_sums (kv_heads, n): what the last `window` queries gave each entry, summed."""
         window = min(self.config.observation_window, view.n_new)
         votes = window_sums[:, : view.n_entries - window]
-        return self._keep(view, self._pool(votes), window)
+        return self._keep(view, self._pool(votes), window, budget)
 
     def _pool(self, votes: torch.Tensor) -> torch.Tensor:
         return pool_scores(votes, self.config.kernel_size, self.config.pooling)
 
     @staticmethod
-    def _keep(view: LayerView, votes: torch.Tensor, window: int) -> torch.Tensor:
-        chosen = keep_top_scores(votes, view.budget - window)
+    def _keep(view: LayerView, votes: torch.Tensor, window: int, budget: int) -> torch.Tensor:
+        chosen = keep_top_scores(votes, budget - window)
         window_entries = torch.arange(view.n_entries - window, view.n_entries, device=chosen.device)
         return torch.cat([chosen, window_entries.expand(view.kv_heads, -1)], dim=1)

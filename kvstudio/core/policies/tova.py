@@ -5,17 +5,20 @@ policy that treats the cache as a bounded multi-state RNN. The rule: whenever th
 budget, keep the entries with the highest attention from the *current* query only, averaged over
 all heads of the layer (one decision per layer, shared by every KV head), and drop the rest. Scores
 are not accumulated across steps. On the prompt the current query is the last token of each
-prefill chunk (the last prompt token when one chunk covers the prompt).
+prefill chunk (the last prompt token when one chunk covers the prompt). With `gqa_aggregation` max or
+sum, each GQA group's query heads are combined that way first (mean: the paper's mean over all heads).
 """
 
 from __future__ import annotations
 
-from kvstudio.core.policies.base import LayerState, LayerView, Phase, Policy, keep_all_if_within, keep_top_scores
+from kvstudio.core.policies.base import (AttentionScoringConfig, LayerState, LayerView, Phase, Policy, keep_all_if_within,
+                                        keep_top_scores)
 
 
 class TOVAPolicy(Policy):
     name = "tova"
     summary = "keep the entries the current query attends to most (mean over heads); no accumulation"
+    Config = AttentionScoringConfig
     needs_attention = True
     attention_form = "sums"  # one query: its sums are its row
 
@@ -25,5 +28,6 @@ class TOVAPolicy(Policy):
     def select(self, view: LayerView, state: LayerState):
         if keep_all_if_within(view):
             return None
-        layer_scores = view.attention_sums_per_kv_head().mean(dim=0)  # (n,): the current query, mean over all heads
+        # (n,): the current query, each group combined (gqa_aggregation), then the mean over the KV heads
+        layer_scores = view.attention_sums_per_kv_head(self.config.gqa_aggregation).mean(dim=0)
         return keep_top_scores(layer_scores.expand(view.kv_heads, -1), view.budget)

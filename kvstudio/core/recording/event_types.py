@@ -36,6 +36,9 @@ class StepEvent:
     peak_cache_bytes: int  # the most the cache has held so far, including mid-step before eviction
     evicted: int  # entries the policy evicted in this step, over layers and KV heads
     left_window: int = 0  # entries that left a sliding layer's window this step (not in `evicted`)
+    # With --measure-loss: each layer's attention mass on evicted entries this step (None: not measured
+    # there), runtime/attention_loss.py; () otherwise.
+    attention_loss: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 _SMALL = {"runs": RunStartedEvent, "tokens": TokenEvent, "steps": StepEvent, "memory": MemoryEvent,
           "prefill": PrefillProgressEvent}
 _TUPLES = {"runs": ("budgets", "prompt_tokens", "prompt_token_ids", "restored_missing_heads", "windows",
-                     "state_layers"), "steps": ("kept_per_layer",),
+                     "state_layers"), "steps": ("kept_per_layer", "attention_loss"),
            "memory": ("cache_bytes_per_layer", "kept_per_layer")}
 
 

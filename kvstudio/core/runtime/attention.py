@@ -299,6 +299,8 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
         rows = rows[..., recalled:] if rows is not None else None
         sums = sums[..., recalled:] if sums is not None else None
         watched_row = watched_row[..., recalled:] if watched_row is not None else None
+    if kvstudio_cache.loss_meter is not None:  # --measure-loss (attention_loss.py): before this step's eviction
+        kvstudio_cache.loss_meter.observe(layer_idx, query, key, rule, scaling)
     kvstudio_cache.after_attention(layer_idx, rows, sums, watched_row)
     return output, None
 

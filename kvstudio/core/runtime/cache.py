@@ -91,6 +91,7 @@ class StepReport:
     recalled: list[Eviction] = field(default_factory=list)  # host-tier entries attention saw this step
     host_bytes: int = 0
     merging: dict | None = None  # cross-layer merging after the step (MiniCacheMerging.step_report)
+    attention_loss: list[float | None] = field(default_factory=list)  # per layer, with --measure-loss
 
     @property
     def evicted_count(self) -> int:
@@ -438,6 +439,7 @@ class PolicyCache(Cache):
         # One pass for attention output and H2O-style sums (core.attention.attention_and_sums):
         # None = where it is faster, on the CPU; on a GPU SDPA's fused kernels win.
         self.fused_scoring: bool | None = None
+        self.loss_meter = None  # --measure-loss: an AttentionLossMeter (core/runtime/attention_loss.py)
         self._report: StepReport | None = None
         state_layers = state_layers or {}
         if state_layers and self.merging is not None:
@@ -507,6 +509,8 @@ class PolicyCache(Cache):
         report.merging = self.merging.step_report(self) if self.merging is not None else None
         report.cache_bytes = self.current_bytes
         report.host_bytes = self.host_bytes
+        if self.loss_meter is not None:
+            report.attention_loss = self.loss_meter.end_step()
         self._report = None
         self.context = None
         return report

@@ -24,6 +24,7 @@ from kvstudio.core.policies.base import Policy
 from kvstudio.core.recording.events import Recorder, RunStartedEvent, TokenEvent
 from kvstudio.core.recording.memory import MemorySampler
 from kvstudio.core.runtime import attention, run_state
+from kvstudio.core.runtime.attention_loss import loss_summary, new_loss_meter
 from kvstudio.core.runtime.cache import PolicyCache
 from kvstudio.core.runtime.cache_keyword import cache_keyword
 from kvstudio.core.runtime.layer_hooks import layer_callbacks
@@ -54,6 +55,13 @@ class GenerationSettings:
     chat_template: bool = False
     ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks)
     memory_sample_hz: float = 20.0  # memory readings between steps, besides the one after each step; 0: off
+    # The attention mass on evicted entries, per layer and step, against a shadow cache of every key
+    # (core/runtime/attention_loss.py); it costs a full cache of keys beside the policy's.
+    measure_loss: bool = False
+    # Question-agnostic compression (core/evaluate/protocols.py): the prompt's tokens from this index on
+    # (the question) are fed after the context was prefilled and compressed, in one step the policy
+    # treats as decoding (SnapKV and PyramidKV keep it whole; H2O, TOVA go on evicting). None: all prefilled.
+    question_start: int | None = None
 
     def validate(self) -> None:
         checks = [
@@ -67,6 +75,8 @@ class GenerationSettings:
             (self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}"),
             (self.memory_sample_hz == 0 or MIN_SAMPLE_HZ <= self.memory_sample_hz <= 1000,
              f"--memory-sample-hz must be 0 (off) or between {MIN_SAMPLE_HZ} and 1000, got {self.memory_sample_hz}"),
+            (self.question_start is None or self.question_start >= 1,
+             f"the question must start after the context (token 1 or later), got {self.question_start}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -100,6 +110,9 @@ class GenerationResult:
     restored_tokens: int = 0  # tokens that came from a saved cache instead of being computed
     left_window: int = 0  # entries dropped because they left a sliding layer's window (not evictions)
     layer_kinds: dict = field(default_factory=dict)  # {"summary": "4 layers: ...", "layers": [{kind, window}]}
+    attention_loss: float | None = None  # with measure_loss: attention_loss.mean_loss of the steps
+    attention_loss_per_layer: list[float] = field(default_factory=list)
+    shadow_bytes: int = 0  # what the shadow cache of measure_loss held at the end
 
     @property
     def tokens_per_second(self) -> float:
@@ -284,6 +297,8 @@ class Engine:
         # The recorder says which layers' attention rows are watched (it may change mid-run).
         recorder = recorder or Recorder()
         cache = cache if cache is not None else self.new_cache(policy)
+        if settings.measure_loss:
+            cache.loss_meter = new_loss_meter(cache, start)
         sampler = Sampler(settings, self.loaded.device)
         stream = TextStream(self.tokenizer)
         run = RunSession(self, cache, recorder)
@@ -318,11 +333,15 @@ class Engine:
         if on_prefill_state is not None:
             checkpoint = lambda logits: on_prefill_state(run_state.capture(  # noqa: E731
                 run, logits, [], run.seen, prefill_seconds=time.perf_counter() - prefill_started))
+        split = settings.question_start if settings.question_start is not None and not resume else None
+        context = ids if split is None else ids[:split]
         if start is None:
-            logits = run.prefill(ids, settings.chunk_size, cancel, checkpoint)
+            logits = run.prefill(context, settings.chunk_size, cancel, checkpoint)
         else:
-            logits, earlier = run_state.start_from(run, start, ids, resume, sampler, stream, settings.chunk_size,
+            logits, earlier = run_state.start_from(run, start, context, resume, sampler, stream, settings.chunk_size,
                                                    cancel, checkpoint)
+        if split is not None and split < len(ids) and logits is not None and not cancel.cancelled:
+            logits = run.forward(ids[split:], "decode")  # the question, after the context's compression
         prefill_seconds = time.perf_counter() - prefill_started
         stop_reason = "max_new_tokens" if logits is not None else "cancelled"
         if on_prefill_state is not None and logits is not None and not resume:
@@ -373,4 +392,5 @@ class Engine:
             evictions=sum(r.evicted for r in run.records), steps=run.records, state=state,
             restored_tokens=len(start.token_ids) if start is not None else 0, storage=summarize(run.cache),
             left_window=sum(r.left_window for r in run.records), layer_kinds=kinds_record(run.cache.layer_kinds),
+            **loss_summary(run.cache.loss_meter, run.records),
         )

@@ -1,4 +1,4 @@
-"""The live views of a run: output, token map, attention map, occupancy, evictions, memory.
+"""The live views of a run: output, token map, attention map, occupancy, evictions, memory, attention loss.
 
 A 25 Hz timer asks every visible view to read what is new in the Recorder it follows; no signal is
 sent per token or per layer. The same views show a stored run from the history, shaped as its model.
@@ -11,6 +11,7 @@ from PySide6.QtWidgets import QGroupBox, QVBoxLayout
 
 from kvstudio.core.recording.events import Recorder
 from kvstudio.gui.feature import Feature
+from kvstudio.gui.views.attention_loss import AttentionLossView
 from kvstudio.gui.views.attention_map import AttentionMapView
 from kvstudio.gui.views.evictions import EvictionsView
 from kvstudio.gui.views.memory import MemoryView
@@ -30,8 +31,9 @@ class LiveViews(Feature):
         self.occupancy_view = OccupancyView()
         self.evictions_view = EvictionsView()
         self.memory_view = MemoryView()
+        self.loss_view = AttentionLossView()  # runs that measure their attention loss
         self.live_views = [self.output_view, self.attention_view, self.token_view, self.occupancy_view,
-                           self.evictions_view, self.memory_view]
+                           self.evictions_view, self.memory_view, self.loss_view]
         self.showing_stored_run = False  # the views show a run from the history, shaped as its model
         self.timer = QTimer(self, interval=1000 // REFRESH_HZ)
 
@@ -42,7 +44,7 @@ class LiveViews(Feature):
         window.add_to_centre(output, 3)  # below the prompt: what is read gets the height
         for title, view in (("Token map", self.token_view), ("Attention map", self.attention_view),
                             ("Occupancy", self.occupancy_view), ("Evictions", self.evictions_view),
-                            ("Memory", self.memory_view)):
+                            ("Memory", self.memory_view), ("Attention loss", self.loss_view)):
             window.add_dock(title, view, "views")
         window.state.model_changed.connect(self._model_loaded)
         self.timer.timeout.connect(self.refresh)

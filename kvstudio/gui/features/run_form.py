@@ -53,6 +53,11 @@ class RunForm(Feature):
         self.temperature.setToolTip("0 is greedy")
         self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
         self.chat = QCheckBox("use the chat template")
+        self.ignore_eos = QCheckBox("ignore end of text (exactly max new tokens)")
+        self.ignore_eos.setToolTip("go on generating past the model's end-of-text token (benchmarks)")
+        self.measure_loss = QCheckBox("measure attention loss")
+        self.measure_loss.setToolTip("the attention mass that falls on evicted entries, per layer and step, against "
+                                     "a shadow cache of every key: it costs a full cache of keys beside the policy's")
         self.run_button = QPushButton("Run")
         self.run_button.setStyleSheet("font-weight: bold;")
         self.stop_button = QPushButton("Stop")
@@ -61,6 +66,8 @@ class RunForm(Feature):
         generation.addRow("temperature", self.temperature)
         generation.addRow("seed", self.seed)
         generation.addRow(self.chat)
+        generation.addRow(self.ignore_eos)
+        generation.addRow(self.measure_loss)
         # Run and Stop sit below the column, outside its scroll area: always in reach at 800 px.
         self.dock_widget = QWidget()
         self.dock_layout = QVBoxLayout(self.dock_widget)
@@ -96,6 +103,7 @@ class RunForm(Feature):
             max_new_tokens=self.max_new_tokens.value(), temperature=self.temperature.value(),
             seed=self.seed.value(), chunk_size=self.chunk_size.value(),
             chat_template=self.chat.isChecked() and self.chat.isEnabled(),
+            ignore_eos=self.ignore_eos.isChecked(), measure_loss=self.measure_loss.isChecked(),
         )
 
     def validate(self) -> str | None:

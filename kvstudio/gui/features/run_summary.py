@@ -27,8 +27,10 @@ def speed_text(result) -> str:
 
 
 def describe_run(policy: str, result) -> str:
+    loss = getattr(result, "attention_loss", None)  # measured only when the form asked for it
     return (f"{policy}: {result.stop_reason} · {plural(len(result.token_ids), 'token')} · {speed_text(result)} · "
-            f"peak cache {result.peak_cache_bytes / 2**20:.2f} MiB · {plural(result.evictions, 'eviction')}")
+            f"peak cache {result.peak_cache_bytes / 2**20:.2f} MiB · {plural(result.evictions, 'eviction')}"
+            + ("" if loss is None else f" · attention loss {loss:.3f}"))
 
 
 def budget_text(parameters: dict) -> str:

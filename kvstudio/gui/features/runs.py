@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QLabel, QLineEdit
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.persist.exports import export_run
 from kvstudio.core.persist.run_book import RunBook
+from kvstudio.core.persist.provenance import environment, rerun_command
 from kvstudio.core.recording.packing import unpack_events
 from kvstudio.core.spec import CacheSpec
 from kvstudio.gui.feature import Feature
@@ -218,10 +219,13 @@ class RunsFeature(Feature):
         window = self.window
         if window.history is None:
             return
-        request.book = RunBook(window.history, model=window.state.model_info.identity,
-                               cache=CacheSpec.parse(request.policy, request.parameters), prompt=request.prompt,
-                               settings=request.settings.record(), recorder=request.recorder,
-                               on_warning=self._history_failed)
+        info, cache = window.state.model_info, CacheSpec.parse(request.policy, request.parameters)
+        settings = request.settings.record()
+        # The studio has no command line: the row keeps the `kvstudio run` command that does the same.
+        command = rerun_command(info.spec, *cache.record(), settings, request.prompt)
+        request.book = RunBook(window.history, model=info.identity, cache=cache, prompt=request.prompt,
+                               settings=settings, recorder=request.recorder, on_warning=self._history_failed,
+                               provenance=environment(info.device, info.dtype or None, command=command))
         request.history_id = request.book.start()
 
     def record_finish(self, outcome) -> None:
