@@ -5,9 +5,15 @@ what the run, the form or the view then says."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
+from kvstudio.core.figures.data import UNSEEN
+from kvstudio.core.figures.render import FigureRequest, caption
 from kvstudio.core.storage import StorageConfig
+from kvstudio.gui.views.attention_map import READOUT_HINT
 
 from .test_finetune_gui import set_up
 from .test_gui import run
@@ -137,3 +143,83 @@ def test_stop_before_a_validation_says_so_and_a_new_session_clears_the_axes(qtbo
     text = panel.status.text()
     assert "- → -" not in text and "-" not in text.split("steps,")[1].split(";")[0]
     assert "validation" in text
+
+
+# -- views that say what they show ---------------------------------------------------------------
+
+def test_where_it_lives_under_all_layers_reads_every_layer(qtbot, window):
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)  # 80 byte tokens
+    window.form.max_new_tokens.setValue(4)
+    window.form.chunk_size.setValue(16)
+    window.form.storage_form.tier.setCurrentText("host")
+    outcome = run(qtbot, window, policy="random", budget=8)  # each layer keeps its own tokens
+    assert outcome.error is None, outcome.error
+    view = window.views.token_view
+    view.by_tier.setChecked(True)
+    view.layer.setCurrentIndex(0)  # all layers
+    tiers = np.array(view.tiers())
+    token_map = view.map
+    fed = token_map.fed_count
+    held_anywhere = np.array([any(token_map.heads_holding(layer)[p] > 0 for layer in range(token_map.n_layers))
+                              for p in range(fed)])
+    assert set(tiers[:fed][held_anywhere]) <= {"device", "recalled"}
+    assert set(tiers[:fed][~held_anywhere]) == {"host"}
+    layer_0 = np.array(token_map.tiers(0))
+    assert (tiers[:fed] != layer_0[:fed]).any()  # the layers keep different tokens: not layer 0's picture
+    assert view.drawn_colours() == view.expected_colours()
+    assert "all layers" in view.key.text()
+    # A finished run waits for nothing: the newest sampled token is not "not fed yet".
+    assert "not fed" not in view.summary.text()
+
+
+def test_the_attention_map_of_a_long_run_spans_its_context(qtbot, window):
+    window.prompt_area.prompt.setPlainText("abcdefghij" * 174)  # 1,740 byte tokens: pooled in pairs
+    window.form.max_new_tokens.setValue(2)
+    window.form.chunk_size.setValue(512)
+    outcome = run(qtbot, window, policy="full", timeout=120_000)
+    assert outcome.error is None, outcome.error
+    view = window.views.attention_view
+    view.layer.setValue(view.layer.value())
+    window.views.refresh(include_hidden=True)
+    context = view.image_values.shape[1]
+    assert context >= 1740
+    rect = view.image.boundingRect()
+    assert view.image.width() == -(-context // 2)  # pooled in pairs, no padding to 1,600 columns
+    assert context <= view.image.mapRectToParent(rect).width() <= context + 1
+    last_row = view.image_values[-1]
+    assert (last_row == UNSEEN).mean() < 0.01  # the last step has seen everything
+
+
+def test_file_export_writes_the_run_on_screen(qtbot, window, tmp_path):
+    window.form.max_new_tokens.setValue(2)
+    window.prompt_area.prompt.setPlainText("first run " * 3)
+    first = run(qtbot, window, policy="full")
+    window.prompt_area.prompt.setPlainText("second run " * 3)
+    second = run(qtbot, window, policy="full")
+    assert first.error is None and second.error is None
+    window.views.attention_view.readout.setText("step 3 · key position 7 'x' · weight 0.5")  # a hovered cell
+    window.runs.reopen(first.request.history_id)
+    data = json.loads(window.exports.export_run(tmp_path / "shown.json").read_text())
+    assert data["output"] == first.result.text and data["prompt_as_tokens"].startswith("first run")
+    assert window.views.attention_view.readout.text() == READOUT_HINT  # not the last run's hovered cell
+
+
+def test_a_refusal_banner_goes_once_the_problem_is_fixed(qtbot, window):
+    window.prompt_area.prompt.setPlainText("")
+    window.run.request_run()
+    assert window.error_banner.isVisible() and "prompt is empty" in window.error_text.text()
+    window.prompt_area.prompt.setPlainText("now there is a prompt")
+    qtbot.waitUntil(lambda: not window.error_banner.isVisible(), timeout=2000)
+    # A banner that is no refusal (a failure) stays until closed or replaced.
+    window.show_error("something failed")
+    qtbot.wait(600)
+    assert window.error_banner.isVisible()
+
+
+def test_figure_captions_name_a_policy_without_parameters_plainly(qtbot, window, tmp_path):
+    window.form.max_new_tokens.setValue(2)
+    window.prompt_area.prompt.setPlainText("caption me " * 3)
+    outcome = run(qtbot, window, policy="full")
+    run_event = outcome.request.recorder.all("runs")[-1]
+    text = caption(run_event, FigureRequest("token-map"))
+    assert "full()" not in text and " · full · " in f" · {text} · "

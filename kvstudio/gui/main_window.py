@@ -9,7 +9,7 @@ plugins, caches, evaluation, fine-tuning) is a feature module that owns its dock
 
 from __future__ import annotations
 
-from PySide6.QtCore import QEvent, QSettings, Qt, QThread
+from PySide6.QtCore import QEvent, QSettings, Qt, QThread, QTimer
 from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QSplitter, QTabBar, QToolButton, QVBoxLayout,
                                QWidget)
 
@@ -42,6 +42,7 @@ from kvstudio.gui.worker import StudioWorker
 PLACES = ("side", "views")
 SIDE_WIDTH = 300  # the set-up column's first width
 VIEWS_SHARE = 0.45  # of the window's width, the views' first width: the token map reads like a page
+PROBLEM_CHECK_MS = 250  # how often a refusal's banner checks whether its problem is fixed
 
 
 class MainWindow(QMainWindow):
@@ -114,6 +115,10 @@ class MainWindow(QMainWindow):
         close = QToolButton(text="✕")
         close.clicked.connect(lambda: self.error_banner.hide())
         self.error_banner = message_bar("error", self.error_text, close)
+        # A refusal's banner goes once what it refused for is fixed (show_error's `holds`), not at the next run.
+        self._problem_holds = None
+        self._problem_timer = QTimer(self, interval=PROBLEM_CHECK_MS)
+        self._problem_timer.timeout.connect(self._check_problem)
         central = QWidget()
         self.central_layout = QVBoxLayout(central)
         self.central_layout.addWidget(self.error_banner)
@@ -194,9 +199,24 @@ class MainWindow(QMainWindow):
         for feature in self.features:
             feature.update_buttons()
 
-    def show_error(self, message: str) -> None:
+    def show_error(self, message: str, holds=None) -> None:
+        """The banner, saying `message`. `holds`: for a refusal (the prompt is empty, no model yet), a
+        check that is true while the problem lasts; the banner hides itself once it is false."""
         self.error_text.setText(message)
         self.error_banner.show()
+        self._problem_holds = holds
+        if holds is None:
+            self._problem_timer.stop()
+        else:
+            self._problem_timer.start()
+
+    def _check_problem(self) -> None:
+        if self._problem_holds is not None and self.error_banner.isVisible() and self._problem_holds():
+            return
+        if self._problem_holds is not None and self.error_banner.isVisible():
+            self.error_banner.hide()
+        self._problem_holds = None
+        self._problem_timer.stop()
 
     def hide_error(self) -> None:
         self.error_banner.hide()
