@@ -223,3 +223,36 @@ def test_figure_captions_name_a_policy_without_parameters_plainly(qtbot, window,
     run_event = outcome.request.recorder.all("runs")[-1]
     text = caption(run_event, FigureRequest("token-map"))
     assert "full()" not in text and " · full · " in f" · {text} · "
+
+
+# -- continue and caches ---------------------------------------------------------------------------
+
+def test_continue_feeds_a_follow_up_typed_in_the_prompt_after_the_restored_state(qtbot, window):
+    window.prompt_area.prompt.setPlainText("the quick brown fox jumps over the lazy dog " * 2)  # 88 byte tokens
+    window.form.chunk_size.setValue(16)
+    window.form.max_new_tokens.setValue(4)
+    first = run(qtbot, window, policy="h2o", budget=24)
+    assert first.error is None, first.error
+    view = window.caches.view
+    path = view.folder / "question.kvcache"
+    assert window.caches.save_last_run(str(path))
+    qtbot.waitUntil(lambda: view.table.rowCount() == 1, timeout=10_000)
+    follow_up = " and what then?"
+    window.prompt_area.prompt.setPlainText(follow_up)
+    assert window.caches.continue_from(str(path))
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    outcome = window.state.last_outcome
+    assert outcome.error is None, outcome.error
+    fed = first.result.state.followed_by(window.worker.engine.tokenizer(follow_up, add_special_tokens=False)["input_ids"])
+    assert outcome.result.prompt_tokens == len(fed)  # the restored 91 tokens, then the follow-up's 15
+    assert outcome.result.restored_tokens == len(first.result.state.token_ids)
+    # The same as the CLI's `cache load --then`: one engine call from the same state.
+    engine = window.worker.engine
+    from kvstudio.core.persist.saved_cache import load_saved_cache
+    from kvstudio.core.spec import build_policy
+
+    policy = build_policy("h2o", {"budget": 24})
+    _, state, _ = load_saved_cache(path, engine.loaded, policy)
+    reference = engine.generate(state.followed_by(engine.tokenizer(follow_up, add_special_tokens=False)["input_ids"]),
+                                policy, outcome.request.settings, start=state)
+    assert outcome.result.token_ids == reference.token_ids
