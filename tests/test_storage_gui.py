@@ -38,6 +38,7 @@ def test_storage_fields_reach_the_run_and_the_views(qtbot, window):
     # and what layer 0 recalled at its latest recall shown as recalled.
     view = window.views.token_view
     view.by_tier.setChecked(True)
+    view.layer.setCurrentIndex(1)  # layer 0 ("all layers" reads every layer: tests/test_studio_trust.py)
     tiers = np.array(view.tiers())
     recalled = view.recalled[0]
     assert len(recalled) and set(tiers[recalled]) == {"recalled"}

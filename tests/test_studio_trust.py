@@ -10,6 +10,8 @@ import json
 import numpy as np
 import pytest
 
+from PySide6.QtCore import Qt
+
 from kvstudio.core.figures.data import UNSEEN
 from kvstudio.core.figures.render import FigureRequest, caption
 from kvstudio.core.storage import StorageConfig
@@ -256,3 +258,70 @@ def test_continue_feeds_a_follow_up_typed_in_the_prompt_after_the_restored_state
     reference = engine.generate(state.followed_by(engine.tokenizer(follow_up, add_special_tokens=False)["input_ids"]),
                                 policy, outcome.request.settings, start=state)
     assert outcome.result.token_ids == reference.token_ids
+
+
+# -- layout and small things -----------------------------------------------------------------------
+
+def test_bnb_codecs_are_offered_greyed_with_the_reason_on_the_cpu(qtbot, window):
+    combo = window.form.storage_form.codec
+    names = [combo.itemText(row) for row in range(combo.count())]
+    assert "bnb-int8" in names and "int8" in names
+    item = combo.model().item(names.index("bnb-int8"))
+    assert not item.isEnabled() and "CUDA only" in item.toolTip()
+    assert combo.model().item(names.index("int8")).isEnabled()
+    combo.setCurrentText("bnb-int8")  # a disabled item can still be set in code: the form says why not
+    assert "CUDA only" in window.form.validate()
+
+
+def test_the_host_tier_curve_has_a_legend_entry_while_it_is_drawn(qtbot, window):
+    memory = window.views.memory_view
+    names = lambda: [label.text for _, label in memory.cache_legend.items]
+    assert names() == ["KV cache"]
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)
+    window.form.max_new_tokens.setValue(3)
+    window.form.chunk_size.setValue(16)
+    window.form.storage_form.tier.setCurrentText("host")
+    assert run(qtbot, window, policy="h2o", budget=16).error is None
+    window.views.refresh(include_hidden=True)
+    memory._redraw()
+    assert "host tier" in names()
+
+
+def test_the_wheel_over_a_memory_plot_scrolls_its_dock(qtbot, window):
+    from PySide6.QtCore import QPoint, QPointF
+    from PySide6.QtGui import QWheelEvent
+    from PySide6.QtWidgets import QApplication
+
+    dock = window.docks["Memory"]
+    dock.show()
+    dock.raise_()
+    window.resize(1280, 800)
+    memory = window.views.memory_view
+    memory.setMinimumHeight(1400)  # taller than its dock: the dock scrolls
+    page = dock.widget()
+    qtbot.waitUntil(lambda: page.verticalScrollBar().maximum() > 0, timeout=2000)
+    before = memory.cache_plot.getViewBox().viewRange()
+    viewport = memory.cache_plot.viewport()
+    middle = QPointF(viewport.width() / 2, viewport.height() / 2)
+    event = QWheelEvent(middle, QPointF(viewport.mapToGlobal(middle.toPoint())), QPoint(0, 0), QPoint(0, -240),
+                        Qt.NoButton, Qt.NoModifier, Qt.NoScrollPhase, False)
+    QApplication.sendEvent(viewport, event)
+    assert page.verticalScrollBar().value() > 0  # the page moved
+    assert memory.cache_plot.getViewBox().viewRange() == before  # the plot did not zoom
+
+
+def test_closing_mid_run_asks_whether_to_stop(qtbot, window):
+    window.prompt_area.prompt.setPlainText("long " * 200)
+    window.form.max_new_tokens.setValue(5000)
+    window.form.policy.setCurrentText("full")
+    window.run.request_run()
+    assert window.state.busy
+    window.close()
+    guard = window.close_guard
+    assert window.isVisible() and guard.question.isVisible() and window.state.busy
+    guard.keep_button.click()
+    assert window.isVisible() and window.state.busy  # kept running
+    window.close()
+    guard.stop_button.click()
+    qtbot.waitUntil(lambda: not window.isVisible(), timeout=30_000)
+    assert window.thread_.isFinished()  # the run was stopped and the model's thread ended cleanly

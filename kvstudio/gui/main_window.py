@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QSplitte
 from kvstudio.core.persist.history import HistoryError, RunHistory
 from kvstudio.core.plugins.loader import PluginManager
 from kvstudio.gui import gui_thread_gc
+from kvstudio.gui.close_guard import CloseGuard
 from kvstudio.gui.widgets.bars import message_bar
 from kvstudio.gui.features.caches import CachesFeature
 from kvstudio.gui.features.compare import CompareFeature
@@ -68,6 +69,7 @@ class MainWindow(QMainWindow):
         self.worker.moveToThread(self.thread_)
         self.thread_.start()
         self.runner = TaskRunner(self.state, self.worker, self.thread_, parent=self)
+        self.close_guard = CloseGuard(self)
         self._build_centre()
         self.menu("&File")  # first in the menu bar; features fill it
 
@@ -247,7 +249,11 @@ class MainWindow(QMainWindow):
     # -- shutdown -----------------------------------------------------------------------------------
 
     def closeEvent(self, event) -> None:
-        """Stop whatever runs, let the worker finish its step, and stop its thread cleanly."""
+        """Stop whatever runs, let the worker finish its step, and stop its thread cleanly (asked first
+        while something runs: close_guard.py)."""
+        if not self.close_guard.may_close():
+            event.ignore()
+            return
         self.save_settings()
         for feature in self.features:
             feature.closing()

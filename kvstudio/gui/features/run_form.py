@@ -147,6 +147,7 @@ class RunForm(Feature):
 
     def _model_loaded(self, info) -> None:
         self.storage_form.fit_model(info.n_layers)
+        self.storage_form.fit_device(info.device)
         self.chat.setEnabled(info.has_chat_template)
         if not info.has_chat_template:
             self.chat.setChecked(False)

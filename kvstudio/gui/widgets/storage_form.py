@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 
+import torch
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpinBox, QWidget
 
 from kvstudio.core.errors import KVStudioError
-from kvstudio.core.storage import STORAGE_KEY, StorageConfig, available_codecs
+from kvstudio.core.storage import STORAGE_KEY, StorageConfig, available_codecs, codec_class
 from kvstudio.gui.widgets.form_words import in_form_words
 
 SPECS = {spec.name: spec for spec in StorageConfig.parameters()}  # each field's declaration: range, help, label
@@ -32,12 +33,27 @@ SETTING_TYPES = {"codec": str, "tier": str, "merge": str, "group_size": int, "re
                  "merge_from": int, "merge_threshold": (int, float), "merge_t": (int, float)}
 
 
+def codec_unavailable(name: str, device: str) -> str | None:
+    """Why codec `name` cannot run on `device` (its own check's words), or None when it can."""
+    cls = codec_class(name)
+    if cls is None:  # fp: the model's own dtype
+        return None
+    try:
+        cls().check(torch.device(device))
+    except KVStudioError as error:
+        return in_form_words(str(error), OPTION_LABELS)
+    except TypeError:  # a plugin codec that needs options to be made: its run says what it needs
+        return None
+    return None
+
+
 class StorageForm(QWidget):
     changed = Signal()
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.codec = QComboBox()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # until a model says where it runs
         self.group_size = _spin_box(QSpinBox, SPECS["group_size"])
         self.residual = _spin_box(QSpinBox, SPECS["residual"])
         self.tier = QComboBox()
@@ -70,13 +86,28 @@ class StorageForm(QWidget):
         self._on_change()
 
     def set_codecs(self, names: list[str]) -> None:
-        """The codecs offered (after a plugin reload), keeping the one chosen."""
+        """The codecs offered (after a plugin reload), keeping the one chosen; those that cannot run on
+        the model's device are shown greyed, with the reason."""
         chosen = self.codec.currentText() or "fp"
         self.codec.blockSignals(True)
         self.codec.clear()
         self.codec.addItems(names)
+        items = self.codec.model()
+        for row, name in enumerate(names):
+            reason = codec_unavailable(name, self.device)
+            item = items.item(row)
+            item.setEnabled(reason is None)
+            item.setToolTip(reason or available_codecs().get(name, ""))
+            if reason is not None and chosen == name:
+                chosen = "fp"
         self.codec.setCurrentText(chosen if chosen in names else "fp")
         self.codec.blockSignals(False)
+
+    def fit_device(self, device: str) -> None:
+        """The model's device: codecs that need another (bnb-* on a CPU) are offered greyed, with why."""
+        self.device = device
+        self.set_codecs([self.codec.itemText(row) for row in range(self.codec.count())])
+        self._on_change()
 
     def config(self) -> StorageConfig:
         """The storage the next run uses: the fields that apply; a greyed field is at its default."""
@@ -153,6 +184,10 @@ class StorageForm(QWidget):
             self.config().validate()
         except KVStudioError as error:
             message = in_form_words(str(error), OPTION_LABELS)
+            self.error.setText(message)
+            return message
+        message = codec_unavailable(self.config().codec, self.device)  # chosen before, or restored from settings
+        if message:
             self.error.setText(message)
             return message
         self.error.setText("")
