@@ -80,5 +80,6 @@ def window(request, qtbot, tmp_path, studio_folders):
         win.loading.request_load(marker.args[0], "cpu", "auto")
         qtbot.waitUntil(lambda: win.state.model_info is not None, timeout=30_000)
     yield win
+    win.close_guard.ask = False  # a test that ends mid-run closes at once
     win.close()
     win.plugins.unload()  # the policy registry is process-wide: leave it as the test found it

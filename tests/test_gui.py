@@ -238,7 +238,8 @@ def test_closing_during_a_run_ends_the_worker_cleanly(qtbot, tmp_path, capfd):
     win.form.policy.setCurrentText("full")
     win.run.request_run()
     qtbot.waitUntil(lambda: len(win.state.recorder.all("tokens")) >= 3, timeout=10_000)
-    win.close()
+    win.close()  # asks first (close_guard.py): stop and close
+    win.close_guard.stop_button.click()
     assert win.thread_.isFinished()
     assert "Traceback" not in capfd.readouterr().err
 

@@ -206,3 +206,15 @@ def test_a_headless_run_records_attention_layers_to_plot(capsys, tmp_path):
     assert "layer 3 · mean over heads · log scale" in (tmp_path / "a.svg").read_text()
     code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--prompt", "x", "--attention-layers", "7")
     assert code == 2 and "--attention-layers: layer 7 is out of range" in err
+
+
+def test_a_run_json_file_plots_alone(capsys, tmp_path):
+    """`kvstudio runs plot run.json` takes what `kvstudio run --json` wrote (issue 26)."""
+    written = tmp_path / "run.json"
+    code, _, err = run_cli(capsys, "run", "--model", "tiny-llama", "--policy", "window", "--budget", "16", "--prompt",
+                           "abcdefgh" * 8, "--max-new-tokens", "3", "--chunk-size", "32", "--no-history",
+                           "--json", str(written))
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "runs", "plot", str(written), "--view", "token-map", str(tmp_path / "t.svg"))
+    assert code == 0, err
+    assert "window(budget=16" in (tmp_path / "t.svg").read_text()

@@ -38,15 +38,16 @@ def test_storage_fields_reach_the_run_and_the_views(qtbot, window):
     # and what layer 0 recalled at its latest recall shown as recalled.
     view = window.views.token_view
     view.by_tier.setChecked(True)
+    view.layer.setCurrentIndex(1)  # layer 0 ("all layers" reads every layer: tests/test_studio_trust.py)
     tiers = np.array(view.tiers())
     recalled = view.recalled[0]
     assert len(recalled) and set(tiers[recalled]) == {"recalled"}
     assert (tiers[:-1] == "device").sum() == 24  # the last sampled token was never fed (nothing evicted it)
     assert (tiers == "host").sum() + len(recalled) == len(tiers) - 25
-    # Invalid storage blocks the run with StorageConfig's own reason.
+    # A recall left greyed under the device tier no longer applies: it neither travels nor blocks a run
+    # (tests/test_studio_trust.py).
     form.tier.setCurrentText("device")
-    window.run.request_run()
-    assert not window.state.busy and "Recall blocks needs tier host" in window.error_text.text()
+    assert form.validate() is None and "recall" not in form.parameters().get("storage", {})
 
 
 def test_compare_h2o_fp_against_h2o_int4(qtbot, window):

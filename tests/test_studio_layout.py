@@ -228,8 +228,10 @@ def test_form_messages_name_the_form_labels_and_the_cli_keeps_its_flags(qtbot, w
     window.form.policy_form.set_values({"budget": 128, "recent": 200})
     assert window.form.policy_form.error.text() == "Recent 200 is larger than budget 128"
     storage = window.form.storage_form
-    storage.recall.setValue(2)  # the tier is still "device"
-    assert storage.error.text().startswith("Recall blocks needs tier host")
+    storage.recall.setValue(2)  # the tier is still "device": a greyed field, no message (issue 26)
+    assert storage.error.text() == ""
+    storage.codec.setCurrentText("bnb-int8")  # on this CPU: refused in the form's words
+    assert storage.error.text().startswith("Codec bnb-int8 runs on CUDA only")
     assert "--" not in window.form.policy_form.error.text() + storage.error.text()
     window.prompt_area.prompt.setPlainText("hello")
     window.run.request_run()

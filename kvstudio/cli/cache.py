@@ -147,8 +147,7 @@ def _load(args) -> int:
     print(f"[kvstudio] restored {len(state.token_ids)} tokens under {policy.describe()} in {seconds:.3f} s "
           f"(their prefill took {state.prefill_seconds:.2f} s)", file=sys.stderr)
     if args.then:
-        ids = state.token_ids + state.generated[-1:] * state.pending
-        ids += list(loaded.tokenizer(args.then, add_special_tokens=False)["input_ids"])
+        ids = state.followed_by(loaded.tokenizer(args.then, add_special_tokens=False)["input_ids"])
         result = engine.generate(ids, policy, settings, start=state, keep_state=bool(args.save),
                                  on_text=lambda piece: print(piece, end="", flush=True))
     else:

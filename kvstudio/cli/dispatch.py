@@ -263,6 +263,7 @@ def command_run(args) -> int:
     from kvstudio.core.io.atomic import check_writable_folder
     from kvstudio.core.runtime.engine import CancelToken, Engine, GenerationSettings
     from kvstudio.core.recording.events import Recorder
+    from kvstudio.core.recording.packing import recording_to_dict
     from kvstudio.core.persist.run_book import RunBook
     from kvstudio.core.runtime.interruptions import OUTPUT_CLOSED
     from kvstudio.core.recording.snapshots import MemorySnapshotRecording
@@ -341,6 +342,8 @@ def command_run(args) -> int:
         data["provenance"] = provenance
         if prompt_cache is not None:
             data["prompt_cache"] = prompt_cache.status
+        # The recording too, as `runs export` writes it: `kvstudio runs plot run.json` draws the file alone.
+        data["recording"] = recording_to_dict(recorder)
         write_json_atomic(Path(args.json), data)
         print(f"[kvstudio] wrote {args.json}", file=sys.stderr)
     return EXIT_BROKEN_PIPE if output.closed else 0

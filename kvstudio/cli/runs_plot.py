@@ -2,7 +2,7 @@
 
   kvstudio runs plot 12 --view token-map tokens.png --width 1600
   kvstudio runs plot 12 --view attention attention.pdf --layer 3 --head 0 --log
-  kvstudio runs plot run.json --view evictions evictions.svg     (a run exported with `runs export`)
+  kvstudio runs plot run.json --view evictions evictions.svg     (`runs export` or `run --json` wrote it)
 
 Drawn with matplotlib's Agg canvas from the run's recording (kvstudio.core.figures): no display, no
 model, no Qt.

@@ -9,13 +9,14 @@ plugins, caches, evaluation, fine-tuning) is a feature module that owns its dock
 
 from __future__ import annotations
 
-from PySide6.QtCore import QEvent, QSettings, Qt, QThread
+from PySide6.QtCore import QEvent, QSettings, Qt, QThread, QTimer
 from PySide6.QtWidgets import (QDockWidget, QLabel, QMainWindow, QMenu, QSplitter, QTabBar, QToolButton, QVBoxLayout,
                                QWidget)
 
 from kvstudio.core.persist.history import HistoryError, RunHistory
 from kvstudio.core.plugins.loader import PluginManager
 from kvstudio.gui import gui_thread_gc
+from kvstudio.gui.close_guard import CloseGuard
 from kvstudio.gui.widgets.bars import message_bar
 from kvstudio.gui.features.caches import CachesFeature
 from kvstudio.gui.features.compare import CompareFeature
@@ -42,6 +43,7 @@ from kvstudio.gui.worker import StudioWorker
 PLACES = ("side", "views")
 SIDE_WIDTH = 300  # the set-up column's first width
 VIEWS_SHARE = 0.45  # of the window's width, the views' first width: the token map reads like a page
+PROBLEM_CHECK_MS = 250  # how often a refusal's banner checks whether its problem is fixed
 
 
 class MainWindow(QMainWindow):
@@ -67,6 +69,7 @@ class MainWindow(QMainWindow):
         self.worker.moveToThread(self.thread_)
         self.thread_.start()
         self.runner = TaskRunner(self.state, self.worker, self.thread_, parent=self)
+        self.close_guard = CloseGuard(self)
         self._build_centre()
         self.menu("&File")  # first in the menu bar; features fill it
 
@@ -114,6 +117,10 @@ class MainWindow(QMainWindow):
         close = QToolButton(text="✕")
         close.clicked.connect(lambda: self.error_banner.hide())
         self.error_banner = message_bar("error", self.error_text, close)
+        # A refusal's banner goes once what it refused for is fixed (show_error's `holds`), not at the next run.
+        self._problem_holds = None
+        self._problem_timer = QTimer(self, interval=PROBLEM_CHECK_MS)
+        self._problem_timer.timeout.connect(self._check_problem)
         central = QWidget()
         self.central_layout = QVBoxLayout(central)
         self.central_layout.addWidget(self.error_banner)
@@ -194,9 +201,24 @@ class MainWindow(QMainWindow):
         for feature in self.features:
             feature.update_buttons()
 
-    def show_error(self, message: str) -> None:
+    def show_error(self, message: str, holds=None) -> None:
+        """The banner, saying `message`. `holds`: for a refusal (the prompt is empty, no model yet), a
+        check that is true while the problem lasts; the banner hides itself once it is false."""
         self.error_text.setText(message)
         self.error_banner.show()
+        self._problem_holds = holds
+        if holds is None:
+            self._problem_timer.stop()
+        else:
+            self._problem_timer.start()
+
+    def _check_problem(self) -> None:
+        if self._problem_holds is not None and self.error_banner.isVisible() and self._problem_holds():
+            return
+        if self._problem_holds is not None and self.error_banner.isVisible():
+            self.error_banner.hide()
+        self._problem_holds = None
+        self._problem_timer.stop()
 
     def hide_error(self) -> None:
         self.error_banner.hide()
@@ -227,7 +249,11 @@ class MainWindow(QMainWindow):
     # -- shutdown -----------------------------------------------------------------------------------
 
     def closeEvent(self, event) -> None:
-        """Stop whatever runs, let the worker finish its step, and stop its thread cleanly."""
+        """Stop whatever runs, let the worker finish its step, and stop its thread cleanly (asked first
+        while something runs: close_guard.py)."""
+        if not self.close_guard.may_close():
+            event.ignore()
+            return
         self.save_settings()
         for feature in self.features:
             feature.closing()

@@ -21,6 +21,8 @@ LOG_DECADES = 3.0  # the log scale shows this many decades below the top weight
 # -- the token map -----------------------------------------------------------------------------------
 
 
+# "All layers" by tier: a token shows the liveliest tier any layer gives it, lowest first.
+TIER_PRECEDENCE = ("unfed", "evicted", "window", "host", "device", "retained", "recalled")
 EVICTED_BEFORE_RESTORE = -2  # evicted_step of an entry gone before the saved cache a run restored
 
 
@@ -117,9 +119,17 @@ class TokenMap:
         fractions[self.fed_count:] = np.nan
         return fractions
 
-    def tiers(self, layer: int) -> list[str]:
+    def tiers(self, layer: int | None) -> list[str]:
         """Per token of `layer`: device, retained (held unmerged under MiniCache), host, recalled,
-        evicted (by the policy), window (left a sliding layer's window), or unfed."""
+        evicted (by the policy), window (left a sliding layer's window), or unfed. Layer None: across all layers, where the token lives at its most alive (a
+        token any layer recalled is "recalled", else one any layer holds on the device is "device", ...)."""
+        if layer is None:
+            per_layer = np.array([self.tiers(index) for index in range(self.n_layers)], dtype=object)
+            if not per_layer.size:
+                return []
+            rank = {tier: order for order, tier in enumerate(TIER_PRECEDENCE)}
+            ranks = np.vectorize(rank.__getitem__, otypes=[int])(per_layer)
+            return [TIER_PRECEDENCE[r] for r in ranks.max(axis=0)]
         on_device = self.heads_holding(layer) > 0
         gone = "host" if self.storage_tier == "host" else "evicted"
         tiers = np.where(on_device, "device", gone).astype(object)
@@ -142,7 +152,8 @@ class TokenMap:
         part = "prompt" if position < self.prompt_count else "generated"
         lines = [f"position {position} ({part}): {text!r}"]
         if position >= self.fed_count:
-            lines.append("not fed to the model yet")
+            lines.append("not fed to the model yet" if position < self.prompt_count
+                         else "sampled, never fed to the model (a next step would feed it)")
             return "\n".join(lines)
         steps = self.evicted_step[:, position]
         if layer is None:

@@ -45,7 +45,7 @@ def _events(recorder) -> dict:
 
 def caption(run, request: FigureRequest) -> str:
     """model · policy(parameters) · layer · head · run: what a reader of the figure needs to know."""
-    parts = [run.model, run.policy]
+    parts = [run.model, run.policy.removesuffix("()")]  # 'full', not 'full()': a policy without parameters
     if request.view in ("attention", "evictions") or (request.view == "token-map" and request.layer is not None):
         parts.append(f"layer {request.layer}")
     elif request.view == "token-map":

@@ -52,12 +52,14 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def model_fingerprint(loaded) -> dict:
-    """{name, spec, config_sha256, weights_sha256, dtype, n_layers, n_kv_heads, head_dim} of a LoadedModel."""
+    """{name, spec, adapter, config_sha256, weights_sha256, dtype, n_layers, n_kv_heads, head_dim} of a
+    LoadedModel; `adapter` names the LoRA checkpoint applied ("" for the base model): part of a saved
+    cache's identity, its keys and values were computed through it."""
     # Computed every time (milliseconds), never kept: the same model object changes under a
     # fine-tune session (an adapter applied, weights trained), and a kept fingerprint went stale.
     model = loaded.model
     hashes = {"config_sha256": config_sha256(model.config), "weights_sha256": weights_sha256(model)}
-    return {"name": loaded.name, "spec": loaded.spec, **hashes,
+    return {"name": loaded.name, "spec": loaded.spec, "adapter": getattr(loaded, "adapter", ""), **hashes,
             "dtype": str(loaded.dtype).removeprefix("torch."), "n_layers": loaded.n_layers,
             "n_kv_heads": loaded.n_kv_heads, "head_dim": loaded.head_dim}
 

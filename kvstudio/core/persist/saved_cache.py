@@ -399,6 +399,13 @@ def check_compatible(header: dict, loaded, policy=None, chunk_size: int | None =
     """Refuse a saved cache made by another model, tokenizer, codec, policy or chunk size, saying which."""
     name = f"{path}: " if path else ""
     saved, here = header["model"], model_fingerprint(loaded)
+    if saved.get("adapter", "") != here["adapter"]:  # files from before adapters were recorded: the base model
+        made = f"with the LoRA adapter {saved['adapter']} applied" if saved.get("adapter") else "on the base model"
+        now = f"has the adapter {here['adapter']} applied" if here["adapter"] else "is the base model"
+        todo = (f"apply that adapter first (kvstudio run --adapter, or the model panel's Apply…)" if saved.get("adapter")
+                else "remove the adapter first (the model panel's Remove)")
+        raise SavedCacheError(f"{name}wrong adapter: the cache was computed {made} and this model {now}; {todo}, or "
+                              "compute the cache again")
     for key, what in (("config_sha256", "configuration"), ("weights_sha256", "weights")):
         if saved.get(key) != here[key]:
             raise SavedCacheError(f"{name}wrong model: the cache was saved with {saved.get('name')} and this is "

@@ -61,6 +61,12 @@ class RunState:
         """The last generated token was sampled from `logits` but not fed to the model yet."""
         return len(self.token_ids) < self.prompt_tokens + len(self.generated)
 
+    def followed_by(self, extra_ids: list[int]) -> list[int]:
+        """The ids a run fed after this state with a follow-up (`cache load --then`, the studio's Continue
+        with a prompt typed) is given: everything fed so far, the sampled token not fed yet, then
+        `extra_ids`. The run restores the state and prefills only what comes after it."""
+        return self.token_ids + self.generated[-1:] * self.pending + list(extra_ids)
+
     @property
     def cache_bytes(self) -> int:
         """Keys and values held in memory, over all layers."""

@@ -336,7 +336,13 @@ class FinetuneSession:
         self.log.enter("validation")
         self.loaded.model.eval()
         losses = {}
+        examples = self.dataset.validation
         for name, policy in (("policy", self.policy), ("full", self.full)):
+            # Said as it starts: a validation feeds every example twice, chunk by chunk, and takes a while.
+            self.log.status(f"validating at step {step}: {len(examples)} examples of up to "
+                            f"{max((len(e.ids) for e in examples), default=0)} tokens under "
+                            f"{'the policy' if name == 'policy' else 'the full cache'}, in chunks of "
+                            f"{self.settings.chunk_size}…")
             total = weight = 0.0
             for example in self.dataset.validation:
                 if self.cancel.cancelled:

@@ -29,9 +29,24 @@ from kvstudio.core.runtime.session import RunSession
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.recording.events import Recorder
 from kvstudio.core.policies.base import Policy
+from kvstudio.core.storage.base import StorageConfig
 from kvstudio.core.train.data import Example
 
 GRAD_MODES = ("through", "truncated")
+
+
+def check_trainable_storage(storage: StorageConfig) -> None:
+    """Refuse, before a session starts, storage that cannot carry gradients through the kept entries:
+    a quantizing codec (rounding has no gradient) and cross-layer merging (it writes merged states in
+    place). The host tier trains: its entries come back as they left."""
+    refused = []
+    if storage.codec != "fp":
+        refused.append(f"codec {storage.codec} (rounding has no gradient)")
+    if storage.merge != "none":
+        refused.append(f"merge layers {storage.merge} (merged states are written in place)")
+    if refused:
+        raise KVStudioError(f"fine-tuning through the cache cannot train with {' and '.join(refused)}: set the codec "
+                            "to fp and merge layers to none (the host tier and its recall are supported)")
 
 
 class StepCancelled(Exception):

@@ -26,7 +26,8 @@ from kvstudio.core.units import format_bytes
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.task_runner import Task
 from kvstudio.gui.widgets.flow_layout import FlowLayout
-from kvstudio.core.persist.saved_cache import MAGIC, SUFFIX, SavedCacheError, header_storage, read_header, what_to_do
+from kvstudio.core.persist.saved_cache import (MAGIC, PREVIEW_CHARS, SUFFIX, SavedCacheError, header_storage, read_header,
+                                               what_to_do)
 from kvstudio.core.plugins.loader import user_data_dir
 from kvstudio.core.policies import available_policies
 from kvstudio.core.runtime.layer_tensors import storage_key, unsaveable_reason
@@ -69,6 +70,15 @@ def _unsaveable(request) -> str | None:
         return None
 
 
+def follow_up_text(header: dict, full_prompt: str, prompt_box: str) -> str:
+    """What Continue feeds after a saved cache: the Prompt box, unless it still holds the prompt the cache
+    was made from (then the run goes on with its answer, bit-identical to never having stopped)."""
+    if not prompt_box.strip():
+        return ""
+    preview = header.get("prompt_preview") or ""
+    return "" if preview and full_prompt[:PREVIEW_CHARS] == preview else prompt_box
+
+
 class CachesView(QWidget):
     restore_requested = Signal(str)  # path of a saved cache to continue from
     save_requested = Signal()
@@ -83,7 +93,8 @@ class CachesView(QWidget):
         self.save_button.setToolTip("save the last run's cache, policy state and sampler state, to continue later")
         self.restore_button = QPushButton("Continue from selected")
         self.restore_button.setToolTip("restore the selected cache and go on generating (bit-identical to never "
-                                       "having stopped); double-click a row does the same")
+                                       "having stopped); a follow-up typed in the Prompt box is fed after it first "
+                                       "(as `kvstudio cache load --then`); double-click a row does the same")
         self.delete_button = QPushButton("Delete")
         self.reveal_button = QPushButton("Reveal file")
         self.refresh_button = QPushButton("Refresh")
@@ -259,9 +270,11 @@ class CachesFeature(Feature):
         form.storage_form.set_parameters(storage)
         if storage != storage_key(StorageConfig()):
             parameters[STORAGE_KEY] = storage
-        started = window.run.start(policy, parameters, label="continue", start_from=str(path))
+        follow_up = follow_up_text(header, window.prompt_area.full_prompt(), window.prompt_area.prompt.toPlainText())
+        started = window.run.start(policy, parameters, label="continue", start_from=str(path), follow_up=follow_up)
         if started:
-            self.view.status.setText(f"restoring {Path(path).name}…")
+            then = f", then feeding the prompt ({len(follow_up)} characters)" if follow_up else ""
+            self.view.status.setText(f"restoring {Path(path).name}{then}…")
         return started
 
     @Slot(object)

@@ -15,7 +15,7 @@ from PySide6.QtWidgets import (QHBoxLayout, QHeaderView, QLabel, QListWidget, QM
                                QToolButton, QVBoxLayout, QWidget, QWidgetAction)
 
 from kvstudio.core.policies import available_policies, policy_class
-from kvstudio.core.storage import STORAGE_KEY, split_cache_name
+from kvstudio.core.storage import STORAGE_KEY, merge_in_name, split_cache_name
 from kvstudio.core.spec import build_policy
 from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
@@ -266,6 +266,9 @@ class CompareFeature(Feature):
         shared = {k: v for k, v in self.window.form.parameters().items() if k in accepted and k != "rerotate"}
         if base == "full":
             shared.pop("budget", None)
+        if merge_in_name(policy):  # 'h2o+minicache' merges with the form's merge settings, merge on or off there
+            storage = shared.get(STORAGE_KEY, {}) | self.window.form.storage_form.merge_fields()
+            shared[STORAGE_KEY] = storage
         return shared
 
     def _next(self) -> None:

@@ -1,4 +1,5 @@
-"""Exports from the File menu: the last run (JSON with its recording, per-step CSV), the attention map
+"""Exports from the File menu: the run on screen (the last one, or a stored run reopened from the Runs
+view; JSON with its recording, per-step CSV), the attention map
 (.npy), and any plot as it looks on screen (PNG, SVG, PDF: kvstudio.gui.widgets.plot_files). Figures of a run
 for a paper are kvstudio.gui.features.figure_export's. Every export is written atomically: a failed one leaves
 the previous file intact."""
@@ -21,9 +22,9 @@ class ExportsFeature(Feature):
     def install(self) -> None:
         menu = self.window.menu("&File")
         menu.addSeparator()
-        menu.addAction("Export last run as JSON…", lambda: self._ask_path_then(self.export_run, "run.json",
+        menu.addAction("Export the shown run as JSON…", lambda: self._ask_path_then(self.export_run, "run.json",
                                                                                 "JSON (*.json)"))
-        menu.addAction("Export last run as CSV (per step)…", lambda: self._ask_path_then(self.export_run, "run.csv",
+        menu.addAction("Export the shown run as CSV (per step)…", lambda: self._ask_path_then(self.export_run, "run.csv",
                                                                                           "CSV (*.csv)"))
         menu.addAction("Export attention map (.npy)…", lambda: self._ask_path_then(self.export_attention,
                                                                                     "attention.npy", "NumPy (*.npy)"))
@@ -57,7 +58,11 @@ class ExportsFeature(Feature):
         return path
 
     def export_run(self, path: Path) -> Path | None:
+        """The run the views show: a stored run reopened from the Runs view, else the last run."""
         window = self.window
+        stored = window.runs.shown_run_id if window.views.showing_stored_run else None
+        if stored is not None and window.history is not None and window.history.get(stored) is not None:
+            return self.report(export_run, window.history.get(stored), path, window.state.recorder)
         outcome = window.state.last_outcome
         if outcome is None or outcome.result is None:
             window.show_error("nothing to export yet: run something first")

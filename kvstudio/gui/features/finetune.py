@@ -9,6 +9,7 @@ model's thread (finetune_task.py), with the same Stop as generation.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from functools import partial
@@ -26,7 +27,7 @@ from kvstudio.core.train.data import SYNTHETIC_PASSKEY
 from kvstudio.core.train.log import TrainingLog
 from kvstudio.core.train.lora import LoraSettings, adapter_name
 from kvstudio.core.train.session import FinetuneSettings
-from kvstudio.core.train.through_cache import GRAD_MODES
+from kvstudio.core.train.through_cache import GRAD_MODES, check_trainable_storage
 from kvstudio.gui.features.finetune_plots import FinetuneCurves
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.features.finetune_task import (FinetuneOutcome, FinetuneRequest, apply_adapter_task,
@@ -252,14 +253,18 @@ class FinetuneFeature(Feature):
             problem = "choose a data file, or another data source"
         elif source == "documents" and not documents:
             problem = "no checked documents to train on: add documents or choose another data source"
-        elif invalid := window.form.policy_form.validate():
+        elif invalid := window.form.validate():
             problem = f"policy parameters: {invalid}"
         settings = None
         if problem is None:
             try:
                 settings = panel.settings()
                 settings.validate()
-            except Exception as error:  # KVStudioError from validate: the message names the setting
+                # The storage the Set-up column sets, where training can carry it; refused in words otherwise.
+                check_trainable_storage(CacheSpec.parse(window.form.policy.currentText(),
+                                                        window.form.parameters()).storage)
+                prepare_output_folder(out_dir)
+            except KVStudioError as error:  # the message names the setting or the folder
                 problem = str(error)
         if problem:
             window.show_error(problem)
@@ -276,6 +281,7 @@ class FinetuneFeature(Feature):
                                   snapshot_path=str(Path(out_dir) / "step-1-memory.pickle")
                                   if panel.snapshot.isChecked() else None)
         self._history_start(request)
+        panel.status.setText(f"starting under {policy}: preparing the data…")  # not the last session's line
         self.curves.follow(log, f"{window.state.model_info.spec}, {policy}, {settings.grad_mode}")
         outcome = FinetuneOutcome(request)
         self.task = window.runner.start(finetune_task(outcome))
@@ -309,9 +315,8 @@ class FinetuneFeature(Feature):
             self.panel.status.setText(f"failed: {outcome.error}")
             return
         result = outcome.result
-        text = (f"{result.status}: {len(result.steps)} steps, validation loss under the policy "
-                f"{_num(result.initial_val_loss_policy)} → {_num(result.final_val_loss_policy)}; adapter "
-                f"{result.adapter or 'not saved'}")
+        text = f"{result.status}: {len(result.steps)} steps, {validation_words(result)}; adapter " \
+               f"{result.adapter or 'not saved'}"
         self.panel.status.setText(text)
         self.window.statusBar().showMessage(text)
         if outcome.snapshot is not None:
@@ -406,5 +411,26 @@ def _row_layout(*widgets) -> QHBoxLayout:
     return layout
 
 
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def validation_words(result) -> str:
+    """The validation losses a session ended with, or what kept them from being measured (a Stop
+    before the first validation ended), never "- → -"."""
+    first, last = result.initial_val_loss_policy, result.final_val_loss_policy
+    if first is None:
+        return "no validation finished before it ended"
+    if len(result.val) < 2:
+        return f"validation loss under the policy {first:.4f} at the start (no later validation finished)"
+    return f"validation loss under the policy {first:.4f} → {last:.4f}"
+
+
+def prepare_output_folder(folder: str) -> Path:
+    """The adapter's folder, made now if it is missing, so a session never starts towards a folder that
+    cannot be written (refused with the reason before any work)."""
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KVStudioError(f"cannot create the output folder {path}: {error.strerror or error}; choose another "
+                            "folder") from None
+    if not path.is_dir() or not os.access(path, os.W_OK):
+        raise KVStudioError(f"the output folder {path} is not a writable folder: choose another folder")
+    return path

@@ -73,6 +73,9 @@ class FinetuneCurves(QWidget):
                       self.speed_curve, self.evictions_curve, self.process_curve, self.autograd_curve,
                       self.cuda_curve, *self.band_curves.values()):
             curve.setData([], [])
+        for plot in (self.loss_plot, self.grad_plot, self.speed_plot, self.memory_plot):
+            plot.setRange(xRange=(0, 1), yRange=(0, 1), padding=0)  # not the last session's axes
+            plot.enableAutoRange()  # ... and they fit the new session's data as it comes
 
     def follow(self, log: TrainingLog, title: str = "") -> None:
         self.log = log

@@ -53,7 +53,7 @@ def finetune_task(outcome: FinetuneOutcome) -> Task:
 
     def work(engine, state):
         outcome.thread_ids.add(threading.get_ident())
-        policy = CacheSpec(request.policy, request.parameters).build()
+        policy = CacheSpec.parse(request.policy, request.parameters).build()  # with the storage parameters
         request.log.status("preparing the data…")
         dataset = load_data(request.data, engine.tokenizer, request.seq_len, seed=request.settings.seed,
                             text_field=request.text_field, prompt_field=request.prompt_field,

@@ -39,26 +39,28 @@ class RunControl(Feature):
         form = self.window.form
         self.start(form.policy.currentText(), form.parameters(), label="")
 
-    def start(self, policy: str, parameters: dict, label: str, start_from: str | None = None) -> bool:
+    def start(self, policy: str, parameters: dict, label: str, start_from: str | None = None,
+              follow_up: str = "") -> bool:
+        """Start a run; `start_from` a saved cache to restore, `follow_up` text fed after it (else it goes on)."""
         window, form, state = self.window, self.window.form, self.window.state
-        problem = None
-        if state.model_info is None:
-            problem = "load a model first"
-        elif state.busy:
-            problem = "a run is in progress: stop it first"
-        elif not window.prompt_area.full_prompt().strip() and start_from is None:
-            problem = "the prompt is empty: type one or drop a document"
-        elif policy == form.policy.currentText() and (invalid := form.validate()):
-            problem = f"policy parameters: {invalid}"
-        if problem:
-            window.show_error(problem)
-            return False
+        # Each refusal with the check that holds while it lasts: its banner goes once it is fixed.
+        refusals = (
+            ("load a model first", lambda: state.model_info is None),
+            ("a run is in progress: stop it first", lambda: bool(state.busy)),
+            ("the prompt is empty: type one or drop a document",
+             lambda: start_from is None and not window.prompt_area.full_prompt().strip()),
+            ("policy parameters: {}", lambda: policy == form.policy.currentText() and form.validate()),
+        )
+        for message, holds in refusals:
+            if found := holds():
+                window.show_error(message.format(found), holds=holds)
+                return False
         window.hide_error()
         state.recorder = Recorder()
         window.views.follow_new_run(state.recorder)
         request = RunRequest(window.prompt_area.full_prompt(), policy, parameters, form.generation_settings(),
                              state.recorder, label, snapshot_path=window.snapshots.take_armed_path(),
-                             start_from=start_from)
+                             start_from=start_from, follow_up=follow_up)
         window.runs.record_start(request)
         outcome = RunOutcome(request)
         self.task = window.runner.start(run_task(outcome))

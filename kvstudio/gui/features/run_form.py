@@ -30,6 +30,7 @@ class RunForm(Feature):
         self.column_layout = QVBoxLayout(self.column)
         self.column_layout.addStretch(1)
 
+        self.shared_budget: int | None = None  # the budget of the last evicting policy shown, carried to the next
         self.policy_box = QGroupBox("Policy")
         self.policy = QComboBox()
         self.policy.addItems(list(available_policies()))
@@ -122,12 +123,22 @@ class RunForm(Feature):
     # -- policies -----------------------------------------------------------------------------------
 
     def _policy_chosen(self, name: str) -> None:
+        """The new policy's form: its own parameters as last set, with the budget carried over from the
+        policy shown before (between policies that need one), so policies are compared at one budget."""
         policy = available_policies()[name]
+        previous = self.policy_form.policy_name
+        if previous and previous in available_policies():
+            values_before = self.policy_form.values()
+            self.window.settings.setValue(f"policy_parameters/{previous}", json.dumps(values_before))
+            if available_policies()[previous].requires_budget and values_before.get("budget") is not None:
+                self.shared_budget = values_before["budget"]
         saved = self.window.settings.value(f"policy_parameters/{name}")
         if isinstance(saved, str):
             values = json.loads(saved)
         else:  # first use: a policy that needs a budget starts with one, so the form starts valid
-            values = {"budget": DEFAULT_BUDGET} if policy.requires_budget else None
+            values = {"budget": DEFAULT_BUDGET} if policy.requires_budget else {}
+        if policy.requires_budget and self.shared_budget is not None:
+            values = values | {"budget": self.shared_budget}  # full keeps everything, whatever was set
         self.policy_form.set_policy(name, values)
         self.policy_help.setText(policy.summary)
 
@@ -144,6 +155,7 @@ class RunForm(Feature):
 
     def _model_loaded(self, info) -> None:
         self.storage_form.fit_model(info.n_layers)
+        self.storage_form.fit_device(info.device)
         self.chat.setEnabled(info.has_chat_template)
         if not info.has_chat_template:
             self.chat.setChecked(False)

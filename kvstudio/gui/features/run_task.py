@@ -32,6 +32,7 @@ class RunRequest:
     book: object = None  # the RunBook keeping that row (gui/features/runs.py)
     snapshot_path: str | None = None  # record a memory snapshot of the run into this file
     start_from: str | None = None  # a saved cache (.kvcache) to restore and continue from
+    follow_up: str = ""  # with start_from: text fed after the restored state (`cache load --then`); "" goes on
 
 
 @dataclass
@@ -56,11 +57,16 @@ def run_task(outcome: RunOutcome) -> Task:
                          else contextlib.nullcontext())
             try:
                 start = _restore(engine, request, policy, outcome) if request.start_from else None
+                prompt, resume = request.prompt, start is not None
+                if start is not None and request.follow_up.strip():
+                    # A follow-up typed in the Prompt box is fed after the restored state (`cache load --then`).
+                    prompt = start.followed_by(engine.tokenizer(request.follow_up, add_special_tokens=False)["input_ids"])
+                    resume = False
                 with recording:
                     # keep_state: the run's final state stays on its result, for "Save cache" after it.
-                    outcome.result = engine.generate(request.prompt, policy, request.settings,
+                    outcome.result = engine.generate(prompt, policy, request.settings,
                                                      recorder=request.recorder, cancel=state.cancel,
-                                                     start=start, resume=start is not None, keep_state=True)
+                                                     start=start, resume=resume, keep_state=True)
                     if request.snapshot_path:  # leaving the block takes seconds on CPU: say so
                         state.set_status("building the memory snapshot from the recorded allocations…")
             finally:  # a failed run's snapshot is the one that shows why

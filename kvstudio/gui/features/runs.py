@@ -192,6 +192,7 @@ class RunsFeature(Feature):
         self.view = RunsView()
         self.openers: dict[str, object] = {}  # record kind -> how to open it (fine-tune sessions, ...)
         self.shown_run_title = ""  # "run 12" while a stored run is shown: figure captions name it
+        self.shown_run_id: int | None = None  # ... and its row, which File > Export writes
 
     def install(self) -> None:
         window = self.window
@@ -274,6 +275,7 @@ class RunsFeature(Feature):
         window.hide_error()
         window.state.recorder = recorder
         self.shown_run_title = f"run {run_id}"
+        self.shown_run_id = run_id
         window.views.show_stored_run(recorder, run)
         window.statusBar().showMessage(f"showing run {run_id} from the history: {run.model}, {run.policy}")
 

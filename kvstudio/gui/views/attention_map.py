@@ -30,6 +30,7 @@ from kvstudio.gui.views.plot_message import PlotMessage
 MAX_ROWS = 1500  # the newest steps kept on screen
 MAX_COLUMNS = 1600  # wider contexts are max-pooled into this many columns
 RECORD_CHOICES = ("this layer", "every layer")
+READOUT_HINT = "red: evicted · white: not yet seen · hover a cell for its token and weight"
 NOTHING_YET = "no attention rows yet:\nthey appear with the run's first step"
 
 
@@ -60,7 +61,7 @@ class AttentionMapView(LiveView):
             controls.addWidget(labelled(text, widget))
         self.cost = QLabel("")
         self.cost.setStyleSheet("color: #777;")
-        self.readout = QLabel("red: evicted · white: not yet seen · hover a cell for its token and weight")
+        self.readout = QLabel(READOUT_HINT)
         for label in (self.cost, self.readout):  # long lines wrap: unwrapped, they widened the view past its dock
             label.setWordWrap(True)
         self.plot = pg.PlotWidget()
@@ -112,6 +113,8 @@ class AttentionMapView(LiveView):
     def follow(self, recorder):
         super().follow(recorder)
         self.events, self.rows, self.token_texts, self.recorded = [], [], [], set()
+        self.readout.setText(READOUT_HINT)  # the last run's hovered cell is not this run's
+        QToolTip.hideText()
         # A recorder that has not started is a run about to go: it records what the user chose. A
         # stored run's recording is complete: what it recorded is what there is.
         self.following_live = not recorder.all("runs")
@@ -194,9 +197,10 @@ class AttentionMapView(LiveView):
         width = covered = rows.shape[1]
         if width > MAX_COLUMNS:  # max-pool columns: a strong weight stays visible
             bins = -(-width // MAX_COLUMNS)
-            covered = bins * MAX_COLUMNS  # the pooled image spans the padding too: position p stays at x = p
+            columns = -(-width // bins)  # only as many pooled columns as the context fills (not MAX_COLUMNS)
+            covered = bins * columns  # under one bin of padding: position p stays at x = p
             padded = np.pad(rows, ((0, 0), (0, covered - width)), constant_values=UNSEEN)
-            rows = padded.reshape(rows.shape[0], MAX_COLUMNS, bins).max(axis=2)
+            rows = padded.reshape(rows.shape[0], columns, bins).max(axis=2)
         top = self.top_weight()
         log = self.scale.currentText() == "log"
         self.image.setImage(to_lut_indices(scale_attention(rows, top, log)), levels=(0, 255), autoLevels=False)

@@ -21,6 +21,7 @@ from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QPushButton, QVBox
 
 from kvstudio.core.units import MIB, format_bytes
 from kvstudio.gui.views.base import LiveView
+from kvstudio.gui.widgets.wheel_scrolls import wheel_scrolls_page
 from kvstudio.gui.views.plot_message import PlotMessage
 
 # Readings come 20 times a second; redrawing the timeline for each (curves, the followed range, the
@@ -95,6 +96,9 @@ class MemoryView(LiveView):
         self.host_curve = _curve(self.cache_plot, "host tier", (230, 150, 40), 2, pg.QtCore.Qt.DashLine)
         # Of the cache's bytes, the directions merged layers share (MiniCache): drawn once a run has any.
         self.shared_curve = _curve(self.cache_plot, "shared by merged layers", (40, 70, 140), 2, pg.QtCore.Qt.DotLine)
+        # Its own legend: the cache curve always; the host tier and shared bytes while a run has them.
+        self.cache_legend = self.cache_plot.addLegend()
+        self.cache_legend.addItem(self.cache_curve, "KV cache")
         self.bursts = pg.ScatterPlotItem(symbol="t", size=11, brush=pg.mkBrush(230, 70, 70), pen=None,
                                          hoverable=True, tip="{data}".format)  # "step 12: 4,096 entries evicted"
         self.cache_plot.addItem(self.bursts)
@@ -115,6 +119,8 @@ class MemoryView(LiveView):
         layout.addWidget(QLabel(LEGEND))
         layout.addWidget(self.cache_plot, 1)
         layout.addWidget(self.system_plot, 1)
+        for plot in (self.cache_plot, self.system_plot):
+            wheel_scrolls_page(plot)  # two plots fill the dock: the wheel over them must still scroll it
         self.clear_button.clicked.connect(self.clear)
         self.follow_latest.toggled.connect(lambda _: self._place_view())
         self.origin: float | None = None  # perf_counter of the session's first reading
@@ -249,6 +255,8 @@ class MemoryView(LiveView):
         self.host_curve.setData(x if np.nansum(host) else [], host / MIB if np.nansum(host) else [])
         shared = self.columns["shared_cache_bytes"]
         self.shared_curve.setData(x if np.nansum(shared) else [], shared / MIB if np.nansum(shared) else [])
+        for curve, values in ((self.host_curve, host), (self.shared_curve, shared)):
+            _in_legend(self.cache_legend, curve, bool(np.nansum(values)))
         for field, name, colour, width, style in SERIES:
             values = self.columns[field]
             if field not in self.curves:
@@ -285,3 +293,12 @@ class MemoryView(LiveView):
     def step_readings(self) -> list:
         """The readings right after each step of the run followed (the tests compare them with its steps)."""
         return self.run_step_readings
+
+
+def _in_legend(legend, curve, shown: bool) -> None:
+    """Show `curve` in `legend` (under its name) exactly while it is drawn."""
+    listed = any(sample.item is curve for sample, _ in legend.items)
+    if shown and not listed:
+        legend.addItem(curve, curve.name())
+    elif listed and not shown:
+        legend.removeItem(curve)

@@ -8,10 +8,11 @@ newest generated token). A blue bar marks where the prompt ends and generated te
 This is the view that shows what a policy threw away. Hovering a token tells its position, text,
 the layers holding it and when it was evicted (kvstudio.core.figures.data.TokenMap, which the figure
 export uses too).
-"Where it lives" colours the chosen layer's tokens (layer 0 under "all layers") by storage tier:
-on the device (held by some KV head), on the host (evicted under the host tier), recalled from the
-host at the latest step that recalled, or evicted and gone; with cross-layer merging (MiniCache),
-"retained" marks the tokens the retention rule kept unmerged in that layer.
+"Where it lives" colours the chosen layer's tokens by storage tier: on the device (held by some KV
+head), on the host (evicted under the host tier), recalled from the host at the latest step that
+recalled, or evicted and gone; with cross-layer merging (MiniCache), "retained" marks the tokens the
+retention rule kept unmerged in that layer. Under "all layers" each token shows the liveliest tier
+any layer gives it (on the device if any layer holds it; gone only when every layer dropped it).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class TokenMapView(LiveView):
         self.layer = QComboBox()
         self.layer.addItem("all layers")
         self.by_tier = QCheckBox("where it lives")
-        self.by_tier.setToolTip("device, host tier, recalled this step, or evicted (the chosen layer; layer 0 for "
-                                "all layers)")
+        self.by_tier.setToolTip("device, host tier, recalled this step, or evicted (the chosen layer; with all "
+                                "layers, the liveliest tier any layer gives the token)")
         self.summary = QLabel("")
         self.key = QLabel("")
         self.key.setTextFormat(Qt.RichText)
@@ -123,7 +124,7 @@ class TokenMapView(LiveView):
         return self.map.held_fractions(self.chosen_layer())
 
     def tiers(self) -> list[str]:
-        return self.map.tiers(max(self.layer.currentIndex() - 1, 0))
+        return self.map.tiers(self.chosen_layer())
 
     def expected_colours(self) -> list[str]:
         """The colour each token should have for what the recorder holds so far."""
@@ -170,6 +171,8 @@ class TokenMapView(LiveView):
         if self.by_tier.isChecked():
             words = {"unfed": "not fed yet", "window": "left the window"}
             pairs = [(TIER_COLOURS[t], words.get(t, t)) for t in TIER_COLOURS]
+            if self.chosen_layer() is None:
+                pairs[-1] = (pairs[-1][0], pairs[-1][1] + " · all layers: the liveliest tier any layer gives a token")
         else:
             pairs = colours.held_key("layers" if self.chosen_layer() is None else "heads")
         swatches = "  ".join(f"<span style='background:{c}'>&nbsp;&nbsp;&nbsp;</span> {label}" for c, label in pairs)
@@ -231,8 +234,10 @@ class TokenMapView(LiveView):
         n = len(token_map.tokens)
         text = (f"{n} tokens ({token_map.prompt_count} prompt, {n - token_map.prompt_count} generated) · "
                 f"{token_map.gone_count(layer)} gone from {'every layer' if layer is None else 'this layer'}")
-        unfed = n - token_map.fed_count
-        text += f" · {unfed} not fed yet" if unfed else ""
+        # Only prompt tokens wait to be fed (prefill under way, a Stop mid-prefill): the newest generated
+        # token is always sampled and never fed, which is how generation ends, not something pending.
+        unfed = token_map.prompt_count - min(token_map.fed_count, token_map.prompt_count)
+        text += f" · {unfed} prompt tokens not fed yet" if unfed else ""
         return f"{self.label}: {text}" if self.label else text
 
     def _format(self, colour: str) -> QTextCharFormat:

@@ -2,21 +2,24 @@
 cross-layer merging (MiniCache: from which layer, retention threshold, interpolation t).
 
 They travel with the policy's parameters as parameters["storage"] (kvstudio.core.storage's
-StorageConfig fields), so a run, a comparison and the run history all carry them. Validation is
-StorageConfig's own; its message shows inline like the policy form's, in the form's words. The
-fields are remembered between launches (`save_settings` / `restore_settings`, called by the run
-form that holds them).
+StorageConfig fields), so a run, a comparison and the run history all carry them. A field that does
+not apply (greyed: group size and residual under fp, recall under the device tier, the merge
+settings with merge none) neither travels nor validates: what it still shows is only remembered for
+when it applies again. Validation is StorageConfig's own; its message shows inline like the policy
+form's, in the form's words. The fields are remembered between launches (`save_settings` /
+`restore_settings`, called by the run form that holds them).
 """
 
 from __future__ import annotations
 
 import json
 
+import torch
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QLabel, QSpinBox, QWidget
 
 from kvstudio.core.errors import KVStudioError
-from kvstudio.core.storage import STORAGE_KEY, StorageConfig, available_codecs
+from kvstudio.core.storage import STORAGE_KEY, StorageConfig, available_codecs, codec_class
 from kvstudio.gui.widgets.form_words import in_form_words
 
 SPECS = {spec.name: spec for spec in StorageConfig.parameters()}  # each field's declaration: range, help, label
@@ -30,12 +33,27 @@ SETTING_TYPES = {"codec": str, "tier": str, "merge": str, "group_size": int, "re
                  "merge_from": int, "merge_threshold": (int, float), "merge_t": (int, float)}
 
 
+def codec_unavailable(name: str, device: str) -> str | None:
+    """Why codec `name` cannot run on `device` (its own check's words), or None when it can."""
+    cls = codec_class(name)
+    if cls is None:  # fp: the model's own dtype
+        return None
+    try:
+        cls().check(torch.device(device))
+    except KVStudioError as error:
+        return in_form_words(str(error), OPTION_LABELS)
+    except TypeError:  # a plugin codec that needs options to be made: its run says what it needs
+        return None
+    return None
+
+
 class StorageForm(QWidget):
     changed = Signal()
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self.codec = QComboBox()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # until a model says where it runs
         self.group_size = _spin_box(QSpinBox, SPECS["group_size"])
         self.residual = _spin_box(QSpinBox, SPECS["residual"])
         self.tier = QComboBox()
@@ -68,32 +86,62 @@ class StorageForm(QWidget):
         self._on_change()
 
     def set_codecs(self, names: list[str]) -> None:
-        """The codecs offered (after a plugin reload), keeping the one chosen."""
+        """The codecs offered (after a plugin reload), keeping the one chosen; those that cannot run on
+        the model's device are shown greyed, with the reason."""
         chosen = self.codec.currentText() or "fp"
         self.codec.blockSignals(True)
         self.codec.clear()
         self.codec.addItems(names)
+        items = self.codec.model()
+        for row, name in enumerate(names):
+            reason = codec_unavailable(name, self.device)
+            item = items.item(row)
+            item.setEnabled(reason is None)
+            item.setToolTip(reason or available_codecs().get(name, ""))
+            if reason is not None and chosen == name:
+                chosen = "fp"
         self.codec.setCurrentText(chosen if chosen in names else "fp")
         self.codec.blockSignals(False)
 
+    def fit_device(self, device: str) -> None:
+        """The model's device: codecs that need another (bnb-* on a CPU) are offered greyed, with why."""
+        self.device = device
+        self.set_codecs([self.codec.itemText(row) for row in range(self.codec.count())])
+        self._on_change()
+
     def config(self) -> StorageConfig:
-        return StorageConfig(codec=self.codec.currentText() or "fp", group_size=self.group_size.value(),
-                             residual=self.residual.value(), tier=self.tier.currentText(), recall=self.recall.value(),
-                             merge=self.merge.currentText(),
-                             merge_from=None if self.merge_from.value() < 0 else self.merge_from.value(),
-                             merge_threshold=round(self.merge_threshold.value(), 3), merge_t=round(self.merge_t.value(), 2))
+        """The storage the next run uses: the fields that apply; a greyed field is at its default."""
+        return StorageConfig(**self.applicable_fields())
 
     def fields(self) -> dict:
-        """The StorageConfig fields this form sets. The merge settings travel even with merge off:
-        Compare's "h2o+minicache" takes them from here."""
-        config = self.config()
-        return {"codec": config.codec, "group_size": config.group_size, "residual": config.residual,
-                "tier": config.tier, "recall": config.recall, "merge": config.merge, "merge_from": config.merge_from,
-                "merge_threshold": config.merge_threshold, "merge_t": config.merge_t}
+        """Every field as shown, those greyed out included: what is remembered between launches."""
+        return {"codec": self.codec.currentText() or "fp", "group_size": self.group_size.value(),
+                "residual": self.residual.value(), "tier": self.tier.currentText(), "recall": self.recall.value(),
+                "merge": self.merge.currentText()} | self.merge_fields()
+
+    def merge_fields(self) -> dict:
+        """The merge settings as shown, merge on or off: Compare's "h2o+minicache" takes them from here
+        (its name turns merging on)."""
+        return {"merge_from": None if self.merge_from.value() < 0 else self.merge_from.value(),
+                "merge_threshold": round(self.merge_threshold.value(), 3), "merge_t": round(self.merge_t.value(), 2)}
+
+    def applicable_fields(self) -> dict:
+        """The fields that apply to the chosen codec, tier and merge; the others are left out (their
+        defaults), so a value left in a greyed field can neither travel nor block a run."""
+        applies = self._applies()
+        return {name: value for name, value in self.fields().items() if applies.get(name, True)}
+
+    def _applies(self) -> dict[str, bool]:
+        """Whether each dependent field applies to the codec, tier and merge chosen."""
+        quantized = self.codec.currentText() not in ("", "fp")
+        merging = self.merge.currentText() != "none"
+        return {"group_size": quantized, "residual": quantized, "recall": self.tier.currentText() == "host",
+                "merge_from": merging, "merge_threshold": merging, "merge_t": merging}
 
     def parameters(self) -> dict:
-        """{"storage": {...}} to add to the policy's parameters; empty for the default (fp, device)."""
-        return {} if self.config() == StorageConfig() else {STORAGE_KEY: self.fields()}
+        """{"storage": {...}} to add to the policy's parameters: the fields that apply; empty for the
+        default (fp, device)."""
+        return {} if self.config() == StorageConfig() else {STORAGE_KEY: self.applicable_fields()}
 
     def fit_model(self, n_layers: int) -> None:
         """A pair needs the layer after it: merging can start at layer 0 to n_layers - 2 of this model
@@ -138,17 +186,16 @@ class StorageForm(QWidget):
             message = in_form_words(str(error), OPTION_LABELS)
             self.error.setText(message)
             return message
+        message = codec_unavailable(self.config().codec, self.device)  # chosen before, or restored from settings
+        if message:
+            self.error.setText(message)
+            return message
         self.error.setText("")
         return None
 
     def _on_change(self, *_):
-        self.recall.setEnabled(self.tier.currentText() == "host")
-        quantized = self.codec.currentText() not in ("", "fp")
-        self.group_size.setEnabled(quantized)
-        self.residual.setEnabled(quantized)
-        merging = self.merge.currentText() != "none"
-        for editor in (self.merge_from, self.merge_threshold, self.merge_t):
-            editor.setEnabled(merging)
+        for name, applies in self._applies().items():  # greyed exactly where config() leaves a field out
+            getattr(self, name).setEnabled(applies)
         self.validate()
         self.changed.emit()
 
