@@ -288,7 +288,7 @@ def test_mla_models_are_refused_in_one_line():
 def test_batched_logits_differ_from_a_neighbours_so_the_comparison_can_fail(llama_engine):
     """The check above is not vacuous: two different prompts give different tokens and positions."""
     a, b = random_ids(40, seed=1), random_ids(40, seed=2)
-    batch = run_batch(llama_engine, [a, b], [create_policy("h2o", budget=16)] * 2, settings())
+    batch = run_batch(llama_engine, [a, b], [create_policy("knorm", budget=16)] * 2, settings())
     assert batch.rows[0].result.token_ids != batch.rows[1].result.token_ids
     assert held_and_evicted(batch.rows[0].recorder) != held_and_evicted(batch.rows[1].recorder)
     assert torch.is_inference_mode_enabled() is False

@@ -84,6 +84,14 @@ class BatchResult:
     prompt_tokens: int = 0
     cancelled: bool = False
     errors: list[str] = field(default_factory=list)  # one line per failed row
+    # Steps in which every row decoded (no prefill chunk beside them): their time and tokens, the
+    # batch's decode throughput (benchmarks/batching.py).
+    decode_seconds: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
 def row_name(index: int, label: str) -> str:
@@ -193,6 +201,8 @@ class _BatchLoop:
         self.active: list[_RowRun] = []
         self.results: dict[int, RowResult] = {}
         self.steps = 0
+        self.decode_seconds = 0.0
+        self.decode_tokens = 0
         self.peak_bytes = 0
         self.most_in_flight = 0
 
@@ -225,7 +235,8 @@ class _BatchLoop:
         return BatchResult(rows, time.perf_counter() - started, self.steps, self.peak_bytes, self.most_in_flight,
                            tokens_generated=sum(len(r.token_ids) for r in finished),
                            prompt_tokens=sum(len(ids) for ids in self.encoded), cancelled=self.cancel.cancelled,
-                           errors=[f"{row_name(r.index, r.label)}: {r.error}" for r in rows if r.failed])
+                           errors=[f"{row_name(r.index, r.label)}: {r.error}" for r in rows if r.failed],
+                           decode_seconds=self.decode_seconds, decode_tokens=self.decode_tokens)
 
     def _admit(self) -> None:
         """Rows start as places free up, in order."""
@@ -288,6 +299,9 @@ class _BatchLoop:
             run.after_step(n, phase, logits[position])
             if run.stop_reason is not None:
                 self._end(run, run.result(run.stop_reason))
+        if all(phase == "decode" for _, _, phase, _, _ in pieces):  # sampling included, as a single run's decode
+            self.decode_seconds += time.perf_counter() - started
+            self.decode_tokens += len(pieces)
 
     def _before_layer(self, index: int) -> None:
         if self.cancel.cancelled:
