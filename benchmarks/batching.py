@@ -15,7 +15,7 @@ Last lines:
   peak_cache_ratio_batch8_vs_sum_of_rows=     the largest over the four set-ups (target <= 1.1)
   sweep_wall_ratio=                           batched sweep wall / serial sweep wall
 
-usage: python benchmarks/batching.py [--model default] [--rounds 1] [--quick]
+usage: python -m benchmarks.batching [--model default] [--rounds 1] [--quick]
 """
 
 from __future__ import annotations
