@@ -35,6 +35,7 @@ from kvstudio.cli.storage_options import add_storage_options, format_storage, me
 from kvstudio.cli.model_options import (add_device_map_option, add_kv_groups_option, apply_kv_groups,  # noqa: E402
                                         device_map_from)
 from kvstudio.cli.options import add_policy_options, policy_from_args, prompt_from_args  # noqa: E402
+from kvstudio.cli import batch_run  # noqa: E402
 from kvstudio.cli.output import format_summary, open_history, progress, warn, write_json_atomic, write_snapshot  # noqa: E402
 
 EXIT_INTERNAL = 1  # a bug in KV Studio: one line, and a report file
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size in tokens (default 512)")
     prompt = run.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="the prompt text")
-    prompt.add_argument("--prompt-file", help="a UTF-8 text file holding the prompt")
+    prompt.add_argument("--prompt-file", action="append", help="a UTF-8 text file holding the prompt; repeated: a "
+                                                               "batch, one row per file (cli/batch_run.py)")
+    batch_run.add_options(run, prompt)
     run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     run.add_argument("--max-new-tokens", type=int, default=64)
     run.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -274,13 +277,15 @@ def command_run(args) -> int:
     storage = storage_from_args(args)  # also reads the `--policy h2o-int4` shorthand
     policy = policy_from_args(args)
     policy.storage = storage
-    prompt = prompt_from_args(args)
+    prompt = None if batch_run.wants_batch(args) else prompt_from_args(args)
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, chunk_size=args.chunk_size, stop_strings=tuple(args.stop), chat_template=args.chat,
         memory_sample_hz=args.memory_sample_hz, ignore_eos=args.ignore_eos, measure_loss=args.measure_loss,
     )
     settings.validate()
+    if prompt is None:  # several prompts: one batched run, each row its own run in the history
+        return batch_run.run(args, policy, settings, _load_reporting_oom)
     for path in (args.json, args.memory_snapshot):
         if path:
             check_writable_folder(path)
@@ -371,6 +376,9 @@ def command_runs(args) -> int:
                 preview = f"[{r.kind}] {preview}"
             if r.damaged:  # shown, not hidden: `runs show` has what could be read
                 preview = f"[damaged: {', '.join(r.damaged)}] {preview}"
+            if isinstance(r.settings.get("batch"), dict):  # a row of a batched run (cli/batch_run.py)
+                link = r.settings["batch"]
+                preview = f"[batch {link.get('id')} {link.get('row')}/{link.get('rows')}] {preview}"
             print(f"{r.id:>5}  {r.created}  {r.shown_status:<11} {r.model:<24} {r.cache:<14} {speed:>13}  "
                   f"{peak:<16} {preview!r}")
         return 0

@@ -107,6 +107,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "cells already stored (e.g. while the sweep still runs elsewhere)")
     out.add_argument("--fresh", action="store_true", help="start over: ignore (and replace) the stored cells")
     out.add_argument("--no-history", action="store_true", help="do not store the cells' runs in the run history")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="run up to N cells at once as one "
+                        "batched run (generation tasks; each cell as it would run alone); default 1: one at a time")
     parser.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load policy plugins")
     from kvstudio.cli.eval_cluster import add_options
 
@@ -173,6 +175,8 @@ def run(args) -> int:
 
     spec = build_spec(args)
     spec.validate()  # every bad option before seconds of model loading
+    if args.batch_size < 1:
+        raise KVStudioError(f"--batch-size must be at least 1, got {args.batch_size}")
     for path in [args.json, args.csv, *args.plot]:
         if path:
             check_writable_folder(path)
@@ -210,7 +214,9 @@ def _run_sweep(args, sweep, described: str) -> int:
         stored = sweep.stored()
         return _report(args, SweepOutcome(stored, 0, len(stored), len(stored) < len(sweep.cells), sweep.store.path))
     try:
-        outcome = sweep.run(on_cell=_print_cell(sweep), on_progress=_print_progress)
+        from kvstudio.core.evaluate.batched_sweep import run_batched
+
+        outcome = run_batched(sweep, args.batch_size, on_cell=_print_cell(sweep), on_progress=_print_progress)
     except KeyboardInterrupt:
         print(f"\n[eval] interrupted: {len(sweep.stored())} of {len(sweep.cells)} cells are stored in "
               f"{sweep.store.path}; run the same command again to resume", file=sys.stderr)

@@ -58,7 +58,8 @@ def prompt_from_args(args) -> str:
     from kvstudio.core.errors import PromptError
 
     if args.prompt_file:  # the studio's reader: a PDF by its suffix, any other name as text
-        return read_document(args.prompt_file, what="prompt file", any_suffix=True).text
+        path = args.prompt_file[0] if isinstance(args.prompt_file, list) else args.prompt_file  # run's repeats
+        return read_document(path, what="prompt file", any_suffix=True).text
     if args.prompt is None:
         raise PromptError("no prompt: give --prompt TEXT or --prompt-file PATH")
     if not args.prompt.strip():

@@ -301,7 +301,7 @@ class Sweep:
                 break
             if on_progress:
                 eta = spent / weight_done * weight_left if weight_done else None
-                on_progress(SweepProgress(index, len(self.cells), reused, eta, _describe(cell),
+                on_progress(SweepProgress(index, len(self.cells), reused, eta, describe_cell(cell),
                                           time.perf_counter() - started))
             record = self._run_cell(cell)
             if record is None:  # cancelled part way: not stored, computed again next time
@@ -322,10 +322,14 @@ class Sweep:
 
     # -- one cell ---------------------------------------------------------------------------------
 
+    def cell_base(self, cell: Cell, policy: Policy) -> dict:
+        """What every record of a cell says first: task, policy, budget, variant, model."""
+        return {"task": self.spec.task, "policy": cell.policy, "budget": cell.budget, "variant": cell.variant,
+                "policy_description": policy.describe(), "model": self.spec.model, "provenance": self.provenance}
+
     def _run_cell(self, cell: Cell) -> dict | None:
         policy = make_policy(cell.policy, cell.budget, self.spec.policy_options, cell.variant)
-        base = {"task": self.spec.task, "policy": cell.policy, "budget": cell.budget, "variant": cell.variant,
-                "policy_description": policy.describe(), "model": self.spec.model, "provenance": self.provenance}
+        base = self.cell_base(cell, policy)
         if cell.sample is None:
             return self._language_cell(policy, base)
         return self._generation_cell(cell.sample, policy, base)
@@ -347,13 +351,7 @@ class Sweep:
             book.finish(result)
         if result.stop_reason == "cancelled":
             return None
-        measured = {"attention_loss": result.attention_loss} if spec.measure_loss else {}
-        return {**base, "protocol": spec.protocol, "subtask": sample.subtask, "context_tokens": sample.context_tokens,
-                "depth": sample.extra.get("asked_depth"), "needle_depth": sample.depth, "sample": sample.sample,
-                **sample.score(result.text), "output": result.text, "expected": sample.expected,
-                "peak_cache_bytes": max(result.peak_cache_bytes, context_peak), **measured,
-                "context_reused": reused,
-                "seconds": round(result.prefill_seconds + result.decode_seconds, 3), "run_id": book.run_id}
+        return generation_record(sample, base, result, book.run_id, spec.protocol, spec.measure_loss, context_peak, reused)
 
     def _language_cell(self, policy: Policy, base: dict) -> dict | None:
         options = self.spec.language_options
@@ -393,7 +391,20 @@ class Sweep:
         self.history = None
 
 
-def _describe(cell: Cell) -> str:
+def generation_record(sample: Sample, base: dict, result, run_id: int | None, protocol: str = DEFAULT_PROTOCOL,
+                      measure_loss: bool = False, context_peak: int = 0, reused: bool = False) -> dict:
+    """A generation cell's record: where the sample sits in the grid, how it was compressed, its scores,
+    output and figures. `context_peak`, `reused`: a question-agnostic context restored from its
+    compressed cache (core/evaluate/protocols.py)."""
+    measured = {"attention_loss": result.attention_loss} if measure_loss else {}
+    return {**base, "protocol": protocol, "subtask": sample.subtask, "context_tokens": sample.context_tokens,
+            "depth": sample.extra.get("asked_depth"), "needle_depth": sample.depth, "sample": sample.sample,
+            **sample.score(result.text), "output": result.text, "expected": sample.expected,
+            "peak_cache_bytes": max(result.peak_cache_bytes, context_peak), **measured, "context_reused": reused,
+            "seconds": round(result.prefill_seconds + result.decode_seconds, 3), "run_id": run_id}
+
+
+def describe_cell(cell: Cell) -> str:
     budget = "" if cell.budget is None else f" @ {cell.budget}"
     variant = "".join(f" {k}={v}" for k, v in cell.variant.items())
     if cell.sample is None:

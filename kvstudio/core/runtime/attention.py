@@ -263,6 +263,8 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
                                    kwargs.get("s_aux"))
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
+    if getattr(kvstudio_cache, "attend_rows", None) is not None:  # a batched step (core/runtime/batch_cache.py)
+        return kvstudio_cache.attend_rows(module, query, scaling, dropout, kwargs)
     # The host tier (kvstudio.core.storage.host) puts recalled entries in front, for this step only.
     key, value, recalled = kvstudio_cache.recall(module.layer_idx, query, key, value)
     q_len, k_len = query.shape[2], key.shape[2]

@@ -302,13 +302,7 @@ class Engine:
         sampler = Sampler(settings, self.loaded.device)
         stream = TextStream(self.tokenizer)
         run = RunSession(self, cache, recorder)
-        recorder.record(RunStartedEvent(
-            self.loaded.name, policy.describe(), self.loaded.n_layers, self.loaded.n_kv_heads, tuple(cache.budgets),
-            tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
-            self.loaded.n_heads, cache.storage.tier, tuple(ids), len(start.token_ids) if start is not None else 0,
-            run_state.missing_heads(start, self.loaded.n_kv_heads) if start is not None else (),
-            self.loaded.layer_windows, self.loaded.state_layers,
-        ))
+        self.record_start(recorder, ids, policy, cache, start)
 
         interval = 1 / settings.memory_sample_hz if settings.memory_sample_hz else 0
         # Between decoder layers, a prefill chunk can stop and shows its progress (core/runtime/layer_hooks.py).
@@ -322,9 +316,19 @@ class Engine:
             result.cache = cache
         return result
 
+    def record_start(self, recorder: Recorder, ids: list[int], policy: Policy, cache: PolicyCache,
+                     start: RunState | None = None) -> None:
+        """The run's first event: model, policy, budgets and the prompt's tokens (the views' set-up)."""
+        recorder.record(RunStartedEvent(
+            self.loaded.name, policy.describe(), self.loaded.n_layers, self.loaded.n_kv_heads, tuple(cache.budgets),
+            tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
+            self.loaded.n_heads, cache.storage.tier, tuple(ids), len(start.token_ids) if start is not None else 0,
+            run_state.missing_heads(start, self.loaded.n_kv_heads) if start is not None else (),
+            self.loaded.layer_windows, self.loaded.state_layers,
+        ))
+
     def _generate(self, run, ids, policy, settings, sampler, stream, cancel, on_text, start=None, resume=False,
                   keep_state=False, on_prefill_state=None) -> GenerationResult:
-        recorder = run.recorder
         prefill_started = time.perf_counter()
         earlier: list[int] = []  # tokens a resumed run generated before it was saved
         checkpoint = None
@@ -350,33 +354,20 @@ class Engine:
         generated: list[int] = []
         decode_started = time.perf_counter()
         while logits is not None and settings.max_new_tokens > 0:
-            token, logprob = sampler(logits)
-            generated.append(token)
-            piece = stream.push(token)
-            record = run.records[-1]
-            record.token_id, record.text, record.logprob = token, piece, logprob
-            recorder.record(TokenEvent(record.step, len(generated) - 1, token, piece, logprob, record.seconds))
+            piece, stop = self.next_token(run, logits, sampler, stream, generated, settings)
             if on_text and piece:
                 on_text(piece)
-            if token in self.eos_ids and not settings.ignore_eos:
-                stop_reason = "eos"
-                break
-            if stream.found_stop(settings.stop_strings, piece):
-                stop_reason = "stop_string"
-                break
-            if len(generated) >= settings.max_new_tokens:
+            if stop is not None:
+                stop_reason = stop
                 break
             if cancel.cancelled:
                 stop_reason = "cancelled"
                 break
-            logits = run.forward([token], "decode")
+            logits = run.forward([generated[-1]], "decode")
         # The first token comes from the prefill's logits; decode time covers the tokens after it.
         decode_seconds = time.perf_counter() - decode_started if len(generated) > 1 else 0.0
 
-        text = stream.emitted
-        if stop_reason == "stop_string":
-            cut = min(text.index(stop) for stop in settings.stop_strings if stop in text)
-            text = text[:cut]
+        text = final_text(stream, stop_reason, settings)
         state = None
         if keep_state and logits is not None:
             prompt_tokens = start.prompt_tokens if resume else len(ids)
@@ -384,13 +375,46 @@ class Engine:
                                       start.prefill_seconds if resume else prefill_seconds, stream.emitted)
         if resume:
             text = text[len(start.generated_text):] if text.startswith(start.generated_text) else text
+        return self.result_of(run, text, generated, len(ids), policy, stop_reason, prefill_seconds, decode_seconds,
+                              state, len(start.token_ids) if start is not None else 0)
+
+    def next_token(self, run: RunSession, logits: torch.Tensor, sampler: Sampler, stream: TextStream,
+                   generated: list[int], settings: GenerationSettings) -> tuple[str, str | None]:
+        """Sample the next token from `logits`, record it on the step that produced them; (the text
+        it adds, why the run stops there: eos, stop_string, max_new_tokens; None to go on)."""
+        token, logprob = sampler(logits)
+        generated.append(token)
+        piece = stream.push(token)
+        record = run.records[-1]
+        record.token_id, record.text, record.logprob = token, piece, logprob
+        run.recorder.record(TokenEvent(record.step, len(generated) - 1, token, piece, logprob, record.seconds))
+        if token in self.eos_ids and not settings.ignore_eos:
+            return piece, "eos"
+        if stream.found_stop(settings.stop_strings, piece):
+            return piece, "stop_string"
+        if len(generated) >= settings.max_new_tokens:
+            return piece, "max_new_tokens"
+        return piece, None
+
+    def result_of(self, run: RunSession, text: str, generated: list[int], prompt_tokens: int, policy: Policy,
+                  stop_reason: str, prefill_seconds: float, decode_seconds: float, state: RunState | None = None,
+                  restored_tokens: int = 0) -> GenerationResult:
+        """A run's result from its session: the figures every run reports (a batched run's rows too)."""
         return GenerationResult(
-            text=text, token_ids=generated, prompt_tokens=len(ids), policy=policy.describe(),
+            text=text, token_ids=generated, prompt_tokens=prompt_tokens, policy=policy.describe(),
             model=self.loaded.name, stop_reason=stop_reason, prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds, peak_cache_bytes=run.cache.peak_bytes,
             kept_per_layer=run.cache.kept_per_layer(), peak_kept_per_layer=list(run.cache.peak_kept_per_layer),
             evictions=sum(r.evicted for r in run.records), steps=run.records, state=state,
-            restored_tokens=len(start.token_ids) if start is not None else 0, storage=summarize(run.cache),
+            restored_tokens=restored_tokens, storage=summarize(run.cache),
             left_window=sum(r.left_window for r in run.records), layer_kinds=kinds_record(run.cache.layer_kinds),
             **loss_summary(run.cache.loss_meter, run.records),
         )
+
+
+def final_text(stream: TextStream, stop_reason: str, settings: GenerationSettings) -> str:
+    """What a run answers: the text emitted, cut before the stop string that ended it."""
+    text = stream.emitted
+    if stop_reason == "stop_string":
+        text = text[:min(text.index(stop) for stop in settings.stop_strings if stop in text)]
+    return text

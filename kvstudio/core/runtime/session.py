@@ -138,6 +138,25 @@ class RunSession:
         `all_logits`: every fed position's, (n, vocab) (the perplexity evaluation scores them all).
         Fine-tuning (core/train) passes `keep_logits` (indices into the chunk: the logits wanted,
         (k, vocab) returned) and `grad` (autograd on, so kept keys and values stay in the graph)."""
+        step, new_ids, rope_positions = self.begin_forward(token_ids, phase, is_last_prefill_chunk)
+        started = time.perf_counter()
+        with torch.enable_grad() if grad else torch.inference_mode():
+            output = self.engine.model(
+                input_ids=new_ids.unsqueeze(0),
+                position_ids=rope_positions.unsqueeze(0),
+                **{self.engine.cache_keyword: self.cache},
+                use_cache=True,
+                logits_to_keep=0 if all_logits else (1 if keep_logits is None else keep_logits),
+                kvstudio_cache=self.cache,
+            )
+        logits = output.logits[0, -1] if keep_logits is None and not all_logits else output.logits[0]
+        self.end_forward(step, phase, len(token_ids), started, is_last_prefill_chunk)
+        return logits
+
+    def begin_forward(self, token_ids: list[int], phase: str, is_last_prefill_chunk: bool = False):
+        """The first half of a step, before the model runs: the new tokens' positions, the cache's step
+        context. (step, the tokens as a tensor, the position ids to rotate them with). A batched run
+        (batch.py) calls it for each row, then runs the model once for all of them."""
         device = self.engine.loaded.device
         n = len(token_ids)
         positions = torch.arange(self.seen, self.seen + n, device=device)
@@ -152,22 +171,14 @@ class RunSession:
         self.cache.begin_step(StepContext(step, phase, positions, rope_positions, is_last_prefill_chunk,
                                           self.recorder.watch_layers, self.token_ids))
         self.cache.tokens_seen = self.seen  # get_seq_length(): tokens absorbed before this step
-        started = time.perf_counter()
-        with torch.enable_grad() if grad else torch.inference_mode():
-            output = self.engine.model(
-                input_ids=new_ids.unsqueeze(0),
-                position_ids=rope_positions.unsqueeze(0),
-                **{self.engine.cache_keyword: self.cache},
-                use_cache=True,
-                logits_to_keep=0 if all_logits else (1 if keep_logits is None else keep_logits),
-                kvstudio_cache=self.cache,
-            )
-        logits = output.logits[0, -1] if keep_logits is None and not all_logits else output.logits[0]
+        return step, new_ids, rope_positions
+
+    def end_forward(self, step: int, phase: str, n: int, started: float, is_last_prefill_chunk: bool = False) -> None:
+        """The second half, after the model ran: what the policy did, recorded as the step."""
         report = self.cache.end_step()
         seconds = time.perf_counter() - started
         self.seen += n
         self.record_step(step, phase, n, seconds, report, prefill_done=is_last_prefill_chunk)
-        return logits
 
     @property
     def token_ids(self) -> torch.Tensor:
