@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 
 import pytest
@@ -243,3 +244,14 @@ def test_the_studio_runs_a_sweep_on_a_ray_address_stops_and_resumes(cluster, qtb
     computed = [r for r in view.records if r.get("run_id") is not None][-1]
     window.runs.reopen(computed["run_id"])
     assert window.views.showing_stored_run
+
+
+def test_an_address_where_nothing_answers_is_refused_in_seconds():
+    from kvstudio.core.evaluate.cluster import _probe
+
+    with socket.socket() as listener:  # a port certainly closed: bound, then released
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+    with pytest.raises(KVStudioError, match=f"--ray 127.0.0.1:{port}: nothing answers there"):
+        _probe(f"127.0.0.1:{port}", "start one")
+    _probe("auto", "start one")  # Ray's own names are left to Ray

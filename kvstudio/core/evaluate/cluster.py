@@ -206,6 +206,7 @@ class WorkerPool:
         self.options = self._resources(workers, cpus_per_worker)
         self.actor_class = ray.remote(CellWorker)
         self.spec: SweepSpec | None = None
+        self.generation = 0  # sweeps prepared: a worker installs only the newest (CellWorker.prepare)
         self.reference: dict | None = None  # the first worker: every other is compared with it
         self.warnings: list[str] = []
         self.workers = [self._spawn() for _ in range(self.count)]
@@ -266,7 +267,8 @@ class WorkerPool:
         if spec.model != self.model:
             raise KVStudioError(f"the workers hold '{self.model}', the sweep is of '{spec.model}'")
         self.spec = spec
-        asked = [(w, w.actor.prepare.remote(spec, index == 0)) for index, w in enumerate(self.workers)]
+        self.generation += 1
+        asked = [(w, w.actor.prepare.remote(spec, index == 0, self.generation)) for index, w in enumerate(self.workers)]
         reference, cells = None, None
         for worker, ref in asked:
             try:
@@ -283,7 +285,7 @@ class WorkerPool:
             raise KVStudioError(f"no worker is left: {'; '.join(self.warnings)}")
         self.reference = reference
         if cells is None:  # the worker asked for them had died
-            cells = self.ray.get(self.workers[0].actor.prepare.remote(spec, True))["cells"]
+            cells = self.ray.get(self.workers[0].actor.prepare.remote(spec, True, self.generation))["cells"]
         return cells
 
     def replace(self, dead: Worker) -> tuple[Worker, object]:
@@ -293,7 +295,7 @@ class WorkerPool:
             self.ray.kill(dead.actor)
         worker = self._spawn()
         self.workers.append(worker)
-        return worker, worker.actor.prepare.remote(self.spec)
+        return worker, worker.actor.prepare.remote(self.spec, False, self.generation)
 
     def joined(self, worker: Worker, ref) -> bool:
         """Whether a replacement is ready for cells; one that is not is dropped with a warning."""
