@@ -15,17 +15,21 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 
 import pytest
 
 ray = pytest.importorskip("ray")
 
 from kvstudio.core.errors import KVStudioError  # noqa: E402
-from kvstudio.core.evaluate.cluster import ClusterSweep, check_report, close_pools, shared_pool  # noqa: E402
+from kvstudio.core.evaluate.cluster import (ClusterSweep, WorkerPool, check_report, close_pools,  # noqa: E402
+                                           shared_pool)
 from kvstudio.core.evaluate.sweep import Sweep, SweepSpec, SweepStore  # noqa: E402
 from kvstudio.core.evaluate.tasks import TaskOptions  # noqa: E402
 from kvstudio.core.persist.history import RunHistory  # noqa: E402
 from kvstudio.core.plugins.loader import PluginManager  # noqa: E402
+from kvstudio.core.runtime.engine import CancelToken  # noqa: E402
 
 from .conftest import engine_for  # noqa: E402
 from .helpers import run_cli  # noqa: E402
@@ -191,6 +195,16 @@ def test_a_cell_whose_worker_dies_twice_is_recorded_failed_and_the_sweep_goes_on
     assert key not in SweepStore(store, spec).cells  # so the next run tries it again
     rows = {row.status: row for row in history.list()}
     assert rows["failed"].error == reason and rows["failed"].policy == "worker_killer"
+
+
+def test_stop_while_workers_start_gives_up_at_once(cluster):
+    """The module's pool holds both CPUs: a new worker waits for one; Stop ends the wait."""
+    cancel = CancelToken()
+    threading.Timer(1.0, cancel.cancel).start()
+    started = time.perf_counter()
+    with pytest.raises(KVStudioError, match="stopped while the Ray workers were starting"):
+        WorkerPool("tiny-llama", "cpu", workers=1, cpus_per_worker=1, cancel=cancel)
+    assert time.perf_counter() - started < 30
 
 
 def test_a_worker_of_another_version_is_refused_in_one_line(cluster):
