@@ -269,3 +269,19 @@ def test_an_address_where_nothing_answers_is_refused_in_seconds():
     with pytest.raises(KVStudioError, match=f"--ray 127.0.0.1:{port}: nothing answers there"):
         _probe(f"127.0.0.1:{port}", "start one")
     _probe("auto", "start one")  # Ray's own names are left to Ray
+
+
+@pytest.mark.studio_model("tiny-llama")
+def test_the_studio_without_ray_says_how_to_install_it(qtbot, window, monkeypatch):
+    from kvstudio.gui.features.evaluate_cluster import RAY
+
+    from .test_evaluate_view import _choose
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as on a machine without it
+    view = window.evaluate.view
+    _choose(view)
+    view.run_on.where.setCurrentText(RAY)
+    view.start.click()
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=60_000)
+    assert "pip install 'kvstudio[cluster]'" in view.status.text(), view.status.text()
+    assert view.records == [] and view.start.isEnabled()
