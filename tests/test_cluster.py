@@ -124,6 +124,10 @@ def test_the_cluster_store_equals_the_local_store_cell_by_cell(cluster, tmp_path
     remote, local = SweepStore(tmp_path / "cluster.jsonl", spec).cells, SweepStore(tmp_path / "local.jsonl", spec).cells
     assert list(remote) and set(remote) == set(local)
     assert _comparable(remote) == _comparable(local)
+    # One store for both: a local sweep resumes the cluster's and computes nothing; another sweep's is refused.
+    assert Sweep(engine_for("tiny-llama"), spec, tmp_path / "cluster.jsonl").run().computed == 0
+    with pytest.raises(KVStudioError, match="holds another sweep"):
+        ClusterSweep(pool, _spec(chunk_size=32), tmp_path / "cluster.jsonl")
     # Every cell is a run in this machine's history, with its events, naming the worker it ran on.
     for record in outcome.records:
         row = history.get(record["run_id"])
