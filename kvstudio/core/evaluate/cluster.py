@@ -118,14 +118,15 @@ def open_cluster_sweep(target: ClusterTarget, spec: SweepSpec, store_path, histo
                        cancel: CancelToken | None = None) -> ClusterSweep:
     """Connected, the workers started (or kept from the last sweep) and checked, the sweep planned."""
     ensure_connected(target.address)
-    return ClusterSweep(shared_pool(spec.model, "auto", "auto", target.workers), spec, store_path, history, cancel)
+    pool = shared_pool(spec.model, "auto", "auto", target.workers, cancel=cancel)
+    return ClusterSweep(pool, spec, store_path, history, cancel)
 
 
 _pools: dict[tuple, "WorkerPool"] = {}
 
 
 def shared_pool(model: str, device: str = "auto", dtype: str = "auto", workers: int | None = None,
-                cpus_per_worker: int | None = None) -> "WorkerPool":
+                cpus_per_worker: int | None = None, cancel: CancelToken | None = None) -> "WorkerPool":
     """The pool of these settings that an earlier sweep of this connection started (its workers hold
     the model already: the studio's second sweep starts at once), or a new one. Plugins changed
     since then (another bundle) make a new pool."""
@@ -133,7 +134,7 @@ def shared_pool(model: str, device: str = "auto", dtype: str = "auto", workers: 
     key = (model, device, dtype, workers, cpus_per_worker, tuple(p.digest for p in shipping.bundle()))
     pool = _pools.get(key)
     if pool is None or not pool.workers:
-        pool = _pools[key] = WorkerPool(model, device, dtype, workers, cpus_per_worker)
+        pool = _pools[key] = WorkerPool(model, device, dtype, workers, cpus_per_worker, cancel=cancel)
     return pool
 
 
@@ -196,7 +197,9 @@ class WorkerPool:
     """Ray actors that each load the model once and keep it, across the sweeps given to them."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", workers: int | None = None,
-                 cpus_per_worker: int | None = None, start_timeout: float = START_TIMEOUT_S):
+                 cpus_per_worker: int | None = None, start_timeout: float = START_TIMEOUT_S,
+                 cancel: CancelToken | None = None):
+        """`cancel`: Stop while the workers load the model (minutes for a large one) gives up."""
         self.ray = ray = import_ray()
         if not ray.is_initialized():
             raise KVStudioError("not connected to a Ray cluster (cluster.connected(address) first)")
@@ -206,11 +209,12 @@ class WorkerPool:
         self.options = self._resources(workers, cpus_per_worker)
         self.actor_class = ray.remote(CellWorker)
         self.spec: SweepSpec | None = None
+        self.generation = 0  # sweeps prepared: a worker installs only the newest (CellWorker.prepare)
         self.reference: dict | None = None  # the first worker: every other is compared with it
         self.warnings: list[str] = []
         self.workers = [self._spawn() for _ in range(self.count)]
         try:
-            reports = ray.get([w.actor.report.remote() for w in self.workers], timeout=start_timeout)
+            reports = self._started([w.actor.report.remote() for w in self.workers], start_timeout, cancel)
         except ray.exceptions.GetTimeoutError:
             self.close()
             raise KVStudioError(f"{self.count} workers did not start within {start_timeout:.0f} s; the cluster has "
@@ -218,6 +222,9 @@ class WorkerPool:
         except ray.exceptions.RayError as error:
             self.close()
             raise KVStudioError(f"a worker could not start: {_first_line(error)}") from None
+        except KVStudioError:
+            self.close()
+            raise
         try:
             for worker, report in zip(self.workers, reports):
                 worker.report = report
@@ -226,6 +233,18 @@ class WorkerPool:
         except KVStudioError:
             self.close()
             raise
+
+    def _started(self, refs: list, timeout: float, cancel: CancelToken | None) -> list:
+        """The workers' first reports, looking at Stop while they load."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            _, waiting = self.ray.wait(refs, num_returns=len(refs), timeout=POLL_S)
+            if not waiting:
+                return self.ray.get(refs)
+            if cancel is not None and cancel.cancelled:
+                raise KVStudioError("stopped while the Ray workers were starting; no cell was computed")
+            if time.perf_counter() > deadline:
+                raise self.ray.exceptions.GetTimeoutError()
 
     @property
     def count(self) -> int:
@@ -266,7 +285,8 @@ class WorkerPool:
         if spec.model != self.model:
             raise KVStudioError(f"the workers hold '{self.model}', the sweep is of '{spec.model}'")
         self.spec = spec
-        asked = [(w, w.actor.prepare.remote(spec, index == 0)) for index, w in enumerate(self.workers)]
+        self.generation += 1
+        asked = [(w, w.actor.prepare.remote(spec, index == 0, self.generation)) for index, w in enumerate(self.workers)]
         reference, cells = None, None
         for worker, ref in asked:
             try:
@@ -283,7 +303,7 @@ class WorkerPool:
             raise KVStudioError(f"no worker is left: {'; '.join(self.warnings)}")
         self.reference = reference
         if cells is None:  # the worker asked for them had died
-            cells = self.ray.get(self.workers[0].actor.prepare.remote(spec, True))["cells"]
+            cells = self.ray.get(self.workers[0].actor.prepare.remote(spec, True, self.generation))["cells"]
         return cells
 
     def replace(self, dead: Worker) -> tuple[Worker, object]:
@@ -293,7 +313,7 @@ class WorkerPool:
             self.ray.kill(dead.actor)
         worker = self._spawn()
         self.workers.append(worker)
-        return worker, worker.actor.prepare.remote(self.spec)
+        return worker, worker.actor.prepare.remote(self.spec, False, self.generation)
 
     def joined(self, worker: Worker, ref) -> bool:
         """Whether a replacement is ready for cells; one that is not is dropped with a warning."""

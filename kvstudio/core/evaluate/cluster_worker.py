@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -106,6 +107,8 @@ class CellWorker:
         self.problem: str | None = None
         self.engine: Engine | None = None
         self.sweep: WorkerSweep | None = None
+        self.generation = 0  # of the sweep prepared last (see prepare)
+        self.preparing = threading.Lock()
         self.shipped = plugins
         if threads:
             torch.set_num_threads(threads)  # what Ray gave this worker, not every core of its machine
@@ -132,18 +135,23 @@ class CellWorker:
                        "device": str(loaded.device), "describe": loaded.describe()}
         return report
 
-    def prepare(self, spec: SweepSpec, want_cells: bool = False) -> dict:
+    def prepare(self, spec: SweepSpec, want_cells: bool = False, generation: int = 0) -> dict:
         """Plan `spec`'s cells (the plugins' policies are checked here too); the plan's digest, and
-        the cells themselves for the one worker the driver asks."""
-        report = self.report()
-        if self.engine is None:
-            return report
-        try:
-            self.sweep = WorkerSweep(self.engine, spec, self.scratch)
-        except KVStudioError as error:
-            return report | {"problem": f"cannot plan the sweep: {error}"}
-        cells = self.sweep.cells
-        return report | {"plan": plan_digest(cells, spec.task), "cells": cells if want_cells else None}
+        the cells themselves for the one worker the driver asks. `generation` counts the driver's
+        sweeps: the actor's two threads may run an older sweep's preparation (sent to a replacement
+        while it started) after a newer one, and the older must not win."""
+        with self.preparing:
+            report = self.report()
+            if self.engine is None:
+                return report
+            if generation < self.generation:
+                return report | {"problem": f"a preparation for an earlier sweep ({generation} < {self.generation})"}
+            try:
+                sweep = WorkerSweep(self.engine, spec, self.scratch)
+            except KVStudioError as error:
+                return report | {"problem": f"cannot plan the sweep: {error}"}
+            self.sweep, self.generation = sweep, generation
+            return report | {"plan": plan_digest(sweep.cells, spec.task), "cells": sweep.cells if want_cells else None}
 
     def compute(self, key: str) -> dict:
         if self.sweep is None:
