@@ -170,9 +170,17 @@ def test_sampling_is_seeded_per_row(llama_engine):
 
 def test_short_rows_decode_while_long_rows_prefill(llama_engine):
     prompts = [random_ids(4, seed=1), random_ids(90, seed=2)]
-    batch = run_batch(llama_engine, prompts, [create_policy("full"), create_policy("full")],
-                      settings(chunk_size=10, max_new_tokens=20))
+    fed = []  # what the model's embedding really received, step by step: no pad token among it
+    embedding = llama_engine.model.get_input_embeddings()
+    hook = embedding.register_forward_pre_hook(lambda _module, args: fed.append(args[0].shape))
+    try:
+        batch = run_batch(llama_engine, prompts, [create_policy("full"), create_policy("full")],
+                          settings(chunk_size=10, max_new_tokens=20))
+    finally:
+        hook.remove()
     short, long = (row.result for row in batch.rows)
+    assert all(shape[0] == 1 for shape in fed) and len(fed) == batch.steps
+    assert sum(shape[1] for shape in fed) == sum(len(p) + 20 - 1 for p in prompts)  # prompts + new tokens, nothing more
     # The short row's decoding took steps that the long row spent reading its prompt: they ran together.
     assert batch.steps < len(short.steps) + len(long.steps)
     assert batch.steps == max(len(short.steps), len(long.steps))
@@ -230,8 +238,11 @@ def test_a_batch_that_does_not_fit_says_how_many_rows_would(llama_engine):
     one = row_cache_bytes(llama_engine.loaded, 300, create_policy("full"), 16, 10)
     available = int((3 * one + step_bytes(llama_engine.loaded, 3 * 16)) / 0.8) + 1  # room for three rows
     with pytest.raises(KVStudioError, match=r"a batch of 6 rows needs .*3 rows at a time would: use --batch-size 3"):
-        generate_batch(llama_engine, rows, settings(), available_bytes=available)
-    batch = generate_batch(llama_engine, rows, settings(max_new_tokens=2), max_rows=3, available_bytes=available)
+        generate_batch(llama_engine, rows, settings(), max_rows=6, available_bytes=available)
+    with pytest.raises(KVStudioError, match=r"not even one row would"):
+        generate_batch(llama_engine, rows, settings(), available_bytes=one // 2)
+    # Without a batch size, as many rows as fit run at a time; the others start as rows finish.
+    batch = generate_batch(llama_engine, rows, settings(max_new_tokens=2), available_bytes=available)
     assert not batch.errors and batch.max_rows_in_flight == 3
 
 

@@ -170,7 +170,7 @@ def generate_batch(engine: Engine, rows: list[BatchRow], settings: GenerationSet
                    cancel: CancelToken | None = None, on_row_start: Callable[[int], None] | None = None,
                    on_row_end: Callable[[RowResult], None] | None = None,
                    available_bytes: int | None = None) -> BatchResult:
-    """Run every row; at most `max_rows` in flight (default: all). `recorders[r]` receives row r's
+    """Run every row; at most `max_rows` in flight (default: as many as fit in memory). `recorders[r]` receives row r's
     events (a run's own, as a single run records them). `on_row_start(r)` and `on_row_end(result)`
     say when each row starts and ends (the CLI keeps each row's history there). `available_bytes`:
     the memory the batch may use (default: what the device has free now)."""
@@ -184,8 +184,8 @@ def generate_batch(engine: Engine, rows: list[BatchRow], settings: GenerationSet
         raise KVStudioError(f"{engine.loaded.name} uses MLA attention (keys re-projected from latents after the "
                             "cache), which batched runs do not support yet: run its prompts one by one")
     encoded = encode_rows(engine, rows, settings)
-    max_rows = min(max_rows or len(rows), len(rows))
-    check_fits(engine.loaded, encoded, [row.policy for row in rows], settings, max_rows, available_bytes)
+    # At most max_rows in flight, refused when they would not fit; by default as many as fit.
+    max_rows = check_fits(engine.loaded, encoded, [row.policy for row in rows], settings, max_rows, available_bytes)
     recorders = recorders or [Recorder() for _ in rows]
     cancel = cancel or CancelToken()
     return _BatchLoop(engine, rows, encoded, settings, max_rows, recorders, cancel, on_row_start, on_row_end).run()
@@ -228,8 +228,7 @@ class _BatchLoop:
             self._end(run, run.result("cancelled"))
         for index in list(self.waiting):  # never started: nothing ran, nothing to keep but the word
             self.results[index] = RowResult(index, self.rows[index].label, self.recorders[index],
-                                            error=KVStudioError(f"{row_name(index, self.rows[index].label)} was "
-                                                                "cancelled before it started"))
+                                            error=KVStudioError("cancelled before it started"))
         rows = [self.results[i] for i in range(len(self.rows))]
         finished = [r.result for r in rows if r.result is not None]
         return BatchResult(rows, time.perf_counter() - started, self.steps, self.peak_bytes, self.most_in_flight,

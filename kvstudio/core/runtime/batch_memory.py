@@ -5,7 +5,8 @@ bounded by its own policy (budget + one chunk + the tokens a policy lets decodin
 budget, by its own prompt and new tokens. A packed step adds the activations of every row's next
 piece at once. The estimate is an upper bound in the model's dtype (codecs hold less), so a batch
 refused here would have been close; one that passes can still run out (the run then fails with
-the usual out-of-memory explanation).
+the usual out-of-memory explanation). Without --batch-size, a batch runs as many rows at a time as
+fit (the others start as rows finish).
 """
 
 from __future__ import annotations
@@ -52,25 +53,27 @@ def free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def check_fits(loaded: LoadedModel, encoded: list[list[int]], policies: list[Policy], settings, max_rows: int,
-               available_bytes: int | None = None) -> None:
-    """Refuse a batch whose `max_rows` largest rows in flight together would not fit, saying how many would."""
+def check_fits(loaded: LoadedModel, encoded: list[list[int]], policies: list[Policy], settings, max_rows: int | None,
+               available_bytes: int | None = None) -> int:
+    """How many rows may be in flight: `max_rows` when its largest rows fit together, else a refusal
+    saying how many would; without `max_rows`, as many as fit (all of them when they do)."""
     rows = sorted((row_cache_bytes(loaded, len(ids), policy, settings.chunk_size, settings.max_new_tokens)
                    for ids, policy in zip(encoded, policies)), reverse=True)
     piece = min(settings.chunk_size, max(len(ids) for ids in encoded))
     available = free_bytes(loaded.device) if available_bytes is None else available_bytes
     allowed = int(available * HEADROOM)
+    wanted = min(max_rows or len(rows), len(rows))
 
     def need(count: int) -> int:
         return sum(rows[:count]) + step_bytes(loaded, count * piece)
 
-    if need(max_rows) <= allowed:
-        return
     fitting = 0
-    while fitting < max_rows and need(fitting + 1) <= allowed:
+    while fitting < wanted and need(fitting + 1) <= allowed:
         fitting += 1
+    if fitting == wanted or (max_rows is None and fitting):
+        return fitting
     advice = (f"{fitting} row{'s' if fitting != 1 else ''} at a time would: use --batch-size {fitting}" if fitting
               else "not even one row would: use a smaller --budget or --chunk-size, or shorter prompts")
-    raise KVStudioError(f"a batch of {max_rows} rows needs about {format_bytes(need(max_rows))} for its caches and "
+    raise KVStudioError(f"a batch of {wanted} rows needs about {format_bytes(need(wanted))} for its caches and "
                         f"one step, and {format_bytes(allowed)} of {format_bytes(available)} free may be used; "
                         f"{advice}")
