@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvstudio.core.errors import PolicyError
+from kvstudio.core.errors import KVStudioError, PolicyError
 from kvstudio.core.figures.data import TokenMap, occupancy
 from kvstudio.core.models.loading import LoadedModel
 from kvstudio.core.models.tiny import byte_tokenizer
@@ -85,3 +85,10 @@ def test_cache_save_from_the_cli_refuses_in_one_line(tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and "state layers cannot be saved yet" in errors[0], errors
     assert not (tmp_path / "c.kvcache").exists()
+
+
+def test_a_batch_of_a_model_with_state_layers_is_refused_in_one_line(lfm2):
+    from kvstudio.core.runtime.batch import BatchRow, generate_batch
+
+    with pytest.raises(KVStudioError, match="state layers \\(0, 2\\), which batched runs do not support yet"):
+        generate_batch(lfm2, [BatchRow(PROMPT, create_policy("full")), BatchRow(PROMPT[:10], create_policy("full"))])

@@ -183,6 +183,10 @@ def generate_batch(engine: Engine, rows: list[BatchRow], settings: GenerationSet
     if getattr(text_config(engine.loaded.config), "kv_lora_rank", None):
         raise KVStudioError(f"{engine.loaded.name} uses MLA attention (keys re-projected from latents after the "
                             "cache), which batched runs do not support yet: run its prompts one by one")
+    if engine.loaded.state_layers:  # one packed sequence would run every row through one recurrent state
+        raise KVStudioError(f"{engine.loaded.name} has recurrent or convolution state layers "
+                            f"({', '.join(map(str, engine.loaded.state_layers))}), which batched runs do not support "
+                            "yet: run its prompts one by one")
     encoded = encode_rows(engine, rows, settings)
     # At most max_rows in flight, refused when they would not fit; by default as many as fit.
     max_rows = check_fits(engine.loaded, encoded, [row.policy for row in rows], settings, max_rows, available_bytes)
