@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from PySide6.QtCore import QObject, QTimer
+from PySide6.QtCore import QEvent, QObject, QTimer
 from PySide6.QtWidgets import QApplication, QGraphicsView
 
 from kvstudio.core.persist.exports import export_run
@@ -28,6 +28,10 @@ POLICIES = (("full", {}), ("window", {"budget": 12}), ("streaming_llm", {"budget
 CODECS = ("fp", "int8", "int4")
 COMPARE_EVERY = 10  # every 10th turn is a Compare of two policies (two runs)
 REOPEN_EVERY = 7  # every 7th turn also reopens a stored run in the views and exports it
+# Readings are taken at the start of every 40th turn: the same point of the policies' and Compare's
+# cycles (8 and 10 turns), so the same form and the same Compare columns are showing each time, and
+# what differs between two readings is what the session accumulated.
+READ_EVERY_TURNS = 40
 PROMPT = "the soak test feeds this prompt again and again "
 
 
@@ -37,6 +41,7 @@ class Reading:
     rss_mb: float
     qt_objects: int
     python_objects: int
+    aligned: bool = True  # taken at the cycles' common point (the last reading, at the end, is not)
 
 
 @dataclass
@@ -48,14 +53,17 @@ class SoakFigures:
     seconds: float = 0.0
     respond_ms: float = 0.0  # how long the idle window took to handle an event at the end
 
+    def span(self, after_runs: int) -> tuple[Reading, Reading]:
+        """The first aligned reading at or after `after_runs` (the warm-up) and the last aligned one."""
+        aligned = [r for r in self.readings if r.aligned]
+        return next(r for r in aligned if r.runs >= after_runs), aligned[-1]
+
     def growth(self, attribute: str, after_runs: int) -> float:
-        """Growth of a reading from the first one at or after `after_runs` (the warm-up) to the last."""
-        start = next(r for r in self.readings if r.runs >= after_runs)
-        return getattr(self.readings[-1], attribute) - getattr(start, attribute)
+        start, end = self.span(after_runs)
+        return getattr(end, attribute) - getattr(start, attribute)
 
     def rss_growth_per_100_runs(self, after_runs: int) -> float:
-        start = next(r for r in self.readings if r.runs >= after_runs)
-        end = self.readings[-1]
+        start, end = self.span(after_runs)
         return (end.rss_mb - start.rss_mb) / max(end.runs - start.runs, 1) * 100
 
 
@@ -66,9 +74,11 @@ def qt_object_count(window) -> int:
             + sum(len(scene.items()) for scene in scenes))
 
 
-def read(window, runs: int) -> Reading:
+def read(window, runs: int, aligned: bool = True) -> Reading:
     gc.collect()
-    return Reading(runs, psutil.Process().memory_info().rss / 2**20, qt_object_count(window), len(gc.get_objects()))
+    QApplication.sendPostedEvents(None, QEvent.DeferredDelete)  # what deleteLater() has given up goes first
+    return Reading(runs, psutil.Process().memory_info().rss / 2**20, qt_object_count(window), len(gc.get_objects()),
+                   aligned)
 
 
 def respond_ms(wait_until) -> float:
@@ -80,21 +90,19 @@ def respond_ms(wait_until) -> float:
     return (fired[0] - started) * 1000
 
 
-def soak(window, wait_until, runs: int, folder: Path, read_every: int = 10, max_new_tokens: int = 2) -> SoakFigures:
+def soak(window, wait_until, runs: int, folder: Path, max_new_tokens: int = 2) -> SoakFigures:
     """`runs` runs in the window (Compares count their runs); `wait_until(predicate)` runs the event
     loop until predicate() is true. Exports go to `folder` (one file, overwritten)."""
     figures = SoakFigures()
     form = window.form
     window.prompt_area.prompt.setPlainText(PROMPT)
     form.max_new_tokens.setValue(max_new_tokens)
-    form.chunk_size.setValue(8)
+    form.chunk_size.setValue(64)  # one prefill chunk: the budget of 12 still evicts after it and while decoding
     started = time.perf_counter()
     turn = 0
-    next_reading = 0
     while figures.runs < runs:
-        if figures.runs >= next_reading:
+        if turn % READ_EVERY_TURNS == 0:
             figures.readings.append(read(window, figures.runs))
-            next_reading += read_every
         turn += 1
         policy, parameters = POLICIES[turn % len(POLICIES)]
         form.storage_form.codec.setCurrentText(CODECS[turn % len(CODECS)])
@@ -127,6 +135,6 @@ def soak(window, wait_until, runs: int, folder: Path, read_every: int = 10, max_
                                   unpack_events(blob) if blob is not None else None)
         window.views.refresh()
     figures.seconds = time.perf_counter() - started
-    figures.readings.append(read(window, figures.runs))
+    figures.readings.append(read(window, figures.runs, aligned=False))
     figures.respond_ms = respond_ms(wait_until)
     return figures
