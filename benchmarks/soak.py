@@ -58,11 +58,15 @@ def main() -> int:
         window.show()
         window.loading.request_load(args.model, "cpu", "auto")
         wait_until(lambda: window.state.model_info is not None and not window.state.busy)
-        figures = soak(window, wait_until, args.runs, Path(folder))
+        print(f"{'runs':>6} {'rss MB':>8} {'Qt objects':>11} {'Python objects':>15}", flush=True)
+
+        def show(reading) -> None:
+            print(f"{reading.runs:>6} {reading.rss_mb:>8.1f} {reading.qt_objects:>11} {reading.python_objects:>15}"
+                  + ("" if reading.aligned else "  (at the end)"), flush=True)
+
+        figures = soak(window, wait_until, args.runs, Path(folder), on_reading=show)
+        show(figures.readings[-1])
         stored = {record.id for record in window.history.list(limit=10**7)}
-        print(f"{'runs':>6} {'rss MB':>8} {'Qt objects':>11} {'Python objects':>15}")
-        for reading in figures.readings:
-            print(f"{reading.runs:>6} {reading.rss_mb:>8.1f} {reading.qt_objects:>11} {reading.python_objects:>15}")
         missing = len(set(figures.history_ids) - stored)
         print(f"{figures.runs} runs in {figures.seconds:.1f} s ({figures.seconds / figures.runs * 1000:.0f} ms a run); "
               f"{len(figures.history_ids)} rows in the history, {missing} missing; {len(figures.errors)} failed")

@@ -90,9 +90,10 @@ def respond_ms(wait_until) -> float:
     return (fired[0] - started) * 1000
 
 
-def soak(window, wait_until, runs: int, folder: Path, max_new_tokens: int = 2) -> SoakFigures:
+def soak(window, wait_until, runs: int, folder: Path, max_new_tokens: int = 2, on_reading=None) -> SoakFigures:
     """`runs` runs in the window (Compares count their runs); `wait_until(predicate)` runs the event
-    loop until predicate() is true. Exports go to `folder` (one file, overwritten)."""
+    loop until predicate() is true. Exports go to `folder` (one file, overwritten). `on_reading`
+    hears each reading as it is taken (a long benchmark prints them as it goes)."""
     figures = SoakFigures()
     form = window.form
     window.prompt_area.prompt.setPlainText(PROMPT)
@@ -103,6 +104,8 @@ def soak(window, wait_until, runs: int, folder: Path, max_new_tokens: int = 2) -
     while figures.runs < runs:
         if turn % READ_EVERY_TURNS == 0:
             figures.readings.append(read(window, figures.runs))
+            if on_reading is not None:
+                on_reading(figures.readings[-1])
         turn += 1
         policy, parameters = POLICIES[turn % len(POLICIES)]
         form.storage_form.codec.setCurrentText(CODECS[turn % len(CODECS)])
