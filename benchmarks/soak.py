@@ -2,11 +2,11 @@
 
 Tiny model (tiny-llama by default), every built-in policy in turn, the fp, int8 and int4 codecs,
 Compare every 10th turn, a stored run reopened in the views and exported every 7th. Process memory
-(RSS), live Qt objects (QObjects under the window, top-level widgets, plot items) and Python objects
+(RSS), live Qt objects (QObjects under the window, top-level widgets), plot items and Python objects
 are read every 40 turns (the same point of the policies' and Compare's cycles: about 44 runs). The figures after a warm-up (the first 100 runs: caches of imports, fonts and
 plots fill up then) end with:
 
-  rss_growth_mb_per_100_runs=<x>   qt_object_growth=<n>   idle_response_ms=<x>
+  rss_growth_mb_per_100_runs=<x>  qt_object_growth=<n>  plot_item_growth=<n>  ...  idle_response_ms=<x>
 
 usage: python benchmarks/soak.py [--runs 1000] [--model tiny-llama] [--warm-up 100]
 """
@@ -58,10 +58,11 @@ def main() -> int:
         window.show()
         window.loading.request_load(args.model, "cpu", "auto")
         wait_until(lambda: window.state.model_info is not None and not window.state.busy)
-        print(f"{'runs':>6} {'rss MB':>8} {'Qt objects':>11} {'Python objects':>15}", flush=True)
+        print(f"{'runs':>6} {'rss MB':>8} {'Qt objects':>11} {'plot items':>11} {'Python objects':>15}", flush=True)
 
         def show(reading) -> None:
-            print(f"{reading.runs:>6} {reading.rss_mb:>8.1f} {reading.qt_objects:>11} {reading.python_objects:>15}"
+            print(f"{reading.runs:>6} {reading.rss_mb:>8.1f} {reading.qt_objects:>11} {reading.plot_items:>11} "
+                  f"{reading.python_objects:>15}"
                   + ("" if reading.aligned else "  (at the end)"), flush=True)
 
         figures = soak(window, wait_until, args.runs, Path(folder), on_reading=show)
@@ -72,6 +73,7 @@ def main() -> int:
               f"{len(figures.history_ids)} rows in the history, {missing} missing; {len(figures.errors)} failed")
         print(f"rss_growth_mb_per_100_runs={figures.rss_growth_per_100_runs(args.warm_up):.2f} "
               f"qt_object_growth={figures.growth('qt_objects', args.warm_up)} "
+              f"plot_item_growth={figures.growth('plot_items', args.warm_up)} "
               f"python_object_growth={figures.growth('python_objects', args.warm_up)} "
               f"idle_response_ms={figures.respond_ms:.1f}")
         window.close()
