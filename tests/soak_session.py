@@ -52,7 +52,7 @@ class SoakFigures:
     history_ids: list[int] = field(default_factory=list)  # every run's row, in order
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    respond_ms: float = 0.0  # how long the idle window took to handle an event at the end
+    respond_ms: float = 0.0  # how long the idle window took to handle an event at the end (median)
 
     def span(self, after_runs: int) -> tuple[Reading, Reading]:
         """The first aligned reading at or after `after_runs` (the warm-up) and the last aligned one."""
@@ -88,13 +88,17 @@ def read(window, runs: int, aligned: bool = True) -> Reading:
                    len(gc.get_objects()), aligned)
 
 
-def respond_ms(wait_until) -> float:
-    """Milliseconds from posting a zero-delay timer to its callback running on the idle window."""
-    fired = []
-    started = time.perf_counter()
-    QTimer.singleShot(0, lambda: fired.append(time.perf_counter()))
-    wait_until(lambda: bool(fired))
-    return (fired[0] - started) * 1000
+def respond_ms(wait_until, probes: int = 21) -> float:
+    """Milliseconds from posting a zero-delay timer to its callback running on the idle window: the
+    median of `probes` (one probe measures the machine's scheduler as much as the window)."""
+    delays = []
+    for _ in range(probes):
+        fired = []
+        started = time.perf_counter()
+        QTimer.singleShot(0, lambda: fired.append(time.perf_counter()))
+        wait_until(lambda: bool(fired))
+        delays.append((fired[0] - started) * 1000)
+    return sorted(delays)[probes // 2]
 
 
 def soak(window, wait_until, runs: int, folder: Path, max_new_tokens: int = 2, on_reading=None) -> SoakFigures:
