@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from PySide6.QtCore import QObject, QTimer
+from PySide6.QtCore import QEvent, QObject, QTimer
 from PySide6.QtWidgets import QApplication, QGraphicsView
 
 from kvstudio.core.persist.exports import export_run
@@ -28,6 +28,10 @@ POLICIES = (("full", {}), ("window", {"budget": 12}), ("streaming_llm", {"budget
 CODECS = ("fp", "int8", "int4")
 COMPARE_EVERY = 10  # every 10th turn is a Compare of two policies (two runs)
 REOPEN_EVERY = 7  # every 7th turn also reopens a stored run in the views and exports it
+# Readings are taken at the start of every 40th turn: the same point of the policies' and Compare's
+# cycles (8 and 10 turns), so the same form and the same Compare columns are showing each time, and
+# what differs between two readings is what the session accumulated.
+READ_EVERY_TURNS = 40
 PROMPT = "the soak test feeds this prompt again and again "
 
 
@@ -36,7 +40,9 @@ class Reading:
     runs: int
     rss_mb: float
     qt_objects: int
+    plot_items: int
     python_objects: int
+    aligned: bool = True  # taken at the cycles' common point (the last reading, at the end, is not)
 
 
 @dataclass
@@ -46,55 +52,71 @@ class SoakFigures:
     history_ids: list[int] = field(default_factory=list)  # every run's row, in order
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    respond_ms: float = 0.0  # how long the idle window took to handle an event at the end
+    respond_ms: float = 0.0  # how long the idle window took to handle an event at the end (median)
+
+    def span(self, after_runs: int) -> tuple[Reading, Reading]:
+        """The first aligned reading at or after `after_runs` (the warm-up) and the last aligned one."""
+        aligned = [r for r in self.readings if r.aligned]
+        return next(r for r in aligned if r.runs >= after_runs), aligned[-1]
 
     def growth(self, attribute: str, after_runs: int) -> float:
-        """Growth of a reading from the first one at or after `after_runs` (the warm-up) to the last."""
-        start = next(r for r in self.readings if r.runs >= after_runs)
-        return getattr(self.readings[-1], attribute) - getattr(start, attribute)
+        start, end = self.span(after_runs)
+        return getattr(end, attribute) - getattr(start, attribute)
 
     def rss_growth_per_100_runs(self, after_runs: int) -> float:
-        start = next(r for r in self.readings if r.runs >= after_runs)
-        end = self.readings[-1]
+        start, end = self.span(after_runs)
         return (end.rss_mb - start.rss_mb) / max(end.runs - start.runs, 1) * 100
 
 
 def qt_object_count(window) -> int:
-    """QObjects under the window, top-level widgets, and items in every plot's scene."""
+    """QObjects under the window and top-level widgets (a widget left without a parent is one)."""
+    return len(window.findChildren(QObject)) + len(QApplication.topLevelWidgets())
+
+
+def plot_item_count(window) -> int:
+    """Items in every plot's scene. Apart from QObjects: their number follows the run last shown (the
+    memory view marks each phase it recorded, and how many depends on timing), so it moves a little
+    from reading to reading without anything accumulating."""
     scenes = {view.scene() for view in window.findChildren(QGraphicsView) if view.scene() is not None}
-    return (len(window.findChildren(QObject)) + len(QApplication.topLevelWidgets())
-            + sum(len(scene.items()) for scene in scenes))
+    return sum(len(scene.items()) for scene in scenes)
 
 
-def read(window, runs: int) -> Reading:
+def read(window, runs: int, aligned: bool = True) -> Reading:
     gc.collect()
-    return Reading(runs, psutil.Process().memory_info().rss / 2**20, qt_object_count(window), len(gc.get_objects()))
+    QApplication.sendPostedEvents(None, QEvent.DeferredDelete)  # what deleteLater() has given up goes first
+    return Reading(runs, psutil.Process().memory_info().rss / 2**20, qt_object_count(window), plot_item_count(window),
+                   len(gc.get_objects()), aligned)
 
 
-def respond_ms(wait_until) -> float:
-    """Milliseconds from posting a zero-delay timer to its callback running on the idle window."""
-    fired = []
-    started = time.perf_counter()
-    QTimer.singleShot(0, lambda: fired.append(time.perf_counter()))
-    wait_until(lambda: bool(fired))
-    return (fired[0] - started) * 1000
+def respond_ms(wait_until, probes: int = 21) -> float:
+    """Milliseconds from posting a zero-delay timer to its callback running on the idle window: the
+    median of `probes` (one probe measures the machine's scheduler as much as the window)."""
+    delays = []
+    for _ in range(probes):
+        fired = []
+        started = time.perf_counter()
+        QTimer.singleShot(0, lambda: fired.append(time.perf_counter()))
+        wait_until(lambda: bool(fired))
+        delays.append((fired[0] - started) * 1000)
+    return sorted(delays)[probes // 2]
 
 
-def soak(window, wait_until, runs: int, folder: Path, read_every: int = 10, max_new_tokens: int = 2) -> SoakFigures:
+def soak(window, wait_until, runs: int, folder: Path, max_new_tokens: int = 2, on_reading=None) -> SoakFigures:
     """`runs` runs in the window (Compares count their runs); `wait_until(predicate)` runs the event
-    loop until predicate() is true. Exports go to `folder` (one file, overwritten)."""
+    loop until predicate() is true. Exports go to `folder` (one file, overwritten). `on_reading`
+    hears each reading as it is taken (a long benchmark prints them as it goes)."""
     figures = SoakFigures()
     form = window.form
     window.prompt_area.prompt.setPlainText(PROMPT)
     form.max_new_tokens.setValue(max_new_tokens)
-    form.chunk_size.setValue(8)
+    form.chunk_size.setValue(64)  # one prefill chunk: the budget of 12 still evicts after it and while decoding
     started = time.perf_counter()
     turn = 0
-    next_reading = 0
     while figures.runs < runs:
-        if figures.runs >= next_reading:
+        if turn % READ_EVERY_TURNS == 0:
             figures.readings.append(read(window, figures.runs))
-            next_reading += read_every
+            if on_reading is not None:
+                on_reading(figures.readings[-1])
         turn += 1
         policy, parameters = POLICIES[turn % len(POLICIES)]
         form.storage_form.codec.setCurrentText(CODECS[turn % len(CODECS)])
@@ -127,6 +149,6 @@ def soak(window, wait_until, runs: int, folder: Path, read_every: int = 10, max_
                                   unpack_events(blob) if blob is not None else None)
         window.views.refresh()
     figures.seconds = time.perf_counter() - started
-    figures.readings.append(read(window, figures.runs))
+    figures.readings.append(read(window, figures.runs, aligned=False))
     figures.respond_ms = respond_ms(wait_until)
     return figures

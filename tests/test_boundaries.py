@@ -343,3 +343,28 @@ def test_the_studio_net_puts_an_escaped_exception_in_the_banner(qtbot, window):
         assert window.error_text.text() == "model folder not found: /nowhere"  # its own line, not the net's
     finally:
         sys.excepthook = previous
+
+
+# -- the same in the studio ------------------------------------------------------------------------------
+
+
+def test_the_studio_opens_a_mistyped_snapshot_in_one_line_and_keeps_its_view(qtbot, window, tmp_path):
+    path = tmp_path / "snap.pickle"
+    path.write_bytes(pickle.dumps({"segments": [], "device_traces": [[GOOD_EVENT | {"size": "64"}]]}))
+    view = window.snapshots.view
+    assert view.open_path(path) is False
+    assert "snap.pickle is shaped like a memory snapshot but device_traces[0][0].size is a str" in view.summary.text()
+    path.write_bytes(pickle.dumps({"segments": [], "device_traces": [[GOOD_EVENT]]}))
+    assert view.open_path(path) is True and len(view.timelines) == 1  # a good one still opens
+
+
+def test_the_runs_view_lists_a_damaged_row(qtbot, window):
+    history = window.history
+    kept = history.start("tiny-llama", "h2o", {"budget": 8}, "a prompt that must not be lost")
+    history.finish_figures(kept, "finished", "its output", {"tokens_per_second": 3.0}, [], [])
+    with sqlite3.connect(history.path) as connection:
+        connection.execute("UPDATE runs SET parameters = 'not json', figures = '7' WHERE id = ?", (kept,))
+    window.runs.view.refresh()
+    table = window.runs.view.table
+    assert table.rowCount() == 1 and table.item(0, 0).text() == str(kept)
+    assert "a prompt that must not be lost" in table.item(0, table.columnCount() - 2).text()

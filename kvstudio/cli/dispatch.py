@@ -172,9 +172,16 @@ def check_arguments(argv: list[str]) -> None:
         try:
             argument.encode("utf-8")
         except UnicodeEncodeError:
-            shown = argument.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise KVStudioError(f"argument {number} ('{shown}') is not UTF-8 text: KV Studio reads its arguments "
+            raise KVStudioError(f"argument {number} ('{_shown(argument)}') is not UTF-8 text: KV Studio reads its arguments "
                                 "as UTF-8; rename the file, or put the text in a UTF-8 file (--prompt-file)") from None
+
+
+def _shown(argument: str) -> str:
+    """The argument as its bytes were, the ones that are not UTF-8 as \\xff."""
+    try:
+        return argument.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from bytes (a call from Python)
+        return argument.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _main(argv: list[str]) -> int:

@@ -7,6 +7,7 @@ import os
 import sys
 
 from kvstudio.core.errors import KVStudioError
+from kvstudio.gui.tasks import banner_text
 
 
 def check_display() -> None:
@@ -35,7 +36,6 @@ def install_last_net(window) -> None:
     that nothing caught becomes the banner's one line ("internal error: ...; details in FILE", or a
     KVStudioError's own message), and the window carries on. Qt hands such exceptions to
     sys.excepthook; the default one prints a traceback to a terminal the user may not have."""
-    from kvstudio.gui.tasks import banner_text
 
     def hook(kind, error, trace):
         if not isinstance(error, Exception):  # Ctrl-C in the terminal, a real exit: as Python does

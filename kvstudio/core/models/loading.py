@@ -305,13 +305,18 @@ def _local_folder_for(spec: str) -> Path:
         ) from error
 
 
+class DamagedModelFolder(ModelLoadError):
+    """What a model folder holds is damaged or incomplete (its config, tokenizer or weights), as
+    opposed to a load that fails for another reason (a quantization backend missing)."""
+
+
 def _load_default(dtype, device, quant_config, progress):
     """The embedded default model from its converted folder; a damaged folder (a truncated
     safetensors file, a config or tokenizer gone wrong) is ours to mend: it is converted again."""
     folder = default_model_folder(progress)
     try:
         return _load_pretrained(folder, dtype, device, quant_config, progress)
-    except ModelLoadError as error:
+    except DamagedModelFolder as error:
         say(progress, f"the converted default model in {folder} is damaged ({error}); converting it again", 0.0)
         shutil.rmtree(folder, ignore_errors=True)
         return _load_pretrained(default_model_folder(progress), dtype, device, quant_config, progress)
@@ -329,18 +334,18 @@ def read_model_config(folder: Path) -> dict:
 
     path = folder / "config.json"
     try:
-        config = json.loads(read_regular_file(path, MAX_CONFIG_BYTES, "model config", ModelLoadError))
+        config = json.loads(read_regular_file(path, MAX_CONFIG_BYTES, "model config", DamagedModelFolder))
     except ValueError as error:  # not JSON, or not UTF-8
-        raise ModelLoadError(f"{path} is not valid JSON ({_first_line(error)}): the model folder is damaged; "
+        raise DamagedModelFolder(f"{path} is not valid JSON ({_first_line(error)}): the model folder is damaged; "
                              "copy it again") from None
     except RecursionError:
-        raise ModelLoadError(f"{path} is nested too deeply to be a model config") from None
+        raise DamagedModelFolder(f"{path} is nested too deeply to be a model config") from None
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{path} holds a JSON {type(config).__name__}, not the object of a model config: the "
+        raise DamagedModelFolder(f"{path} holds a JSON {type(config).__name__}, not the object of a model config: the "
                              "model folder is damaged; copy it again")
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise ModelLoadError(f"{path} names no model_type: give a Hugging Face model folder saved by "
+        raise DamagedModelFolder(f"{path} names no model_type: give a Hugging Face model folder saved by "
                              "save_pretrained")
     if model_type not in CONFIG_MAPPING:
         import transformers
@@ -357,9 +362,9 @@ def _folder_tokenizer(folder: Path):
         if is_out_of_memory(error):
             raise
         if not any(folder.glob("tokenizer*")):
-            raise ModelLoadError(f"{folder} holds no tokenizer (no tokenizer.json or tokenizer_config.json): copy "
+            raise DamagedModelFolder(f"{folder} holds no tokenizer (no tokenizer.json or tokenizer_config.json): copy "
                                  "the model's tokenizer files into it") from error
-        raise ModelLoadError(f"the tokenizer in {folder} cannot be read ({_first_line(error)}): copy the "
+        raise DamagedModelFolder(f"the tokenizer in {folder} cannot be read ({_first_line(error)}): copy the "
                              "model's tokenizer files again") from error
 
 
@@ -380,9 +385,10 @@ def _load_pretrained(folder: Path, dtype, device, quant_config, progress, device
         if is_out_of_memory(error):
             raise
         if type(error).__name__ == "SafetensorError":
-            raise ModelLoadError(f"the weights in {folder} are damaged ({_first_line(error)}): a .safetensors "
+            raise DamagedModelFolder(f"the weights in {folder} are damaged ({_first_line(error)}): a .safetensors "
                                  "file is truncated or not one; copy the model folder again") from error
-        raise ModelLoadError(f"could not load the model in {folder}: {_first_line(error)}") from error
+        kind = DamagedModelFolder if isinstance(error, OSError) else ModelLoadError  # OSError: a file missing
+        raise kind(f"could not load the model in {folder}: {_first_line(error)}") from error
     check_vocabulary(model, tokenizer, str(folder))
     return model, tokenizer
 
@@ -393,7 +399,7 @@ def check_vocabulary(model, tokenizer, where: str) -> None:
     embedding = model.get_input_embeddings()
     rows = getattr(embedding, "num_embeddings", None)
     if rows is not None and len(tokenizer) > rows:
-        raise ModelLoadError(f"{where}: its tokenizer has {len(tokenizer)} tokens and the model's embedding only "
+        raise DamagedModelFolder(f"{where}: its tokenizer has {len(tokenizer)} tokens and the model's embedding only "
                              f"{rows} rows: the tokenizer belongs to another model; put the model's own beside it")
 
 

@@ -38,9 +38,12 @@ class TokenMapView(LiveView):
 
     def __init__(self, parent=None, compact: bool = False):
         super().__init__(parent)
-        self.layer = QComboBox()
+        # Children of the view even when compact leaves them out of its layout (hidden): a parentless
+        # widget is a window of its own that outlives the view (the soak test found one pair per
+        # Compare column).
+        self.layer = QComboBox(self)
         self.layer.addItem("all layers")
-        self.by_tier = QCheckBox("where it lives")
+        self.by_tier = QCheckBox("where it lives", self)
         self.by_tier.setToolTip("device, host tier, recalled this step, or evicted (the chosen layer; with all "
                                 "layers, the liveliest tier any layer gives the token)")
         self.summary = QLabel("")
@@ -56,6 +59,9 @@ class TokenMapView(LiveView):
             controls.addWidget(QLabel("colour by"))
             controls.addWidget(self.layer)
             controls.addWidget(self.by_tier)
+        else:
+            self.layer.hide()
+            self.by_tier.hide()
         controls.addWidget(self.summary, 1)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
