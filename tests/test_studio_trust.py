@@ -325,3 +325,26 @@ def test_closing_mid_run_asks_whether_to_stop(qtbot, window):
     guard.stop_button.click()
     qtbot.waitUntil(lambda: not window.isVisible(), timeout=30_000)
     assert window.thread_.isFinished()  # the run was stopped and the model's thread ended cleanly
+
+
+# -- the studio as fast as the command line ------------------------------------------------------
+
+def test_views_behind_a_tab_wait_and_catch_up_when_shown(qtbot, window):
+    """Docks behind another dock's tab say isVisible(); redrawing them at 25 Hz took the worker's GIL."""
+    window.docks["Token map"].raise_()
+    occupancy = window.views.occupancy_view
+    qtbot.waitUntil(lambda: occupancy.visibleRegion().isEmpty(), timeout=2000)
+    assert occupancy.isVisible()  # what the views were asked before: it says yes, behind a tab
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)
+    window.form.max_new_tokens.setValue(5000)
+    window.form.policy.setCurrentText("h2o")
+    window.form.policy_form.set_values({"budget": 16})
+    window.run.request_run()
+    token_view = window.views.token_view
+    qtbot.waitUntil(lambda: token_view._cursors.get("steps", 0) > 5, timeout=30_000)  # the timer's ticks
+    assert occupancy._cursors.get("steps", 0) == 0  # behind its tab: it waits, the worker keeps the GIL
+    window.docks["Occupancy"].raise_()
+    qtbot.waitUntil(lambda: occupancy._cursors.get("steps", 0) > 5, timeout=5000)  # on screen: it catches up
+    window.run.stop()
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    assert len(occupancy.totals) == len(window.state.last_outcome.result.steps)  # nothing lost

@@ -33,6 +33,7 @@ from kvstudio.gui.feature import Feature
 from kvstudio.gui.features.finetune_task import (FinetuneOutcome, FinetuneRequest, apply_adapter_task,
                                                  finetune_task, remove_adapter_task)
 from kvstudio.gui.features.live_views import REFRESH_HZ
+from kvstudio.gui.views.base import on_screen
 from kvstudio.gui.task_runner import RunningTask
 
 DATA_SOURCES = {"synthetic pass key": SYNTHETIC_PASSKEY, "checked documents": "documents", "a file…": "file"}
@@ -384,7 +385,7 @@ class FinetuneFeature(Feature):
         changing.failed.connect(self.window.show_error)
 
     def refresh(self) -> None:
-        if self.curves.isVisible() or self.running:
+        if on_screen(self.curves) or self.running:
             self.curves.refresh()
 
 
