@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QPushButton, QScrollArea
 
 from kvstudio.core.figures.data import UNSEEN
 from kvstudio.core.figures.render import FigureRequest, caption
@@ -348,3 +349,20 @@ def test_views_behind_a_tab_wait_and_catch_up_when_shown(qtbot, window):
     window.run.stop()
     qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
     assert len(occupancy.totals) == len(window.state.last_outcome.result.steps)  # nothing lost
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (1600, 1000)])
+def test_the_side_columns_fit_their_dock(qtbot, window, size):
+    """Nothing of the Set-up and Fine-tune columns is cut at the dock's right edge (Cancel, Remove,
+    the adapter and Check rows added after the column was made)."""
+    window.resize(*size)
+    for title in ("Set-up", "Fine-tune"):
+        window.docks[title].raise_()
+        qtbot.wait(100)
+        scroll = window.docks[title].findChild(QScrollArea)
+        column = scroll.widget()
+        assert scroll.viewport().width() >= column.minimumSizeHint().width(), title
+        for button in column.findChildren(QPushButton):
+            if button.isVisible():
+                right = button.mapTo(scroll.viewport(), button.rect().topRight()).x()
+                assert right <= scroll.viewport().width(), (title, button.text())

@@ -183,6 +183,7 @@ class EvaluateView(QWidget):
             plot.setLabel("left", "mean score")
         self._no_sweep = self.heatmaps.addLabel(NO_SWEEP_YET, color="#bbbbbb")  # not a black panel before a run
         self.heatmap_hover = QLabel("hover a cell for its length, depth and score")
+        self.heatmap_hover.setWordWrap(True)  # wrapped: unwrapped, a long cell's words widened the view
         self.heatmaps.scene().sigMouseMoved.connect(self._hover_heatmap)
         self.along = pg.GraphicsLayoutWidget()
         self.ppl_plot = self.along.addPlot(row=0, col=0, title=f"perplexity ({CURVE_WINDOW}-token window)")

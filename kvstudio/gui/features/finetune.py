@@ -16,7 +16,7 @@ from functools import partial
 
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-                               QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea, QSpinBox, QVBoxLayout,
+                               QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
 from kvstudio.core.errors import KVStudioError
@@ -34,6 +34,7 @@ from kvstudio.gui.features.finetune_task import (FinetuneOutcome, FinetuneReques
                                                  finetune_task, remove_adapter_task)
 from kvstudio.gui.features.live_views import REFRESH_HZ
 from kvstudio.gui.views.base import on_screen
+from kvstudio.gui.widgets.scrolling import scrolling
 from kvstudio.gui.task_runner import RunningTask
 
 DATA_SOURCES = {"synthetic pass key": SYNTHETIC_PASSKEY, "checked documents": "documents", "a file…": "file"}
@@ -113,12 +114,9 @@ class FinetunePanel(QWidget):
         inner_layout.addLayout(_row_layout(self.start, self.stop))
         inner_layout.addWidget(self.status)
         inner_layout.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(inner)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(scroll)
+        layout.addWidget(scrolling(inner, sideways=False))  # down only, as wide as the fields need: nothing cut off
         self.browse.clicked.connect(self._pick_file)
         self.out_browse.clicked.connect(self._pick_folder)
         self.source.currentTextChanged.connect(self._source_chosen)
