@@ -366,3 +366,12 @@ def test_the_side_columns_fit_their_dock(qtbot, window, size):
             if button.isVisible():
                 right = button.mapTo(scroll.viewport(), button.rect().topRight()).x()
                 assert right <= scroll.viewport().width(), (title, button.text())
+
+
+def test_a_fine_tune_refusal_goes_once_the_folder_is_chosen(qtbot, window, tmp_path):
+    panel = _finetune_set_up(window, tmp_path)
+    panel.out_dir.setText("")
+    assert not window.finetune.start()
+    assert "output folder" in window.error_text.text() and window.error_banner.isVisible()
+    panel.out_dir.setText(str(tmp_path / "adapter"))
+    qtbot.waitUntil(lambda: not window.error_banner.isVisible(), timeout=2000)
