@@ -306,7 +306,7 @@ class EvaluateView(QWidget):
     def _shape_heatmaps(self, spec: SweepSpec) -> None:
         lengths, depths = list(spec.task_options.lengths), list(spec.task_options.depths)
         labels = [_label(p, b) for p in spec.policies for b in spec.budgets_for(p)]
-        columns = min(3, len(labels))
+        columns = min(2, len(labels))  # two a row: three did not fit the pane at 1280 px
         self.heatmap_texts = {}
         self.heatmap_plots = {}
         for index, label in enumerate(labels):
@@ -326,9 +326,10 @@ class EvaluateView(QWidget):
             plot.setMouseEnabled(False, False)
             self.heatmap_items[label] = image
         if labels:  # one colour scale for all, as the CLI's figure has: the score each colour stands for
+            # Below the heatmaps, across them: beside them it fell off the narrow pane's right edge.
             bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.ColorMap(np.linspace(0, 1, 255), LOOKUP[1:]),
-                                  interactive=False, label="score")
-            self.heatmaps.addItem(bar, row=0, col=columns, rowspan=max(math.ceil(len(labels) / columns), 1))
+                                  interactive=False, label="score", orientation="horizontal")
+            self.heatmaps.addItem(bar, row=math.ceil(len(labels) / columns), col=0, colspan=columns)
 
     # -- cells as they finish ---------------------------------------------------------------------
 
@@ -374,7 +375,7 @@ class EvaluateView(QWidget):
                         self._cell_text(label, row, column, float(value))
             image.setImage(values, levels=(0, 255), lut=LOOKUP, autoLevels=False)
             mean = np.nanmean(grid) if np.isfinite(grid).any() else float("nan")
-            self.heatmap_plots[label].setTitle(f"{label}  (mean {mean:.2f})")
+            self.heatmap_plots[label].setTitle(f"{label} · mean {mean:.2f}")
 
     def _cell_text(self, label: str, row: int, column: int, value: float) -> None:
         """The score written in its cell, as the CLI's figure writes it."""
