@@ -109,3 +109,30 @@ def test_perplexity_curves_fill_in(qtbot, window):
     assert len(x) == 120 and y.max() > 0
     full_kl = view.curves[("kl", "full")].yData
     assert full_kl.max() < 1e-4
+
+
+def test_the_heatmaps_say_what_they_show_as_the_cli_figure_does(qtbot, window):
+    """Issue 26: a colour scale, each cell's score written in it and on hover, the cells table with
+    depth and score in view, the legend clear of the points, words (not a black panel) before a run."""
+    import pyqtgraph as pg
+
+    from kvstudio.gui.features.evaluate import NO_SWEEP_YET, TABLE_COLUMNS
+
+    view = window.evaluate.view
+    labels = [item.text for item in view.heatmaps.ci.items if isinstance(item, pg.LabelItem)]
+    assert NO_SWEEP_YET in labels
+    _choose(view)
+    view.start.click()
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=120_000)
+    assert any(isinstance(item, pg.ColorBarItem) for item in view.heatmaps.ci.items)
+    for record in view.records:
+        label = "full" if record["policy"] == "full" else "streaming_llm @ 32"
+        row = [0.0, 1.0].index(record["depth"])
+        written = view.heatmap_cell_text(label, row, 0)
+        assert written is not None and abs(float(written) - record["score"]) < 0.006
+        assert f"score {record['score']:.2f}" in view.describe_heatmap_cell(label, row, 0)
+        assert "depth" in view.describe_heatmap_cell(label, row, 0)
+    assert TABLE_COLUMNS.index("depth") < 4 and TABLE_COLUMNS.index("score") < 5  # in view at 1280 px
+    assert view.table.item(0, TABLE_COLUMNS.index("depth")).text().endswith("%")
+    legend = view.by_bytes.getPlotItem().legend
+    assert legend.offset[0] > 0  # anchored top left, where no top-score point sits

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QPushButton, QScrollArea
 
 from kvstudio.core.figures.data import UNSEEN
 from kvstudio.core.figures.render import FigureRequest, caption
@@ -325,3 +326,52 @@ def test_closing_mid_run_asks_whether_to_stop(qtbot, window):
     guard.stop_button.click()
     qtbot.waitUntil(lambda: not window.isVisible(), timeout=30_000)
     assert window.thread_.isFinished()  # the run was stopped and the model's thread ended cleanly
+
+
+# -- the studio as fast as the command line ------------------------------------------------------
+
+def test_views_behind_a_tab_wait_and_catch_up_when_shown(qtbot, window):
+    """Docks behind another dock's tab say isVisible(); redrawing them at 25 Hz took the worker's GIL."""
+    window.docks["Token map"].raise_()
+    occupancy = window.views.occupancy_view
+    qtbot.waitUntil(lambda: occupancy.visibleRegion().isEmpty(), timeout=2000)
+    assert occupancy.isVisible()  # what the views were asked before: it says yes, behind a tab
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)
+    window.form.max_new_tokens.setValue(5000)
+    window.form.policy.setCurrentText("h2o")
+    window.form.policy_form.set_values({"budget": 16})
+    window.run.request_run()
+    token_view = window.views.token_view
+    qtbot.waitUntil(lambda: token_view._cursors.get("steps", 0) > 5, timeout=30_000)  # the timer's ticks
+    assert occupancy._cursors.get("steps", 0) == 0  # behind its tab: it waits, the worker keeps the GIL
+    window.docks["Occupancy"].raise_()
+    qtbot.waitUntil(lambda: occupancy._cursors.get("steps", 0) > 5, timeout=5000)  # on screen: it catches up
+    window.run.stop()
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    assert len(occupancy.totals) == len(window.state.last_outcome.result.steps)  # nothing lost
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (1600, 1000)])
+def test_the_side_columns_fit_their_dock(qtbot, window, size):
+    """Nothing of the Set-up and Fine-tune columns is cut at the dock's right edge (Cancel, Remove,
+    the adapter and Check rows added after the column was made)."""
+    window.resize(*size)
+    for title in ("Set-up", "Fine-tune"):
+        window.docks[title].raise_()
+        qtbot.wait(100)
+        scroll = window.docks[title].findChild(QScrollArea)
+        column = scroll.widget()
+        assert scroll.viewport().width() >= column.minimumSizeHint().width(), title
+        for button in column.findChildren(QPushButton):
+            if button.isVisible():
+                right = button.mapTo(scroll.viewport(), button.rect().topRight()).x()
+                assert right <= scroll.viewport().width(), (title, button.text())
+
+
+def test_a_fine_tune_refusal_goes_once_the_folder_is_chosen(qtbot, window, tmp_path):
+    panel = _finetune_set_up(window, tmp_path)
+    panel.out_dir.setText("")
+    assert not window.finetune.start()
+    assert "output folder" in window.error_text.text() and window.error_banner.isVisible()
+    panel.out_dir.setText(str(tmp_path / "adapter"))
+    qtbot.waitUntil(lambda: not window.error_banner.isVisible(), timeout=2000)

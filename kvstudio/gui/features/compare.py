@@ -21,6 +21,7 @@ from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.widgets.form_words import in_form_words
 from kvstudio.gui.features.run_summary import budget_text, parameters_text, plural
+from kvstudio.gui.views.base import on_screen
 from kvstudio.gui.views.token_map import TokenMapView
 
 COLUMNS = ("policy", "budget", "parameters", "tokens/s", "prefill s", "peak cache MiB", "evictions")
@@ -168,7 +169,7 @@ class CompareView(QWidget):
 
     def refresh_running(self) -> None:
         """The live column's map reads what is new (the feature calls this at the views' rate)."""
-        if self.columns and self.isVisible():
+        if self.columns and on_screen(self):
             self.columns[-1].refresh()
 
     def add_result(self, policy: str, result, recorder, parameters: dict | None = None) -> None:

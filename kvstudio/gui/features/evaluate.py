@@ -33,7 +33,9 @@ from kvstudio.gui.task_runner import RunningTask, Task
 from kvstudio.core.evaluate.figures import save_figure
 
 QA_SAMPLE = Path(__file__).resolve().parents[3] / "resources" / "qa_sample.jsonl"
-TABLE_COLUMNS = ("policy", "budget", "subtask", "tokens", "depth", "score", "peak MiB", "seconds", "run", "output")
+# Depth and score next to the policy: at 1280 px the later columns are off to the right.
+TABLE_COLUMNS = ("policy", "budget", "tokens", "depth", "score", "subtask", "peak MiB", "seconds", "run", "output")
+NO_SWEEP_YET = "no sweep yet: choose a task, policies and budgets above, then Run sweep"
 CURVE_WINDOW = 64
 COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
@@ -178,11 +180,19 @@ class EvaluateView(QWidget):
         self.heatmaps = pg.GraphicsLayoutWidget()
         self.heatmap_items: dict[str, pg.ImageItem] = {}
         self.by_budget = pg.PlotWidget(title="mean score vs budget")
-        self.by_budget.addLegend(offset=(-10, 10))
         self.by_budget.setLabel("bottom", "budget")
         self.by_budget.setLogMode(x=True)
         self.by_bytes = pg.PlotWidget(title="mean score vs peak cache (MiB)")
-        self.by_bytes.addLegend(offset=(-10, 10))
+        self.by_bytes.setLabel("bottom", "peak cache (MiB)")
+        for plot in (self.by_budget, self.by_bytes):
+            # Top left, above the scores' range: small budgets score low there, so no point hides under
+            # it (top right covered `full`, the largest cache at the top score).
+            plot.addLegend(offset=(10, 5))
+            plot.setLabel("left", "mean score")
+        self._no_sweep = self.heatmaps.addLabel(NO_SWEEP_YET, color="#bbbbbb")  # not a black panel before a run
+        self.heatmap_hover = QLabel("hover a cell for its length, depth and score")
+        self.heatmap_hover.setWordWrap(True)  # wrapped: unwrapped, a long cell's words widened the view
+        self.heatmaps.scene().sigMouseMoved.connect(self._hover_heatmap)
         self.along = pg.GraphicsLayoutWidget()
         self.ppl_plot = self.along.addPlot(row=0, col=0, title=f"perplexity ({CURVE_WINDOW}-token window)")
         self.kl_plot = self.along.addPlot(row=1, col=0, title="KL(full || policy), nats")
@@ -222,7 +232,13 @@ class EvaluateView(QWidget):
             button.setToolTip(button.toolTip() or button.text())
             buttons.addWidget(button, index // 2, index % 2)
         table_layout.addLayout(buttons)
-        self.results.addTab(self.heatmaps, "Heatmaps")
+        heatmap_tab = QWidget()
+        heatmap_layout = QVBoxLayout(heatmap_tab)
+        heatmap_layout.setContentsMargins(0, 0, 0, 0)
+        heatmap_layout.addWidget(self.heatmaps, 1)
+        heatmap_layout.addWidget(self.heatmap_hover)
+        self.heatmap_tab = heatmap_tab
+        self.results.addTab(heatmap_tab, "Heatmaps")
         self.results.addTab(self.by_budget, "Score vs budget")
         self.results.addTab(self.by_bytes, "Score vs cache bytes")
         self.results.addTab(self.along, "Along the text")
@@ -238,7 +254,7 @@ class EvaluateView(QWidget):
         for widget, tasks in self.task_rows.values():
             widget.setEnabled(task in tasks)
         language = task in ("perplexity", "kl")
-        self.results.setCurrentWidget(self.along if language else self.heatmaps if task in ("passkey", "needle")
+        self.results.setCurrentWidget(self.along if language else self.heatmap_tab if task in ("passkey", "needle")
                                       else self.by_budget)
 
     # -- starting ---------------------------------------------------------------------------------
@@ -280,7 +296,10 @@ class EvaluateView(QWidget):
         self.fresh.setEnabled(False)
         self.stop.setEnabled(True)
         self.heatmaps.clear()
-        self.heatmap_items = {}
+        self.heatmap_items, self.heatmap_plots, self.heatmap_texts = {}, {}, {}
+        if spec.task not in ("passkey", "needle"):
+            self.heatmaps.addLabel(f"{spec.task} has no heatmap (pass key and needle sweeps do): see the other tabs",
+                                   color="#bbbbbb")
         for plot in (self.by_budget, self.by_bytes, self.ppl_plot, self.kl_plot):
             plot.clear()
         self.curves = {}
@@ -295,9 +314,12 @@ class EvaluateView(QWidget):
     def _shape_heatmaps(self, spec: SweepSpec) -> None:
         lengths, depths = list(spec.task_options.lengths), list(spec.task_options.depths)
         labels = [_label(p, b) for p in spec.policies for b in spec.budgets_for(p)]
-        columns = min(3, len(labels))
+        columns = min(2, len(labels))  # two a row: three did not fit the pane at 1280 px
+        self.heatmap_texts = {}
+        self.heatmap_plots = {}
         for index, label in enumerate(labels):
             plot = self.heatmaps.addPlot(row=index // columns, col=index % columns, title=label)
+            self.heatmap_plots[label] = plot
             # Rows are depths (y), columns lengths (x), whatever pyqtgraph's global axis order is: the
             # studio sets row-major, the library's default is column-major, and the labels assume this.
             image = pg.ImageItem(np.zeros((len(depths), len(lengths)), dtype=np.uint8), levels=(0, 255),
@@ -307,8 +329,15 @@ class EvaluateView(QWidget):
             plot.getAxis("bottom").setTicks([[(i + 0.5, f"{n}") for i, n in enumerate(lengths)]])
             plot.getAxis("left").setTicks([[(i + 0.5, f"{d:.0%}") for i, d in enumerate(depths)]])
             plot.setLabel("bottom", "context tokens")
+            if index % columns == 0:
+                plot.setLabel("left", "needle depth")
             plot.setMouseEnabled(False, False)
             self.heatmap_items[label] = image
+        if labels:  # one colour scale for all, as the CLI's figure has: the score each colour stands for
+            # Below the heatmaps, across them: beside them it fell off the narrow pane's right edge.
+            bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.ColorMap(np.linspace(0, 1, 255), LOOKUP[1:]),
+                                  interactive=False, label="score", orientation="horizontal")
+            self.heatmaps.addItem(bar, row=math.ceil(len(labels) / columns), col=0, colspan=columns)
 
     # -- cells as they finish ---------------------------------------------------------------------
 
@@ -319,13 +348,15 @@ class EvaluateView(QWidget):
         self.table.insertRow(row)
         depth = record.get("depth")
         score = record["score"]
-        cells = (record["policy"], "" if record.get("budget") is None else str(record["budget"]),
-                 record.get("subtask") or "", str(record["context_tokens"]), "" if depth is None else f"{depth:g}",
-                 f"{score:.3f}", f"{record['peak_cache_bytes'] / 2**20:.2f}", f"{record['seconds']:.1f}",
-                 "" if record.get("run_id") is None else str(record["run_id"]),
-                 (record.get("output") or "").strip().replace("\n", " "))
-        for column, value in enumerate(cells):
-            self.table.setItem(row, column, QTableWidgetItem(value))
+        cells = {"policy": record["policy"], "budget": "" if record.get("budget") is None else str(record["budget"]),
+                 "subtask": record.get("subtask") or "", "tokens": str(record["context_tokens"]),
+                 "depth": "" if depth is None else f"{depth:.0%}", "score": f"{score:.3f}",
+                 "peak MiB": f"{record['peak_cache_bytes'] / 2**20:.2f}", "seconds": f"{record['seconds']:.1f}",
+                 "run": "" if record.get("run_id") is None else str(record["run_id"]),
+                 "output": (record.get("output") or "").strip().replace("\n", " ")}
+        for name, value in cells.items():
+            self.table.setItem(row, TABLE_COLUMNS.index(name), QTableWidgetItem(value))
+        self.table.resizeColumnsToContents() if row == 0 else None  # the short columns fit their values
         self.redraw()
 
     def redraw(self) -> None:
@@ -347,8 +378,44 @@ class EvaluateView(QWidget):
                 for l_index, length in enumerate(found_lengths):
                     value = grid[d_index, l_index]
                     if np.isfinite(value) and length in lengths and depth in depths:
-                        values[depths.index(depth), lengths.index(length)] = 1 + int(round(float(value) * 254))
+                        row, column = depths.index(depth), lengths.index(length)
+                        values[row, column] = 1 + int(round(float(value) * 254))
+                        self._cell_text(label, row, column, float(value))
             image.setImage(values, levels=(0, 255), lut=LOOKUP, autoLevels=False)
+            mean = np.nanmean(grid) if np.isfinite(grid).any() else float("nan")
+            self.heatmap_plots[label].setTitle(f"{label} · mean {mean:.2f}")
+
+    def _cell_text(self, label: str, row: int, column: int, value: float) -> None:
+        """The score written in its cell, as the CLI's figure writes it."""
+        key = (label, row, column)
+        text = f"{value:.2f}".rstrip("0").rstrip(".") if value not in (0, 1) else f"{value:.0f}"
+        if key not in self.heatmap_texts:
+            item = pg.TextItem(text, color="#222222", anchor=(0.5, 0.5))
+            self.heatmap_plots[label].addItem(item)
+            item.setPos(column + 0.5, row + 0.5)
+            self.heatmap_texts[key] = item
+        self.heatmap_texts[key].setText(text)
+
+    def heatmap_cell_text(self, label: str, row: int, column: int) -> str | None:
+        """The value written in a heatmap's cell (tests), or None where none is."""
+        item = self.heatmap_texts.get((label, row, column))
+        return None if item is None else item.toPlainText()
+
+    def describe_heatmap_cell(self, label: str, row: int, column: int) -> str:
+        lengths, depths = list(self.spec.task_options.lengths), list(self.spec.task_options.depths)
+        value = self.heatmap_items[label].image[row, column]
+        score = "not run yet" if value == 0 else f"score {(int(value) - 1) / 254:.2f}"
+        return f"{label} · {lengths[column]} context tokens · needle at {depths[row]:.0%} depth · {score}"
+
+    def _hover_heatmap(self, scene_position) -> None:
+        for label, plot in getattr(self, "heatmap_plots", {}).items():
+            if plot.vb.sceneBoundingRect().contains(scene_position):
+                point = plot.vb.mapSceneToView(scene_position)
+                image = self.heatmap_items[label].image
+                row, column = int(math.floor(point.y())), int(math.floor(point.x()))
+                if 0 <= row < image.shape[0] and 0 <= column < image.shape[1]:
+                    self.heatmap_hover.setText(self.describe_heatmap_cell(label, row, column))
+                return
 
     def heatmap_values(self, label: str) -> np.ndarray:
         """What a heatmap shows (tests): 0 not run yet, 1 lost, 255 found; rows = depths, columns = lengths."""

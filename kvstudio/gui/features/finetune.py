@@ -16,7 +16,7 @@ from functools import partial
 
 from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout,
-                               QHBoxLayout, QLabel, QLineEdit, QPushButton, QScrollArea, QSpinBox, QVBoxLayout,
+                               QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox, QVBoxLayout,
                                QWidget)
 
 from kvstudio.core.errors import KVStudioError
@@ -33,6 +33,8 @@ from kvstudio.gui.feature import Feature
 from kvstudio.gui.features.finetune_task import (FinetuneOutcome, FinetuneRequest, apply_adapter_task,
                                                  finetune_task, remove_adapter_task)
 from kvstudio.gui.features.live_views import REFRESH_HZ
+from kvstudio.gui.views.base import on_screen
+from kvstudio.gui.widgets.scrolling import scrolling
 from kvstudio.gui.task_runner import RunningTask
 
 DATA_SOURCES = {"synthetic pass key": SYNTHETIC_PASSKEY, "checked documents": "documents", "a file…": "file"}
@@ -112,12 +114,9 @@ class FinetunePanel(QWidget):
         inner_layout.addLayout(_row_layout(self.start, self.stop))
         inner_layout.addWidget(self.status)
         inner_layout.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(inner)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(scroll)
+        layout.addWidget(scrolling(inner, sideways=False))  # down only, as wide as the fields need: nothing cut off
         self.browse.clicked.connect(self._pick_file)
         self.out_browse.clicked.connect(self._pick_folder)
         self.source.currentTextChanged.connect(self._source_chosen)
@@ -236,38 +235,44 @@ class FinetuneFeature(Feature):
 
     # -- sessions ---------------------------------------------------------------------------------
 
+    def _missing(self) -> str | None:
+        """What the panel and the window still lack for a session (no side effects: the refusal's banner
+        asks it again, and goes once it is None)."""
+        window, panel = self.window, self.panel
+        source = panel.data_source()
+        if window.state.model_info is None:
+            return "load a model first"
+        if window.state.busy:
+            return "a run is in progress: stop it first"
+        if not panel.out_dir.text().strip():
+            return "choose an output folder for the adapter checkpoints"
+        if not source:
+            return "choose a data file, or another data source"
+        if source == "documents" and not _checked_documents(window.prompt_area.documents):
+            return "no checked documents to train on: add documents or choose another data source"
+        if invalid := window.form.validate():
+            return f"policy parameters: {invalid}"
+        return None
+
     @Slot()
     def start(self) -> bool:
         window, panel = self.window, self.panel
-        problem = None
         out_dir = panel.out_dir.text().strip()
         source = panel.data_source()
         documents = [d.text for d in _checked_documents(window.prompt_area.documents)]
-        if window.state.model_info is None:
-            problem = "load a model first"
-        elif window.state.busy:
-            problem = "a run is in progress: stop it first"
-        elif not out_dir:
-            problem = "choose an output folder for the adapter checkpoints"
-        elif not source:
-            problem = "choose a data file, or another data source"
-        elif source == "documents" and not documents:
-            problem = "no checked documents to train on: add documents or choose another data source"
-        elif invalid := window.form.validate():
-            problem = f"policy parameters: {invalid}"
-        settings = None
-        if problem is None:
-            try:
-                settings = panel.settings()
-                settings.validate()
-                # The storage the Set-up column sets, where training can carry it; refused in words otherwise.
-                check_trainable_storage(CacheSpec.parse(window.form.policy.currentText(),
-                                                        window.form.parameters()).storage)
-                prepare_output_folder(out_dir)
-            except KVStudioError as error:  # the message names the setting or the folder
-                problem = str(error)
+        problem = self._missing()
         if problem:
-            window.show_error(problem)
+            window.show_error(problem, holds=lambda: self._missing() == problem)
+            return False
+        try:
+            settings = panel.settings()
+            settings.validate()
+            # The storage the Set-up column sets, where training can carry it; refused in words otherwise.
+            check_trainable_storage(CacheSpec.parse(window.form.policy.currentText(),
+                                                    window.form.parameters()).storage)
+            prepare_output_folder(out_dir)
+        except KVStudioError as error:  # the message names the setting or the folder
+            window.show_error(str(error))
             return False
         window.hide_error()
         policy, parameters = window.form.policy.currentText(), window.form.parameters()
@@ -384,7 +389,7 @@ class FinetuneFeature(Feature):
         changing.failed.connect(self.window.show_error)
 
     def refresh(self) -> None:
-        if self.curves.isVisible() or self.running:
+        if on_screen(self.curves) or self.running:
             self.curves.refresh()
 
 

@@ -13,6 +13,7 @@ from kvstudio.core.recording.events import Recorder
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.views.attention_loss import AttentionLossView
 from kvstudio.gui.views.attention_map import AttentionMapView
+from kvstudio.gui.views.base import on_screen
 from kvstudio.gui.views.evictions import EvictionsView
 from kvstudio.gui.views.memory import MemoryView
 from kvstudio.gui.views.occupancy import OccupancyView
@@ -53,9 +54,9 @@ class LiveViews(Feature):
     @Slot()
     def refresh(self, include_hidden: bool = False) -> None:
         """Views read what is new. Hidden ones (a tab behind another) wait: their cursors keep
-        their place, so they catch up, losing nothing, when shown."""
+        their place, so they catch up, losing nothing, at the first tick they are on screen."""
         for view in self.live_views:
-            if include_hidden or view.isVisible():
+            if include_hidden or on_screen(view):
                 view.refresh()
                 if include_hidden:  # a run's end or a stored run: draw now what a throttle held back
                     view.flush()

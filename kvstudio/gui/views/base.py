@@ -12,6 +12,13 @@ from PySide6.QtWidgets import QWidget
 from kvstudio.core.recording.events import Recorder, RunStartedEvent
 
 
+def on_screen(widget: QWidget) -> bool:
+    """Whether any of `widget` is on screen. A dock behind another dock's tab still says isVisible()
+    (seen here: every view of the tab group redrew at 25 Hz, taking the worker's GIL for plots no one
+    saw); its visible region is empty."""
+    return widget.isVisible() and not widget.visibleRegion().isEmpty()
+
+
 class LiveView(QWidget):
     """Subclasses implement `start(run)` (reset for a new run) and `consume(events)`."""
 

@@ -138,7 +138,12 @@ class TokenMapView(LiveView):
             return []
         if self.by_tier.isChecked():
             return [TIER_COLOURS[tier] for tier in self.tiers()]
-        return [colours.UNFED if np.isnan(f) else colours.held_colour(float(f)) for f in self.held_fractions()]
+        # A fraction is k of n layers (or heads): a handful of distinct values, each coloured once. A
+        # colour call per token (1,700 a frame at 10 Hz) held the GIL the worker needs.
+        fractions = self.held_fractions()
+        values, inverse = np.unique(np.nan_to_num(fractions, nan=-1.0), return_inverse=True)
+        palette = np.array([colours.UNFED if v < 0 else colours.held_colour(float(v)) for v in values], dtype=object)
+        return palette[inverse.reshape(-1)].tolist()
 
     def drawn_colours(self) -> list[str]:
         """The background colour each token has in the document now: what the user sees."""
@@ -218,11 +223,12 @@ class TokenMapView(LiveView):
             cursor.insertText(self.tokens[index].replace("\n", "↵\n") or "·", self._format(colours_now[index]))
             self._ends.append(cursor.position())
             self._colours.append(colours_now[index])
-        index = 0
-        while index < len(colours_now):  # re-colour runs of changed tokens that share a colour
+        # Re-colour runs of changed tokens that share a colour; the changed ones found in numpy, not a
+        # Python scan of every token per frame.
+        changed = np.flatnonzero(np.array(colours_now, dtype=object) != np.array(self._colours, dtype=object))
+        for index in changed:
             if colours_now[index] == self._colours[index]:
-                index += 1
-                continue
+                continue  # re-coloured already, within the run before it
             end = index
             while (end + 1 < len(colours_now) and end + 1 != self.map.prompt_count  # never across the mark
                    and colours_now[end + 1] == colours_now[index] != self._colours[end + 1]):
@@ -231,7 +237,6 @@ class TokenMapView(LiveView):
             cursor.setPosition(self._ends[end], QTextCursor.KeepAnchor)
             cursor.setCharFormat(self._format(colours_now[index]))
             self._colours[index:end + 1] = [colours_now[index]] * (end + 1 - index)
-            index = end + 1
         cursor.endEditBlock()
         self.summary.setText(self.summary_text())
 
