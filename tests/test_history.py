@@ -326,7 +326,8 @@ def test_a_cache_name_is_stored_as_its_policy_and_storage(history, llama_engine)
     run_id = history.start("tiny-llama", "h2o-int4", {"budget": 8, "storage": form}, "p")
     record = history.get(run_id)
     assert (record.policy, record.cache) == ("h2o", "h2o-int4")
-    assert record.parameters == {"budget": 8, "storage": {"codec": "int4", "group_size": 32}}
+    assert record.parameters == {"budget": 8, "storage": {"codec": "int4", "group_size": 32},
+                                 "gqa_aggregation": "mean"}  # what a row without it ran with
     assert [r.id for r in history.list(policy="h2o-int4")] == [run_id] and history.list(policy="h2o-int8") == []
 
 
