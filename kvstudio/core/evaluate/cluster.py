@@ -35,7 +35,7 @@ from pathlib import Path
 import kvstudio
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.evaluate.cluster_worker import CellWorker
-from kvstudio.core.evaluate.sweep import (Cell, SweepOutcome, SweepProgress, SweepSpec, SweepStore, _describe,
+from kvstudio.core.evaluate.sweep import (Cell, SweepOutcome, SweepProgress, SweepSpec, SweepStore, describe_cell,
                                           as_task, default_store_path, make_policy)
 from kvstudio.core.persist.run_book import RunBook
 from kvstudio.core.plugins import shipping
@@ -503,7 +503,7 @@ class _Run:
             worker, cell = self.idle.popleft(), self.queue.popleft()
             self.running[worker.actor.compute.remote(cell.key(self.task))] = _Running(worker, cell)
             self.first_sent = self.first_sent or time.perf_counter()
-            self.progress(f"{_describe(cell)} on {worker.where}")
+            self.progress(f"{describe_cell(cell)} on {worker.where}")
 
     def returned(self, ref, job: _Running) -> None:
         try:
