@@ -124,6 +124,7 @@ def _load(args) -> int:
     from kvstudio.core.models.loading import load_model
     from kvstudio.core.persist.saved_cache import (SavedCacheError, load_saved_cache, policy_from_header, read_header,
                                           write_saved_cache)
+    from kvstudio.core.runtime.run_state import follow_up_ids
 
     header = read_header(args.path)
     policy = policy_from_header(header)
@@ -144,8 +145,7 @@ def _load(args) -> int:
     print(f"[kvstudio] restored {len(state.token_ids)} tokens under {policy.describe()} in {seconds:.3f} s "
           f"(their prefill took {state.prefill_seconds:.2f} s)", file=sys.stderr)
     if args.then:
-        ids = state.token_ids + state.generated[-1:] * state.pending
-        ids += list(loaded.tokenizer(args.then, add_special_tokens=False)["input_ids"])
+        ids = follow_up_ids(state, loaded.tokenizer, args.then)
         result = engine.generate(ids, policy, settings, start=state, keep_state=bool(args.save),
                                  on_text=lambda piece: print(piece, end="", flush=True))
     else:

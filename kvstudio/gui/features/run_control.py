@@ -39,7 +39,8 @@ class RunControl(Feature):
         form = self.window.form
         self.start(form.policy.currentText(), form.parameters(), label="")
 
-    def start(self, policy: str, parameters: dict, label: str, start_from: str | None = None) -> bool:
+    def start(self, policy: str, parameters: dict, label: str, start_from: str | None = None,
+              follow_up: str | None = None) -> bool:
         window, form, state = self.window, self.window.form, self.window.state
         problem = None
         if state.model_info is None:
@@ -58,7 +59,7 @@ class RunControl(Feature):
         window.views.follow_new_run(state.recorder)
         request = RunRequest(window.prompt_area.full_prompt(), policy, parameters, form.generation_settings(),
                              state.recorder, label, snapshot_path=window.snapshots.take_armed_path(),
-                             start_from=start_from)
+                             start_from=start_from, follow_up=follow_up)
         window.runs.record_start(request)
         outcome = RunOutcome(request)
         self.task = window.runner.start(run_task(outcome))

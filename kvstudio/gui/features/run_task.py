@@ -15,6 +15,7 @@ from kvstudio.core.recording.events import Recorder
 from kvstudio.core.recording.packing import pack_events
 from kvstudio.core.recording.snapshots import MemorySnapshotRecording, SnapshotError
 from kvstudio.core.runtime.engine import GenerationSettings
+from kvstudio.core.runtime.run_state import follow_up_ids
 from kvstudio.core.spec import build_policy
 from kvstudio.gui.features.caches import in_studio_words
 from kvstudio.gui.task_runner import Task
@@ -32,6 +33,7 @@ class RunRequest:
     book: object = None  # the RunBook keeping that row (gui/features/runs.py)
     snapshot_path: str | None = None  # record a memory snapshot of the run into this file
     start_from: str | None = None  # a saved cache (.kvcache) to restore and continue from
+    follow_up: str | None = None  # with start_from: a question fed after its tokens, instead of going on
 
 
 @dataclass
@@ -56,11 +58,15 @@ def run_task(outcome: RunOutcome) -> Task:
                          else contextlib.nullcontext())
             try:
                 start = _restore(engine, request, policy, outcome) if request.start_from else None
+                # A follow-up question: the saved context's cache restored, only the question prefilled.
+                asked = start is not None and bool(request.follow_up)
+                prompt = follow_up_ids(start, engine.tokenizer, request.follow_up) if asked else request.prompt
                 with recording:
                     # keep_state: the run's final state stays on its result, for "Save cache" after it.
-                    outcome.result = engine.generate(request.prompt, policy, request.settings,
+                    outcome.result = engine.generate(prompt, policy, request.settings,
                                                      recorder=request.recorder, cancel=state.cancel,
-                                                     start=start, resume=start is not None, keep_state=True)
+                                                     start=start, resume=start is not None and not asked,
+                                                     keep_state=True)
                     if request.snapshot_path:  # leaving the block takes seconds on CPU: say so
                         state.set_status("building the memory snapshot from the recorded allocations…")
             finally:  # a failed run's snapshot is the one that shows why
