@@ -104,3 +104,17 @@ def test_perplexity_curves_fill_in(qtbot, window):
     assert len(x) == 120 and y.max() > 0
     full_kl = view.curves[("kl", "full")].yData
     assert full_kl.max() < 1e-4
+
+
+def test_the_form_chooses_the_protocol_and_the_loss_for_tasks_with_a_question(qtbot, window):
+    view = window.evaluate.view
+    _choose(view)
+    assert view.protocol.currentText() == "bounded"  # the default, stated in the form
+    view.protocol.setCurrentText("question-agnostic")
+    view.measure_loss.setChecked(True)
+    spec = view.build_spec("tiny-llama")
+    assert (spec.protocol, spec.measure_loss) == ("question-agnostic", True)
+    view.task.setCurrentText("perplexity")  # a text, no question: the rows are off and the spec plain
+    assert not view.protocol.isEnabled() and not view.measure_loss.isEnabled()
+    spec = view.build_spec("tiny-llama")
+    assert (spec.protocol, spec.measure_loss) == ("bounded", False)
