@@ -19,7 +19,6 @@ from pathlib import Path
 
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.plugins.loader import user_data_dir
-from kvstudio.core.policies import completed_record
 from kvstudio.core.storage import cache_label, changed_fields, split_cache_name, storage_config, storage_fields
 
 SCHEMA_VERSION = 4
@@ -285,7 +284,7 @@ class RunHistory:
     def _record(row, with_steps: bool) -> RunRecord:
         return RunRecord(
             id=row["id"], created=row["created"], model=row["model"], policy=row["policy"],
-            parameters=completed_record(row["policy"], json.loads(row["parameters"])), prompt_sha256=row["prompt_sha256"],
+            parameters=json.loads(row["parameters"]), prompt_sha256=row["prompt_sha256"],
             prompt_preview=row["prompt_preview"], status=row["status"], output=row["output"],
             figures=json.loads(row["figures"]), steps=json.loads(row["steps"]) if with_steps else [],
             settings=json.loads(row["settings"]), error=row["error"],
