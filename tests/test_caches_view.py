@@ -132,3 +132,45 @@ def test_a_continued_run_says_its_prefill_was_restored_not_a_rate(qtbot, window)
     assert window.state.last_outcome.error is None, window.state.last_outcome.error
     message = window.statusBar().currentMessage()
     assert "prefill restored from the cache in" in message and "tokens/s" not in message
+
+
+def test_follow_up_questions_restore_one_saved_context_each(qtbot, window):
+    from kvstudio.core.persist.saved_cache import load_saved_cache, policy_from_header
+    from kvstudio.core.runtime.engine import GenerationSettings
+    from kvstudio.core.runtime.run_state import follow_up_ids
+
+    from .conftest import engine_for
+
+    window.form.temperature.setValue(0.0)
+    _run(qtbot, window, 1)
+    view = window.caches.view
+    path = view.folder / "context.kvcache"
+    assert window.caches.save_last_run(str(path))
+    qtbot.waitUntil(lambda: view.table.rowCount() == 1, timeout=10_000)
+    window.form.max_new_tokens.setValue(4)
+    answers = []
+    for question in (" Who jumps?", " Over what?"):
+        view.table.selectRow(0)
+        view.question.setText(question)
+        view.ask_button.click()
+        qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+        outcome = window.state.last_outcome
+        assert outcome.error is None, outcome.error
+        result = outcome.result
+        assert result.restored_tokens == 88  # the context was restored, not prefilled again
+        assert "answered the question in 4 tokens" in view.status.text()
+        engine = engine_for("tiny-llama")  # the same tiny model, outside the studio's thread
+        header, state, _ = load_saved_cache(str(path), engine.loaded, None)
+        policy = policy_from_header(header)
+        ids = follow_up_ids(state, engine.tokenizer, question)
+        # Only the question (and the token sampled before the save) was prefilled.
+        assert [s.input_tokens for s in result.steps if s.phase == "prefill"] == [len(ids) - 88]
+        assert ids[-len(question):] == list(engine.tokenizer(question, add_special_tokens=False)["input_ids"])
+        direct = engine.generate(ids, policy,
+                                 GenerationSettings(max_new_tokens=4, chunk_size=16, memory_sample_hz=0), start=state)
+        assert result.token_ids == direct.token_ids
+        answers.append(result.token_ids)
+    assert len(answers) == 2
+    view.question.setText("")
+    view.ask_button.click()
+    assert "type a question" in view.status.text()

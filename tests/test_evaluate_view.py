@@ -136,3 +136,17 @@ def test_the_heatmaps_say_what_they_show_as_the_cli_figure_does(qtbot, window):
     assert view.table.item(0, TABLE_COLUMNS.index("depth")).text().endswith("%")
     legend = view.by_bytes.getPlotItem().legend
     assert legend.offset[0] > 0  # anchored top left, where no top-score point sits
+
+
+def test_the_form_chooses_the_protocol_and_the_loss_for_tasks_with_a_question(qtbot, window):
+    view = window.evaluate.view
+    _choose(view)
+    assert view.protocol.currentText() == "bounded"  # the default, stated in the form
+    view.protocol.setCurrentText("question-agnostic")
+    view.measure_loss.setChecked(True)
+    spec = view.build_spec("tiny-llama")
+    assert (spec.protocol, spec.measure_loss) == ("question-agnostic", True)
+    view.task.setCurrentText("perplexity")  # a text, no question: the rows are off and the spec plain
+    assert not view.protocol.isEnabled() and not view.measure_loss.isEnabled()
+    spec = view.build_spec("tiny-llama")
+    assert (spec.protocol, spec.measure_loss) == ("bounded", False)

@@ -87,9 +87,8 @@ def test_a_database_from_an_older_schema_is_migrated(tmp_path):
     try:
         assert history.connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         record = history.list()[0]
-        # a parameter the row predates reads back with the value its run had (PolicyConfig.former_values)
         assert (record.output, record.figures, record.parameters) == ("an old answer", {"evictions": 5},
-                                                                      {"budget": 64, "gqa_aggregation": "mean"})
+                                                                      {"budget": 64})
         assert history.get(record.id).steps == [] and record.error is None
         assert history.get(record.id).memory == [] and history.events(record.id) is None
     finally:
@@ -326,8 +325,7 @@ def test_a_cache_name_is_stored_as_its_policy_and_storage(history, llama_engine)
     run_id = history.start("tiny-llama", "h2o-int4", {"budget": 8, "storage": form}, "p")
     record = history.get(run_id)
     assert (record.policy, record.cache) == ("h2o", "h2o-int4")
-    assert record.parameters == {"budget": 8, "storage": {"codec": "int4", "group_size": 32},
-                                 "gqa_aggregation": "mean"}  # what a row without it ran with
+    assert record.parameters == {"budget": 8, "storage": {"codec": "int4", "group_size": 32}}
     assert [r.id for r in history.list(policy="h2o-int4")] == [run_id] and history.list(policy="h2o-int8") == []
 
 

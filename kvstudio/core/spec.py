@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvstudio.core.plugins.guard import build_policy as guarded_construction
-from kvstudio.core.policies import policy_class
+from kvstudio.core.policies import completed_record, policy_class
 from kvstudio.core.policies.base import Policy
 from kvstudio.core.storage.base import StorageConfig
 from kvstudio.core.storage.policy_storage import (STORAGE_KEY, attach, cache_name_for, changed_fields, split_cache_name,
@@ -43,8 +43,10 @@ class CacheSpec:
     @classmethod
     def from_record(cls, name: str, parameters: dict | None) -> CacheSpec:
         """From a run history row (its policy or cache name and its recorded parameters); rows of older
-        versions, without a "storage" entry or with fields this version does not know, read too."""
-        return cls.parse(name, parameters)
+        versions, without a "storage" entry or with fields this version does not know, read too, and
+        parameters added since take the value those runs had (PolicyConfig.former_values)."""
+        spec = cls.parse(name, parameters)
+        return cls(spec.policy, completed_record(spec.policy, spec.parameters), spec.storage)
 
     @classmethod
     def of(cls, policy: Policy) -> CacheSpec:

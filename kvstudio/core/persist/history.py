@@ -24,7 +24,6 @@ from pathlib import Path
 
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.plugins.loader import user_data_dir
-from kvstudio.core.policies import completed_record
 from kvstudio.core.storage import cache_label, changed_fields, split_cache_name, storage_config, storage_fields
 
 SCHEMA_VERSION = 4
@@ -341,7 +340,7 @@ class RunHistory:
         error = row["error"]
         record = RunRecord(
             id=row["id"], created=text("created"), model=text("model"), policy=text("policy"),
-            parameters=completed_record(text("policy"), parsed("parameters")), prompt_sha256=text("prompt_sha256"),
+            parameters=parsed("parameters"), prompt_sha256=text("prompt_sha256"),
             prompt_preview=text("prompt_preview"), status=text("status", "failed"), output=text("output"),
             figures=parsed("figures"), steps=parsed("steps") if with_steps else [],
             settings=parsed("settings"), error=error if error is None or isinstance(error, str) else str(error),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import kvstudio
 from kvstudio.core.persist.history import PREVIEW_CHARS
-from kvstudio.core.policies import policy_class
+from kvstudio.core.policies import completed_record, policy_class
 from kvstudio.core.storage import StorageConfig
 
 PROVENANCE_KEY = "provenance"  # in a history row's settings, a sweep cell, an export
@@ -116,7 +116,8 @@ def command_of_record(record) -> tuple[str, str | None]:
     if record.kind != "generate":
         return "", f"run {record.id} is a {record.kind} session and recorded no command"
     whole = len(record.prompt_preview) < PREVIEW_CHARS
-    command = rerun_command(record.model, record.policy, record.parameters, record.settings,
+    command = rerun_command(record.model, record.policy, completed_record(record.policy, record.parameters),
+                            record.settings,
                             record.prompt_preview if whole else None)
     note = None if whole else (f"the history keeps only the first {PREVIEW_CHARS} characters of the prompt: save it "
                                f"as PROMPT.txt (sha256 {record.prompt_sha256}); `kvstudio runs export "

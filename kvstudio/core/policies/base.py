@@ -262,7 +262,11 @@ class Policy(ABC):
         """Indices to keep, (kv_heads, k) increasing per row; or None to keep all entries."""
 
     def describe(self) -> str:
-        shown = ", ".join(f"{k}={v}" for k, v in self.config.as_dict().items() if v not in (None, False))
+        # A parameter added later shows only where it differs from what every run had before it
+        # (former_values): descriptions of runs that could not choose it stay as they were.
+        former = self.config.former_values
+        shown = ", ".join(f"{k}={v}" for k, v in self.config.as_dict().items()
+                          if v not in (None, False) and not (k in former and former[k] == v))
         storage = getattr(self, "storage", None)  # kvstudio.core.storage: a codec names the cache h2o-int4
         name = self.name if storage is None or storage.codec == "fp" else f"{self.name}-{storage.codec}"
         if storage is not None and storage.merge != "none":  # cross-layer merging (storage/minicache.py)

@@ -46,9 +46,10 @@ class AttentionLossMeter:
         with torch.no_grad():
             weights = attention_rows(query.detach(), keys[None], scaling, 1, shadow)[:, 0]  # (heads, n)
             seen = rule.key_positions if rule.key_positions is not None else positions[None]
-            held = torch.zeros(seen.shape[0], int(positions[-1]) + 1, dtype=torch.bool, device=keys.device)
-            held.scatter_(1, seen.to(keys.device), True)
-            held = held[:, positions]  # (rows, n): which shadow entries the layer's attention saw
+            # The shadow holds every token from the run's start in order: entry i is token position i,
+            # so the positions attention saw index it directly (no read of the device).
+            held = torch.zeros(seen.shape[0], keys.shape[1], dtype=torch.bool, device=keys.device)
+            held.scatter_(1, seen.to(keys.device), True)  # (rows, n): which shadow entries attention saw
             heads = weights.shape[0]
             if held.shape[0] != heads:
                 held = held.repeat_interleave(heads // held.shape[0], dim=0)

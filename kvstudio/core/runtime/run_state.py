@@ -156,6 +156,13 @@ def restore(run, state: RunState, sampler=None) -> None:
         generator.set_state(state.rng_state.clone())
 
 
+def follow_up_ids(state: RunState, tokenizer, text: str) -> list[int]:
+    """The prompt of a follow-up question to a saved state: every token it fed (and a token it sampled
+    but had not fed yet), then `text`'s tokens. Generating it with `start=state` restores the state and
+    prefills only the question: one compressed context serves many questions."""
+    return state.followed_by(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def start_from(run, start: RunState, ids: list[int], resume: bool, sampler, stream, chunk_size: int, cancel,
                checkpoint) -> tuple[torch.Tensor | None, list[int]]:
     """Start `run` from a saved state: (the logits to sample the next token from, tokens generated

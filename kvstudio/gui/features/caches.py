@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QUrl, Signal, Slot
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QPushButton,
+from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton,
                                QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from kvstudio.core.persist import saved_cache
@@ -81,6 +81,7 @@ def follow_up_text(header: dict, full_prompt: str, prompt_box: str) -> str:
 
 class CachesView(QWidget):
     restore_requested = Signal(str)  # path of a saved cache to continue from
+    question_requested = Signal(str, str)  # path of a saved cache, a follow-up question to ask it
     save_requested = Signal()
 
     def __init__(self, folder: Path, parent=None):
@@ -95,6 +96,12 @@ class CachesView(QWidget):
         self.restore_button.setToolTip("restore the selected cache and go on generating (bit-identical to never "
                                        "having stopped); a follow-up typed in the Prompt box is fed after it first "
                                        "(as `kvstudio cache load --then`); double-click a row does the same")
+        # Several questions about one context: each restores the selected cache and prefills only itself.
+        self.question = QLineEdit()
+        self.question.setPlaceholderText("a follow-up question about the selected cache's context")
+        self.ask_button = QPushButton("Ask")
+        self.ask_button.setToolTip("restore the selected cache and feed this question after its tokens: the "
+                                   "context is not computed again (kvstudio cache load FILE --then TEXT)")
         self.delete_button = QPushButton("Delete")
         self.reveal_button = QPushButton("Reveal file")
         self.refresh_button = QPushButton("Refresh")
@@ -112,10 +119,14 @@ class CachesView(QWidget):
         for button in (self.save_button, self.restore_button, self.delete_button, self.reveal_button,
                        self.refresh_button):
             buttons.addWidget(button)
+        asking = QHBoxLayout()
+        asking.addWidget(self.question, 1)
+        asking.addWidget(self.ask_button)
         layout = QVBoxLayout(self)
         layout.addLayout(top)
         layout.addLayout(buttons)
         layout.addWidget(self.table, 1)
+        layout.addLayout(asking)
         layout.addWidget(self.status)
         self.paths: list[Path] = []
         self.headers: dict[Path, dict] = {}
@@ -123,6 +134,8 @@ class CachesView(QWidget):
         self.save_button.clicked.connect(self.save_requested)
         self.restore_button.clicked.connect(lambda: [self.restore_requested.emit(str(p)) for p in self.selected()[:1]])
         self.table.cellDoubleClicked.connect(lambda row, _: self.restore_requested.emit(str(self.paths[row])))
+        self.ask_button.clicked.connect(self.ask_selected)
+        self.question.returnPressed.connect(self.ask_selected)
         self.delete_button.clicked.connect(self.delete_selected)
         self.reveal_button.clicked.connect(self.reveal_selected)
         self.refresh_button.clicked.connect(self.refresh)
@@ -158,6 +171,16 @@ class CachesView(QWidget):
     def selected(self) -> list[Path]:
         rows = sorted({index.row() for index in self.table.selectionModel().selectedRows()})
         return [self.paths[row] for row in rows]
+
+    def ask_selected(self) -> None:
+        question = self.question.text()  # as typed: a leading space is a token of its own
+        if not question.strip():
+            self.status.setText("type a question to ask the selected cache")
+            return
+        for path in self.selected()[:1]:
+            self.question_requested.emit(str(path), question)
+            return
+        self.status.setText("select a saved cache to ask it a question")
 
     def delete_selected(self) -> None:
         for path in self.selected():
@@ -200,6 +223,7 @@ class CachesFeature(Feature):
         menu.addAction("Show saved caches", lambda: (dock.show(), dock.raise_()))
         view.save_requested.connect(lambda: self.save_last_run())
         view.restore_requested.connect(self.continue_from)
+        view.question_requested.connect(self.ask)
         window.run.run_ended.connect(self.on_run_finished)
 
     def save_last_run(self, path: str | None = None) -> bool:
@@ -242,9 +266,14 @@ class CachesFeature(Feature):
         if path:
             self.continue_from(path)
 
+    @Slot(str, str)
+    def ask(self, path: str, question: str) -> bool:
+        """A follow-up question to a saved cache: restored, the question fed after its tokens."""
+        return self.continue_from(path, question)
+
     @Slot(str)
-    def continue_from(self, path: str) -> bool:
-        """Set the policy and sampling the cache was made with, then run from it."""
+    def continue_from(self, path: str, follow_up: str | None = None) -> bool:
+        """Set the policy and sampling the cache was made with, then run from it (or ask it `follow_up`)."""
         window = self.window
         try:
             header = read_header(path)
@@ -270,8 +299,11 @@ class CachesFeature(Feature):
         form.storage_form.set_parameters(storage)
         if storage != storage_key(StorageConfig()):
             parameters[STORAGE_KEY] = storage
-        follow_up = follow_up_text(header, window.prompt_area.full_prompt(), window.prompt_area.prompt.toPlainText())
-        started = window.run.start(policy, parameters, label="continue", start_from=str(path), follow_up=follow_up)
+        asked = follow_up is not None  # the Ask box's question; else Continue, with the Prompt box's follow-up
+        if not asked:
+            follow_up = follow_up_text(header, window.prompt_area.full_prompt(), window.prompt_area.prompt.toPlainText())
+        started = window.run.start(policy, parameters, label="ask" if asked else "continue", start_from=str(path),
+                                   follow_up=follow_up)
         if started:
             then = f", then feeding the prompt ({len(follow_up)} characters)" if follow_up else ""
             self.view.status.setText(f"restoring {Path(path).name}{then}…")
@@ -289,8 +321,9 @@ class CachesFeature(Feature):
             self.view.status.setText(f"restored {restore['tokens']} tokens from {Path(path).name}, then the run "
                                      f"failed: {outcome.error}")
             return
+        done = "answered the question in" if outcome.request.follow_up else "continued"
         text = (f"restored {restore['tokens']} tokens in {restore['seconds']:.3f} s "
-                f"(their prefill took {restore['prefill_seconds']:.2f} s) and continued "
+                f"(their prefill took {restore['prefill_seconds']:.2f} s) and {done} "
                 f"{len(outcome.result.token_ids)} tokens")
         self.view.status.setText(text)
         self.window.statusBar().showMessage(f"{self.window.statusBar().currentMessage()} · {text}")

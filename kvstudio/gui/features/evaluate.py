@@ -14,16 +14,17 @@ from pathlib import Path
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Signal, Slot
-from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QFormLayout, QGridLayout, QHBoxLayout,
-                               QLabel, QLineEdit, QListWidget, QProgressBar, QPushButton, QSizePolicy, QSpinBox,
-                               QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGridLayout,
+                               QHBoxLayout, QLabel, QLineEdit, QListWidget, QProgressBar, QPushButton, QSizePolicy,
+                               QSpinBox, QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.evaluate.language import LanguageOptions
 from kvstudio.core.evaluate.results import export_cells, needle_grid, running_mean, score_by_budget, score_by_bytes
 from kvstudio.core.evaluate.cluster import ClusterTarget, open_cluster_sweep
 from kvstudio.core.evaluate.sweep import Sweep, SweepSpec, default_store_path
-from kvstudio.core.evaluate.tasks import RULER_SUBTASKS, TASKS, TaskOptions
+from kvstudio.core.evaluate.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+from kvstudio.core.evaluate.tasks import GENERATION_TASKS, RULER_SUBTASKS, TASKS, TaskOptions
 from kvstudio.core.persist.history import HistoryError, RunHistory
 from kvstudio.core.policies import available_policies
 from kvstudio.gui.features.evaluate_cluster import RunOnForm
@@ -134,6 +135,15 @@ class EvaluateView(QWidget):
         self.stride = QSpinBox(minimum=1, maximum=4096, value=16)
         self.stride.setToolTip("tokens per step after the prefix (1: token by token, the StreamingLLM evaluation)")
         self.chunk_size = QSpinBox(minimum=1, maximum=65536, value=512)
+        self.protocol = QComboBox()  # where the question is when the policy compresses (core/evaluate/protocols.py)
+        self.protocol.addItems(PROTOCOLS)
+        self.protocol.setCurrentText(DEFAULT_PROTOCOL)
+        self.protocol.setToolTip("bounded: the prompt in chunks (memory bounded); question-aware: one chunk, the "
+                                 "question in the observation window (KVCache-Factory); question-agnostic: the "
+                                 "context compressed before the question (kvpress)")
+        self.measure_loss = QCheckBox("measure attention loss")
+        self.measure_loss.setToolTip("each cell's attention mass on evicted entries, against a shadow cache of every "
+                                     "key (a full cache of keys per cell)")
         self.start = QPushButton("Run sweep")
         self.start.setStyleSheet("font-weight: bold;")
         self.stop = QPushButton("Stop")
@@ -156,7 +166,9 @@ class EvaluateView(QWidget):
                                      ("QA file", self.qa_file, ("qa",)),
                                      ("tokens", self.tokens, ("perplexity", "kl")),
                                      ("prefix", self.prefix_tokens, ("perplexity", "kl")),
-                                     ("stride", self.stride, ("perplexity", "kl"))):
+                                     ("stride", self.stride, ("perplexity", "kl")),
+                                     ("protocol", self.protocol, GENERATION_TASKS),
+                                     ("", self.measure_loss, GENERATION_TASKS)):
             form.addRow(label, widget)
             self.task_rows[label] = (widget, tasks)
         form.addRow("chunk size", self.chunk_size)
@@ -277,8 +289,11 @@ class EvaluateView(QWidget):
         language = LanguageOptions(tokens=self.tokens.value(), prefix_tokens=self.prefix_tokens.value(),
                                    stride=self.stride.value(), seed=self.seed.value())
         budgets = numbers(self.budgets, int, "budgets")
+        generating = task in GENERATION_TASKS
         spec = SweepSpec(task, model, tuple(self.checked_policies()), budgets, task_options, language,
-                         chunk_size=self.chunk_size.value())
+                         chunk_size=self.chunk_size.value(),
+                         protocol=self.protocol.currentText() if generating else DEFAULT_PROTOCOL,
+                         measure_loss=generating and self.measure_loss.isChecked())
         spec.validate()
         return spec
 

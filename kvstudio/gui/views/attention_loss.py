@@ -70,3 +70,5 @@ class AttentionLossView(LiveView):
         self.layers_message.hide()
         self.curve.setData(self.steps, self.means)
         self.bars.setOpts(x=np.arange(len(self.latest)), height=np.nan_to_num(self.latest))
+        for plot in (self.over_steps, self.per_layer):  # a loss is a fraction: the whole 0..1 scale, bars from 0
+            plot.setYRange(0, 1, padding=0.02)
