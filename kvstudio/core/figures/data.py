@@ -291,13 +291,13 @@ def layer_windows(run) -> list[float]:
     windows = tuple(getattr(run, "windows", ()) or ())
     if len(windows) != run.n_layers:
         windows = (None,) * run.n_layers
-    return [float(w) if w is not None else float("nan") for w in windows]
+    return [float(w) if w is not None else np.nan for w in windows]
 
 
 def layer_budgets(run) -> list[float]:
     """Per layer of a run: its budget, NaN where it has none (and on state layers, which hold no entries)."""
     state = set(getattr(run, "state_layers", ()) or ())
-    return [float(b) if b is not None and i not in state else float("nan") for i, b in enumerate(run.budgets)]
+    return [float(b) if b is not None and i not in state else np.nan for i, b in enumerate(run.budgets)]
 
 
 def state_layers_text(run) -> str:
