@@ -208,7 +208,9 @@ def test_loading_can_be_cancelled(qtbot, window):
 def test_policy_form_is_generated_from_declared_parameters(qtbot, window):
     window.form.policy.setCurrentText("snapkv")
     editors = window.form.policy_form.editors
-    assert {"budget", "rerotate", "observation_window", "kernel_size", "pooling", "compress_every"} == set(editors)
+    assert {"budget", "rerotate", "observation_window", "kernel_size", "pooling", "compress_every",
+            "gqa_aggregation"} == set(editors)
+    assert type(editors["gqa_aggregation"][1]).__name__ == "QComboBox"
     assert type(editors["pooling"][1]).__name__ == "QComboBox"
     window.form.policy_form.set_values({"budget": 64, "kernel_size": 4})
     assert "Kernel size must be odd" in window.form.policy_form.error.text()
