@@ -6,7 +6,9 @@ Same model, same prompt, greedy, same number of new tokens:
   recording the engine recording attention rows of one watched layer
   no_sampler the engine with memory read only after each step (--memory-sample-hz 0)
 Runs are interleaved (hf, engine, recording, hf, ...) so machine noise hits all three alike, and
-medians are compared. The last two lines are the ratios.
+medians are compared. Then a breakdown: the engine's runs again with a timer around each of its
+parts (benchmarks/step_parts.py), in microseconds per step, against model.generate's whole step.
+The last lines are the ratios.
 
 usage: python benchmarks/overhead.py [--model SPEC] [--prompt-tokens N] [--new-tokens N] [--repeats N]
 """
@@ -20,8 +22,11 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
+
+from step_parts import breakdown_lines, timed_parts  # noqa: E402
 
 from kvstudio.core.runtime.engine import Engine, GenerationSettings  # noqa: E402
 from kvstudio.core.recording.events import Recorder  # noqa: E402
@@ -36,6 +41,7 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--breakdown-runs", type=int, default=3, help="engine runs timed part by part (0: none)")
     parser.add_argument("--watch-layer", type=int, default=None, help="layer watched in the recording run "
                                                                       "(default: the middle one)")
     args = parser.parse_args()
@@ -94,6 +100,16 @@ def main() -> int:
         print(f"{name:<11} median {statistics.median(values) * 1000:8.1f} ms   "
               f"min {min(values) * 1000:8.1f} ms   max {max(values) * 1000:8.1f} ms")
     medians = {name: statistics.median(values) for name, values in times.items()}
+    if args.breakdown_runs:
+        with timed_parts(loaded.model) as (totals, calls):
+            for _ in range(args.breakdown_runs):
+                run_engine()
+        steps = calls["step"]
+        print(f"engine parts over {args.breakdown_runs} runs ({steps // args.breakdown_runs} steps each), "
+              f"timers on; uninstrumented: engine {medians['engine'] / (steps / args.breakdown_runs) * 1e6:.0f} "
+              f"us/step, model.generate {medians['hf'] / (steps / args.breakdown_runs) * 1e6:.0f} us/step")
+        for line in breakdown_lines(loaded.model, totals, calls, steps):
+            print("  " + line)
     print(f"ratio_engine_full_vs_hf_generate={medians['engine'] / medians['hf']:.3f}")
     print(f"ratio_recording_on_vs_off={medians['recording'] / medians['engine']:.3f}")
     print(f"ratio_memory_sampler_20hz_vs_off={medians['engine'] / medians['no_sampler']:.3f}")
