@@ -13,6 +13,7 @@ This module sits below policies and storage (it imports only the errors), so bot
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import field
@@ -70,6 +71,11 @@ def _base_type(annotation) -> tuple[type, bool]:
 
 def declared(cls) -> list[ParameterSpec]:
     """The ParameterSpecs of a dataclass's fields, in field order."""
+    return list(_declared(cls))
+
+
+@functools.lru_cache(maxsize=256)  # every policy built validates through this; type hints cost ~0.2 ms a class
+def _declared(cls) -> tuple[ParameterSpec, ...]:
     hints = typing.get_type_hints(cls)
     specs = []
     for f in dataclasses.fields(cls):
@@ -77,7 +83,7 @@ def declared(cls) -> list[ParameterSpec]:
         meta = f.metadata
         specs.append(ParameterSpec(f.name, base, f.default, meta.get("help", ""), optional, meta.get("minimum"),
                                    meta.get("maximum"), meta.get("choices"), meta.get("label"), meta.get("metavar")))
-    return specs
+    return tuple(specs)
 
 
 def parse_bool(text: str, what: str, error: type[KVStudioError] = KVStudioError) -> bool:

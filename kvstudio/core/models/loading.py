@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,8 @@ class LoadedModel:
     dtype: torch.dtype
     quantization: str | None = None
     adapter: str = ""  # the LoRA checkpoint applied ("session/step-000040"), set by core/train/lora.py
+    # (config, its layer kinds): read three times per run, and reading them walks the config
+    _kinds: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def identity(self) -> str:
@@ -82,7 +84,9 @@ class LoadedModel:
     @property
     def layer_kinds(self) -> list:
         """What each decoder layer computes: global, sliding (with its window), ... (layer_kinds.py)."""
-        return layer_kinds(self.config)
+        if self._kinds is None or self._kinds[0] is not self.config:
+            self._kinds = (self.config, layer_kinds(self.config))
+        return list(self._kinds[1])
 
     @property
     def devices(self) -> list[torch.device]:

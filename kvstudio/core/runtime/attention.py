@@ -282,16 +282,19 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
         sums = sums if wanted else None
     else:
         mask = visibility_mask(rule, query.shape[1], q_len, k_len, query.device)
-        sdpa_kwargs = {name: item for name, item in kwargs.items() if name != "sliding_window"}
+        if "sliding_window" in kwargs:
+            kwargs = {name: item for name, item in kwargs.items() if name != "sliding_window"}
         output, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout,
-                                           **sdpa_kwargs)
-    with torch.no_grad():
-        if policy_queries and form == "rows":
-            rows = attention_rows(query, key, scaling, policy_queries, rule)
-        elif policy_queries and sums is None:
-            sums = attention_sums(query, key, scaling, policy_queries, kvstudio_cache.scoring_scratch_bytes, rule)
-        if watched:
-            watched_row = rows[:, -1] if rows is not None else attention_rows(query, key, scaling, 1, rule)[:, 0]
+                                           **kwargs)
+    if (policy_queries and sums is None) or watched:  # (no_grad costs microseconds a layer)
+        with torch.no_grad():
+            if policy_queries and form == "rows":
+                rows = attention_rows(query, key, scaling, policy_queries, rule)
+            elif policy_queries and sums is None:
+                sums = attention_sums(query, key, scaling, policy_queries, kvstudio_cache.scoring_scratch_bytes,
+                                      rule)
+            if watched:
+                watched_row = rows[:, -1] if rows is not None else attention_rows(query, key, scaling, 1, rule)[:, 0]
     if policy_queries:
         kvstudio_cache.note_scoring_scratch(scoring_scratch_bytes(query.shape[1], k_len, policy_queries, form,
                                                                   kvstudio_cache.scoring_scratch_bytes))

@@ -132,6 +132,9 @@ class PolicyLayer(DynamicLayer):
         self.n_new = 0
         self.attended_this_step = False
         self.recalled_positions: torch.Tensor | None = None  # host entries put in front this step
+        # The keys and values `update` handed attention this step, (kv_heads, n, head_dim) each: the
+        # policy's view reuses them unless an eviction came between (_evict clears them).
+        self._step_entries: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def empty_storage(self) -> None:
         """A fresh store and no host tier; with merging, this layer's side of its pair (the cache's
@@ -142,6 +145,7 @@ class PolicyLayer(DynamicLayer):
         # Cross-layer merging (storage/minicache.py): this layer's side of its pair, or None.
         self.merge = cache.merging.side(self.layer_idx) if cache.merging is not None else None
         self.store.keep_step_groups = self.merge is not None  # a codec encodes the merged states again
+        self._step_entries = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -164,19 +168,20 @@ class PolicyLayer(DynamicLayer):
             raise ValueError("PolicyCache holds one sequence (batch size 1)")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        context = self.cache.context
+        cache, store = self.cache, self.store
         kv_heads, n_new = key_states.shape[1], key_states.shape[-2]
-        positions = context.positions.unsqueeze(0).expand(kv_heads, n_new)
-        rope = context.rope_positions.unsqueeze(0).expand(kv_heads, n_new) if self.cache.policy.config.rerotate \
-            else positions
-        before = self.store.byte_count()
-        keys, values = self.store.append(key_states[0], value_states[0], positions, rope)
+        positions, rope = cache.step_positions(kv_heads)
+        before = store.byte_count()
+        keys, values = store.append(key_states[0], value_states[0], positions, rope)
         if self.merge is not None:
             self.merge.appended(kv_heads, n_new, key_states.device)
+        else:  # (merging rewrites a pair's entries between the steps of its two layers)
+            self._step_entries = (keys[0], values[0])
         self.n_new = n_new
-        self.cache.note_bytes(self.store.byte_count() - before)
-        self.cache.peak_kept_per_layer[self.layer_idx] = max(self.cache.peak_kept_per_layer[self.layer_idx],
-                                                             keys.shape[-2])
+        cache.note_bytes(store.byte_count() - before)
+        held, peaks = keys.shape[-2], cache.peak_kept_per_layer
+        if held > peaks[self.layer_idx]:
+            peaks[self.layer_idx] = held
         return keys, values
 
     def entry_count(self) -> int:
@@ -248,9 +253,11 @@ class PolicyLayer(DynamicLayer):
 
     def _view(self, attention, attention_sums) -> LayerView:
         cache, context = self.cache, self.cache.context
+        entries, self._step_entries = self._step_entries, None
+        keys, values = entries if entries is not None else (self.keys[0], self.values[0])
         return LayerView(
             layer_idx=self.layer_idx, n_layers=cache.n_layers, step=context.step, phase=context.phase,
-            keys=self.keys[0], values=self.values[0], positions=self.positions, n_new=self.n_new,
+            keys=keys, values=values, positions=self.positions, n_new=self.n_new,
             budget=cache.budgets[self.layer_idx], attention=attention,
             is_last_prefill_chunk=context.is_last_prefill_chunk, token_ids=context.token_ids,
             tokenizer=cache.tokenizer, attention_sums=attention_sums,
@@ -301,6 +308,7 @@ class PolicyLayer(DynamicLayer):
             raise PolicyError(f"policy {name} returned indices that are not strictly increasing in layer {layer}")
 
     def _evict(self, keep: torch.Tensor, view: LayerView, reason: str = POLICY) -> None:
+        self._step_entries = None  # the store changes: a later view reads it again
         kv_heads, n = self.positions.shape
         dropped = torch.ones(kv_heads, n, dtype=torch.uint8, device=keep.device)
         dropped.scatter_(1, keep, 0)
@@ -425,6 +433,7 @@ class PolicyCache(Cache):
             raise PolicyError("--rerotate moves kept keys to new positions, and host entries would come back at "
                               "their old ones: use --tier host without --rerotate")
         self.context: StepContext | None = None
+        self._step_positions: tuple[StepContext | None, dict] = (None, {})  # per KV-head count
         self.current_bytes = 0
         self.peak_bytes = 0
         self.host_bytes = 0
@@ -466,6 +475,23 @@ class PolicyCache(Cache):
         self._report = StepReport(kept_per_layer=[])
         for layer in self.attention_layers:
             layer.attended_this_step = False
+
+    def step_positions(self, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, rotation positions) of the step's new entries, (kv_heads, n_new) each: the same for
+        every layer, so made once per step."""
+        context = self.context
+        made_for, made = self._step_positions
+        if made_for is not context:  # a new step (the memo is keyed by its context, however it was set)
+            made = {}
+            self._step_positions = (context, made)
+        both = made.get(kv_heads)
+        if both is None:
+            n_new = context.positions.shape[0]
+            positions = context.positions.unsqueeze(0).expand(kv_heads, n_new)
+            rope = (context.rope_positions.unsqueeze(0).expand(kv_heads, n_new) if self.policy.config.rerotate
+                    else positions)
+            both = made[kv_heads] = (positions, rope)
+        return both
 
     def attention_queries_for(self, layer_idx: int, n_new: int) -> tuple[int, bool]:
         """(queries the policy needs, whether the newest row is recorded for a viewer)."""

@@ -240,6 +240,7 @@ class Engine:
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in eos + [self.tokenizer.eos_token_id] if i is not None}
+        self._token_texts: dict[int, str] = {}  # token id -> its text alone (record_start), read once per id
 
     # -- prompts ----------------------------------------------------------------------------------
 
@@ -310,7 +311,7 @@ class Engine:
                 layer_callbacks(self.model, self.loaded.n_layers, run.before_layer):
             result = self._generate(run, ids, policy, settings, sampler, stream, cancel, on_text,
                                     start, resume, keep_state, on_prefill_state)
-        result.memory = [asdict(reading) for reading in run.memory_readings]
+        result.memory = [vars(reading).copy() for reading in run.memory_readings]  # flat fields: no deep copy
         result.started_unix = run.started_unix
         if keep_cache:
             result.cache = cache
@@ -321,11 +322,22 @@ class Engine:
         """The run's first event: model, policy, budgets and the prompt's tokens (the views' set-up)."""
         recorder.record(RunStartedEvent(
             self.loaded.name, policy.describe(), self.loaded.n_layers, self.loaded.n_kv_heads, tuple(cache.budgets),
-            tuple(self.tokenizer.convert_tokens_to_string([t]) for t in self.tokenizer.convert_ids_to_tokens(ids)),
+            self.token_texts(ids),
             self.loaded.n_heads, cache.storage.tier, tuple(ids), len(start.token_ids) if start is not None else 0,
             run_state.missing_heads(start, self.loaded.n_kv_heads) if start is not None else (),
             self.loaded.layer_windows, self.loaded.state_layers,
         ))
+
+    def token_texts(self, ids: list[int]) -> tuple[str, ...]:
+        """Each token's text on its own (the views label entries with it). Converting is ~4 us a token
+        and a prompt is re-run many times in the studio and the sweeps: each id is converted once."""
+        texts = self._token_texts
+        missing = list({i for i in ids if i not in texts})
+        if missing:
+            tokenizer = self.tokenizer
+            for i, token in zip(missing, tokenizer.convert_ids_to_tokens(missing)):
+                texts[i] = tokenizer.convert_tokens_to_string([token])
+        return tuple(texts[i] for i in ids)
 
     def _generate(self, run, ids, policy, settings, sampler, stream, cancel, on_text, start=None, resume=False,
                   keep_state=False, on_prefill_state=None) -> GenerationResult:

@@ -49,13 +49,17 @@ class EntryBuffers:
         if self.out_of_place or torch.is_grad_enabled():
             self._append_out_of_place(new, count)
             return
+        tensors = self.tensors
+        if not tensors.keys() >= new.keys():
+            for name, tensor in new.items():
+                if name not in tensors:
+                    self.add_field(name, tensor[:, :0])
+        start = self.count
+        if start + count > self.capacity:
+            self._reserve(start + count)
         for name, tensor in new.items():
-            if name not in self.tensors:
-                self.add_field(name, tensor[:, :0])
-        self._reserve(self.count + count)
-        for name, tensor in new.items():
-            self.tensors[name][:, self.count:self.count + count].copy_(tensor)
-        self.count += count
+            tensors[name][:, start:start + count].copy_(tensor)
+        self.count = start + count
 
     def add_field(self, name: str, like: torch.Tensor) -> None:
         """A new field shaped like `like` past the entry axis, zero-filled for the entries held."""
@@ -107,9 +111,9 @@ class EntryBuffers:
     def row_bytes(self, names) -> int:
         """Bytes of one entry (all KV heads) over the fields `names`."""
         total = 0
-        for name in names:
+        for name in names:  # from the shape: a slice per field and step showed in the decode loop
             tensor = self.tensors[name]
-            total += tensor[:, :1].numel() * tensor.element_size()
+            total += tensor.numel() // max(tensor.shape[1], 1) * tensor.element_size() if tensor.shape[1] else 0
         return total
 
 
