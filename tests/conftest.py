@@ -8,6 +8,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels (core/runtime/triton_scoring.py) run through Triton's interpreter in
+# tests/test_triton_scoring.py; it must be on before anything imports triton (torch._dynamo does,
+# through transformers), and it only changes kernels that are launched.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvstudio.core.runtime.engine import Engine  # noqa: E402
 from kvstudio.core.models.loading import load_model  # noqa: E402

@@ -28,6 +28,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from kvstudio.core.runtime import triton_scoring
+
 ATTENTION_NAME = "kvstudio"
 
 
@@ -274,8 +276,17 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
     rule = layer_rule(kvstudio_cache, layer_idx, recalled, kwargs)
     policy_queries, watched = kvstudio_cache.attention_queries_for(layer_idx, q_len)
     form = kvstudio_cache.policy.attention_form
-    rows = sums = watched_row = None
-    if rule.needs_own_path or (policy_queries and _fusable(kvstudio_cache, query, form, policy_queries)):
+    rows = sums = watched_row = output = None
+    kernel = bool(policy_queries) and form == "sums" and triton_scoring.usable(query, rule, dropout,
+                                                                               kvstudio_cache.scoring_kernel)
+    if kernel:  # scores in the attention pass; the output too when every query is scored (H2O, decode)
+        fused = policy_queries == q_len and value.shape[-1] == query.shape[-1]
+        output, sums = triton_scoring.attention_and_sums(query, key, value if fused else None, scaling, policy_queries,
+                                                         rule)
+    if output is not None:
+        pass  # the kernel gave it
+    elif not kernel and (rule.needs_own_path or (policy_queries and _fusable(kvstudio_cache, query, form,
+                                                                                 policy_queries))):
         wanted = policy_queries if form == "sums" else 0
         output, sums = attention_and_sums(query, key, value, scaling, wanted, kvstudio_cache.scoring_scratch_bytes,
                                           rule, dropout)
@@ -295,7 +306,9 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
                                       rule)
             if watched:
                 watched_row = rows[:, -1] if rows is not None else attention_rows(query, key, scaling, 1, rule)[:, 0]
-    if policy_queries:
+    if kernel:  # the kernels' only scratch: one log-sum-exp per query and head
+        kvstudio_cache.note_scoring_scratch(query.shape[1] * q_len * 4)
+    elif policy_queries:
         kvstudio_cache.note_scoring_scratch(scoring_scratch_bytes(query.shape[1], k_len, policy_queries, form,
                                                                   kvstudio_cache.scoring_scratch_bytes))
     # Recalled host entries sit in front of the keys for this step only: the policy scores, and the

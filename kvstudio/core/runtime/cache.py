@@ -448,6 +448,9 @@ class PolicyCache(Cache):
         # One pass for attention output and H2O-style sums (core.attention.attention_and_sums):
         # None = where it is faster, on the CPU; on a GPU SDPA's fused kernels win.
         self.fused_scoring: bool | None = None
+        # Where "sums" policies' scores come from (core/runtime/triton_scoring.py): None = the Triton
+        # kernels on CUDA where Triton is installed, the PyTorch path elsewhere; "triton" or "torch" to choose.
+        self.scoring_kernel: str | None = None
         self.loss_meter = None  # --measure-loss: an AttentionLossMeter (core/runtime/attention_loss.py)
         self._report: StepReport | None = None
         state_layers = state_layers or {}
