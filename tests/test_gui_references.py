@@ -41,3 +41,51 @@ def test_a_studio_run_measures_its_loss_and_records_a_command_that_reruns_it(qtb
     stored = unpack_events(window.history.events(outcome.request.history_id))
     window.views.show_stored_run(stored, stored.since("runs", 0)[0][-1])
     assert view.means == [pytest.approx(m) for m in expected]
+
+
+def test_the_token_maps_hover_says_what_an_evicted_token_would_have_received(qtbot, window):
+    """With attention loss measured, hovering an evicted token tells the share of the chosen layer's
+    attention it would have received at the latest step (core/runtime/attention_loss.py records it)."""
+    from PySide6.QtCore import QPoint, QPointF, Qt
+    from PySide6.QtGui import QMouseEvent, QTextCursor
+    from PySide6.QtWidgets import QToolTip
+
+    load(qtbot, window)
+    window.prompt_area.prompt.setPlainText("abcdefgh" * 6)  # 48 byte tokens
+    window.form.max_new_tokens.setValue(6)
+    window.form.chunk_size.setValue(16)
+    window.form.ignore_eos.setChecked(True)
+    window.form.measure_loss.setChecked(True)
+    result = run(qtbot, window, "window", budget=12).result
+    view = window.views.token_view
+    window.views.refresh(include_hidden=True)
+    view.layer.setCurrentIndex(2)  # layer 1
+    last = result.steps[-1]
+    position, share = last.evicted_attention[1][0]  # the evicted token layer 1 would have attended most
+    assert share >= 0.001 and view.held_fractions()[position] == 0
+    expected = f"would have received {share:.1%} of layer 1's attention at step {last.step}"
+    assert expected in view.hover_text(position)
+    kept = len(view.tokens) - 3  # among the newest 12: held, so nothing lost
+    assert "would have received" not in view.hover_text(kept)
+    view.layer.setCurrentIndex(0)  # all layers: the layer that would have given it the most
+    assert "would have received" in view.hover_text(position)
+    view.layer.setCurrentIndex(2)
+    # A real mouse move over the token shows it.
+    cursor = QTextCursor(view.text.document())
+    rects = []
+    for at in (view._starts[position], view._ends[position]):
+        cursor.setPosition(at)
+        rects.append(view.text.cursorRect(cursor))
+    middle = QPoint((rects[0].x() + rects[1].x()) // 2, rects[0].center().y())
+    event = QMouseEvent(QMouseEvent.MouseMove, QPointF(middle), QPointF(view.text.viewport().mapToGlobal(middle)),
+                        Qt.NoButton, Qt.NoButton, Qt.NoModifier)
+    view.eventFilter(view.text.viewport(), event)
+    assert expected in QToolTip.text()
+    # A reopened run's token map says the same: the figures travel with its packed events.
+    from kvstudio.core.recording.packing import unpack_events
+
+    stored = unpack_events(window.history.events(window.state.last_outcome.request.history_id))
+    window.views.show_stored_run(stored, stored.since("runs", 0)[0][-1])
+    window.views.refresh(include_hidden=True)
+    window.views.token_view.layer.setCurrentIndex(2)
+    assert expected in window.views.token_view.hover_text(position)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvstudio.core.errors import KVStudioError
-from kvstudio.core.recording.event_types import WINDOW
+from kvstudio.core.recording.event_types import EVICTED_FLOOR, TOP_EVICTED, WINDOW
 
 EVICTED, UNSEEN = -1.0, -2.0  # markers in an attention image (weights are >= 0)
 LOG_DECADES = 3.0  # the log scale shows this many decades below the top weight
@@ -44,6 +44,11 @@ class TokenMap:
         self.storage_tier = "device"  # "host": evicted entries live on in host memory
         # Layers that hold entries (state layers hold recurrent state instead: they neither hold nor evict)
         self.attention_layers = np.ones(self.n_layers, dtype=bool)
+        # With --measure-loss, per layer: the latest step measured, and the shares of its attention the
+        # evicted tokens recorded there would have received (StepEvent.evicted_attention)
+        self.would_attend_step = np.full(self.n_layers, -1, dtype=np.int64)
+        self.would_attend: list[dict[int, float]] = [{} for _ in range(self.n_layers)]
+        self.would_attend_floor = np.full(self.n_layers, EVICTED_FLOOR)  # what a token not listed got less than
 
     @classmethod
     def for_run(cls, run) -> TokenMap:
@@ -65,6 +70,7 @@ class TokenMap:
         self.tokens.extend(token.text for token in events.get("tokens", ()))
         for step in events.get("steps", ()):
             self.fed += step.input_tokens
+            self._note_would_attend(step)
         self._ensure_capacity(len(self.tokens))
         for eviction in events.get("evictions", ()):
             if eviction.positions.size:
@@ -78,6 +84,38 @@ class TokenMap:
             for layer, positions in enumerate(merge.retained):
                 if len(positions):
                     self.retained.setdefault(layer, set()).update(positions.tolist())
+
+    def _note_would_attend(self, step) -> None:
+        losses, tops = getattr(step, "attention_loss", ()), getattr(step, "evicted_attention", ())
+        for layer, top in enumerate(tops[:self.n_layers]):
+            if layer < len(losses) and losses[layer] is None:
+                continue  # the layer did not attend this step: its latest figures stand
+            self.would_attend_step[layer] = step.step
+            self.would_attend[layer] = {int(position): float(share) for position, share in top}
+            # A full list was cut at its last entry: a token left out got at most that
+            self.would_attend_floor[layer] = (min(share for _, share in top) if len(top) >= TOP_EVICTED
+                                              else EVICTED_FLOOR)
+
+    def would_attend_text(self, position: int, layer: int | None) -> str | None:
+        """What an evicted token would have received at the latest measured step, in words (None when
+        the run did not measure its loss). Layer None: the layer that would have given it the most."""
+        layers = [layer] if layer is not None else [i for i in range(self.n_layers)
+                                                    if self.evicted_heads[i, position] > 0]
+        layers = [i for i in layers if self.would_attend_step[i] >= 0]
+        if not layers:
+            return None
+        shares = {i: self.would_attend[i].get(position) for i in layers}
+        listed = {i: share for i, share in shares.items() if share is not None}
+        if listed:
+            best = max(listed, key=listed.get)
+            most = "" if layer is not None or len(layers) == 1 else " (the most of the layers that evicted it)"
+            return (f"would have received {listed[best]:.1%} of layer {best}'s attention at step "
+                    f"{self.would_attend_step[best]}{most}")
+        floor = max(float(self.would_attend_floor[i]) for i in layers)
+        if layer is not None:
+            return (f"would have received under {floor:.1%} of layer {layer}'s attention at step "
+                    f"{self.would_attend_step[layer]}")
+        return f"would have received under {floor:.1%} of the attention of each layer that evicted it"
 
     def _ensure_capacity(self, positions: int) -> None:
         if positions > self.evicted_heads.shape[1]:
@@ -167,6 +205,8 @@ class TokenMap:
             evicted, left = np.flatnonzero(gone & ~window), np.flatnonzero(gone & window)
             if evicted.size:
                 lines.append(f"evicted from {_layer_list(evicted)} {_when(steps[evicted])}")
+                would = self.would_attend_text(position, None)
+                lines += [would] if would else []
             if left.size:
                 lines.append(f"left the sliding window of {_layer_list(left)} {_when(steps[left])}")
         elif not self.attention_layers[layer]:
@@ -180,6 +220,8 @@ class TokenMap:
                              "attended there again")
             elif heads < self.kv_heads:
                 lines.append(f"evicted {_when(steps[layer:layer + 1])}")
+                would = self.would_attend_text(position, layer)
+                lines += [would] if would else []
         return "\n".join(lines)
 
 

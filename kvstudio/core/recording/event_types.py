@@ -13,6 +13,9 @@ import numpy as np
 
 Phase = Literal["load", "prefill", "decode"]
 POLICY, WINDOW = "policy", "window"  # why entries left a layer: the policy chose, or they left its sliding window
+# StepEvent.evicted_attention keeps, per layer and step, the TOP_EVICTED evicted tokens that would have
+# received the largest shares of the layer's attention, those of at least EVICTED_FLOOR
+TOP_EVICTED, EVICTED_FLOOR = 32, 1e-3
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,9 @@ class StepEvent:
     # With --measure-loss: each layer's attention mass on evicted entries this step (None: not measured
     # there), runtime/attention_loss.py; () otherwise.
     attention_loss: tuple = ()
+    # With --measure-loss, per layer: ((position, share), ...) the evicted tokens that would have received
+    # the most of the layer's attention at this step, largest first (runtime/attention_loss.py); () otherwise.
+    evicted_attention: tuple = ()
 
 
 @dataclass(frozen=True)

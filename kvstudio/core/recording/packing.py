@@ -59,6 +59,13 @@ def pack_events(recorder: Recorder | EventLog) -> bytes:
     return buffer.getvalue()
 
 
+def _pairs_as_tuples(fields: dict) -> dict:
+    """A step's evicted_attention as recorded: per layer, (position, share) tuples (JSON made them lists)."""
+    if "evicted_attention" in fields:
+        fields["evicted_attention"] = tuple(tuple(tuple(pair) for pair in layer) for layer in fields["evicted_attention"])
+    return fields
+
+
 def _stack(rows: np.ndarray, fields: tuple[str, ...]) -> np.ndarray:
     """The stored id table: one int64 row per event, `fields` of the log's rows as its columns."""
     return np.stack([rows[name].astype(np.int64) for name in fields], axis=1).reshape(-1, len(fields))
@@ -81,7 +88,7 @@ def unpack_events(blob: bytes) -> Recorder:
             for name in _TUPLES.get(kind, ()):
                 if name in fields:  # recordings older than a field lack it: its default applies
                     fields[name] = tuple(fields[name])
-            events.append(cls(**fields))
+            events.append(cls(**_pairs_as_tuples(fields)))
     for fields in header.get("merges", ()):  # absent from recordings made before merging existed
         events.append(MergeEvent(fields["step"], tuple(fields["merged"]), tuple(fields["shared"]),
                                  tuple(np.array(r, dtype=np.int64) for r in fields["retained"])))
@@ -143,7 +150,7 @@ def recording_from_dict(data: dict) -> Recorder:
                 for name in _TUPLES.get(kind, ()):
                     if name in fields:
                         fields[name] = tuple(fields[name])
-                events.append(cls(**fields))
+                events.append(cls(**_pairs_as_tuples(fields)))
         events += [EvictionEvent(e["step"], e["layer"], e["kv_head"], np.array(e["positions"], dtype=np.int64),
                                  e.get("reason", "policy")) for e in data.get("evictions", [])]
         events += [AttentionEvent(a["step"], a["layer"], np.array(a["weights"], dtype=np.float32).reshape(

@@ -12,6 +12,13 @@ changed), so this measures what the compressed run's queries miss now, not the d
 full-cache run. The step is measured before its own eviction: the query attended to what the cache
 held when it ran.
 
+Per evicted token, what it would have received: the same step's mass on each entry the layer no
+longer holds (averaged over the query heads, so a layer's tokens add up to its loss), kept for the
+`TOP_EVICTED` largest of at least `EVICTED_FLOOR` per layer and step (`evicted_attention`; the
+token map's hover reads it). The last step's figure, not a sum over steps: the token map says what
+an evicted token would get now, and a top-k per step is a few numbers, where every evicted token's
+mass at every step would be a second cache of floats.
+
 It costs a full cache of keys (no values) beside the policy's: bytes are reported as
 `shadow_bytes`. Not with re-rotation (the shadow holds keys at their original positions) nor from a
 saved cache (the keys evicted before it was saved are gone).
@@ -22,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from kvstudio.core.errors import KVStudioError
+from kvstudio.core.recording.event_types import EVICTED_FLOOR, TOP_EVICTED
 from kvstudio.core.runtime.attention import LogitRule, attention_rows
 
 
@@ -34,6 +42,9 @@ class AttentionLossMeter:
         self._positions: list[torch.Tensor | None] = [None] * n_layers  # (capacity,) long
         self._held = [0] * n_layers
         self._step: list[torch.Tensor | None] = [None] * n_layers  # 0-dim float32 per layer
+        # Per layer this step: (masses, positions) of the evicted entries that would get the most
+        self._top: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+        self.evicted_attention: tuple = ()  # the step end_step closed: _read_top's
 
     def observe(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, rule: LogitRule,
                 scaling: float | None) -> None:
@@ -53,7 +64,9 @@ class AttentionLossMeter:
             heads = weights.shape[0]
             if held.shape[0] != heads:
                 held = held.repeat_interleave(heads // held.shape[0], dim=0)
-            self._step[layer_idx] = weights.masked_fill(held, 0.0).sum(dim=1).mean()
+            lost = weights.masked_fill(held, 0.0).mean(dim=0)  # (n,): each entry's share of the layer's attention
+            self._step[layer_idx] = lost.sum()
+            self._top[layer_idx] = torch.topk(lost, min(TOP_EVICTED, lost.shape[0]))
 
     def _append(self, layer_idx: int, new_keys: torch.Tensor, new_positions: torch.Tensor):
         keys, positions, have = self._keys[layer_idx], self._positions[layer_idx], self._held[layer_idx]
@@ -71,14 +84,35 @@ class AttentionLossMeter:
         return keys[:, :have + n], positions[:have + n]
 
     def end_step(self) -> list[float | None]:
-        """Each layer's loss this step (None for a layer that did not attend), read in one copy."""
+        """Each layer's loss this step (None for a layer that did not attend), read in one copy; the
+        step's evicted tokens' figures go to `evicted_attention`."""
         measured = [i for i, value in enumerate(self._step) if value is not None]
         values = torch.stack([self._step[i] for i in measured]).tolist() if measured else []
         losses: list[float | None] = [None] * self.n_layers
         for i, value in zip(measured, values):
             losses[i] = round(float(value), 6)
+        self.evicted_attention = self._read_top()
         self._step = [None] * self.n_layers
+        self._top = [None] * self.n_layers
         return losses
+
+    def _read_top(self) -> tuple:
+        """Per layer, ((position, share), ...) of the evicted tokens this step would have attended most,
+        largest first, those under EVICTED_FLOOR left out; () for a layer not measured."""
+        top: list[tuple] = [()] * self.n_layers
+        measured = [i for i, pair in enumerate(self._top) if pair is not None]
+        if not measured:
+            return tuple(top)
+        masses = torch.cat([self._top[i].values for i in measured]).tolist()
+        indices = torch.cat([self._top[i].indices for i in measured]).tolist()
+        at = 0
+        for i in measured:
+            count = self._top[i].values.shape[0]
+            # Shadow entry k is token position k (the shadow holds every token in order).
+            top[i] = tuple((index, round(mass, 6)) for index, mass in zip(indices[at:at + count], masses[at:at + count])
+                           if mass >= EVICTED_FLOOR)
+            at += count
+        return tuple(top)
 
     def byte_count(self) -> int:
         """What the shadow holds: every key of every layer (capacity included)."""

@@ -92,6 +92,8 @@ class StepReport:
     host_bytes: int = 0
     merging: dict | None = None  # cross-layer merging after the step (MiniCacheMerging.step_report)
     attention_loss: list[float | None] = field(default_factory=list)  # per layer, with --measure-loss
+    # Per layer, with --measure-loss: ((position, share), ...) the evicted tokens would have received most
+    evicted_attention: tuple = ()
 
     @property
     def evicted_count(self) -> int:
@@ -540,6 +542,7 @@ class PolicyCache(Cache):
         report.host_bytes = self.host_bytes
         if self.loss_meter is not None:
             report.attention_loss = self.loss_meter.end_step()
+            report.evicted_attention = self.loss_meter.evicted_attention
         self._report = None
         self.context = None
         return report

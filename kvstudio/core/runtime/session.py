@@ -60,6 +60,8 @@ class StepRecord:
     device_total: int = 0
     left_window: int = 0  # entries dropped because they left a sliding layer's window (not in `evicted`)
     attention_loss: list = field(default_factory=list)  # per layer, with --measure-loss (runtime/attention_loss.py)
+    # Per layer, with --measure-loss: ((position, share), ...) of the evicted tokens it would have attended most
+    evicted_attention: tuple = ()
 
 
 class RunSession:
@@ -208,11 +210,12 @@ class RunSession:
                             process_bytes=memory.process_bytes, cuda_allocated=memory.cuda_allocated,
                             cuda_reserved=memory.cuda_reserved, cuda_peak=memory.cuda_peak,
                             device_used=memory.device_used, device_total=memory.device_total,
-                            left_window=report.left_window_count, attention_loss=report.attention_loss)
+                            left_window=report.left_window_count, attention_loss=report.attention_loss,
+                            evicted_attention=report.evicted_attention)
         self.records.append(record)
         self.recorder.record(StepEvent(step, phase, n, seconds, tuple(report.kept_per_layer), report.cache_bytes,
                                        self.cache.peak_bytes, report.evicted_count, report.left_window_count,
-                                       tuple(report.attention_loss)))
+                                       tuple(report.attention_loss), report.evicted_attention))
         for eviction in report.evictions:
             for head, positions in enumerate(eviction.positions.numpy()):
                 self.recorder.record(EvictionEvent(step, eviction.layer, head, positions, eviction.reason))
