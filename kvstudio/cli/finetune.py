@@ -41,6 +41,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
     parser.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (default 0)")
     parser.add_argument("--grad-accumulation", type=int, default=1, help="examples per optimizer step")
+    parser.add_argument("--micro-batch", type=int, default=1, metavar="N",
+                        help="feed a step's examples N at a time, packed into one forward per chunk (no padding; "
+                             "each example its own cache and policy state): the same losses and gradients in "
+                             "fewer passes (with --lora-dropout above 0 the masks fall on the packed tokens, so they "
+                             "differ); at most --grad-accumulation")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: off)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     parser.add_argument("--lora-alpha", type=float, default=16.0)
@@ -73,6 +78,7 @@ def settings_from_args(args):
     targets = tuple(t.strip() for t in (args.target_modules or "").split(",") if t.strip())
     settings = FinetuneSettings(
         steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup, grad_accumulation=args.grad_accumulation,
+        micro_batch=args.micro_batch,
         seed=args.seed, chunk_size=args.chunk_size, grad_mode=args.grad_mode, eval_every=args.eval_every,
         save_every=args.save_every, max_grad_norm=args.max_grad_norm, memory_sample_hz=args.memory_sample_hz,
         snapshot_step=args.snapshot_step if args.memory_snapshot else 0,

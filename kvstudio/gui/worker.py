@@ -14,6 +14,7 @@ from PySide6.QtCore import QObject, Signal, Slot
 
 from kvstudio.core.errors import KVStudioError
 from kvstudio.core.models.loading import load_model, model_identity
+from kvstudio.core.runtime.batch import batch_refusal
 from kvstudio.core.runtime.engine import Engine
 from kvstudio.gui.task_runner import Task
 
@@ -36,6 +37,7 @@ class ModelInfo:
     device: str
     adapter: str = ""  # the LoRA adapter generation runs use (lora.adapter_name), "" for the base model
     dtype: str = ""  # what the weights compute in (float32, bfloat16, ...): the run history's provenance
+    batch_refusal: str | None = None  # why Compare cannot run its policies as one batch (core/runtime/batch.py)
 
     @property
     def identity(self) -> str:
@@ -76,7 +78,7 @@ class StudioWorker(QObject):
         self.engine = Engine(loaded)
         return ModelInfo(spec, loaded.describe(), loaded.n_layers, loaded.n_heads, loaded.n_kv_heads,
                          loaded.has_chat_template, str(loaded.device),
-                         dtype=str(loaded.dtype).removeprefix("torch."))
+                         dtype=str(loaded.dtype).removeprefix("torch."), batch_refusal=batch_refusal(loaded))
 
 
 def load_task(worker: StudioWorker, spec: str, device: str, dtype: str, recorder) -> Task:

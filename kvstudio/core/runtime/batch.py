@@ -99,6 +99,18 @@ def row_name(index: int, label: str) -> str:
     return f"row {index + 1}" + (f" ({label})" if label else "")
 
 
+def batch_refusal(loaded) -> str | None:
+    """Why `loaded` cannot run batches, in words (None: it can). The studio's Compare reads it to run
+    its policies one after the other instead."""
+    if getattr(text_config(loaded.config), "kv_lora_rank", None):
+        return (f"{loaded.name} uses MLA attention (keys re-projected from latents after the cache), which "
+                "batched runs do not support yet")
+    if loaded.state_layers:  # one packed sequence would run every row through one recurrent state
+        return (f"{loaded.name} has recurrent or convolution state layers "
+                f"({', '.join(map(str, loaded.state_layers))}), which batched runs do not support yet")
+    return None
+
+
 def encode_rows(engine: Engine, rows: list[BatchRow], settings: GenerationSettings) -> list[list[int]]:
     """Every row's tokens, refusing (before any work) a row that is empty or longer than the model's context."""
     context = getattr(text_config(engine.loaded.config), "max_position_embeddings", None)
@@ -180,13 +192,9 @@ def generate_batch(engine: Engine, rows: list[BatchRow], settings: GenerationSet
         raise PromptError("the batch has no rows: give at least one prompt")
     if max_rows is not None and max_rows < 1:
         raise KVStudioError(f"--batch-size must be at least 1, got {max_rows}")
-    if getattr(text_config(engine.loaded.config), "kv_lora_rank", None):
-        raise KVStudioError(f"{engine.loaded.name} uses MLA attention (keys re-projected from latents after the "
-                            "cache), which batched runs do not support yet: run its prompts one by one")
-    if engine.loaded.state_layers:  # one packed sequence would run every row through one recurrent state
-        raise KVStudioError(f"{engine.loaded.name} has recurrent or convolution state layers "
-                            f"({', '.join(map(str, engine.loaded.state_layers))}), which batched runs do not support "
-                            "yet: run its prompts one by one")
+    refusal = batch_refusal(engine.loaded)
+    if refusal is not None:
+        raise KVStudioError(f"{refusal}: run its prompts one by one")
     encoded = encode_rows(engine, rows, settings)
     # At most max_rows in flight, refused when they would not fit; by default as many as fit.
     max_rows = check_fits(engine.loaded, encoded, [row.policy for row in rows], settings, max_rows, available_bytes)

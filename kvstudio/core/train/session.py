@@ -1,8 +1,9 @@
 """The training loop of a fine-tune session: LoRA trained with the policy's cache in the loop.
 
 One optimizer step takes `grad_accumulation` examples, each fed through the policy's cache by
-`through_cache.example_loss`, then clips the gradient norm and steps AdamW. The learning rate
-rises linearly over `warmup_steps` and then stays. Validation runs before training, every
+`through_cache.example_loss` (or `micro_batch` of them at a time, packed into one forward per chunk
+step by `micro_batch.micro_batch_loss`: the same losses and gradients, fewer passes), then clips
+the gradient norm and steps AdamW. The learning rate rises linearly over `warmup_steps` and then stays. Validation runs before training, every
 `eval_every` steps and at the end, on held-out examples, under the policy and under `full`
 (what the adapter does with and without evictions). Checkpoints (adapter, optimizer moments, the
 curves so far) are written atomically every `save_every` steps and at the end; `resume` goes on
@@ -30,6 +31,7 @@ from kvstudio.core.spec import create_policy
 from kvstudio.core.policies.base import Policy
 from kvstudio.core.train import lora
 from kvstudio.core.train.data import Dataset, DataError
+from kvstudio.core.train.micro_batch import micro_batch_loss
 from kvstudio.core.train.log import MemoryReading, TrainingLog, TrainStep, Validation
 from kvstudio.core.train.through_cache import GRAD_MODES, SavedTensorMeter, StepCancelled, cancel_in_backward, example_loss
 from kvstudio.core.recording.snapshots import MemorySnapshotRecording
@@ -41,6 +43,7 @@ class FinetuneSettings:
     learning_rate: float = 2e-4
     warmup_steps: int = 0
     grad_accumulation: int = 1
+    micro_batch: int = 1  # of a step's examples, fed together (micro_batch.py); the step's gradient is the same
     seed: int = 0
     chunk_size: int = 128
     grad_mode: str = "through"
@@ -57,6 +60,10 @@ class FinetuneSettings:
             (self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}"),
             (self.warmup_steps >= 0, f"--warmup must be 0 or more, got {self.warmup_steps}"),
             (self.grad_accumulation >= 1, f"--grad-accumulation must be at least 1, got {self.grad_accumulation}"),
+            (self.micro_batch >= 1, f"--micro-batch must be at least 1, got {self.micro_batch}"),
+            (self.micro_batch <= self.grad_accumulation,
+             f"--micro-batch {self.micro_batch} is more than the {self.grad_accumulation} examples of one step: "
+             f"raise --grad-accumulation to at least {self.micro_batch}, or lower --micro-batch"),
             (self.chunk_size >= 1, f"--chunk-size must be at least 1, got {self.chunk_size}"),
             (self.grad_mode in GRAD_MODES, f"--grad-mode must be one of {', '.join(GRAD_MODES)}, "
                                            f"got '{self.grad_mode}'"),
@@ -279,20 +286,21 @@ class FinetuneSession:
         loss = forward_s = backward_s = 0.0
         tokens = evictions = 0
         with recording:
-            for k in range(settings.grad_accumulation):
-                index = example_order(len(self.dataset.train), settings.seed, step * settings.grad_accumulation + k)
+            examples = [self.dataset.train[example_order(len(self.dataset.train), settings.seed,
+                                                         step * settings.grad_accumulation + k)]
+                        for k in range(settings.grad_accumulation)]
+            for first in range(0, len(examples), settings.micro_batch):
+                group = examples[first:first + settings.micro_batch]
                 try:
-                    part = example_loss(self.engine, self.dataset.train[index], self.policy, settings.chunk_size,
-                                        settings.grad_mode, backward=True, scale=1 / settings.grad_accumulation,
-                                        cancel=self.cancel, meter=self.meter, on_phase=log.enter)
+                    parts, forward, backward = self._losses(group)
                 except StepCancelled:
                     self._zero_grad()
                     raise
-                loss += part.loss / settings.grad_accumulation
-                tokens += part.tokens
-                evictions += part.evictions
-                forward_s += part.forward_seconds
-                backward_s += part.backward_seconds
+                loss += sum(part.loss for part in parts) / settings.grad_accumulation
+                tokens += sum(part.tokens for part in parts)
+                evictions += sum(part.evictions for part in parts)
+                forward_s += forward
+                backward_s += backward
             log.enter("optimizer")
             optimizer_started = time.perf_counter()
             grad_norm = self._clip()
@@ -312,6 +320,21 @@ class FinetuneSession:
                            tokens / seconds if seconds > 0 else 0.0, evictions, forward_s, backward_s, optimizer_s)
         self.steps.append(record)
         log.record(record)
+
+    def _losses(self, examples: list) -> tuple[list, float, float]:
+        """The examples' losses, their gradients accumulated (scaled to the step's mean): one at a time,
+        or as one micro-batch. (losses, forward seconds, backward seconds)."""
+        settings = self.settings
+        scale = 1 / settings.grad_accumulation
+        if len(examples) == 1:
+            part = example_loss(self.engine, examples[0], self.policy, settings.chunk_size, settings.grad_mode,
+                                backward=True, scale=scale, cancel=self.cancel, meter=self.meter,
+                                on_phase=self.log.enter)
+            return [part], part.forward_seconds, part.backward_seconds
+        batch = micro_batch_loss(self.engine, examples, self.policy, settings.chunk_size, settings.grad_mode,
+                                 backward=True, scale=scale, cancel=self.cancel, meter=self.meter,
+                                 on_phase=self.log.enter)
+        return batch.examples, batch.forward_seconds, batch.backward_seconds
 
     def _snapshot_recording(self, step: int):
         if self.snapshot_path and step == self.settings.snapshot_step:

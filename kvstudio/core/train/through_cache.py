@@ -107,11 +107,9 @@ def example_loss(engine: Engine, example: Example, policy: Policy, chunk_size: i
                  recorder: Recorder | None = None, meter: SavedTensorMeter | None = None,
                  on_phase: Callable[[str], None] | None = None) -> ExampleLoss:
     """Feed `example` through a fresh PolicyCache under `policy`; with `backward`, gradients of
-    (loss * scale) are accumulated into the trainable parameters' .grad."""
-    if grad_mode not in GRAD_MODES:
-        raise KVStudioError(f"--grad-mode must be one of {', '.join(GRAD_MODES)}, got '{grad_mode}'")
-    if chunk_size < 1:
-        raise KVStudioError(f"--chunk-size must be at least 1, got {chunk_size}")
+    (loss * scale) are accumulated into the trainable parameters' .grad. (micro_batch.py feeds
+    several examples at once, each as this function would.)"""
+    check_loss_arguments(grad_mode, chunk_size)
     ids, total = example.ids, example.target_count
     if total == 0:
         raise KVStudioError("an example has no target tokens to compute a loss on")
@@ -129,7 +127,7 @@ def example_loss(engine: Engine, example: Example, policy: Policy, chunk_size: i
         wanted = [i - start for i in range(start, min(end, len(ids) - 1)) if example.targets[i + 1]]
         on_phase("forward")
         started = time.perf_counter()
-        with meter.hooks() if meter is not None and backward else _nothing():
+        with saved_tensors_of(meter, backward):
             logits = run.forward(chunk, "prefill", is_last_prefill_chunk=end >= len(ids),
                                  keep_logits=torch.tensor(wanted or [len(chunk) - 1], device=device),
                                  grad=backward)
@@ -145,21 +143,34 @@ def example_loss(engine: Engine, example: Example, policy: Policy, chunk_size: i
             continue
         if grad_mode == "truncated":
             if chunk_loss is not None:
-                backward_seconds += _backward(chunk_loss * (scale / total), on_phase)
+                backward_seconds += backward_timed(chunk_loss * (scale / total), on_phase)
             if meter is not None:
                 meter.graph_freed()
             cut_gradients(run.cache)
         elif chunk_loss is not None:
             pending.append(chunk_loss)
     if backward and pending:
-        backward_seconds += _backward(torch.stack(pending).sum() * (scale / total), on_phase)
+        backward_seconds += backward_timed(torch.stack(pending).sum() * (scale / total), on_phase)
         if meter is not None:
             meter.graph_freed()
     return ExampleLoss(loss_sum / total, total, len(ids), sum(r.evicted for r in run.records),
                        forward_seconds, backward_seconds)
 
 
-def _backward(loss: torch.Tensor, on_phase) -> float:
+def check_loss_arguments(grad_mode: str, chunk_size: int) -> None:
+    if grad_mode not in GRAD_MODES:
+        raise KVStudioError(f"--grad-mode must be one of {', '.join(GRAD_MODES)}, got '{grad_mode}'")
+    if chunk_size < 1:
+        raise KVStudioError(f"--chunk-size must be at least 1, got {chunk_size}")
+
+
+def saved_tensors_of(meter: SavedTensorMeter | None, backward: bool):
+    """The meter's hooks while a forward that will be backpropagated runs (else nothing to count)."""
+    return meter.hooks() if meter is not None and backward else _nothing()
+
+
+def backward_timed(loss: torch.Tensor, on_phase) -> float:
+    """loss.backward(), its seconds."""
     on_phase("backward")
     started = time.perf_counter()
     loss.backward()

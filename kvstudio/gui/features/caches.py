@@ -59,7 +59,9 @@ def in_studio_words(error) -> str:
 
 
 def _unsaveable(request) -> str | None:
-    """Why a run's cache was not kept for saving (its storage), or None."""
+    """Why a run's cache was not kept for saving (its storage, or a row of a batch), or None."""
+    if getattr(request, "batch", None):
+        return "it ran as a row of Compare's batched pass, which keeps no state to save: run it alone to save it"
     fields = dict(request.parameters.get(STORAGE_KEY) or {})
     codec = split_cache_name(request.policy)[1]  # 'h2o-bnb-int4' (Compare) names its codec
     if codec is not None:

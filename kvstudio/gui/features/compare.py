@@ -1,4 +1,9 @@
-"""Compare: one prompt under several policies in turn; outputs, speed, memory, token maps side by side.
+"""Compare: one prompt under several policies; outputs, speed, memory, token maps side by side.
+
+The policies run as the rows of one batched pass (compare_batch.py: each row its own cache and policy,
+the weights read once per step for all), the live views following one row at a time (the row chooser)
+and the table filling as each row ends; where a batch cannot run, or "one batched pass" is off, they
+run one after the other, as single runs.
 
 Laid out to be read at 1280x800 as at 1920x1080: the policy chooser is a drop-down on one row with
 Compare and the progress ("running 2 of 3: h2o"), so the maps get the width; a short table of
@@ -8,19 +13,25 @@ whole output. The maps scroll together, and the columns scroll sideways when the
 
 from __future__ import annotations
 
+import uuid
+from functools import partial
+
 from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QFont
-from PySide6.QtWidgets import (QHBoxLayout, QHeaderView, QLabel, QListWidget, QMenu, QPlainTextEdit,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QHBoxLayout, QHeaderView, QLabel, QListWidget, QMenu, QPlainTextEdit,
                                QPushButton, QScrollArea, QSplitter, QTableWidget, QTableWidgetItem,
                                QToolButton, QVBoxLayout, QWidget, QWidgetAction)
 
 from kvstudio.core.policies import available_policies, policy_class
+from kvstudio.core.recording.events import Recorder
 from kvstudio.core.storage import STORAGE_KEY, merge_in_name, split_cache_name
 from kvstudio.core.spec import build_policy
 from kvstudio.gui.widgets import policy_checklist
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.widgets.form_words import in_form_words
+from kvstudio.gui.features.compare_batch import CompareBatch, compare_batch_task, row_label, why_serial
 from kvstudio.gui.features.run_summary import budget_text, parameters_text, plural
+from kvstudio.gui.features.run_task import RunOutcome, RunRequest
 from kvstudio.gui.views.base import on_screen
 from kvstudio.gui.views.token_map import TokenMapView
 
@@ -73,6 +84,7 @@ class PolicyColumn(QWidget):
 
 class CompareView(QWidget):
     compare_requested = Signal(list)  # policy names, in order
+    row_chosen = Signal(int)  # the row of a batched pass the live views follow
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -89,14 +101,27 @@ class CompareView(QWidget):
         self.set_policies(list(available_policies()))
         self.choices.itemChanged.connect(lambda _: self._show_choice())
         self.start = QPushButton("Compare")
-        self.start.setToolTip("Run the prompt under each checked policy in turn, with the budget and "
-                              "generation settings from the Set-up column")
-        self.status = QLabel("Choose policies, then Compare: each runs the prompt in turn.")
+        self.start.setToolTip("Run the prompt under each checked policy, with the budget and generation "
+                              "settings from the Set-up column")
+        self.batched = QCheckBox("one batched pass")  # named so in the status and its tooltip
+        self.batched.setChecked(True)
+        self.batched.setToolTip("Run the policies together, one row each, reading the model's weights once per "
+                                "step for all rows (each row equals its single run). Off: one after the other, "
+                                "so each row's tokens/s is the policy's own speed, not its rate beside the others")
+        self.rows = QComboBox()
+        self.rows.setToolTip("the row of the batch the live views (token map, attention, occupancy, ...) follow")
+        self.rows.hide()  # a batched pass shows it
+        self.rows.currentIndexChanged.connect(lambda index: index >= 0 and self.row_chosen.emit(index))
+        self.status = QLabel("Choose policies, then Compare: they run the prompt together, one row each.")
         self.status.setWordWrap(True)
         controls = QHBoxLayout()
         controls.addWidget(self.choose)
         controls.addWidget(self.start)
-        controls.addWidget(self.status, 1)
+        controls.addWidget(self.batched)
+        controls.addStretch(1)
+        progress = QHBoxLayout()  # a line of its own: beside the chooser it was squeezed off a 1280-px window
+        progress.addWidget(self.rows)
+        progress.addWidget(self.status, 1)
 
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(COLUMNS)
@@ -119,6 +144,7 @@ class CompareView(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(4, 4, 4, 4)
         layout.addLayout(controls)
+        layout.addLayout(progress)
         layout.addWidget(self.splitter, 1)
         self.columns: list[PolicyColumn] = []
         self._syncing = False
@@ -150,6 +176,7 @@ class CompareView(QWidget):
 
     def clear(self) -> None:
         self.table.setRowCount(0)
+        self.show_rows([])
         for column in self.columns:
             self.maps.removeWidget(column)
             column.deleteLater()
@@ -157,6 +184,14 @@ class CompareView(QWidget):
 
     def show_progress(self, text: str) -> None:
         self.status.setText(text)
+
+    def show_rows(self, labels: list[str]) -> None:
+        """The row chooser's rows ('row 2: h2o@128'), the first chosen; hidden without a batch."""
+        self.rows.blockSignals(True)
+        self.rows.clear()
+        self.rows.addItems(labels)
+        self.rows.blockSignals(False)
+        self.rows.setVisible(bool(labels))
 
     def start_policy(self, policy: str, recorder) -> PolicyColumn:
         """A column for the policy whose run starts now; its map follows the run live."""
@@ -168,9 +203,12 @@ class CompareView(QWidget):
         return column
 
     def refresh_running(self) -> None:
-        """The live column's map reads what is new (the feature calls this at the views' rate)."""
+        """The live columns' maps read what is new (the feature calls this at the views' rate): the last
+        one of a serial comparison, every unfinished row of a batched pass."""
         if self.columns and on_screen(self):
-            self.columns[-1].refresh()
+            for column in self.columns:
+                if not column.output.toPlainText():
+                    column.refresh()
 
     def add_result(self, policy: str, result, recorder, parameters: dict | None = None) -> None:
         row = self._add_row(policy, parameters)
@@ -222,38 +260,59 @@ class CompareView(QWidget):
 
 
 class CompareFeature(Feature):
-    """The Compare dock: run the prompt under each checked policy in turn, one after the other."""
+    """The Compare dock: run the prompt under each checked policy, as one batched pass (one row per
+    policy) or, where a batch cannot run or the box is off, one after the other."""
 
     def __init__(self, window):
         super().__init__(window)
         self.view = CompareView()
-        self.queue: list[str] = []  # policies still to run in this comparison
+        self.queue: list[str] = []  # policies still to run in this comparison (one after the other)
         self.total = 0  # policies in the comparison in progress (0: none)
         self.done = 0
         self.stopped = False  # Stop ended a run of it
+        self.serial_note = ""  # why this comparison runs one after the other, when it cannot batch
+        self.batch_outcomes: list[RunOutcome] = []  # the rows of the batched pass shown (the row chooser's)
 
     def install(self) -> None:
         window = self.window
         window.add_dock("Compare", self.view, "views")
         self.view.compare_requested.connect(self.request)
+        self.view.row_chosen.connect(self.follow_row)
         window.run.run_ended.connect(self._run_ended)
         window.plugins_feature.policies_changed.connect(self.view.set_policies)
         window.views.timer.timeout.connect(self.view.refresh_running)
 
     @Slot(list)
     def request(self, policies: list[str]) -> None:
-        window = self.window
-        if not policies:
-            window.show_error("check at least one policy to compare")
+        window, state, form = self.window, self.window.state, self.window.form
+        # Each refusal with the check that holds while it lasts, as Run's: its banner goes once it is fixed.
+        if not policies:  # its banner goes once a policy is checked
+            window.show_error("check at least one policy to compare", holds=lambda: not self.view.checked())
             return
-        if window.state.model_info is None or window.state.busy:
-            window.show_error("load a model first" if window.state.model_info is None
-                              else "a run is in progress: stop it first")
-            return
+        refusals = (
+            ("load a model first", lambda: state.model_info is None),
+            ("a run is in progress: stop it first", lambda: bool(state.busy)),
+            ("the prompt is empty: type one or drop a document",
+             lambda: not window.prompt_area.full_prompt().strip()),
+            ("policy parameters: {}", lambda: form.policy.currentText() in policies and form.validate()),
+        )
+        for message, holds in refusals:
+            if found := holds():
+                window.show_error(message.format(found), holds=holds)
+                return
+        window.hide_error()
         self.view.clear()
         self.queue, self.total, self.done, self.stopped = list(policies), len(policies), 0, False
+        self.batch_outcomes = []
         window.docks["Compare"].show()
         window.docks["Compare"].raise_()
+        reason = why_serial(state.model_info, form.measure_loss.isChecked())
+        self.serial_note = ""
+        self.view.status.setToolTip("")
+        if self.view.batched.isChecked() and reason is None:
+            self._start_batch()
+            return
+        self.serial_note = f"one after the other: {reason}" if self.view.batched.isChecked() and reason else ""
         self._next()
 
     def drop_queue(self) -> None:
@@ -272,46 +331,136 @@ class CompareFeature(Feature):
             shared[STORAGE_KEY] = storage
         return shared
 
-    def _next(self) -> None:
-        if not self.queue:
-            self._finished()
-            return
-        policy = self.queue.pop(0)
+    def _checked_parameters(self, policy: str) -> dict | None:
+        """The policy's parameters, or None when the policy refuses them (its failure row says why)."""
         parameters = self.parameters_for(policy)
         try:
             build_policy(policy, dict(parameters))  # guarded, like every call into a policy
         except Exception as error:  # a bad combination for this policy: report it, go on
             self.done += 1
             self.view.add_failure(policy, in_form_words(str(error), self.window.form.labels()), parameters)
+            return None
+        return parameters
+
+    # -- one batched pass -------------------------------------------------------------------------------
+
+    def _start_batch(self) -> None:
+        window = self.window
+        accepted = [(policy, parameters) for policy in self.queue
+                    if (parameters := self._checked_parameters(policy)) is not None]
+        self.queue = []
+        if not accepted:
+            self._finished()
+            return
+        batch_id = uuid.uuid4().hex[:8]
+        settings, prompt = window.form.generation_settings(), window.prompt_area.full_prompt()
+        labels = [row_label(index, policy, parameters) for index, (policy, parameters) in enumerate(accepted)]
+        for index, (policy, parameters) in enumerate(accepted):
+            link = {"id": batch_id, "row": index + 1, "rows": len(accepted), "label": policy}
+            request = RunRequest(prompt, policy, parameters, settings, Recorder(), "compare", batch=link)
+            window.runs.record_start(request)  # each row its own run in the history, linked to the batch
+            self.batch_outcomes.append(RunOutcome(request))
+            self.view.start_policy(policy, request.recorder)
+        self.view.show_rows(labels)
+        self.follow_row(0)
+        watched = self.batch_outcomes[0].request.recorder.watch_layers  # what the attention view asked for
+        for outcome in self.batch_outcomes[1:]:
+            outcome.request.recorder.watch_layers = watched
+        task = window.runner.start(compare_batch_task(self.batch_outcomes))
+        window.run.task = task  # Stop ends every row in flight
+        task.status_changed.connect(window.statusBar().showMessage)
+        task.partial_result.connect(self._row_ended)
+        task.done.connect(self._batch_done)
+        task.failed.connect(partial(self._batch_failed, list(self.batch_outcomes)))
+        self.view.show_progress(f"running {len(accepted)} {'policy' if len(accepted) == 1 else 'policies'} "
+                                "as one batch, one row each…")
+        self.view.status.setToolTip("Each row is its single run (the same tokens and evictions). Its tokens/s and "
+                                    "prefill s are measured as a single run's, over its own steps, and every step "
+                                    "carries all the rows: untick 'one batched pass' for each policy's own speed.")
+        window.statusBar().showMessage(f"comparing {len(accepted)} policies in one batched pass…")
+
+    @Slot(int)
+    def follow_row(self, index: int) -> None:
+        """The live views follow row `index` of the batched pass (from its first event)."""
+        if not 0 <= index < len(self.batch_outcomes):
+            return
+        recorder = self.batch_outcomes[index].request.recorder
+        self.window.state.recorder = recorder
+        self.window.views.follow_new_run(recorder)
+        self.window.views.refresh(include_hidden=True)
+        if self.view.rows.currentIndex() != index:
+            self.view.rows.setCurrentIndex(index)
+
+    def _row_ended(self, outcome: RunOutcome) -> None:
+        """A row ended: its run in the history, its line in the table, its column's final state."""
+        self.done += 1
+        self.window.state.last_outcome = outcome  # the last run ended, as after a single run
+        self._show_outcome(outcome)
+        self.window.runs.record_finish(outcome)
+        if outcome.request.recorder is self.window.state.recorder:
+            self.window.views.refresh(include_hidden=True)
+        self.view.show_progress(f"{self.done} of {self.total} done; the rest still running as one batch…")
+
+    def _batch_done(self, batch: CompareBatch) -> None:
+        figures = batch.batch
+        self.stopped |= figures.cancelled
+        self.window.statusBar().showMessage(f"compared {len(batch.outcomes)} policies in one batched pass: "
+                                            f"{figures.steps} steps, {figures.seconds:.1f} s")
+        self._finished(f" in one batched pass ({figures.steps} steps, {figures.seconds:.1f} s)")
+
+    def _batch_failed(self, outcomes: list, message: str) -> None:
+        """The whole batch failed (out of memory, a fault outside any row): every row not ended fails with it."""
+        self.window.show_error(message)
+        for outcome in outcomes:
+            if outcome.result is None and outcome.error is None:
+                outcome.error = message
+                self._row_ended(outcome)
+        self._finished()
+
+    def _show_outcome(self, outcome: RunOutcome) -> None:
+        request = outcome.request
+        self.stopped |= outcome.result is not None and outcome.result.stop_reason == "cancelled"
+        if outcome.error:
+            self.view.add_failure(request.policy, outcome.error, request.parameters)
+        else:
+            self.view.add_result(request.policy, outcome.result, request.recorder, request.parameters)
+
+    # -- one after the other ----------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        if not self.queue:
+            self._finished()
+            return
+        policy = self.queue.pop(0)
+        parameters = self._checked_parameters(policy)
+        if parameters is None:
             self._next()
             return
         position = f"{self.done + 1} of {self.total}"
         if self.window.run.start(policy, parameters, label="compare"):
             self.view.start_policy(policy, self.window.state.recorder)
-            self.view.show_progress(f"running {position}: {policy}…")
+            note = f" ({self.serial_note})" if self.serial_note else ""
+            self.view.show_progress(f"running {position}: {policy}…{note}")
         else:
             self.queue = []
             self._finished()
 
     def _run_ended(self, outcome) -> None:
         request = outcome.request
-        if request.label != "compare":
+        if request.label != "compare" or request.batch is not None:
             return
         self.done += 1
-        self.stopped |= outcome.result is not None and outcome.result.stop_reason == "cancelled"
-        if outcome.error:
-            self.view.add_failure(request.policy, outcome.error, request.parameters)
-        else:
-            self.view.add_result(request.policy, outcome.result, request.recorder, request.parameters)
+        self._show_outcome(outcome)
         self._next()
 
-    def _finished(self) -> None:
+    def _finished(self, how: str = "") -> None:
         if not self.total:
             return
+        note = f" ({self.serial_note})" if self.serial_note else ""
         if self.stopped or self.done < self.total:
-            self.view.show_progress(f"stopped at {self.done} of {self.total}")
+            self.view.show_progress(f"stopped at {self.done} of {self.total}{how}{note}")
         else:
-            self.view.show_progress(f"{self.done} of {self.total} done")
+            self.view.show_progress(f"{self.done} of {self.total} done{how}{note}")
         self.total = self.done = 0
 
     def update_buttons(self) -> None:

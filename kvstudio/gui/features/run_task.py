@@ -33,6 +33,7 @@ class RunRequest:
     snapshot_path: str | None = None  # record a memory snapshot of the run into this file
     start_from: str | None = None  # a saved cache (.kvcache) to restore and continue from
     follow_up: str = ""  # with start_from: text fed after the restored state (`cache load --then`); "" goes on
+    batch: dict | None = None  # a row of a batched Compare: {"id", "row", "rows", "label"}, kept in its settings
 
 
 @dataclass

@@ -221,7 +221,7 @@ class RunsFeature(Feature):
         if window.history is None:
             return
         info, cache = window.state.model_info, CacheSpec.parse(request.policy, request.parameters)
-        settings = request.settings.record()
+        settings = request.settings.record() | ({"batch": request.batch} if request.batch else {})
         # The studio has no command line: the row keeps the `kvstudio run` command that does the same.
         command = rerun_command(info.spec, *cache.record(), settings, request.prompt)
         request.book = RunBook(window.history, model=info.identity, cache=cache, prompt=request.prompt,
