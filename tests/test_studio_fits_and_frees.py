@@ -44,3 +44,44 @@ def test_every_heatmap_of_a_sweep_fits_the_evaluate_pane(qtbot, window, size):
     left, _, right, _ = heatmaps.ci.layout.getContentsMargins()
     two_fit = 2 * widest + heatmaps.ci.layout.horizontalSpacing() + left + right <= view.heatmap_grid.width()
     assert view.heatmap_grid.columns == (2 if two_fit else 1)
+
+
+def _text_width(documents, row: int) -> int:
+    """The width the list's delegate gives an item's text (what it elides to)."""
+    from PySide6.QtWidgets import QStyle, QStyleOptionViewItem
+
+    listing = documents.list
+    item = listing.item(row)
+    option = QStyleOptionViewItem()
+    listing.initViewItemOption(option)
+    listing.itemDelegate().initStyleOption(option, listing.indexFromItem(item))
+    listing.doItemsLayout()  # Qt lays the items out lazily: the rectangle of the list as it is now
+    option.rect = listing.visualItemRect(item).intersected(listing.viewport().rect())
+    return listing.style().subElementRect(QStyle.SE_ItemViewItemText, option, listing).width()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_documents_name_shows_whole_and_a_name_too_long_keeps_both_ends(qtbot, window, size, tmp_path):
+    window.resize(*size)
+    window._first_layout()  # the docks' widths of a launch at this size (the fixture's window first showed smaller)
+    qtbot.wait(50)
+    documents = window.prompt_area.documents
+    path = tmp_path / "passkey_document.txt"
+    path.write_text("The grass is green. The sky is blue. " * 40)
+    assert documents.add_path(path)
+    qtbot.waitUntil(lambda: bool(documents.token_counts), timeout=10_000)
+    qtbot.wait(50)
+    metrics = documents.list.fontMetrics()
+    assert metrics.horizontalAdvance("passkey_document.txt") <= _text_width(documents, 0)  # not "passkey_d…"
+    assert str(path) in documents.list.item(0).toolTip()
+    # A name that fits no list: cut in its middle (both ends read), the preview keeps a third, the tooltip says it.
+    long_name = "a_report_on_attention_sinks_and_heavy_hitters_in_long_contexts_final_version_2.txt"
+    long_path = tmp_path / long_name
+    long_path.write_text("Sinks. " * 10)
+    assert documents.add_path(long_path)
+    qtbot.wait(50)
+    assert documents.list.textElideMode() == Qt.ElideMiddle
+    assert long_name in documents.list.item(1).toolTip()
+    list_width, preview_width = documents.shown.sizes()
+    assert preview_width >= (list_width + preview_width) // 3 - 1
+    assert metrics.horizontalAdvance("passkey_document.txt") <= _text_width(documents, 0)
