@@ -29,6 +29,7 @@ from kvstudio.core.persist.history import HistoryError, RunHistory
 from kvstudio.core.policies import available_policies
 from kvstudio.gui.features.evaluate_cluster import RunOnForm
 from kvstudio.gui.widgets import policy_checklist
+from kvstudio.gui.widgets.plot_grid import PlotGrid
 from kvstudio.gui.feature import Feature
 from kvstudio.gui.task_runner import RunningTask, Task
 from kvstudio.core.evaluate.figures import save_figure
@@ -38,6 +39,7 @@ QA_SAMPLE = Path(__file__).resolve().parents[3] / "resources" / "qa_sample.jsonl
 TABLE_COLUMNS = ("policy", "budget", "tokens", "depth", "score", "subtask", "peak MiB", "seconds", "run", "output")
 NO_SWEEP_YET = "no sweep yet: choose a task, policies and budgets above, then Run sweep"
 CURVE_WINDOW = 64
+TITLE_SIZE = "9pt"  # a heatmap's title: its policy's name sets the narrowest the heatmap can be
 COLOURS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
 
@@ -247,7 +249,10 @@ class EvaluateView(QWidget):
         heatmap_tab = QWidget()
         heatmap_layout = QVBoxLayout(heatmap_tab)
         heatmap_layout.setContentsMargins(0, 0, 0, 0)
-        heatmap_layout.addWidget(self.heatmaps, 1)
+        # As many heatmaps a row as the pane's width holds (two at 1600 px, one at 1280), the page
+        # scrolling down: two a row at any width cut the right-hand one off at 1280x800.
+        self.heatmap_grid = PlotGrid(self.heatmaps)
+        heatmap_layout.addWidget(self.heatmap_grid.page, 1)
         heatmap_layout.addWidget(self.heatmap_hover)
         self.heatmap_tab = heatmap_tab
         self.results.addTab(heatmap_tab, "Heatmaps")
@@ -329,11 +334,11 @@ class EvaluateView(QWidget):
     def _shape_heatmaps(self, spec: SweepSpec) -> None:
         lengths, depths = list(spec.task_options.lengths), list(spec.task_options.depths)
         labels = [_label(p, b) for p in spec.policies for b in spec.budgets_for(p)]
-        columns = min(2, len(labels))  # two a row: three did not fit the pane at 1280 px
         self.heatmap_texts = {}
         self.heatmap_plots = {}
-        for index, label in enumerate(labels):
-            plot = self.heatmaps.addPlot(row=index // columns, col=index % columns, title=label)
+        for label in labels:
+            plot = pg.PlotItem()
+            plot.setTitle(_title(label, None), size=TITLE_SIZE)
             self.heatmap_plots[label] = plot
             # Rows are depths (y), columns lengths (x), whatever pyqtgraph's global axis order is: the
             # studio sets row-major, the library's default is column-major, and the labels assume this.
@@ -344,15 +349,15 @@ class EvaluateView(QWidget):
             plot.getAxis("bottom").setTicks([[(i + 0.5, f"{n}") for i, n in enumerate(lengths)]])
             plot.getAxis("left").setTicks([[(i + 0.5, f"{d:.0%}") for i, d in enumerate(depths)]])
             plot.setLabel("bottom", "context tokens")
-            if index % columns == 0:
-                plot.setLabel("left", "needle depth")
+            plot.setLabel("left", "needle depth")
             plot.setMouseEnabled(False, False)
             self.heatmap_items[label] = image
+        bar = None
         if labels:  # one colour scale for all, as the CLI's figure has: the score each colour stands for
             # Below the heatmaps, across them: beside them it fell off the narrow pane's right edge.
             bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.ColorMap(np.linspace(0, 1, 255), LOOKUP[1:]),
                                   interactive=False, label="score", orientation="horizontal")
-            self.heatmaps.addItem(bar, row=math.ceil(len(labels) / columns), col=0, colspan=columns)
+        self.heatmap_grid.set_items(list(self.heatmap_plots.values()), footer=bar)
 
     # -- cells as they finish ---------------------------------------------------------------------
 
@@ -398,7 +403,7 @@ class EvaluateView(QWidget):
                         self._cell_text(label, row, column, float(value))
             image.setImage(values, levels=(0, 255), lut=LOOKUP, autoLevels=False)
             mean = np.nanmean(grid) if np.isfinite(grid).any() else float("nan")
-            self.heatmap_plots[label].setTitle(f"{label} · mean {mean:.2f}")
+            self.heatmap_plots[label].setTitle(_title(label, mean), size=TITLE_SIZE)
 
     def _cell_text(self, label: str, row: int, column: int, value: float) -> None:
         """The score written in its cell, as the CLI's figure writes it."""
@@ -525,6 +530,11 @@ class EvaluateView(QWidget):
 
 def _label(policy: str, budget) -> str:
     return policy if budget is None else f"{policy} @ {budget}"
+
+
+def _title(label: str, mean: float | None) -> str:
+    # Two lines: on one, "streaming_llm @ 32 · mean 0.00" alone was wider than the pane at 1280 px.
+    return label + ("" if mean is None else f"<br>mean {mean:.2f}")
 
 
 def _duration(seconds: float) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QListWidget,
-                               QListWidgetItem, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter,
+                               QListWidgetItem, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QSplitter, QStyle,
                                QVBoxLayout)
 
 from kvstudio.core.io.documents import Document, read_document
@@ -120,6 +120,7 @@ class DocumentList(QGroupBox):
         self.list.setMinimumHeight(48)
         self.list.setWordWrap(True)  # "report.pdf — 1,534 tokens" on two lines rather than cut
         self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.list.setTextElideMode(Qt.ElideMiddle)  # a name too long even for the widened list keeps both ends
         self.preview = QPlainTextEdit(readOnly=True)  # the selected document's text, to read before a run
         self.preview.setPlaceholderText("Drop files or text anywhere on the window, or Open…: checked documents "
                                         "go before the prompt. Select one to read it here.")
@@ -129,7 +130,7 @@ class DocumentList(QGroupBox):
         buttons.addWidget(self.open)
         buttons.addWidget(self.remove)
         buttons.addStretch(1)
-        shown = QSplitter(Qt.Horizontal)
+        shown = self.shown = QSplitter(Qt.Horizontal)
         shown.addWidget(self.list)
         shown.addWidget(self.preview)
         shown.setStretchFactor(0, 1)
@@ -226,7 +227,31 @@ class DocumentList(QGroupBox):
         if item is not None:
             count = self.token_counts.get(key)
             tokens = f"{count:,} tokens" if count is not None else "load a model to count tokens"
-            item.setText(f"{self.documents[key].name} — {tokens}")
+            document = self.documents[key]
+            item.setText(f"{document.name} — {tokens}")
+            item.setToolTip(f"{document.path or document.name} — {tokens}")
+            self.fit_names()
+
+    def fit_names(self) -> None:
+        """Widen the list until each document's name fits on its line (the preview keeps a third):
+        at 1280x800 half the box cut "passkey_document.txt" to "passkey_d…"."""
+        sizes = self.shown.sizes()
+        total = sum(sizes)
+        if not total or not self.documents:
+            return
+        metrics = self.list.fontMetrics()
+        style = self.list.style()
+        # Beside the name: the check box, the item's margins, the list's frame and its scroll bar.
+        around = (style.pixelMetric(QStyle.PM_IndicatorWidth) + 4 * style.pixelMetric(QStyle.PM_FocusFrameHMargin)
+                  + 2 * self.list.frameWidth() + self.list.verticalScrollBar().sizeHint().width() + 8)
+        needed = max(metrics.horizontalAdvance(d.name) for d in self.documents.values()) + around
+        width = min(needed, total * 2 // 3)
+        if width > sizes[0]:
+            self.shown.setSizes([width, total - width])
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self.fit_names()  # the window was made smaller or larger: the names' room follows
 
     def _item(self, key: int):
         for row in range(self.list.count()):

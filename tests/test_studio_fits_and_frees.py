@@ -1,0 +1,87 @@
+"""The studio at 1280x800 and what it holds in memory (issue 26, the items left open): the Evaluate
+view's heatmaps and a document's name fit their panes; runs past the shown one live on disk; an
+unloaded model is freed; the prefill bar goes when the run ends; the banner's check changes nothing.
+pytest-qt, offscreen, tiny-llama."""
+
+from __future__ import annotations
+
+import pytest
+from PySide6.QtCore import Qt
+
+from .test_evaluate_view import _choose
+
+pytest.importorskip("pytestqt")
+
+pytestmark = pytest.mark.studio_model("tiny-llama")
+
+SIZES = [(1280, 800), (1600, 1000)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_every_heatmap_of_a_sweep_fits_the_evaluate_pane(qtbot, window, size):
+    window.resize(*size)
+    dock = window.docks["Evaluate"]
+    dock.show()
+    dock.raise_()
+    view = window.evaluate.view
+    _choose(view, policies=("full", "h2o", "streaming_llm"), budgets="32", lengths="400", depths="0")
+    view.start.click()
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=120_000)
+    qtbot.wait(100)
+    assert len(view.records) == 3, view.status.text()
+    heatmaps = view.heatmaps
+    width = heatmaps.viewport().width()
+    assert heatmaps.ci.effectiveSizeHint(Qt.MinimumSize).width() <= width  # the scene does not spill sideways
+    drawn = [*view.heatmap_plots.values(), *(item for item in heatmaps.ci.items if item not in
+                                              view.heatmap_plots.values())]  # and the colour bar
+    assert len(drawn) == 4
+    for item in drawn:
+        box = item.sceneBoundingRect()
+        assert box.left() >= 0 and box.right() <= width, (item, box, width)
+        assert box.bottom() <= heatmaps.height()  # below the pane's bottom, the page scrolls to it
+    # Two a row where two fit, one where they do not.
+    widest = max(plot.effectiveSizeHint(Qt.MinimumSize).width() for plot in view.heatmap_plots.values())
+    left, _, right, _ = heatmaps.ci.layout.getContentsMargins()
+    two_fit = 2 * widest + heatmaps.ci.layout.horizontalSpacing() + left + right <= view.heatmap_grid.width()
+    assert view.heatmap_grid.columns == (2 if two_fit else 1)
+
+
+def _text_width(documents, row: int) -> int:
+    """The width the list's delegate gives an item's text (what it elides to)."""
+    from PySide6.QtWidgets import QStyle, QStyleOptionViewItem
+
+    listing = documents.list
+    item = listing.item(row)
+    option = QStyleOptionViewItem()
+    listing.initViewItemOption(option)
+    listing.itemDelegate().initStyleOption(option, listing.indexFromItem(item))
+    listing.doItemsLayout()  # Qt lays the items out lazily: the rectangle of the list as it is now
+    option.rect = listing.visualItemRect(item).intersected(listing.viewport().rect())
+    return listing.style().subElementRect(QStyle.SE_ItemViewItemText, option, listing).width()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_documents_name_shows_whole_and_a_name_too_long_keeps_both_ends(qtbot, window, size, tmp_path):
+    window.resize(*size)
+    window._first_layout()  # the docks' widths of a launch at this size (the fixture's window first showed smaller)
+    qtbot.wait(50)
+    documents = window.prompt_area.documents
+    path = tmp_path / "passkey_document.txt"
+    path.write_text("The grass is green. The sky is blue. " * 40)
+    assert documents.add_path(path)
+    qtbot.waitUntil(lambda: bool(documents.token_counts), timeout=10_000)
+    qtbot.wait(50)
+    metrics = documents.list.fontMetrics()
+    assert metrics.horizontalAdvance("passkey_document.txt") <= _text_width(documents, 0)  # not "passkey_d…"
+    assert str(path) in documents.list.item(0).toolTip()
+    # A name that fits no list: cut in its middle (both ends read), the preview keeps a third, the tooltip says it.
+    long_name = "a_report_on_attention_sinks_and_heavy_hitters_in_long_contexts_final_version_2.txt"
+    long_path = tmp_path / long_name
+    long_path.write_text("Sinks. " * 10)
+    assert documents.add_path(long_path)
+    qtbot.wait(50)
+    assert documents.list.textElideMode() == Qt.ElideMiddle
+    assert long_name in documents.list.item(1).toolTip()
+    list_width, preview_width = documents.shown.sizes()
+    assert preview_width >= (list_width + preview_width) // 3 - 1
+    assert metrics.horizontalAdvance("passkey_document.txt") <= _text_width(documents, 0)
