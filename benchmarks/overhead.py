@@ -10,7 +10,7 @@ medians are compared. Then a breakdown: the engine's runs again with a timer aro
 parts (benchmarks/step_parts.py), in microseconds per step, against model.generate's whole step.
 The last lines are the ratios.
 
-usage: python benchmarks/overhead.py [--model SPEC] [--prompt-tokens N] [--new-tokens N] [--repeats N]
+usage: python benchmarks/overhead.py [--model SPEC] [--prompt-tokens N] [--new-tokens N] [--repeats N] [--threads N]
 """
 
 from __future__ import annotations
@@ -41,10 +41,13 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (1: steadier on a shared machine)")
     parser.add_argument("--breakdown-runs", type=int, default=3, help="engine runs timed part by part (0: none)")
     parser.add_argument("--watch-layer", type=int, default=None, help="layer watched in the recording run "
                                                                       "(default: the middle one)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     loaded = load_model(args.model, device=args.device)
     engine = Engine(loaded)

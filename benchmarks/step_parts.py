@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections import defaultdict
 
@@ -48,6 +49,7 @@ def timed_parts(model):
     totals: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     restore = []
+    engine_thread = threading.get_ident()  # the memory sampler's thread reads memory too: not a step's part
     for label, owner, name, _inner in part_table(model):
         original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
 
@@ -56,8 +58,9 @@ def timed_parts(model):
             try:
                 return __original(*args, **kwargs)
             finally:
-                totals[__label] += time.perf_counter() - started
-                calls[__label] += 1
+                if threading.get_ident() == engine_thread:
+                    totals[__label] += time.perf_counter() - started
+                    calls[__label] += 1
 
         setattr(owner, name, wrapper)
         restore.append((owner, name, original))

@@ -12,7 +12,9 @@ SDPA kernels never return weights, and switching the model to eager to get them 
 (q x n) matrix per head per layer on every step. Most policies need only an aggregate of those
 rows (H2O: each entry's attention summed over the new queries); that is computed in query tiles of
 bounded scratch (`attention_sums`), so the (heads x queries x keys) matrix of a long chunk never
-exists.
+exists. On CUDA (where Triton is installed) those sums come from Triton kernels instead
+(core/runtime/triton_scoring.py: a flash pass that gives the output and each query's log-sum-exp,
+then one pass over the keys); `PolicyCache.scoring_kernel` chooses ("triton", "torch", None = auto).
 
 Outside a KV Studio run (no `kvstudio_cache` keyword) the function is SDPA (eager for soft-capped
 and sink layers), so a model with it registered still works with `model.generate`.

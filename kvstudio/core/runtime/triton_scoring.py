@@ -180,7 +180,8 @@ def attention_and_sums(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     key_positions, query_positions, s_kp = _positions(rule, q_len, k_len, kv_heads, device)
     window = rule.window if rule is not None and rule.window is not None else 0
     has_window = rule is not None and rule.window is not None
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # float32 exactly as the PyTorch path; bf16/fp16 exact anyway
+    # float32 products exactly as the PyTorch path (no TF32); bf16/fp16 products are exact in float32 anyway
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     block_d = max(16, triton.next_power_of_2(head_dim))
     with_output = value is not None
     q_start = 0 if with_output else q_len - n_queries
