@@ -11,16 +11,19 @@ transformers' QuantizedCache (quanto backend, 4 bits, q_group_size 64, its defau
 under full on the same tokens: bytes (packed data, scales, shifts and its residual) and KL. Then
 the decode ms/token of `full` in preallocated buffers against the same run with torch.cat storage
 (the storage before this change), after a short and a long prompt (generated, --new-tokens). Ends with
-bytes_ratio_int8_vs_fp_B=, bytes_ratio_int4_vs_fp_B=, kl_int4_vs_fp_B= for each h2o budget B (default 256
-and 1024; the first also without the suffix, the names of before).
+bytes_ratio_int8_vs_fp_B=, bytes_ratio_int4_vs_fp_B=, kl_int8_vs_fp_B=, kl_int4_vs_fp_B= for each h2o budget B
+(default 256 and 1024; the first also without the suffix, the names of before). --only-h2o runs the h2o rows
+alone (no full rows, peer or timings).
 
-For each codec run it also says what the peak held, as fractions of the fp peak: encoded rows (codes
-and per-token scales), full-precision windows (with residual 0: the incomplete key group, at most
-group size - 1 keys a layer) and group tables (per-channel key scales of every group still held: under
-h2o the heavy hitters it keeps are spread over the whole prompt, so most groups stay live).
+For each codec run it also says what the peak held, as fractions of the fp peak: encoded rows (codes,
+per-token scales, each key's group slot), full-precision windows (empty with residual 0), 8-bit tails
+(each KV head's incomplete key group, at most group size - 1 keys, held per token in 8 bits) and group
+tables (per-channel key scales of the groups held: keys are grouped over the entries a head keeps,
+after the policy has run, so h2o's scattered heavy hitters fill whole groups).
 
 usage: python benchmarks/storage.py [--model SPEC] [--budgets 256,1024] [--prompt-tokens 2000]
                                     [--new-tokens 32] [--short 1000] [--long 8000] [--codecs fp,int8,int4]
+                                    [--only-h2o]
 """
 
 from __future__ import annotations
@@ -115,8 +118,8 @@ def peak_parts(engine: Engine) -> tuple[Engine, dict]:
                          and layer.store.window]
                 at_peak.clear()
                 at_peak.update({name: sum(p[name] for p in parts) for name in (parts[0] if parts else {})})
-                at_peak["window_keys"] = max((layer.store.window_length("key") for layer in cache.layers
-                                              if hasattr(layer.store, "window_length")), default=0)
+                at_peak["tail_keys"] = max((max(layer.store.tails["key"].lengths, default=0) for layer in cache.layers
+                                            if getattr(layer.store, "tails", {}).get("key") is not None), default=0)
 
         cache.note_bytes = noting
         return cache
@@ -149,6 +152,8 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--short", type=int, default=1000)
     parser.add_argument("--long", type=int, default=8000)
+    parser.add_argument("--only-h2o", action="store_true",
+                        help="only the h2o rows: no full rows, transformers' QuantizedCache or buffer timings")
     parser.add_argument("--codecs", default=",".join(CODECS),
                         help="comma-separated, fp first (on CUDA: fp,int8,int4,bnb-int8,bnb-int4)")
     args = parser.parse_args()
@@ -158,7 +163,9 @@ def main() -> int:
     print(f"model {loaded.describe()}; prompt {args.prompt_tokens} tokens of prose, {args.new_tokens} new tokens, "
           f"h2o budgets {', '.join(map(str, args.budgets))}, group size {args.group_size}, residual 0")
     ids = prose_ids(engine, args.prompt_tokens + args.new_tokens - 1)
-    policies = {f"h2o@{budget}": ("h2o", {"budget": budget}) for budget in args.budgets} | {"full": ("full", {})}
+    policies = {f"h2o@{budget}": ("h2o", {"budget": budget}) for budget in args.budgets}
+    policies |= {} if args.only_h2o else {"full": ("full", {})}
+    peer = None
     figures: dict[tuple[str, str], dict] = {}
     for name, (policy_name, params) in policies.items():
         reference = None
@@ -175,8 +182,9 @@ def main() -> int:
             if codec != "fp" and "encoded" in at_peak:
                 fp_bytes = figures[(name, "fp")]["bytes"]
                 print(f"    at its peak, of the fp peak: encoded {at_peak['encoded'] / fp_bytes:.3f}, "
-                      f"full-precision windows {at_peak['windows'] / fp_bytes:.3f} (up to {at_peak['window_keys']} "
-                      f"keys a layer), group tables {at_peak['group_tables'] / fp_bytes:.3f}", flush=True)
+                      f"full-precision windows {at_peak['windows'] / fp_bytes:.3f}, 8-bit tails "
+                      f"{at_peak['tails'] / fp_bytes:.3f} (up to {at_peak['tail_keys']} keys a KV head), "
+                      f"group tables {at_peak['group_tables'] / fp_bytes:.3f}", flush=True)
         if name == "full":
             peer = peer_quantized_cache(engine, ids, args.prompt_tokens, reference)
 
@@ -190,20 +198,10 @@ def main() -> int:
         print(f"{'quanto-int4':<17} {peer_bytes:>12,} {peer_bytes / figures[('full', 'fp')]['bytes']:>7.3f} "
               f"{'':>14} {'':>7} {peer_kl:>10.5f}   (transformers QuantizedCache, full, residual 128)")
 
-    print("\nfull, decode ms/token: preallocated buffers vs torch.cat storage")
-    timing_settings = GenerationSettings(max_new_tokens=args.new_tokens, chunk_size=512, ignore_eos=True,
-                                         memory_sample_hz=0)
-    for length in (args.short, args.long):
-        prompt = prose_ids(engine, length)
-        if len(prompt) < length:
-            prompt = (prompt * (length // len(prompt) + 1))[:length]
-        preallocated = median_decode_ms(engine.generate(prompt, create_policy("full"), timing_settings).steps)
-        concatenated = median_decode_ms(cat_storage(Engine(loaded)).generate(prompt, create_policy("full"),
-                                                                             timing_settings).steps)
-        print(f"  prompt {length:>5}: preallocated {preallocated:7.2f} ms, torch.cat {concatenated:7.2f} ms, "
-              f"ratio {preallocated / concatenated:.3f}")
-        print(f"decode_ms_ratio_prealloc_vs_cat_{length}={preallocated / concatenated:.3f}")
-
+    for length in () if args.only_h2o else (args.short, args.long):
+        if length == args.short:
+            print("\nfull, decode ms/token: preallocated buffers vs torch.cat storage")
+        timing(engine, loaded, args, length)
     for budget in args.budgets:  # the first budget's figures also under the names of before (one budget)
         name = f"h2o@{budget}"
         suffixes = [f"_{budget}"] + ([""] if budget == args.budgets[0] else [])
@@ -212,9 +210,25 @@ def main() -> int:
                 if (name, codec) in figures:
                     ratio = figures[(name, codec)]["bytes"] / figures[(name, "fp")]["bytes"]
                     print(f"bytes_ratio_{codec}_vs_fp{suffix}={ratio:.3f}")
-            if (name, "int4") in figures:
-                print(f"kl_int4_vs_fp{suffix}={figures[(name, 'int4')]['kl']:.5f}")
+            for codec in ("int8", "int4"):
+                if (name, codec) in figures:
+                    print(f"kl_{codec}_vs_fp{suffix}={figures[(name, codec)]['kl']:.5f}")
     return 0
+
+
+def timing(engine, loaded, args, length: int) -> None:
+    """Decode ms/token of `full` after a prompt of `length`, in preallocated buffers and with torch.cat."""
+    timing_settings = GenerationSettings(max_new_tokens=args.new_tokens, chunk_size=512, ignore_eos=True,
+                                         memory_sample_hz=0)
+    prompt = prose_ids(engine, length)
+    if len(prompt) < length:
+        prompt = (prompt * (length // len(prompt) + 1))[:length]
+    preallocated = median_decode_ms(engine.generate(prompt, create_policy("full"), timing_settings).steps)
+    concatenated = median_decode_ms(cat_storage(Engine(loaded)).generate(prompt, create_policy("full"),
+                                                                         timing_settings).steps)
+    print(f"  prompt {length:>5}: preallocated {preallocated:7.2f} ms, torch.cat {concatenated:7.2f} ms, "
+          f"ratio {preallocated / concatenated:.3f}")
+    print(f"decode_ms_ratio_prealloc_vs_cat_{length}={preallocated / concatenated:.3f}")
 
 
 if __name__ == "__main__":

@@ -276,11 +276,11 @@ class PolicyLayer(DynamicLayer):
             if limit is not None and view.n_entries > limit:
                 raise PolicyError(f"policy {_label(policy)} kept all {view.n_entries} entries of layer "
                                   f"{self.layer_idx}, above its budget of {limit}")
-            self.store.release_step()
+            self._release_step()
             return
         self._check_selection(keep, view, limit)
         if keep.shape[1] == view.n_entries:
-            self.store.release_step()
+            self._release_step()
             return
         self._evict(keep.to(view.keys.device, torch.long), view)  # int32 indices are accepted; scatter wants long
 
@@ -343,7 +343,14 @@ class PolicyLayer(DynamicLayer):
             contiguous = torch.arange(keep.shape[1], device=keep.device).unsqueeze(0).expand(kv_heads, -1)
             old = self.rope_positions  # already compacted: the kept entries' rotations
             self.store.set_keys(self.cache.rerotator.rotate(self.keys, contiguous - old), contiguous)
+        self._release_step()
+
+    def _release_step(self) -> None:
+        """The policy has run: the store drops the step's decoded copy and encodes what waited for it
+        (a quantized store's grouped entries), which changes its bytes."""
+        before = self.store.byte_count()
         self.store.release_step()
+        self.cache.note_bytes(self.store.byte_count() - before)
 
     def _move_to_host(self, dropped_index: torch.Tensor, positions: torch.Tensor, view: LayerView) -> None:
         """The host tier: evicted entries (as attention saw them) go to host memory, not away.

@@ -22,7 +22,7 @@ from kvstudio.core.storage.host import HostTier
 CODEC = "fp"  # full precision, the model's dtype: the storage of a file written before codecs were saved
 STORAGE_FIELDS = ("codec", "group_size", "residual", "tier", "recall", "block_size")
 MERGE_FIELDS = ("merge", "merge_from", "merge_threshold", "merge_t")  # only when merging: older keys stay equal
-_STORE_PARTS = ("window.", "table.")  # a quantized store's tensors that are not per-entry rows
+_STORE_PARTS = ("window.", "table.", "tail.")  # a quantized store's tensors that are not per-entry rows
 _HOST = "host."
 _MERGE = "merge."  # cross-layer merging: which entries a layer holds merged (storage/minicache.py)
 _FP_ROWS = {"keys", "values"}  # fp keys and values: saved with the batch axis, as files always held them

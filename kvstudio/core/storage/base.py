@@ -3,11 +3,14 @@
 Selection (which entries stay) is the policy's job; storage (how they are held) is a codec's. A
 cache is named `<policy>-<codec>` (`h2o-int4`), the naming of the KeysAndValues library.
 
-A codec encodes a *group* of consecutive entries of one layer (all KV heads at once) and decodes
-what it produced. The engine's storage (`kvstudio.core.storage.layer_stores`) does the rest: it keeps
-the newest entries in full precision until they leave the residual window, hands the codec each
-group as it leaves (G entries for a kind in `grouped_kinds`, else whatever left this step), stores the encoded tensors in preallocated per-layer buffers, compacts them in
-place when the policy evicts, and counts their bytes. Write a codec in three parts:
+A codec encodes a *group* of entries of one layer (all KV heads at once) and decodes what it
+produced. The engine's storage (`kvstudio.core.storage.layer_stores`) does the rest: it keeps the
+newest entries in full precision until they leave the residual window, hands the codec each group
+as it leaves (for a kind in `grouped_kinds`, G entries of each KV head: the oldest a head holds that
+no group holds yet, once the policy has run, so a group's entries need not be consecutive tokens;
+else whatever left this step), holds the fewer than G left over in 8 bits per token meanwhile, stores
+the encoded tensors in preallocated per-layer buffers, compacts them in place when the policy
+evicts, and counts their bytes. Write a codec in three parts:
 
 1. `encode(x, kind) -> Encoded`: x is (kv_heads, G, head_dim) in the model's dtype, `kind` is
    "key" or "value". Return `Encoded(per_entry, per_group)`:
@@ -20,9 +23,9 @@ place when the policy evicts, and counts their bytes. Write a codec in three par
 3. `name` (an identifier) and `summary` (one line). Optionally `check(device)`: raise
    `CodecError` when the codec cannot run there (bitsandbytes without CUDA), and `grouped_kinds`:
    the kinds whose encoding spans the G entries of a group (KIVI's per-channel keys: {"key"}).
-   Those wait in full precision until a whole group has arrived; the other kinds are quantized per
-   entry (`per_group` empty) and encoded the step they leave the residual window. The default, both
-   kinds, is always correct, only larger.
+   Those wait (in 8 bits per token) until a head holds a whole group; the other kinds are quantized
+   per entry (`per_group` empty) and encoded the step they leave the residual window. The default,
+   both kinds, is always correct, only larger.
 
 Every byte of every tensor returned by `encode` counts towards the cache's bytes, so a codec's
 savings are reported honestly. A plugin file (in any plugin folder) that defines a subclass of
@@ -94,11 +97,12 @@ class StorageConfig:
     group_size: int = parameter(64, minimum=2, maximum=4096,
                                 help="entries per key group and channels per value group, KIVI-style")
     # Newest entries kept in full precision until they leave this window. 0 (the default) is what holds
-    # the byte targets under bounded policies: values are then quantized the step they arrive and only
-    # the incomplete key group (at most group_size - 1 keys) waits in full precision.
+    # the byte targets under bounded policies: values are then quantized the step they arrive, keys
+    # when the policy has run, and each KV head's incomplete key group (at most group_size - 1 keys)
+    # waits in 8 bits per token (storage/layer_stores.py).
     residual: int = parameter(0, minimum=0, maximum=1_000_000,
-                              help="newest entries kept in full precision until they leave this window; keys wait "
-                                   "until their whole group has left it (0: values are quantized at once)")
+                              help="newest entries kept in full precision until they leave this window (0: values "
+                                   "are quantized at once, keys once the policy has run)")
     tier: str = parameter("device", choices=TIERS, help="device: evicted entries are dropped; host: they move to "
                                                         "host memory and can be recalled")
     recall: int = parameter(0, minimum=0, maximum=1_000_000, label="recall blocks",

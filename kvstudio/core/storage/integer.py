@@ -6,9 +6,12 @@ quantized per channel (each channel of a group of G consecutive entries shares o
 point), values per token (each entry's channels, G at a time, share one). Asymmetric: a group's
 minimum is its zero point and (max - min) / (2^bits - 1) its scale, both stored in fp16; a value
 x is held as round((x - zero) / scale), decoded as code * scale + zero, so the error of one value
-is at most scale / 2. int4 packs two codes in one byte (low nibble first). Keys wait in full
-precision until their whole group has left the residual window; values, quantized per token, are
-encoded as soon as they leave it (the storage does that, from `grouped_kinds`).
+is at most scale / 2. int4 packs two codes in one byte (low nibble first). Values, quantized per
+token, are encoded as soon as they leave the residual window; keys once the policy has run, in
+groups of the G oldest entries a KV head holds that no group holds yet (not G consecutive token
+positions as in KIVI: under eviction those keep a few scattered survivors that pay a whole group's
+scales), the fewer than G left over held in 8 bits per token until their group is complete, not in
+full precision as in KIVI (the storage does that, from `grouped_kinds`; layer_stores.py says more).
 """
 
 from __future__ import annotations

@@ -6,22 +6,40 @@ and saving every store shares); the stores are:
 `FpStore` holds keys and values as the model produced them (the `fp` codec), in preallocated
 buffers: bit-identical to concatenating tensors, without the per-step copy.
 
-`QuantizedStore` holds them through a codec, with KIVI's layout (Liu et al. 2024,
-arXiv:2402.02750). Each kind (key, value) has a full-precision *window* over token positions
-[start, seen); entries leave it as soon as the codec can encode them:
-  - a kind the codec quantizes per token (values in int8/int4, both kinds in bnb) has nothing to
-    wait for: its entries are encoded the step they arrive, or when they leave the residual window
-    (the newest `residual` positions) with `--residual N`;
-  - a kind quantized over a group of entries (keys, per channel over G positions) waits until the
-    whole group has left the residual window (seen - residual >= the group's end); the group is then
-    encoded at once for every KV head, and its shared tensors (per-channel key scales and zero
-    points) go to a slot of the group table. So with residual 0 the window holds at most G - 1 keys
-    (the incomplete group) and no values.
-The entries still held get their per-entry rows (codes, per-token scales). An evicted entry drops
-its rows; a group no KV head holds any more frees its slot. Attention reads keys and values decoded
-for the step (the policy scores those decoded keys); the decoded copy is released after the policy
-has run, so between steps only the encoded form (and the windows) is held, and that is what
-`byte_count` reports: codes, scales, zero points, the windows and the table of live groups.
+`QuantizedStore` holds them through a codec, with KIVI's quantization (Liu et al. 2024,
+arXiv:2402.02750: keys per channel over a group of G entries, values per token) in a layout made for
+caches that evict. Each kind (key, value) has a full-precision *window* of the newest `residual`
+positions (empty with the default residual 0); entries leave it as they leave that window:
+  - a kind the codec quantizes per token (values in int8/int4, both kinds in bnb) is encoded the
+    step its entries leave it;
+  - a kind quantized over a group of entries (keys) is encoded once the policy has run in the step
+    (`settle()`, from `release_step()`): until then the step's new entries are held as the model
+    computed them, so attention and the policy see them exact and the policy evicts before
+    anything is grouped. Then, per KV head, the head's *tail* and its newly settled entries that it
+    still holds, oldest first, fill groups of G: each group is encoded per channel and its shared
+    tensors (per-channel scales and zero points, per head) take a *slot* of the group table, whose
+    number each entry keeps (`key.slot`, int16). What is left over, fewer than G entries, is the
+    head's new tail, held per token in 8 bits (each channel centred and scaled by the head's latest
+    group, then an fp16 scale and zero point per token); when later entries complete its group, the
+    group is encoded per channel from the tail's decoded rows.
+Where this departs from KIVI: KIVI groups G consecutive *token positions* and keeps the incomplete
+group (and its residual of R tokens) in full precision. Under a policy that evicts, a position group
+keeps a few scattered survivors that pay a whole group's scales, and the full-precision incomplete
+group costs up to G - 1 keys a layer at fp32: at budget 256 on SmolLM2 those two held 0.36/0.26 of
+fp32 for int8/int4. Here groups are made of the entries a head keeps (so a group's keys are not
+consecutive tokens, and each KV head's groups differ), and the incomplete group costs about a quarter
+of fp32; the tail's keys are rounded twice (8 bits per token, then per channel), and a step's own new
+keys are exact in that step (KIVI's would be in its residual too).
+An evicted entry drops its rows; a slot no KV head's entry refers to any more is free again.
+Attention reads keys and values decoded for the step (the policy scores those decoded keys); the
+decoded copy is released after the policy has run, so between steps only the encoded form (and the
+windows) is held, and that is what `byte_count` reports: codes, scales, zero points, slot numbers, the
+windows, the tails and the used slots of the group tables. The step's grouped entries held as
+computed count as the encoded rows they become.
+
+Saved states say their `layout` (LAYOUT); a state without one is of the first layout (position
+groups, a full-precision incomplete group), which `load_state` converts: its encoded entries keep
+their codes and scales exactly, and its window settles into groups and the tail.
 
 `state()` / `load_state()` give a store's whole content as tensors plus JSON-safe numbers, so a
 saved cache holds exactly what the store held (core.store.layer_tensors).
@@ -35,6 +53,7 @@ import torch
 
 from kvstudio.core.storage.base import Codec, CodecError, Encoded
 from kvstudio.core.storage.buffers import EntryBuffers
+from kvstudio.core.storage.integer import Int8Codec
 
 KINDS = ("key", "value")
 
@@ -105,6 +124,9 @@ class LayerStore(ABC):
     def release_step(self) -> None:
         """Drop anything held only for the current step."""
 
+    def settle(self) -> None:
+        """Encode what the step left as computed (QuantizedStore: its grouped entries)."""
+
     def detach(self) -> None:
         """Cut every held tensor from the autograd graph (fine-tuning's truncated mode)."""
         self.entries.tensors = {name: tensor.detach() for name, tensor in self.entries.tensors.items()}
@@ -173,86 +195,193 @@ class FpStore(LayerStore):
             self.entries.view("rope_positions").copy_(rope_positions)
 
 
-class _GroupTable:
-    """The per-group tensors (kv_heads, slots, ...) of encoded groups, and which slot holds which group."""
+class _SlotTable:
+    """A grouped kind's per-group tensors (kv_heads, slots, ...): slot j of head h holds the shared
+    tensors (per-channel scales and zero points) of the entries of head h whose `slot` field is j.
+    Each KV head numbers its own slots (its groups are made of the entries it keeps) and a slot of a
+    head is free again when none of its entries refers to it."""
 
-    def __init__(self, device):
+    def __init__(self):
         self.fields: dict[str, torch.Tensor] = {}
-        self.slot_of = torch.zeros(0, dtype=torch.int32, device=device)  # group number -> slot
-        self.owner: list[int | None] = []  # slot -> group number, None when free
-        self.live = 0
+        self.used: list[list[bool]] = []  # per head: slot -> held by one of its entries
 
-    def store(self, group: int, per_group: dict[str, torch.Tensor]) -> None:
-        if not per_group:
-            return
-        if group >= self.slot_of.numel():
-            grown = torch.zeros(max(group + 1, 2 * self.slot_of.numel()), dtype=torch.int32,
-                                device=self.slot_of.device)
-            grown[:self.slot_of.numel()] = self.slot_of
-            self.slot_of = grown
-        own = int(self.slot_of[group])
-        if own < len(self.owner) and self.owner[own] == group:  # encoded again (a merged step's rewrite)
-            for name, tensor in per_group.items():
-                self.fields[name][:, own] = tensor
-            return
-        free = [slot for slot, owner in enumerate(self.owner) if owner is None]
-        if free:
-            slot = free[0]
-        else:
-            slot = len(self.owner)
-            self.owner.append(None)
-            self._grow(per_group, len(self.owner))
+    def add(self, head: int, per_group: dict[str, torch.Tensor], kv_heads: int) -> int:
+        """Store head `head`'s tensors of one group (per_group: {name: (...)}) in a free slot of its own."""
+        if not self.used:
+            self.used = [[] for _ in range(kv_heads)]
+        used = self.used[head]
+        slot = next((slot for slot, taken in enumerate(used) if not taken), len(used))
+        if slot == len(used):
+            used.append(False)
         for name, tensor in per_group.items():
-            self.fields[name][:, slot] = tensor
-        self.owner[slot] = group
-        self.slot_of[group] = slot
-        self.live += 1
-
-    def _grow(self, like: dict[str, torch.Tensor], needed: int) -> None:
-        for name, tensor in like.items():
             old = self.fields.get(name)
             have = 0 if old is None else old.shape[1]
-            if have >= needed:
-                continue
-            grown = torch.zeros((tensor.shape[0], max(needed, 2 * have), *tensor.shape[1:]), dtype=tensor.dtype,
-                                device=tensor.device)
-            if old is not None:
-                grown[:, :have] = old
-            self.fields[name] = grown
+            if have <= slot:
+                grown = torch.zeros((kv_heads, max(slot + 1, 2 * have), *tensor.shape), dtype=tensor.dtype,
+                                    device=tensor.device)
+                if old is not None:
+                    grown[:, :have] = old
+                self.fields[name] = grown
+            self.fields[name][head, slot] = tensor
+        used[slot] = True
+        return slot
 
-    def free_unused(self, held_groups: set[int]) -> None:
-        for slot, owner in enumerate(self.owner):
-            if owner is not None and owner not in held_groups:
-                self.owner[slot] = None
-                self.live -= 1
+    @property
+    def live(self) -> int:
+        """Slots in use, over KV heads."""
+        return sum(sum(used) for used in self.used)
 
-    def expanded(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each entry's group tensors: groups (kv_heads, n) -> {name: (kv_heads, n, ...)}."""
-        slots = self.slot_of[groups].long()
+    def free_unused(self, held_slots: torch.Tensor) -> None:
+        """Free every slot no entry of its head refers to (held_slots: (kv_heads, n), -1 for none)."""
+        for head, used in enumerate(self.used):
+            row = held_slots[head]
+            referenced = set(row[row >= 0].unique().tolist())
+            self.used[head] = [taken and slot in referenced for slot, taken in enumerate(used)]
+
+    def expanded(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each entry's group tensors: slots (kv_heads, n) -> {name: (kv_heads, n, ...)}."""
         out = {}
+        kv_heads, n = slots.shape
         for name, table in self.fields.items():
-            kv_heads, n = slots.shape
-            rows = (slots + torch.arange(kv_heads, device=slots.device)[:, None] * table.shape[1]).reshape(-1)
+            rows = (slots.long() + torch.arange(kv_heads, device=slots.device)[:, None] * table.shape[1]).reshape(-1)
             out[name] = table.reshape(kv_heads * table.shape[1], -1).index_select(0, rows).view(
                 kv_heads, n, *table.shape[2:])
         return out
 
     def byte_count(self) -> int:
-        """The live slots' tensors and the group -> slot index."""
-        slot = sum(t[:, :1].numel() * t.element_size() for t in self.fields.values())
-        return self.live * slot + self.slot_of.numel() * self.slot_of.element_size()
+        """The slots in use: one head's group tensors each."""
+        return self.live * sum(t[:1, :1].numel() * t.element_size() for t in self.fields.values())
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        slots = len(self.owner)
-        tensors = {f"fields.{name}": t[:, :slots] for name, t in self.fields.items()}
-        tensors["slot_of"] = self.slot_of
-        return tensors, {"owner": list(self.owner), "live": self.live}
+        slots = max((len(used) for used in self.used), default=0)
+        return {f"fields.{name}": t[:, :slots] for name, t in self.fields.items()}, {"used": [list(u) for u in self.used]}
 
     def load_state(self, tensors: dict[str, torch.Tensor], numbers: dict, device) -> None:
-        self.fields = {name.split(".", 1)[1]: t.to(device) for name, t in tensors.items()
-                       if name.startswith("fields.")}
-        self.slot_of = tensors["slot_of"].to(device)
-        self.owner, self.live = list(numbers["owner"]), numbers["live"]
+        self.fields = {name.split(".", 1)[1]: t.to(device) for name, t in tensors.items() if name.startswith("fields.")}
+        self.used = [[bool(taken) for taken in used] for used in numbers["used"]]
+
+
+# The entries of a grouped kind that do not fill a group yet are held per token in 8 bits, each
+# channel first centred and scaled by the head's latest group (its per-channel midpoint and range), so
+# outlier channels do not widen every other channel's step (why KIVI quantizes keys per channel), then
+# an fp16 scale and zero point per TAIL_CHANNELS channels of the token (core/storage/integer.py's
+# per-token rule): about a quarter of fp32 where KIVI keeps them in full precision (QuantizedStore).
+TAIL_CHANNELS = 64
+
+
+class _Tail:
+    """Per KV head, the newest settled entries of a grouped kind that no group holds yet (fewer than
+    G), encoded per token in 8 bits after per-channel centring and scaling; `positions` says which
+    entries they are (-1: unused row)."""
+
+    def __init__(self, group: int):
+        self.group = group
+        self.codec = Int8Codec(group_size=TAIL_CHANNELS)
+        self.fields: dict[str, torch.Tensor] = {}  # (kv_heads, G, ...): the rows' codes, scales, zero points
+        self.reference: dict[str, torch.Tensor] = {}  # "centre", "span": (kv_heads, head_dim) fp16, per head
+        self.latest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # head -> its latest group's (centre, span)
+        self.positions: torch.Tensor | None = None  # (kv_heads, G) long
+        self.lengths: list[int] = []
+
+    def note_group(self, head: int, rows: torch.Tensor) -> None:
+        """Head `head` encoded a group of `rows` (G, head_dim): a tail begun later is scaled by it."""
+        low, high = rows.float().amin(dim=0), rows.float().amax(dim=0)
+        self.latest[head] = ((low + high) / 2, high - low)
+
+    def rows(self, head: int, like: torch.Tensor) -> torch.Tensor:
+        """Head `head`'s tail decoded, (m, head_dim), in like's dtype and device."""
+        m = self.lengths[head] if self.lengths else 0
+        if not m:
+            return like.new_zeros(0, like.shape[-1])
+        fields = {name: t[head:head + 1, :m] for name, t in self.fields.items()}
+        normalised = self.codec.decode(fields, {}, "value", torch.float32)[0]
+        centre, span = (self.reference[name][head].float() for name in ("centre", "span"))
+        return (normalised * span + centre).to(like.dtype)
+
+    def add(self, head: int, positions: torch.Tensor, rows: torch.Tensor, kv_heads: int, restart: bool) -> None:
+        """Append rows (m, head_dim) of entries at `positions` (m,) to head `head`'s tail; with
+        `restart`, the tail's rows went into a group: they are replaced, scaled by that group."""
+        if self.positions is None:
+            self.positions = torch.full((kv_heads, self.group), -1, dtype=torch.long, device=rows.device)
+            self.lengths = [0] * kv_heads
+            head_dim = rows.shape[-1]
+            self.reference = {name: torch.zeros(kv_heads, head_dim, dtype=torch.float16, device=rows.device)
+                              for name in ("centre", "span")}
+        if restart or not self.lengths[head]:
+            self.positions[head] = -1
+            self.lengths[head] = 0
+            self._set_reference(head, rows)
+        m, have = rows.shape[0], self.lengths[head]
+        if not m:
+            return
+        centre, span = (self.reference[name][head].float() for name in ("centre", "span"))
+        encoded = self.codec.encode(((rows.float() - centre) / span)[None], "value").per_entry
+        for name, tensor in encoded.items():
+            if name not in self.fields:
+                self.fields[name] = torch.zeros((kv_heads, self.group, *tensor.shape[2:]), dtype=tensor.dtype,
+                                                device=tensor.device)
+            self.fields[name][head, have:have + m] = tensor[0]
+        self.positions[head, have:have + m] = positions
+        self.lengths[head] = have + m
+
+    def _set_reference(self, head: int, rows: torch.Tensor) -> None:
+        """The head's latest group's per-channel midpoint and range; before its first group, the rows'
+        own when there are two or more (else none: centre 0, range 1)."""
+        if head in self.latest:
+            centre, span = self.latest[head]
+        elif rows.shape[0] >= 2:
+            low, high = rows.float().amin(dim=0), rows.float().amax(dim=0)
+            centre, span = (low + high) / 2, high - low
+        else:
+            centre, span = torch.zeros(rows.shape[-1], device=rows.device), torch.ones(rows.shape[-1], device=rows.device)
+        span = span.clamp_min(float(span.max()) * 1e-3 + 1e-6)  # a flat channel still divides
+        self.reference["centre"][head] = centre.to(torch.float16)
+        self.reference["span"][head] = span.to(torch.float16)
+
+    def keep(self, held: torch.Tensor) -> None:
+        """Drop the rows of entries no longer held (held: (kv_heads, n) positions)."""
+        if self.positions is None:
+            return
+        for head, m in enumerate(self.lengths):
+            if not m:
+                continue
+            alive = torch.isin(self.positions[head, :m], held[head])
+            if bool(alive.all()):
+                continue
+            index = alive.nonzero().squeeze(1)
+            for tensor in (*self.fields.values(), self.positions):
+                tensor[head, :index.numel()] = tensor[head, index].clone()
+            self.positions[head, index.numel():] = -1
+            self.lengths[head] = index.numel()
+
+    def indices(self, head: int, held: torch.Tensor) -> torch.Tensor:
+        """Where head `head`'s tail entries sit in its row of held positions (sorted)."""
+        m = self.lengths[head] if self.lengths else 0
+        return torch.searchsorted(held, self.positions[head, :m]) if m else held.new_zeros(0)
+
+    def byte_count(self) -> int:
+        """The rows held, and the centre and range of each head that holds some."""
+        row = sum(t[:1, :1].numel() * t.element_size() for t in self.fields.values())
+        reference = sum(t[:1].numel() * t.element_size() for t in self.reference.values())
+        return sum(self.lengths) * row + sum(1 for m in self.lengths if m) * reference
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"fields.{name}": t for name, t in self.fields.items()}
+        tensors.update({f"reference.{name}": t for name, t in self.reference.items()})
+        if self.positions is not None:
+            tensors["positions"] = self.positions
+        latest = {str(head): [c.tolist(), s.tolist()] for head, (c, s) in self.latest.items()}
+        return tensors, {"lengths": list(self.lengths), "latest": latest}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], numbers: dict, device) -> None:
+        def named(prefix):
+            return {name[len(prefix):]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
+
+        self.fields, self.reference = named("fields."), named("reference.")
+        self.positions = tensors["positions"].to(device) if "positions" in tensors else None
+        self.lengths = list(numbers["lengths"])
+        self.latest = {int(head): (torch.tensor(c, device=device), torch.tensor(s, device=device))
+                       for head, (c, s) in numbers.get("latest", {}).items()}
 
 
 class _Window:
@@ -280,8 +409,12 @@ class _Window:
         self.start += count
         self.length = remaining
 
-    def byte_count(self) -> int:
-        return self.rows[:, :self.length].numel() * self.rows.element_size()
+    def byte_count(self, rows: int | None = None) -> int:
+        rows = self.length if rows is None else rows
+        return self.rows[:, :rows].numel() * self.rows.element_size()
+
+
+LAYOUT = 2  # QuantizedStore.state()'s layout; 1 (no number): full-precision incomplete groups, groups by position
 
 
 class QuantizedStore(LayerStore):
@@ -291,19 +424,21 @@ class QuantizedStore(LayerStore):
                  measure_error: bool = False):
         super().__init__(capacity_hint)
         self.codec, self.group, self.residual = codec, group_size, residual
-        # Kinds whose encoding spans G entries (KIVI's per-channel keys) wait for a whole group.
+        # Kinds whose encoding spans G entries (KIVI's per-channel keys) are grouped over held entries.
         self.grouped = {kind: kind in codec.grouped_kinds for kind in KINDS}
         self.window: dict[str, _Window] = {}
-        self.tables: dict[str, _GroupTable | None] = {kind: None for kind in KINDS}
+        self.tables: dict[str, _SlotTable | None] = {kind: None for kind in KINDS}
+        self.tails: dict[str, _Tail | None] = {kind: None for kind in KINDS}
         self.measure_error = measure_error
         self.error_sums = {"key": 0.0, "value": 0.0}
         self.error_counts = {"key": 0, "value": 0}
         self._step: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The first position of the step's entries of grouped kinds not settled yet (None: all settled).
+        self._unsettled_from: int | None = None
         # Cross-layer merging rewrites a step's new entries after both layers of a pair attended
-        # (storage/minicache.py): key groups encoded in the step keep their rows as they were before
-        # encoding until the next append, so a rewrite encodes them again (merge, then quantize).
+        # (storage/minicache.py): the step's grouped entries then stay in the window, as computed, until
+        # the merge has rewritten them and calls settle() (merge, then quantize).
         self.keep_step_groups = False
-        self._step_groups: dict[tuple[str, int], torch.Tensor] = {}  # (kind, group number) -> (kv_heads, G, d)
 
     def keys(self) -> torch.Tensor:
         return self._decoded()[0]
@@ -312,7 +447,11 @@ class QuantizedStore(LayerStore):
         return self._decoded()[1]
 
     def release_step(self) -> None:
+        """The policy has run: the step's grouped entries that left the residual window are encoded
+        (unless a merge will rewrite them first), and the decoded copy is dropped."""
         self._step = None
+        if not self.keep_step_groups:
+            self.settle()
 
     def mean_relative_error(self) -> dict[str, float | None]:
         return {kind: (self.error_sums[kind] / self.error_counts[kind] if self.error_counts[kind] else None)
@@ -328,81 +467,121 @@ class QuantizedStore(LayerStore):
         if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
             raise CodecError(f"--codec {self.codec.name} cannot carry gradients (rounding has none); "
                              "fine-tuning through the cache needs --codec fp")
+        self.settle()  # a step whose policy did not run (or a merge that did not rewrite it)
         self._step = None
         n = keys.shape[1]
         first = int(positions[0, 0])
         if not self.window:
             for kind, like in (("key", keys), ("value", values)):
-                start = first - first % self.group if self.grouped[kind] else first
-                self.window[kind] = _Window(like, start, self.residual + self.group + n)
-                self.tables[kind] = _GroupTable(like.device) if self.grouped[kind] else None
+                self.window[kind] = _Window(like, first, self.residual + n)
+                if self.grouped[kind]:
+                    self.tables[kind], self.tails[kind] = _SlotTable(), _Tail(self.group)
         for kind, tensor in (("key", keys), ("value", values)):
             window = self.window[kind]
             if first != window.start + window.length:
                 raise CodecError("a quantized cache takes tokens in order, one position after the other")
             window.write(window.length, tensor)
-        self.entries.append({"positions": positions, "rope_positions": rope_positions}, n)
-        self._step_groups = {}
+        fresh = {"positions": positions, "rope_positions": rope_positions}
+        for kind, tensor in (("key", keys), ("value", values)):
+            if self.grouped[kind]:
+                if f"{kind}.slot" not in self.entries:  # the code fields, shaped by one encoded entry
+                    for name, rows in self.codec.encode(tensor[:, :1], kind).per_entry.items():
+                        self.entries.add_field(f"{kind}.{name}", rows[:, :0])
+                fresh[f"{kind}.slot"] = torch.full(positions.shape, -1, dtype=torch.int16, device=positions.device)
+        self.entries.append(fresh, n)
+        if any(self.grouped.values()):
+            self._unsettled_from = first
         leaving = first + n - self.residual  # positions before this one are out of the residual window
         for kind in KINDS:
             window = self.window[kind]
-            if self.grouped[kind]:
-                while leaving - window.start >= self.group:
-                    self._encode_oldest(kind, self.group)
-            elif leaving > window.start:
+            if not self.grouped[kind] and leaving > window.start:
                 self._encode_oldest(kind, leaving - window.start)
         self._count_bytes()
         return self._decoded()
 
+    def settle(self) -> None:
+        """Encode the grouped kinds' entries that left the residual window: per KV head, the tail and
+        the newly settled entries it still holds, in position order, fill groups of G (encoded per
+        channel, each in a slot); what is left over (< G) becomes the head's tail."""
+        if self._unsettled_from is None:
+            return
+        self._unsettled_from = None
+        for kind in KINDS:
+            if self.grouped[kind]:
+                self._settle(kind)
+        self._step = None
+        self._count_bytes()
+
+    def _settle(self, kind: str) -> None:
+        window, tail, table = self.window[kind], self.tails[kind], self.tables[kind]
+        leaving = window.start + window.length - self.residual
+        if leaving <= window.start:
+            return
+        positions = self.positions()
+        kv_heads = positions.shape[0]
+        members, rows = [], []  # per head: entry indices and their rows, oldest first
+        tail_lengths = list(tail.lengths) or [0] * kv_heads
+        for head in range(kv_heads):
+            row = positions[head]
+            fresh = ((row >= window.start) & (row < leaving)).nonzero().squeeze(1)
+            members.append(torch.cat([tail.indices(head, row), fresh]))
+            rows.append(torch.cat([tail.rows(head, window.rows), window.rows[head, row[fresh] - window.start]]))
+        full = [len(m) // self.group for m in members]
+        slot_field = self.entries.view(f"{kind}.slot")
+        for j in range(max(full, default=0)):
+            x = window.rows.new_zeros(kv_heads, self.group, window.rows.shape[-1])
+            heads = [head for head in range(kv_heads) if full[head] > j]
+            for head in heads:
+                x[head] = rows[head][j * self.group:(j + 1) * self.group]
+            encoded = self.codec.encode(x, kind)
+            for head in heads:
+                index = members[head][j * self.group:(j + 1) * self.group]
+                for name, codes in encoded.per_entry.items():
+                    self.entries.view(f"{kind}.{name}")[head, index] = codes[head]
+                slot_field[head, index] = table.add(head, {name: t[head] for name, t in encoded.per_group.items()},
+                                                    kv_heads)
+                tail.note_group(head, x[head])
+            if self.measure_error:
+                self._note_error(kind, x[heads], Encoded({name: t[heads] for name, t in encoded.per_entry.items()},
+                                                         {name: t[heads] for name, t in encoded.per_group.items()}))
+        for head in range(kv_heads):
+            # Without a new group the tail's rows stay as encoded and the fresh ones join them; with
+            # one, the tail's rows are in it and the rest begins a new tail.
+            begin = full[head] * self.group if full[head] else tail_lengths[head]
+            tail.add(head, positions[head, members[head][begin:]], rows[head][begin:], kv_heads,
+                     restart=bool(full[head]))
+        window.drop_oldest(leaving - window.start)
+
     def overwrite(self, kind: str, index: torch.Tensor, rows: torch.Tensor, where: torch.Tensor) -> None:
-        """Write rows over entries fed in this step (see FpStore.overwrite): in the window as they are;
-        encoded per token, encoded again; in a key group encoded in this step, that group encoded
-        again from its rows with the new ones in."""
+        """Write rows over entries fed in this step (see FpStore.overwrite): in the window as they are
+        (a grouped kind's step entries stay there until settle()); encoded per token, encoded again."""
         window = self.window[kind]
         positions = self.positions().gather(1, index)
         in_window = where & (positions >= window.start)
         heads, entry = in_window.nonzero(as_tuple=True)
         window.rows[heads, positions[heads, entry] - window.start] = rows[heads, entry]
         heads, entry = (where & ~in_window).nonzero(as_tuple=True)
-        if heads.numel() and not self.grouped[kind]:
+        if heads.numel() and self.grouped[kind]:
+            raise CodecError("an entry to overwrite was encoded before this step; only a step's own entries can "
+                             "be rewritten (set keep_step_groups)")
+        if heads.numel():
             encoded = self.codec.encode(rows[heads, entry].unsqueeze(0), kind)  # each row on its own
             for name, codes in encoded.per_entry.items():
                 self.entries.view(f"{kind}.{name}")[heads, index[heads, entry]] = codes[0]
-        elif heads.numel():
-            groups = positions[heads, entry] // self.group
-            for group in groups.unique().tolist():
-                if (kind, group) not in self._step_groups:
-                    raise CodecError("an entry to overwrite was encoded before this step; only a step's own "
-                                     "entries can be rewritten (set keep_step_groups)")
-                mine = groups == group
-                x = self._step_groups[kind, group]
-                x[heads[mine], positions[heads[mine], entry[mine]] - group * self.group] = rows[heads[mine], entry[mine]]
-                self._encode_rows(kind, group * self.group, x, note_error=False)
         self._step = None
         self._count_bytes()
 
     def _encode_oldest(self, kind: str, count: int) -> None:
-        """Encode the window's oldest `count` rows: one group (grouped kinds) or that many entries."""
+        """Encode the window's oldest `count` rows of a kind quantized per token, for the entries held."""
         window = self.window[kind]
         x = window.rows[:, :count]
-        if self.keep_step_groups and self.grouped[kind]:
-            x = x.clone()
-            self._step_groups[kind, window.start // self.group] = x
-        self._encode_rows(kind, window.start, x, note_error=self.measure_error)
-        window.drop_oldest(count)
-
-    def _encode_rows(self, kind: str, start: int, x: torch.Tensor, note_error: bool) -> None:
-        """Encode the rows x (kv_heads, count, head_dim) of positions [start, start + count): a grouped
-        kind's shared tensors go to its group table, the held entries get their per-entry rows."""
-        count = x.shape[1]
+        start = window.start
         positions = self.positions()
         held = (positions >= start) & (positions < start + count)
         heads, index = held.nonzero(as_tuple=True)
         in_rows = positions[heads, index] - start
         encoded = self.codec.encode(x, kind)
-        if self.grouped[kind]:
-            self.tables[kind].store(start // self.group, encoded.per_group)
-        elif encoded.per_group:
+        if encoded.per_group:
             raise CodecError(f"codec {self.codec.name} returned per-group tensors for {kind}s, which it declares "
                              "quantized per token (grouped_kinds)")
         for name, rows in encoded.per_entry.items():
@@ -410,8 +589,9 @@ class QuantizedStore(LayerStore):
             if field not in self.entries:
                 self.entries.add_field(field, rows)
             self.entries.view(field)[heads, index] = rows[heads, in_rows]
-        if note_error:
+        if self.measure_error:
             self._note_error(kind, x, encoded)
+        window.drop_oldest(count)
 
     def _note_error(self, kind: str, x: torch.Tensor, encoded: Encoded) -> None:
         per_group = {name: t[:, None].expand(t.shape[0], x.shape[1], *t.shape[1:])
@@ -430,29 +610,41 @@ class QuantizedStore(LayerStore):
             self._step = (self._decode_kind("key").unsqueeze(0), self._decode_kind("value").unsqueeze(0))
         return self._step
 
+    def _code_fields(self, kind: str) -> dict[str, torch.Tensor]:
+        return {name.split(".", 1)[1]: self.entries.view(name) for name in self.entries.tensors
+                if name.startswith(kind + ".") and name != f"{kind}.slot"}
+
     def _decode_kind(self, kind: str) -> torch.Tensor:
-        """(kv_heads, n, head_dim): encoded entries decoded, window entries as they are."""
+        """(kv_heads, n, head_dim): encoded entries decoded, tail and window entries as they are held."""
         positions = self.positions()
         window = self.window[kind]
-        fields = {name.split(".", 1)[1]: self.entries.view(name) for name in self.entries.tensors
-                  if name.startswith(kind + ".")}
-        if not fields:  # nothing encoded yet: every entry is in the window
-            index = (positions - window.start)[..., None].expand(-1, -1, window.rows.shape[-1])
+        fields = self._code_fields(kind)
+        head_dim = window.rows.shape[-1]
+        if self.grouped[kind]:
+            table = self.tables[kind]
+            if table.fields:
+                slots = self.entries.view(f"{kind}.slot").clamp_min(0)
+                decoded = self.codec.decode(fields, table.expanded(slots), kind, window.rows.dtype)
+            else:
+                decoded = window.rows.new_zeros(*positions.shape, head_dim)
+            tail = self.tails[kind]
+            for head in range(positions.shape[0]):
+                index = tail.indices(head, positions[head])
+                if index.numel():
+                    decoded[head, index] = tail.rows(head, window.rows)
+        elif not fields:  # nothing encoded yet: every entry is in the window
+            index = (positions - window.start)[..., None].expand(-1, -1, head_dim)
             return window.rows.gather(1, index)
-        per_group = {}
-        table = self.tables[kind]
-        if table is not None and table.fields:
-            groups = torch.where(positions >= window.start, 0, positions // self.group)
-            per_group = table.expanded(groups.clamp(max=max(table.slot_of.numel() - 1, 0)))
-        decoded = self.codec.decode(fields, per_group, kind, window.rows.dtype)
+        else:
+            decoded = self.codec.decode(fields, {}, kind, window.rows.dtype)
         # Window entries are the newest, so they sit among the last `window.length` of each head's row
         # (positions increase along it): only that tail is looked up, not the whole layer.
-        tail = min(window.length, positions.shape[1])
-        if tail:
-            tail_positions = positions[:, -tail:]
-            index = (tail_positions - window.start).clamp_min(0)[..., None].expand(-1, -1, window.rows.shape[-1])
-            in_window = (tail_positions >= window.start)[..., None]
-            decoded[:, -tail:] = torch.where(in_window, window.rows.gather(1, index), decoded[:, -tail:])
+        last = min(window.length, positions.shape[1])
+        if last:
+            last_positions = positions[:, -last:]
+            index = (last_positions - window.start).clamp_min(0)[..., None].expand(-1, -1, head_dim)
+            in_window = (last_positions >= window.start)[..., None]
+            decoded[:, -last:] = torch.where(in_window, window.rows.gather(1, index), decoded[:, -last:])
         return decoded
 
     # -- evicting ----------------------------------------------------------------------------------------
@@ -461,37 +653,42 @@ class QuantizedStore(LayerStore):
         self._step = None
         self.entries.keep(keep)
         positions = self.positions()
-        for kind, table in self.tables.items():
-            if table is not None:
-                encoded = positions[positions < self.window[kind].start]
-                table.free_unused(set((encoded // self.group).unique().tolist()))
+        for kind in KINDS:
+            if self.grouped[kind]:
+                self.tails[kind].keep(positions)
+                self.tables[kind].free_unused(self.entries.view(f"{kind}.slot"))
         self._count_bytes()
 
     def detach(self) -> None:
         super().detach()
         for window in self.window.values():
             window.rows = window.rows.detach()
-        for table in self.tables.values():
-            if table is not None:
-                table.fields = {name: tensor.detach() for name, tensor in table.fields.items()}
         self._step = None if self._step is None else tuple(t.detach() for t in self._step)
 
     def set_keys(self, keys, rope_positions):
         raise CodecError(f"--rerotate re-rotates stored keys and works with --codec fp only, not {self.codec.name}")
 
     def byte_parts(self) -> dict[str, int]:
-        """What the bytes held are: encoded rows (codes, per-entry scales), full-precision windows, group tables."""
+        """What the bytes held are: encoded rows (codes, per-entry scales, a grouped kind's slot
+        number), full-precision windows, tails (8-bit incomplete groups), group tables. A step's grouped
+        entries, held as the model computed them until the policy has run, count as encoded rows: that
+        is what they become when it has (settle())."""
         positions = self.positions()
         kv_heads = positions.shape[0]
-        parts = {"encoded": 0, "windows": 0, "group_tables": 0}
+        parts = {"encoded": 0, "windows": 0, "tails": 0, "group_tables": 0}
         for kind in KINDS:
             window = self.window[kind]
             code_fields = [name for name in self.entries.tensors if name.startswith(kind + ".")]
+            encoded_below, fp_rows = window.start, window.length
+            if self.grouped[kind] and self._unsettled_from is not None:  # counted as what settle() makes them
+                encoded_below = max(window.start + window.length - self.residual, window.start)
+                fp_rows = window.length - (encoded_below - window.start)
             if code_fields:
-                encoded_entries = int((positions < window.start).sum())  # over KV heads
-                parts["encoded"] += encoded_entries * (self.entries.row_bytes(code_fields) // kv_heads)
-            parts["windows"] += window.byte_count()
-            if self.tables[kind] is not None:
+                encoded = int((positions < encoded_below).sum())  # over KV heads
+                parts["encoded"] += encoded * (self.entries.row_bytes(code_fields) // kv_heads)
+            parts["windows"] += window.byte_count(fp_rows)
+            if self.grouped[kind]:
+                parts["tails"] += self.tails[kind].byte_count()
                 parts["group_tables"] += self.tables[kind].byte_count()
         return parts
 
@@ -502,18 +699,25 @@ class QuantizedStore(LayerStore):
     # -- saving and restoring ------------------------------------------------------------------------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        self.settle()
         tensors, numbers = super().state()
+        numbers["layout"] = LAYOUT
         for kind, window in self.window.items():
             tensors[f"window.{kind}"] = window.rows[:, :window.length]
             numbers[f"window.{kind}.start"] = window.start
-            table = self.tables[kind]
-            if table is not None:
-                table_tensors, numbers[f"table.{kind}"] = table.state()
-                tensors.update({f"table.{kind}.{name}": t for name, t in table_tensors.items()})
+            if self.grouped[kind]:
+                for part in ("table", "tail"):
+                    held = self.tables[kind] if part == "table" else self.tails[kind]
+                    part_tensors, numbers[f"{part}.{kind}"] = held.state()
+                    tensors.update({f"{part}.{kind}.{name}": t for name, t in part_tensors.items()})
         numbers["error_sums"], numbers["error_counts"] = dict(self.error_sums), dict(self.error_counts)
         return cpu_copies(tensors), numbers
 
     def load_state(self, tensors, numbers, device) -> None:
+        numbers = dict(numbers)
+        layout = numbers.get("layout", 1)
+        if layout == 1:
+            tensors = self._from_first_layout(tensors, numbers)
         super().load_state(tensors, numbers, device)
         for kind in KINDS:
             if f"window.{kind}" not in tensors:
@@ -523,14 +727,42 @@ class QuantizedStore(LayerStore):
                                                  max(rows.shape[1], self.residual + self.group))
             window.write(0, rows)
             if self.grouped[kind]:
-                table = self.tables[kind] = _GroupTable(device)
-                prefix = f"table.{kind}."
-                table.load_state({name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)},
-                                 numbers[f"table.{kind}"], device)
+                self.tables[kind], self.tails[kind] = _SlotTable(), _Tail(self.group)
+                for part, held in (("table", self.tables[kind]), ("tail", self.tails[kind])):
+                    prefix = f"{part}.{kind}."
+                    if layout == 1 and part == "tail":
+                        continue  # no tail: the first layout's incomplete group is in the window
+                    held.load_state({name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)},
+                                    numbers[f"{part}.{kind}"], device)
         self.error_sums = dict(numbers.get("error_sums", self.error_sums))
         self.error_counts = dict(numbers.get("error_counts", self.error_counts))
+        if layout == 1 and self.window:
+            # The first layout's full-precision incomplete group: what had left the residual window
+            # settles now, into groups and the 8-bit tail, as a run of this layout would hold it.
+            self._unsettled_from = self.window["key"].start
+            self.settle()
+            for kind in KINDS:
+                if self.grouped[kind]:
+                    self.tables[kind].free_unused(self.entries.view(f"{kind}.slot"))
         if self.window:
             self._count_bytes()
+
+    def _from_first_layout(self, tensors: dict[str, torch.Tensor], numbers: dict) -> dict[str, torch.Tensor]:
+        """A saved state of the first layout (groups numbered by position, group -> slot in
+        `slot_of`, per-slot owners in the header) in this one's terms: each encoded entry's slot."""
+        tensors = dict(tensors)
+        positions = tensors["entries.positions"]
+        for kind in KINDS:
+            if not self.grouped[kind] or f"window.{kind}" not in tensors:
+                continue
+            slot_of = tensors.pop(f"table.{kind}.slot_of").long()
+            owners = numbers[f"table.{kind}"]["owner"]
+            encoded = positions < numbers[f"window.{kind}.start"]
+            groups = (positions // self.group).clamp(max=max(slot_of.numel() - 1, 0))
+            slots = torch.where(encoded, slot_of[groups] if slot_of.numel() else -1, -1)
+            tensors[f"entries.{kind}.slot"] = slots.to(torch.int16)
+            numbers[f"table.{kind}"] = {"used": [[owner is not None for owner in owners]] * positions.shape[0]}
+        return tensors
 
 
 def make_store(codec: Codec | None, group_size: int, residual: int, capacity_hint: int | None,

@@ -250,6 +250,7 @@ class MiniCachePair:
                 flags = self.sides[layer.layer_idx].flags.view(kind)
                 flags[:, grid.start:] |= write
         for layer, grid in ((a, grids[0]), (b, grids[1])):
+            layer.store.settle()  # merged, then quantized (QuantizedStore.keep_step_groups)
             layer.store.release_step()
             self.sides[layer.layer_idx].flags.view("retained")[:, grid.start:] |= grid.entry_mask(retained_any)
         self.recount(cache)
