@@ -107,8 +107,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      "cells already stored (e.g. while the sweep still runs elsewhere)")
     out.add_argument("--fresh", action="store_true", help="start over: ignore (and replace) the stored cells")
     out.add_argument("--no-history", action="store_true", help="do not store the cells' runs in the run history")
-    parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="run up to N cells at once as one "
-                        "batched run (generation tasks; each cell as it would run alone); default 1: one at a time")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="N", help="run up to N cells at once as one "
+                        "batched run (generation tasks; each cell as it would run alone); default: as many of the "
+                        "missing cells as fit in memory, at most 8 (the output says what was chosen and why); "
+                        "1: one at a time")
     parser.add_argument("--plugins", action="append", default=[], metavar="DIR", help="also load policy plugins")
     from kvstudio.cli.eval_cluster import add_options
 
@@ -175,7 +177,7 @@ def run(args) -> int:
 
     spec = build_spec(args)
     spec.validate()  # every bad option before seconds of model loading
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise KVStudioError(f"--batch-size must be at least 1, got {args.batch_size}")
     for path in [args.json, args.csv, *args.plot]:
         if path:
@@ -214,9 +216,16 @@ def _run_sweep(args, sweep, described: str) -> int:
         stored = sweep.stored()
         return _report(args, SweepOutcome(stored, 0, len(stored), len(stored) < len(sweep.cells), sweep.store.path))
     try:
-        from kvstudio.core.evaluate.batched_sweep import run_batched
+        from kvstudio.core.evaluate.batched_sweep import choose_batch_size, run_batched
 
-        outcome = run_batched(sweep, args.batch_size, on_cell=_print_cell(sweep), on_progress=_print_progress)
+        batch_size = args.batch_size
+        if batch_size is None and args.ray:
+            batch_size = 1  # the cluster's workers run the cells, one each
+        elif batch_size is None:
+            batch_size, why = choose_batch_size(sweep)
+            print(f"[eval] batch size {batch_size}: {why}; --batch-size N sets it",
+                  file=sys.stderr, flush=True)
+        outcome = run_batched(sweep, batch_size, on_cell=_print_cell(sweep), on_progress=_print_progress)
     except KeyboardInterrupt:
         print(f"\n[eval] interrupted: {len(sweep.stored())} of {len(sweep.cells)} cells are stored in "
               f"{sweep.store.path}; run the same command again to resume", file=sys.stderr)

@@ -7,6 +7,9 @@ batches, in plan order. A row is the single run of its cell (tests/test_batch.py
 is the one the serial sweep stores; each is stored as soon as its row ends, and a batch stopped part
 way resumes like the serial sweep. Its `seconds` are the row's own prefill and decode time, beside
 its neighbours. Perplexity and KL score one text step by step: they run one cell at a time.
+
+Without --batch-size, `choose_batch_size` picks it from memory: as many of the missing cells as fit
+together (core/runtime/batch_memory.py, the estimate batched runs refuse by), at most AUTO_MAX_ROWS.
 """
 
 from __future__ import annotations
@@ -21,8 +24,53 @@ from kvstudio.core.evaluate.sweep import (Sweep, SweepOutcome, SweepProgress, as
 from kvstudio.core.evaluate.protocols import DEFAULT_PROTOCOL
 from kvstudio.core.evaluate.tasks import LANGUAGE_TASKS
 from kvstudio.core.recording.events import Recorder
-from kvstudio.core.runtime.batch import BatchRow, generate_batch
+from kvstudio.core.runtime.batch import BatchRow, batch_refusal, generate_batch
+from kvstudio.core.runtime.batch_memory import rows_that_fit
 from kvstudio.core.runtime.engine import GenerationSettings
+from kvstudio.core.units import format_bytes
+
+# The most rows a batch size chosen from memory runs at once. More rows in flight means every cell ends
+# later (a stopped sweep keeps fewer), while a decode step already reads the weights once for them all;
+# 8 is the batch benchmarks/batching.py measures.
+AUTO_MAX_ROWS = 8
+
+
+def serial_reason(sweep: Sweep) -> str | None:
+    """Why the sweep's cells run one at a time whatever --batch-size says, in words (None: they batch)."""
+    spec = sweep.spec
+    if spec.task in LANGUAGE_TASKS:
+        return f"{spec.task} scores one text step by step, one cell at a time"
+    if spec.protocol != DEFAULT_PROTOCOL:  # rows are fed the bounded way (chunks of the sweep's size)
+        return f"the {spec.protocol} protocol runs cell by cell"
+    if spec.measure_loss:
+        return "--measure-loss keeps a shadow cache of every key, which batched rows do not keep"
+    return batch_refusal(sweep.engine.loaded)
+
+
+def choose_batch_size(sweep: Sweep, available_bytes: int | None = None) -> tuple[int, str]:
+    """The batch size for a sweep given none, and why, in words: as many missing cells as fit in memory
+    together (at most AUTO_MAX_ROWS), or 1 where the cells cannot batch."""
+    reason = serial_reason(sweep)
+    if reason is not None:
+        return 1, reason
+    task = sweep.spec.task
+    missing = [cell for cell in sweep.cells if cell.key(task) not in sweep.store.cells]
+    if not missing:
+        return 1, "every cell is stored already"
+    settings = GenerationSettings(max_new_tokens=max(cell.sample.max_new_tokens for cell in missing),
+                                  chunk_size=sweep.spec.chunk_size, memory_sample_hz=0)
+    policies = [make_policy(cell.policy, cell.budget, sweep.spec.policy_options, cell.variant) for cell in missing]
+    fit = rows_that_fit(sweep.engine.loaded, [cell.sample.ids for cell in missing], policies, settings,
+                        available_bytes=available_bytes)
+    free = f"{format_bytes(fit.allowed_bytes)} of the {format_bytes(fit.available_bytes)} free may be used"
+    if fit.rows == 0:
+        return 1, (f"chosen from memory: not even the largest cell's cache and step fit together "
+                   f"({format_bytes(fit.need_bytes)}; {free}), so one at a time")
+    chosen = min(fit.rows, AUTO_MAX_ROWS)
+    cells = f"{fit.rows} of the {len(missing)} missing cells" if fit.rows < len(missing) else \
+        f"all {len(missing)} missing cells"
+    cap = f", at most {AUTO_MAX_ROWS} at a time" if fit.rows > AUTO_MAX_ROWS else ""
+    return chosen, f"chosen from memory: {cells} fit together ({free}){cap}"
 
 
 def run_batched(sweep: Sweep, batch_size: int, on_cell: Callable[[dict], None] | None = None,
@@ -71,17 +119,24 @@ def _run_group(sweep, group, batch_size, records, failures, on_cell, on_progress
     bases = [sweep.cell_base(cell, policy) for (_, cell), policy in zip(group, policies)]
     recorders = [Recorder() for _ in group]
     books = {}
+    ended: set[int] = set()
+
+    def eta() -> float | None:
+        """Seconds left, from the cells computed so far (rows end together, so it comes late)."""
+        computed = len(records) - reused
+        return (time.perf_counter() - started) / computed * (len(sweep.cells) - len(records)) if computed else None
 
     def on_row_start(row: int) -> None:
         index, cell = group[row]
         books[row] = sweep._book(policies[row], cell.sample.ids, settings, bases[row], recorders[row])
         books[row].start()
         if on_progress:
-            on_progress(SweepProgress(len(records), len(sweep.cells), reused, None, describe_cell(cell),
+            on_progress(SweepProgress(len(records), len(sweep.cells), reused, eta(), describe_cell(cell),
                                       time.perf_counter() - started))
 
     def on_row_end(row_result) -> None:
         index, cell = group[row_result.index]
+        ended.add(row_result.index)
         book = books.get(row_result.index)
         if row_result.failed:
             failures.append(f"{describe_cell(cell)}: {row_result.error}")
@@ -99,6 +154,10 @@ def _run_group(sweep, group, batch_size, records, failures, on_cell, on_progress
         records[index] = record
         if on_cell:
             on_cell(record)
+        in_flight = len(books) - len(ended)
+        if on_progress and in_flight:
+            on_progress(SweepProgress(len(records), len(sweep.cells), reused, eta(),
+                                      f"({in_flight} in flight as one batch)", time.perf_counter() - started))
 
     rows = [BatchRow(cell.sample.ids, policy, label=describe_cell(cell)) for (_, cell), policy in zip(group, policies)]
     try:

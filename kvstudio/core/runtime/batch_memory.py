@@ -11,6 +11,8 @@ fit (the others start as rows finish).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import psutil
 import torch
 
@@ -53,16 +55,26 @@ def free_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
-def check_fits(loaded: LoadedModel, encoded: list[list[int]], policies: list[Policy], settings, max_rows: int | None,
-               available_bytes: int | None = None) -> int:
-    """How many rows may be in flight: `max_rows` when its largest rows fit together, else a refusal
-    saying how many would; without `max_rows`, as many as fit (all of them when they do)."""
+@dataclass
+class Fit:
+    """How many of a batch's rows fit in flight together, and the figures that say why."""
+
+    rows: int  # of the rows asked about, the most that fit together (largest first)
+    need_bytes: int  # what that many need: their caches and one packed step
+    wanted_bytes: int  # what all the rows asked about (at most the limit) would need together
+    allowed_bytes: int  # what a batch may plan to use (HEADROOM of the free memory)
+    available_bytes: int  # the memory free now
+
+
+def rows_that_fit(loaded: LoadedModel, encoded: list[list[int]], policies: list[Policy], settings,
+                  limit: int | None = None, available_bytes: int | None = None) -> Fit:
+    """How many rows (at most `limit`, the largest first) fit in flight together."""
     rows = sorted((row_cache_bytes(loaded, len(ids), policy, settings.chunk_size, settings.max_new_tokens)
                    for ids, policy in zip(encoded, policies)), reverse=True)
     piece = min(settings.chunk_size, max(len(ids) for ids in encoded))
     available = free_bytes(loaded.device) if available_bytes is None else available_bytes
     allowed = int(available * HEADROOM)
-    wanted = min(max_rows or len(rows), len(rows))
+    wanted = min(limit or len(rows), len(rows))
 
     def need(count: int) -> int:
         return sum(rows[:count]) + step_bytes(loaded, count * piece)
@@ -70,10 +82,20 @@ def check_fits(loaded: LoadedModel, encoded: list[list[int]], policies: list[Pol
     fitting = 0
     while fitting < wanted and need(fitting + 1) <= allowed:
         fitting += 1
+    return Fit(fitting, need(max(fitting, 1)), need(wanted), allowed, available)
+
+
+def check_fits(loaded: LoadedModel, encoded: list[list[int]], policies: list[Policy], settings, max_rows: int | None,
+               available_bytes: int | None = None) -> int:
+    """How many rows may be in flight: `max_rows` when its largest rows fit together, else a refusal
+    saying how many would; without `max_rows`, as many as fit (all of them when they do)."""
+    wanted = min(max_rows or len(encoded), len(encoded))
+    fit = rows_that_fit(loaded, encoded, policies, settings, wanted, available_bytes)
+    fitting = fit.rows
     if fitting == wanted or (max_rows is None and fitting):
         return fitting
     advice = (f"{fitting} row{'s' if fitting != 1 else ''} at a time would: use --batch-size {fitting}" if fitting
               else "not even one row would: use a smaller --budget or --chunk-size, or shorter prompts")
-    raise KVStudioError(f"a batch of {wanted} rows needs about {format_bytes(need(wanted))} for its caches and "
-                        f"one step, and {format_bytes(allowed)} of {format_bytes(available)} free may be used; "
-                        f"{advice}")
+    raise KVStudioError(f"a batch of {wanted} rows needs about {format_bytes(fit.wanted_bytes)} for its caches and "
+                        f"one step, and {format_bytes(fit.allowed_bytes)} of {format_bytes(fit.available_bytes)} "
+                        f"free may be used; {advice}")
