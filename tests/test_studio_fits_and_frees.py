@@ -5,6 +5,10 @@ pytest-qt, offscreen, tiny-llama."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from PySide6.QtCore import Qt
 
@@ -85,3 +89,24 @@ def test_a_documents_name_shows_whole_and_a_name_too_long_keeps_both_ends(qtbot,
     list_width, preview_width = documents.shown.sizes()
     assert preview_width >= (list_width + preview_width) // 3 - 1
     assert metrics.horizontalAdvance("passkey_document.txt") <= _text_width(documents, 0)
+
+
+# -- the fine-tune validation's 30 s: torch's idle threads spun ------------------------------------
+
+def _libgomp_settings(env: dict) -> str:
+    """What libgomp says it runs with, in a fresh process that imports kvstudio and then runs torch."""
+    code = "import kvstudio, torch; torch.ones(4) + 1"
+    out = subprocess.run([sys.executable, "-c", code], env=env | {"OMP_DISPLAY_ENV": "VERBOSE"},
+                         capture_output=True, text=True, check=True)
+    return out.stderr
+
+
+def test_torchs_idle_threads_sleep_rather_than_spin_in_every_kvstudio_process():
+    """Spinning idle workers cost a validation 18-38 s instead of 3-4 s on a shared CPU (benchmarks/omp_wait.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    settings = _libgomp_settings(env)
+    if "GOMP_SPINCOUNT" not in settings:
+        pytest.skip("this torch does not run on libgomp")
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in settings and "GOMP_SPINCOUNT = '0'" in settings
+    # A user's own choice is kept.
+    assert "OMP_WAIT_POLICY = 'ACTIVE'" in _libgomp_settings(env | {"OMP_WAIT_POLICY": "ACTIVE"})
