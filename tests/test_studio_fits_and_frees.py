@@ -5,14 +5,17 @@ pytest-qt, offscreen, tiny-llama."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 from PySide6.QtCore import Qt
 
 from .test_evaluate_view import _choose
+from .test_gui import run
 
 pytest.importorskip("pytestqt")
 
@@ -110,3 +113,51 @@ def test_torchs_idle_threads_sleep_rather_than_spin_in_every_kvstudio_process():
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in settings and "GOMP_SPINCOUNT = '0'" in settings
     # A user's own choice is kept.
     assert "OMP_WAIT_POLICY = 'ACTIVE'" in _libgomp_settings(env | {"OMP_WAIT_POLICY": "ACTIVE"})
+
+
+# -- memory: runs past the shown one live on disk; an unloaded model is freed ----------------------
+
+def _alive(references) -> list[bool]:
+    gc.collect()
+    return [reference() is not None for reference in references]
+
+
+def test_after_several_runs_only_the_shown_runs_recording_is_held(qtbot, window, tmp_path):
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)
+    window.form.max_new_tokens.setValue(3)
+    window.form.chunk_size.setValue(16)
+    recordings, ids, steps = [], [], []
+    for _ in range(4):
+        outcome = run(qtbot, window, "h2o", budget=16)
+        assert outcome.error is None
+        recordings.append(weakref.ref(window.state.recorder))
+        ids.append(outcome.request.history_id)
+        steps.append([(e.step, e.phase) for e in window.state.recorder.all("steps")])
+    del outcome
+    assert _alive(recordings) == [False, False, False, True]  # the last run, on screen
+    # A stored run reopened: the last run's recording goes from memory (the history has it) ...
+    window.runs.reopen(ids[0])
+    shown = [weakref.ref(window.state.recorder)]
+    assert _alive(recordings) == [False, False, False, False] and _alive(shown) == [True]
+    # ... and comes back from the history when reopened, as it was recorded.
+    window.runs.reopen(ids[3])
+    assert _alive(shown) == [False]
+    assert [(e.step, e.phase) for e in window.state.recorder.all("steps")] == steps[3]
+    assert window.views.showing_stored_run
+    # The last run's cache stays for "Save cache of the last run" (its recording is not needed for that).
+    assert window.caches.save_last_run(str(tmp_path / "last.kvcache"))
+    qtbot.waitUntil(lambda: (tmp_path / "last.kvcache").exists() and not window.state.busy, timeout=30_000)
+
+
+def test_a_model_replaced_by_another_is_freed(qtbot, window):
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 4)
+    window.form.max_new_tokens.setValue(3)
+    assert run(qtbot, window, "h2o", budget=16).error is None  # a run, its outcome and its cache kept
+    loaded = window.worker.engine.loaded
+    model, weight = weakref.ref(loaded.model), weakref.ref(next(loaded.model.parameters()))
+    del loaded
+    window.loading.request_load("tiny-qwen2", "cpu", "auto")
+    qtbot.waitUntil(lambda: window.state.model_info is not None and "qwen2" in window.state.model_info.spec,
+                    timeout=30_000)
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    assert _alive([model, weight]) == [False, False]
