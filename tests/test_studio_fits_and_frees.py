@@ -161,3 +161,39 @@ def test_a_model_replaced_by_another_is_freed(qtbot, window):
                     timeout=30_000)
     qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
     assert _alive([model, weight]) == [False, False]
+
+
+# -- small things ----------------------------------------------------------------------------------
+
+def test_the_prefill_bar_shows_during_a_run_and_goes_when_it_ends(qtbot, window):
+    bar = window.views.output_view.prefill
+    window.prompt_area.prompt.setPlainText("the quick brown fox " * 8)
+    window.form.max_new_tokens.setValue(5000)
+    window.form.chunk_size.setValue(16)
+    window.form.policy.setCurrentText("full")
+    window.run.request_run()
+    qtbot.waitUntil(lambda: bar.isVisible() and len(window.state.recorder.all("steps")) > 12, timeout=30_000)
+    window.run.stop()
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    assert not bar.isVisible()
+    # A stored run reopened is over too: no bar.
+    window.runs.reopen(window.state.last_outcome.request.history_id)
+    assert window.views.showing_stored_run and not bar.isVisible()
+
+
+def test_a_refusals_banner_checks_the_form_without_touching_it(qtbot, window):
+    """The banner asks 4 times a second whether the form's problem holds; asking must change nothing."""
+    form = window.form
+    form.policy.setCurrentText("h2o")
+    form.policy_form.set_values({"budget": 128, "recent": 200})
+    window.prompt_area.prompt.setPlainText("hello")
+    window.run.request_run()
+    assert window.error_text.text() == "policy parameters: Recent 200 is larger than budget 128"
+    for note in (form.policy_form.error, form.storage_form.error):
+        note.setText("what the form shows")  # whatever it shows: the checks leave it
+    qtbot.wait(700)  # two checks or more
+    assert window.error_banner.isVisible()  # the problem still holds
+    assert form.policy_form.error.text() == form.storage_form.error.text() == "what the form shows"
+    form.policy_form.set_values({"recent": 64})  # fixed: the banner goes, the note follows the change
+    qtbot.waitUntil(lambda: not window.error_banner.isVisible(), timeout=2000)
+    assert form.policy_form.error.text() == ""
