@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("KVSTUDIO_DATA_DIR", tempfile.mkdtemp(prefix="kvstudio-latency-"))  # not the user's history
 sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np  # noqa: E402
@@ -64,7 +66,7 @@ def main() -> int:
     timer.start()
 
     def start_run():
-        if window.model_info is None:
+        if window.state.model_info is None or window.state.busy:  # loading holds the model's thread
             QTimer.singleShot(20, start_run)
             return
         phase[0] = "run"
@@ -77,7 +79,7 @@ def main() -> int:
         QTimer.singleShot(50, wait_for_end)
 
     def wait_for_end():
-        if window.running:
+        if window.state.busy:
             QTimer.singleShot(50, wait_for_end)
             return
         app.quit()
@@ -90,9 +92,13 @@ def main() -> int:
     QTimer.singleShot(SHOW_S * 1000, start_load)
     app.exec()
     timer.stop()
-    result = window.last_outcome.result
+    outcome = window.state.last_outcome
+    if outcome is None or outcome.result is None:
+        print(f"the run failed: {outcome.error if outcome else 'it never started'}")
+        return 1
+    result = outcome.result
     window.close()
-    print(f"model {window.model_info.description}; policy {args.policy} budget {args.budget}; "
+    print(f"model {window.state.model_info.description}; policy {args.policy} budget {args.budget}; "
           f"prompt {result.prompt_tokens} tokens, {len(result.token_ids)} generated, every view live")
     for name, values in lateness.items():
         if values:

@@ -250,7 +250,7 @@ class FinetuneFeature(Feature):
             return "choose a data file, or another data source"
         if source == "documents" and not _checked_documents(window.prompt_area.documents):
             return "no checked documents to train on: add documents or choose another data source"
-        if invalid := window.form.validate():
+        if invalid := window.form.problem():  # asked again by the banner: nothing on screen changes
             return f"policy parameters: {invalid}"
         return None
 

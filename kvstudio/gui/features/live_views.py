@@ -88,6 +88,7 @@ class LiveViews(Feature):
         for view in self.live_views:
             view.follow(recorder)
         self.refresh(include_hidden=True)
+        self.output_view.run_ended()
 
     def _model_loaded(self, info) -> None:
         shown = self.token_view.run

@@ -49,7 +49,7 @@ class RunControl(Feature):
             ("a run is in progress: stop it first", lambda: bool(state.busy)),
             ("the prompt is empty: type one or drop a document",
              lambda: start_from is None and not window.prompt_area.full_prompt().strip()),
-            ("policy parameters: {}", lambda: policy == form.policy.currentText() and form.validate()),
+            ("policy parameters: {}", lambda: policy == form.policy.currentText() and form.problem()),
         )
         for message, holds in refusals:
             if found := holds():
@@ -87,6 +87,7 @@ class RunControl(Feature):
         window = self.window
         window.state.last_outcome = outcome
         window.views.refresh(include_hidden=True)
+        window.views.output_view.run_ended()  # "prefill N / N tokens" stayed up after the run
         request = outcome.request
         name = cache_label(request.policy, request.parameters.get(STORAGE_KEY))  # 'full+minicache', 'h2o-int4'
         if outcome.error:

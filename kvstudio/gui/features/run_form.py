@@ -108,8 +108,12 @@ class RunForm(Feature):
         )
 
     def validate(self) -> str | None:
-        """The form's own message when the policy or storage fields are not valid."""
+        """The form's own message when the policy or storage fields are not valid, shown inline."""
         return self.policy_form.validate() or self.storage_form.validate()
+
+    def problem(self) -> str | None:
+        """That message without touching the inline notes (they follow each change already)."""
+        return self.policy_form.problem() or self.storage_form.problem()
 
     def labels(self) -> dict[str, str]:
         """The CLI's option names -> this column's labels, for messages in the form's words."""

@@ -26,7 +26,7 @@ class RunRequest:
     policy: str
     parameters: dict
     settings: GenerationSettings
-    recorder: Recorder
+    recorder: Recorder | None  # None once the run is stored and another is shown (RunOutcome.forget_recording)
     label: str = ""  # e.g. which run of a comparison
     history_id: int | None = None  # its row in the run history, when history is on
     book: object = None  # the RunBook keeping that row (gui/features/runs.py)
@@ -45,6 +45,19 @@ class RunOutcome:
     events: bytes | None = None  # the run's events packed for the history (to reopen its views)
     snapshot_error: str | None = None
     restore: dict | None = None  # with start_from: tokens restored, seconds, and the prefill they saved
+
+    def stored(self) -> bool:
+        """Whether the run's row, events included, is in the history (its RunBook has ended)."""
+        book = self.request.book
+        return book is not None and book.ended and self.events is not None
+
+    def forget_recording(self) -> None:
+        """Another run is on screen: this one's recording (every event, and the same packed) leaves memory;
+        the history holds it and Runs > Open reads it back. The result stays: its final state is what
+        "Save cache of the last run" saves."""
+        self.request.recorder = None
+        self.request.book = None
+        self.events = None
 
 
 def run_task(outcome: RunOutcome) -> Task:

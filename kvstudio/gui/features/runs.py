@@ -274,6 +274,9 @@ class RunsFeature(Feature):
         run = started[-1]
         window.hide_error()
         window.state.recorder = recorder
+        last = window.state.last_outcome
+        if last is not None and last.stored():
+            last.forget_recording()  # runs past the shown one live on disk: 35 runs once took 1.9 GiB
         self.shown_run_title = f"run {run_id}"
         self.shown_run_id = run_id
         window.views.show_stored_run(recorder, run)

@@ -38,6 +38,10 @@ class OutputView(LiveView):
         self.prefill.setValue(0)
         self.decode_seconds, self.decode_tokens = 0.0, 0
 
+    def run_ended(self) -> None:
+        """The run is over (or a stored one is shown): its bar, full or stopped part-way, says no more."""
+        self.prefill.hide()
+
     def consume(self, events):
         pieces = "".join(token.text for token in events["tokens"])
         if pieces:

@@ -124,16 +124,20 @@ class PolicyForm(QWidget):
                 self._set_value(spec, editor, value)
         self.validate()
 
-    def validate(self) -> str | None:
-        """The policy's own error for these values, shown inline; None when they are valid."""
+    def problem(self) -> str | None:
+        """The policy's own error for these values, in the form's words; None when they are valid.
+        Changes nothing on screen: a refusal's banner asks it 4 times a second whether it still holds."""
         try:
             create_policy(self.policy_name, **self.values())  # guarded: a plugin's fault shows here too
         except (KVStudioError, TypeError) as error:
-            message = in_form_words(str(error), self.labels())
-            self.error.setText(message)
-            return message
-        self.error.setText("")
+            return in_form_words(str(error), self.labels())
         return None
+
+    def validate(self) -> str | None:
+        """`problem()`, shown inline (or the inline note cleared)."""
+        message = self.problem()
+        self.error.setText(message or "")
+        return message
 
     def _on_change(self, *_):
         self.validate()

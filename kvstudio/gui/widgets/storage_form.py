@@ -179,19 +179,20 @@ class StorageForm(QWidget):
             known = {k: v for k, v in values.items() if isinstance(v, SETTING_TYPES.get(k, ()))}
             self.set_parameters(known)
 
-    def validate(self) -> str | None:
+    def problem(self) -> str | None:
+        """What is wrong with the storage fields, in the form's words; None when nothing. Changes
+        nothing on screen (a refusal's banner asks it 4 times a second)."""
         try:
             self.config().validate()
         except KVStudioError as error:
-            message = in_form_words(str(error), OPTION_LABELS)
-            self.error.setText(message)
-            return message
-        message = codec_unavailable(self.config().codec, self.device)  # chosen before, or restored from settings
-        if message:
-            self.error.setText(message)
-            return message
-        self.error.setText("")
-        return None
+            return in_form_words(str(error), OPTION_LABELS)
+        return codec_unavailable(self.config().codec, self.device)  # chosen before, or restored from settings
+
+    def validate(self) -> str | None:
+        """`problem()`, shown inline (or the inline note cleared)."""
+        message = self.problem()
+        self.error.setText(message or "")
+        return message
 
     def _on_change(self, *_):
         for name, applies in self._applies().items():  # greyed exactly where config() leaves a field out
