@@ -622,7 +622,7 @@ class QuantizedStore(LayerStore):
         head_dim = window.rows.shape[-1]
         if self.grouped[kind]:
             table = self.tables[kind]
-            if table.fields:
+            if table.live:  # (a codec may share no tensors within a group: then the table has no fields)
                 slots = self.entries.view(f"{kind}.slot").clamp_min(0)
                 decoded = self.codec.decode(fields, table.expanded(slots), kind, window.rows.dtype)
             else:
