@@ -320,10 +320,15 @@ def test_a_quantized_cache_file_holds_codes_not_decoded_keys(llama_engine, tmp_p
     layer = state.layers[0]
     assert "keys" not in layer.tensors and layer.tensors["key.codes"].dtype == torch.uint8
     assert layer.tensors["key.codes"].shape[-1] == 8  # 16 channels, two codes a byte
-    assert layer.tensors["window.key"].shape[1] == 23 % 4 and layer.tensors["window.value"].shape[1] == 0
+    # Residual 0: no full-precision window; each head's keys are in groups of 4 or its 8-bit tail.
+    assert layer.tensors["window.key"].shape[1] == 0 and layer.tensors["window.value"].shape[1] == 0
+    tails = layer.storage["store"]["tail.key"]["lengths"]
+    assert max(tails) < 4 and layer.tensors["tail.key.fields.codes"].dtype == torch.uint8
     assert layer.tensors["table.key.fields.scale"].dtype == torch.float16
+    slots = layer.tensors["key.slot"]
+    assert slots.dtype == torch.int16 and [int((row < 0).sum()) for row in slots] == tails
     assert layer.tensors["host.keys"].shape[1] == 23 - 16 and "host.block_max" in layer.tensors
-    assert layer.storage["store"]["window.key.start"] == 20 and layer.storage["bytes"] == \
+    assert layer.storage["store"]["window.key.start"] == 23 and layer.storage["bytes"] == \
         result.cache.layers[0].byte_count()
     assert info.memory_bytes == result.cache.current_bytes  # what the store holds, not decoded keys
 

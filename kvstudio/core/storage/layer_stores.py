@@ -622,7 +622,7 @@ class QuantizedStore(LayerStore):
         head_dim = window.rows.shape[-1]
         if self.grouped[kind]:
             table = self.tables[kind]
-            if table.fields:
+            if table.live:  # (a codec may share no tensors within a group: then the table has no fields)
                 slots = self.entries.view(f"{kind}.slot").clamp_min(0)
                 decoded = self.codec.decode(fields, table.expanded(slots), kind, window.rows.dtype)
             else:
@@ -670,9 +670,11 @@ class QuantizedStore(LayerStore):
 
     def byte_parts(self) -> dict[str, int]:
         """What the bytes held are: encoded rows (codes, per-entry scales, a grouped kind's slot
-        number), full-precision windows, tails (8-bit incomplete groups), group tables. A step's grouped
-        entries, held as the model computed them until the policy has run, count as encoded rows: that
-        is what they become when it has (settle())."""
+        number) of the entries they hold, full-precision windows, tails (8-bit incomplete groups), group
+        tables. A step's grouped entries, held as the model computed them until the policy has run, count
+        as encoded rows (settle() makes them that, or tail rows, which cost more at int4). A tail
+        entry's row of the grouped kind's codes is unused (its key is in the tail), as a window entry's
+        rows are: neither is counted."""
         positions = self.positions()
         kv_heads = positions.shape[0]
         parts = {"encoded": 0, "windows": 0, "tails": 0, "group_tables": 0}
@@ -684,8 +686,10 @@ class QuantizedStore(LayerStore):
                 encoded_below = max(window.start + window.length - self.residual, window.start)
                 fp_rows = window.length - (encoded_below - window.start)
             if code_fields:
-                encoded = int((positions < encoded_below).sum())  # over KV heads
-                parts["encoded"] += encoded * (self.entries.row_bytes(code_fields) // kv_heads)
+                encoded = positions < encoded_below
+                if self.grouped[kind]:  # a tail entry's key is held in the tail: its code row is unused
+                    encoded = (self.entries.view(f"{kind}.slot") >= 0) | (encoded & (positions >= window.start))
+                parts["encoded"] += int(encoded.sum()) * (self.entries.row_bytes(code_fields) // kv_heads)
             parts["windows"] += window.byte_count(fp_rows)
             if self.grouped[kind]:
                 parts["tails"] += self.tails[kind].byte_count()
