@@ -227,9 +227,26 @@ class CachesFeature(Feature):
         view.restore_requested.connect(self.continue_from)
         view.question_requested.connect(self.ask)
         window.run.run_ended.connect(self.on_run_finished)
+        window.state.model_changed.connect(self.on_model_changed)
+        self.model_spec = None  # the model the last run's state was computed with
+        self.dropped = ""  # why the last run's cache is no longer kept, once a model change dropped it
+
+    @Slot(object)
+    def on_model_changed(self, info) -> None:
+        """A saved cache is written under the model loaded when it is saved: the last run's state, made
+        with the previous model, would be filed under the new one's identity. So it goes (its tensors too)."""
+        outcome, previous = self.window.state.last_outcome, self.model_spec
+        self.model_spec = info.spec
+        if outcome is not None and outcome.result is not None and outcome.result.state is not None:
+            outcome.result.state = None
+            self.dropped = (f"the last run was made with {previous}, and {info.spec} is loaded now: "
+                            "run again to save a cache of this model")
 
     def save_last_run(self, path: str | None = None) -> bool:
         outcome = self.window.state.last_outcome
+        if self.dropped and outcome is not None and (outcome.result is None or outcome.result.state is None):
+            self.window.show_error(f"the last run's cache cannot be saved: {self.dropped}")
+            return False
         if outcome is None or outcome.result is None or outcome.result.state is None:
             reason = None if outcome is None else _unsaveable(outcome.request)
             self.window.show_error(f"the last run's cache cannot be saved: {reason}" if reason else
@@ -313,6 +330,7 @@ class CachesFeature(Feature):
 
     @Slot(object)
     def on_run_finished(self, outcome) -> None:
+        self.dropped = ""  # a run with the loaded model: its own state is what Save saves
         restore, path = outcome.restore, outcome.request.start_from
         if path is None:
             return

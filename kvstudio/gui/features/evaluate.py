@@ -115,6 +115,12 @@ class EvaluateView(QWidget):
         layout.addWidget(self.results, 1)
         self._task_chosen(self.task.currentText())
 
+    def heightForWidth(self, width: int) -> int:
+        """As tall as the view must be, not as it would like: the dock's scroll area sized it by its preferred
+        height (the lists and rows at their preferred sizes, 756 px) and scrolled the status line under Run
+        sweep out of sight at 1280x800, where the minimum fits. Now the lists give way before it scrolls."""
+        return self.minimumSizeHint().height()
+
     # -- construction -----------------------------------------------------------------------------
 
     def _build_controls(self) -> None:

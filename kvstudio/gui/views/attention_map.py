@@ -76,6 +76,7 @@ class AttentionMapView(LiveView):
         self.colorbar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("viridis"), interactive=False)
         self.colorbar.axis.enableAutoSIPrefix(False)  # weights as they are, never "(x0.001)"
         self.colorbar.axis.setLabel("attention weight")
+        self.colorbar.axis.setWidth(None)  # ColorBarItem fixes 45 px, which the label then overlapped the ticks in
         self.plot.getPlotItem().layout.addItem(self.colorbar, 2, 5)
         self.message = PlotMessage(self.plot, NOTHING_YET)
         layout = QVBoxLayout(self)
