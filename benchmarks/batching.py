@@ -16,6 +16,10 @@ Last lines:
   sweep_wall_ratio=                           batched sweep wall / serial sweep wall
 
 usage: python -m benchmarks.batching [--model default] [--rounds 1] [--quick]
+
+--quick: the same set-ups, reduced to finish in minutes on a shared CPU: 8 prompts of 50-250 tokens,
+32 new tokens in the decode-heavy workload, the sweep at one length (256 tokens: 8 cells). Its
+ratios are indicative; the issue's figures are the full run's.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ def compare(engine, prompts, name, budget, new_tokens, rounds, chunk_size) -> tu
 
 
 def sweep(engine, budget, lengths, chunk_size) -> tuple[float, float]:
-    """The needle grid (2 policies x 4 depths x 2 lengths) one cell at a time, and as one batch."""
+    """The needle grid (2 policies x 4 depths x the lengths) one cell at a time, and as one batch."""
     samples = generation_samples("needle", engine.tokenizer, TaskOptions(lengths=lengths,
                                                                          depths=(0.0, 0.33, 0.66, 1.0)))
     cells = [(sample, name) for name in ("h2o", "full") for sample in samples]
@@ -133,17 +137,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=512)
-    parser.add_argument("--quick", action="store_true", help="prompts of 100-500 tokens, sweep at 256/512 tokens")
+    parser.add_argument("--quick", action="store_true", help="prompts of 50-250 tokens, 32 new tokens decode-heavy, "
+                        "the sweep at 256 tokens only")
     args = parser.parse_args()
 
     engine = Engine(load_model(args.model, device=args.device))
-    low, high = (100, 500) if args.quick else (200, 2000)
+    low, high = (50, 250) if args.quick else (200, 2000)
     lengths = [round(low + (high - low) * i / 7) for i in range(8)]
     prompts = [prompt_of_length(engine, n, key=f"{57314 + i}") for i, n in enumerate(lengths)]
     print(f"model {engine.loaded.name} on {engine.loaded.device}; {len(prompts)} prompts of {lengths} tokens; "
           f"chunk {args.chunk_size}, rounds {args.rounds}", flush=True)
     figures = {}
-    for workload, new_tokens in (("decode-heavy", 64), ("prefill-heavy", 4)):
+    for workload, new_tokens in (("decode-heavy", 32 if args.quick else 64), ("prefill-heavy", 4)):
         for name in ("h2o", "full"):
             alone, together = compare(engine, prompts, name, args.budget, new_tokens, args.rounds, args.chunk_size)
             figures[(workload, name)] = (alone, together)
@@ -151,7 +156,7 @@ def main() -> int:
                 print(f"{workload:<13} {name:<4} {kind:<6} decode {run['decode_tps']:7.1f} tok/s  prefill "
                       f"{run['prefill_tps']:7.1f} tok/s  wall {run['wall']:7.2f} s  peak cache "
                       f"{format_bytes(run['peak_cache']):>10}  peak RSS {format_bytes(run['rss']):>10}", flush=True)
-    sweep_lengths = (256, 512) if args.quick else (512, 1024)
+    sweep_lengths = (256,) if args.quick else (512, 1024)
     serial_wall, batch_wall = sweep(engine, args.budget, sweep_lengths, args.chunk_size)
 
     decode = figures[("decode-heavy", "h2o")]

@@ -303,3 +303,51 @@ def test_batched_logits_differ_from_a_neighbours_so_the_comparison_can_fail(llam
     assert batch.rows[0].result.token_ids != batch.rows[1].result.token_ids
     assert held_and_evicted(batch.rows[0].recorder) != held_and_evicted(batch.rows[1].recorder)
     assert torch.is_inference_mode_enabled() is False
+
+
+@pytest.mark.parametrize("name,parameters", [("h2o", {"budget": 20}), ("tova", {"budget": 20}),
+                                             ("h2o-int8", {"budget": 20})])
+def test_decoding_rows_computed_together_are_their_single_runs_bit_for_bit(llama_engine, monkeypatch, name,
+                                                                          parameters):
+    """Unwatched rows that decode at their budget share one batched matmul per layer
+    (attention.decode_attention_group): each row is still its single run."""
+    from kvstudio.core.runtime import batch_cache
+
+    grouped = []
+    original = batch_cache.decode_attention_group
+    monkeypatch.setattr(batch_cache, "decode_attention_group",
+                        lambda *args: grouped.append(len(args[0])) or original(*args))
+    prompts = [random_ids(n, seed=20 + i) for i, n in enumerate((30, 45, 26, 60))]
+    run_settings = settings(max_new_tokens=12)
+    rows = [BatchRow(prompt, spec_policy(name, parameters)) for prompt in prompts]
+    batch = generate_batch(llama_engine, rows, run_settings)  # recorders that watch no layer
+    assert grouped and max(grouped) == len(prompts), grouped  # every row at its budget, in one group
+    for row, prompt in zip(batch.rows, prompts):
+        recorder = Recorder()
+        single = llama_engine.generate(prompt, spec_policy(name, parameters), run_settings, recorder=recorder)
+        batched = row.result
+        assert batched.token_ids == single.token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(batched.steps, single.steps)
+                   if a.logprob is not None) <= LOGPROB_TOLERANCE
+        assert held_and_evicted(row.recorder)[1] == held_and_evicted(recorder)[1]
+        assert batched.kept_per_layer == single.kept_per_layer and single.evictions > 0
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,k_len", [(4, 2, 16, 21), (9, 3, 64, 257)])
+def test_the_grouped_decode_attention_is_each_rows_own_bit_for_bit(heads, kv_heads, head_dim, k_len):
+    """Each row's output and sums from decode_attention_group equal, exactly, those of
+    attention_and_sums on that row alone (what a single run's decode step computes)."""
+    from kvstudio.core.runtime.attention import LogitRule, attention_and_sums, decode_attention_group
+
+    generator = torch.Generator().manual_seed(7)
+    rows = 5
+    queries = [torch.randn(1, heads, 1, head_dim, generator=generator) for _ in range(rows)]
+    keys = [torch.randn(1, kv_heads, k_len, head_dim, generator=generator) for _ in range(rows)]
+    values = [torch.randn(1, kv_heads, k_len, head_dim, generator=generator) for _ in range(rows)]
+    outputs, sums = decode_attention_group(queries, keys, values, 0.25)
+    for r in range(rows):
+        positions = torch.arange(k_len).expand(kv_heads, k_len)  # every stored entry older than the query
+        rule = LogitRule(positions, torch.tensor([k_len - 1]))
+        output, row_sums = attention_and_sums(queries[r], keys[r], values[r], 0.25, 1, rule=rule)
+        assert torch.equal(outputs[r], output) and torch.equal(sums[r], row_sums)
+    assert not torch.equal(outputs[0], outputs[1])  # rows differ: a mix-up would show

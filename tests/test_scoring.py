@@ -105,7 +105,7 @@ def test_the_watched_row_is_recorded_under_a_sums_policy(llama_engine):
         assert abs(float(event.weights.sum(axis=-1).mean()) - 1.0) < 1e-5  # a softmax row per head
 
 
-@pytest.mark.parametrize("q_len, k_len", [(8, 8), (37, 90), (64, 64)])
+@pytest.mark.parametrize("q_len, k_len", [(1, 33), (8, 8), (37, 90), (64, 64)])  # 1: a decode step
 @pytest.mark.parametrize("tile", [1, 5, 1000])
 def test_one_pass_gives_sdpas_output_and_the_same_sums(q_len, k_len, tile):
     """attention_and_sums: the output SDPA gives for every query, and the sums of the separate pass."""

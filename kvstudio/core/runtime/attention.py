@@ -212,10 +212,46 @@ def attention_and_sums(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def _fusable(kvstudio_cache, query: torch.Tensor, form: str, policy_queries: int) -> bool:
     """Whether one pass should give both the output and the policy's sums (see attention_and_sums).
-    Not while training (SDPA's output is what autograd differentiates)."""
+    Not while training (SDPA's output is what autograd differentiates). A decode step's one query
+    fuses too: its scores are computed once, not by SDPA and again for the policy, and a batched
+    step computes the decoding rows of a layer together the same way (`decode_attention_group`)."""
     q_len = query.shape[2]
-    return (form == "sums" and q_len > 1 and policy_queries == q_len and not torch.is_grad_enabled()
+    return (form == "sums" and policy_queries == q_len and not torch.is_grad_enabled()
             and kvstudio_cache.fuses_scoring_on(query.device))
+
+
+def groups_decode(kvstudio_cache, layer_idx: int, query: torch.Tensor) -> bool:
+    """Whether a batched step may compute this row's attention at this layer with the other rows that
+    decode (`decode_attention_group`), bit for bit as kvstudio_attention would alone: one query, fused
+    scoring of that query for a "sums" policy, and nothing that makes the row's logits its own (a
+    window, soft-capping, sinks, host recall, the attention loss's shadow, a watched row)."""
+    if query.shape[2] != 1 or kvstudio_cache.storage.tier == "host" or kvstudio_cache.loss_meter is not None:
+        return False
+    if kvstudio_cache.layers[layer_idx].window is not None:
+        return False
+    policy_queries, watched = kvstudio_cache.attention_queries_for(layer_idx, 1)
+    return not watched and _fusable(kvstudio_cache, query, kvstudio_cache.policy.attention_form, policy_queries)
+
+
+def decode_attention_group(queries: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor],
+                           scaling: float | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """attention_and_sums for rows of one query each whose layers hold the same number of entries, in
+    one batched matmul per stage: the rows' KV heads are the batch of each bmm, so every row's scores,
+    softmax and output are the products and reductions its own call computes (a batched matmul
+    computes each of its matrices as the single one; tests/test_batch.py compares bit for bit).
+    queries[r] (1, heads, 1, d), keys[r]/values[r] (1, kv_heads, k, d). Per row: the output
+    (1, 1, heads, d_v) in the query's dtype, and the sums (heads, k) float32. A decode query sees every
+    stored entry (all are older), so no mask is applied, as none hides anything alone."""
+    rows, (_, heads, _, head_dim), (_, kv_heads, k_len, _) = len(queries), queries[0].shape, keys[0].shape
+    group, d_v = heads // kv_heads, values[0].shape[-1]
+    scaling = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
+    q = torch.cat(queries).float().reshape(rows * kv_heads, group, head_dim)
+    k = torch.cat(keys).float().reshape(rows * kv_heads, k_len, head_dim)
+    v = torch.cat(values).float().reshape(rows * kv_heads, k_len, d_v)
+    weights = torch.softmax(torch.bmm(q, k.transpose(1, 2)).mul_(scaling), dim=-1)  # (rows*kv_heads, group, k)
+    output = torch.bmm(weights, v).view(rows, heads, 1, d_v).to(queries[0].dtype).transpose(1, 2)
+    sums = weights.view(rows, heads, k_len)
+    return [output[r:r + 1].contiguous() for r in range(rows)], [sums[r] for r in range(rows)]
 
 
 def scoring_scratch_bytes(heads: int, k_len: int, n_queries: int, form: str,

@@ -27,7 +27,8 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvstudio.core.errors import KVStudioError
-from kvstudio.core.runtime.attention import kvstudio_attention
+from kvstudio.core.runtime.attention import (decode_attention_group, groups_decode, kvstudio_attention,
+                                             scoring_scratch_bytes)
 from kvstudio.core.runtime.cache import PolicyCache
 
 
@@ -106,12 +107,17 @@ class BatchCache(Cache):
 
     def attend_rows(self, module, query: torch.Tensor, scaling, dropout, kwargs: dict) -> tuple[torch.Tensor, None]:
         """The attention output of a packed step, (1, tokens, heads, d_v): each row's queries over its
-        own entries, through the single-run attention function (its policy acts there)."""
+        own entries, through the single-run attention function (its policy acts there); decoding rows
+        that hold as many entries as each other are computed together (`_attend_decoding`)."""
         layer_idx = module.layer_idx
         held = self.held[layer_idx]
+        grouped = self._attend_decoding(layer_idx, query, scaling, kwargs)
         outputs = []
         for segment in self.segments:
             row_query = query[:, :, segment.start:segment.stop]
+            if segment.row in grouped:
+                outputs.append(grouped[segment.row])
+                continue
             if segment.row not in self.failed:
                 keys, values = held[segment.row]
                 try:
@@ -125,3 +131,41 @@ class BatchCache(Cache):
             d_v = held[segment.row][1].shape[-1] if segment.row in held else query.shape[-1]
             outputs.append(query.new_zeros(1, segment.stop - segment.start, query.shape[1], d_v))
         return torch.cat(outputs, dim=1), None
+
+    def _attend_decoding(self, layer_idx: int, query: torch.Tensor, scaling, kwargs: dict) -> dict[int, torch.Tensor]:
+        """The outputs of the decoding rows computed together, by row: those that `groups_decode`
+        allows, in groups of equal entry counts (under a budget, every row at its budget). A row alone
+        in its group, and every other row, goes through the single-run function. Each grouped row's
+        policy then acts on its own sums, as after its own attention."""
+        if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+            return {}
+        by_length: dict[tuple, list[Segment]] = {}
+        held = self.held[layer_idx]
+        for segment in self.segments:
+            if segment.row in self.failed or segment.stop - segment.start != 1:
+                continue
+            try:  # asks the row's policy how many queries it scores: plugin code, guarded
+                joins = groups_decode(segment.cache, layer_idx, query[:, :, segment.start:segment.stop])
+            except KVStudioError as error:
+                self.fail(segment.row, error)
+                continue
+            if joins:
+                keys = held[segment.row][0]
+                by_length.setdefault((keys.shape[2], keys.dtype), []).append(segment)
+        outputs: dict[int, torch.Tensor] = {}
+        for segments in by_length.values():
+            if len(segments) < 2:
+                continue
+            rows = [held[segment.row] for segment in segments]
+            results, sums = decode_attention_group([query[:, :, s.start:s.stop] for s in segments],
+                                                   [keys for keys, _ in rows], [values for _, values in rows], scaling)
+            for segment, output, row_sums in zip(segments, results, sums):
+                cache = segment.cache
+                try:
+                    cache.note_scoring_scratch(scoring_scratch_bytes(query.shape[1], row_sums.shape[-1], 1, "sums",
+                                                                     cache.scoring_scratch_bytes))
+                    cache.after_attention(layer_idx, None, row_sums, None)
+                except KVStudioError as error:
+                    self.fail(segment.row, error)
+                outputs[segment.row] = output
+        return outputs

@@ -18,6 +18,8 @@ exact-size tensors built out of place (cat / index_select); values are the same 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -103,17 +105,20 @@ class EntryBuffers:
         unchanged = keep == torch.arange(kept, device=keep.device)
         first_moved = int(unchanged.all(dim=0).long().cumprod(0).sum())
         if first_moved < kept:
-            moving = keep[:, first_moved:]
+            # Every field has the same capacity: one flat index serves them all (it is computed once
+            # per eviction, not once per field; each decode step of every row evicts).
+            rows = _flat_rows(keep[:, first_moved:], self.capacity)
             for tensor in self.tensors.values():
-                tensor[:, first_moved:kept].copy_(_take(tensor, moving, tensor.shape[1]))
+                tensor[:, first_moved:kept].copy_(_select_rows(tensor, rows, kv_heads))
         self.count = kept
 
     def row_bytes(self, names) -> int:
         """Bytes of one entry (all KV heads) over the fields `names`."""
         total = 0
-        for name in names:  # from the shape: a slice per field and step showed in the decode loop
+        for name in names:  # from the shape (no tensor op: it is read for every layer of every step)
             tensor = self.tensors[name]
-            total += tensor.numel() // max(tensor.shape[1], 1) * tensor.element_size() if tensor.shape[1] else 0
+            if tensor.shape[1]:
+                total += tensor.shape[0] * math.prod(tensor.shape[2:]) * tensor.element_size()
         return total
 
 
@@ -122,7 +127,16 @@ def _take(tensor: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor
 
     One flat index into (kv_heads * width) rows: a contiguous index_select is ~3x faster than
     gather with an expanded index."""
-    kv_heads, k = index.shape
-    rows = (index + torch.arange(kv_heads, device=index.device)[:, None] * width).reshape(-1)
-    rest = tensor.shape[2:]
-    return tensor.reshape(kv_heads * width, -1).index_select(0, rows).view(kv_heads, k, *rest)
+    return _select_rows(tensor, _flat_rows(index, width), index.shape[0])
+
+
+def _flat_rows(index: torch.Tensor, width: int) -> torch.Tensor:
+    """index (kv_heads, k) into rows of (kv_heads * width): the flat index _take selects."""
+    kv_heads = index.shape[0]
+    return (index + torch.arange(kv_heads, device=index.device)[:, None] * width).reshape(-1)
+
+
+def _select_rows(tensor: torch.Tensor, rows: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    width = tensor.shape[1]
+    return tensor.reshape(kv_heads * width, -1).index_select(0, rows).view(kv_heads, rows.shape[0] // kv_heads,
+                                                                           *tensor.shape[2:])
