@@ -182,7 +182,7 @@ def main() -> int:
             if codec != "fp" and "encoded" in at_peak:
                 fp_bytes = figures[(name, "fp")]["bytes"]
                 print(f"    at its peak, of the fp peak: encoded {at_peak['encoded'] / fp_bytes:.3f}, "
-                      f"full-precision windows {at_peak['windows'] / fp_bytes:.3f}, 8-bit tails "
+                      f"full-precision windows {at_peak['windows'] / fp_bytes:.3f}, tails (8-bit, fp16 under int8) "
                       f"{at_peak['tails'] / fp_bytes:.3f} (up to {at_peak['tail_keys']} keys a KV head), "
                       f"group tables {at_peak['group_tables'] / fp_bytes:.3f}", flush=True)
         if name == "full":

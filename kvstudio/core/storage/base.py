@@ -8,7 +8,7 @@ produced. The engine's storage (`kvstudio.core.storage.layer_stores`) does the r
 newest entries in full precision until they leave the residual window, hands the codec each group
 as it leaves (for a kind in `grouped_kinds`, G entries of each KV head: the oldest a head holds that
 no group holds yet, once the policy has run, so a group's entries need not be consecutive tokens;
-else whatever left this step), holds the fewer than G left over in 8 bits per token meanwhile, stores
+else whatever left this step), holds the fewer than G left over in 8 bits per token (fp16 under int8) meanwhile, stores
 the encoded tensors in preallocated per-layer buffers, compacts them in place when the policy
 evicts, and counts their bytes. Write a codec in three parts:
 
@@ -23,7 +23,7 @@ evicts, and counts their bytes. Write a codec in three parts:
 3. `name` (an identifier) and `summary` (one line). Optionally `check(device)`: raise
    `CodecError` when the codec cannot run there (bitsandbytes without CUDA), and `grouped_kinds`:
    the kinds whose encoding spans the G entries of a group (KIVI's per-channel keys: {"key"}).
-   Those wait (in 8 bits per token) until a head holds a whole group; the other kinds are quantized
+   Those wait (in 8 bits per token, fp16 under int8) until a head holds a whole group; the other kinds are quantized
    per entry (`per_group` empty) and encoded the step they leave the residual window. The default,
    both kinds, is always correct, only larger.
 
@@ -99,7 +99,7 @@ class StorageConfig:
     # Newest entries kept in full precision until they leave this window. 0 (the default) is what holds
     # the byte targets under bounded policies: values are then quantized the step they arrive, keys
     # when the policy has run, and each KV head's incomplete key group (at most group_size - 1 keys)
-    # waits in 8 bits per token (storage/layer_stores.py).
+    # waits in 8 bits per token, fp16 under int8 (storage/layer_stores.py).
     residual: int = parameter(0, minimum=0, maximum=1_000_000,
                               help="newest entries kept in full precision until they leave this window (0: values "
                                    "are quantized at once, keys once the policy has run)")

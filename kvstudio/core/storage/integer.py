@@ -10,7 +10,7 @@ is at most scale / 2. int4 packs two codes in one byte (low nibble first). Value
 token, are encoded as soon as they leave the residual window; keys once the policy has run, in
 groups of the G oldest entries a KV head holds that no group holds yet (not G consecutive token
 positions as in KIVI: under eviction those keep a few scattered survivors that pay a whole group's
-scales), the fewer than G left over held in 8 bits per token until their group is complete, not in
+scales), the fewer than G left over held in 8 bits per token (fp16 under int8) until their group is complete, not in
 full precision as in KIVI (the storage does that, from `grouped_kinds`; layer_stores.py says more).
 """
 

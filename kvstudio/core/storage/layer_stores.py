@@ -20,15 +20,17 @@ positions (empty with the default residual 0); entries leave it as they leave th
     tensors (per-channel scales and zero points, per head) take a *slot* of the group table, whose
     number each entry keeps (`key.slot`, int16). What is left over, fewer than G entries, is the
     head's new tail, held per token in 8 bits (each channel centred and scaled by the head's latest
-    group, then an fp16 scale and zero point per token); when later entries complete its group, the
-    group is encoded per channel from the tail's decoded rows.
+    group, then an fp16 scale and zero point per token) under codecs below 8 bits, in fp16 under
+    int8 (where 8 bits would round the keys twice at the codec's own precision); when later entries
+    complete its group, the group is encoded per channel from the tail's decoded rows.
 Where this departs from KIVI: KIVI groups G consecutive *token positions* and keeps the incomplete
 group (and its residual of R tokens) in full precision. Under a policy that evicts, a position group
 keeps a few scattered survivors that pay a whole group's scales, and the full-precision incomplete
 group costs up to G - 1 keys a layer at fp32: at budget 256 on SmolLM2 those two held 0.36/0.26 of
 fp32 for int8/int4. Here groups are made of the entries a head keeps (so a group's keys are not
 consecutive tokens, and each KV head's groups differ), and the incomplete group costs about a quarter
-of fp32; the tail's keys are rounded twice (8 bits per token, then per channel), and a step's own new
+of fp32 under int4 (half under int8); int4's tail keys are rounded twice (8 bits per token, then per
+channel), and a step's own new
 keys are exact in that step (KIVI's would be in its residual too).
 An evicted entry drops its rows; a slot no KV head's entry refers to any more is free again.
 Attention reads keys and values decoded for the step (the policy scores those decoded keys); the
@@ -274,8 +276,12 @@ class _Tail:
     G), encoded per token in 8 bits after per-channel centring and scaling; `positions` says which
     entries they are (-1: unused row)."""
 
-    def __init__(self, group: int):
+    def __init__(self, group: int, half: bool = False):
         self.group = group
+        # With `half` the rows are held in fp16 as they are: under an 8-bit group codec an 8-bit tail
+        # would round each key twice (per token, then per channel when its group fills), doubling the
+        # error of a quarter of the keys at small budgets; fp16 costs 2 bytes a channel instead of ~1.06.
+        self.half = half
         self.codec = Int8Codec(group_size=TAIL_CHANNELS)
         self.fields: dict[str, torch.Tensor] = {}  # (kv_heads, G, ...): the rows' codes, scales, zero points
         self.reference: dict[str, torch.Tensor] = {}  # "centre", "span": (kv_heads, head_dim) fp16, per head
@@ -293,6 +299,8 @@ class _Tail:
         m = self.lengths[head] if self.lengths else 0
         if not m:
             return like.new_zeros(0, like.shape[-1])
+        if self.half:
+            return self.fields["rows"][head, :m].to(like.dtype)
         fields = {name: t[head:head + 1, :m] for name, t in self.fields.items()}
         normalised = self.codec.decode(fields, {}, "value", torch.float32)[0]
         centre, span = (self.reference[name][head].float() for name in ("centre", "span"))
@@ -310,12 +318,16 @@ class _Tail:
         if restart or not self.lengths[head]:
             self.positions[head] = -1
             self.lengths[head] = 0
-            self._set_reference(head, rows)
+            if not self.half:
+                self._set_reference(head, rows)
         m, have = rows.shape[0], self.lengths[head]
         if not m:
             return
-        centre, span = (self.reference[name][head].float() for name in ("centre", "span"))
-        encoded = self.codec.encode(((rows.float() - centre) / span)[None], "value").per_entry
+        if self.half:
+            encoded = {"rows": rows.to(torch.float16)[None]}
+        else:
+            centre, span = (self.reference[name][head].float() for name in ("centre", "span"))
+            encoded = self.codec.encode(((rows.float() - centre) / span)[None], "value").per_entry
         for name, tensor in encoded.items():
             if name not in self.fields:
                 self.fields[name] = torch.zeros((kv_heads, self.group, *tensor.shape[2:]), dtype=tensor.dtype,
@@ -359,10 +371,17 @@ class _Tail:
         m = self.lengths[head] if self.lengths else 0
         return torch.searchsorted(held, self.positions[head, :m]) if m else held.new_zeros(0)
 
+    def row_bytes(self, head_dim: int) -> int:
+        """One head's tail row: fp16 channels, or 8-bit codes with an fp16 scale and zero point per
+        TAIL_CHANNELS channels."""
+        if self.half:
+            return 2 * head_dim
+        return head_dim + 4 * (head_dim // self.codec.value_group(head_dim))
+
     def byte_count(self) -> int:
         """The rows held, and the centre and range of each head that holds some."""
         row = sum(t[:1, :1].numel() * t.element_size() for t in self.fields.values())
-        reference = sum(t[:1].numel() * t.element_size() for t in self.reference.values())
+        reference = 0 if self.half else sum(t[:1].numel() * t.element_size() for t in self.reference.values())
         return sum(self.lengths) * row + sum(1 for m in self.lengths if m) * reference
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -378,6 +397,7 @@ class _Tail:
             return {name[len(prefix):]: t.to(device) for name, t in tensors.items() if name.startswith(prefix)}
 
         self.fields, self.reference = named("fields."), named("reference.")
+        self.half = "rows" in self.fields  # the file says how its tail was held
         self.positions = tensors["positions"].to(device) if "positions" in tensors else None
         self.lengths = list(numbers["lengths"])
         self.latest = {int(head): (torch.tensor(c, device=device), torch.tensor(s, device=device))
@@ -440,6 +460,10 @@ class QuantizedStore(LayerStore):
         # the merge has rewritten them and calls settle() (merge, then quantize).
         self.keep_step_groups = False
 
+    def _half_tail(self) -> bool:
+        """Tails in fp16 under codecs of 8 bits or more (see _Tail); 8-bit tails below that."""
+        return getattr(self.codec, "bits", 8) >= 8
+
     def keys(self) -> torch.Tensor:
         return self._decoded()[0]
 
@@ -475,7 +499,7 @@ class QuantizedStore(LayerStore):
             for kind, like in (("key", keys), ("value", values)):
                 self.window[kind] = _Window(like, first, self.residual + n)
                 if self.grouped[kind]:
-                    self.tables[kind], self.tails[kind] = _SlotTable(), _Tail(self.group)
+                    self.tables[kind], self.tails[kind] = _SlotTable(), _Tail(self.group, half=self._half_tail())
         for kind, tensor in (("key", keys), ("value", values)):
             window = self.window[kind]
             if first != window.start + window.length:
@@ -672,7 +696,7 @@ class QuantizedStore(LayerStore):
         """What the bytes held are: encoded rows (codes, per-entry scales, a grouped kind's slot
         number) of the entries they hold, full-precision windows, tails (8-bit incomplete groups), group
         tables. A step's grouped entries, held as the model computed them until the policy has run, count
-        as encoded rows (settle() makes them that, or tail rows, which cost more at int4). A tail
+        as tail rows (settle() makes them those or encoded rows, which cost less). A tail
         entry's row of the grouped kind's codes is unused (its key is in the tail), as a window entry's
         rows are: neither is counted."""
         positions = self.positions()
@@ -687,9 +711,15 @@ class QuantizedStore(LayerStore):
                 fp_rows = window.length - (encoded_below - window.start)
             if code_fields:
                 encoded = positions < encoded_below
+                row = self.entries.row_bytes(code_fields) // kv_heads
                 if self.grouped[kind]:  # a tail entry's key is held in the tail: its code row is unused
-                    encoded = (self.entries.view(f"{kind}.slot") >= 0) | (encoded & (positions >= window.start))
-                parts["encoded"] += int(encoded.sum()) * (self.entries.row_bytes(code_fields) // kv_heads)
+                    # The step's entries that wait for settle() count as tail rows, the most they can
+                    # cost once settled (a tail row costs more than an encoded one under both codecs),
+                    # so a peak taken before settling is not below the settled bytes.
+                    waiting = encoded & (positions >= window.start)
+                    encoded = self.entries.view(f"{kind}.slot") >= 0
+                    parts["tails"] += int(waiting.sum()) * self.tails[kind].row_bytes(window.rows.shape[-1])
+                parts["encoded"] += int(encoded.sum()) * row
             parts["windows"] += window.byte_count(fp_rows)
             if self.grouped[kind]:
                 parts["tails"] += self.tails[kind].byte_count()
@@ -731,7 +761,7 @@ class QuantizedStore(LayerStore):
                                                  max(rows.shape[1], self.residual + self.group))
             window.write(0, rows)
             if self.grouped[kind]:
-                self.tables[kind], self.tails[kind] = _SlotTable(), _Tail(self.group)
+                self.tables[kind], self.tails[kind] = _SlotTable(), _Tail(self.group, half=self._half_tail())
                 for part, held in (("table", self.tables[kind]), ("tail", self.tails[kind])):
                     prefix = f"{part}.{kind}."
                     if layout == 1 and part == "tail":
