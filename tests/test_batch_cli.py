@@ -99,6 +99,15 @@ def test_an_empty_prompt_file_names_its_row(tmp_path, studio_folders, capsys):
     assert "empty" in err and ("p1.txt" in err), err
 
 
+@pytest.mark.parametrize("option", [("--measure-loss",), ("--memory-snapshot", "snap.pickle")])
+def test_an_option_made_for_one_run_is_refused_with_a_batch_before_any_work(tmp_path, studio_folders, capsys, option):
+    paths = prompt_files(tmp_path, "some text", "other text")
+    code, out, err = run_cli(capsys, "run", *TINY, *option, "--prompt-file", str(paths[0]), "--prompt-file",
+                             str(paths[1]))
+    assert code == 2 and f"{option[0]} works with one prompt, not a batch" in err, err
+    assert "a batch of" not in err  # refused before the model loaded
+
+
 FAILING_PLUGIN = '''
 from kvstudio.core.policies.base import Policy
 

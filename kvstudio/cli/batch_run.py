@@ -120,7 +120,9 @@ def run(args, policy, settings, load) -> int:
     rows = read_rows(args, policy)
     if args.batch_size is not None and args.batch_size < 1:
         raise KVStudioError(f"--batch-size must be at least 1, got {args.batch_size}")
-    for option in ("prompt_cache", "memory_snapshot", "adapter"):
+    # --measure-loss runs a shadow full cache beside one run's; a batch has none, and silently
+    # dropping the figure would leave a sweep of rows that look measured and are not.
+    for option in ("prompt_cache", "memory_snapshot", "adapter", "measure_loss"):
         if getattr(args, option, None):
             raise KVStudioError(f"--{option.replace('_', '-')} works with one prompt, not a batch: run the prompts "
                                 "one by one for it")
