@@ -381,7 +381,7 @@ class Hostile(Policy):
 # How often each hook is called in the run below (12-token prompt in chunks of 4, 3 new tokens,
 # 4 layers): a hostile call is always reached.
 CALLS = {"validate": 1, "__init__": 1, "budget_for": 4, "limit_for": 8, "new_layer_state": 4,
-         "attention_queries": 20, "select": 20}
+         "attention_queries": 5, "select": 20}  # attention_queries: once a step (its answer holds for every layer)
 RAISES = ["raise ValueError('bad value')", "raise RuntimeError('bad state')", "raise KeyError('missing')",
           "raise ZeroDivisionError('divided')", "raise TypeError('wrong type')", "raise IndexError('too far')",
           "raise AttributeError('no such thing')", "raise Error('its own exception')", "assert False, 'assertion'",

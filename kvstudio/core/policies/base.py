@@ -53,6 +53,15 @@ Positions: `view.positions` are the entries' token positions in the sequence, sh
 By default kept keys stay rotated at those positions; with `rerotate=True` the engine re-rotates
 kept keys to contiguous positions 0..k-1 after each eviction (the StreamingLLM paper's scheme).
 `view.positions` still reports the token positions either way.
+
+Rows decoding together (optional, built-in policies): in a batched run (core/runtime/batch.py) the
+rows that decode at their budget at a layer under one rule may be selected in one stack of tensors
+instead of row by row (core/runtime/group_eviction.py). A policy offers it by defining
+`select_together(sums, states, budget, kv_heads)` in its own class (a subclass that does not define it again
+is selected row by row, since it may have changed `select`): `sums` (rows, query_heads, n) is every
+row's `view.attention_sums` at the decode step, `states` the rows' LayerStates; it returns indices
+(rows, kv_heads, budget), row r exactly what `select` returns for row r alone, with its state left as
+`select` leaves it, or None to have the rows selected one by one.
 """
 
 from __future__ import annotations
@@ -251,7 +260,8 @@ class Policy(ABC):
         return self.budget_for(layer_idx, n_layers)
 
     def attention_queries(self, n_new: int, phase: Phase) -> int:
-        """How many of the newest queries' attention rows `select` needs (only if needs_attention)."""
+        """How many of the newest queries' attention rows `select` needs (only if needs_attention).
+        Asked once a step: the answer holds for every layer of the step."""
         return n_new if self.needs_attention else 0
 
     def new_layer_state(self, layer_idx: int) -> LayerState:
@@ -293,8 +303,30 @@ def keep_top_scores(scores: torch.Tensor, budget: int, always_keep: torch.Tensor
     scores = scores.float()
     if always_keep is not None:
         scores = scores.masked_fill(always_keep.expand_as(scores), float("inf"))
+    # Every decode step at the budget: one entry per row goes. Below ~1k scores the sort is faster
+    # (fewer passes over a handful of cache lines); both give the same indices.
+    if scores.shape[-1] == budget + 1 and scores.numel() >= 1024:
+        return _all_but_lowest(scores)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    return order[:, :budget].sort(dim=-1).values
+    return order[..., :budget].sort(dim=-1).values
+
+
+def _all_but_lowest(scores: torch.Tensor) -> torch.Tensor:
+    """keep_top_scores(scores, n - 1) without sorting: the entry the stable descending sort ranks
+    last goes, i.e. the lowest score, the latest of equal lowest ones; NaN ranks above every number,
+    +inf included, as in torch.sort. On a CPU a sort of n entries per row costs several times these
+    few passes, and it ran at every decode step of every layer."""
+    n = scores.shape[-1]
+    nan = scores.isnan()
+    ranked = torch.where(nan, float("inf"), scores)
+    lowest = ranked == ranked.amin(dim=-1, keepdim=True)
+    # Where the lowest is +inf, NaNs tie with it here but rank above it: a +inf goes (a row of NaNs: its last).
+    numbers = lowest & ~nan
+    lowest = torch.where(numbers.any(dim=-1, keepdim=True), numbers, lowest)
+    index = torch.arange(n, device=scores.device)
+    last = torch.where(lowest, index, -1).amax(dim=-1, keepdim=True)
+    kept = index[:-1]
+    return kept + (kept >= last)
 
 
 def recent_mask(n: int, recent: int, device) -> torch.Tensor:

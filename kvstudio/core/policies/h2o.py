@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvstudio.core.errors import PolicyConfigError
-from kvstudio.core.policies.base import (AttentionScoringConfig, LayerState, LayerView, Policy, keep_all_if_within,
-                                        keep_top_scores, parameter, recent_mask)
+import torch
+
+from kvstudio.core.policies.base import (AttentionScoringConfig, LayerState, LayerView, Policy, combine_query_heads,
+                                        keep_all_if_within, keep_top_scores, parameter, recent_mask)
 
 
 @dataclass
@@ -48,3 +50,22 @@ class H2OPolicy(Policy):
             return None
         return keep_top_scores(accumulated, view.budget, recent_mask(view.n_entries, self.config.recent,
                                                                      view.keys.device))
+
+    def select_together(self, sums: torch.Tensor, states: list[LayerState], budget: int,
+                        kv_heads: int) -> torch.Tensor | None:
+        """`select` for rows of a batch that decode at their budget (base.py, "Rows decoding together"):
+        their accumulated scores stacked, each row's new entry starting at 0, one sort for all."""
+        rows, heads, n = sums.shape
+        previous = [state.per_entry.get("accumulated") for state in states]
+        if any(scores is None or scores.shape != (kv_heads, n - 1) for scores in previous):
+            return None  # a row whose state does not cover its older entries: row by row
+        stacked = torch.stack(previous)
+        accumulated = torch.cat([stacked, stacked.new_zeros(rows, kv_heads, 1)], dim=2)
+        # The query heads of row r are rows r*heads.. of the flattened sums: grouped as one row's are.
+        accumulated += combine_query_heads(sums.reshape(rows * heads, n), rows * kv_heads,
+                                           self.config.gqa_aggregation).view(rows, kv_heads, n)
+        for state, row_scores in zip(states, accumulated):
+            state.per_entry["accumulated"] = row_scores
+        keep = keep_top_scores(accumulated.view(rows * kv_heads, n), budget,
+                               recent_mask(n, self.config.recent, sums.device))
+        return keep.view(rows, kv_heads, budget)

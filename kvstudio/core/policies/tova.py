@@ -11,8 +11,10 @@ sum, each GQA group's query heads are combined that way first (mean: the paper's
 
 from __future__ import annotations
 
-from kvstudio.core.policies.base import (AttentionScoringConfig, LayerState, LayerView, Phase, Policy, keep_all_if_within,
-                                        keep_top_scores)
+import torch
+
+from kvstudio.core.policies.base import (AttentionScoringConfig, LayerState, LayerView, Phase, Policy,
+                                        combine_query_heads, keep_all_if_within, keep_top_scores)
 
 
 class TOVAPolicy(Policy):
@@ -31,3 +33,13 @@ class TOVAPolicy(Policy):
         # (n,): the current query, each group combined (gqa_aggregation), then the mean over the KV heads
         layer_scores = view.attention_sums_per_kv_head(self.config.gqa_aggregation).mean(dim=0)
         return keep_top_scores(layer_scores.expand(view.kv_heads, -1), view.budget)
+
+    def select_together(self, sums: torch.Tensor, states: list[LayerState], budget: int,
+                        kv_heads: int) -> torch.Tensor:
+        """`select` for rows of a batch that decode at their budget (base.py, "Rows decoding together"):
+        each row's layer scores from its current query, one sort for all rows."""
+        rows, heads, n = sums.shape
+        combined = combine_query_heads(sums.reshape(rows * heads, n), rows * kv_heads, self.config.gqa_aggregation)
+        layer_scores = combined.view(rows, kv_heads, n).mean(dim=1)  # (rows, n): each row's mean over its KV heads
+        keep = keep_top_scores(layer_scores[:, None, :].expand(rows, kv_heads, n).reshape(rows * kv_heads, n), budget)
+        return keep.view(rows, kv_heads, budget)

@@ -234,13 +234,13 @@ def groups_decode(kvstudio_cache, layer_idx: int, query: torch.Tensor) -> bool:
 
 
 def decode_attention_group(queries: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor],
-                           scaling: float | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                           scaling: float | None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """attention_and_sums for rows of one query each whose layers hold the same number of entries, in
     one batched matmul per stage: the rows' KV heads are the batch of each bmm, so every row's scores,
     softmax and output are the products and reductions its own call computes (a batched matmul
     computes each of its matrices as the single one; tests/test_batch.py compares bit for bit).
     queries[r] (1, heads, 1, d), keys[r]/values[r] (1, kv_heads, k, d). Per row: the output
-    (1, 1, heads, d_v) in the query's dtype, and the sums (heads, k) float32. A decode query sees every
+    (1, 1, heads, d_v) in the query's dtype; and the sums, (rows, heads, k) float32. A decode query sees every
     stored entry (all are older), so no mask is applied, as none hides anything alone."""
     rows, (_, heads, _, head_dim), (_, kv_heads, k_len, _) = len(queries), queries[0].shape, keys[0].shape
     group, d_v = heads // kv_heads, values[0].shape[-1]
@@ -251,7 +251,7 @@ def decode_attention_group(queries: list[torch.Tensor], keys: list[torch.Tensor]
     weights = torch.softmax(torch.bmm(q, k.transpose(1, 2)).mul_(scaling), dim=-1)  # (rows*kv_heads, group, k)
     output = torch.bmm(weights, v).view(rows, heads, 1, d_v).to(queries[0].dtype).transpose(1, 2)
     sums = weights.view(rows, heads, k_len)
-    return [output[r:r + 1].contiguous() for r in range(rows)], [sums[r] for r in range(rows)]
+    return [output[r:r + 1].contiguous() for r in range(rows)], sums
 
 
 def scoring_scratch_bytes(heads: int, k_len: int, n_queries: int, form: str,

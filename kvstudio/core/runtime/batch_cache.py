@@ -30,6 +30,7 @@ from kvstudio.core.errors import KVStudioError
 from kvstudio.core.runtime.attention import (decode_attention_group, groups_decode, kvstudio_attention,
                                              scoring_scratch_bytes)
 from kvstudio.core.runtime.cache import PolicyCache
+from kvstudio.core.runtime.group_eviction import evict_rows_together
 
 
 @dataclass
@@ -159,12 +160,17 @@ class BatchCache(Cache):
             rows = [held[segment.row] for segment in segments]
             results, sums = decode_attention_group([query[:, :, s.start:s.stop] for s in segments],
                                                    [keys for keys, _ in rows], [values for _, values in rows], scaling)
-            for segment, output, row_sums in zip(segments, results, sums):
+            scratch = scoring_scratch_bytes(query.shape[1], sums.shape[-1], 1, "sums")  # one query's row: any tile
+            # Rows whose policies share one rule evict together (group_eviction.py); the rest one by one.
+            together, errors = evict_rows_together(layer_idx, [segment.cache for segment in segments], sums)
+            for i, (segment, output) in enumerate(zip(segments, results)):
                 cache = segment.cache
                 try:
-                    cache.note_scoring_scratch(scoring_scratch_bytes(query.shape[1], row_sums.shape[-1], 1, "sums",
-                                                                     cache.scoring_scratch_bytes))
-                    cache.after_attention(layer_idx, None, row_sums, None)
+                    cache.note_scoring_scratch(scratch)
+                    if i in errors:
+                        raise errors[i]
+                    if i not in together:
+                        cache.after_attention(layer_idx, None, sums[i], None)
                 except KVStudioError as error:
                     self.fail(segment.row, error)
                 outputs[segment.row] = output

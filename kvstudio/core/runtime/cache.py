@@ -345,6 +345,18 @@ class PolicyLayer(DynamicLayer):
             self.store.set_keys(self.cache.rerotator.rotate(self.keys, contiguous - old), contiguous)
         self._release_step()
 
+    def evict_decided(self, keep: torch.Tensor, evicted_positions: torch.Tensor, first_moved: int) -> None:
+        """A decode step's eviction selected together with other rows' (core/runtime/group_eviction.py),
+        which has kept the policy state already: the store compacts from `first_moved` on, and the
+        eviction is counted and recorded as `_evict` does it."""
+        self._step_entries = None
+        self.attended_this_step = True
+        before = self.byte_count()
+        self.store.keep(keep, first_moved)
+        self.cache.note_bytes(self.byte_count() - before)
+        self.cache.record_eviction(self.layer_idx, evicted_positions)
+        self._release_step()
+
     def _release_step(self) -> None:
         """The policy has run: the store drops the step's decoded copy and encodes what waited for it
         (a quantized store's grouped entries), which changes its bytes."""
@@ -443,6 +455,7 @@ class PolicyCache(Cache):
                               "their old ones: use --tier host without --rerotate")
         self.context: StepContext | None = None
         self._step_positions: tuple[StepContext | None, dict] = (None, {})  # per KV-head count
+        self._queries_asked: tuple[StepContext | None, tuple[int, int]] = (None, (0, 0))  # (n_new, the answer)
         self.current_bytes = 0
         self.peak_bytes = 0
         self.host_bytes = 0
@@ -509,9 +522,14 @@ class PolicyCache(Cache):
         """(queries the policy needs, whether the newest row is recorded for a viewer)."""
         wanted = 0
         if self.policy.needs_attention:
-            wanted = checked_count(self.policy, "attention_queries", call_policy(
-                self.policy, "attention_queries()", layer_idx, self.policy.attention_queries, n_new, self.context.phase),
-                minimum=0, allow_none=False)
+            # The answer depends on the step's new tokens and phase only: asked once a step, not per layer.
+            made_for, asked = self._queries_asked
+            if made_for is not self.context or asked[0] != n_new:
+                asked = (n_new, checked_count(self.policy, "attention_queries", call_policy(
+                    self.policy, "attention_queries()", layer_idx, self.policy.attention_queries, n_new,
+                    self.context.phase), minimum=0, allow_none=False))
+                self._queries_asked = (self.context, asked)
+            wanted = asked[1]
         return min(wanted, n_new), layer_idx in self.context.watched_layers
 
     def after_attention(self, layer_idx: int, policy_rows: torch.Tensor | None, policy_sums: torch.Tensor | None,

@@ -93,8 +93,10 @@ class EntryBuffers:
                 self.tensors[name] = torch.cat([old, old.new_zeros((old.shape[0], count, *old.shape[2:]))], dim=1)
         self.count += count
 
-    def keep(self, keep: torch.Tensor) -> None:
-        """Keep entries `keep` (kv_heads, k), strictly increasing per row, moved down in place."""
+    def keep(self, keep: torch.Tensor, first_moved: int | None = None) -> None:
+        """Keep entries `keep` (kv_heads, k), strictly increasing per row, moved down in place.
+        `first_moved`: the first index where any head's kept entry is not its own (computed here
+        when not given; the rows of a batch that evict together compute theirs in one operation)."""
         kv_heads, kept = keep.shape
         if self.out_of_place:
             for name, tensor in self.tensors.items():
@@ -102,8 +104,9 @@ class EntryBuffers:
             self.count = kept
             return
         # Entries before the first hole (in any head) stay where they are; only the rest move.
-        unchanged = keep == torch.arange(kept, device=keep.device)
-        first_moved = int(unchanged.all(dim=0).long().cumprod(0).sum())
+        if first_moved is None:
+            unchanged = keep == torch.arange(kept, device=keep.device)
+            first_moved = int(unchanged.all(dim=0).long().cumprod(0).sum())
         if first_moved < kept:
             # Every field has the same capacity: one flat index serves them all (it is computed once
             # per eviction, not once per field; each decode step of every row evicts).

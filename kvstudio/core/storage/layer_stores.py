@@ -169,8 +169,8 @@ class FpStore(LayerStore):
         self._count_bytes()
         return self.keys(), self.values()
 
-    def keep(self, keep: torch.Tensor) -> None:
-        self.entries.keep(keep)
+    def keep(self, keep: torch.Tensor, first_moved: int | None = None) -> None:
+        self.entries.keep(keep, first_moved)
         self._count_bytes()
 
     def load_state(self, tensors, numbers, device) -> None:
