@@ -351,3 +351,33 @@ def test_the_grouped_decode_attention_is_each_rows_own_bit_for_bit(heads, kv_hea
         output, row_sums = attention_and_sums(queries[r], keys[r], values[r], 0.25, 1, rule=rule)
         assert torch.equal(outputs[r], output) and torch.equal(sums[r], row_sums)
     assert not torch.equal(outputs[0], outputs[1])  # rows differ: a mix-up would show
+
+
+def test_the_grouped_decode_on_one_thread_is_the_single_runs_attention_on_all(monkeypatch):
+    """threads.one_thread runs a batched decode step's attention on one thread: the bits must be those
+    of the single run's attention computed on every thread (default-model shapes, 8 rows)."""
+    from kvstudio.core.runtime import threads
+    from kvstudio.core.runtime.attention import LogitRule, attention_and_sums, decode_attention_group
+
+    if torch.get_num_threads() == 1:
+        pytest.skip("torch has one intra-op thread here: one thread against all compares nothing")
+    all_threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    generator = torch.Generator().manual_seed(5)
+    rows, heads, kv_heads, head_dim, k_len = 8, 9, 3, 64, 257
+    queries = [torch.randn(1, heads, 1, head_dim, generator=generator) for _ in range(rows)]
+    keys = [torch.randn(1, kv_heads, k_len, head_dim, generator=generator) for _ in range(rows)]
+    values = [torch.randn(1, kv_heads, k_len, head_dim, generator=generator) for _ in range(rows)]
+    with threads.one_thread(torch.device("cpu"), rows * keys[0].numel()):
+        assert torch.get_num_threads() == 1
+        outputs, sums = decode_attention_group(queries, keys, values, 0.125)
+    assert torch.get_num_threads() == all_threads
+    rule = LogitRule(torch.arange(k_len).expand(kv_heads, k_len), torch.tensor([k_len - 1]))
+    for r in range(rows):
+        output, row_sums = attention_and_sums(queries[r], keys[r], values[r], 0.125, 1, rule=rule)
+        assert torch.equal(outputs[r], output) and torch.equal(sums[r], row_sums)
+    with threads.one_thread(torch.device("cpu"), threads.SMALL_WORK + 1):  # large work keeps the pool
+        assert torch.get_num_threads() == all_threads
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # spinning workers wake at once: nothing to gain
+    with threads.one_thread(torch.device("cpu"), 10):
+        assert torch.get_num_threads() == all_threads

@@ -31,6 +31,7 @@ from kvstudio.core.runtime.attention import (decode_attention_group, groups_deco
                                              scoring_scratch_bytes)
 from kvstudio.core.runtime.cache import PolicyCache
 from kvstudio.core.runtime.group_eviction import evict_rows_together
+from kvstudio.core.runtime.threads import one_thread
 
 
 @dataclass
@@ -158,20 +159,29 @@ class BatchCache(Cache):
             if len(segments) < 2:
                 continue
             rows = [held[segment.row] for segment in segments]
-            results, sums = decode_attention_group([query[:, :, s.start:s.stop] for s in segments],
-                                                   [keys for keys, _ in rows], [values for _, values in rows], scaling)
-            scratch = scoring_scratch_bytes(query.shape[1], sums.shape[-1], 1, "sums")  # one query's row: any tile
-            # Rows whose policies share one rule evict together (group_eviction.py); the rest one by one.
-            together, errors = evict_rows_together(layer_idx, [segment.cache for segment in segments], sums)
-            for i, (segment, output) in enumerate(zip(segments, results)):
-                cache = segment.cache
-                try:
-                    cache.note_scoring_scratch(scratch)
-                    if i in errors:
-                        raise errors[i]
-                    if i not in together:
-                        cache.after_attention(layer_idx, None, sums[i], None)
-                except KVStudioError as error:
-                    self.fail(segment.row, error)
-                outputs[segment.row] = output
+            # Small operations, many of them: on one thread where waking the pool costs more (threads.py).
+            with one_thread(query.device, len(rows) * rows[0][0].numel()):
+                outputs.update(self._attend_group(layer_idx, query, scaling, segments, rows))
+        return outputs
+
+    def _attend_group(self, layer_idx: int, query: torch.Tensor, scaling, segments: list[Segment],
+                      rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        """One group's attention (decode_attention_group), then its rows' evictions: together where
+        their policies share one rule (group_eviction.py), the others one by one."""
+        results, sums = decode_attention_group([query[:, :, s.start:s.stop] for s in segments],
+                                               [keys for keys, _ in rows], [values for _, values in rows], scaling)
+        scratch = scoring_scratch_bytes(query.shape[1], sums.shape[-1], 1, "sums")  # one query's row: any tile
+        together, errors = evict_rows_together(layer_idx, [segment.cache for segment in segments], sums)
+        outputs = {}
+        for i, (segment, output) in enumerate(zip(segments, results)):
+            cache = segment.cache
+            try:
+                cache.note_scoring_scratch(scratch)
+                if i in errors:
+                    raise errors[i]
+                if i not in together:
+                    cache.after_attention(layer_idx, None, sums[i], None)
+            except KVStudioError as error:
+                self.fail(segment.row, error)
+            outputs[segment.row] = output
         return outputs
