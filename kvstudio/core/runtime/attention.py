@@ -31,6 +31,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from kvstudio.core.runtime import triton_scoring
+from kvstudio.core.runtime.threads import one_thread
 
 ATTENTION_NAME = "kvstudio"
 
@@ -305,6 +306,14 @@ def kvstudio_attention(module, query, key, value, attention_mask, scaling=None, 
                                       dropout=dropout, **kwargs)
     if getattr(kvstudio_cache, "attend_rows", None) is not None:  # a batched step (core/runtime/batch_cache.py)
         return kvstudio_cache.attend_rows(module, query, scaling, dropout, kwargs)
+    if query.shape[2] == 1:  # a decode step's small operations: on one thread where waking the pool costs more
+        with one_thread(query.device, key.numel()):
+            return _attend(module, query, key, value, scaling, dropout, kvstudio_cache, kwargs)
+    return _attend(module, query, key, value, scaling, dropout, kvstudio_cache, kwargs)
+
+
+def _attend(module, query, key, value, scaling, dropout, kvstudio_cache, kwargs):
+    """One run's attention at one layer, and its policy's turn (kvstudio_attention inside a run)."""
     # The host tier (kvstudio.core.storage.host) puts recalled entries in front, for this step only.
     key, value, recalled = kvstudio_cache.recall(module.layer_idx, query, key, value)
     q_len, k_len = query.shape[2], key.shape[2]
