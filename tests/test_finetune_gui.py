@@ -94,3 +94,24 @@ def test_bad_input_in_the_panel_is_reported_and_nothing_starts(qtbot, window, tm
     qtbot.waitUntil(lambda: not window.finetune.running, timeout=30_000)
     assert "data file not found" in window.error_text.text()
     assert window.history.list(limit=1)[0].status == "failed"
+
+
+def test_the_panels_micro_batch_trains_as_one_example_at_a_time(qtbot, window, tmp_path):
+    """The micro-batch field feeds a step's examples together (core/train/micro_batch.py): the same
+    losses as one at a time; it never offers more examples than a step has."""
+    panel = set_up(window, tmp_path, steps=2, save_every=0)
+    panel.accumulation.setValue(4)
+    assert panel.micro_batch.maximum() == 4
+    losses = {}
+    for micro_batch in (1, 4):
+        panel.micro_batch.setValue(micro_batch)
+        assert panel.settings().micro_batch == micro_batch
+        assert window.finetune.start(), window.error_text.text()
+        qtbot.waitUntil(lambda: not window.finetune.running, timeout=300_000)
+        outcome = window.finetune.last_outcome
+        assert outcome.error is None and outcome.result.status == "finished"
+        losses[micro_batch] = [step.loss for step in outcome.result.steps]
+    assert len(losses[4]) == 2
+    assert max(abs(a - b) for a, b in zip(losses[1], losses[4])) <= 1e-5, losses
+    panel.accumulation.setValue(2)  # fewer examples a step: the micro-batch follows
+    assert panel.micro_batch.value() == 2 and panel.micro_batch.maximum() == 2

@@ -61,6 +61,12 @@ class FinetunePanel(QWidget):
         self.lr = QDoubleSpinBox(minimum=1e-7, maximum=1.0, decimals=6, singleStep=1e-4, value=2e-4)
         self.warmup = QSpinBox(minimum=0, maximum=1_000_000, value=0)
         self.accumulation = QSpinBox(minimum=1, maximum=1024, value=1)
+        # Of a step's examples, how many are fed together (core/train/micro_batch.py); never more than the step has.
+        self.micro_batch = QSpinBox(minimum=1, maximum=1, value=1)
+        self.micro_batch.setToolTip("examples of a step fed through the model together, each with its own cache "
+                                    "and policy: the same losses and gradients in fewer passes (at most the "
+                                    "gradient accumulation; with LoRA dropout above 0 the dropout masks differ)")
+        self.accumulation.valueChanged.connect(self.micro_batch.setMaximum)
         self.rank = QSpinBox(minimum=1, maximum=1024, value=8)
         self.alpha = QDoubleSpinBox(minimum=0.01, maximum=4096, value=16.0)
         self.dropout = QDoubleSpinBox(minimum=0.0, maximum=0.95, singleStep=0.05, value=0.0)
@@ -96,6 +102,7 @@ class FinetunePanel(QWidget):
         form.addRow("learning rate", self.lr)
         form.addRow("warm-up steps", self.warmup)
         form.addRow("gradient accumulation", self.accumulation)
+        form.addRow("micro-batch", self.micro_batch)
         form.addRow("LoRA rank", self.rank)
         form.addRow("LoRA alpha", self.alpha)
         form.addRow("LoRA dropout", self.dropout)
@@ -149,7 +156,8 @@ class FinetunePanel(QWidget):
         targets = tuple(t.strip() for t in self.targets.text().split(",") if t.strip())
         return FinetuneSettings(
             steps=self.steps.value(), learning_rate=self.lr.value(), warmup_steps=self.warmup.value(),
-            grad_accumulation=self.accumulation.value(), seed=self.seed.value(), chunk_size=self.chunk_size.value(),
+            grad_accumulation=self.accumulation.value(), micro_batch=self.micro_batch.value(), seed=self.seed.value(),
+            chunk_size=self.chunk_size.value(),
             grad_mode=self.grad_mode.currentText(), eval_every=self.eval_every.value(),
             save_every=self.save_every.value(), snapshot_step=1 if self.snapshot.isChecked() else 0,
             lora=LoraSettings(rank=self.rank.value(), alpha=self.alpha.value(), dropout=self.dropout.value(),
