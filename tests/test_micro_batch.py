@@ -89,8 +89,8 @@ def test_an_example_without_targets_is_refused_naming_it(engine64):
 def finetune(tmp_path, name, *options):
     """A short session on prompt/answer pairs of different lengths (the loss on the answers)."""
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"question {i}: " + "tell me more " * (2 + 3 * i),
-                                        "answer": " the answer is " + "yes " * (1 + i)}) + "\n" for i in range(10)))
+    data.write_text("".join(json.dumps({"prompt": f"question {i}: " + "tell me more " * (2 + 3 * (i % 10)),
+                                        "answer": " the answer is " + "yes " * (1 + i % 10)}) + "\n" for i in range(30)))
     report = tmp_path / f"{name}.json"
     assert main(["finetune", "--model", "tiny-llama", "--policy", "h2o", "--budget", "16", "--data", str(data),
                  "--prompt-field", "prompt", "--answer-field", "answer", "--seq-len", "128", "--steps", "2",
@@ -99,8 +99,16 @@ def finetune(tmp_path, name, *options):
     return json.loads(report.read_text())
 
 
-def test_a_session_with_micro_batches_trains_as_one_without(tmp_path):
+def test_a_session_with_micro_batches_trains_as_one_without(tmp_path, monkeypatch):
+    from kvstudio.core.train import session
+
+    validated = []  # micro-batches fed without gradients: the validations'
+    original = session.micro_batch_loss
+    monkeypatch.setattr(session, "micro_batch_loss", lambda engine, examples, *args, backward=True, **kwargs: (
+        validated.append(len(examples)) if not backward else None) or original(engine, examples, *args,
+                                                                                backward=backward, **kwargs))
     alone, packed = finetune(tmp_path, "alone"), finetune(tmp_path, "packed", "--micro-batch", "4")
+    assert validated and max(validated) == 3  # validation feeds its 3 examples together too
     assert packed["settings"]["micro_batch"] == 4 and alone["settings"]["micro_batch"] == 1
     for a, b in zip(alone["steps"], packed["steps"], strict=True):  # fp32: the same steps, to rounding
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["evictions"] == a["evictions"] > 0

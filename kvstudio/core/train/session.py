@@ -367,18 +367,26 @@ class FinetuneSession:
                             f"{'the policy' if name == 'policy' else 'the full cache'}, in chunks of "
                             f"{self.settings.chunk_size}…")
             total = weight = 0.0
-            for example in self.dataset.validation:
+            size = self.settings.micro_batch  # examples fed together, as in training
+            for first in range(0, len(examples), size):
                 if self.cancel.cancelled:
                     raise StepCancelled()
-                part = example_loss(self.engine, example, policy, self.settings.chunk_size, backward=False,
-                                    cancel=self.cancel)
-                total += part.loss * part.targets
-                weight += part.targets
+                for part in self._validation_losses(examples[first:first + size], policy):
+                    total += part.loss * part.targets
+                    weight += part.targets
             losses[name] = total / weight
         record = Validation(step, losses["policy"], losses["full"])
         self.val.append(record)
         self.log.record(record)
         return record
+
+    def _validation_losses(self, examples: list, policy) -> list:
+        """The examples' losses without gradients: one at a time, or as one micro-batch (the same losses,
+        to the packed products' rounding)."""
+        chunk = self.settings.chunk_size
+        if len(examples) == 1:
+            return [example_loss(self.engine, examples[0], policy, chunk, backward=False, cancel=self.cancel)]
+        return micro_batch_loss(self.engine, examples, policy, chunk, backward=False, cancel=self.cancel).examples
 
     # -- checkpoints ------------------------------------------------------------------------------
 
