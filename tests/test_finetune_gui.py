@@ -64,9 +64,20 @@ def test_a_session_from_the_panel_reaches_the_curves_and_the_history(qtbot, wind
     qtbot.waitUntil(lambda: window.finetune.adapter_row.remove.isEnabled(), timeout=20_000)
     assert window.finetune.adapter_row.label.text().endswith("step-000002")
     assert lora.attached(window.worker.engine.loaded) is not None
+    # A run now reruns with it: the history's command applies the checkpoint applied here.
+    assert window.state.model_info.adapter_folder == str(tmp_path / "adapter" / "step-000002")
+    window.prompt_area.prompt.setPlainText("the quick brown fox")
+    window.form.max_new_tokens.setValue(2)
+    window.run.request_run()
+    qtbot.waitUntil(lambda: not window.state.busy, timeout=30_000)
+    ran = window.history.list(limit=1)[0]
+    assert ran.kind == "generate" and ran.model.endswith("+lora:adapter/step-000002")
+    command = ran.settings["provenance"]["command"]
+    assert f"--adapter {tmp_path / 'adapter' / 'step-000002'}" in command, command
     window.finetune.request_base_model()
     qtbot.waitUntil(lambda: not window.finetune.adapter_row.remove.isEnabled(), timeout=20_000)
     assert lora.attached(window.worker.engine.loaded) is None
+    assert window.state.model_info.adapter_folder == ""
 
 
 def test_stop_ends_the_session_within_a_step_and_keeps_the_last_adapter(qtbot, window, tmp_path):

@@ -78,3 +78,20 @@ def test_a_row_without_a_recorded_command_gets_one_built_from_it(tmp_path):
     command, note = command_of_record(history.get(long_id))
     assert command.endswith("--prompt-file PROMPT.txt") and "sha256" in note
     assert json.dumps(history.get(run_id).to_dict())  # still plain JSON
+
+
+def test_a_run_with_an_adapter_reruns_with_it(tmp_path):
+    """The rerun command of a LoRA run applies the adapter (--adapter), the model given as its spec."""
+    command = rerun_command("tiny-llama", "window", {"budget": 8}, {"max_new_tokens": 4}, "hi",
+                            adapter="/data/adapters/passkey/step-000040")
+    words = shlex.split(command)
+    assert words[words.index("--model") + 1] == "tiny-llama"
+    assert words[words.index("--adapter") + 1] == "/data/adapters/passkey/step-000040"
+    history = RunHistory(tmp_path / "history.sqlite3")
+    run_id = history.start("tiny-llama+lora:passkey/step-000040", "window", {"budget": 8}, "short prompt",
+                           {"max_new_tokens": 4, "provenance": {"command": None}})
+    command, note = command_of_record(history.get(run_id))
+    words = shlex.split(command)
+    assert words[words.index("--model") + 1] == "tiny-llama"
+    assert words[words.index("--adapter") + 1] == "passkey/step-000040"
+    assert "give --adapter that checkpoint's path" in note

@@ -36,6 +36,7 @@ class ModelInfo:
     has_chat_template: bool
     device: str
     adapter: str = ""  # the LoRA adapter generation runs use (lora.adapter_name), "" for the base model
+    adapter_folder: str = ""  # where it was applied from: what `kvstudio run --adapter` takes back
     dtype: str = ""  # what the weights compute in (float32, bfloat16, ...): the run history's provenance
     batch_refusal: str | None = None  # why Compare cannot run its policies as one batch (core/runtime/batch.py)
 

@@ -74,11 +74,13 @@ def environment(device=None, dtype=None, command: str | None = None) -> dict:
     return data
 
 
-def rerun_command(model: str, policy: str, parameters: dict, settings: dict, prompt: str | None) -> str:
+def rerun_command(model: str, policy: str, parameters: dict, settings: dict, prompt: str | None,
+                  adapter: str | None = None) -> str:
     """A `kvstudio run` command that runs the same model, cache, settings and prompt again. `parameters`
     as a history row keeps them (the storage fields under "storage"); `prompt` None when only a
-    preview of it is kept (the command then reads --prompt-file PROMPT.txt)."""
-    words = ["kvstudio", "run", "--model", model, "--policy", policy]
+    preview of it is kept (the command then reads --prompt-file PROMPT.txt); `adapter` the LoRA
+    adapter's folder when one was applied."""
+    words = ["kvstudio", "run", "--model", model] + (["--adapter", adapter] if adapter else []) + ["--policy", policy]
     declared = {spec.name: spec for spec in policy_class(policy).Config.parameters()}
     defaults = {name: spec.default for name, spec in declared.items()}
     for name, value in parameters.items():
@@ -116,10 +118,14 @@ def command_of_record(record) -> tuple[str, str | None]:
     if record.kind != "generate":
         return "", f"run {record.id} is a {record.kind} session and recorded no command"
     whole = len(record.prompt_preview) < PREVIEW_CHARS
-    command = rerun_command(record.model, record.policy, completed_record(record.policy, record.parameters),
-                            record.settings,
-                            record.prompt_preview if whole else None)
-    note = None if whole else (f"the history keeps only the first {PREVIEW_CHARS} characters of the prompt: save it "
-                               f"as PROMPT.txt (sha256 {record.prompt_sha256}); `kvstudio runs export "
-                               f"{record.id} run.json` holds its token ids")
-    return command, note
+    # A run with an adapter is filed as SPEC+lora:SESSION/CHECKPOINT (models/loading.py, model_identity).
+    spec, _, adapter = record.model.partition("+lora:")
+    command = rerun_command(spec, record.policy, completed_record(record.policy, record.parameters),
+                            record.settings, record.prompt_preview if whole else None, adapter=adapter or None)
+    notes = [] if whole else [f"the history keeps only the first {PREVIEW_CHARS} characters of the prompt: save it "
+                              f"as PROMPT.txt (sha256 {record.prompt_sha256}); `kvstudio runs export "
+                              f"{record.id} run.json` holds its token ids"]
+    if adapter:
+        notes.append(f"the history names the LoRA adapter by its session folder and checkpoint ({adapter}): "
+                     "give --adapter that checkpoint's path")
+    return command, "; ".join(notes) or None

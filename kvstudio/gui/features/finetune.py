@@ -240,6 +240,7 @@ class FinetuneFeature(Feature):
         """Runs name the adapter they use in the history, as the CLI's do (ModelInfo.identity)."""
         if self.window.state.model_info is not None:
             self.window.state.model_info.adapter = adapter_name(Path(folder)) if folder else ""
+            self.window.state.model_info.adapter_folder = str(folder or "")
 
     # -- sessions ---------------------------------------------------------------------------------
 

@@ -223,7 +223,7 @@ class RunsFeature(Feature):
         info, cache = window.state.model_info, CacheSpec.parse(request.policy, request.parameters)
         settings = request.settings.record() | ({"batch": request.batch} if request.batch else {})
         # The studio has no command line: the row keeps the `kvstudio run` command that does the same.
-        command = rerun_command(info.spec, *cache.record(), settings, request.prompt)
+        command = rerun_command(info.spec, *cache.record(), settings, request.prompt, adapter=info.adapter_folder or None)
         request.book = RunBook(window.history, model=info.identity, cache=cache, prompt=request.prompt,
                                settings=settings, recorder=request.recorder, on_warning=self._history_failed,
                                provenance=environment(info.device, info.dtype or None, command=command))
