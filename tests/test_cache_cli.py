@@ -43,6 +43,19 @@ def test_prompt_cache_saves_restores_and_reuses_a_prefix(capsys, tmp_path):
     assert code == 0 and out.count("h2o(budget=16, recent=8)") == 3 and "A long document" in out
 
 
+def test_measuring_attention_loss_runs_the_prompt_from_its_text_past_a_saved_one(capsys, tmp_path):
+    """A saved prompt keeps only what its policy kept; --measure-loss needs every key: the run says it
+    does not use the prompt cache and measures, instead of restoring and then failing."""
+    folder = tmp_path / "prompts"
+    _run(capsys, tmp_path, DOCUMENT + "Q: one?", "first", "--prompt-cache", str(folder))
+    measured, _, err = _run(capsys, tmp_path, DOCUMENT + "Q: one?", "measured", "--prompt-cache", str(folder),
+                            "--measure-loss")
+    assert "--prompt-cache is off for this run: --measure-loss needs every key" in err
+    assert "tokens restored" not in err and "prompt_cache" not in measured
+    plain, _, _ = _run(capsys, tmp_path, DOCUMENT + "Q: one?", "plain", "--measure-loss")
+    assert measured["attention_loss"] == plain["attention_loss"] is not None
+
+
 def test_a_bad_saved_prompt_is_refused_and_computed_again(capsys, tmp_path):
     folder = tmp_path / "prompts"
     first, _, _ = _run(capsys, tmp_path, "short prompt", "first", "--prompt-cache", str(folder))

@@ -245,6 +245,9 @@ def open_prompt_cache(folder: str, engine, policy, settings, prompt: str):
     from kvstudio.core.persist.prompt_cache import PromptCache, PromptCacheSession
 
     reason = unsaveable_reason(storage_of(policy))
+    if reason is None and settings.measure_loss:
+        reason = ("--measure-loss needs every key of the run, and a saved prompt keeps only the entries its "
+                  "policy kept: the prompt is run from its text")
     if reason is not None:
         print(f"kvstudio: warning: --prompt-cache is off for this run: {reason}", file=sys.stderr)
         return None
