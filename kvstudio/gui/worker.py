@@ -9,6 +9,7 @@ the one task that replaces the engine, so it is written here, beside it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal, Slot
 
@@ -16,6 +17,7 @@ from kvstudio.core.errors import KVStudioError
 from kvstudio.core.models.loading import load_model, model_identity
 from kvstudio.core.runtime.batch import batch_refusal
 from kvstudio.core.runtime.engine import Engine
+from kvstudio.core.train.lora import adapter_name
 from kvstudio.gui.task_runner import Task
 
 
@@ -35,10 +37,14 @@ class ModelInfo:
     n_kv_heads: int
     has_chat_template: bool
     device: str
-    adapter: str = ""  # the LoRA adapter generation runs use (lora.adapter_name), "" for the base model
-    adapter_folder: str = ""  # where it was applied from: what `kvstudio run --adapter` takes back
+    adapter_folder: str = ""  # the LoRA checkpoint generation runs use, "" for the base model: what --adapter takes
     dtype: str = ""  # what the weights compute in (float32, bfloat16, ...): the run history's provenance
     batch_refusal: str | None = None  # why Compare cannot run its policies as one batch (core/runtime/batch.py)
+
+    @property
+    def adapter(self) -> str:
+        """How runs name the applied adapter (lora.adapter_name: "session/step-000040"), "" for none."""
+        return adapter_name(Path(self.adapter_folder)) if self.adapter_folder else ""
 
     @property
     def identity(self) -> str:

@@ -174,14 +174,15 @@ class BatchCache(Cache):
         together, errors = evict_rows_together(layer_idx, [segment.cache for segment in segments], sums)
         outputs = {}
         for i, (segment, output) in enumerate(zip(segments, results)):
+            outputs[segment.row] = output
+            if i in errors:
+                self.fail(segment.row, errors[i])
+                continue
             cache = segment.cache
             try:
                 cache.note_scoring_scratch(scratch)
-                if i in errors:
-                    raise errors[i]
                 if i not in together:
                     cache.after_attention(layer_idx, None, sums[i], None)
             except KVStudioError as error:
                 self.fail(segment.row, error)
-            outputs[segment.row] = output
         return outputs

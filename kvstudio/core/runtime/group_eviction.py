@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from kvstudio.core.errors import KVStudioError
+from kvstudio.core.policies.base import LayerState
 from kvstudio.core.runtime.cache import PolicyCache
 from kvstudio.core.storage.layer_stores import FpStore
 
@@ -80,39 +81,34 @@ def evict_together(layer_idx: int, caches: list[PolicyCache], sums: torch.Tensor
     layers = [cache.layers[layer_idx] for cache in caches]
     states = [layer.state for layer in layers]
     budget = caches[0].budgets[layer_idx]
-    kv_heads = layers[0].store.entries.view("positions").shape[0]
-    keep = caches[0].policy.select_together(sums, states, budget, kv_heads)
+    positions = torch.stack([layer.positions for layer in layers])  # (rows, kv_heads, n)
+    keep = caches[0].policy.select_together(sums, states, budget, positions.shape[1])
     if keep is None:
         return False
     # keep is 0..budget of each head with one index d missing: the first d indices are their own.
     dropped = (keep == torch.arange(budget, device=keep.device)).sum(dim=2, keepdim=True)  # (rows, kv_heads, 1)
-    evicted_positions = torch.stack([layer.positions for layer in layers]).gather(2, dropped)
+    evicted_positions = positions.gather(2, dropped)
     first_moved = dropped.amin(dim=1).view(-1).tolist()  # per row: the first entry any head moves
     _keep_states(states, keep)
-    for layer, row_keep, positions, first in zip(layers, keep, evicted_positions, first_moved):
-        layer.evict_decided(row_keep, positions, first)
+    for layer, row_keep, row_evicted, first in zip(layers, keep, evicted_positions, first_moved):
+        layer.evict_decided(row_keep, row_evicted, first)
     return True
 
 
-def _keep_states(states, keep: torch.Tensor) -> None:
-    """Each row's per-entry policy state gathered at its kept indices (LayerState.keep), in one gather
-    per name when the rows' tensors have one shape."""
-    names = list(states[0].per_entry)
-    if any(set(state.per_entry) != set(names) for state in states):
-        names = []  # (rows whose states differ in kind: each row keeps its own below)
+def _keep_states(states: list[LayerState], keep: torch.Tensor) -> None:
+    """Each row's per-entry policy state gathered at its kept indices, as LayerState.keep does: in one
+    gather per name over the rows' KV heads stacked, when the rows hold the same tensors' shapes."""
+    first = states[0].per_entry
+    if not all(state.per_entry.keys() == first.keys()
+               and all(state.per_entry[name].shape == tensor.shape for name, tensor in first.items())
+               for state in states):
         for state, row_keep in zip(states, keep):
             state.keep(row_keep)
-    for name in names:
-        tensors = [state.per_entry.get(name) for state in states]
-        if any(tensor is None or tensor.shape != tensors[0].shape for tensor in tensors):
-            for state, row_keep in zip(states, keep):
-                state.keep(row_keep)
-            return
-    for name in names:
-        stacked = torch.stack([state.per_entry[name] for state in states])
-        index = keep.to(stacked.device)
-        while index.dim() < stacked.dim():
-            index = index.unsqueeze(-1)
-        gathered = stacked.gather(2, index.expand(-1, -1, -1, *stacked.shape[3:]))
-        for state, row_tensor in zip(states, gathered):
+        return
+    rows, kv_heads = keep.shape[:2]
+    stacked = LayerState()  # every row's KV heads as one state's: (rows * kv_heads, n, ...)
+    stacked.per_entry = {name: torch.stack([state.per_entry[name] for state in states]).flatten(0, 1) for name in first}
+    stacked.keep(keep.flatten(0, 1))
+    for name, tensor in stacked.per_entry.items():
+        for state, row_tensor in zip(states, tensor.unflatten(0, (rows, kv_heads))):
             state.per_entry[name] = row_tensor

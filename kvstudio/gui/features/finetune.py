@@ -25,7 +25,7 @@ from kvstudio.core.spec import CacheSpec
 from kvstudio.core.train import records
 from kvstudio.core.train.data import SYNTHETIC_PASSKEY
 from kvstudio.core.train.log import TrainingLog
-from kvstudio.core.train.lora import LoraSettings, adapter_name
+from kvstudio.core.train.lora import LoraSettings
 from kvstudio.core.train.session import FinetuneSettings
 from kvstudio.core.train.through_cache import GRAD_MODES, check_trainable_storage
 from kvstudio.gui.features.finetune_plots import FinetuneCurves
@@ -239,7 +239,6 @@ class FinetuneFeature(Feature):
     def _name_adapter(self, folder: str) -> None:
         """Runs name the adapter they use in the history, as the CLI's do (ModelInfo.identity)."""
         if self.window.state.model_info is not None:
-            self.window.state.model_info.adapter = adapter_name(Path(folder)) if folder else ""
             self.window.state.model_info.adapter_folder = str(folder or "")
 
     # -- sessions ---------------------------------------------------------------------------------
